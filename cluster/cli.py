@@ -1,0 +1,126 @@
+"""The `cluster` command. Today: `cluster generate` (one process) and `cluster model pull`.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad input (flags, model directory, request parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, or SmolLM2-135M-Instruct (the default; fetched on first use)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 512MiB or 2GiB")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def build_engine_config(args):
+    from engine.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, parse_size
+    from engine.model_store import resolve_model
+
+    model_dir = resolve_model(args.model)
+    return EngineConfig(
+        model=str(model_dir),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=parse_size(args.kv_cache_memory),
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len),
+        device=DeviceConfig(device=args.device, dtype=args.dtype, num_threads=args.threads),
+    )
+
+
+def cmd_generate(args) -> int:
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+    engine = LLMEngine(build_engine_config(args))
+    prompt = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages),
+                                         add_special_tokens=False)
+    t0 = time.perf_counter()
+    engine.add_request("cli-0", prompt, params)
+    n, ttft, reason = 0, None, None
+    while engine.has_unfinished_requests():
+        for ro in engine.step():
+            for co in ro.outputs:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += len(co.token_ids)
+                sys.stdout.write(co.text)
+                sys.stdout.flush()
+                reason = co.finish_reason or reason
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if not args.quiet:
+        tpot = (dt - ttft) / max(n - 1, 1) if ttft is not None else 0.0
+        print(f"[{n} tokens, finish={reason}, TTFT {1e3 * (ttft or 0):.0f} ms, "
+              f"TPOT {1e3 * tpot:.1f} ms, {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_model_pull(args) -> int:
+    from engine.model_store import pull_default
+    print(pull_default(progress=True, force=args.force))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cluster", description="tandem: disaggregated LLM inference")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="run one prompt in this process and stream the answer")
+    _engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no statistics line on stderr")
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("model", help="manage models")
+    msub = m.add_subparsers(dest="model_cmd", required=True)
+    pull = msub.add_parser("pull", help="fetch and convert the default model (SmolLM2-135M-Instruct)")
+    pull.add_argument("--force", action="store_true", help="convert again even if cached")
+    pull.set_defaults(fn=cmd_model_pull)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.errors import CapacityError, InvalidRequestError, ModelConfigError, ModelFetchError
+    try:
+        return args.fn(args)
+    except (InvalidRequestError, ModelConfigError, CapacityError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModelFetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The KV block pool: allocation, reference counts, prefix caching. Pure bookkeeping (no torch).
+
+    block table of a sequence (block_size = 4):
+        tokens   t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9
+        blocks   [    17    ] [    3      ] [  42 ...]      slot of token i = block[i // 4] * 4 + i % 4
+
+Prefix caching: a *full* block whose tokens are all computed gets a hash chained over every token
+before it (`hash((parent_hash, tokens))`), so equal prefixes map to equal hashes. A block keeps its
+hash after its last user frees it; it sits in the free queue in LRU order and can be revived by a
+later request with the same prefix until the allocator needs it for something else (eviction).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of which found cached
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def hash_block_tokens(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
+    # NOTE: Python's hash of a tuple of ints is deterministic across processes (no PYTHONHASHSEED
+    # salting for ints), so hashes can later be compared between workers.
+    return hash((parent_hash, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks = {num_blocks} must be positive")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.seq_hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its full computed blocks
+        self.stats = PrefixCacheStats()
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Blocks that already hold KV for a prefix of `seq` (prefix cache hit or the n-parent's).
+
+        At most `(num_tokens - 1) // block_size` blocks, so at least one token is left to compute and
+        the step that computes it yields logits to sample from. No side effects.
+        """
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        best: list[int] = []
+        parent = seq.parent
+        if parent is not None and not parent.is_finished and parent.block_ids:
+            n = min(max_blocks, parent.num_computed_tokens // self.block_size, len(parent.block_ids))
+            if seq.token_ids[:n * self.block_size] == parent.token_ids[:n * self.block_size]:
+                best = parent.block_ids[:n]
+        if self.enable_prefix_caching:
+            hits: list[int] = []
+            h = None
+            for i in range(max_blocks):
+                h = hash_block_tokens(h, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+                b = self.cached.get(h)
+                if b is None:
+                    break
+                hits.append(b)
+            if len(hits) > len(best):
+                best = hits
+        return best
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
+        """Grow `seq`'s block table to hold `num_computed_tokens + num_new_tokens` tokens.
+
+        `computed_blocks` (admission only) are attached first and advance `num_computed_tokens`.
+        All or nothing: returns False, changing nothing, when the pool has too few free blocks.
+        """
+        if computed_blocks:
+            assert not seq.block_ids and seq.num_computed_tokens == 0
+        num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
+        need = self.blocks_needed(num_computed + num_new_tokens) - len(seq.block_ids) - len(computed_blocks)
+        revived = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        if need > self.num_free_blocks - revived:
+            return False
+        if computed_blocks or (not seq.block_ids and seq.num_computed_tokens == 0):
+            self.stats.queries += seq.num_tokens
+            self.stats.hits += len(computed_blocks) * self.block_size
+        for b in computed_blocks:
+            self._touch(b)
+        seq.block_ids.extend(computed_blocks)
+        seq.num_computed_tokens = num_computed
+        for _ in range(max(need, 0)):
+            seq.block_ids.append(self._pop_free())
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register hashes of `seq`'s full, computed blocks (call after its tokens are computed)."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.seq_hashes.setdefault(seq.seq_id, [])
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            h = hash_block_tokens(hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(h)
+            block = self.blocks[seq.block_ids[i]]
+            if block.hash is None and h not in self.cached:
+                block.hash = h
+                self.cached[h] = block.block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references. Tail blocks go to the free queue first, so they are evicted
+        before the shared prefix blocks."""
+        for b in reversed(seq.block_ids):
+            block = self.blocks[b]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {b} freed twice"
+            if block.ref_count == 0:
+                self.free_queue[b] = None
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        self.seq_hashes.pop(seq.seq_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        for h, b in list(self.cached.items()):
+            if self.blocks[b].ref_count == 0:
+                self.blocks[b].hash = None
+                del self.cached[h]
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _touch(self, b: int) -> None:
+        block = self.blocks[b]
+        if block.ref_count == 0:
+            del self.free_queue[b]
+        block.ref_count += 1
+
+    def _pop_free(self) -> int:
+        b, _ = self.free_queue.popitem(last=False)  # least recently freed first
+        block = self.blocks[b]
+        if block.hash is not None:  # evict from the prefix cache
+            if self.cached.get(block.hash) == b:
+                del self.cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return b

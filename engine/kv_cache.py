@@ -1,0 +1,59 @@
+"""KV cache tensors, allocated once from a memory budget."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import CacheConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int  # layers held by this rank (its pipeline stage)
+    num_kv_heads: int  # KV heads held by this rank (its TP shard)
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def page_bytes(self) -> int:
+        """One block of one layer: K and V."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def block_bytes(self) -> int:
+        return self.page_bytes * self.num_layers
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_cache_budget(cfg: CacheConfig, device: torch.device) -> int:
+    if cfg.kv_cache_memory is not None:
+        return cfg.kv_cache_memory
+    if device.type == "cuda":
+        return int(available_memory(device) * cfg.kv_cache_memory_fraction)
+    return min(cfg.cpu_kv_cache_default, int(available_memory(device) * 0.5))
+
+
+def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+    # NOTE: zeros, not empty: attention reads padded slots under a mask, and 0 * NaN garbage is NaN.
+    return [torch.zeros(num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                        dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

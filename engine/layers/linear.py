@@ -1,0 +1,161 @@
+"""Linear layers behind one interface, tensor-parallel aware.
+
+Every layer owns its parameters and a `weight_loader(param, loaded, shard_id)` that copies this
+rank's slice of a checkpoint tensor into place. `loaded` may be a lazy safetensors slice, so each rank
+reads only the bytes it keeps. Quantized variants (INT8/FP8) will replace `LinearBase.create_weights`
+and `LinearBase.apply` without touching the model.
+
+    Column parallel: W [out, in] split on out (dim 0); output stays sharded.
+    Row parallel:    W [out, in] split on in (dim 1); outputs are all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import SINGLE, ParallelContext
+
+
+def narrow(loaded, dim: int, start: int, size: int) -> torch.Tensor:
+    """Slice of a tensor or a safetensors lazy slice, read from disk only for that range."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    index = tuple([slice(None)] * dim + [slice(start, start + size)])
+    return loaded[index]
+
+
+def materialize(loaded) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def _check_shape(param: torch.Tensor, t: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(t.shape):
+        raise ValueError(f"{what}: checkpoint shape {tuple(t.shape)} does not fit parameter "
+                         f"{tuple(param.shape)}")
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.ctx = ctx
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def apply_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        t = materialize(loaded)
+        _check_shape(param, t, type(self).__name__)
+        param.data.copy_(t)
+
+
+class ReplicatedLinear(LinearBase):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_linear(x)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32):
+        if out_features % ctx.tp_size:
+            raise ValueError(f"output size {out_features} is not divisible by tp_size {ctx.tp_size}")
+        super().__init__(in_features, out_features // ctx.tp_size, bias, ctx, dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        size = param.shape[0]
+        t = narrow(loaded, 0, self.ctx.tp_rank * size, size)
+        _check_shape(param, t, type(self).__name__)
+        param.data.copy_(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_linear(x)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one matmul (gate and up projections)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias, ctx, dtype)
+
+    def weight_loader(self, param, loaded, shard_id: int = 0) -> None:
+        tp = self.ctx.tp_size
+        size = self.output_sizes[shard_id] // tp
+        offset = sum(self.output_sizes[:shard_id]) // tp
+        t = narrow(loaded, 0, self.ctx.tp_rank * size, size)
+        dst = param.data.narrow(0, offset, size)
+        _check_shape(dst, t, f"{type(self).__name__}[{shard_id}]")
+        dst.copy_(t)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul. KV heads are replicated when tp_size > num_kv_heads."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32):
+        tp = ctx.tp_size
+        if num_heads % tp:
+            raise ValueError(f"num_attention_heads = {num_heads} is not divisible by tp_size = {tp}")
+        if (tp % num_kv_heads if tp >= num_kv_heads else num_kv_heads % tp):
+            raise ValueError(f"num_key_value_heads = {num_kv_heads} and tp_size = {tp}: one must divide "
+                             "the other")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.total_kv_heads = num_kv_heads
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out, bias, ctx, dtype)
+
+    def kv_head_start(self) -> int:
+        """First global KV head held by this rank (replicas share it when tp > num_kv_heads)."""
+        tp, r = self.ctx.tp_size, self.ctx.tp_rank
+        if tp >= self.total_kv_heads:
+            return r * self.total_kv_heads // tp
+        return r * self.num_kv_heads
+
+    def weight_loader(self, param, loaded, shard_id: str = "q") -> None:
+        hd = self.head_dim
+        if shard_id == "q":
+            size, offset, start = self.num_heads * hd, 0, self.ctx.tp_rank * self.num_heads * hd
+        else:
+            size = self.num_kv_heads * hd
+            offset = self.num_heads * hd + (size if shard_id == "v" else 0)
+            start = self.kv_head_start() * hd
+        t = narrow(loaded, 0, start, size)
+        dst = param.data.narrow(0, offset, size)
+        _check_shape(dst, t, f"QKVParallelLinear[{shard_id}]")
+        dst.copy_(t)
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32):
+        if in_features % ctx.tp_size:
+            raise ValueError(f"input size {in_features} is not divisible by tp_size {ctx.tp_size}")
+        super().__init__(in_features // ctx.tp_size, out_features, bias, ctx, dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if param.dim() == 1:  # bias: added once, after the reduction
+            t = materialize(loaded)
+        else:
+            size = param.shape[1]
+            t = narrow(loaded, 1, self.ctx.tp_rank * size, size)
+        _check_shape(param, t, type(self).__name__)
+        param.data.copy_(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return self.apply_linear(x)
+        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y

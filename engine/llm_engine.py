@@ -1,0 +1,240 @@
+"""LLMEngine: one process, the whole loop. add_request / step / abort.
+
+    add_request -> Scheduler.waiting
+    step():  scheduler.schedule() -> runner.execute() -> scheduler.update() -> detokenize, stop strings
+             -> RequestOutput deltas (new tokens and text per sequence; finish reasons)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import CapacityError, InvalidRequestError
+from engine.model_runner import ModelRunner
+from engine.sampler import TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # new text since the last output of this sequence
+    token_ids: list[int]  # new token ids since the last output
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _SeqState:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    text: str = ""  # full (possibly truncated at a stop string) text
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reported: bool = False
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[_SeqState]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        torch.set_num_threads(config.device.num_threads)
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_model_len,
+                                 self.model_config.max_model_len)
+        self.runner = ModelRunner(self.model_config, config.cache, config.device)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        eos = tuple(self.model_config.eos_token_ids) or \
+            ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+        self.eos_token_ids = eos
+        self.runner.sampler.eos_token_ids = list(eos)
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens, self.max_model_len, eos)
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_state: dict[int, _SeqState] = {}
+        bs = config.cache.block_size
+        log.info("engine ready in %.1fs (weights %.1fs): KV cache %d blocks x %d tokens = %d tokens "
+                 "(%.1f MiB), max model len %d", time.perf_counter() - t0, self.runner.load_seconds,
+                 self.runner.num_blocks, bs, self.runner.num_blocks * bs,
+                 self.runner.kv_cache_bytes / 2**20, self.max_model_len)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.runner.num_blocks * self.config.cache.block_size
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> list[int]:
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.model_config.vocab_size
+                   for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, "
+                                          f"{self.model_config.vocab_size})", param="prompt")
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; this model's context is "
+                                      f"{self.max_model_len} (prompt + at least one new token)", param="prompt")
+        if self.block_manager.blocks_needed(len(ids) + 1) > self.block_manager.num_blocks:
+            raise CapacityError(f"prompt of {len(ids)} tokens does not fit the KV cache "
+                                f"({self.kv_capacity_tokens} tokens)")
+        seqs: list[_SeqState] = []
+        first = None
+        for i in range(params.n):
+            seq = Sequence(request_id, i, list(ids), len(ids), params, parent=first)
+            first = first or seq
+            st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+            seqs.append(st)
+            self._seq_state[seq.seq_id] = st
+            self.scheduler.add(seq)
+        self._requests[request_id] = _RequestState(request_id, ids, params, seqs,
+                                                   arrival_time or time.monotonic())
+        return ids
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        for st in req.seqs:
+            self.scheduler.finish(st.seq, SequenceStatus.FINISHED_ABORTED)
+            self._drop(st.seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled, logprobs = self.runner.execute(out)
+        self.scheduler.update(out, sampled)
+        touched: dict[str, list[_SeqState]] = {}
+        for s in out.scheduled:
+            seq = s.seq
+            st = self._seq_state.get(seq.seq_id)
+            if st is None or seq.seq_id not in sampled:
+                continue
+            token = sampled[seq.seq_id]
+            if seq.seq_id in logprobs:
+                st.logprobs.append(logprobs[seq.seq_id])
+            self._detokenize(st, token)
+            touched.setdefault(seq.request_id, []).append(st)
+        return [self._make_output(rid, sts) for rid, sts in touched.items()]
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]):
+        """Runs prompts to completion; returns one dict per prompt: token_ids/text/logprobs per sample."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        results: dict[str, dict] = {}
+        for rid, p, sp in zip(ids, prompts, plist):
+            self.add_request(rid, p, sp)
+            results[rid] = {"outputs": [{"token_ids": [], "text": "", "logprobs": [], "finish_reason": None}
+                                        for _ in range(sp.n)]}
+        while self.has_unfinished_requests():
+            for ro in self.step():
+                for co in ro.outputs:
+                    o = results[ro.request_id]["outputs"][co.index]
+                    o["token_ids"] += co.token_ids
+                    o["text"] += co.text
+                    o["logprobs"] += co.logprobs or []
+                    o["finish_reason"] = co.finish_reason or o["finish_reason"]
+        return [results[r] for r in ids]
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": self.block_manager.usage,
+            "num_free_blocks": self.block_manager.num_free_blocks,
+            "num_blocks": self.block_manager.num_blocks,
+            "prefix_cache_hit_rate": self.block_manager.stats.hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _detokenize(self, st: _SeqState, token: int) -> None:
+        seq = st.seq
+        delta = st.detok.add(token)
+        st.text += delta
+        stops = seq.params.stop
+        if stops and delta and not seq.is_finished:
+            search_from = max(0, len(st.text) - len(delta) - max(map(len, stops)) + 1)
+            hit = None
+            for s in stops:
+                k = st.text.find(s, search_from)
+                if k != -1 and (hit is None or k < hit[0]):
+                    hit = (k, s)
+            if hit is not None:
+                k, s = hit
+                st.text = st.text[:k + len(s)] if seq.params.include_stop_str_in_output else st.text[:k]
+                seq.stop_reason = s
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+
+    def _make_output(self, request_id: str, sts: list[_SeqState]) -> RequestOutput:
+        req = self._requests[request_id]
+        outs = []
+        for st in sts:
+            seq = st.seq
+            done = seq.is_finished
+            hold = 0 if done or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+            upto = max(st.emitted_chars, len(st.text) - hold)
+            text = st.text[st.emitted_chars:upto]
+            st.emitted_chars = upto
+            new_ids = seq.output_token_ids[st.emitted_tokens:]
+            st.emitted_tokens = seq.num_output_tokens
+            lps = None
+            if seq.params.logprobs is not None:
+                lps, st.logprobs = st.logprobs, []
+            reason = None
+            if done and not st.finish_reported:
+                reason = seq.status.value
+                st.finish_reported = True
+                self._drop(seq)
+            outs.append(CompletionOutput(seq.index, text, new_ids, lps, reason, seq.stop_reason))
+        finished = all(st.seq.is_finished for st in req.seqs)
+        if finished:
+            del self._requests[request_id]
+        return RequestOutput(request_id, req.prompt_token_ids, outs, finished)
+
+    def _drop(self, seq: Sequence) -> None:
+        self._seq_state.pop(seq.seq_id, None)
+        self.runner.release(seq.seq_id)

@@ -1,0 +1,129 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), tensor- and pipeline-parallel aware.
+
+A pipeline stage holds layers [layer_start, layer_end); the first stage embeds, the last one
+normalises and owns the LM head. The forward takes flattened ragged tokens and returns hidden states;
+`compute_logits` runs only on the rows that are sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelConfig
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.parallel import SINGLE, ParallelContext, split_evenly
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, rotary: RotaryEmbedding):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.attention_bias, ctx, dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
+                                        cfg.o_proj_bias, ctx, dtype)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.rotary = rotary
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       cfg.mlp_bias, ctx, dtype)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ctx, dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, ctx, dtype, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, ctx, dtype)
+
+    def forward(self, positions, h, kv_cache, meta):
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int,
+                 partition: list[int] | None = None) -> tuple[int, int]:
+    """[start, end) of the layers of pipeline stage `pp_rank` (even split unless `partition` given)."""
+    if partition is None:
+        return split_evenly(num_layers, pp_size, pp_rank)
+    if len(partition) != pp_size or sum(partition) != num_layers or min(partition) <= 0:
+        raise ValueError(f"pipeline partition {partition} must be {pp_size} positive layer counts "
+                         f"summing to {num_layers}")
+    start = sum(partition[:pp_rank])
+    return start, start + partition[pp_rank]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32,
+                 pp_partition: list[int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        self.layer_start, self.layer_end = stage_layers(cfg.num_hidden_layers, ctx.pp_size, ctx.pp_rank,
+                                                        pp_partition)
+        self.is_first = ctx.pp_rank == 0
+        self.is_last = ctx.pp_rank == ctx.pp_size - 1
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                 dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype) \
+            if self.is_first or (self.is_last and cfg.tie_word_embeddings) else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, dtype, rotary)
+                                    for _ in range(self.layer_start, self.layer_end))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if self.is_last else None
+        self.lm_head = None
+        if self.is_last and not cfg.tie_word_embeddings:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype)
+        self.rotary = rotary
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata, hidden: torch.Tensor | None = None, layer_done=None) -> torch.Tensor:
+        """Hidden states [T, hidden] of this stage. `hidden` comes from the previous stage (pp > 1).
+
+        `layer_done(i)` (optional) is called after each local layer: the KV of layer
+        `layer_start + i` for this step's tokens is then in the cache (layer-wise KV streaming).
+        """
+        h = self.embed_tokens(input_ids) if self.is_first else hidden
+        for i, layer in enumerate(self.layers):
+            h = layer(positions, h, kv_caches[i], meta)
+            if layer_done is not None:
+                layer_done(i)
+        return self.norm(h) if self.is_last else h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens
+        return head.compute_logits(hidden)

@@ -1,0 +1,137 @@
+"""Turns a SchedulerOutput into tensors, runs the model, samples. Owns the weights and the KV cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan
+from engine.config import CacheConfig, DeviceConfig, ModelConfig
+from engine.kv_cache import KVCacheSpec, allocate_kv_cache, kv_cache_budget
+from engine.loader import build_model
+from engine.parallel import SINGLE, ParallelContext
+from engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, device_cfg: DeviceConfig,
+                 ctx: ParallelContext = SINGLE, num_blocks: int | None = None):
+        self.model_cfg = model_cfg
+        self.device = torch.device(device_cfg.device)
+        self.dtype = TORCH_DTYPES[device_cfg.dtype]
+        self.block_size = cache_cfg.block_size
+        t0 = time.perf_counter()
+        self.model = build_model(model_cfg, model_cfg.path, ctx, self.dtype, self.device)
+        self.load_seconds = time.perf_counter() - t0
+        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
+        self.kv_spec = KVCacheSpec(
+            num_layers=self.model.num_local_layers,
+            num_kv_heads=attn.num_kv_heads if attn else model_cfg.num_key_value_heads,
+            head_dim=model_cfg.head_dim, block_size=cache_cfg.block_size, dtype=self.dtype)
+        if num_blocks is None:
+            num_blocks = kv_cache_budget(cache_cfg, self.device) // self.kv_spec.block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget too small: one block needs {self.kv_spec.block_bytes} bytes")
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_cache(self.kv_spec, num_blocks, self.device)
+        self.sampler = Sampler(model_cfg.eos_token_ids, device_cfg.seed, self.device)
+        self.generators: dict[int, torch.Generator] = {}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.kv_spec.block_bytes
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledSeq]):
+        """Token ids, positions and attention metadata for a step (decodes first, then prefills)."""
+        bs = self.block_size
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        order = decodes + prefills
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_b: list[int] = []
+        slot_o: list[int] = []
+        for s in order:
+            seq = s.seq
+            end = s.start + s.num_new_tokens
+            ids.extend(seq.token_ids[s.start:end])
+            rng = range(s.start, end)
+            pos.extend(rng)
+            bt = seq.block_ids
+            slot_b.extend(bt[p // bs] for p in rng)
+            slot_o.extend(p % bs for p in rng)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_blocks=torch.tensor(slot_b, dtype=torch.long, device=dev),
+            slot_offsets=torch.tensor(slot_o, dtype=torch.long, device=dev),
+            num_decode=len(decodes))
+        if decodes:
+            lens = [s.start + 1 for s in decodes]
+            max_len = max(lens)
+            nb = -(-max_len // bs)
+            meta.decode_block_tables = torch.tensor(
+                [s.seq.block_ids[:nb] + [0] * (nb - len(s.seq.block_ids[:nb])) for s in decodes],
+                dtype=torch.long, device=dev)
+            meta.decode_len = max_len
+            if min(lens) != max_len:
+                lens_t = torch.tensor(lens, device=dev).view(-1, 1, 1, 1)
+                meta.decode_mask = torch.arange(max_len, device=dev).view(1, 1, 1, -1) < lens_t
+        row = len(decodes)
+        for s in prefills:
+            bt = None
+            if s.start > 0:
+                nb = -(-(s.start + s.num_new_tokens) // bs)
+                bt = torch.tensor(s.seq.block_ids[:nb], dtype=torch.long, device=dev)
+            meta.prefills.append(PrefillSpan(row, s.num_new_tokens, s.start, bt))
+            row += s.num_new_tokens
+        # rows whose hidden state gives the next-token logits: each sampled sequence's last token
+        sample_rows, r = [], 0
+        for s in order:
+            r += s.num_new_tokens
+            if s.sample:
+                sample_rows.append((s, r - 1))
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        return input_ids, positions, meta, sample_rows
+
+    # ---- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput):
+        """Runs one step. Returns ({seq_id: token}, {seq_id: TokenLogprobs})."""
+        if out.empty:
+            return {}, {}
+        input_ids, positions, meta, sample_rows = self.prepare(out.scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_rows:
+            return {}, {}
+        idx = torch.tensor([r for _, r in sample_rows], dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[idx])
+        return self.sample(logits, [s for s, _ in sample_rows])
+
+    def sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]):
+        rows = [SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, self._generator(s.seq))
+                for s in seqs]
+        tokens, lps = self.sampler(logits, rows)
+        sampled = {s.seq.seq_id: t for s, t in zip(seqs, tokens)}
+        logprobs: dict[int, TokenLogprobs] = {s.seq.seq_id: lp for s, lp in zip(seqs, lps) if lp is not None}
+        return sampled, logprobs
+
+    def _generator(self, seq) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        g = self.generators.get(seq.seq_id)
+        if g is None:
+            g = torch.Generator(device=self.device).manual_seed(seq.params.seed + 7919 * seq.index)
+            self.generators[seq.seq_id] = g
+        return g
+
+    def release(self, seq_id: int) -> None:
+        self.generators.pop(seq_id, None)

@@ -1,0 +1,118 @@
+"""Batched sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds, logprobs.
+
+Logprobs are those of the model's raw distribution (before penalties and temperature), like vLLM's
+default. Random draws use the exponential-race trick (argmax of p / Exp(1) noise), with the noise of
+a seeded request drawn from its own generator, so its samples do not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    generator: torch.Generator | None  # None: the sampler's shared generator
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the chosen token
+    top: list[tuple[int, float]]  # (token id, logprob), best first; empty unless asked for
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int = 0, device="cpu"):
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]):
+        """logits [N, V] -> (token ids [N] as a list, per-row TokenLogprobs or None)."""
+        logits = logits.float()
+        n = logits.shape[0]
+        want_lp = [r.params.logprobs is not None for r in rows]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+        logits = self._apply_penalties_and_bans(logits, rows)
+        greedy = [r.params.greedy for r in rows]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            rand = [i for i, g in enumerate(greedy) if not g]
+            sub = logits[rand]
+            probs = self._filtered_probs(sub, [rows[i].params for i in rand])
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(rand):
+                noise[j].exponential_(generator=rows[i].generator or self.generator)
+            tokens[rand] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+
+        lps: list[TokenLogprobs | None] = [None] * n
+        if raw_lp is not None:
+            kmax = max((r.params.logprobs or 0) for r in rows)
+            top_v, top_i = raw_lp.topk(kmax, dim=-1) if kmax else (None, None)
+            chosen = raw_lp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+            for i, r in enumerate(rows):
+                if not want_lp[i]:
+                    continue
+                k = r.params.logprobs
+                top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist())) if k else []
+                lps[i] = TokenLogprobs(chosen[i], top)
+        return token_list, lps
+
+    def _apply_penalties_and_bans(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        cloned = False
+        for i, r in enumerate(rows):
+            p = r.params
+            n_out = len(r.token_ids) - r.num_prompt_tokens
+            ban = n_out < p.min_tokens
+            if not (p.has_penalties or ban):
+                continue
+            if not cloned:
+                logits, cloned = logits.clone(), True
+            row = logits[i]
+            if p.has_penalties:
+                out_ids = torch.tensor(r.token_ids[r.num_prompt_tokens:], dtype=torch.long, device=row.device)
+                if p.repetition_penalty != 1.0:
+                    seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=row.device)
+                    vals = row[seen]
+                    row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                if out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
+                    counts = torch.bincount(out_ids, minlength=row.shape[0]).to(row.dtype)
+                    row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            if ban:
+                stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
+                if stop_ids:
+                    row[stop_ids] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype,
+                             device=logits.device).unsqueeze(1)
+        logits = logits / temps
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            vocab = logits.shape[-1]
+            ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+            pos = torch.arange(vocab, device=logits.device).unsqueeze(0)
+            drop = pos >= ks.unsqueeze(1)
+            top_ps = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device)
+            sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly before each token
+            drop |= before > top_ps.unsqueeze(1)
+            drop[:, 0] = False  # always keep the best token
+            logits = torch.full_like(logits, float("-inf")).scatter(1, order,
+                                                                    sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
+            thresh = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
+            probs = probs.masked_fill(probs < thresh, 0.0)
+        return probs

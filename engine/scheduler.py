@@ -1,0 +1,174 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute. Pure bookkeeping.
+
+Each step spends a token budget: first on running sequences (one token each when decoding, a chunk
+when their prompt is still being computed), then on waiting ones in arrival order. When the block
+pool runs dry, the most recently admitted running sequence is preempted: its blocks are freed and it
+goes back to the head of the waiting queue, to be recomputed (mostly from the prefix cache).
+
+    schedule() -> SchedulerOutput -> (model runner) -> update(output, sampled tokens)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step (= num_computed_tokens before the step)
+    num_new_tokens: int
+    sample: bool  # this step reaches the end of the sequence's tokens: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: tuple[int, ...] = ()):
+        self.bm = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Finish or abort `seq` wherever it is; frees its blocks. Idempotent."""
+        if seq.is_finished:
+            return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status = status
+        self.bm.free(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to do (cannot happen in a consistent state)
+                i += 1
+                continue
+            while not self.bm.allocate_slots(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self._emit(out, seq, num_new)
+                scheduled_ids.add(seq.seq_id)
+                budget -= num_new
+                i += 1
+                continue
+            break  # seq itself was preempted: it was the last running one
+
+        if not out.preempted:
+            skipped: list[Sequence] = []
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                parent = seq.parent
+                if parent is not None and parent.status == SequenceStatus.RUNNING \
+                        and parent.num_computed_tokens < parent.num_prompt_tokens:
+                    # n > 1: wait for the first sample to compute the prompt, then share its blocks
+                    skipped.append(self.waiting.popleft())
+                    continue
+                computed = self.bm.get_computed_blocks(seq) if seq.num_computed_tokens == 0 else []
+                num_new = min(seq.num_tokens - seq.num_computed_tokens
+                              - len(computed) * self.bm.block_size, budget)
+                if not self.bm.allocate_slots(seq, num_new, computed):
+                    break
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                self._emit(out, seq, num_new)
+                budget -= num_new
+            self.waiting.extendleft(reversed(skipped))
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance counters after a step; append sampled tokens (seq_id -> token id).
+
+        Returns the sequences that finished in this step (eos, stop token, length).
+        """
+        finished: list[Sequence] = []
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.is_finished or seq.status != SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.bm.cache_full_blocks(seq)
+            if not s.sample:
+                continue
+            token = sampled[seq.seq_id]
+            seq.token_ids.append(token)
+            status = self._check_stop(seq, token)
+            if status is not None:
+                self.finish(seq, status)
+                finished.append(seq)
+        return finished
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        start = seq.num_computed_tokens
+        out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new == seq.num_tokens))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                seq.stop_reason = token
+                return SequenceStatus.FINISHED_STOPPED
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return SequenceStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        if seq.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,1 @@
+"""kvtransfer (see docs/architecture.md)."""

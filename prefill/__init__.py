@@ -1,0 +1,1 @@
+"""prefill (see docs/architecture.md)."""

@@ -1,0 +1,162 @@
+"""Scheduler tests with a fake model: 'sampling' returns a deterministic token per sequence."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+EOS = 2
+
+
+def make(num_blocks=64, block_size=4, max_seqs=8, budget=32, max_len=256, caching=True):
+    bm = BlockManager(num_blocks, block_size, caching)
+    return Scheduler(bm, max_seqs, budget, max_len, (EOS,)), bm
+
+
+def add(s, n_prompt, max_tokens=5, rid="r", n=1, base=10, **kw):
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, n=n, **kw)
+    first, seqs = None, []
+    for i in range(n):
+        q = Sequence(rid, i, [base + j for j in range(n_prompt)], n_prompt, params, parent=first)
+        first = first or q
+        s.add(q)
+        seqs.append(q)
+    return seqs[0] if n == 1 else seqs
+
+
+def step(s, token=7):
+    out = s.schedule()
+    sampled = {x.seq.seq_id: token for x in out.scheduled if x.sample}
+    return out, s.update(out, sampled)
+
+
+def test_decode_takes_one_token_and_prompt_is_chunked_by_budget():
+    s, _ = make(budget=8)
+    a = add(s, 20)
+    out, _ = step(s)
+    assert [(x.start, x.num_new_tokens, x.sample) for x in out.scheduled] == [(0, 8, False)]
+    out, _ = step(s)
+    assert [(x.start, x.num_new_tokens, x.sample) for x in out.scheduled] == [(8, 8, False)]
+    out, _ = step(s)
+    assert [(x.start, x.num_new_tokens, x.sample) for x in out.scheduled] == [(16, 4, True)]
+    assert a.num_tokens == 21 and a.num_computed_tokens == 20
+    out, _ = step(s)
+    assert [(x.start, x.num_new_tokens) for x in out.scheduled] == [(20, 1)]
+
+
+def test_new_requests_join_the_running_batch():
+    s, _ = make(budget=64)
+    a = add(s, 4, max_tokens=10, rid="a")
+    step(s)
+    step(s)
+    b = add(s, 6, rid="b", base=100)
+    out, _ = step(s)
+    assert {(x.seq.request_id, x.num_new_tokens) for x in out.scheduled} == {("a", 1), ("b", 6)}
+    assert a.status == b.status == SequenceStatus.RUNNING
+
+
+def test_finishes_on_max_tokens_eos_and_context_limit():
+    s, bm = make(max_len=12)
+    a = add(s, 4, max_tokens=3, rid="a")
+    b = add(s, 4, max_tokens=50, rid="b")
+    c = Sequence("c", 0, [1, 2, 3], 3, SamplingParams(max_tokens=50))
+    s.add(c)
+    out = s.schedule()
+    s.update(out, {x.seq.seq_id: (EOS if x.seq is c else 7) for x in out.scheduled})
+    assert c.status == SequenceStatus.FINISHED_STOPPED and c.stop_reason == EOS
+    for _ in range(20):
+        step(s)
+    assert a.status == SequenceStatus.FINISHED_LENGTH and a.num_output_tokens == 3
+    assert b.status == SequenceStatus.FINISHED_LENGTH and b.num_tokens == 12
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_preemption_under_memory_pressure_recomputes_and_completes():
+    s, bm = make(num_blocks=6, block_size=4, budget=64)
+    seqs = [add(s, 6, max_tokens=10, rid=f"r{i}", base=100 * i) for i in range(3)]
+    preempted = 0
+    for _ in range(200):
+        out, _ = step(s)
+        preempted += len(out.preempted)
+        if not s.num_unfinished:
+            break
+    assert preempted > 0
+    assert all(q.status == SequenceStatus.FINISHED_LENGTH and q.num_output_tokens == 10 for q in seqs)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_n_children_wait_for_the_parent_prompt_then_share_its_blocks():
+    s, bm = make(budget=64, caching=False)
+    p, c = add(s, 10, n=2)
+    out, _ = step(s)
+    assert [x.seq for x in out.scheduled] == [p]
+    out, _ = step(s)
+    by = {x.seq.seq_id: x for x in out.scheduled}
+    assert by[c.seq_id].start == 8  # two full blocks shared, the partial one recomputed
+    assert c.block_ids[:2] == p.block_ids[:2]
+
+
+def test_abort_frees_blocks_wherever_the_sequence_is():
+    s, bm = make()
+    a = add(s, 10, rid="a")
+    b = add(s, 10, rid="b")
+    step(s)
+    s.finish(a, SequenceStatus.FINISHED_ABORTED)
+    s.finish(b, SequenceStatus.FINISHED_ABORTED)
+    s.finish(b, SequenceStatus.FINISHED_ABORTED)  # idempotent
+    assert bm.num_free_blocks == bm.num_blocks and s.num_unfinished == 0
+
+
+def _check_invariants(s: Scheduler, bm: BlockManager, live: list[Sequence]) -> None:
+    refs = [0] * bm.num_blocks
+    for q in live:
+        if not q.is_finished:
+            for b in q.block_ids:
+                refs[b] += 1
+            assert len(q.block_ids) * bm.block_size >= q.num_computed_tokens
+    for b in bm.blocks:
+        assert b.ref_count == refs[b.block_id], f"block {b.block_id}: ref {b.ref_count} != users {refs[b.block_id]}"
+        assert (b.ref_count == 0) == (b.block_id in bm.free_queue)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step", "step"]),
+                          st.integers(1, 40), st.integers(1, 12), st.integers(1, 3)),
+                min_size=20, max_size=250),
+       st.integers(0, 2**16), st.booleans())
+def test_no_block_leaks_under_random_add_abort_finish(ops, seed, caching):
+    rng = random.Random(seed)
+    s, bm = make(num_blocks=24, block_size=4, max_seqs=6, budget=24, max_len=64, caching=caching)
+    live: list[Sequence] = []
+    next_id = 0
+    for op, plen, max_tokens, n in ops:
+        if op == "add":
+            toks = [rng.randrange(3, 20) for _ in range(plen)]  # small alphabet: prefix hits happen
+            params = SamplingParams(max_tokens=max_tokens, n=n)
+            first = None
+            for i in range(n):
+                q = Sequence(f"r{next_id}", i, list(toks), plen, params, parent=first)
+                first = first or q
+                s.add(q)
+                live.append(q)
+            next_id += 1
+        elif op == "abort" and live:
+            q = rng.choice(live)
+            s.finish(q, SequenceStatus.FINISHED_ABORTED)
+        else:
+            out = s.schedule()
+            s.update(out, {x.seq.seq_id: rng.choice([EOS, 5, 6, 7, 8]) for x in out.scheduled if x.sample})
+        _check_invariants(s, bm, live)
+    for _ in range(2000):  # drain
+        if not s.num_unfinished:
+            break
+        out = s.schedule()
+        s.update(out, {x.seq.seq_id: rng.choice([EOS, 5, 6]) for x in out.scheduled if x.sample})
+        _check_invariants(s, bm, live)
+    assert s.num_unfinished == 0
+    assert bm.num_free_blocks == bm.num_blocks
