@@ -212,8 +212,11 @@ class CacheConfig:
     kv_cache_memory_fraction: float = 0.9  # of free device memory (GPU), after weights
     cpu_kv_cache_default: int = 2**30  # CPU default when no size is given (zeroing it costs time)
     enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # exact block count: overrides the memory budget (tests, profiling)
 
     def __post_init__(self):
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks = {self.num_blocks!r} must be positive")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size = {self.block_size!r} must be a positive power of two")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -74,7 +74,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len)
-        self.runner = ModelRunner(self.model_config, config.cache, config.device)
+        self.runner = ModelRunner(self.model_config, config.cache, config.device, num_blocks=config.cache.num_blocks)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         eos = tuple(self.model_config.eos_token_ids) or \

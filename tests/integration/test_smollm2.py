@@ -1,0 +1,78 @@
+"""SmolLM2-135M-Instruct (the default model, converted from its GGUF) against Hugging Face transformers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from helpers import assert_greedy_equal, hf_greedy
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who",
+]
+CHAT = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def eng(smollm2_dir):
+    return LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=64 * 2**20)))
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+
+
+def test_greedy_equals_transformers_batched(eng, hf_model):
+    tok = eng.tokenizer
+    ids = [tok.encode(p) for p in PROMPTS]
+    ids.append(tok.encode(tok.apply_chat_template(CHAT), add_special_tokens=False))
+    assert len({len(x) for x in ids}) == len(ids)  # different lengths in one batch
+    res = eng.generate(ids, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=0))
+    for i, (p, r) in enumerate(zip(ids, res)):
+        ref = hf_greedy(hf_model, p, 64)
+        out = r["outputs"][0]
+        tie = assert_greedy_equal(out["token_ids"], ref, f"prompt {i}")
+        n = 64 if tie is None else tie
+        diff = max(abs(lp.logprob - want) for lp, want in zip(out["logprobs"][:n], ref.logprobs[:n]))
+        assert diff < 1e-4, f"prompt {i}: top-1 logprob differs by {diff:.2e}"
+
+
+def test_chat_answer_and_eos(eng):
+    tok = eng.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = eng.generate([tok.encode(prompt, add_special_tokens=False)],
+                       SamplingParams(max_tokens=64, temperature=0))[0]["outputs"][0]
+    assert "Paris" in out["text"]
+    assert out["finish_reason"] == "stop"  # <|im_end|> ends the turn
+
+
+def test_conversion_matches_transformers_gguf_loader(smollm2_dir):
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.model_store import cache_dir
+    from engine.tokenizer import Tokenizer
+
+    gguf = next((cache_dir() / "downloads").glob("*.gguf"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    sd_theirs, sd_ours = theirs.state_dict(), ours.state_dict()
+    for name, t in sd_ours.items():
+        assert torch.equal(t, sd_theirs[name]), name
+    hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = Tokenizer(smollm2_dir)
+    for s in ["Hello  world 12345!\n\ttabs", "héllo wörld 🙂 <|im_start|>user\nhi<|im_end|>", "  leading"]:
+        assert tok.encode(s) == hf_tok.encode(s), s
+
+
+def test_model_dir_is_a_plain_hf_checkpoint(smollm2_dir):
+    names = sorted(p.name for p in Path(smollm2_dir).iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from engine.config import CacheConfig, ModelConfig, parse_size
+from engine.errors import ModelConfigError
+
+BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def write(tmp_path, **changes):
+    cfg = dict(BASE)
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_reads_a_llama_config(tmp_path):
+    c = ModelConfig.from_dir(write(tmp_path, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "original_max_position_embeddings": 8192}))
+    assert c.head_dim == 16 and c.num_key_value_heads == 2 and c.rope_scaling.rope_type == "llama3"
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+    ({"hidden_size": None}, "hidden_size"),
+    ({"vocab_size": -1}, "vocab_size"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"pretraining_tp": 2}, "pretraining_tp"),
+])
+def test_bad_fields_are_named_with_the_file(tmp_path, changes, needle):
+    d = write(tmp_path, **changes)
+    with pytest.raises(ModelConfigError) as e:
+        ModelConfig.from_dir(d)
+    assert needle in str(e.value) and "config.json" in str(e.value)
+
+
+def test_missing_directory_and_file(tmp_path):
+    with pytest.raises(ModelConfigError, match="does not exist"):
+        ModelConfig.from_dir(tmp_path / "nope")
+    with pytest.raises(ModelConfigError, match="config.json"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelConfigError, match="not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    c = ModelConfig.from_dir(write(tmp_path, architectures=["MistralForCausalLM"], sliding_window=256,
+                                   max_position_embeddings=4096))
+    assert c.max_model_len == 256
+
+
+def test_sizes_and_cache_config():
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size(1000) == 1000
+    with pytest.raises(ValueError, match="unknown unit"):
+        parse_size("3 parsecs")
+    with pytest.raises(ValueError, match="block_size"):
+        CacheConfig(block_size=12)
