@@ -1,16 +1,19 @@
 """Paged attention over ragged batches, in pure torch (one function to swap for a faster kernel).
 
-KV cache of one layer: `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (K at index 0, V at 1), so
-one block of one layer (a *page*, the unit that kvtransfer ships) is one contiguous slab.
+KV cache of one layer: `[2, num_blocks, num_kv_heads, block_size, head_dim]` (K cache, V cache). One
+block of one layer (a *page*, the unit kvtransfer ships) is two contiguous slabs, `cache[0, b]` and
+`cache[1, b]`; inside each, a KV head's tokens are contiguous, so a TP head range is contiguous too.
+K-outer (as vLLM lays it out) lets decode gather a batch's blocks with one `index_select` per K/V,
+already in the layout the matmuls want.
 
 A step's tokens are laid out decode-first:
 
     tokens:  [d0 d1 ... d(B-1) | p0 p0 p0 p0 | p1 p1 ... ]
               one per decoding    each prefill sequence's new tokens (a whole prompt or a chunk)
 
-Decodes are attended together through a padded gather of their block tables; each prefill sequence
-is attended alone (no padding), against its cached context when it has one (chunked prefill, prefix
-hit) or against its own fresh K/V when it starts at position 0.
+Decodes are attended together, block by block (see `_decode_attention`); prefill sequences that
+start at position 0 are attended against their own fresh K/V (equal lengths batched together), and
+those with cached context (chunked prefill, prefix hit) against the gathered context.
 """
 
 from __future__ import annotations
@@ -34,24 +37,25 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor  # [T] block id of each new token's slot
     slot_offsets: torch.Tensor  # [T] offset inside the block
     num_decode: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] (padded with block 0)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks*block_size] bool; None: no padding
-    decode_len: int = 0  # keys to attend (max context over the decode batch)
+    decode_block_tables: torch.Tensor | None = None  # [B, nb] (padded with block 0)
+    decode_mask: torch.Tensor | None = None  # [B, nb, 1, 1, bs] bool, True = attend; None: no padding
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # fresh prefills grouped by length: (q_len, [q_start, ...]) -> one batched SDPA call each
+    prefill_groups: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
-    kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+    # advanced indices around a slice: the indexed shape is [T, KVH, D], matching k and v
+    kv_cache[0][meta.slot_blocks, :, meta.slot_offsets] = k
+    kv_cache[1][meta.slot_blocks, :, meta.slot_offsets] = v
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
     """K, V of one sequence's first `length` tokens: [num_kv_heads, length, head_dim] each."""
-    pages = kv_cache[block_table]  # [nb, 2, bs, KVH, D]
-    nb, _, bs, kvh, d = pages.shape
-    k = pages[:, 0].reshape(nb * bs, kvh, d)[:length].transpose(0, 1)
-    v = pages[:, 1].reshape(nb * bs, kvh, d)[:length].transpose(0, 1)
-    return k, v
+    pages = kv_cache.index_select(1, block_table)  # [2, nb, KVH, bs, D]
+    _, nb, kvh, bs, d = pages.shape
+    kv = pages.transpose(1, 2).reshape(2, kvh, nb * bs, d)[:, :, :length]
+    return kv[0], kv[1]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -61,28 +65,60 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     T, H, D = q.shape
     gqa = H != k.shape[1]
     nd = meta.num_decode
-    parts = []
+    if nd == T:
+        return _decode_attention(q, kv_cache, meta, scale)
+    out = torch.empty_like(q)
     if nd:
-        bt = meta.decode_block_tables  # [B, nb]
-        pages = kv_cache[bt]  # [B, nb, 2, bs, KVH, D]
-        B, nb, _, bs, kvh, _ = pages.shape
-        kd = pages[:, :, 0].reshape(B, nb * bs, kvh, D)[:, :meta.decode_len].transpose(1, 2)
-        vd = pages[:, :, 1].reshape(B, nb * bs, kvh, D)[:, :meta.decode_len].transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=gqa)
-        parts.append(od.squeeze(2))  # [B, H, D]
-    for p in meta.prefills:
-        qp = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [H, q_len, D]
-        if p.start == 0:
-            kp = k[p.q_start:p.q_start + p.q_len].transpose(0, 1)
-            vp = v[p.q_start:p.q_start + p.q_len].transpose(0, 1)
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
+        out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
+    for q_len, starts in meta.prefill_groups:
+        idx = [list(range(s, s + q_len)) for s in starts]
+        if len(starts) == 1:
+            sl = slice(starts[0], starts[0] + q_len)
+            qp, kp, vp = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
         else:
-            ctx_len = p.start + p.q_len
-            kp, vp = gather_kv(kv_cache, p.block_table, ctx_len)
-            qpos = torch.arange(p.start, ctx_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= qpos  # [q_len, ctx_len]
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        parts.append(op.transpose(0, 1))  # [q_len, H, D]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            rows = torch.tensor(idx, device=q.device)  # [n, q_len]
+            qp, kp, vp = q[rows].transpose(1, 2), k[rows].transpose(1, 2), v[rows].transpose(1, 2)
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
+        if len(starts) == 1:
+            out[sl] = op.transpose(0, 1)
+        else:
+            out[rows] = op.transpose(1, 2)
+    for p in meta.prefills:
+        if p.start == 0:
+            continue  # done above
+        qp = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [H, q_len, D]
+        ctx_len = p.start + p.q_len
+        kp, vp = gather_kv(kv_cache, p.block_table, ctx_len)
+        qpos = torch.arange(p.start, ctx_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= qpos  # [q_len, ctx_len]
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[p.q_start:p.q_start + p.q_len] = op.transpose(0, 1)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence, attended block by block: q [B, H, D] -> [B, H, D].
+
+    K and V are gathered once each, straight into `[B, nb, KVH, bs, D]` (contiguous), and used
+    without re-layout: scores per block are one batched matmul over (B, nb, KVH), softmax runs over
+    all blocks' scores together, and the per-block outputs are summed.
+
+    NOTE: plain matmuls; torch's CPU SDPA is ~10x slower for bf16 single-token queries.
+    """
+    B, H, D = q.shape
+    bt = meta.decode_block_tables  # [B, nb]
+    nb = bt.shape[1]
+    flat = bt.view(-1)
+    k = kv_cache[0].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])  # [B, nb, KVH, bs, D]
+    v = kv_cache[1].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])
+    kvh, bs = k.shape[2], k.shape[3]
+    g = H // kvh
+    qg = q.view(B, 1, kvh, g, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, nb, KVH, G, bs]
+    if meta.decode_mask is not None:
+        scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(B, kvh, g, nb * bs)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, kvh, g, nb, bs).permute(0, 3, 1, 2, 4)
+    out = torch.matmul(probs, v).sum(dim=1)  # [B, KVH, G, D]
+    return out.reshape(B, H, D)

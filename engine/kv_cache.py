@@ -55,5 +55,5 @@ def kv_cache_budget(cfg: CacheConfig, device: torch.device) -> int:
 
 def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
     # NOTE: zeros, not empty: attention reads padded slots under a mask, and 0 * NaN garbage is NaN.
-    return [torch.zeros(num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim,
+    return [torch.zeros(2, num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim,
                         dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

@@ -35,14 +35,13 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.rotary = rotary
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+    def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk = self.rotary(rope, qkv[:, :(nq + nkv) * d].view(T, nq + nkv, d))  # [T, H + KVH, D]
+        q, k = qk[:, :nq], qk[:, nq:]
+        v = qkv[:, (nq + nkv) * d:].view(T, nkv, d)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -67,8 +66,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, ctx, dtype)
 
-    def forward(self, positions, h, kv_cache, meta):
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+    def forward(self, rope, h, kv_cache, meta):
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -118,8 +117,9 @@ class LlamaForCausalLM(nn.Module):
         `layer_start + i` for this step's tokens is then in the cache (layer-wise KV streaming).
         """
         h = self.embed_tokens(input_ids) if self.is_first else hidden
+        rope = self.rotary.lookup(positions)
         for i, layer in enumerate(self.layers):
-            h = layer(positions, h, kv_caches[i], meta)
+            h = layer(rope, h, kv_caches[i], meta)
             if layer_done is not None:
                 layer_done(i)
         return self.norm(h) if self.is_last else h

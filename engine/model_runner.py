@@ -80,18 +80,22 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor(
                 [s.seq.block_ids[:nb] + [0] * (nb - len(s.seq.block_ids[:nb])) for s in decodes],
                 dtype=torch.long, device=dev)
-            meta.decode_len = max_len
-            if min(lens) != max_len:
-                lens_t = torch.tensor(lens, device=dev).view(-1, 1, 1, 1)
-                meta.decode_mask = torch.arange(max_len, device=dev).view(1, 1, 1, -1) < lens_t
+            if min(lens) != nb * bs:  # some sequences end before the last slot: mask the rest
+                lens_t = torch.tensor(lens, device=dev).view(-1, 1, 1, 1, 1)
+                slots = torch.arange(nb * bs, device=dev).view(1, nb, 1, 1, bs)
+                meta.decode_mask = slots < lens_t
         row = len(decodes)
+        groups: dict[int, list[int]] = {}
         for s in prefills:
             bt = None
             if s.start > 0:
                 nb = -(-(s.start + s.num_new_tokens) // bs)
                 bt = torch.tensor(s.seq.block_ids[:nb], dtype=torch.long, device=dev)
+            else:
+                groups.setdefault(s.num_new_tokens, []).append(row)
             meta.prefills.append(PrefillSpan(row, s.num_new_tokens, s.start, bt))
             row += s.num_new_tokens
+        meta.prefill_groups = list(groups.items())
         # rows whose hidden state gives the next-token logits: each sampled sequence's last token
         sample_rows, r = [], 0
         for s in order:

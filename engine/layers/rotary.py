@@ -39,12 +39,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
         self.half = head_dim // 2
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q [T, H, D], k [T, KVH, D], positions [T]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a step's positions [T] -> [T, 1, D] each; computed once, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
-    def _rotate_half(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] (q and k heads side by side: rotated in one pass) -> rotated copy."""
+        cos, sin = rope
         x1, x2 = x[..., :self.half], x[..., self.half:]
-        return torch.cat((-x2, x1), dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,0 +1,196 @@
+"""Offline throughput: tandem vs Hugging Face transformers (and llama.cpp when installed) on SmolLM2.
+
+    python benchmarks/offline_throughput.py [--concurrency 1 8 32] [--dtypes float32 bfloat16]
+                                            [--threads 2] [--out bench_results/offline_throughput.json]
+
+For each dtype and concurrency C: C distinct prompts of ~128 tokens, 128 greedy output tokens each
+(eos ignored), all submitted at once. Reports output tokens/s (C*128 / wall time), prompt tokens/s
+(a prefill-only pass: 1 output token), and at C=1 the decode rate (tokens after the first / time
+after the first). transformers runs `generate` batched with left padding, same dtype and threads;
+llama.cpp (llama-cpp-python, the same GGUF, n_threads = --threads) runs C=1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TEXT = (
+    "The history of computing is a story of people and machines. Early mechanical calculators were built "
+    "to add and multiply; later, programmable machines followed instructions stored on punched cards. "
+    "Electronic computers of the 1940s filled whole rooms and used vacuum tubes that failed often. The "
+    "transistor made machines smaller, faster and more reliable, and the integrated circuit put many "
+    "transistors on a single chip. Personal computers brought computing into homes and offices, and the "
+    "internet connected them into one network spanning the globe. Today, phones in our pockets are more "
+    "powerful than the supercomputers of a few decades ago, and large language models write text, answer "
+    "questions and translate between languages. Each generation of hardware and software built on the one "
+    "before, and each was shaped by the problems people wanted to solve: navigation, cryptography, "
+    "weather forecasting, accounting, science and play. ") * 4
+
+
+def make_prompts(tok, n: int, length: int) -> list[list[int]]:
+    ids = tok.encode(TEXT)
+    return [ids[(i * 7) % (len(ids) - length - 1):][:length] for i in range(n)]
+
+
+def bench_tandem(model_dir, dtype, threads, prompts, out_tokens):
+    from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
+
+    eng = LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(kv_cache_memory=512 * 2**20,
+                                                                   enable_prefix_caching=False),
+                                 device=DeviceConfig(dtype=dtype, num_threads=threads)))
+    eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    t0 = time.perf_counter()
+    eng.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+    prefill_s = time.perf_counter() - t0
+
+    sp = SamplingParams(max_tokens=out_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{i}", p, sp)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    while eng.has_unfinished_requests():
+        for ro in eng.step():
+            n += sum(len(o.token_ids) for o in ro.outputs)
+        if first is None:
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return _result(len(prompts), n, total, first, prefill_s, sum(map(len, prompts)))
+
+
+def bench_hf(model_dir, dtype, threads, prompts, out_tokens):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids[:1, -16:], attention_mask=mask[:1, -16:], max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)  # warm-up
+        t0 = time.perf_counter()
+        model(ids, attention_mask=mask, logits_to_keep=1)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=out_tokens, min_new_tokens=out_tokens, **kw)
+        total = time.perf_counter() - t0
+    n = (out.shape[1] - width) * len(prompts)
+    first = None
+    if len(prompts) == 1:  # the decode rate: time one more single-token generate for the first token
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, **kw)
+            first = time.perf_counter() - t0
+    return _result(len(prompts), n, total, first, prefill_s, sum(map(len, prompts)))
+
+
+def bench_llama_cpp(gguf, threads, prompts, out_tokens):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False, logits_all=False)
+    eos = llm.token_eos()
+    prompt = prompts[0]
+    llm.create_completion(prompt[:16], max_tokens=4, temperature=0.0)  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    llm.reset()
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for _ in llm.create_completion(prompt, max_tokens=out_tokens, temperature=0.0, stream=True,
+                                   logit_bias={eos: float("-inf")}):
+        n += 1
+        if first is None:
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return _result(1, n, total, first, prefill_s, len(prompt))
+
+
+def _result(c, n, total, first, prefill_s, prompt_tokens):
+    r = {"concurrency": c, "output_tokens": n, "seconds": round(total, 3),
+         "output_tok_s": round(n / total, 1), "prompt_tok_s": round(prompt_tokens / prefill_s, 1)}
+    if c == 1 and first is not None and n > 1:
+        r["decode_tok_s"] = round((n - 1) / (total - first), 1)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--peers", nargs="+", default=["transformers", "llama.cpp"])
+    ap.add_argument("--out", default="bench_results/offline_throughput.json")
+    args = ap.parse_args()
+
+    from engine.model_store import cache_dir, pull_default
+    from engine.tokenizer import Tokenizer
+
+    model_dir = pull_default()
+    tok = Tokenizer(model_dir)
+    results = []
+
+    def record(system, dtype, r):
+        r = {"system": system, "dtype": dtype, "threads": args.threads, **r}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    for c in args.concurrency:
+        prompts = make_prompts(tok, c, args.prompt_tokens)
+        for dtype in args.dtypes:
+            record("tandem", dtype, bench_tandem(model_dir, dtype, args.threads, prompts, args.output_tokens))
+            if "transformers" in args.peers:
+                record("transformers", dtype, bench_hf(model_dir, dtype, args.threads, prompts, args.output_tokens))
+        if c == 1 and "llama.cpp" in args.peers:
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                print("llama-cpp-python not installed: skipping llama.cpp (see docs/benchmarks.md)")
+            else:
+                gguf = next((cache_dir() / "downloads").glob("*.gguf"))
+                record("llama.cpp", "Q4_1", bench_llama_cpp(gguf, args.threads, prompts, args.output_tokens))
+
+    print()
+    print(f"{'system':<13}{'dtype':<10}{'C':>4}{'out tok/s':>11}{'prompt tok/s':>14}{'decode tok/s':>14}")
+    for r in results:
+        print(f"{r['system']:<13}{r['dtype']:<10}{r['concurrency']:>4}{r['output_tok_s']:>11}"
+              f"{r['prompt_tok_s']:>14}{r.get('decode_tok_s', ''):>14}")
+    print()
+    ratios = {}
+    for r in results:
+        if r["system"] != "tandem":
+            continue
+        for peer in results:
+            if peer["system"] != "tandem" and peer["concurrency"] == r["concurrency"] and \
+                    (peer["dtype"] == r["dtype"] or peer["system"] == "llama.cpp"):
+                key = f"tandem/{peer['system']} {r['dtype']} C={r['concurrency']}"
+                ratios[key] = {"output": round(r["output_tok_s"] / peer["output_tok_s"], 2),
+                               "prompt": round(r["prompt_tok_s"] / peer["prompt_tok_s"], 2)}
+                if "decode_tok_s" in r and "decode_tok_s" in peer:
+                    ratios[key]["decode"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
+                print(f"{key:<42} " + "  ".join(f"{k} x{v}" for k, v in ratios[key].items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"results": results, "ratios": ratios,
+                                          "machine": {"cpus": os.cpu_count()}}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
