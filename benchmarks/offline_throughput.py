@@ -8,6 +8,7 @@ For each dtype and concurrency C: C distinct prompts of ~128 tokens, 128 greedy 
 (a prefill-only pass: 1 output token), and at C=1 the decode rate (tokens after the first / time
 after the first). transformers runs `generate` batched with left padding, same dtype and threads;
 llama.cpp (llama-cpp-python, the same GGUF, n_threads = --threads) runs C=1 only.
+tandem also runs bf16 activations with int8 weight-only quantization at small concurrency.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def make_prompts(tok, n: int, length: int) -> list[list[int]]:
     return [ids[(i * 7) % (len(ids) - length - 1):][:length] for i in range(n)]
 
 
-def bench_tandem(model_dir, dtype, threads, prompts, out_tokens):
+def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="none"):
     from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(kv_cache_memory=512 * 2**20,
                                                                    enable_prefix_caching=False),
-                                 device=DeviceConfig(dtype=dtype, num_threads=threads)))
+                                 device=DeviceConfig(dtype=dtype, num_threads=threads),
+                                 quantization=quantization))
     eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     t0 = time.perf_counter()
     eng.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
@@ -137,6 +139,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--peers", nargs="+", default=["transformers", "llama.cpp"])
+    ap.add_argument("--int8-up-to", type=int, default=8,
+                    help="also run tandem bf16 with int8 weights at concurrency <= this (0: never)")
     ap.add_argument("--out", default="bench_results/offline_throughput.json")
     args = ap.parse_args()
 
@@ -156,6 +160,9 @@ def main():
         prompts = make_prompts(tok, c, args.prompt_tokens)
         for dtype in args.dtypes:
             record("tandem", dtype, bench_tandem(model_dir, dtype, args.threads, prompts, args.output_tokens))
+            if dtype == "bfloat16" and c <= args.int8_up_to:
+                record("tandem", "bf16+int8", bench_tandem(model_dir, dtype, args.threads, prompts,
+                                                           args.output_tokens, "int8"))
             if "transformers" in args.peers:
                 record("transformers", dtype, bench_hf(model_dir, dtype, args.threads, prompts, args.output_tokens))
         if c == 1 and "llama.cpp" in args.peers:
@@ -168,9 +175,9 @@ def main():
                 record("llama.cpp", "Q4_1", bench_llama_cpp(gguf, args.threads, prompts, args.output_tokens))
 
     print()
-    print(f"{'system':<13}{'dtype':<10}{'C':>4}{'out tok/s':>11}{'prompt tok/s':>14}{'decode tok/s':>14}")
+    print(f"{'system':<13}{'dtype':<11}{'C':>4}{'out tok/s':>11}{'prompt tok/s':>14}{'decode tok/s':>14}")
     for r in results:
-        print(f"{r['system']:<13}{r['dtype']:<10}{r['concurrency']:>4}{r['output_tok_s']:>11}"
+        print(f"{r['system']:<13}{r['dtype']:<11}{r['concurrency']:>4}{r['output_tok_s']:>11}"
               f"{r['prompt_tok_s']:>14}{r.get('decode_tok_s', ''):>14}")
     print()
     ratios = {}
@@ -178,14 +185,23 @@ def main():
         if r["system"] != "tandem":
             continue
         for peer in results:
+            same = peer["dtype"] == r["dtype"] or (r["dtype"] == "bf16+int8" and peer["dtype"] == "bfloat16")
             if peer["system"] != "tandem" and peer["concurrency"] == r["concurrency"] and \
-                    (peer["dtype"] == r["dtype"] or peer["system"] == "llama.cpp"):
-                key = f"tandem/{peer['system']} {r['dtype']} C={r['concurrency']}"
+                    (same or peer["system"] == "llama.cpp"):
+                key = f"tandem {r['dtype']} / {peer['system']} {peer['dtype']} C={r['concurrency']}"
                 ratios[key] = {"output": round(r["output_tok_s"] / peer["output_tok_s"], 2),
                                "prompt": round(r["prompt_tok_s"] / peer["prompt_tok_s"], 2)}
                 if "decode_tok_s" in r and "decode_tok_s" in peer:
                     ratios[key]["decode"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
-                print(f"{key:<42} " + "  ".join(f"{k} x{v}" for k, v in ratios[key].items()))
+                print(f"{key:<52} " + "  ".join(f"{k} x{v}" for k, v in ratios[key].items()))
+    for c in args.concurrency:
+        ours = [r for r in results if r["system"] == "tandem" and r["concurrency"] == c]
+        theirs = [r for r in results if r["system"] == "transformers" and r["concurrency"] == c]
+        if ours and theirs:
+            a, b = max(ours, key=lambda r: r["output_tok_s"]), max(theirs, key=lambda r: r["output_tok_s"])
+            key = f"best tandem ({a['dtype']}) / best transformers ({b['dtype']}) C={c}"
+            ratios[key] = {"output": round(a["output_tok_s"] / b["output_tok_s"], 2)}
+            print(f"{key:<60} output x{ratios[key]['output']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"results": results, "ratios": ratios,
                                           "machine": {"cpus": os.cpu_count()}}, indent=2))

@@ -23,6 +23,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--quantization", default="none", choices=["none", "int8"],
+                   help="weight quantization of linear layers (int8: weight-only, per channel)")
 
 
 def build_engine_config(args):
@@ -38,6 +40,7 @@ def build_engine_config(args):
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
         device=DeviceConfig(device=args.device, dtype=args.dtype, num_threads=args.threads),
+        quantization=args.quantization,
     )
 
 

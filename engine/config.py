@@ -245,6 +245,7 @@ class DeviceConfig:
     dtype: str = "float32"
     num_threads: int = 1  # torch intra-op threads (CPU); 2 threads made small models 15-40x slower here
     seed: int = 0
+    tune_malloc: bool = True  # CPU: keep freed memory in the heap (engine/platform.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -253,9 +254,17 @@ class DeviceConfig:
             raise ValueError(f"num_threads = {self.num_threads!r} must be positive")
 
 
+QUANTIZATIONS = ("none", "int8")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a checkpoint directory
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    quantization: str = "none"  # weight quantization of linear layers (engine/layers/quantization.py)
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization = {self.quantization!r} must be one of {QUANTIZATIONS}")

@@ -11,12 +11,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import CapacityError, InvalidRequestError
 from engine.model_runner import ModelRunner
+from engine.platform import setup_process
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -68,13 +67,14 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
-        torch.set_num_threads(config.device.num_threads)
+        setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len)
-        self.runner = ModelRunner(self.model_config, config.cache, config.device, num_blocks=config.cache.num_blocks)
+        self.runner = ModelRunner(self.model_config, config.cache, config.device, num_blocks=config.cache.num_blocks,
+                                  quantization=config.quantization)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         eos = tuple(self.model_config.eos_token_ids) or \

@@ -17,7 +17,8 @@ from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
-from engine.parallel import SINGLE, ParallelContext, split_evenly
+from engine.parallel import SINGLE, ParallelContext
+from engine.partition import stage_layers
 
 
 class Attention(nn.Module):
@@ -69,18 +70,6 @@ class DecoderLayer(nn.Module):
     def forward(self, rope, h, kv_cache, meta):
         h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int,
-                 partition: list[int] | None = None) -> tuple[int, int]:
-    """[start, end) of the layers of pipeline stage `pp_rank` (even split unless `partition` given)."""
-    if partition is None:
-        return split_evenly(num_layers, pp_size, pp_rank)
-    if len(partition) != pp_size or sum(partition) != num_layers or min(partition) <= 0:
-        raise ValueError(f"pipeline partition {partition} must be {pp_size} positive layer counts "
-                         f"summing to {num_layers}")
-    start = sum(partition[:pp_rank])
-    return start, start + partition[pp_rank]
 
 
 class LlamaForCausalLM(nn.Module):

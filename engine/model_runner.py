@@ -10,6 +10,7 @@ import torch
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import CacheConfig, DeviceConfig, ModelConfig
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, kv_cache_budget
+from engine.layers.quantization import get_linear_method, quantize_model
 from engine.loader import build_model
 from engine.parallel import SINGLE, ParallelContext
 from engine.sampler import Sampler, SamplingRow, TokenLogprobs
@@ -22,13 +23,14 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, device_cfg: DeviceConfig,
-                 ctx: ParallelContext = SINGLE, num_blocks: int | None = None):
+                 ctx: ParallelContext = SINGLE, num_blocks: int | None = None, quantization: str = "none"):
         self.model_cfg = model_cfg
         self.device = torch.device(device_cfg.device)
         self.dtype = TORCH_DTYPES[device_cfg.dtype]
         self.block_size = cache_cfg.block_size
         t0 = time.perf_counter()
         self.model = build_model(model_cfg, model_cfg.path, ctx, self.dtype, self.device)
+        quantize_model(self.model, get_linear_method(quantization))
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         self.kv_spec = KVCacheSpec(

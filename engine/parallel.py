@@ -37,10 +37,3 @@ class ParallelContext:
 
 
 SINGLE = ParallelContext()
-
-
-def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
-    """[start, end) of part `index` when `total` items are split into `parts` nearly equal ranges."""
-    base, extra = divmod(total, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)

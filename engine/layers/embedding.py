@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.linear import narrow
-from engine.parallel import SINGLE, ParallelContext, split_evenly
+from engine.parallel import SINGLE, ParallelContext
+from engine.partition import split_evenly
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -35,8 +36,19 @@ class VocabParallelEmbedding(nn.Module):
         y = F.embedding(local, self.weight).masked_fill(mask.unsqueeze(-1), 0)
         return self.ctx.all_reduce(y)
 
+    def quantize_lm_head(self, method) -> None:
+        """A quantized copy of the rows for the LM head (the embedding lookup keeps full precision)."""
+        from engine.layers.linear import ReplicatedLinear
+
+        head = ReplicatedLinear(self.weight.shape[1], self.weight.shape[0], False, self.ctx, self.weight.dtype)
+        head.weight.data = self.weight.data.clone()
+        head.linear_method = method
+        method.process_weights_after_loading(head)
+        self.quantized_head = head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab_local]
+        head = getattr(self, "quantized_head", None)
+        logits = head(hidden) if head is not None else F.linear(hidden, self.weight)  # [N, vocab_local]
         if self.ctx.tp_size == 1:
             return logits
         # uneven splits: pad each shard to the largest, gather, then drop the padding

@@ -12,10 +12,13 @@ and `LinearBase.apply` without touching the model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.quantization import LinearMethod
 from engine.parallel import SINGLE, ParallelContext
+from engine.partition import check_tp, kv_head_range
+
+_DENSE = LinearMethod()
 
 
 def narrow(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -42,6 +45,8 @@ class LinearBase(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self.linear_method: LinearMethod = _DENSE  # replaced after loading when quantized
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -50,8 +55,8 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def apply_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def apply_linear(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        return self.linear_method.apply(self, x, self.bias if with_bias else None)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         t = materialize(loaded)
@@ -105,11 +110,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32):
         tp = ctx.tp_size
-        if num_heads % tp:
-            raise ValueError(f"num_attention_heads = {num_heads} is not divisible by tp_size = {tp}")
-        if (tp % num_kv_heads if tp >= num_kv_heads else num_kv_heads % tp):
-            raise ValueError(f"num_key_value_heads = {num_kv_heads} and tp_size = {tp}: one must divide "
-                             "the other")
+        check_tp(num_heads, num_kv_heads, tp)
         self.head_dim = head_dim
         self.num_heads = num_heads // tp
         self.num_kv_heads = max(1, num_kv_heads // tp)
@@ -119,10 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def kv_head_start(self) -> int:
         """First global KV head held by this rank (replicas share it when tp > num_kv_heads)."""
-        tp, r = self.ctx.tp_size, self.ctx.tp_rank
-        if tp >= self.total_kv_heads:
-            return r * self.total_kv_heads // tp
-        return r * self.num_kv_heads
+        return kv_head_range(self.total_kv_heads, self.ctx.tp_size, self.ctx.tp_rank)[0]
 
     def weight_loader(self, param, loaded, shard_id: str = "q") -> None:
         hd = self.head_dim
@@ -157,5 +155,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:
             return self.apply_linear(x)
-        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        y = self.ctx.all_reduce(self.apply_linear(x, with_bias=False))
         return y + self.bias if self.bias is not None else y

@@ -76,3 +76,14 @@ def test_model_dir_is_a_plain_hf_checkpoint(smollm2_dir):
     names = sorted(p.name for p in Path(smollm2_dir).iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]
+
+
+def test_int8_weight_only_bf16_still_answers(smollm2_dir):
+    from engine import DeviceConfig
+    e = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=32 * 2**20),
+                               device=DeviceConfig(dtype="bfloat16"), quantization="int8"))
+    tok = e.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = e.generate([tok.encode(prompt, add_special_tokens=False)],
+                     SamplingParams(max_tokens=32, temperature=0))[0]["outputs"][0]
+    assert "Paris" in out["text"]

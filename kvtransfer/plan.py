@@ -1,0 +1,113 @@
+"""The transfer plan: which source rank sends which (layers, KV heads) to which destination rank.
+
+Pure function of the two sides' KV layouts. Prefill worker P and decode worker D may differ in TP and
+PP. A destination rank needs every (layer, head) it holds, exactly once; when a head is replicated
+on several source ranks (tp > num_kv_heads), the copies are spread over the destination ranks.
+
+    P: tp=2, pp=1 (heads 0-1 | 2-3)          D: tp=1, pp=2 (layers 0-1 | 2-3)
+        src (0,0) -> dst (0,0): layers [0,2) heads [0,2)
+        src (1,0) -> dst (0,0): layers [0,2) heads [2,4)
+        src (0,0) -> dst (0,1): layers [2,4) heads [0,2)
+        src (1,0) -> dst (0,1): layers [2,4) heads [2,4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.partition import check_kv_tp, kv_head_range, stage_layers
+
+
+class IncompatibleLayouts(ValueError):
+    """P and D cannot exchange KV (different model shape, block size or dtype). Raised at registration."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The KV cache shape of one worker (all its ranks)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    tp: int = 1
+    pp: int = 1
+    pp_partition: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp = {self.tp}, pp = {self.pp} must be positive")
+        if self.pp > self.num_layers:
+            raise ValueError(f"pp = {self.pp} exceeds num_layers = {self.num_layers}")
+        check_kv_tp(self.num_kv_heads, self.tp)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.tp * self.pp
+
+    def layers(self, pp_rank: int) -> tuple[int, int]:
+        return stage_layers(self.num_layers, self.pp, pp_rank, self.pp_partition)
+
+    def heads(self, tp_rank: int) -> tuple[int, int]:
+        return kv_head_range(self.num_kv_heads, self.tp, tp_rank)
+
+    def rank(self, tp_rank: int, pp_rank: int) -> int:
+        """Flat rank of (tp_rank, pp_rank): pp-major, like torch.distributed worlds of TP groups."""
+        return pp_rank * self.tp + tp_rank
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        return rank % self.tp, rank // self.tp
+
+
+@dataclass(frozen=True)
+class TransferItem:
+    src_rank: int
+    dst_rank: int
+    layers: tuple[int, int]  # [start, end) global layer ids
+    heads: tuple[int, int]  # [start, end) global KV head ids
+
+
+def check_compatible(src: KVLayout, dst: KVLayout) -> None:
+    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype"):
+        a, b = getattr(src, name), getattr(dst, name)
+        if a != b:
+            raise IncompatibleLayouts(f"KV layouts differ in {name}: prefill has {a!r}, decode has {b!r}"
+                                      + (" (block sizes must match; configure both workers alike)"
+                                         if name == "block_size" else ""))
+
+
+def plan_transfer(src: KVLayout, dst: KVLayout) -> list[TransferItem]:
+    check_compatible(src, dst)
+    items: list[TransferItem] = []
+    uses: dict[tuple[int, int], int] = {}  # (source stage, head) -> destinations served so far
+    for d in range(dst.num_ranks):
+        d_tp, d_pp = dst.coords(d)
+        dl0, dl1 = dst.layers(d_pp)
+        dh0, dh1 = dst.heads(d_tp)
+        for s_pp in range(src.pp):
+            sl0, sl1 = src.layers(s_pp)
+            l0, l1 = max(dl0, sl0), min(dl1, sl1)
+            if l0 >= l1:
+                continue
+            # per head, the source TP rank that sends it; consecutive heads from one rank form a range
+            owners = []
+            for h in range(dh0, dh1):
+                holders = [t for t in range(src.tp) if src.heads(t)[0] <= h < src.heads(t)[1]]
+                n = uses.get((s_pp, h), 0)
+                uses[(s_pp, h)] = n + 1
+                owners.append(holders[n % len(holders)])  # round-robin over the replicas
+            start = dh0
+            for i in range(1, len(owners) + 1):
+                if i == len(owners) or owners[i] != owners[i - 1]:
+                    items.append(TransferItem(src.rank(owners[i - 1], s_pp), d, (l0, l1), (start, dh0 + i)))
+                    start = dh0 + i
+    return items
+
+
+def items_from(items: list[TransferItem], src_rank: int) -> list[TransferItem]:
+    return [it for it in items if it.src_rank == src_rank]
+
+
+def items_to(items: list[TransferItem], dst_rank: int) -> list[TransferItem]:
+    return [it for it in items if it.dst_rank == dst_rank]

@@ -1,0 +1,67 @@
+import itertools
+
+import pytest
+
+from kvtransfer.plan import IncompatibleLayouts, KVLayout, plan_transfer
+
+
+def layout(tp, pp, layers=4, kv_heads=2, **kw):
+    return KVLayout(num_layers=layers, num_kv_heads=kv_heads, head_dim=8, block_size=4, dtype="float32",
+                    tp=tp, pp=pp, **kw)
+
+
+SHAPES = list(itertools.product([1, 2], [1, 2]))
+
+
+def coverage_ok(src, dst, items):
+    """Every destination rank gets each (layer, head) it holds exactly once, from a rank that has it."""
+    for d in range(dst.num_ranks):
+        d_tp, d_pp = dst.coords(d)
+        need = {(l, h) for l in range(*dst.layers(d_pp)) for h in range(*dst.heads(d_tp))}
+        got = []
+        for it in items:
+            if it.dst_rank != d:
+                continue
+            s_tp, s_pp = src.coords(it.src_rank)
+            sl, sh = src.layers(s_pp), src.heads(s_tp)
+            assert sl[0] <= it.layers[0] and it.layers[1] <= sl[1], it
+            assert sh[0] <= it.heads[0] and it.heads[1] <= sh[1], it
+            got += [(l, h) for l in range(*it.layers) for h in range(*it.heads)]
+        assert sorted(got) == sorted(need), (d, sorted(got), sorted(need))
+
+
+@pytest.mark.parametrize("src_shape,dst_shape", list(itertools.product(SHAPES, SHAPES)))
+def test_every_tp_pp_combination_covers_each_destination_exactly_once(src_shape, dst_shape):
+    src, dst = layout(*src_shape), layout(*dst_shape)
+    coverage_ok(src, dst, plan_transfer(src, dst))
+
+
+@pytest.mark.parametrize("src_tp,dst_tp", [(1, 3), (3, 1), (3, 3), (6, 1), (1, 6), (6, 3), (2, 4), (4, 2)])
+def test_replicated_kv_heads_and_odd_layer_splits(src_tp, dst_tp):
+    kv = 3 if 3 in (src_tp, dst_tp) or 6 in (src_tp, dst_tp) else 2
+    src = layout(src_tp, 2, layers=5, kv_heads=kv)
+    dst = layout(dst_tp, 3, layers=5, kv_heads=kv)
+    items = plan_transfer(src, dst)
+    coverage_ok(src, dst, items)
+    if src_tp > kv:  # each head has replicas; the destinations spread over them, not all on the first
+        assert len({it.src_rank for it in items}) > src.pp * kv
+
+
+def test_the_documented_example():
+    items = plan_transfer(layout(2, 1), layout(1, 2))
+    assert [(i.src_rank, i.dst_rank, i.layers, i.heads) for i in items] == [
+        (0, 0, (0, 2), (0, 1)), (1, 0, (0, 2), (1, 2)), (0, 1, (2, 4), (0, 1)), (1, 1, (2, 4), (1, 2))]
+
+
+@pytest.mark.parametrize("field,value", [("block_size", 8), ("dtype", "bfloat16"), ("head_dim", 16),
+                                         ("num_layers", 6), ("num_kv_heads", 4)])
+def test_incompatible_layouts_are_refused_with_the_field(field, value):
+    a = layout(1, 1)
+    b = KVLayout(**{**a.__dict__, field: value})
+    with pytest.raises(IncompatibleLayouts, match=field):
+        plan_transfer(a, b)
+
+
+def test_impossible_tp_is_refused():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        layout(4, 1, kv_heads=3)
