@@ -71,27 +71,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if nd:
         out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
     for q_len, starts in meta.prefill_groups:
-        idx = [list(range(s, s + q_len)) for s in starts]
+        # 4-D inputs: torch's CPU flash kernel takes only those (3-D falls back to the math path)
         if len(starts) == 1:
-            sl = slice(starts[0], starts[0] + q_len)
-            qp, kp, vp = q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+            rows = slice(starts[0], starts[0] + q_len)
+            qp, kp, vp = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, L, D]
         else:
-            rows = torch.tensor(idx, device=q.device)  # [n, q_len]
-            qp, kp, vp = q[rows].transpose(1, 2), k[rows].transpose(1, 2), v[rows].transpose(1, 2)
+            rows = torch.tensor([list(range(s, s + q_len)) for s in starts], device=q.device)  # [n, L]
+            qp, kp, vp = (t[rows].transpose(1, 2) for t in (q, k, v))  # [n, heads, L, D]
         op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
-        if len(starts) == 1:
-            out[sl] = op.transpose(0, 1)
-        else:
-            out[rows] = op.transpose(1, 2)
+        res = op.transpose(1, 2)  # [n, L, heads, D]
+        out[rows] = res[0] if len(starts) == 1 else res
     for p in meta.prefills:
         if p.start == 0:
             continue  # done above
-        qp = q[p.q_start:p.q_start + p.q_len].transpose(0, 1)  # [H, q_len, D]
+        qp = q[p.q_start:p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         ctx_len = p.start + p.q_len
         kp, vp = gather_kv(kv_cache, p.block_table, ctx_len)
         qpos = torch.arange(p.start, ctx_len, device=q.device).unsqueeze(1)
         mask = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= qpos  # [q_len, ctx_len]
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        op = F.scaled_dot_product_attention(qp, kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=mask, scale=scale,
+                                            enable_gqa=gqa)[0]
         out[p.q_start:p.q_start + p.q_len] = op.transpose(0, 1)
     return out
 

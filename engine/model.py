@@ -38,11 +38,16 @@ class Attention(nn.Module):
 
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qk = self.rotary(rope, qkv[:, :(nq + nkv) * d].view(T, nq + nkv, d))  # [T, H + KVH, D]
-        q, k = qk[:, :nq], qk[:, nq:]
-        v = qkv[:, (nq + nkv) * d:].view(T, nkv, d)
+        if self.qkv_proj.split_here(x):
+            q, k, v = self.qkv_proj.forward_split(x)
+            q, k = self.rotary(rope, q.view(T, nq, d)), self.rotary(rope, k.view(T, nkv, d))
+        else:
+            qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
+            qk = self.rotary(rope, qkv[:, :(nq + nkv) * d].view(T, nq + nkv, d))  # q and k in one pass
+            q, k = qk[:, :nq], qk[:, nq:]
+            v = qkv[:, (nq + nkv) * d:]
+        v = v.view(T, nkv, d)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -55,7 +60,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ctx, dtype)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj.forward_split(x)
         return self.down_proj(F.silu(gate) * up)
 
 

