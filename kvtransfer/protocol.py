@@ -1,0 +1,132 @@
+"""The KV transfer wire protocol: typed msgspec messages, MessagePack-encoded, tensors as raw frames.
+
+Every ZeroMQ message is `[header]` or `[header, payload]`; the header is one of the tagged structs
+below, each carrying the protocol version and the (request_id, attempt) it belongs to, so a late frame
+from a failed attempt is recognised and dropped. Decoding is validation: anything malformed raises
+`ProtocolError`, which the caller counts and drops. No pickle.
+
+    P driver --Reserve-->  D driver            (D reserves blocks for num_tokens, or says why not)
+    P driver <--Reserved-- D driver
+    P rank s --Pages + payload--> D rank d      (one per (plan item, layer): heads [h0, h1), dst blocks)
+    P driver <--Ack-------- D driver            (every D rank has every frame: ok; or failed + reason)
+    either   --Abort----->  the other           (give up; both sides free)
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+class Layout(msgspec.Struct, frozen=True):
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+    tp: int
+    pp: int
+    pp_partition: list[int] | None = None
+
+
+class Reserve(msgspec.Struct, tag="reserve", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    num_tokens: int
+    layout: Layout  # the sender's KV layout: the receiver derives the plan and the frames to expect
+    reply_to: str = ""  # the sender driver's endpoint, for the Ack
+
+
+class Reserved(msgspec.Struct, tag="reserved", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    ok: bool
+    block_ids: list[int] = []
+    reason: str = ""  # why not: "no room", "incompatible layout: ...", "duplicate"
+
+
+class Pages(msgspec.Struct, tag="pages", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    src_rank: int
+    layer: int  # global layer id
+    heads: tuple[int, int]  # global KV heads [h0, h1)
+    block_ids: list[int]  # destination blocks, in token order
+    dtype: str
+    shape: list[int]  # [2, num_blocks, h1 - h0, block_size, head_dim]
+    nbytes: int
+
+
+class Ack(msgspec.Struct, tag="ack", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    ok: bool
+    reason: str = ""
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    reason: str = ""
+
+
+Message = Reserve | Reserved | Pages | Ack | Abort
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | memoryview) -> Message:
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        msg = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"malformed message: {e}") from None
+    if msg.v != VERSION:
+        raise ProtocolError(f"protocol version {msg.v} (this process speaks {VERSION})")
+    if isinstance(msg, Pages):
+        _check_pages(msg)
+    return msg
+
+
+def _check_pages(m: Pages) -> None:
+    if m.dtype not in DTYPES:
+        raise ProtocolError(f"pages: unknown dtype {m.dtype!r}")
+    if len(m.shape) != 5 or m.shape[0] != 2 or any(x <= 0 for x in m.shape):
+        raise ProtocolError(f"pages: shape {m.shape} is not [2, blocks, heads, block_size, head_dim]")
+    if m.shape[1] != len(m.block_ids) or m.shape[2] != m.heads[1] - m.heads[0]:
+        raise ProtocolError(f"pages: shape {m.shape} disagrees with {len(m.block_ids)} blocks and heads {m.heads}")
+    itemsize = 4 if m.dtype == "float32" else 2
+    n = itemsize
+    for x in m.shape:
+        n *= x
+    if n != m.nbytes:
+        raise ProtocolError(f"pages: shape {m.shape} of {m.dtype} is {n} bytes, header says {m.nbytes}")
+
+
+def layout_msg(layout) -> Layout:
+    return Layout(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype,
+                  layout.tp, layout.pp, list(layout.pp_partition) if layout.pp_partition else None)
+
+
+def layout_from_msg(m: Layout):
+    from kvtransfer.plan import KVLayout
+    return KVLayout(m.num_layers, m.num_kv_heads, m.head_dim, m.block_size, m.dtype, m.tp, m.pp,
+                    tuple(m.pp_partition) if m.pp_partition else None)

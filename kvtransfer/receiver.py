@@ -1,0 +1,221 @@
+"""The receiving side of KV transfers: per-rank frame bookkeeping and the driver's reservations.
+
+State of one request on the decode worker (driver):
+
+    Reserve ──▶ Reserving: blocks allocated, every rank told what to expect (deadline = now + timeout)
+            ──▶ Transferring: frames arrive at each rank; a rank is done when it has every frame the
+                plan routes to it
+            ──▶ Done: all ranks done -> Ack(ok) to the sender, on_ready(request) for the scheduler
+            ──▶ Failed: timeout, bad frame, abort, a rank failing -> blocks freed, Ack(not ok)
+
+No socket here: the transport calls in (from its I/O threads; everything is behind a lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kvtransfer.pages import RankCaches, from_buffer
+from kvtransfer.plan import IncompatibleLayouts, KVLayout, items_to, plan_transfer
+from kvtransfer.protocol import VERSION, Ack, Pages, Reserve, Reserved, layout_from_msg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Expected:
+    attempt: int
+    block_ids: list[int]
+    block_t: torch.Tensor
+    frames: set[tuple[int, int, int, int]]  # (src_rank, layer, h0, h1) still to come
+    deadline: float
+
+
+class RankReceiver:
+    """One destination rank: validates frames and writes them into its caches."""
+
+    def __init__(self, rank: int, layout: KVLayout, caches: RankCaches,
+                 on_done: Callable[[str, int, int, bool, str], None], metrics: Counter | None = None):
+        self.rank = rank
+        self.layout = layout
+        self.caches = caches
+        self.on_done = on_done
+        self.metrics = metrics if metrics is not None else Counter()
+        self._lock = threading.Lock()
+        self._expected: dict[str, _Expected] = {}
+
+    def expect(self, request_id: str, attempt: int, block_ids: list[int], src_layout: KVLayout,
+               deadline: float) -> None:
+        frames = {(it.src_rank, layer, it.heads[0], it.heads[1])
+                  for it in items_to(plan_transfer(src_layout, self.layout), self.rank)
+                  for layer in range(*it.layers)}
+        with self._lock:
+            self._expected[request_id] = _Expected(attempt, list(block_ids),
+                                                   torch.tensor(block_ids, dtype=torch.long), frames, deadline)
+        if not frames:  # this rank holds nothing the sender sends (cannot happen with a valid plan)
+            self._finish(request_id, attempt, True, "")
+
+    def cancel(self, request_id: str, attempt: int) -> None:
+        with self._lock:
+            e = self._expected.get(request_id)
+            if e is not None and e.attempt == attempt:
+                del self._expected[request_id]
+
+    def on_pages(self, msg: Pages, payload) -> None:
+        """Validates a frame against the expectation and writes it; a bad frame fails the request."""
+        with self._lock:
+            e = self._expected.get(msg.request_id)
+            if e is None or e.attempt != msg.attempt:
+                self.metrics["frames_unknown_request"] += 1
+                return  # late frame of a failed attempt, or never reserved: dropped
+            key = (msg.src_rank, msg.layer, msg.heads[0], msg.heads[1])
+            problem = None
+            if key not in e.frames:
+                problem = f"unexpected frame {key}"
+            elif msg.block_ids != e.block_ids:
+                problem = "frame names blocks that were not reserved for it"
+            elif msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
+                problem = f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
+            elif payload is None or len(payload) != msg.nbytes:
+                problem = f"payload of {0 if payload is None else len(payload)} bytes, header says {msg.nbytes}"
+            if problem is not None:
+                self.metrics["frames_bad"] += 1
+                del self._expected[msg.request_id]
+            else:
+                e.frames.discard(key)
+                complete = not e.frames
+                if complete:
+                    del self._expected[msg.request_id]
+        if problem is not None:
+            log.warning("request %s attempt %d: %s; transfer failed", msg.request_id, msg.attempt, problem)
+            self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only ZeroMQ buffer: we only read it
+            tensor = from_buffer(payload, msg.dtype, msg.shape)
+        self.caches.insert(msg.layer, msg.heads, e.block_t, tensor)
+        self.metrics["frames_ok"] += 1
+        self.metrics["bytes_received"] += msg.nbytes
+        if complete:
+            self._finish(msg.request_id, msg.attempt, True, "")
+
+    def expire(self, now: float) -> None:
+        with self._lock:
+            late = [(rid, e.attempt) for rid, e in self._expected.items() if e.deadline <= now]
+            for rid, _ in late:
+                del self._expected[rid]
+        for rid, attempt in late:
+            self.metrics["transfers_timed_out"] += 1
+            self._finish(rid, attempt, False, "timed out waiting for KV frames")
+
+    def _finish(self, request_id: str, attempt: int, ok: bool, reason: str) -> None:
+        self.on_done(request_id, attempt, self.rank, ok, reason)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._expected)
+
+
+@dataclass
+class _Reservation:
+    attempt: int
+    block_ids: list[int]
+    sender: bytes  # the sender driver's connection identity, for the Ack
+    ranks_left: set[int] = field(default_factory=set)
+    deadline: float = 0.0
+
+
+class Reservations:
+    """The decode driver's table of incoming transfers (Reserving -> Transferring -> Done | Failed)."""
+
+    def __init__(self, layout: KVLayout, ranks: list[RankReceiver],
+                 reserve_fn: Callable[[str, int], list[int] | None], release_fn: Callable[[str], None],
+                 send_ack: Callable[[bytes, Ack], None],
+                 on_ready: Callable[[str, int, list[int]], None] = lambda *a: None,
+                 timeout: float = 10.0, metrics: Counter | None = None):
+        self.layout = layout
+        self.ranks = ranks
+        self.reserve_fn, self.release_fn = reserve_fn, release_fn
+        self.send_ack, self.on_ready = send_ack, on_ready
+        self.timeout = timeout
+        self.metrics = metrics if metrics is not None else Counter()
+        self._lock = threading.Lock()
+        self._table: dict[str, _Reservation] = {}
+
+    def on_reserve(self, sender: bytes, msg: Reserve) -> Reserved:
+        def no(reason: str) -> Reserved:
+            self.metrics["reserve_refused"] += 1
+            return Reserved(VERSION, msg.request_id, msg.attempt, False, [], reason)
+
+        try:
+            src = layout_from_msg(msg.layout)
+            plan_transfer(src, self.layout)
+        except (IncompatibleLayouts, ValueError) as e:
+            return no(f"incompatible layout: {e}")
+        if msg.num_tokens <= 0:
+            return no(f"num_tokens = {msg.num_tokens} must be positive")
+        with self._lock:
+            old = self._table.get(msg.request_id)
+            if old is not None:
+                if old.attempt >= msg.attempt:
+                    return no(f"duplicate reservation (attempt {old.attempt} is in flight)")
+                self._fail_locked(msg.request_id, "superseded by a newer attempt")
+            block_ids = self.reserve_fn(msg.request_id, msg.num_tokens)
+            if block_ids is None:
+                return no("no room")
+            deadline = time.monotonic() + self.timeout
+            self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
+                                                       {r.rank for r in self.ranks}, deadline)
+        self.metrics["reserved"] += 1
+        for r in self.ranks:
+            r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
+        return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids)
+
+    def on_rank_done(self, request_id: str, attempt: int, rank: int, ok: bool, reason: str) -> None:
+        with self._lock:
+            res = self._table.get(request_id)
+            if res is None or res.attempt != attempt:
+                return
+            if not ok:
+                self._fail_locked(request_id, f"rank {rank}: {reason}")
+                return
+            res.ranks_left.discard(rank)
+            if res.ranks_left:
+                return
+            del self._table[request_id]
+        self.metrics["transfers_ok"] += 1
+        self.send_ack(res.sender, Ack(VERSION, request_id, attempt, True))
+        self.on_ready(request_id, attempt, res.block_ids)
+
+    def on_abort(self, request_id: str, attempt: int, reason: str) -> None:
+        with self._lock:
+            res = self._table.get(request_id)
+            if res is not None and res.attempt == attempt:
+                self._fail_locked(request_id, f"aborted by the sender: {reason}", ack=False)
+
+    def expire(self, now: float) -> None:
+        with self._lock:
+            for rid in [rid for rid, r in self._table.items() if r.deadline <= now]:
+                self._fail_locked(rid, "timed out")
+
+    def _fail_locked(self, request_id: str, reason: str, ack: bool = True) -> None:
+        res = self._table.pop(request_id)
+        for r in self.ranks:
+            r.cancel(request_id, res.attempt)
+        self.release_fn(request_id)
+        self.metrics["transfers_failed"] += 1
+        log.warning("KV transfer of %s (attempt %d) failed: %s", request_id, res.attempt, reason)
+        if ack:
+            self.send_ack(res.sender, Ack(VERSION, request_id, res.attempt, False, reason))
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._table)

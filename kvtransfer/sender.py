@@ -1,0 +1,94 @@
+"""The sending side's per-request state machine (run by the prefill driver).
+
+    Reserving ──Reserved(ok)──▶ Transferring ──Ack(ok)──▶ Done
+        │ no room / no answer        │ Ack(not ok) / no Ack in time / abort
+        ▼                            ▼
+      Failed ◀───────────────────────┘         `release()` runs exactly once, whatever the ending
+
+Each state has a deadline; the prefill worker never holds pages forever.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable
+
+from kvtransfer.pages import RankCaches
+from kvtransfer.plan import KVLayout, plan_transfer
+from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
+
+
+class TransferState(enum.Enum):
+    RESERVING = "reserving"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class SendTransfer:
+    def __init__(self, client: KVClient, request_id: str, attempt: int, num_tokens: int, src: KVLayout,
+                 dst: KVLayout, endpoints: list[str], release: Callable[[], None],
+                 reserve_timeout: float = 5.0, ack_timeout: float = 10.0):
+        self.client = client
+        self.request_id, self.attempt, self.num_tokens = request_id, attempt, num_tokens
+        self.src, self.dst, self.endpoints = src, dst, endpoints
+        self.plan = plan_transfer(src, dst)  # raises IncompatibleLayouts before anything is sent
+        self._release = release
+        self._released = threading.Event()
+        self.reserve_timeout, self.ack_timeout = reserve_timeout, ack_timeout
+        self.state = TransferState.RESERVING
+        self.reason = ""
+        self.dst_block_ids: list[int] = []
+        self._ack = None
+
+    def reserve(self) -> bool:
+        reply = self.client.reserve(self.endpoints[0], self.request_id, self.attempt, self.num_tokens,
+                                    self.src, self.reserve_timeout)
+        if not reply.ok:
+            self._fail(reply.reason)
+            return False
+        self.dst_block_ids = reply.block_ids
+        self._ack = self.client.expect_ack(self.request_id, self.attempt)
+        self.state = TransferState.TRANSFERRING
+        return True
+
+    def outgoing(self, rank: int, client: KVClient, caches: RankCaches,
+                 src_block_ids: list[int]) -> OutgoingTransfer:
+        """The pages that source rank `rank` sends (layer by layer) for this request."""
+        return OutgoingTransfer(client, caches, self.plan, rank, self.request_id, self.attempt, self.endpoints,
+                                src_block_ids[:len(self.dst_block_ids)], self.dst_block_ids)
+
+    def finish(self) -> bool:
+        """Waits (at most ack_timeout) for the receiver's Ack; frees the pages either way."""
+        if self.state != TransferState.TRANSFERRING:
+            return self.state == TransferState.DONE
+        try:
+            ack = self._ack.result(self.ack_timeout)
+        except FutureTimeout:
+            self.client.abort(self.endpoints[0], self.request_id, self.attempt, "no ack")
+            self._fail("no ack (timeout)")
+            return False
+        if not ack.ok:
+            self._fail(ack.reason)
+            return False
+        self.state = TransferState.DONE
+        self._release_once()
+        return True
+
+    def abort(self, reason: str) -> None:
+        if self.state == TransferState.TRANSFERRING:
+            self.client.abort(self.endpoints[0], self.request_id, self.attempt, reason)
+        if self.state in (TransferState.RESERVING, TransferState.TRANSFERRING):
+            self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        self.state = TransferState.FAILED
+        self.reason = reason
+        self._release_once()
+
+    def _release_once(self) -> None:
+        if not self._released.is_set():
+            self._released.set()
+            self._release()

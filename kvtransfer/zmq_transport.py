@@ -1,0 +1,293 @@
+"""KV transfer over ZeroMQ: a ROUTER server per destination rank, DEALER clients on the sender ranks.
+
+Each socket belongs to one I/O thread; callers hand work over through a queue and a wake-up pipe, so
+the model loop never blocks on the network. Payloads go as separate frames, zero-copy on send
+(`copy=False`) and read in place on receive. Every wait has a timeout; every server socket has a
+maximum message size; a malformed message is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+import zmq
+
+from kvtransfer.pages import RankCaches, to_bytes_view
+from kvtransfer.plan import KVLayout, TransferItem, items_from
+from kvtransfer.protocol import (VERSION, Abort, Ack, Pages, ProtocolError, Reserve, Reserved, decode, encode,
+                                 layout_msg)
+from kvtransfer.receiver import RankReceiver, Reservations
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 50
+MAX_MSG_BYTES = 1 << 30
+
+
+class _IOThread:
+    """A thread that owns sockets; other threads submit callables that run on it."""
+
+    def __init__(self, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._stop = threading.Event()
+        self.ctx = zmq.Context.instance()
+        self.poller = zmq.Poller()
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def submit(self, fn) -> None:
+        self._tasks.put(fn)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.submit(lambda: None)
+        self._thread.join(timeout)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                events = dict(self.poller.poll(POLL_MS))
+            except zmq.ZMQError:
+                break
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            while True:
+                try:
+                    fn = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                self._guard(fn)
+            for sock, ev in events.items():
+                if sock is not self._wake_r and ev & zmq.POLLIN:
+                    self._guard(lambda s=sock: self.on_readable(s))
+            self._guard(self.on_tick)
+        self.close_sockets()
+
+    def _guard(self, fn):
+        try:
+            fn()
+        except Exception:  # the I/O thread must survive anything a peer sends
+            log.exception("KV transport I/O error (ignored)")
+
+    def on_readable(self, sock) -> None: ...
+
+    def on_tick(self) -> None: ...
+
+    def close_sockets(self) -> None: ...
+
+
+class KVServer(_IOThread):
+    """The KV endpoint of one destination rank. The driver rank's server also takes reservations."""
+
+    def __init__(self, endpoint: str, receiver: RankReceiver, reservations: Reservations | None = None,
+                 max_msg_bytes: int = MAX_MSG_BYTES, metrics: Counter | None = None):
+        super().__init__(f"kv-server-{receiver.rank}")
+        self.receiver = receiver
+        self.reservations = reservations
+        self.metrics = metrics if metrics is not None else receiver.metrics
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.endswith(":0"):
+            port = self.sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
+            endpoint = f"{endpoint.rsplit(':', 1)[0]}:{port}"
+        else:
+            self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.poller.register(self.sock, zmq.POLLIN)
+        if reservations is not None:
+            reservations.send_ack = self.send_ack
+
+    def send_ack(self, identity: bytes, ack: Ack) -> None:
+        self.submit(lambda: self.sock.send_multipart([identity, encode(ack)]))
+
+    def on_readable(self, sock) -> None:
+        for _ in range(64):  # drain a burst, then let the loop tick
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames) -> None:
+        if len(frames) < 2:
+            self.metrics["messages_bad"] += 1
+            return
+        identity = frames[0].bytes
+        try:
+            msg = decode(frames[1].buffer)
+        except ProtocolError as e:
+            self.metrics["messages_bad"] += 1
+            log.debug("dropped a malformed KV message: %s", e)
+            return
+        payload = frames[2].buffer if len(frames) > 2 else None
+        if isinstance(msg, Pages):
+            self.receiver.on_pages(msg, payload)
+        elif isinstance(msg, Reserve) and self.reservations is not None:
+            reply = self.reservations.on_reserve(identity, msg)
+            self.sock.send_multipart([identity, encode(reply)])
+        elif isinstance(msg, Abort) and self.reservations is not None:
+            self.reservations.on_abort(msg.request_id, msg.attempt, msg.reason)
+        else:
+            self.metrics["messages_unexpected"] += 1
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        self.receiver.expire(now)
+        if self.reservations is not None:
+            self.reservations.expire(now)
+
+    def close_sockets(self) -> None:
+        self.sock.close(0)
+
+
+class KVClient(_IOThread):
+    """The sending side of one source rank: reservations (driver), pages, acknowledgements."""
+
+    def __init__(self, rank: int, metrics: Counter | None = None, sndhwm: int = 0):
+        super().__init__(f"kv-client-{rank}")
+        self.rank = rank
+        self.metrics = metrics if metrics is not None else Counter()
+        self.sndhwm = sndhwm
+        self._socks: dict[str, zmq.Socket] = {}
+        self._waiting: dict[tuple[str, str, int], Future] = {}  # (kind, request_id, attempt)
+        self._lock = threading.Lock()
+
+    # -- API (any thread) ------------------------------------------------------------------------
+    def reserve(self, endpoint: str, request_id: str, attempt: int, num_tokens: int, layout: KVLayout,
+                timeout: float = 5.0) -> Reserved:
+        fut = self._expect("reserved", request_id, attempt)
+        msg = Reserve(VERSION, request_id, attempt, num_tokens, layout_msg(layout))
+        self.submit(lambda: self._sock(endpoint).send(encode(msg)))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            self._forget("reserved", request_id, attempt)
+            return Reserved(VERSION, request_id, attempt, False, [], f"no answer within {timeout} s")
+
+    def expect_ack(self, request_id: str, attempt: int) -> Future:
+        """A future for the receiver's Ack (register before the last frame is sent)."""
+        return self._expect("ack", request_id, attempt)
+
+    def send_pages(self, endpoint: str, header: Pages, payload: torch.Tensor) -> None:
+        data = to_bytes_view(payload.cpu() if payload.device.type != "cpu" else payload)
+        head = encode(header)
+        self.submit(lambda: self._send_pages(endpoint, head, data, header.nbytes))
+
+    def abort(self, endpoint: str, request_id: str, attempt: int, reason: str = "") -> None:
+        msg = encode(Abort(VERSION, request_id, attempt, reason))
+        self.submit(lambda: self._sock(endpoint).send(msg))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Returns once every page queued before the call has been handed to ZeroMQ."""
+        done = threading.Event()
+        self.submit(done.set)
+        done.wait(timeout)
+
+    # -- I/O thread ------------------------------------------------------------------------------
+    def _send_pages(self, endpoint, head, data, nbytes):
+        self._sock(endpoint).send_multipart([head, data], copy=False)
+        self.metrics["frames_sent"] += 1
+        self.metrics["bytes_sent"] += nbytes
+
+    def _sock(self, endpoint: str) -> zmq.Socket:
+        s = self._socks.get(endpoint)
+        if s is None:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, self.sndhwm)
+            s.connect(endpoint)
+            self.poller.register(s, zmq.POLLIN)
+            self._socks[endpoint] = s
+        return s
+
+    def on_readable(self, sock) -> None:
+        while True:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(data)
+            except ProtocolError:
+                self.metrics["messages_bad"] += 1
+                continue
+            kind = "reserved" if isinstance(msg, Reserved) else "ack" if isinstance(msg, Ack) else None
+            fut = self._forget(kind, msg.request_id, msg.attempt) if kind else None
+            if fut is None:
+                self.metrics["replies_unmatched"] += 1
+            elif not fut.done():
+                fut.set_result(msg)
+
+    def close_sockets(self) -> None:
+        for s in self._socks.values():
+            s.close(0)
+
+    def _expect(self, kind, request_id, attempt) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            self._waiting[(kind, request_id, attempt)] = fut
+        return fut
+
+    def _forget(self, kind, request_id, attempt) -> Future | None:
+        with self._lock:
+            return self._waiting.pop((kind, request_id, attempt), None)
+
+
+class OutgoingTransfer:
+    """What one source rank sends for one request, layer by layer (call `send_layer` as each layer's
+    KV is written: the transfer of layer l overlaps the compute of layer l + 1)."""
+
+    def __init__(self, client: KVClient, caches: RankCaches, plan: list[TransferItem], src_rank: int,
+                 request_id: str, attempt: int, endpoints: list[str], src_block_ids: list[int],
+                 dst_block_ids: list[int]):
+        if len(src_block_ids) != len(dst_block_ids):
+            raise ValueError(f"{len(src_block_ids)} source blocks vs {len(dst_block_ids)} destination blocks")
+        self.client, self.caches = client, caches
+        self.items = items_from(plan, src_rank)
+        self.src_rank, self.request_id, self.attempt = src_rank, request_id, attempt
+        self.endpoints = endpoints
+        self.src_blocks = torch.tensor(src_block_ids, dtype=torch.long, device=caches.caches[0].device)
+        self.dst_block_ids = list(dst_block_ids)
+        self.layers_sent: set[int] = set()
+
+    def send_layer(self, layer: int) -> int:
+        """Sends this rank's pages of `layer` to every destination rank that needs them. Returns frames."""
+        n = 0
+        for it in self.items:
+            if not it.layers[0] <= layer < it.layers[1]:
+                continue
+            payload = self.caches.extract(layer, it.heads, self.src_blocks)
+            header = Pages(VERSION, self.request_id, self.attempt, self.src_rank, layer, it.heads,
+                           self.dst_block_ids, str(payload.dtype).removeprefix("torch."), list(payload.shape),
+                           payload.numel() * payload.element_size())
+            self.client.send_pages(self.endpoints[it.dst_rank], header, payload)
+            n += 1
+        self.layers_sent.add(layer)
+        return n
+
+    def send_all(self) -> int:
+        layers = sorted({layer for it in self.items for layer in range(*it.layers)} - self.layers_sent)
+        return sum(self.send_layer(layer) for layer in layers)

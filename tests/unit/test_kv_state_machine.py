@@ -1,0 +1,133 @@
+"""The transfer state machine on both sides, over the in-memory transport (no sockets)."""
+
+import time
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from kvtransfer.fake import FakeKVClient, FakeKVNetwork
+from kvtransfer.pages import RankCaches
+from kvtransfer.plan import KVLayout
+from kvtransfer.receiver import RankReceiver, Reservations
+from kvtransfer.sender import SendTransfer, TransferState
+
+L, H, D, BS = 3, 2, 8, 4
+
+
+def layout(tp=1, pp=1):
+    return KVLayout(L, H, D, BS, "float32", tp, pp)
+
+
+class Decode:
+    def __init__(self, net, tp=1, pp=1, num_blocks=16, timeout=5.0):
+        self.layout = layout(tp, pp)
+        self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=False)
+        self.seqs, self.ready = {}, {}
+        ranks = []
+        for r in range(self.layout.num_ranks):
+            t, p = self.layout.coords(r)
+            (l0, l1), (h0, h1) = self.layout.layers(p), self.layout.heads(t)
+            caches = RankCaches([torch.zeros(2, num_blocks, h1 - h0, BS, D) for _ in range(l0, l1)], l0, h0)
+            ranks.append(RankReceiver(r, self.layout, caches, lambda *a: self.res.on_rank_done(*a)))
+        self.ranks = ranks
+        self.res = Reservations(self.layout, ranks, self._reserve, self._release, None,
+                                lambda rid, att, blocks: self.ready.__setitem__(rid, blocks), timeout)
+        self.endpoints = [f"d{id(self)}/{r}" for r in range(len(ranks))]
+        for ep, r in zip(self.endpoints, ranks):
+            net.serve(ep, r, self.res if r.rank == 0 else None)
+
+    def _reserve(self, rid, n):
+        seq = Sequence(rid, 0, [0] * n, n, SamplingParams())
+        if not self.bm.allocate_slots(seq, n):
+            return None
+        self.seqs[rid] = seq
+        return list(seq.block_ids)
+
+    def _release(self, rid):
+        self.bm.free(self.seqs.pop(rid))
+
+
+def src_caches(num_blocks=16):
+    torch.manual_seed(0)
+    return [torch.randn(2, num_blocks, H, BS, D) for _ in range(L)]
+
+
+def test_done_path_moves_pages_and_releases_once():
+    net = FakeKVNetwork()
+    d = Decode(net, tp=2, pp=2)
+    full = src_caches()
+    client = FakeKVClient(net, 0)
+    released = []
+    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: released.append(1))
+    assert st.reserve() and st.state == TransferState.TRANSFERRING
+    t = st.outgoing(0, client, RankCaches(full, 0, 0), [5, 6, 7])
+    assert t.send_all() == 2 + 2 + 1 + 1  # 2x2 destination ranks: layers split 2|1, one head each
+    assert st.finish() and st.state == TransferState.DONE and released == [1]
+    assert st.finish() and released == [1]
+    blocks = d.ready["r1"]
+    for r in d.ranks:
+        for i, c in enumerate(r.caches.caches):
+            layer, h0 = r.caches.layer_start + i, r.caches.head_start
+            want = full[layer][:, [5, 6, 7], h0:h0 + c.shape[2]]
+            assert torch.equal(c[:, blocks], want)
+
+
+def test_no_room_fails_at_once_and_releases():
+    net = FakeKVNetwork()
+    d = Decode(net, num_blocks=2)
+    released = []
+    st = SendTransfer(FakeKVClient(net, 0), "r1", 0, 10, layout(), d.layout, d.endpoints,
+                      lambda: released.append(1))
+    assert not st.reserve()
+    assert st.state == TransferState.FAILED and st.reason == "no room" and released == [1]
+    assert d.bm.num_free_blocks == 2
+
+
+def test_receiver_times_out_frees_and_nacks():
+    net = FakeKVNetwork()
+    d = Decode(net, timeout=0.05)
+    client = FakeKVClient(net, 0)
+    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None, ack_timeout=1.0)
+    assert st.reserve()
+    assert d.bm.num_free_blocks == 16 - 3
+    st.outgoing(0, client, RankCaches(src_caches(), 0, 0), [1, 2, 3]).send_layer(0)  # then nothing more
+    time.sleep(0.06)
+    d.res.expire(time.monotonic())
+    for r in d.ranks:
+        r.expire(time.monotonic())
+    assert d.bm.num_free_blocks == 16 and d.res.num_pending == 0
+    assert not st.finish() and "timed out" in st.reason
+
+
+def test_sender_abort_frees_the_receiver_and_late_frames_are_ignored():
+    net = FakeKVNetwork()
+    d = Decode(net)
+    client = FakeKVClient(net, 0)
+    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None)
+    assert st.reserve()
+    out = st.outgoing(0, client, RankCaches(src_caches(), 0, 0), [1, 2, 3])
+    st.abort("client went away")
+    assert st.state == TransferState.FAILED and d.bm.num_free_blocks == 16
+    out.send_all()  # late frames of the aborted attempt
+    assert d.ranks[0].metrics["frames_unknown_request"] == L
+    # a new attempt of the same request goes through
+    st2 = SendTransfer(client, "r1", 1, 10, layout(), d.layout, d.endpoints, lambda: None)
+    assert st2.reserve()
+    st2.outgoing(0, client, RankCaches(src_caches(), 0, 0), [1, 2, 3]).send_all()
+    assert st2.finish() and "r1" in d.ready
+
+
+def test_dead_receiver_sender_times_out_and_releases():
+    net = FakeKVNetwork()
+    d = Decode(net)
+    client = FakeKVClient(net, 0)
+    released = []
+    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: released.append(1),
+                      ack_timeout=0.05)
+    assert st.reserve()
+    for ep in d.endpoints:
+        net.kill(ep)
+    st.outgoing(0, client, RankCaches(src_caches(), 0, 0), [1, 2, 3]).send_all()
+    assert not st.finish() and released == [1] and st.reason == "no ack (timeout)"
