@@ -65,6 +65,22 @@ class Pages(msgspec.Struct, tag="pages", frozen=True):
     dtype: str
     shape: list[int]  # [2, num_blocks, h1 - h0, block_size, head_dim]
     nbytes: int
+    pair: str = ""  # torch.distributed transport: the pair group the payload comes through
+    tag: int = 0  # ... and its send/recv tag; "" means the payload is the next ZeroMQ frame
+
+
+class PairHello(msgspec.Struct, tag="pair_hello", frozen=True):
+    """torch.distributed transport: a sender rank asks a receiver rank for its rendezvous store."""
+    v: int
+    pair: str
+
+
+class PairInfo(msgspec.Struct, tag="pair_info", frozen=True):
+    v: int
+    pair: str
+    host: str
+    port: int
+    backend: str
 
 
 class Ack(msgspec.Struct, tag="ack", frozen=True):
@@ -82,7 +98,7 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
     reason: str = ""
 
 
-Message = Reserve | Reserved | Pages | Ack | Abort
+Message = Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

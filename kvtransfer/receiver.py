@@ -84,8 +84,8 @@ class RankReceiver:
                 problem = "frame names blocks that were not reserved for it"
             elif msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
                 problem = f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
-            elif payload is None or len(payload) != msg.nbytes:
-                problem = f"payload of {0 if payload is None else len(payload)} bytes, header says {msg.nbytes}"
+            elif _nbytes(payload) != msg.nbytes:
+                problem = f"payload of {_nbytes(payload)} bytes, header says {msg.nbytes}"
             if problem is not None:
                 self.metrics["frames_bad"] += 1
                 del self._expected[msg.request_id]
@@ -98,9 +98,12 @@ class RankReceiver:
             log.warning("request %s attempt %d: %s; transfer failed", msg.request_id, msg.attempt, problem)
             self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only ZeroMQ buffer: we only read it
-            tensor = from_buffer(payload, msg.dtype, msg.shape)
+        if isinstance(payload, torch.Tensor):  # came through torch.distributed
+            tensor = payload
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only ZeroMQ buffer: we only read it
+                tensor = from_buffer(payload, msg.dtype, msg.shape)
         self.caches.insert(msg.layer, msg.heads, e.block_t, tensor)
         self.metrics["frames_ok"] += 1
         self.metrics["bytes_received"] += msg.nbytes
@@ -122,6 +125,14 @@ class RankReceiver:
     @property
     def num_pending(self) -> int:
         return len(self._expected)
+
+
+def _nbytes(payload) -> int:
+    if payload is None:
+        return 0
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    return len(payload)
 
 
 @dataclass

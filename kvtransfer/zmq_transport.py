@@ -13,17 +13,19 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import msgspec
 import torch
 import zmq
 
 from kvtransfer.pages import RankCaches, to_bytes_view
 from kvtransfer.plan import KVLayout, TransferItem, items_from
-from kvtransfer.protocol import (VERSION, Abort, Ack, Pages, ProtocolError, Reserve, Reserved, decode, encode,
-                                 layout_msg)
+from kvtransfer.protocol import (VERSION, Abort, Ack, Pages, PairHello, PairInfo, ProtocolError, Reserve, Reserved,
+                                 decode, encode, layout_msg)
 from kvtransfer.receiver import RankReceiver, Reservations
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,9 @@ class KVServer(_IOThread):
     """The KV endpoint of one destination rank. The driver rank's server also takes reservations."""
 
     def __init__(self, endpoint: str, receiver: RankReceiver, reservations: Reservations | None = None,
-                 max_msg_bytes: int = MAX_MSG_BYTES, metrics: Counter | None = None):
+                 max_msg_bytes: int = MAX_MSG_BYTES, metrics: Counter | None = None,
+                 dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0):
+        """`dist_backend` ("gloo" | "nccl"): payloads come through torch.distributed pair groups."""
         super().__init__(f"kv-server-{receiver.rank}")
         self.receiver = receiver
         self.reservations = reservations
@@ -117,6 +121,12 @@ class KVServer(_IOThread):
             self.sock.bind(endpoint)
         self.endpoint = endpoint
         self.poller.register(self.sock, zmq.POLLIN)
+        self.pairs = None
+        self.dist_timeout = dist_timeout
+        if dist_backend is not None:
+            from kvtransfer.dist_transport import PairHost
+            host = endpoint.split("://", 1)[1].rsplit(":", 1)[0] if endpoint.startswith("tcp://") else "127.0.0.1"
+            self.pairs = PairHost(host, dist_backend, dist_timeout, device)
         if reservations is not None:
             reservations.send_ack = self.send_ack
 
@@ -144,7 +154,13 @@ class KVServer(_IOThread):
             return
         payload = frames[2].buffer if len(frames) > 2 else None
         if isinstance(msg, Pages):
+            if msg.pair:
+                payload = self._recv_dist(msg)
             self.receiver.on_pages(msg, payload)
+        elif isinstance(msg, PairHello) and self.pairs is not None:
+            self.sock.send_multipart([identity, encode(PairInfo(VERSION, msg.pair, self.pairs.host, self.pairs.port,
+                                                                self.pairs.backend))])
+            self.pairs.accept(msg.pair)
         elif isinstance(msg, Reserve) and self.reservations is not None:
             reply = self.reservations.on_reserve(identity, msg)
             self.sock.send_multipart([identity, encode(reply)])
@@ -152,6 +168,19 @@ class KVServer(_IOThread):
             self.reservations.on_abort(msg.request_id, msg.attempt, msg.reason)
         else:
             self.metrics["messages_unexpected"] += 1
+
+    def _recv_dist(self, msg: Pages):
+        if self.pairs is None:
+            return None
+        from kvtransfer.pages import TORCH_DTYPES
+        try:
+            buf = self.pairs.recv(msg.pair, msg.tag, TORCH_DTYPES[msg.dtype], msg.shape, self.dist_timeout)
+            self.metrics["frames_via_dist"] += buf is not None
+            return buf
+        except RuntimeError as e:  # the peer died or the group timed out
+            self.metrics["dist_recv_failed"] += 1
+            log.warning("KV payload of %s via %s failed: %s", msg.request_id, msg.pair, e)
+            return None
 
     def on_tick(self) -> None:
         now = time.monotonic()
@@ -166,13 +195,20 @@ class KVServer(_IOThread):
 class KVClient(_IOThread):
     """The sending side of one source rank: reservations (driver), pages, acknowledgements."""
 
-    def __init__(self, rank: int, metrics: Counter | None = None, sndhwm: int = 0):
+    def __init__(self, rank: int, metrics: Counter | None = None, sndhwm: int = 0,
+                 dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0):
+        """`dist_backend` ("gloo" | "nccl"): payloads go through torch.distributed pair groups."""
         super().__init__(f"kv-client-{rank}")
         self.rank = rank
+        self.pairs = None
+        if dist_backend is not None:
+            from kvtransfer.dist_transport import PairClient
+            self.pairs = PairClient(dist_backend, dist_timeout, device)
         self.metrics = metrics if metrics is not None else Counter()
         self.sndhwm = sndhwm
         self._socks: dict[str, zmq.Socket] = {}
         self._waiting: dict[tuple[str, str, int], Future] = {}  # (kind, request_id, attempt)
+        self._pair_ids: dict[str, str] = {}
         self._lock = threading.Lock()
 
     # -- API (any thread) ------------------------------------------------------------------------
@@ -191,7 +227,29 @@ class KVClient(_IOThread):
         """A future for the receiver's Ack (register before the last frame is sent)."""
         return self._expect("ack", request_id, attempt)
 
+    def connect(self, endpoint: str, timeout: float = 30.0) -> None:
+        """torch.distributed transport: join the pair group with `endpoint` (once; blocking)."""
+        if self.pairs is None or self.pairs.has(endpoint):
+            return
+        pair = f"{uuid.uuid4().hex[:12]}-{self.rank}"
+        fut = self._expect("pair", pair, 0)
+        msg = encode(PairHello(VERSION, pair))
+        self.submit(lambda: self._sock(endpoint).send(msg))
+        try:
+            info = fut.result(timeout)
+        except FutureTimeout:
+            self._forget("pair", pair, 0)
+            raise TimeoutError(f"no PairInfo from {endpoint} within {timeout} s") from None
+        self.pairs.join(endpoint, pair, info.host, info.port)
+        self._pair_ids[endpoint] = pair
+
     def send_pages(self, endpoint: str, header: Pages, payload: torch.Tensor) -> None:
+        if self.pairs is not None:
+            self.connect(endpoint)
+            tag = self.pairs.next_tag(endpoint)
+            head = encode(msgspec.structs.replace(header, pair=self._pair_ids[endpoint], tag=tag))
+            self.submit(lambda: self._send_dist(endpoint, head, payload, tag, header.nbytes))
+            return
         data = to_bytes_view(payload.cpu() if payload.device.type != "cpu" else payload)
         head = encode(header)
         self.submit(lambda: self._send_pages(endpoint, head, data, header.nbytes))
@@ -207,6 +265,12 @@ class KVClient(_IOThread):
         done.wait(timeout)
 
     # -- I/O thread ------------------------------------------------------------------------------
+    def _send_dist(self, endpoint, head, payload, tag, nbytes):
+        self._sock(endpoint).send(head)
+        self.pairs.send(endpoint, payload, tag)
+        self.metrics["frames_sent"] += 1
+        self.metrics["bytes_sent"] += nbytes
+
     def _send_pages(self, endpoint, head, data, nbytes):
         self._sock(endpoint).send_multipart([head, data], copy=False)
         self.metrics["frames_sent"] += 1
@@ -234,8 +298,11 @@ class KVClient(_IOThread):
             except ProtocolError:
                 self.metrics["messages_bad"] += 1
                 continue
-            kind = "reserved" if isinstance(msg, Reserved) else "ack" if isinstance(msg, Ack) else None
-            fut = self._forget(kind, msg.request_id, msg.attempt) if kind else None
+            if isinstance(msg, PairInfo):
+                fut = self._forget("pair", msg.pair, 0)
+            else:
+                kind = "reserved" if isinstance(msg, Reserved) else "ack" if isinstance(msg, Ack) else None
+                fut = self._forget(kind, msg.request_id, msg.attempt) if kind else None
             if fut is None:
                 self.metrics["replies_unmatched"] += 1
             elif not fut.done():

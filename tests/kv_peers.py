@@ -62,8 +62,9 @@ class DecodeSide:
                                    self._rank_done, self.metrics) for r in range(self.layout.num_ranks)]
         self.res = Reservations(self.layout, self.ranks, self._reserve, self._release, lambda *a: None,
                                 self._on_ready, timeout=spec.get("timeout", 10.0), metrics=self.metrics)
+        backend = None if spec.get("transport", "zmq") == "zmq" else spec["transport"]
         self.servers = [KVServer(spec.get("endpoint", "tcp://127.0.0.1:0"), r,
-                                 self.res if r.rank == 0 else None) for r in self.ranks]
+                                 self.res if r.rank == 0 else None, dist_backend=backend) for r in self.ranks]
         for s in self.servers:
             s.start()
         on_pages = self.ranks[0].on_pages
@@ -149,7 +150,9 @@ def send(spec):
             rid = f"p{p_tp}x{p_pp}-d{key}"
             # compute the prompt's KV with the engine: one prefill step; the sequence keeps its blocks
             eng.add_request(rid, prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-            clients = [KVClient(r) for r in range(src.num_ranks)]
+            backend = None if spec.get("transport", "zmq") == "zmq" else spec["transport"]
+            clients = [KVClient(r, dist_backend=backend, dist_timeout=spec.get("dist_timeout", 30.0))
+                       for r in range(src.num_ranks)]
             for c in clients:
                 c.start()
             sleep = spec.get("layer_sleep", 0.0)

@@ -92,8 +92,9 @@ def check_bit_identical(pair, spec_model, prefill, decode):
     return n
 
 
-def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama):
-    pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES)
+@pytest.mark.parametrize("transport", ["zmq", "gloo"])
+def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, transport):
+    pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES, common={"transport": transport})
     try:
         pair.start_receiver()
         pair.run_sender()
@@ -108,13 +109,17 @@ def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama):
     for side in report.values():
         assert side["metrics"].get("frames_bad", 0) == 0
         assert side["pending"] == 0
+        via_dist = side["metrics"].get("frames_via_dist", 0)
+        assert via_dist == (side["metrics"]["frames_ok"] if transport == "gloo" else 0)
 
 
 @pytest.mark.slow
-def test_smollm2_with_three_kv_heads_over_tp_1_and_3(tmp_path, smollm2_dir):
+@pytest.mark.parametrize("transport", ["zmq", "gloo"])
+def test_smollm2_with_three_kv_heads_over_tp_1_and_3(tmp_path, smollm2_dir, transport):
     shapes = [[1, 1], [3, 1]]
     pair = Pair(tmp_path, smollm2_dir, shapes, shapes, common={"block_size": 16, "num_blocks": 32,
-                                                                "prompt": list(range(100, 160))})
+                                                                "prompt": list(range(100, 160)),
+                                                                "transport": transport})
     try:
         pair.start_receiver()
         pair.run_sender()
