@@ -27,11 +27,9 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.block_manager import BlockManager  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.sequence import Sequence  # noqa: E402
 from kvtransfer.pages import RankCaches  # noqa: E402
 from kvtransfer.plan import KVLayout  # noqa: E402
-from kvtransfer.receiver import RankReceiver, Reservations  # noqa: E402
+from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations  # noqa: E402
 from kvtransfer.sender import SendTransfer  # noqa: E402
 from kvtransfer.zmq_transport import KVClient, KVServer  # noqa: E402
 
@@ -42,22 +40,14 @@ BLOCK_BYTES = LAYERS * 2 * HEADS * BS * HEAD_DIM * 4
 def protocol_run(nblocks: int, transport: str, repeats: int) -> list[float]:
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
     num_blocks = nblocks + 1
-    bm = BlockManager(num_blocks, BS, enable_prefix_caching=False)
-    seqs = {}
-
-    def reserve(rid, n):
-        s = Sequence(rid, 0, [0] * n, n, SamplingParams())
-        if not bm.allocate_slots(s, n):
-            return None
-        seqs[rid] = s
-        return list(s.block_ids)
+    pool = BlockPoolReserver(BlockManager(num_blocks, BS, enable_prefix_caching=False))
 
     dst = RankCaches([torch.zeros(2, num_blocks, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
     src = RankCaches([torch.randn(2, num_blocks, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
     metrics = Counter()
     res = None
     rank = RankReceiver(0, layout, dst, lambda *a: res.on_rank_done(*a), metrics)
-    res = Reservations(layout, [rank], reserve, lambda rid: bm.free(seqs.pop(rid)), None, timeout=60)
+    res = Reservations(layout, [rank], pool.reserve, pool.release, None, timeout=60)
     backend = None if transport == "zmq" else transport
     server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=backend)
     server.start()
@@ -76,7 +66,7 @@ def protocol_run(nblocks: int, transport: str, repeats: int) -> list[float]:
             assert st.finish(), st.reason
             if i:  # the first run warms up sockets and allocator
                 times.append(time.perf_counter() - t0)
-            bm.free(seqs.pop(rid))
+            pool.release(rid)  # a decode worker would take the blocks over here
     finally:
         client.stop()
         server.stop()

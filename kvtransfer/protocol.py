@@ -3,7 +3,7 @@
 Every ZeroMQ message is `[header]` or `[header, payload]`; the header is one of the tagged structs
 below, each carrying the protocol version and the (request_id, attempt) it belongs to, so a late frame
 from a failed attempt is recognised and dropped. Decoding is validation: anything malformed raises
-`ProtocolError`, which the caller counts and drops. No pickle.
+`ProtocolError`, which the caller counts and drops. Pickle is never used.
 
     P driver --Reserve-->  D driver            (D reserves blocks for num_tokens, or says why not)
     P driver <--Reserved-- D driver

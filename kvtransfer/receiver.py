@@ -135,6 +135,37 @@ def _nbytes(payload) -> int:
     return len(payload)
 
 
+class BlockPoolReserver:
+    """`reserve_fn`/`release_fn` for `Reservations` over an engine BlockManager.
+
+    Each reservation is a placeholder sequence holding the blocks for `num_tokens`; the decode worker
+    takes it over (`take`) when the transfer is done, so the request starts with its KV in place.
+    """
+
+    def __init__(self, block_manager):
+        from engine.sampling_params import SamplingParams
+        from engine.sequence import Sequence
+
+        self.bm = block_manager
+        self._seq_cls, self._params = Sequence, SamplingParams()
+        self.held: dict[str, object] = {}
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        seq = self._seq_cls(request_id, 0, [0] * num_tokens, num_tokens, self._params)
+        if not self.bm.allocate_slots(seq, num_tokens):
+            return None
+        self.held[request_id] = seq
+        return list(seq.block_ids)
+
+    def release(self, request_id: str) -> None:
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.bm.free(seq)
+
+    def take(self, request_id: str):
+        return self.held.pop(request_id)
+
+
 @dataclass
 class _Reservation:
     attempt: int

@@ -23,10 +23,9 @@ import torch  # noqa: E402
 
 from engine.block_manager import BlockManager  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.sequence import Sequence  # noqa: E402
 from kvtransfer.pages import TORCH_DTYPES, RankCaches  # noqa: E402
 from kvtransfer.plan import KVLayout  # noqa: E402
-from kvtransfer.receiver import RankReceiver, Reservations  # noqa: E402
+from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations  # noqa: E402
 from kvtransfer.sender import SendTransfer  # noqa: E402
 from kvtransfer.zmq_transport import KVClient, KVServer  # noqa: E402
 
@@ -54,13 +53,13 @@ class DecodeSide:
     def __init__(self, spec, tp, pp, num_blocks):
         self.layout = layout_of(spec, tp, pp)
         self.bm = BlockManager(num_blocks, spec["block_size"], enable_prefix_caching=False)
-        self.seqs: dict[str, Sequence] = {}
+        self.pool = BlockPoolReserver(self.bm)
         self.ready: dict[str, list[int]] = {}
         self.first_frame_at: float | None = None
         self.metrics = Counter()
         self.ranks = [RankReceiver(r, self.layout, rank_caches(None, self.layout, r, num_blocks),
                                    self._rank_done, self.metrics) for r in range(self.layout.num_ranks)]
-        self.res = Reservations(self.layout, self.ranks, self._reserve, self._release, lambda *a: None,
+        self.res = Reservations(self.layout, self.ranks, self.pool.reserve, self.pool.release, lambda *a: None,
                                 self._on_ready, timeout=spec.get("timeout", 10.0), metrics=self.metrics)
         backend = None if spec.get("transport", "zmq") == "zmq" else spec["transport"]
         self.servers = [KVServer(spec.get("endpoint", "tcp://127.0.0.1:0"), r,
@@ -77,16 +76,6 @@ class DecodeSide:
 
     def _rank_done(self, *args):
         self.res.on_rank_done(*args)
-
-    def _reserve(self, request_id, num_tokens):
-        seq = Sequence(request_id, 0, [0] * num_tokens, num_tokens, SamplingParams())
-        if not self.bm.allocate_slots(seq, num_tokens):
-            return None
-        self.seqs[request_id] = seq
-        return list(seq.block_ids)
-
-    def _release(self, request_id):
-        self.bm.free(self.seqs.pop(request_id))
 
     def _on_ready(self, request_id, attempt, block_ids):
         self.ready[request_id] = block_ids

@@ -67,6 +67,16 @@ class Pair:
         f = self.tmp / f"{side}.safetensors"
         return load_file(str(f)) if f.exists() else {}
 
+    def run(self):
+        """Receiver up, sender to completion, receiver done: (receiver report, sender report)."""
+        try:
+            self.start_receiver()
+            self.run_sender()
+            report = self.wait_receiver()
+        finally:
+            self.kill()
+        return report, json.loads((self.tmp / "send.json").read_text())
+
     def kill(self):
         if self.receiver.poll() is None:
             self.receiver.kill()
@@ -95,13 +105,7 @@ def check_bit_identical(pair, spec_model, prefill, decode):
 @pytest.mark.parametrize("transport", ["zmq", "gloo"])
 def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, transport):
     pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES, common={"transport": transport})
-    try:
-        pair.start_receiver()
-        pair.run_sender()
-        report = pair.wait_receiver()
-    finally:
-        pair.kill()
-    sent = json.loads((tmp_path / "send.json").read_text())
+    report, sent = pair.run()
     assert all(a["ok"] for a in sent["acks"].values()) and len(sent["acks"]) == 16
     # 4 prefill shapes x (1 + 2 + 2 + 4) decode ranks, each compared with the sender's pages
     assert check_bit_identical(pair, model_spec(tiny_llama), SHAPES, SHAPES) == 4 * 9
@@ -120,13 +124,7 @@ def test_smollm2_with_three_kv_heads_over_tp_1_and_3(tmp_path, smollm2_dir, tran
     pair = Pair(tmp_path, smollm2_dir, shapes, shapes, common={"block_size": 16, "num_blocks": 32,
                                                                 "prompt": list(range(100, 160)),
                                                                 "transport": transport})
-    try:
-        pair.start_receiver()
-        pair.run_sender()
-        pair.wait_receiver()
-    finally:
-        pair.kill()
-    sent = json.loads((tmp_path / "send.json").read_text())
+    _, sent = pair.run()
     assert all(a["ok"] for a in sent["acks"].values()) and len(sent["acks"]) == 4
     sent_t, got = pair.tensors("send"), pair.tensors("recv")
     m = model_spec(smollm2_dir)
@@ -139,13 +137,7 @@ def test_smollm2_with_three_kv_heads_over_tp_1_and_3(tmp_path, smollm2_dir, tran
 
 def test_layerwise_streaming_overlaps_compute(tmp_path, tiny_llama):
     pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], send={"layerwise": True, "layer_sleep": 0.15})
-    try:
-        pair.start_receiver()
-        pair.run_sender()
-        report = pair.wait_receiver()
-    finally:
-        pair.kill()
-    sent = json.loads((tmp_path / "send.json").read_text())
+    report, sent = pair.run()
     assert all(a["ok"] for a in sent["acks"].values())
     first = report["1x1"]["first_frame_at"]
     # 4 layers, 0.15 s of "compute" each: layer 0's pages arrived while layers 1-3 were computing

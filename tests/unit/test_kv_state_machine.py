@@ -5,12 +5,10 @@ import time
 import torch
 
 from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
 from kvtransfer.fake import FakeKVClient, FakeKVNetwork
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout
-from kvtransfer.receiver import RankReceiver, Reservations
+from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations
 from kvtransfer.sender import SendTransfer, TransferState
 
 L, H, D, BS = 3, 2, 8, 4
@@ -24,7 +22,8 @@ class Decode:
     def __init__(self, net, tp=1, pp=1, num_blocks=16, timeout=5.0):
         self.layout = layout(tp, pp)
         self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=False)
-        self.seqs, self.ready = {}, {}
+        self.pool = BlockPoolReserver(self.bm)
+        self.ready = {}
         ranks = []
         for r in range(self.layout.num_ranks):
             t, p = self.layout.coords(r)
@@ -32,21 +31,11 @@ class Decode:
             caches = RankCaches([torch.zeros(2, num_blocks, h1 - h0, BS, D) for _ in range(l0, l1)], l0, h0)
             ranks.append(RankReceiver(r, self.layout, caches, lambda *a: self.res.on_rank_done(*a)))
         self.ranks = ranks
-        self.res = Reservations(self.layout, ranks, self._reserve, self._release, None,
+        self.res = Reservations(self.layout, ranks, self.pool.reserve, self.pool.release, None,
                                 lambda rid, att, blocks: self.ready.__setitem__(rid, blocks), timeout)
         self.endpoints = [f"d{id(self)}/{r}" for r in range(len(ranks))]
         for ep, r in zip(self.endpoints, ranks):
             net.serve(ep, r, self.res if r.rank == 0 else None)
-
-    def _reserve(self, rid, n):
-        seq = Sequence(rid, 0, [0] * n, n, SamplingParams())
-        if not self.bm.allocate_slots(seq, n):
-            return None
-        self.seqs[rid] = seq
-        return list(seq.block_ids)
-
-    def _release(self, rid):
-        self.bm.free(self.seqs.pop(rid))
 
 
 def src_caches(num_blocks=16):
