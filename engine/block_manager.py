@@ -113,8 +113,9 @@ class BlockManager:
             self._touch(b)
         seq.block_ids.extend(computed_blocks)
         seq.num_computed_tokens = num_computed
-        for _ in range(max(need, 0)):
-            seq.block_ids.append(self._pop_free())
+        # NOTE: fresh blocks in ascending id order: consecutive ids make contiguous cache regions, which
+        # kvtransfer ships as single frames and attention gathers faster
+        seq.block_ids.extend(sorted(self._pop_free() for _ in range(max(need, 0))))
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:

@@ -41,6 +41,8 @@ class FakeKVNetwork:
 
 
 class FakeKVClient:
+    pairs = None  # no torch.distributed path
+
     def __init__(self, network: FakeKVNetwork, rank: int):
         self.net, self.rank = network, rank
         self.identity = f"fake-client-{id(self)}".encode()
@@ -70,13 +72,16 @@ class FakeKVClient:
         self._acks[(request_id, attempt)] = fut
         return fut
 
-    def send_pages(self, endpoint, header: Pages, payload: torch.Tensor) -> None:
+    def send_pages(self, endpoint, header: Pages, payload: torch.Tensor | list[torch.Tensor]) -> None:
         recv = self.net.receivers.get(endpoint)
         if recv is None:
             self.net.dropped[endpoint] += 1
             return
-        data = bytes(to_bytes_view(payload.cpu()))
-        recv.on_pages(decode(encode(header)), memoryview(data))
+        if isinstance(payload, list):  # zero-copy runs: one buffer per frame, as ZeroMQ delivers them
+            data = [memoryview(bytes(to_bytes_view(t))) for t in payload]
+        else:
+            data = memoryview(bytes(to_bytes_view(payload.cpu())))
+        recv.on_pages(decode(encode(header)), data)
         self.metrics["frames_sent"] += 1
 
     def abort(self, endpoint, request_id, attempt, reason=""):

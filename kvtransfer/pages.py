@@ -47,6 +47,52 @@ class RankCaches:
         target.index_copy_(1, block_ids, payload.to(cache.device, non_blocking=True))
 
 
+    def slabs(self, layer: int, heads: tuple[int, int], src_block_ids: list[int], runs: list[int]) -> list[torch.Tensor]:
+        """Zero-copy views of the pages, K then V, one per run of blocks (see `block_runs`)."""
+        cache = self.caches[layer - self.layer_start]
+        h0, h1 = heads[0] - self.head_start, heads[1] - self.head_start
+        out = []
+        for kv in (0, 1):
+            i = 0
+            for n in runs:
+                b = src_block_ids[i]
+                out.append(cache[kv, b:b + n, h0:h1])
+                i += n
+        return out
+
+    def insert_runs(self, layer: int, heads: tuple[int, int], dst_block_ids: list[int], runs: list[int],
+                    frames: list[torch.Tensor]) -> None:
+        cache = self.caches[layer - self.layer_start]
+        h0, h1 = heads[0] - self.head_start, heads[1] - self.head_start
+        k = 0
+        for kv in (0, 1):
+            i = 0
+            for n in runs:
+                b = dst_block_ids[i]
+                cache[kv, b:b + n, h0:h1].copy_(frames[k].view(n, h1 - h0, *cache.shape[3:]))
+                i += n
+                k += 1
+
+
+def block_runs(src_block_ids: list[int], dst_block_ids: list[int], whole_blocks: bool) -> list[int]:
+    """Split blocks into runs that are consecutive on both sides, so each run of one layer's K (or V)
+    is one contiguous region in both caches. Only with `whole_blocks` (all of the source rank's heads
+    go) is a run of several blocks contiguous; otherwise every block is its own run."""
+    if not whole_blocks:
+        return [1] * len(src_block_ids)
+    runs, n = [], 0
+    for i in range(len(src_block_ids)):
+        if n and src_block_ids[i] == src_block_ids[i - 1] + 1 and dst_block_ids[i] == dst_block_ids[i - 1] + 1:
+            n += 1
+        else:
+            if n:
+                runs.append(n)
+            n = 1
+    if n:
+        runs.append(n)
+    return runs
+
+
 def to_bytes_view(t: torch.Tensor):
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included), for ZeroMQ."""
     return t.contiguous().view(torch.uint8).numpy()

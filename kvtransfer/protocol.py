@@ -67,6 +67,9 @@ class Pages(msgspec.Struct, tag="pages", frozen=True):
     nbytes: int
     pair: str = ""  # torch.distributed transport: the pair group the payload comes through
     tag: int = 0  # ... and its send/recv tag; "" means the payload is the next ZeroMQ frame
+    # ZeroMQ, zero-copy: the payload is 2 x len(runs) frames, K then V, each holding the next `run`
+    # blocks ([run, h1 - h0, block_size, head_dim]); empty: one frame of `shape`
+    runs: list[int] = []
 
 
 class PairHello(msgspec.Struct, tag="pair_hello", frozen=True):
@@ -129,6 +132,10 @@ def _check_pages(m: Pages) -> None:
         raise ProtocolError(f"pages: shape {m.shape} is not [2, blocks, heads, block_size, head_dim]")
     if m.shape[1] != len(m.block_ids) or m.shape[2] != m.heads[1] - m.heads[0]:
         raise ProtocolError(f"pages: shape {m.shape} disagrees with {len(m.block_ids)} blocks and heads {m.heads}")
+    if m.runs and (sum(m.runs) != len(m.block_ids) or min(m.runs) <= 0):
+        raise ProtocolError(f"pages: runs {m.runs} do not split {len(m.block_ids)} blocks")
+    if m.runs and m.pair:
+        raise ProtocolError("pages: runs are for ZeroMQ frames, not torch.distributed payloads")
     itemsize = 4 if m.dtype == "float32" else 2
     n = itemsize
     for x in m.shape:

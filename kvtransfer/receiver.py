@@ -84,7 +84,9 @@ class RankReceiver:
                 problem = "frame names blocks that were not reserved for it"
             elif msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
                 problem = f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
-            elif _nbytes(payload) != msg.nbytes:
+            elif msg.runs and not _runs_fit(msg, payload):
+                problem = "payload frames do not match the header's runs"
+            elif not msg.runs and _nbytes(payload) != msg.nbytes:
                 problem = f"payload of {_nbytes(payload)} bytes, header says {msg.nbytes}"
             if problem is not None:
                 self.metrics["frames_bad"] += 1
@@ -98,13 +100,14 @@ class RankReceiver:
             log.warning("request %s attempt %d: %s; transfer failed", msg.request_id, msg.attempt, problem)
             self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
             return
-        if isinstance(payload, torch.Tensor):  # came through torch.distributed
-            tensor = payload
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only ZeroMQ buffer: we only read it
-                tensor = from_buffer(payload, msg.dtype, msg.shape)
-        self.caches.insert(msg.layer, msg.heads, e.block_t, tensor)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only ZeroMQ buffers: we only read them
+            if msg.runs:
+                frames = [from_buffer(f, msg.dtype, [len(f) // _itemsize(msg.dtype)]) for f in payload]
+                self.caches.insert_runs(msg.layer, msg.heads, e.block_ids, msg.runs, frames)
+            else:
+                tensor = payload if isinstance(payload, torch.Tensor) else from_buffer(payload, msg.dtype, msg.shape)
+                self.caches.insert(msg.layer, msg.heads, e.block_t, tensor)
         self.metrics["frames_ok"] += 1
         self.metrics["bytes_received"] += msg.nbytes
         if complete:
@@ -125,6 +128,17 @@ class RankReceiver:
     @property
     def num_pending(self) -> int:
         return len(self._expected)
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def _runs_fit(msg: Pages, frames) -> bool:
+    if not isinstance(frames, list) or len(frames) != 2 * len(msg.runs):
+        return False
+    per_block = msg.nbytes // (2 * len(msg.block_ids))
+    return all(len(f) == n * per_block for f, n in zip(frames, msg.runs + msg.runs))
 
 
 def _nbytes(payload) -> int:

@@ -120,3 +120,31 @@ def test_dead_receiver_sender_times_out_and_releases():
         net.kill(ep)
     st.outgoing(0, client, RankCaches(src_caches(), 0, 0), [1, 2, 3]).send_all()
     assert not st.finish() and released == [1] and st.reason == "no ack (timeout)"
+
+
+def test_block_runs_are_consecutive_on_both_sides():
+    from kvtransfer.pages import block_runs
+    assert block_runs([3, 4, 5, 9, 10], [0, 1, 2, 3, 4], True) == [3, 2]
+    assert block_runs([3, 4, 5], [7, 2, 3], True) == [1, 2]
+    assert block_runs([3, 4, 5], [0, 1, 2], False) == [1, 1, 1]
+    assert block_runs([], [], True) == []
+
+
+def test_runs_that_do_not_fit_fail_the_transfer():
+    import pytest
+
+    from kvtransfer.protocol import VERSION, Pages, ProtocolError, decode, encode
+    bad = Pages(VERSION, "r", 0, 0, 0, (0, 2), [1, 2, 3], "float32", [2, 3, 2, 4, 8], 2 * 3 * 2 * 4 * 8 * 4,
+                runs=[2, 2])
+    with pytest.raises(ProtocolError, match="runs"):
+        decode(encode(bad))
+    net = FakeKVNetwork()
+    d = Decode(net)
+    client = FakeKVClient(net, 0)
+    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None)
+    assert st.reserve()
+    blocks = st.dst_block_ids
+    hdr = Pages(VERSION, "r1", 0, 0, 0, (0, H), blocks, "float32", [2, 3, H, BS, D], 2 * 3 * H * BS * D * 4,
+                runs=[3])
+    d.ranks[0].on_pages(hdr, [memoryview(b"\0" * 10), memoryview(b"\0" * 10)])  # wrong frame sizes
+    assert d.ranks[0].metrics["frames_bad"] == 1 and d.bm.num_free_blocks == 16
