@@ -7,17 +7,16 @@ fp32) add up to that many MiB goes from a sender to a receiver over real loopbac
 tcp, or a gloo pair group), through the full protocol: reserve, one frame per layer, ack. Next to it:
 raw pyzmq pushing the same bytes in the same number of messages with no protocol, and numpy.copyto
 of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV.
-Sender and receiver are threads of one process (2 cores: a second process would only add noise).
+The receiver (and the raw sink) runs in a second process, as a decode worker would.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,67 +36,96 @@ LAYERS, HEADS, HEAD_DIM, BS = 30, 3, 64, 16
 BLOCK_BYTES = LAYERS * 2 * HEADS * BS * HEAD_DIM * 4
 
 
+def serve(transport: str, num_blocks: int) -> None:
+    """The receiver process: a decode rank's KV server; prints its endpoint, serves until stdin closes."""
+    torch.set_num_threads(1)
+    from engine.platform import tune_cpu_allocator
+    tune_cpu_allocator()
+    layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
+    pool = BlockPoolReserver(BlockManager(num_blocks, BS, enable_prefix_caching=False))
+    dst = RankCaches([torch.zeros(2, num_blocks, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
+    res = None
+    rank = RankReceiver(0, layout, dst, lambda *a: res.on_rank_done(*a))
+    # a decode worker takes the blocks over once the KV is in; here they go straight back
+    res = Reservations(layout, [rank], pool.reserve, pool.release, None,
+                       on_ready=lambda rid, attempt, blocks: pool.release(rid), timeout=120)
+    server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=None if transport == "zmq" else transport)
+    server.start()
+    print(server.endpoint, flush=True)
+    sys.stdin.read()
+    server.stop()
+
+
+def raw_sink(messages: int) -> None:
+    """The raw baseline's receiver process: PULL `messages` frames, then say so; forever."""
+    ctx = zmq.Context.instance()
+    pull, done = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    print(port, flush=True)
+    done.connect(sys.stdin.readline().strip())
+    while True:
+        for _ in range(messages):
+            pull.recv(copy=False)
+        done.send(b"ok")
+
+
+def _child(*args) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    return p, p.stdout.readline().strip()
+
+
 def protocol_run(nblocks: int, transport: str, repeats: int) -> list[float]:
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
-    num_blocks = nblocks + 1
-    pool = BlockPoolReserver(BlockManager(num_blocks, BS, enable_prefix_caching=False))
-
-    dst = RankCaches([torch.zeros(2, num_blocks, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
-    src = RankCaches([torch.randn(2, num_blocks, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
-    metrics = Counter()
-    res = None
-    rank = RankReceiver(0, layout, dst, lambda *a: res.on_rank_done(*a), metrics)
-    res = Reservations(layout, [rank], pool.reserve, pool.release, None, timeout=60)
-    backend = None if transport == "zmq" else transport
-    server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=backend)
-    server.start()
-    client = KVClient(0, dist_backend=backend)
+    child, endpoint = _child("serve", transport, str(nblocks + 1))
+    src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
+    client = KVClient(0, dist_backend=None if transport == "zmq" else transport)
     client.start()
     times = []
     try:
-        client.connect(server.endpoint)
+        client.connect(endpoint)
         for i in range(repeats + 1):
-            rid = f"r{i}"
             t0 = time.perf_counter()
-            st = SendTransfer(client, rid, 0, nblocks * BS, layout, layout, [server.endpoint], lambda: None,
+            st = SendTransfer(client, f"r{i}", 0, nblocks * BS, layout, layout, [endpoint], lambda: None,
                               ack_timeout=120)
             assert st.reserve(), st.reason
             st.outgoing(0, client, src, list(range(nblocks))).send_all()
             assert st.finish(), st.reason
-            if i:  # the first run warms up sockets and allocator
+            if i:  # the first run warms up sockets and allocators
                 times.append(time.perf_counter() - t0)
-            pool.release(rid)  # a decode worker would take the blocks over here
     finally:
         client.stop()
-        server.stop()
+        child.stdin.close()
+        child.wait(30)
     return times
 
 
 def raw_zmq(nbytes: int, messages: int, repeats: int) -> list[float]:
     ctx = zmq.Context.instance()
-    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    done = ctx.socket(zmq.PULL)
+    done_port = done.bind_to_random_port("tcp://127.0.0.1")
+    child, port = _child("sink", str(messages))
+    child.stdin.write(f"tcp://127.0.0.1:{done_port}\n")
+    child.stdin.flush()
+    push = ctx.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
-    chunk = np.random.bytes(nbytes // messages)
+    chunk = np.frombuffer(np.random.bytes(nbytes // messages), dtype=np.uint8)
     times = []
-    for i in range(repeats + 1):
-        done = threading.Event()
-
-        def sink():
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
             for _ in range(messages):
-                pull.recv(copy=False)
-            done.set()
-        th = threading.Thread(target=sink)
-        th.start()
-        t0 = time.perf_counter()
-        for _ in range(messages):
-            push.send(chunk, copy=False)
-        done.wait(120)
-        th.join()
-        if i:
-            times.append(time.perf_counter() - t0)
-    pull.close(0)
-    push.close(0)
+                push.send(chunk, copy=False)
+            if not done.poll(120_000):
+                raise TimeoutError("raw sink did not answer")
+            done.recv()
+            if i:
+                times.append(time.perf_counter() - t0)
+    finally:
+        child.kill()
+        child.wait(10)
+        push.close(0)
+        done.close(0)
     return times
 
 
@@ -115,6 +143,10 @@ def memcpy(nbytes: int, repeats: int) -> list[float]:
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        return serve(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] == "sink":
+        return raw_sink(int(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 16, 256])
     ap.add_argument("--transports", nargs="+", default=["zmq", "gloo"])
