@@ -36,20 +36,21 @@ LAYERS, HEADS, HEAD_DIM, BS = 30, 3, 64, 16
 BLOCK_BYTES = LAYERS * 2 * HEADS * BS * HEAD_DIM * 4
 
 
-def serve(transport: str, num_blocks: int) -> None:
+def serve(transport: str, num_blocks: int, device: str = "cpu") -> None:
     """The receiver process: a decode rank's KV server; prints its endpoint, serves until stdin closes."""
     torch.set_num_threads(1)
     from engine.platform import tune_cpu_allocator
     tune_cpu_allocator()
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
     pool = BlockPoolReserver(BlockManager(num_blocks, BS, enable_prefix_caching=False))
-    dst = RankCaches([torch.zeros(2, num_blocks, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
+    dst = RankCaches([torch.zeros(2, num_blocks, HEADS, BS, HEAD_DIM, device=device) for _ in range(LAYERS)], 0, 0)
     res = None
     rank = RankReceiver(0, layout, dst, lambda *a: res.on_rank_done(*a))
     # a decode worker takes the blocks over once the KV is in; here they go straight back
     res = Reservations(layout, [rank], pool.reserve, pool.release, None,
                        on_ready=lambda rid, attempt, blocks: pool.release(rid), timeout=120)
-    server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=None if transport == "zmq" else transport)
+    server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=None if transport == "zmq" else transport,
+                      device=device)
     server.start()
     print(server.endpoint, flush=True)
     sys.stdin.read()
@@ -75,11 +76,11 @@ def _child(*args) -> tuple[subprocess.Popen, str]:
     return p, p.stdout.readline().strip()
 
 
-def protocol_run(nblocks: int, transport: str, repeats: int) -> list[float]:
+def protocol_run(nblocks: int, transport: str, repeats: int, device: str = "cpu") -> list[float]:
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
-    child, endpoint = _child("serve", transport, str(nblocks + 1))
-    src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM) for _ in range(LAYERS)], 0, 0)
-    client = KVClient(0, dist_backend=None if transport == "zmq" else transport)
+    child, endpoint = _child("serve", transport, str(nblocks + 1), device)
+    src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM, device=device) for _ in range(LAYERS)], 0, 0)
+    client = KVClient(0, dist_backend=None if transport == "zmq" else transport, device=device)
     client.start()
     times = []
     try:
@@ -142,15 +143,31 @@ def memcpy(nbytes: int, repeats: int) -> list[float]:
     return times
 
 
+def cuda_copy(nbytes: int, repeats: int) -> list[float]:
+    """The raw limit for pages leaving a GPU: device-to-pinned-host copies of the same bytes."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
-        return serve(sys.argv[2], int(sys.argv[3]))
+        return serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     if len(sys.argv) > 1 and sys.argv[1] == "sink":
         return raw_sink(int(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 16, 256])
     ap.add_argument("--transports", nargs="+", default=["zmq", "gloo"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where both ends keep their KV cache (cpu, cuda)")
     ap.add_argument("--out", default="bench_results/kv_transfer.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -163,17 +180,20 @@ def main():
         nbytes = nblocks * BLOCK_BYTES
         raw = med(raw_zmq(nbytes, LAYERS, args.repeats))
         cp = med(memcpy(nbytes, args.repeats))
-        row = {"size_mib": round(nbytes / 2**20, 2), "blocks": nblocks,
+        row = {"size_mib": round(nbytes / 2**20, 2), "blocks": nblocks, "device": args.device,
                "raw_zmq_gb_s": round(nbytes / raw / 1e9, 2), "memcpy_gb_s": round(nbytes / cp / 1e9, 2)}
+        if args.device.startswith("cuda"):
+            row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
         for tr in args.transports:
-            t = med(protocol_run(nblocks, tr, args.repeats))
+            t = med(protocol_run(nblocks, tr, args.repeats, args.device))
             row[f"{tr}_gb_s"] = round(nbytes / t / 1e9, 2)
             row[f"{tr}_ms"] = round(t * 1e3, 2)
             row[f"{tr}_vs_raw_zmq"] = round(raw / t, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     prompt_blocks = 512 // BS
-    prompt = {tr: round(med(protocol_run(prompt_blocks, tr, args.repeats)) * 1e3, 2) for tr in args.transports}
+    prompt = {tr: round(med(protocol_run(prompt_blocks, tr, args.repeats, args.device)) * 1e3, 2)
+              for tr in args.transports}
     print(json.dumps({"512_token_prompt_ms": prompt, "bytes": prompt_blocks * BLOCK_BYTES}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"sizes": rows, "prompt_512_ms": prompt}, indent=2))

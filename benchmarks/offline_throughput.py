@@ -40,12 +40,21 @@ def make_prompts(tok, n: int, length: int) -> list[list[int]]:
     return [ids[(i * 7) % (len(ids) - length - 1):][:length] for i in range(n)]
 
 
+DEVICE = "cpu"
+
+
+def _sync():
+    if DEVICE.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
 def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="none"):
     from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(kv_cache_memory=512 * 2**20,
                                                                    enable_prefix_caching=False),
-                                 device=DeviceConfig(dtype=dtype, num_threads=threads),
+                                 device=DeviceConfig(device=DEVICE, dtype=dtype, num_threads=threads),
                                  quantization=quantization))
     eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     t0 = time.perf_counter()
@@ -72,19 +81,22 @@ def bench_hf(model_dir, dtype, threads, prompts, out_tokens):
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval().to(DEVICE)
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         model.generate(ids[:1, -16:], attention_mask=mask[:1, -16:], max_new_tokens=4, do_sample=False,
                        pad_token_id=0)  # warm-up
+        _sync()
         t0 = time.perf_counter()
         model(ids, attention_mask=mask, logits_to_keep=1)
+        _sync()
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=out_tokens, min_new_tokens=out_tokens, **kw)
@@ -142,17 +154,21 @@ def main():
     ap.add_argument("--int8-up-to", type=int, default=8,
                     help="also run tandem bf16 with int8 weights at concurrency <= this (0: never)")
     ap.add_argument("--out", default="bench_results/offline_throughput.json")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp runs on the CPU only)")
+    ap.add_argument("--model", default=None, help="a checkpoint directory instead of SmolLM2 (no llama.cpp then)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
 
     from engine.model_store import cache_dir, pull_default
     from engine.tokenizer import Tokenizer
 
-    model_dir = pull_default()
+    model_dir = Path(args.model) if args.model else pull_default()
     tok = Tokenizer(model_dir)
     results = []
 
     def record(system, dtype, r):
-        r = {"system": system, "dtype": dtype, "threads": args.threads, **r}
+        r = {"system": system, "dtype": dtype, "threads": args.threads, "device": args.device, **r}
         results.append(r)
         print(json.dumps(r), flush=True)
 
@@ -165,7 +181,7 @@ def main():
                                                            args.output_tokens, "int8"))
             if "transformers" in args.peers:
                 record("transformers", dtype, bench_hf(model_dir, dtype, args.threads, prompts, args.output_tokens))
-        if c == 1 and "llama.cpp" in args.peers:
+        if c == 1 and "llama.cpp" in args.peers and args.device == "cpu" and not args.model:
             try:
                 import llama_cpp  # noqa: F401
             except ImportError:

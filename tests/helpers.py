@@ -48,6 +48,7 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) 
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   rms_norm_eps=1e-5, eos_token_id=2, bos_token_id=None, tie_word_embeddings=False)
     common.update(overrides)
+    common["vocab_size"] = max(common["vocab_size"], vocab)
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
