@@ -258,12 +258,28 @@ QUANTIZATIONS = ("none", "int8")
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor and pipeline parallelism of one model replica (one worker): tp * pp rank processes."""
+
+    tp: int = 1
+    pp: int = 1
+    timeout_s: float = 60.0  # every collective between the ranks; a dead rank is noticed within this
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp = {self.tp!r}, pp = {self.pp!r} must be positive integers")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s = {self.timeout_s!r} must be positive")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str  # a checkpoint directory
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     quantization: str = "none"  # weight quantization of linear layers (engine/layers/quantization.py)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

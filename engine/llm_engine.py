@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import CapacityError, InvalidRequestError
+from engine.executor import LocalExecutor, start_parallel
 from engine.model_runner import ModelRunner
+from engine.partition import check_tp
 from engine.platform import setup_process
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -73,14 +75,21 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len)
-        self.runner = ModelRunner(self.model_config, config.cache, config.device, num_blocks=config.cache.num_blocks,
-                                  quantization=config.quantization)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+        par = config.parallel
+        if par.tp * par.pp > 1:
+            check_tp(self.model_config.num_attention_heads, self.model_config.num_key_value_heads, par.tp)
+            if par.pp > self.model_config.num_hidden_layers:
+                raise ValueError(f"pp = {par.pp} exceeds the model's {self.model_config.num_hidden_layers} layers")
+            self.executor = start_parallel(config, self.model_config)
+        else:
+            self.executor = LocalExecutor(ModelRunner(self.model_config, config.cache, config.device,
+                                                      num_blocks=config.cache.num_blocks,
+                                                      quantization=config.quantization))
+        self.runner = self.executor.runner
+        self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        eos = tuple(self.model_config.eos_token_ids) or \
-            ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+        eos = tuple(self.runner.sampler.eos_token_ids)
         self.eos_token_ids = eos
-        self.runner.sampler.eos_token_ids = list(eos)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, self.max_model_len, eos)
         self._requests: dict[str, _RequestState] = {}
@@ -88,12 +97,12 @@ class LLMEngine:
         bs = config.cache.block_size
         log.info("engine ready in %.1fs (weights %.1fs): KV cache %d blocks x %d tokens = %d tokens "
                  "(%.1f MiB), max model len %d", time.perf_counter() - t0, self.runner.load_seconds,
-                 self.runner.num_blocks, bs, self.runner.num_blocks * bs,
-                 self.runner.kv_cache_bytes / 2**20, self.max_model_len)
+                 self.executor.num_blocks, bs, self.executor.num_blocks * bs,
+                 self.executor.num_blocks * self.runner.kv_spec.block_bytes / 2**20, self.max_model_len)
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.runner.num_blocks * self.config.cache.block_size
+        return self.executor.num_blocks * self.config.cache.block_size
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -145,7 +154,7 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        sampled, logprobs = self.runner.execute(out)
+        sampled, logprobs = self.executor.execute(out) if not out.empty else ({}, {})
         self.scheduler.update(out, sampled)
         touched: dict[str, list[_SeqState]] = {}
         for s in out.scheduled:
@@ -237,4 +246,8 @@ class LLMEngine:
 
     def _drop(self, seq: Sequence) -> None:
         self._seq_state.pop(seq.seq_id, None)
-        self.runner.release(seq.seq_id)
+        self.executor.release(seq.seq_id)
+
+    def shutdown(self) -> None:
+        """Stops the other ranks of a TP x PP replica (no-op in one process). Idempotent."""
+        self.executor.shutdown()

@@ -15,6 +15,7 @@ from engine.loader import build_model
 from engine.parallel import SINGLE, ParallelContext
 from engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.tokenizer import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class ModelRunner:
             raise ValueError(f"KV cache budget too small: one block needs {self.kv_spec.block_bytes} bytes")
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(self.kv_spec, num_blocks, self.device)
-        self.sampler = Sampler(model_cfg.eos_token_ids, device_cfg.seed, self.device)
+        self.sampler = Sampler(eos_token_ids(model_cfg, model_cfg.path), device_cfg.seed, self.device)
         self.generators: dict[int, torch.Generator] = {}
 
     @property

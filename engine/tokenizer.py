@@ -93,6 +93,15 @@ class Tokenizer:
             raise InvalidRequestError(f"chat template failed: {e}", param="messages") from None
 
 
+def eos_token_ids(model_cfg, model_dir) -> tuple[int, ...]:
+    """The ids that end generation: the config's (generation_config.json or config.json), else the
+    tokenizer's eos token."""
+    if model_cfg.eos_token_ids:
+        return tuple(model_cfg.eos_token_ids)
+    tok = Tokenizer(model_dir)
+    return (tok.eos_token_id,) if tok.eos_token_id is not None else ()
+
+
 def _raise_template_error(msg: str):
     raise InvalidRequestError(f"chat template: {msg}", param="messages")
 

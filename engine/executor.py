@@ -1,0 +1,318 @@
+"""Executors run a SchedulerOutput on a model replica: one process, or TP x PP rank processes.
+
+    driver (rank 0: scheduler, I/O)            follower ranks (model shards only)
+      schedule() -> StepMsg ──broadcast──▶        decode StepMsg, mirror sequences
+      forward (stage 0, TP shard 0)               forward (their stage, their TP shard)
+           │ hidden ──send──▶ stage 1 ... ──▶ last stage: logits (TP all-gather), TP rank 0 samples
+      ◀── StepResult (tokens, logprobs) ─────────┘ (unless the driver is the last stage itself)
+
+One broadcast per step carries everything the followers need: for each scheduled sequence the tokens
+being computed, its block table, whether it samples, and (first time only) its prompt length and
+sampling parameters. It is msgspec-encoded into a uint8 tensor: no pickle crosses a process.
+Followers mirror each sequence's token ids, so the sampling rank has the history penalties need.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from engine.config import CacheConfig, DeviceConfig, ModelConfig
+from engine.model_runner import ModelRunner
+from engine.parallel import ParallelContext
+from engine.sampler import TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class SeqStep(msgspec.Struct, array_like=True):
+    seq_id: int
+    index: int
+    start: int
+    tokens: list[int]  # token_ids[start:start + num_new]
+    prefix: list[int]  # token_ids[:start], only the first time a rank sees the sequence
+    block_ids: list[int]
+    sample: bool
+    num_prompt_tokens: int = 0
+    params: dict | None = None  # SamplingParams fields; only the first time a rank sees the sequence
+
+
+class StepMsg(msgspec.Struct, array_like=True):
+    seqs: list[SeqStep]
+    finished: list[int] = []
+    shutdown: bool = False
+
+
+class StepResult(msgspec.Struct, array_like=True):
+    seq_ids: list[int]
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+_enc = msgspec.msgpack.Encoder()
+_step_dec = msgspec.msgpack.Decoder(StepMsg)
+_result_dec = msgspec.msgpack.Decoder(StepResult)
+
+
+def _params_dict(p: SamplingParams) -> dict:
+    return {k: getattr(p, k) for k in SamplingParams.__dataclass_fields__}
+
+
+class LocalExecutor:
+    """tp = pp = 1: the runner in this process."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.num_blocks = runner.num_blocks
+
+    def execute(self, out: SchedulerOutput):
+        return self.runner.execute(out)
+
+    def release(self, seq_id: int) -> None:
+        self.runner.release(seq_id)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RankRuntime:
+    """What every rank (driver included) does with a step: its forward and, on the sampling rank, sampling."""
+
+    def __init__(self, rank: int, tp: int, pp: int, model_cfg: ModelConfig, cache_cfg: CacheConfig,
+                 device_cfg: DeviceConfig, quantization: str, num_blocks: int | None, timeout: float):
+        self.rank, self.tp, self.pp = rank, tp, pp
+        self.tp_rank, self.pp_rank = rank % tp, rank // tp
+        self.timeout = timedelta(seconds=timeout)
+        groups = [dist.new_group([p * tp + t for t in range(tp)], timeout=self.timeout) for p in range(pp)]
+        ctx = ParallelContext(self.tp_rank, tp, self.pp_rank, pp, groups[self.pp_rank])
+        self.runner = ModelRunner(model_cfg, cache_cfg, device_cfg, ctx, num_blocks, quantization)
+        n = torch.tensor([self.runner.num_blocks])
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank must agree on the pool size
+        self.num_blocks = int(n)
+        self.hidden_size = model_cfg.hidden_size
+        self.sampler_rank = (pp - 1) * tp
+        self.mirror: dict[int, Sequence] = {}
+
+    def run(self, msg: StepMsg, driver_seqs: dict[int, Sequence] | None = None):
+        """This rank's part of a step. Returns StepResult on the sampling rank, else None."""
+        scheduled = []
+        for s in msg.seqs:
+            seq = driver_seqs[s.seq_id] if driver_seqs is not None else self._mirror(s)
+            scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens), s.sample))
+        result = None
+        if scheduled:
+            ids, pos, meta, rows = self.runner.prepare(scheduled)
+            with torch.inference_mode():
+                hidden = None
+                if self.pp_rank > 0:
+                    hidden = torch.empty(len(ids), self.hidden_size, dtype=self.runner.dtype,
+                                         device=self.runner.device)
+                    dist.recv(hidden, src=self.rank - self.tp)
+                h = self.runner.model(ids if self.pp_rank == 0 else None, pos, self.runner.kv_caches, meta,
+                                      hidden=hidden)
+                if self.pp_rank < self.pp - 1:
+                    dist.send(h.contiguous(), dst=self.rank + self.tp)
+                elif rows:
+                    idx = torch.tensor([r for _, r in rows], device=self.runner.device)
+                    logits = self.runner.model.compute_logits(h[idx])
+                    if self.rank == self.sampler_rank:
+                        sampled, lps = self.runner.sample(logits, [s for s, _ in rows])
+                        ids_ = list(sampled)
+                        result = StepResult(ids_, [sampled[i] for i in ids_],
+                                            [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_])
+        for seq_id in msg.finished:
+            self.runner.release(seq_id)
+            self.mirror.pop(seq_id, None)
+        return result
+
+    def _mirror(self, s: SeqStep) -> Sequence:
+        seq = self.mirror.get(s.seq_id)
+        if seq is None:
+            params = SamplingParams(**s.params) if s.params is not None else SamplingParams()
+            seq = Sequence("", s.index, list(s.prefix), s.num_prompt_tokens, params, seq_id=s.seq_id)
+            self.mirror[s.seq_id] = seq
+        del seq.token_ids[s.start:]
+        seq.token_ids.extend(s.tokens)
+        seq.block_ids = s.block_ids
+        return seq
+
+
+def _broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
+    n = torch.tensor([len(data) if data is not None else 0], dtype=torch.long)
+    dist.broadcast(n, src)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None else \
+        torch.empty(int(n), dtype=torch.uint8)
+    if int(n):
+        dist.broadcast(buf, src)
+    return buf.numpy().tobytes()
+
+
+class ParallelExecutor:
+    """The driver's side of a TP x PP replica (rank 0 of a gloo/NCCL world of tp * pp processes).
+
+    While idle it broadcasts an empty step every `heartbeat_s`, so the followers' waits (bounded by
+    the group timeout) never expire on a healthy but quiet worker.
+    """
+
+    def __init__(self, runtime: RankRuntime, heartbeat_s: float = 5.0, followers=()):
+        self.rt = runtime
+        self.num_blocks = runtime.num_blocks
+        self.runner = runtime.runner
+        self.followers = list(followers)  # subprocess.Popen of the other ranks
+        self._known: set[int] = set()
+        self._finished: list[int] = []
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeats, args=(heartbeat_s,), daemon=True,
+                                      name="executor-heartbeat")
+        self._beat.start()
+
+    def _heartbeats(self, every: float) -> None:
+        while not self._closed.wait(every / 2):
+            with self._lock:
+                if self._closed.is_set() or time.monotonic() - self._last < every:
+                    continue
+                try:
+                    _broadcast_bytes(_enc.encode(StepMsg([], self._finished)))
+                    self._finished = []
+                    self._last = time.monotonic()
+                except RuntimeError:
+                    log.error("a rank of this worker is gone; the worker cannot go on")
+                    self._closed.set()
+
+    def execute(self, out: SchedulerOutput):
+        with self._lock:
+            self._last = time.monotonic()
+            return self._execute(out)
+
+    def _execute(self, out: SchedulerOutput):
+        seqs, driver_seqs = [], {}
+        for s in out.scheduled:
+            seq = s.seq
+            new = seq.seq_id not in self._known
+            self._known.add(seq.seq_id)
+            driver_seqs[seq.seq_id] = seq
+            seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:s.start + s.num_new_tokens],
+                                seq.token_ids[:s.start] if new else [], list(seq.block_ids), s.sample,
+                                seq.num_prompt_tokens, _params_dict(seq.params) if new else None))
+        msg = StepMsg(seqs, self._finished)
+        self._finished = []
+        _broadcast_bytes(_enc.encode(msg))
+        result = self.rt.run(msg, driver_seqs)
+        if self.rt.sampler_rank != 0 and any(s.sample for s in out.scheduled):
+            n = torch.empty(1, dtype=torch.long)
+            dist.recv(n, src=self.rt.sampler_rank)
+            buf = torch.empty(int(n), dtype=torch.uint8)
+            dist.recv(buf, src=self.rt.sampler_rank)
+            result = _result_dec.decode(buf.numpy().tobytes())
+        if result is None:
+            return {}, {}
+        sampled = dict(zip(result.seq_ids, result.tokens))
+        lps = {sid: TokenLogprobs(lp[0], [tuple(x) for x in lp[1]])
+               for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
+        return sampled, lps
+
+    def release(self, seq_id: int) -> None:
+        with self._lock:
+            self.runner.release(seq_id)
+            if seq_id in self._known:
+                self._known.discard(seq_id)
+                self._finished.append(seq_id)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed.is_set() and not self.followers:
+                return
+            self._closed.set()
+            try:
+                _broadcast_bytes(_enc.encode(StepMsg([], [], shutdown=True)))
+            except RuntimeError:
+                pass
+            for p in self.followers:
+                try:
+                    p.wait(10)
+                except Exception:
+                    p.kill()
+                    p.wait(5)
+            self.followers = []
+            try:
+                dist.destroy_process_group()
+            except (RuntimeError, ValueError):
+                pass
+
+
+def follower_loop(rt: RankRuntime) -> None:
+    """A follower rank: one broadcast per step until shutdown (or the driver is gone: the collective
+    times out or fails, and the rank exits)."""
+    while True:
+        msg = _step_dec.decode(_broadcast_bytes(None))
+        if msg.shutdown:
+            break
+        result = rt.run(msg)
+        if result is not None and rt.rank != 0:
+            data = _enc.encode(result)
+            dist.send(torch.tensor([len(data)], dtype=torch.long), dst=0)
+            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0)
+    dist.destroy_process_group()
+
+
+# ---- start-up -------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_to_json(config) -> str:
+    import dataclasses
+    import json
+    return json.dumps(dataclasses.asdict(config))
+
+
+def config_from_json(text: str):
+    import json
+
+    from engine.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    d = json.loads(text)
+    return EngineConfig(d["model"], CacheConfig(**d["cache"]), SchedulerConfig(**d["scheduler"]),
+                        DeviceConfig(**d["device"]), d["quantization"], ParallelConfig(**d["parallel"]))
+
+
+def init_rank(config, rank: int, init_method: str, model_cfg: ModelConfig, num_blocks=None) -> RankRuntime:
+    par = config.parallel
+    backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=par.tp * par.pp,
+                            timeout=timedelta(seconds=par.timeout_s))
+    return RankRuntime(rank, par.tp, par.pp, model_cfg, config.cache, config.device, config.quantization,
+                       num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s)
+
+
+def start_parallel(config, model_cfg: ModelConfig) -> ParallelExecutor:
+    """Spawns ranks 1..tp*pp-1 (python -m engine.rank_main) and becomes rank 0."""
+    import subprocess
+    import sys
+
+    par = config.parallel
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    cfg_json = config_to_json(config)
+    followers = [subprocess.Popen([sys.executable, "-m", "engine.rank_main", str(r), init, cfg_json])
+                 for r in range(1, par.tp * par.pp)]
+    try:
+        rt = init_rank(config, 0, init, model_cfg)
+    except Exception:
+        for p in followers:
+            p.kill()
+            p.wait(5)
+        raise
+    return ParallelExecutor(rt, heartbeat_s=max(1.0, par.timeout_s / 6), followers=followers)
