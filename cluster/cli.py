@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -78,6 +79,43 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    """A worker in the foreground: prints one JSON line when ready (after warm-up), serves until
+    SIGTERM/SIGINT, then prints its final stats as JSON."""
+    import dataclasses
+    import json
+    import signal
+
+    from engine.config import ParallelConfig
+    t0 = time.perf_counter()
+    config = build_engine_config(args)
+    config = dataclasses.replace(config, parallel=ParallelConfig(tp=args.tp, pp=args.pp))
+    if args.role == "decode":
+        from decode.worker import DecodeWorker
+        worker = DecodeWorker(config, args.worker_id or "decode-0", args.host, args.port, args.kv_port)
+    else:
+        from prefill.worker import PrefillWorker
+        worker = PrefillWorker(config, args.worker_id or f"{args.role}-0", args.host, args.port)
+    worker.start()
+    from engine.sampling_params import SamplingParams
+    worker.engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    signal.signal(signal.SIGTERM, lambda *a: worker.stop())
+    signal.signal(signal.SIGINT, lambda *a: worker.stop())
+    info = {"ready": True, "role": args.role, "worker_id": worker.worker_id, "endpoint": worker.endpoint,
+            "kv_endpoints": getattr(worker, "kv_endpoints", []), "layout": dataclasses.asdict(worker.layout),
+            "startup_s": round(time.perf_counter() - t0, 2), "pid": os.getpid()}
+    print(json.dumps(info), flush=True)
+    try:
+        worker.run()
+    finally:
+        bm = worker.engine.block_manager
+        stats = {"stopped": True, "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+                 "metrics": dict(worker.metrics), **worker.engine.stats()}
+        worker.close()
+        print(json.dumps(stats), flush=True)
+    return 0
+
+
 def cmd_model_pull(args) -> int:
     from engine.model_store import pull_default
     print(pull_default(progress=True, force=args.force))
@@ -102,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("-q", "--quiet", action="store_true", help="no statistics line on stderr")
     g.set_defaults(fn=cmd_generate)
+
+    w = sub.add_parser("worker", help="run a prefill, decode or colocated worker in the foreground")
+    _engine_args(w)
+    w.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
+    w.add_argument("--tp", type=int, default=1)
+    w.add_argument("--pp", type=int, default=1)
+    w.add_argument("--host", default="127.0.0.1", help="interface the worker's sockets bind to")
+    w.add_argument("--port", type=int, default=0, help="request socket port (0: any free port)")
+    w.add_argument("--kv-port", type=int, default=0, help="decode: KV transfer port (0: any free port)")
+    w.add_argument("--worker-id", default=None)
+    w.set_defaults(fn=cmd_worker)
 
     m = sub.add_parser("model", help="manage models")
     msub = m.add_subparsers(dest="model_cmd", required=True)

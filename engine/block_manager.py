@@ -147,6 +147,16 @@ class BlockManager:
         seq.num_computed_tokens = 0
         self.seq_hashes.pop(seq.seq_id, None)
 
+    def hold(self, seq: Sequence) -> Sequence:
+        """Another reference to `seq`'s blocks (a placeholder sequence), so they outlive `seq`:
+        a prefill worker keeps a request's pages until the decode worker has them. Free it with `free`."""
+        holder = Sequence(seq.request_id, seq.index, [], 0, seq.params)
+        for b in seq.block_ids:
+            self._touch(b)
+        holder.block_ids = list(seq.block_ids)
+        holder.num_computed_tokens = seq.num_computed_tokens
+        return holder
+
     def reset_prefix_cache(self) -> None:
         for h, b in list(self.cached.items()):
             if self.blocks[b].ref_count == 0:

@@ -74,8 +74,8 @@ class LocalExecutor:
         self.runner = runner
         self.num_blocks = runner.num_blocks
 
-    def execute(self, out: SchedulerOutput):
-        return self.runner.execute(out)
+    def execute(self, out: SchedulerOutput, layer_done=None):
+        return self.runner.execute(out, layer_done)
 
     def release(self, seq_id: int) -> None:
         self.runner.release(seq_id)

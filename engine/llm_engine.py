@@ -139,6 +139,24 @@ class LLMEngine:
                                                    arrival_time or time.monotonic())
         return ids
 
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
+                      block_ids: list[int]) -> None:
+        """A request whose prompt KV is already in `block_ids` (sent by a prefill worker, which also
+        sampled and reported `first_token`). It joins the batch with num_computed_tokens = prompt_len."""
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        if params.n != 1:
+            raise InvalidRequestError("n > 1 is served colocated, not disaggregated", param="n")
+        seq = Sequence(request_id, 0, list(prompt_ids) + [first_token], len(prompt_ids), params)
+        seq.block_ids = list(block_ids)
+        seq.num_computed_tokens = len(prompt_ids)
+        st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens))
+        st.text = st.detok.add(first_token)
+        st.emitted_chars, st.emitted_tokens = len(st.text), 1  # the prefill worker reported them
+        self._seq_state[seq.seq_id] = st
+        self._requests[request_id] = _RequestState(request_id, list(prompt_ids), params, [st], time.monotonic())
+        self.scheduler.add(seq)
+
     def abort_request(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
@@ -152,9 +170,19 @@ class LLMEngine:
         return bool(self._requests)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, before_execute=None, layer_done=None) -> list[RequestOutput]:
+        """One schedule -> execute -> update round. Hooks for workers: `before_execute(out)` sees the
+        SchedulerOutput first (a prefill worker pins pages it will ship); `layer_done(i)` is called
+        as each layer's KV lands (tp = pp = 1)."""
         out = self.scheduler.schedule()
-        sampled, logprobs = self.executor.execute(out) if not out.empty else ({}, {})
+        if before_execute is not None:
+            before_execute(out)
+        if out.empty:
+            sampled, logprobs = {}, {}
+        elif layer_done is not None:
+            sampled, logprobs = self.executor.execute(out, layer_done)
+        else:
+            sampled, logprobs = self.executor.execute(out)
         self.scheduler.update(out, sampled)
         touched: dict[str, list[_SeqState]] = {}
         for s in out.scheduled:

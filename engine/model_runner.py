@@ -111,12 +111,14 @@ class ModelRunner:
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput):
-        """Runs one step. Returns ({seq_id: token}, {seq_id: TokenLogprobs})."""
+    def execute(self, out: SchedulerOutput, layer_done=None):
+        """Runs one step. Returns ({seq_id: token}, {seq_id: TokenLogprobs}).
+
+        `layer_done(i)`: called once local layer i's KV for this step is in the cache (KV streaming)."""
         if out.empty:
             return {}, {}
         input_ids, positions, meta, sample_rows = self.prepare(out.scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done=layer_done)
         if not sample_rows:
             return {}, {}
         idx = torch.tensor([r for _, r in sample_rows], dtype=torch.long, device=self.device)

@@ -42,6 +42,7 @@ class SendTransfer:
         self.reason = ""
         self.dst_block_ids: list[int] = []
         self._ack = None
+        self._ack_deadline: float | None = None
 
     def reserve(self) -> bool:
         reply = self.client.reserve(self.endpoints[0], self.request_id, self.attempt, self.num_tokens,
@@ -76,6 +77,23 @@ class SendTransfer:
         self.state = TransferState.DONE
         self._release_once()
         return True
+
+    def poll(self, now: float | None = None) -> bool:
+        """Non-blocking `finish`: True once the transfer has ended (Done or Failed; pages released).
+        The Ack deadline counts from the first poll after the pages were queued."""
+        import time
+        if self.state not in (TransferState.TRANSFERRING,):
+            return True
+        now = time.monotonic() if now is None else now
+        if self._ack_deadline is None:
+            self._ack_deadline = now + self.ack_timeout
+        if self._ack.done():
+            return self.finish()
+        if now >= self._ack_deadline:
+            self.client.abort(self.endpoints[0], self.request_id, self.attempt, "no ack")
+            self._fail("no ack (timeout)")
+            return True
+        return False
 
     def abort(self, reason: str) -> None:
         if self.state == TransferState.TRANSFERRING:

@@ -1,0 +1,95 @@
+"""Messages between requesters (gateway, tests), prefill workers and decode workers. Torch-free.
+
+MessagePack through typed msgspec structs, a protocol version in each, and (request_id, attempt) on
+everything that starts or continues work, so a late message of a failed attempt is recognised.
+
+    requester --PrefillRequest(prompt, params, decode target, reply_to)--> prefill driver
+    prefill   --KV pages (kvtransfer)--> decode ranks;  prefill --Handoff(first token)--> decode driver
+    prefill   --TokenChunk(index 0)--> requester;        decode  --TokenChunk(index 1..)--> requester
+    requester --Abort--> either worker
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+VERSION = 1
+
+
+class DecodeTarget(msgspec.Struct, frozen=True):
+    worker_id: str
+    endpoint: str  # the decode driver's request socket (Handoff, Abort)
+    kv_endpoints: list[str]  # one per decode rank; [0] takes reservations
+    layout: dict  # kvtransfer.plan.KVLayout fields
+
+
+class PrefillRequest(msgspec.Struct, tag="prefill", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    prompt_token_ids: list[int]
+    params: dict  # engine.sampling_params.SamplingParams fields
+    reply_to: str  # the requester's PULL endpoint for TokenChunks
+    decode: DecodeTarget | None = None  # None: this worker decodes too (colocated)
+
+
+class Handoff(msgspec.Struct, tag="handoff", frozen=True):
+    """Prefill -> decode driver, after the prompt's KV has been sent: what decoding needs."""
+    v: int
+    request_id: str
+    attempt: int
+    prompt_token_ids: list[int]
+    first_token: int
+    params: dict
+    reply_to: str
+
+
+class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+    index: int  # output position of token_ids[0]: the requester dedupes by it
+    token_ids: list[int]
+    text: str
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str = ""
+    worker_id: str = ""
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+
+
+WorkerMessage = PrefillRequest | Handoff | Abort
+
+_enc = msgspec.msgpack.Encoder()
+_worker_dec = msgspec.msgpack.Decoder(WorkerMessage)
+_chunk_dec = msgspec.msgpack.Decoder(TokenChunk)
+
+
+class MessageError(ValueError):
+    pass
+
+
+def encode(msg) -> bytes:
+    return _enc.encode(msg)
+
+
+def decode_worker_message(data: bytes):
+    try:
+        msg = _worker_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise MessageError(f"malformed message: {e}") from None
+    if msg.v != VERSION:
+        raise MessageError(f"protocol version {msg.v} (this process speaks {VERSION})")
+    return msg
+
+
+def decode_chunk(data: bytes) -> TokenChunk:
+    try:
+        return _chunk_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise MessageError(f"malformed chunk: {e}") from None

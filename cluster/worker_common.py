@@ -1,0 +1,53 @@
+"""Plumbing shared by prefill, decode and colocated workers (torch-free): sockets, chunk streaming."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from cluster.messages import VERSION, TokenChunk, encode
+
+log = logging.getLogger(__name__)
+
+
+class ChunkSender:
+    """PUSH sockets to requesters' reply endpoints, opened on first use (bounded queue, no linger)."""
+
+    def __init__(self, ctx: zmq.Context, worker_id: str, sndhwm: int = 10000):
+        self.ctx, self.worker_id, self.sndhwm = ctx, worker_id, sndhwm
+        self._socks: dict[str, zmq.Socket] = {}
+
+    def send(self, reply_to: str, chunk: TokenChunk) -> None:
+        s = self._socks.get(reply_to)
+        if s is None:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, self.sndhwm)
+            s.connect(reply_to)
+            self._socks[reply_to] = s
+        try:
+            s.send(encode(chunk), zmq.NOBLOCK)
+        except zmq.Again:  # the requester is not reading: it will time out and retry elsewhere
+            log.warning("reply queue to %s is full; dropped a chunk of %s", reply_to, chunk.request_id)
+
+    def error(self, reply_to: str, request_id: str, attempt: int, message: str, index: int = 0) -> None:
+        self.send(reply_to, TokenChunk(VERSION, request_id, attempt, index, [], "", None, "error", message,
+                                       self.worker_id))
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close(0)
+
+
+def output_chunks(ro, attempt: int, first_index: dict, worker_id: str) -> list[TokenChunk]:
+    """TokenChunks for an engine RequestOutput (one per sample index; the index dedupes)."""
+    chunks = []
+    for co in ro.outputs:
+        key = (ro.request_id, co.index)
+        idx = first_index.get(key, 0)
+        lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
+        chunks.append(TokenChunk(VERSION, ro.request_id, attempt, idx, co.token_ids, co.text, lps,
+                                 co.finish_reason, "", worker_id))
+        first_index[key] = idx + len(co.token_ids)
+    return chunks

@@ -1,0 +1,180 @@
+"""The decode worker: receives prompts' KV from prefill workers, decodes them in one continuous batch.
+
+    Reserve (kvtransfer)  -> blocks reserved for the prompt; KV frames land in them
+    Handoff               -> prompt ids, first token, sampling params, reply address
+    both present          -> LLMEngine.add_prefilled(): num_computed_tokens = prompt_len, then decode
+    every step            -> TokenChunks (index 1, 2, ...) to the requester; Abort frees at once
+
+A Handoff whose KV never completes is failed after `handoff_timeout` (the reservation itself times
+out in kvtransfer and frees its blocks); KV without a Handoff likewise.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import Counter
+
+import zmq
+
+from cluster.messages import Abort, Handoff, MessageError, decode_worker_message
+from cluster.worker_common import ChunkSender, output_chunks
+from engine.config import EngineConfig
+from engine.errors import TandemError
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kvtransfer.pages import RankCaches
+from kvtransfer.plan import KVLayout
+from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations
+from kvtransfer.zmq_transport import KVServer
+
+log = logging.getLogger(__name__)
+
+
+def kv_layout(engine: LLMEngine) -> KVLayout:
+    cfg, par = engine.model_config, engine.config.parallel
+    return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, engine.config.cache.block_size,
+                    engine.config.device.dtype, par.tp, par.pp)
+
+
+class DecodeWorker:
+    def __init__(self, config: EngineConfig, worker_id: str = "decode-0", host: str = "127.0.0.1",
+                 port: int = 0, kv_port: int = 0, kv_timeout: float = 10.0, handoff_timeout: float = 15.0):
+        if config.parallel.tp * config.parallel.pp != 1:
+            raise ValueError("decode workers with tp * pp > 1 are not wired to KV transfer yet")
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config)
+        self.layout = kv_layout(self.engine)
+        self.metrics = Counter()
+        self.pool = BlockPoolReserver(self.engine.block_manager)
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, attempt) from the KV thread
+        caches = RankCaches(self.engine.runner.kv_caches, 0, 0)
+        receiver = RankReceiver(0, self.layout, caches, lambda *a: self.reservations.on_rank_done(*a), self.metrics)
+        self.reservations = Reservations(self.layout, [receiver], self.pool.reserve, self._release_reservation,
+                                         None, lambda rid, att, blocks: self._ready.put((rid, att)),
+                                         timeout=kv_timeout, metrics=self.metrics)
+        self.kv_server = KVServer(f"tcp://{host}:{kv_port}", receiver, self.reservations)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        self.endpoint = _bind(self.sock, host, port)
+        self.chunks = ChunkSender(self.ctx, worker_id)
+        self.handoff_timeout = handoff_timeout
+        self._handoffs: dict[str, tuple[Handoff, float]] = {}  # request_id -> (handoff, deadline)
+        self._kv_done: dict[str, int] = {}  # request_id -> attempt whose KV is in
+        self._live: dict[str, tuple[str, int]] = {}  # request_id -> (reply_to, attempt)
+        self._first_index: dict = {}
+        self._stop = False
+
+    @property
+    def kv_endpoints(self) -> list[str]:
+        return [self.kv_server.endpoint]
+
+    def start(self) -> None:
+        self.kv_server.start()
+
+    def _release_reservation(self, request_id: str) -> None:
+        self.pool.release(request_id)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self, until=None) -> None:
+        """Serves until `stop()` (or `until()` returns True)."""
+        while not self._stop and not (until and until()):
+            self.poll(0 if self.engine.has_unfinished_requests() else 20)
+            self._admit()
+            self._expire()
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        self.kv_server.stop()
+        self.chunks.close()
+        self.sock.close(0)
+        self.engine.shutdown()
+
+    def poll(self, timeout_ms: int) -> None:
+        if not self.sock.poll(timeout_ms):
+            return
+        for _ in range(256):
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_worker_message(data)
+            except MessageError as e:
+                self.metrics["messages_bad"] += 1
+                log.debug("dropped: %s", e)
+                continue
+            if isinstance(msg, Handoff):
+                self._handoffs[msg.request_id] = (msg, time.monotonic() + self.handoff_timeout)
+            elif isinstance(msg, Abort):
+                self._abort(msg.request_id, msg.attempt)
+            else:
+                self.metrics["messages_unexpected"] += 1
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                rid, attempt = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            self._kv_done[rid] = attempt
+        for rid in [r for r in self._handoffs if r in self._kv_done]:
+            h, _ = self._handoffs.pop(rid)
+            attempt = self._kv_done.pop(rid)
+            if attempt != h.attempt:  # KV of one attempt, handoff of another: the older one is stale
+                self.pool.release(rid)
+                continue
+            holder = self.pool.take(rid)
+            try:
+                params = SamplingParams(**h.params)
+                self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids)
+            except TandemError as e:
+                self.engine.block_manager.free(holder)
+                self.chunks.error(h.reply_to, rid, h.attempt, str(e), index=1)
+                continue
+            self._live[rid] = (h.reply_to, h.attempt)
+            self._first_index[(rid, 0)] = 1
+            self.metrics["admitted"] += 1
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, (_, dl) in self._handoffs.items() if dl <= now]:
+            h, _ = self._handoffs.pop(rid)
+            self.chunks.error(h.reply_to, rid, h.attempt, "the prompt's KV never arrived", index=1)
+            self.metrics["handoffs_expired"] += 1
+
+    def _step(self) -> None:
+        for ro in self.engine.step():
+            reply_to, attempt = self._live.get(ro.request_id, (None, 0))
+            if reply_to is None:
+                continue
+            for chunk in output_chunks(ro, attempt, self._first_index, self.worker_id):
+                self.chunks.send(reply_to, chunk)
+            if ro.finished:
+                self._live.pop(ro.request_id, None)
+                self._first_index.pop((ro.request_id, 0), None)
+
+    def _abort(self, request_id: str, attempt: int) -> None:
+        self._handoffs.pop(request_id, None)
+        if request_id in self._live:
+            self.engine.abort_request(request_id)
+            self._live.pop(request_id)
+            self._first_index.pop((request_id, 0), None)
+        self.reservations.on_abort(request_id, attempt, "aborted by the requester")
+        if self._kv_done.pop(request_id, None) is not None:
+            self.pool.release(request_id)
+        self.metrics["aborted"] += 1
+
+
+def _bind(sock: zmq.Socket, host: str, port: int) -> str:
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+        return f"tcp://{host}:{port}"
+    return f"tcp://{host}:{sock.bind_to_random_port(f'tcp://{host}')}"

@@ -1,0 +1,218 @@
+"""The prefill worker: computes prompts' KV, streams it layer by layer to their decode workers, and
+reports the first token. With no decode target it serves the request itself (colocated mode).
+
+    PrefillRequest -> reserve blocks at D (kvtransfer; "no room" -> error chunk at once)
+                   -> scheduled with chunked prefill in this worker's batch; the step that computes the
+                      prompt's last chunk pins its pages and ships each layer as soon as it is computed
+                   -> first token: TokenChunk(index 0) to the requester, Handoff to D
+                   -> pages freed on D's Ack, its refusal, or no Ack in time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+
+import zmq
+
+from cluster.messages import (VERSION, Abort, Handoff, MessageError, PrefillRequest, TokenChunk, decode_worker_message,
+                              encode)
+from cluster.worker_common import ChunkSender, output_chunks
+from decode.worker import _bind, kv_layout
+from engine.config import EngineConfig
+from engine.errors import TandemError
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kvtransfer.pages import RankCaches
+from kvtransfer.plan import IncompatibleLayouts, KVLayout
+from kvtransfer.sender import SendTransfer
+from kvtransfer.zmq_transport import KVClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Pending:
+    req: PrefillRequest
+    params: SamplingParams  # the request's own (P runs it with max_tokens = 1)
+    transfer: SendTransfer | None  # None: colocated
+    out: list = dataclasses.field(default_factory=list)  # OutgoingTransfer while streaming
+    holder: object = None  # pinned pages
+
+
+class PrefillWorker:
+    def __init__(self, config: EngineConfig, worker_id: str = "prefill-0", host: str = "127.0.0.1", port: int = 0,
+                 reserve_timeout: float = 5.0, ack_timeout: float = 10.0):
+        if config.parallel.tp * config.parallel.pp != 1:
+            raise ValueError("prefill workers with tp * pp > 1 are not wired to KV transfer yet")
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config)
+        self.layout = kv_layout(self.engine)
+        self.caches = RankCaches(self.engine.runner.kv_caches, 0, 0)
+        self.client = KVClient(0)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
+        self.endpoint = _bind(self.sock, host, port)
+        self.chunks = ChunkSender(self.ctx, worker_id)
+        self._decode_socks: dict[str, zmq.Socket] = {}
+        self.reserve_timeout, self.ack_timeout = reserve_timeout, ack_timeout
+        self.metrics = Counter()
+        self._pending: dict[str, _Pending] = {}  # admitted here, first token not out yet (or colocated)
+        self._shipping: list[SendTransfer] = []  # waiting for D's Ack
+        self._first_index: dict = {}
+        self._streams: list = []
+        self._stop = False
+
+    def start(self) -> None:
+        self.client.start()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        for st in self._shipping:
+            st.abort("prefill worker closing")
+        self.client.stop()
+        self.chunks.close()
+        for s in self._decode_socks.values():
+            s.close(0)
+        self.sock.close(0)
+        self.engine.shutdown()
+
+    def run(self, until=None) -> None:
+        while not self._stop and not (until and until()):
+            busy = self.engine.has_unfinished_requests()
+            self.poll(0 if busy else (5 if self._shipping else 20))
+            if self.engine.has_unfinished_requests():
+                self._step()
+            self._shipping = [st for st in self._shipping if not st.poll()]
+
+    # ---- requests ------------------------------------------------------------------------------
+    def poll(self, timeout_ms: int) -> None:
+        if not self.sock.poll(timeout_ms):
+            return
+        for _ in range(256):
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_worker_message(data)
+            except MessageError:
+                self.metrics["messages_bad"] += 1
+                continue
+            if isinstance(msg, PrefillRequest):
+                self._accept(msg)
+            elif isinstance(msg, Abort):
+                self._abort(msg.request_id)
+            else:
+                self.metrics["messages_unexpected"] += 1
+
+    def _accept(self, req: PrefillRequest) -> None:
+        rid = req.request_id
+        try:
+            params = SamplingParams(**req.params)
+            if req.decode is not None and params.n != 1:
+                raise TandemError("n > 1 is served colocated (send the request without a decode target)")
+        except (TandemError, TypeError) as e:
+            self.chunks.error(req.reply_to, rid, req.attempt, str(e))
+            return
+        transfer = None
+        if req.decode is not None:
+            try:
+                dst = KVLayout(**req.decode.layout)
+                transfer = SendTransfer(self.client, rid, req.attempt, len(req.prompt_token_ids), self.layout, dst,
+                                        req.decode.kv_endpoints, release=lambda: None,
+                                        reserve_timeout=self.reserve_timeout, ack_timeout=self.ack_timeout)
+            except (IncompatibleLayouts, ValueError, TypeError) as e:
+                self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}")
+                return
+            if not transfer.reserve():
+                self.metrics["reserve_failed"] += 1
+                self.chunks.error(req.reply_to, rid, req.attempt,
+                                  f"decode worker {req.decode.worker_id}: {transfer.reason}")
+                return
+        run_params = dataclasses.replace(params, max_tokens=1, n=1) if transfer else params
+        try:
+            self.engine.add_request(rid, req.prompt_token_ids, run_params)
+        except TandemError as e:
+            if transfer:
+                transfer.abort(str(e))
+            self.chunks.error(req.reply_to, rid, req.attempt, str(e))
+            return
+        self._pending[rid] = _Pending(req, params, transfer)
+
+    def _abort(self, request_id: str) -> None:
+        p = self._pending.pop(request_id, None)
+        self.engine.abort_request(request_id)
+        if p is not None and p.transfer is not None:
+            p.transfer.abort("aborted by the requester")  # frees the pinned pages, tells D
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _pin_and_stream(self, out) -> None:
+        """Before the step runs: for each prompt it completes, pin its pages (they must outlive the
+        sequence until D acks) and prepare its layer-by-layer shipment."""
+        self._streams = []
+        for s in out.scheduled:
+            p = self._pending.get(s.seq.request_id)
+            if p is None or p.transfer is None or not s.sample or p.holder is not None:
+                continue
+            holder = self.engine.block_manager.hold(s.seq)
+            p.holder = holder
+            bm = self.engine.block_manager
+            p.transfer._release = lambda h=holder: bm.free(h)
+            t = p.transfer.outgoing(0, self.client, self.caches, holder.block_ids)
+            p.out = [t]
+            self._streams.append(t)
+
+    def _layer_done(self, i: int) -> None:
+        for t in self._streams:
+            t.send_layer(i)
+
+    def _step(self) -> None:
+        outputs = self.engine.step(before_execute=self._pin_and_stream, layer_done=self._layer_done)
+        for ro in outputs:
+            p = self._pending.get(ro.request_id)
+            if p is None:
+                continue
+            if p.transfer is None:  # colocated: stream everything from here
+                for chunk in output_chunks(ro, p.req.attempt, self._first_index, self.worker_id):
+                    self.chunks.send(p.req.reply_to, chunk)
+                if ro.finished:
+                    self._pending.pop(ro.request_id)
+                    self._first_index.pop((ro.request_id, 0), None)
+                continue
+            self._first_token(p, ro)
+
+    def _first_token(self, p: _Pending, ro) -> None:
+        rid = ro.request_id
+        self._pending.pop(rid)
+        co = ro.outputs[0]
+        first = co.token_ids[0]
+        # finished at the first token by the request's own terms (not P's max_tokens = 1)?
+        done_here = co.finish_reason == "stop" or (p.params.max_tokens is not None and p.params.max_tokens <= 1)
+        reason = co.finish_reason if done_here else None
+        lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
+        self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, co.text, lps,
+                                                    reason, "", self.worker_id))
+        if done_here:
+            p.transfer.abort("finished at the first token")
+            return
+        self._decode_sock(p.req.decode.endpoint).send(encode(Handoff(
+            VERSION, rid, p.req.attempt, p.req.prompt_token_ids, first, p.req.params, p.req.reply_to)))
+        self._shipping.append(p.transfer)
+        self.metrics["handed_off"] += 1
+
+    def _decode_sock(self, endpoint: str) -> zmq.Socket:
+        s = self._decode_socks.get(endpoint)
+        if s is None:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 10000)
+            s.connect(endpoint)
+            self._decode_socks[endpoint] = s
+        return s

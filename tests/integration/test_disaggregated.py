@@ -1,0 +1,137 @@
+"""Prefill and decode workers as real processes on loopback: disaggregated output equals the
+single-process engine's, concurrent requests all complete, aborts and refusals free everything."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from cluster.worker_client import WorkerClient
+from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+
+pytestmark = pytest.mark.integration
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+class Worker:
+    def __init__(self, model_dir, role, *extra):
+        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--model",
+                                      str(model_dir), "--block-size", "4", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(self.proc.stderr.read()[-3000:])
+        self.info = json.loads(line)
+
+    def stop(self) -> dict:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, err = self.proc.communicate(timeout=30)
+        lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        assert lines, err[-3000:]
+        return lines[-1]
+
+
+@pytest.fixture
+def cluster(tiny_llama):
+    started = []
+
+    def start(role, *extra):
+        w = Worker(tiny_llama, role, "--kv-cache-memory", "2MiB", *extra)
+        started.append(w)
+        return w
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(10)
+
+
+def prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 250) for _ in range(rng.randint(3, 60))] for _ in range(n)]
+
+
+def reference(model_dir, ps, max_tokens):
+    eng = LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+    return [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(max_tokens=max_tokens, **GREEDY))]
+
+
+def test_one_request_equals_the_single_process_engine(cluster, tiny_llama):
+    d = cluster("decode")
+    p = cluster("prefill")
+    ps = prompts(1, seed=1)
+    client = WorkerClient()
+    client.submit(p.info, "r0", ps[0], {"max_tokens": 16, **GREEDY}, decode=d.info)
+    client.collect(timeout=60)
+    s = client.streams["r0"]
+    assert s.error == "" and s.finish_reason == "length"
+    assert s.token_ids == reference(tiny_llama, ps, 16)[0]
+    assert s.workers[0] == "prefill-0" and set(s.workers[1:]) == {"decode-0"}
+    assert s.duplicates == 0
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+
+
+@pytest.mark.parametrize("num_prefill", [1, 2])
+def test_many_concurrent_requests_through_prefill_and_decode(cluster, tiny_llama, num_prefill):
+    d = cluster("decode", "--worker-id", "decode-0")
+    ps_workers = [cluster("prefill", "--worker-id", f"prefill-{i}") for i in range(num_prefill)]
+    ps = prompts(12, seed=2)
+    client = WorkerClient()
+    for i, prompt in enumerate(ps):
+        client.submit(ps_workers[i % num_prefill].info, f"r{i}", prompt, {"max_tokens": 20, **GREEDY},
+                      decode=d.info)
+    client.collect(timeout=120)
+    want = reference(tiny_llama, ps, 20)
+    for i in range(len(ps)):
+        s = client.streams[f"r{i}"]
+        assert s.error == "" and s.finish_reason == "length", s.error
+        assert s.token_ids == want[i], f"request {i}"
+        assert s.duplicates == 0
+    stats = [w.stop() for w in [d, *ps_workers]]
+    for st in stats:
+        assert st["free_blocks"] == st["num_blocks"]
+
+
+def test_decode_full_refuses_at_once_and_nothing_leaks(cluster, tiny_llama):
+    d = cluster("decode", "--kv-cache-memory", "64KiB")  # a handful of blocks
+    p = cluster("prefill")
+    client = WorkerClient()
+    client.submit(p.info, "big", list(range(3, 200)), {"max_tokens": 4, **GREEDY}, decode=d.info)
+    client.collect(timeout=30)
+    s = client.streams["big"]
+    assert s.finish_reason == "error" and "no room" in s.error
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+
+
+def test_abort_mid_decode_frees_both_sides(cluster, tiny_llama):
+    d = cluster("decode")
+    p = cluster("prefill")
+    client = WorkerClient()
+    client.submit(p.info, "long", prompts(1, seed=3)[0], {"max_tokens": 400, **GREEDY}, decode=d.info)
+    client.collect(timeout=30, until=lambda: len(client.streams["long"].token_ids) >= 5)
+    assert len(client.streams["long"].token_ids) >= 5
+    client.abort(d.info["endpoint"], "long")
+    client.abort(p.info["endpoint"], "long")
+    import time
+    time.sleep(1.0)
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+    assert ds["metrics"].get("aborted", 0) == 1
+
+
+def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
+    c = cluster("colocated")
+    client = WorkerClient()
+    ps = prompts(3, seed=4)
+    for i, prompt in enumerate(ps):
+        client.submit(c.info, f"c{i}", prompt, {"max_tokens": 12, **GREEDY})
+    client.collect(timeout=60)
+    want = reference(tiny_llama, ps, 12)
+    assert [client.streams[f"c{i}"].token_ids for i in range(3)] == want
+    st = c.stop()
+    assert st["free_blocks"] == st["num_blocks"]
