@@ -50,6 +50,7 @@ class StepMsg(msgspec.Struct, array_like=True):
     seqs: list[SeqStep]
     finished: list[int] = []
     shutdown: bool = False
+    extras: dict = {}  # for the step hook of the worker that runs this replica (e.g. KV to ship)
 
 
 class StepResult(msgspec.Struct, array_like=True):
@@ -68,13 +69,18 @@ def _params_dict(p: SamplingParams) -> dict:
 
 
 class LocalExecutor:
-    """tp = pp = 1: the runner in this process."""
+    """tp = pp = 1: the runner in this process.
 
-    def __init__(self, runner: ModelRunner):
+    `step_hook(rank, runner, extras)`, given by the worker that owns the engine, may return a
+    `layer_done(i)` callback for a step (the same hook every rank of a parallel replica runs)."""
+
+    def __init__(self, runner: ModelRunner, step_hook=None):
         self.runner = runner
         self.num_blocks = runner.num_blocks
+        self.step_hook = step_hook
 
-    def execute(self, out: SchedulerOutput, layer_done=None):
+    def execute(self, out: SchedulerOutput, extras: dict | None = None):
+        layer_done = self.step_hook(0, self.runner, extras) if self.step_hook and extras else None
         return self.runner.execute(out, layer_done)
 
     def release(self, seq_id: int) -> None:
@@ -88,8 +94,10 @@ class RankRuntime:
     """What every rank (driver included) does with a step: its forward and, on the sampling rank, sampling."""
 
     def __init__(self, rank: int, tp: int, pp: int, model_cfg: ModelConfig, cache_cfg: CacheConfig,
-                 device_cfg: DeviceConfig, quantization: str, num_blocks: int | None, timeout: float):
+                 device_cfg: DeviceConfig, quantization: str, num_blocks: int | None, timeout: float,
+                 step_hook=None):
         self.rank, self.tp, self.pp = rank, tp, pp
+        self.step_hook = step_hook
         self.tp_rank, self.pp_rank = rank % tp, rank // tp
         self.timeout = timedelta(seconds=timeout)
         groups = [dist.new_group([p * tp + t for t in range(tp)], timeout=self.timeout) for p in range(pp)]
@@ -110,6 +118,8 @@ class RankRuntime:
             scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens), s.sample))
         result = None
         if scheduled:
+            layer_done = self.step_hook(self.rank, self.runner, msg.extras) \
+                if self.step_hook is not None and msg.extras else None
             ids, pos, meta, rows = self.runner.prepare(scheduled)
             with torch.inference_mode():
                 hidden = None
@@ -118,7 +128,7 @@ class RankRuntime:
                                          device=self.runner.device)
                     dist.recv(hidden, src=self.rank - self.tp)
                 h = self.runner.model(ids if self.pp_rank == 0 else None, pos, self.runner.kv_caches, meta,
-                                      hidden=hidden)
+                                      hidden=hidden, layer_done=layer_done)
                 if self.pp_rank < self.pp - 1:
                     dist.send(h.contiguous(), dst=self.rank + self.tp)
                 elif rows:
@@ -190,12 +200,12 @@ class ParallelExecutor:
                     log.error("a rank of this worker is gone; the worker cannot go on")
                     self._closed.set()
 
-    def execute(self, out: SchedulerOutput):
+    def execute(self, out: SchedulerOutput, extras: dict | None = None):
         with self._lock:
             self._last = time.monotonic()
-            return self._execute(out)
+            return self._execute(out, extras or {})
 
-    def _execute(self, out: SchedulerOutput):
+    def _execute(self, out: SchedulerOutput, extras: dict):
         seqs, driver_seqs = [], {}
         for s in out.scheduled:
             seq = s.seq
@@ -205,7 +215,7 @@ class ParallelExecutor:
             seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:s.start + s.num_new_tokens],
                                 seq.token_ids[:s.start] if new else [], list(seq.block_ids), s.sample,
                                 seq.num_prompt_tokens, _params_dict(seq.params) if new else None))
-        msg = StepMsg(seqs, self._finished)
+        msg = StepMsg(seqs, self._finished, extras=extras)
         self._finished = []
         _broadcast_bytes(_enc.encode(msg))
         result = self.rt.run(msg, driver_seqs)
@@ -289,27 +299,30 @@ def config_from_json(text: str):
                         DeviceConfig(**d["device"]), d["quantization"], ParallelConfig(**d["parallel"]))
 
 
-def init_rank(config, rank: int, init_method: str, model_cfg: ModelConfig, num_blocks=None) -> RankRuntime:
+def init_rank(config, rank: int, init_method: str, model_cfg: ModelConfig, num_blocks=None,
+              step_hook=None) -> RankRuntime:
     par = config.parallel
     backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=par.tp * par.pp,
                             timeout=timedelta(seconds=par.timeout_s))
     return RankRuntime(rank, par.tp, par.pp, model_cfg, config.cache, config.device, config.quantization,
-                       num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s)
+                       num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s, step_hook)
 
 
-def start_parallel(config, model_cfg: ModelConfig) -> ParallelExecutor:
-    """Spawns ranks 1..tp*pp-1 (python -m engine.rank_main) and becomes rank 0."""
+def start_parallel(config, model_cfg: ModelConfig, step_hook=None,
+                   rank_module: str = "engine.rank_main") -> ParallelExecutor:
+    """Spawns ranks 1..tp*pp-1 (`python -m rank_module`, which installs the same step hook) and
+    becomes rank 0."""
     import subprocess
     import sys
 
     par = config.parallel
     init = f"tcp://127.0.0.1:{_free_port()}"
     cfg_json = config_to_json(config)
-    followers = [subprocess.Popen([sys.executable, "-m", "engine.rank_main", str(r), init, cfg_json])
+    followers = [subprocess.Popen([sys.executable, "-m", rank_module, str(r), init, cfg_json])
                  for r in range(1, par.tp * par.pp)]
     try:
-        rt = init_rank(config, 0, init, model_cfg)
+        rt = init_rank(config, 0, init, model_cfg, step_hook=step_hook)
     except Exception:
         for p in followers:
             p.kill()

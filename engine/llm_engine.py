@@ -67,7 +67,9 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, step_hook=None, rank_module: str = "engine.rank_main"):
+        """`step_hook(rank, runner, extras)` and `rank_module`: a worker's per-rank plugin (prefill
+        workers ship KV pages from every rank); see engine/executor.py."""
         t0 = time.perf_counter()
         setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
         self.config = config
@@ -80,11 +82,11 @@ class LLMEngine:
             check_tp(self.model_config.num_attention_heads, self.model_config.num_key_value_heads, par.tp)
             if par.pp > self.model_config.num_hidden_layers:
                 raise ValueError(f"pp = {par.pp} exceeds the model's {self.model_config.num_hidden_layers} layers")
-            self.executor = start_parallel(config, self.model_config)
+            self.executor = start_parallel(config, self.model_config, step_hook, rank_module)
         else:
             self.executor = LocalExecutor(ModelRunner(self.model_config, config.cache, config.device,
                                                       num_blocks=config.cache.num_blocks,
-                                                      quantization=config.quantization))
+                                                      quantization=config.quantization), step_hook)
         self.runner = self.executor.runner
         self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
@@ -170,19 +172,13 @@ class LLMEngine:
         return bool(self._requests)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def step(self, before_execute=None, layer_done=None) -> list[RequestOutput]:
-        """One schedule -> execute -> update round. Hooks for workers: `before_execute(out)` sees the
-        SchedulerOutput first (a prefill worker pins pages it will ship); `layer_done(i)` is called
-        as each layer's KV lands (tp = pp = 1)."""
+    def step(self, before_execute=None) -> list[RequestOutput]:
+        """One schedule -> execute -> update round. `before_execute(out)` (for workers) sees the
+        SchedulerOutput first and may return extras for the step hook of every rank (a prefill
+        worker pins the pages it will ship and names them there)."""
         out = self.scheduler.schedule()
-        if before_execute is not None:
-            before_execute(out)
-        if out.empty:
-            sampled, logprobs = {}, {}
-        elif layer_done is not None:
-            sampled, logprobs = self.executor.execute(out, layer_done)
-        else:
-            sampled, logprobs = self.executor.execute(out)
+        extras = before_execute(out) if before_execute is not None else None
+        sampled, logprobs = self.executor.execute(out, extras) if not out.empty else ({}, {})
         self.scheduler.update(out, sampled)
         touched: dict[str, list[_SeqState]] = {}
         for s in out.scheduled:

@@ -10,7 +10,8 @@ import os
 import sys
 
 
-def main() -> int:
+def main(step_hook=None) -> int:
+    """`step_hook`: what the owning worker runs on every rank each step (prefill: ship KV)."""
     rank, init, cfg_json = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     from engine.config import ModelConfig
@@ -19,7 +20,7 @@ def main() -> int:
 
     config = config_from_json(cfg_json)
     setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
-    rt = init_rank(config, rank, init, ModelConfig.from_dir(config.model))
+    rt = init_rank(config, rank, init, ModelConfig.from_dir(config.model), step_hook=step_hook)
     parent = os.getppid()
     try:
         follower_loop(rt)

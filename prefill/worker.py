@@ -25,10 +25,10 @@ from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kvtransfer.pages import RankCaches
 from kvtransfer.plan import IncompatibleLayouts, KVLayout
 from kvtransfer.sender import SendTransfer
 from kvtransfer.zmq_transport import KVClient
+from prefill.shipping import Shipper
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,17 @@ class _Pending:
     req: PrefillRequest
     params: SamplingParams  # the request's own (P runs it with max_tokens = 1)
     transfer: SendTransfer | None  # None: colocated
-    out: list = dataclasses.field(default_factory=list)  # OutgoingTransfer while streaming
     holder: object = None  # pinned pages
 
 
 class PrefillWorker:
     def __init__(self, config: EngineConfig, worker_id: str = "prefill-0", host: str = "127.0.0.1", port: int = 0,
                  reserve_timeout: float = 5.0, ack_timeout: float = 10.0):
-        if config.parallel.tp * config.parallel.pp != 1:
-            raise ValueError("prefill workers with tp * pp > 1 are not wired to KV transfer yet")
         self.worker_id = worker_id
-        self.engine = LLMEngine(config)
+        self.shipper = Shipper()  # rank 0's; followers run their own (prefill.rank_main)
+        self.engine = LLMEngine(config, step_hook=self.shipper, rank_module="prefill.rank_main")
         self.layout = kv_layout(self.engine)
-        self.caches = RankCaches(self.engine.runner.kv_caches, 0, 0)
-        self.client = KVClient(0)
+        self.client = KVClient(0)  # the driver's control path: reserve, ack, abort
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -64,7 +61,6 @@ class PrefillWorker:
         self._pending: dict[str, _Pending] = {}  # admitted here, first token not out yet (or colocated)
         self._shipping: list[SendTransfer] = []  # waiting for D's Ack
         self._first_index: dict = {}
-        self._streams: list = []
         self._stop = False
 
     def start(self) -> None:
@@ -77,6 +73,7 @@ class PrefillWorker:
         for st in self._shipping:
             st.abort("prefill worker closing")
         self.client.stop()
+        self.shipper.close()
         self.chunks.close()
         for s in self._decode_socks.values():
             s.close(0)
@@ -153,28 +150,26 @@ class PrefillWorker:
             p.transfer.abort("aborted by the requester")  # frees the pinned pages, tells D
 
     # ---- the step ------------------------------------------------------------------------------
-    def _pin_and_stream(self, out) -> None:
+    def _pin_and_stream(self, out) -> dict | None:
         """Before the step runs: for each prompt it completes, pin its pages (they must outlive the
-        sequence until D acks) and prepare its layer-by-layer shipment."""
-        self._streams = []
+        sequence until D acks) and name them for every rank's step hook, which ships each layer as
+        soon as it is computed."""
+        ships = []
+        bm = self.engine.block_manager
         for s in out.scheduled:
             p = self._pending.get(s.seq.request_id)
             if p is None or p.transfer is None or not s.sample or p.holder is not None:
                 continue
-            holder = self.engine.block_manager.hold(s.seq)
-            p.holder = holder
-            bm = self.engine.block_manager
+            p.holder = holder = bm.hold(s.seq)
             p.transfer._release = lambda h=holder: bm.free(h)
-            t = p.transfer.outgoing(0, self.client, self.caches, holder.block_ids)
-            p.out = [t]
-            self._streams.append(t)
-
-    def _layer_done(self, i: int) -> None:
-        for t in self._streams:
-            t.send_layer(i)
+            t = p.transfer
+            ships.append({"request_id": t.request_id, "attempt": t.attempt, "dst_layout": p.req.decode.layout,
+                          "dst_endpoints": t.endpoints, "src_block_ids": holder.block_ids[:len(t.dst_block_ids)],
+                          "dst_block_ids": t.dst_block_ids})
+        return {"ships": ships} if ships else None
 
     def _step(self) -> None:
-        outputs = self.engine.step(before_execute=self._pin_and_stream, layer_done=self._layer_done)
+        outputs = self.engine.step(before_execute=self._pin_and_stream)
         for ro in outputs:
             p = self._pending.get(ro.request_id)
             if p is None:

@@ -135,3 +135,54 @@ def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
     assert [client.streams[f"c{i}"].token_ids for i in range(3)] == want
     st = c.stop()
     assert st["free_blocks"] == st["num_blocks"]
+
+
+@pytest.mark.slow
+def test_smollm2_disaggregated_equals_one_process(smollm2_dir):
+    started = []
+    try:
+        d = Worker(smollm2_dir, "decode", "--kv-cache-memory", "32MiB")
+        started.append(d)
+        p = Worker(smollm2_dir, "prefill", "--kv-cache-memory", "32MiB")
+        started.append(p)
+        eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=32 * 2**20)))
+        tok = eng.tokenizer
+        chats = ["What is the capital of France?", "Name three colors."]
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
+               for c in chats]
+        want = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0))
+        client = WorkerClient()
+        for i, x in enumerate(ids):
+            client.submit(p.info, f"s{i}", x, {"max_tokens": 24, "temperature": 0.0}, decode=d.info)
+        client.collect(timeout=120)
+        for i in range(len(ids)):
+            s = client.streams[f"s{i}"]
+            assert s.token_ids == want[i]["outputs"][0]["token_ids"]
+            assert s.text == want[i]["outputs"][0]["text"]
+            assert s.finish_reason == want[i]["outputs"][0]["finish_reason"]
+        assert "Paris" in client.streams["s0"].text
+        for w in started:
+            st = w.stop()
+            assert st["free_blocks"] == st["num_blocks"]
+    finally:
+        for w in started:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait(10)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_prefill_worker_ships_every_shard(cluster, tiny_llama, tp, pp):
+    d = cluster("decode")
+    p = cluster("prefill", "--tp", str(tp), "--pp", str(pp))
+    ps = prompts(4, seed=5)
+    client = WorkerClient()
+    for i, prompt in enumerate(ps):
+        client.submit(p.info, f"r{i}", prompt, {"max_tokens": 12, **GREEDY}, decode=d.info)
+    client.collect(timeout=120)
+    want = reference(tiny_llama, ps, 12)
+    for i in range(len(ps)):
+        s = client.streams[f"r{i}"]
+        assert s.error == "" and s.token_ids == want[i], (i, s.error)
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]

@@ -1,0 +1,9 @@
+"""A follower rank of a TP x PP prefill worker: the engine's follower loop plus KV shipping."""
+
+import sys
+
+from engine.rank_main import main
+from prefill.shipping import Shipper
+
+if __name__ == "__main__":
+    sys.exit(main(step_hook=Shipper()))

@@ -1,0 +1,48 @@
+"""The prefill step hook, run by every rank of a prefill worker: ship each layer's KV pages to the
+decode ranks as soon as the layer is computed (each rank sends its own shard, per the transfer plan)."""
+
+from __future__ import annotations
+
+from engine.partition import kv_head_range
+from kvtransfer.pages import RankCaches
+from kvtransfer.plan import KVLayout, plan_transfer
+from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
+
+
+def src_layout(runner) -> KVLayout:
+    cfg, ctx = runner.model_cfg, runner.model.ctx
+    return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, runner.block_size,
+                    str(runner.dtype).removeprefix("torch."), ctx.tp_size, ctx.pp_size)
+
+
+class Shipper:
+    """`step_hook(rank, runner, extras)`: extras["ships"] lists the requests whose prompt completes
+    in this step: request_id, attempt, dst_layout, dst_endpoints, src_block_ids, dst_block_ids."""
+
+    def __init__(self):
+        self.client: KVClient | None = None
+
+    def __call__(self, rank: int, runner, extras: dict):
+        ships = extras.get("ships") if extras else None
+        if not ships:
+            return None
+        if self.client is None:
+            self.client = KVClient(rank)
+            self.client.start()
+        src = src_layout(runner)
+        ctx = runner.model.ctx
+        caches = RankCaches(runner.kv_caches, runner.model.layer_start,
+                            kv_head_range(src.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0])
+        transfers = [OutgoingTransfer(self.client, caches, plan_transfer(src, KVLayout(**s["dst_layout"])), rank,
+                                      s["request_id"], s["attempt"], s["dst_endpoints"], s["src_block_ids"],
+                                      s["dst_block_ids"]) for s in ships]
+        start = runner.model.layer_start
+
+        def layer_done(i: int) -> None:
+            for t in transfers:
+                t.send_layer(start + i)
+        return layer_done
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.stop()
