@@ -27,34 +27,42 @@ from engine.sampling_params import SamplingParams
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout
 from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations
-from kvtransfer.zmq_transport import KVServer
+from kvtransfer.zmq_transport import KVServer, RemoteRank
 
 log = logging.getLogger(__name__)
 
 
+def layout_of(cfg, config: EngineConfig) -> KVLayout:
+    par = config.parallel
+    return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.cache.block_size,
+                    config.device.dtype, par.tp, par.pp)
+
+
 def kv_layout(engine: LLMEngine) -> KVLayout:
-    cfg, par = engine.model_config, engine.config.parallel
-    return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, engine.config.cache.block_size,
-                    engine.config.device.dtype, par.tp, par.pp)
+    return layout_of(engine.model_config, engine.config)
 
 
 class DecodeWorker:
     def __init__(self, config: EngineConfig, worker_id: str = "decode-0", host: str = "127.0.0.1",
                  port: int = 0, kv_port: int = 0, kv_timeout: float = 10.0, handoff_timeout: float = 15.0):
-        if config.parallel.tp * config.parallel.pp != 1:
-            raise ValueError("decode workers with tp * pp > 1 are not wired to KV transfer yet")
         self.worker_id = worker_id
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, rank_module="decode.rank_main")
         self.layout = kv_layout(self.engine)
         self.metrics = Counter()
         self.pool = BlockPoolReserver(self.engine.block_manager)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, attempt) from the KV thread
-        caches = RankCaches(self.engine.runner.kv_caches, 0, 0)
+        runner = self.engine.runner
+        caches = RankCaches(runner.kv_caches, runner.model.layer_start, 0)  # rank 0 holds the first heads
         receiver = RankReceiver(0, self.layout, caches, lambda *a: self.reservations.on_rank_done(*a), self.metrics)
-        self.reservations = Reservations(self.layout, [receiver], self.pool.reserve, self._release_reservation,
+        ranks: list = [receiver]
+        self.reservations = Reservations(self.layout, ranks, self.pool.reserve, self._release_reservation,
                                          None, lambda rid, att, blocks: self._ready.put((rid, att)),
                                          timeout=kv_timeout, metrics=self.metrics)
         self.kv_server = KVServer(f"tcp://{host}:{kv_port}", receiver, self.reservations)
+        self._kv_endpoints = [self.kv_server.endpoint]
+        if self.layout.num_ranks > 1:  # the other ranks' KV servers; the driver stands in for them
+            self._kv_endpoints = self.engine.executor.exchange(self.kv_server.endpoint)
+            ranks += [RemoteRank(r, ep) for r, ep in enumerate(self._kv_endpoints) if r > 0]
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -70,7 +78,7 @@ class DecodeWorker:
 
     @property
     def kv_endpoints(self) -> list[str]:
-        return [self.kv_server.endpoint]
+        return list(self._kv_endpoints)
 
     def start(self) -> None:
         self.kv_server.start()

@@ -166,6 +166,29 @@ def _broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
     return buf.numpy().tobytes()
 
 
+def send_bytes(data: bytes, dst: int) -> None:
+    dist.send(torch.tensor([len(data)], dtype=torch.long), dst=dst)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst)
+
+
+def recv_bytes(src: int) -> bytes:
+    n = torch.empty(1, dtype=torch.long)
+    dist.recv(n, src=src)
+    buf = torch.empty(int(n), dtype=torch.uint8)
+    dist.recv(buf, src=src)
+    return buf.numpy().tobytes()
+
+
+def exchange_strings(mine: str, rank: int, world: int) -> list[str]:
+    """Rank 0 broadcasts its string and gathers everyone's (one per rank), e.g. socket endpoints
+    created after the group formed. Every rank calls it once, before the step loop."""
+    driver = _broadcast_bytes(mine.encode() if rank == 0 else None).decode()
+    if rank != 0:
+        send_bytes(mine.encode(), 0)
+        return [driver]
+    return [driver] + [recv_bytes(r).decode() for r in range(1, world)]
+
+
 class ParallelExecutor:
     """The driver's side of a TP x PP replica (rank 0 of a gloo/NCCL world of tp * pp processes).
 
@@ -220,11 +243,7 @@ class ParallelExecutor:
         _broadcast_bytes(_enc.encode(msg))
         result = self.rt.run(msg, driver_seqs)
         if self.rt.sampler_rank != 0 and any(s.sample for s in out.scheduled):
-            n = torch.empty(1, dtype=torch.long)
-            dist.recv(n, src=self.rt.sampler_rank)
-            buf = torch.empty(int(n), dtype=torch.uint8)
-            dist.recv(buf, src=self.rt.sampler_rank)
-            result = _result_dec.decode(buf.numpy().tobytes())
+            result = _result_dec.decode(recv_bytes(self.rt.sampler_rank))
         if result is None:
             return {}, {}
         sampled = dict(zip(result.seq_ids, result.tokens))
@@ -238,6 +257,11 @@ class ParallelExecutor:
             if seq_id in self._known:
                 self._known.discard(seq_id)
                 self._finished.append(seq_id)
+
+    def exchange(self, mine: str) -> list[str]:
+        """exchange_strings from the driver, between steps (the heartbeat waits)."""
+        with self._lock:
+            return exchange_strings(mine, 0, self.rt.tp * self.rt.pp)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -270,9 +294,7 @@ def follower_loop(rt: RankRuntime) -> None:
             break
         result = rt.run(msg)
         if result is not None and rt.rank != 0:
-            data = _enc.encode(result)
-            dist.send(torch.tensor([len(data)], dtype=torch.long), dst=0)
-            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0)
+            send_bytes(_enc.encode(result), 0)
     dist.destroy_process_group()
 
 

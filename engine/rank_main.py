@@ -10,8 +10,9 @@ import os
 import sys
 
 
-def main(step_hook=None) -> int:
-    """`step_hook`: what the owning worker runs on every rank each step (prefill: ship KV)."""
+def main(step_hook=None, on_ready=None) -> int:
+    """`step_hook`: what the owning worker runs on every rank each step (prefill: ship KV).
+    `on_ready(rt, config)`: the worker's set-up of this rank before the step loop (decode: KV server)."""
     rank, init, cfg_json = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     from engine.config import ModelConfig
@@ -23,6 +24,8 @@ def main(step_hook=None) -> int:
     rt = init_rank(config, rank, init, ModelConfig.from_dir(config.model), step_hook=step_hook)
     parent = os.getppid()
     try:
+        if on_ready is not None:
+            on_ready(rt, config)
         follower_loop(rt)
     except RuntimeError as e:  # the driver or another rank died: go down with the worker
         logging.getLogger(__name__).error("leaving: %s (driver pid %d)", e, parent)

@@ -101,7 +101,39 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
     reason: str = ""
 
 
-Message = Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo
+class Expect(msgspec.Struct, tag="expect", frozen=True):
+    """Decode driver -> its other ranks: frames of this request will come into these blocks."""
+    v: int
+    request_id: str
+    attempt: int
+    block_ids: list[int]
+    layout: Layout  # the sender's
+    timeout_s: float
+
+
+class ExpectOk(msgspec.Struct, tag="expect_ok", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    v: int
+    request_id: str
+    attempt: int
+
+
+class RankDone(msgspec.Struct, tag="rank_done", frozen=True):
+    """A decode rank -> its driver: it has every frame of the request (ok), or gave up (reason)."""
+    v: int
+    request_id: str
+    attempt: int
+    rank: int
+    ok: bool
+    reason: str = ""
+
+
+Message = Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo | Expect | ExpectOk | Cancel | RankDone
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

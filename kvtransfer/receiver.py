@@ -230,9 +230,14 @@ class Reservations:
             deadline = time.monotonic() + self.timeout
             self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
                                                        {r.rank for r in self.ranks}, deadline)
+        try:
+            for r in self.ranks:
+                r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
+        except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
+            with self._lock:
+                self._fail_locked(msg.request_id, str(e), ack=False)
+            return no(f"decode worker not ready: {e}")
         self.metrics["reserved"] += 1
-        for r in self.ranks:
-            r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
         return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids)
 
     def on_rank_done(self, request_id: str, attempt: int, rank: int, ok: bool, reason: str) -> None:

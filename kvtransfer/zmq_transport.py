@@ -24,8 +24,9 @@ import zmq
 
 from kvtransfer.pages import RankCaches, block_runs, to_bytes_view
 from kvtransfer.plan import KVLayout, TransferItem, items_from
-from kvtransfer.protocol import (VERSION, Abort, Ack, Pages, PairHello, PairInfo, ProtocolError, Reserve, Reserved,
-                                 decode, encode, layout_msg)
+from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello, PairInfo,
+                                 ProtocolError, RankDone, Reserve, Reserved, decode, encode, layout_from_msg,
+                                 layout_msg)
 from kvtransfer.receiver import RankReceiver, Reservations
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,14 @@ class KVServer(_IOThread):
             self.sock.send_multipart([identity, encode(reply)])
         elif isinstance(msg, Abort) and self.reservations is not None:
             self.reservations.on_abort(msg.request_id, msg.attempt, msg.reason)
+        elif isinstance(msg, RankDone) and self.reservations is not None:
+            self.reservations.on_rank_done(msg.request_id, msg.attempt, msg.rank, msg.ok, msg.reason)
+        elif isinstance(msg, Expect) and self.reservations is None:
+            self.receiver.expect(msg.request_id, msg.attempt, msg.block_ids, layout_from_msg(msg.layout),
+                                 time.monotonic() + msg.timeout_s)
+            self.sock.send_multipart([identity, encode(ExpectOk(VERSION, msg.request_id, msg.attempt))])
+        elif isinstance(msg, Cancel) and self.reservations is None:
+            self.receiver.cancel(msg.request_id, msg.attempt)
         else:
             self.metrics["messages_unexpected"] += 1
 
@@ -192,6 +201,52 @@ class KVServer(_IOThread):
             self.reservations.expire(now)
 
     def close_sockets(self) -> None:
+        self.sock.close(0)
+
+
+class FollowerLink:
+    """A non-driver decode rank's line to its driver: RankDone reports go out from the rank's own KV
+    server thread (so `report` must be called there: RankReceiver calls on_done on that thread)."""
+
+    def __init__(self, server: "KVServer", driver_endpoint: str):
+        self.server = server
+        self.sock = server.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(driver_endpoint)
+
+    def report(self, request_id: str, attempt: int, rank: int, ok: bool, reason: str) -> None:
+        self.sock.send(encode(RankDone(VERSION, request_id, attempt, rank, ok, reason)))
+
+
+class RemoteRank:
+    """The decode driver's stand-in for another rank's RankReceiver (used by Reservations from the
+    driver's KV server thread): `expect` waits (bounded) for the rank's confirmation, so no frame can
+    reach the rank before it knows the request."""
+
+    def __init__(self, rank: int, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 5.0):
+        self.rank = rank
+        self.timeout = timeout
+        self.sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def expect(self, request_id, attempt, block_ids, src_layout, deadline) -> None:
+        msg = Expect(VERSION, request_id, attempt, list(block_ids), layout_msg(src_layout),
+                     max(0.0, deadline - time.monotonic()))
+        self.sock.send(encode(msg))
+        end = time.monotonic() + self.timeout
+        while time.monotonic() < end:
+            if not self.sock.poll(max(1, int((end - time.monotonic()) * 1000))):
+                break
+            reply = decode(self.sock.recv())
+            if isinstance(reply, ExpectOk) and reply.request_id == request_id and reply.attempt == attempt:
+                return
+        raise TimeoutError(f"decode rank {self.rank} did not confirm {request_id} within {self.timeout} s")
+
+    def cancel(self, request_id, attempt) -> None:
+        self.sock.send(encode(Cancel(VERSION, request_id, attempt)))
+
+    def close(self) -> None:
         self.sock.close(0)
 
 

@@ -186,3 +186,22 @@ def test_parallel_prefill_worker_ships_every_shard(cluster, tiny_llama, tp, pp):
         assert s.error == "" and s.token_ids == want[i], (i, s.error)
     ds, pst = d.stop(), p.stop()
     assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+
+
+@pytest.mark.parametrize("p_shape,d_shape", [((1, 1), (2, 1)), ((1, 1), (1, 2)), ((2, 1), (2, 2)),
+                                             ((2, 2), (1, 2))])
+def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_shape, d_shape):
+    d = cluster("decode", "--tp", str(d_shape[0]), "--pp", str(d_shape[1]))
+    p = cluster("prefill", "--tp", str(p_shape[0]), "--pp", str(p_shape[1]))
+    assert len(d.info["kv_endpoints"]) == d_shape[0] * d_shape[1]
+    ps = prompts(4, seed=6)
+    client = WorkerClient()
+    for i, prompt in enumerate(ps):
+        client.submit(p.info, f"r{i}", prompt, {"max_tokens": 12, **GREEDY}, decode=d.info)
+    client.collect(timeout=120)
+    want = reference(tiny_llama, ps, 12)
+    for i in range(len(ps)):
+        s = client.streams[f"r{i}"]
+        assert s.error == "" and s.token_ids == want[i], (i, s.error)
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]

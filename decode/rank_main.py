@@ -1,0 +1,39 @@
+"""A follower rank of a TP x PP decode worker: its own KV server (frames for its shard land in its
+cache), RankDone reports to the driver, and the engine's follower loop."""
+
+import sys
+
+from engine.executor import exchange_strings
+from engine.partition import kv_head_range
+from engine.rank_main import main
+from kvtransfer.pages import RankCaches
+from kvtransfer.receiver import RankReceiver
+from kvtransfer.zmq_transport import FollowerLink, KVServer
+
+
+def start_kv_server(rt, config) -> None:
+    from decode.worker import layout_of
+
+    runner = rt.runner
+    layout = layout_of(runner.model_cfg, config)
+    ctx = runner.model.ctx
+    caches = RankCaches(runner.kv_caches, runner.model.layer_start,
+                        kv_head_range(layout.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0])
+    link = None
+    receiver = RankReceiver(rt.rank, layout, caches, lambda *a: link.report(*a))
+    host = config_host()
+    server = KVServer(f"tcp://{host}:0", receiver, None)
+    driver_endpoint = exchange_strings(server.endpoint, rt.rank, rt.tp * rt.pp)[0]
+    link = FollowerLink(server, driver_endpoint)
+    server.start()
+    rt.kv_server = server  # kept alive with the rank
+
+
+def config_host() -> str:
+    # NOTE: the ranks of a worker share its host; binding its other ranks' KV servers to the worker's
+    # interface (multi-host clusters) comes with `cluster up` on many hosts.
+    return "127.0.0.1"
+
+
+if __name__ == "__main__":
+    sys.exit(main(on_ready=start_kv_server))
