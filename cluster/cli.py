@@ -104,10 +104,23 @@ def cmd_worker(args) -> int:
     info = {"ready": True, "role": args.role, "worker_id": worker.worker_id, "endpoint": worker.endpoint,
             "kv_endpoints": getattr(worker, "kv_endpoints", []), "layout": dataclasses.asdict(worker.layout),
             "startup_s": round(time.perf_counter() - t0, 2), "pid": os.getpid()}
+    registry = None
+    if args.registry:
+        from cluster.registry import DirectoryRegistry, WorkerInfo
+        registry = DirectoryRegistry(args.registry)
+        registry.register(WorkerInfo(worker.worker_id, args.role, config.model, args.tp, args.pp,
+                                     worker.layout.block_size, worker.engine.kv_capacity_tokens, worker.endpoint,
+                                     info["kv_endpoints"], info["layout"], os.getpid(), info["startup_s"]))
+        worker.heartbeat.registry = registry
+        worker.heartbeat.interval = args.heartbeat_interval
+        worker.heartbeat.maybe_beat(worker.engine)
+    print(f"{worker.worker_id}: ready in {info['startup_s']:.1f} s (model, warm-up)", file=sys.stderr, flush=True)
     print(json.dumps(info), flush=True)
     try:
         worker.run()
     finally:
+        if registry is not None:
+            registry.deregister(worker.worker_id)
         bm = worker.engine.block_manager
         stats = {"stopped": True, "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                  "metrics": dict(worker.metrics), **worker.engine.stats()}
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--port", type=int, default=0, help="request socket port (0: any free port)")
     w.add_argument("--kv-port", type=int, default=0, help="decode: KV transfer port (0: any free port)")
     w.add_argument("--worker-id", default=None)
+    w.add_argument("--registry", default=None,
+                   help="directory registry (JSON files) to announce this worker and its load in")
+    w.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between load heartbeats")
     w.set_defaults(fn=cmd_worker)
 
     m = sub.add_parser("model", help="manage models")

@@ -19,6 +19,7 @@ from collections import Counter
 import zmq
 
 from cluster.messages import Abort, Handoff, MessageError, decode_worker_message
+from cluster.heartbeat import Heartbeat
 from cluster.worker_common import ChunkSender, output_chunks
 from engine.config import EngineConfig
 from engine.errors import TandemError
@@ -57,7 +58,7 @@ class DecodeWorker:
         ranks: list = [receiver]
         self.reservations = Reservations(self.layout, ranks, self.pool.reserve, self._release_reservation,
                                          None, lambda rid, att, blocks: self._ready.put((rid, att)),
-                                         timeout=kv_timeout, metrics=self.metrics)
+                                         timeout=kv_timeout, metrics=self.metrics, refuse=self._refuse)
         self.kv_server = KVServer(f"tcp://{host}:{kv_port}", receiver, self.reservations)
         self._kv_endpoints = [self.kv_server.endpoint]
         if self.layout.num_ranks > 1:  # the other ranks' KV servers; the driver stands in for them
@@ -74,7 +75,9 @@ class DecodeWorker:
         self._kv_done: dict[str, int] = {}  # request_id -> attempt whose KV is in
         self._live: dict[str, tuple[str, int]] = {}  # request_id -> (reply_to, attempt)
         self._first_index: dict = {}
+        self._aborted: dict[str, tuple[int, float]] = {}  # request_id -> (attempt, forget after)
         self._stop = False
+        self.heartbeat = Heartbeat(None, worker_id)  # `cluster worker --registry` sets the registry
 
     @property
     def kv_endpoints(self) -> list[str]:
@@ -86,6 +89,11 @@ class DecodeWorker:
     def _release_reservation(self, request_id: str) -> None:
         self.pool.release(request_id)
 
+    def _refuse(self, request_id: str, attempt: int) -> str | None:
+        # called on the KV thread; a dict lookup is atomic enough for a tombstone check
+        a = self._aborted.get(request_id)
+        return "aborted by the requester" if a is not None and a[0] >= attempt else None
+
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, until=None) -> None:
         """Serves until `stop()` (or `until()` returns True)."""
@@ -94,7 +102,10 @@ class DecodeWorker:
             self._admit()
             self._expire()
             if self.engine.has_unfinished_requests():
+                t0 = time.monotonic()
                 self._step()
+                self.heartbeat.step_done(time.monotonic() - t0)
+            self.heartbeat.maybe_beat(self.engine, len(self._handoffs) + self.reservations.num_pending)
 
     def stop(self) -> None:
         self._stop = True
@@ -120,6 +131,8 @@ class DecodeWorker:
                 log.debug("dropped: %s", e)
                 continue
             if isinstance(msg, Handoff):
+                if self._refuse(msg.request_id, msg.attempt):
+                    continue
                 self._handoffs[msg.request_id] = (msg, time.monotonic() + self.handoff_timeout)
             elif isinstance(msg, Abort):
                 self._abort(msg.request_id, msg.attempt)
@@ -153,6 +166,8 @@ class DecodeWorker:
 
     def _expire(self) -> None:
         now = time.monotonic()
+        for rid in [r for r, (_, t) in self._aborted.items() if t <= now]:
+            del self._aborted[rid]
         for rid in [r for r, (_, dl) in self._handoffs.items() if dl <= now]:
             h, _ = self._handoffs.pop(rid)
             self.chunks.error(h.reply_to, rid, h.attempt, "the prompt's KV never arrived", index=1)
@@ -170,12 +185,14 @@ class DecodeWorker:
                 self._first_index.pop((ro.request_id, 0), None)
 
     def _abort(self, request_id: str, attempt: int) -> None:
+        # a tombstone, so a Reserve or Handoff of this attempt that is still on its way is refused
+        self._aborted[request_id] = (attempt, time.monotonic() + 60.0)
         self._handoffs.pop(request_id, None)
         if request_id in self._live:
             self.engine.abort_request(request_id)
             self._live.pop(request_id)
             self._first_index.pop((request_id, 0), None)
-        self.reservations.on_abort(request_id, attempt, "aborted by the requester")
+        self.reservations.on_abort(request_id, attempt, "aborted by the requester", notify_sender=True)
         if self._kv_done.pop(request_id, None) is not None:
             self.pool.release(request_id)
         self.metrics["aborted"] += 1

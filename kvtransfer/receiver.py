@@ -196,11 +196,14 @@ class Reservations:
                  reserve_fn: Callable[[str, int], list[int] | None], release_fn: Callable[[str], None],
                  send_ack: Callable[[bytes, Ack], None],
                  on_ready: Callable[[str, int, list[int]], None] = lambda *a: None,
-                 timeout: float = 10.0, metrics: Counter | None = None):
+                 timeout: float = 10.0, metrics: Counter | None = None,
+                 refuse: Callable[[str, int], str | None] = lambda rid, attempt: None):
+        """`refuse(request_id, attempt)`: a reason to turn a reservation down (e.g. already aborted)."""
         self.layout = layout
         self.ranks = ranks
         self.reserve_fn, self.release_fn = reserve_fn, release_fn
         self.send_ack, self.on_ready = send_ack, on_ready
+        self.refuse = refuse
         self.timeout = timeout
         self.metrics = metrics if metrics is not None else Counter()
         self._lock = threading.Lock()
@@ -218,6 +221,9 @@ class Reservations:
             return no(f"incompatible layout: {e}")
         if msg.num_tokens <= 0:
             return no(f"num_tokens = {msg.num_tokens} must be positive")
+        reason = self.refuse(msg.request_id, msg.attempt)
+        if reason:
+            return no(reason)
         with self._lock:
             old = self._table.get(msg.request_id)
             if old is not None:
@@ -256,11 +262,13 @@ class Reservations:
         self.send_ack(res.sender, Ack(VERSION, request_id, attempt, True))
         self.on_ready(request_id, attempt, res.block_ids)
 
-    def on_abort(self, request_id: str, attempt: int, reason: str) -> None:
+    def on_abort(self, request_id: str, attempt: int, reason: str, notify_sender: bool = False) -> None:
+        """The sender gave up (no Ack owed), or, with `notify_sender`, someone else aborted the request
+        here (the requester): the sender gets Ack(not ok) and frees its pages at once."""
         with self._lock:
             res = self._table.get(request_id)
             if res is not None and res.attempt == attempt:
-                self._fail_locked(request_id, f"aborted by the sender: {reason}", ack=False)
+                self._fail_locked(request_id, f"aborted: {reason}", ack=notify_sender)
 
     def expire(self, now: float) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ import zmq
 
 from cluster.messages import (VERSION, Abort, Handoff, MessageError, PrefillRequest, TokenChunk, decode_worker_message,
                               encode)
+from cluster.heartbeat import Heartbeat
 from cluster.worker_common import ChunkSender, output_chunks
 from decode.worker import _bind, kv_layout
 from engine.config import EngineConfig
@@ -62,6 +63,7 @@ class PrefillWorker:
         self._shipping: list[SendTransfer] = []  # waiting for D's Ack
         self._first_index: dict = {}
         self._stop = False
+        self.heartbeat = Heartbeat(None, worker_id)  # `cluster worker --registry` sets the registry
 
     def start(self) -> None:
         self.client.start()
@@ -85,8 +87,12 @@ class PrefillWorker:
             busy = self.engine.has_unfinished_requests()
             self.poll(0 if busy else (5 if self._shipping else 20))
             if self.engine.has_unfinished_requests():
+                t0 = time.monotonic()
                 self._step()
+                self.heartbeat.step_done(time.monotonic() - t0)
             self._shipping = [st for st in self._shipping if not st.poll()]
+            self._drop_refused()
+            self.heartbeat.maybe_beat(self.engine, len(self._shipping))
 
     # ---- requests ------------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> None:
@@ -142,6 +148,16 @@ class PrefillWorker:
             self.chunks.error(req.reply_to, rid, req.attempt, str(e))
             return
         self._pending[rid] = _Pending(req, params, transfer)
+
+    def _drop_refused(self) -> None:
+        """A decode worker that gave up on a request before its prompt was done (the requester aborted
+        there, its reservation timed out) sent Ack(not ok): stop computing it here."""
+        for rid, p in list(self._pending.items()):
+            ack = p.transfer._ack if p.transfer is not None else None
+            if ack is not None and ack.done() and not ack.result().ok:
+                self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker: {ack.result().reason}")
+                self._abort(rid)
+                self.metrics["dropped_refused"] += 1
 
     def _abort(self, request_id: str) -> None:
         p = self._pending.pop(request_id, None)

@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -117,7 +118,6 @@ def test_abort_mid_decode_frees_both_sides(cluster, tiny_llama):
     assert len(client.streams["long"].token_ids) >= 5
     client.abort(d.info["endpoint"], "long")
     client.abort(p.info["endpoint"], "long")
-    import time
     time.sleep(1.0)
     ds, pst = d.stop(), p.stop()
     assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
@@ -205,3 +205,54 @@ def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_sha
         assert s.error == "" and s.token_ids == want[i], (i, s.error)
     ds, pst = d.stop(), p.stop()
     assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+
+
+def test_workers_register_heartbeat_and_deregister(cluster, tiny_llama, tmp_path):
+    from cluster.registry import DirectoryRegistry
+    reg = DirectoryRegistry(tmp_path / "reg", stale_after=2.0)
+    d = cluster("decode", "--registry", str(tmp_path / "reg"), "--worker-id", "d0", "--heartbeat-interval", "0.02")
+    p = cluster("prefill", "--registry", str(tmp_path / "reg"), "--worker-id", "p0")
+    live = {w.worker_id: w for w in reg.workers()}
+    assert set(live) == {"d0", "p0"}
+    assert live["d0"].kv_endpoints == d.info["kv_endpoints"] and live["p0"].role == "prefill"
+    assert live["d0"].kv_capacity_tokens > 0
+    client = WorkerClient()
+    client.submit(p.info, "r0", prompts(1)[0], {"max_tokens": 400, **GREEDY}, decode=d.info)
+    seen_running = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not seen_running:
+        client.collect(timeout=0.01, until=lambda: False)
+        ld = reg.load("d0")
+        seen_running = ld is not None and ld.num_running == 1 and ld.steps > 0
+    assert seen_running  # the decode worker's heartbeats carry its load
+    client.collect(timeout=60)
+    p.stop()
+    assert "p0" not in {w.worker_id for w in reg.workers(live_only=False)}  # deregistered on exit
+    d.proc.kill()  # no chance to deregister: its heartbeats stop and it goes stale
+    d.proc.wait(10)
+    time.sleep(2.5)
+    assert reg.workers() == []
+
+
+@pytest.mark.parametrize("when", ["mid-prefill", "mid-transfer"])
+def test_abort_during_prefill_or_transfer_frees_everything(cluster, tiny_llama, when):
+    d = cluster("decode")
+    # a long prompt in chunks of 2 tokens: its prefill takes a couple of hundred steps
+    p = cluster("prefill", "--max-num-batched-tokens", "2")
+    client = WorkerClient()
+    prompt = [(7 * i) % 250 + 3 for i in range(400)]
+    client.submit(p.info, "a", prompt, {"max_tokens": 50, **GREEDY}, decode=d.info)
+    if when == "mid-transfer":
+        time.sleep(0.05)  # reserved at D, the prompt still being computed and shipped layer by layer
+        client.abort(d.info["endpoint"], "a")
+    else:
+        client.abort(p.info["endpoint"], "a")
+    client.collect(timeout=3, until=lambda: client.streams["a"].finish_reason is not None)
+    time.sleep(1.0)
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+    assert ds["num_running"] == 0 and pst["num_running"] == 0
+    s = client.streams["a"]
+    assert s.token_ids == []  # aborted before the prompt was done: no token, and nothing decoded
+    if when == "mid-transfer":
+        assert pst["metrics"].get("dropped_refused") == 1  # P stopped computing when D gave up
