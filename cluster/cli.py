@@ -116,17 +116,24 @@ def cmd_worker(args) -> int:
         worker.heartbeat.maybe_beat(worker.engine)
     print(f"{worker.worker_id}: ready in {info['startup_s']:.1f} s (model, warm-up)", file=sys.stderr, flush=True)
     print(json.dumps(info), flush=True)
+    rc = 0
     try:
         worker.run()
+    except RuntimeError as e:  # a rank died: the whole worker exits, and its registration with it
+        print(f"{worker.worker_id}: {e}", file=sys.stderr, flush=True)
+        rc = 1
     finally:
         if registry is not None:
             registry.deregister(worker.worker_id)
         bm = worker.engine.block_manager
         stats = {"stopped": True, "free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                  "metrics": dict(worker.metrics), **worker.engine.stats()}
-        worker.close()
+        try:
+            worker.close()
+        except RuntimeError:
+            pass
         print(json.dumps(stats), flush=True)
-    return 0
+    return rc
 
 
 def cmd_model_pull(args) -> int:

@@ -98,6 +98,8 @@ class DecodeWorker:
     def run(self, until=None) -> None:
         """Serves until `stop()` (or `until()` returns True)."""
         while not self._stop and not (until and until()):
+            if getattr(self.engine.executor, "broken", False):
+                raise RuntimeError("a rank of this worker died; the worker goes down with it")
             self.poll(0 if self.engine.has_unfinished_requests() else 20)
             self._admit()
             self._expire()

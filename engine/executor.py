@@ -203,6 +203,7 @@ class ParallelExecutor:
         self.followers = list(followers)  # subprocess.Popen of the other ranks
         self._known: set[int] = set()
         self._finished: list[int] = []
+        self.broken = False  # a rank died: every later step fails; the worker must exit
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._closed = threading.Event()
@@ -221,12 +222,17 @@ class ParallelExecutor:
                     self._last = time.monotonic()
                 except RuntimeError:
                     log.error("a rank of this worker is gone; the worker cannot go on")
+                    self.broken = True
                     self._closed.set()
 
     def execute(self, out: SchedulerOutput, extras: dict | None = None):
         with self._lock:
             self._last = time.monotonic()
-            return self._execute(out, extras or {})
+            try:
+                return self._execute(out, extras or {})
+            except RuntimeError:
+                self.broken = True
+                raise
 
     def _execute(self, out: SchedulerOutput, extras: dict):
         seqs, driver_seqs = [], {}

@@ -84,6 +84,8 @@ class PrefillWorker:
 
     def run(self, until=None) -> None:
         while not self._stop and not (until and until()):
+            if getattr(self.engine.executor, "broken", False):
+                raise RuntimeError("a rank of this worker died; the worker goes down with it")
             busy = self.engine.has_unfinished_requests()
             self.poll(0 if busy else (5 if self._shipping else 20))
             if self.engine.has_unfinished_requests():

@@ -256,3 +256,47 @@ def test_abort_during_prefill_or_transfer_frees_everything(cluster, tiny_llama, 
     assert s.token_ids == []  # aborted before the prompt was done: no token, and nothing decoded
     if when == "mid-transfer":
         assert pst["metrics"].get("dropped_refused") == 1  # P stopped computing when D gave up
+
+
+def test_a_dead_rank_takes_its_worker_down_and_out_of_the_registry(cluster, tiny_llama, tmp_path):
+    import os
+    import signal
+
+    from cluster.registry import DirectoryRegistry
+    reg = DirectoryRegistry(tmp_path / "reg", stale_after=2.0)
+    d = cluster("decode", "--tp", "2", "--registry", str(tmp_path / "reg"), "--worker-id", "d0")
+    assert [w.worker_id for w in reg.workers()] == ["d0"]
+    children = [int(x) for x in open(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children").read().split()]
+    assert children  # its other rank
+    os.kill(children[0], signal.SIGKILL)
+    assert d.proc.wait(60) == 1  # the driver noticed (heartbeat collective failed) and exited
+    assert reg.workers(live_only=False) == []
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_prefill_to_pp2_decode(smollm2_dir):
+    started = []
+    try:
+        d = Worker(smollm2_dir, "decode", "--kv-cache-memory", "16MiB", "--pp", "2")
+        started.append(d)
+        p = Worker(smollm2_dir, "prefill", "--kv-cache-memory", "16MiB", "--tp", "3")
+        started.append(p)
+        eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=16 * 2**20)))
+        tok = eng.tokenizer
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+                          add_special_tokens=False), tok.encode("The three primary colors are")]
+        want = eng.generate(ids, SamplingParams(max_tokens=16, temperature=0))
+        client = WorkerClient()
+        for i, x in enumerate(ids):
+            client.submit(p.info, f"s{i}", x, {"max_tokens": 16, "temperature": 0.0}, decode=d.info)
+        client.collect(timeout=180)
+        for i in range(len(ids)):
+            assert client.streams[f"s{i}"].token_ids == want[i]["outputs"][0]["token_ids"], client.streams[f"s{i}"].error
+        for w in started:
+            st = w.stop()
+            assert st["free_blocks"] == st["num_blocks"]
+    finally:
+        for w in started:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait(10)
