@@ -6,7 +6,7 @@ import logging
 
 import zmq
 
-from cluster.messages import VERSION, TokenChunk, encode
+from cluster.messages import VERSION, MessageError, TokenChunk, decode_worker_message, encode
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +51,22 @@ def output_chunks(ro, attempt: int, first_index: dict, worker_id: str) -> list[T
                                  co.finish_reason, "", worker_id))
         first_index[key] = idx + len(co.token_ids)
     return chunks
+
+
+def drain_requests(sock: zmq.Socket, timeout_ms: int, handle, metrics, burst: int = 256) -> None:
+    """Waits up to `timeout_ms` for worker messages, then hands each decoded one to `handle`
+    (a burst at most); malformed ones are counted in metrics["messages_bad"] and dropped."""
+    if not sock.poll(timeout_ms):
+        return
+    for _ in range(burst):
+        try:
+            data = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = decode_worker_message(data)
+        except MessageError as e:
+            metrics["messages_bad"] += 1
+            log.debug("dropped: %s", e)
+            continue
+        handle(msg)

@@ -18,9 +18,9 @@ from collections import Counter
 
 import zmq
 
-from cluster.messages import Abort, Handoff, MessageError, decode_worker_message
+from cluster.messages import Abort, Handoff
 from cluster.heartbeat import Heartbeat
-from cluster.worker_common import ChunkSender, output_chunks
+from cluster.worker_common import ChunkSender, drain_requests, output_chunks
 from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
@@ -119,27 +119,16 @@ class DecodeWorker:
         self.engine.shutdown()
 
     def poll(self, timeout_ms: int) -> None:
-        if not self.sock.poll(timeout_ms):
-            return
-        for _ in range(256):
-            try:
-                data = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode_worker_message(data)
-            except MessageError as e:
-                self.metrics["messages_bad"] += 1
-                log.debug("dropped: %s", e)
-                continue
-            if isinstance(msg, Handoff):
-                if self._refuse(msg.request_id, msg.attempt):
-                    continue
+        drain_requests(self.sock, timeout_ms, self._handle, self.metrics)
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, Handoff):
+            if not self._refuse(msg.request_id, msg.attempt):
                 self._handoffs[msg.request_id] = (msg, time.monotonic() + self.handoff_timeout)
-            elif isinstance(msg, Abort):
-                self._abort(msg.request_id, msg.attempt)
-            else:
-                self.metrics["messages_unexpected"] += 1
+        elif isinstance(msg, Abort):
+            self._abort(msg.request_id, msg.attempt)
+        else:
+            self.metrics["messages_unexpected"] += 1
 
     def _admit(self) -> None:
         while True:

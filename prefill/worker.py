@@ -17,10 +17,9 @@ from collections import Counter
 
 import zmq
 
-from cluster.messages import (VERSION, Abort, Handoff, MessageError, PrefillRequest, TokenChunk, decode_worker_message,
-                              encode)
+from cluster.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
 from cluster.heartbeat import Heartbeat
-from cluster.worker_common import ChunkSender, output_chunks
+from cluster.worker_common import ChunkSender, drain_requests, output_chunks
 from decode.worker import _bind, kv_layout
 from engine.config import EngineConfig
 from engine.errors import TandemError
@@ -98,24 +97,15 @@ class PrefillWorker:
 
     # ---- requests ------------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> None:
-        if not self.sock.poll(timeout_ms):
-            return
-        for _ in range(256):
-            try:
-                data = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode_worker_message(data)
-            except MessageError:
-                self.metrics["messages_bad"] += 1
-                continue
-            if isinstance(msg, PrefillRequest):
-                self._accept(msg)
-            elif isinstance(msg, Abort):
-                self._abort(msg.request_id)
-            else:
-                self.metrics["messages_unexpected"] += 1
+        drain_requests(self.sock, timeout_ms, self._handle, self.metrics)
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, PrefillRequest):
+            self._accept(msg)
+        elif isinstance(msg, Abort):
+            self._abort(msg.request_id)
+        else:
+            self.metrics["messages_unexpected"] += 1
 
     def _accept(self, req: PrefillRequest) -> None:
         rid = req.request_id
