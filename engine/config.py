@@ -264,6 +264,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     timeout_s: float = 60.0  # every collective between the ranks; a dead rank is noticed within this
+    micro_batches: int | None = None  # per step through the pipeline stages (None: pp)
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:

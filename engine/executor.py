@@ -34,6 +34,11 @@ from engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+# Measured on SmolLM2, pp=2 on 2 cores: 8 prompts of 256 tokens in 2 micro-batches prefill 20% faster
+# than in one; 8-sequence decode steps cut in 2 got 10% slower, in 4 twice as slow.
+MIN_MICRO_BATCH_TOKENS = 128
+
+
 class SeqStep(msgspec.Struct, array_like=True):
     seq_id: int
     index: int
@@ -71,8 +76,9 @@ def _params_dict(p: SamplingParams) -> dict:
 class LocalExecutor:
     """tp = pp = 1: the runner in this process.
 
-    `step_hook(rank, runner, extras)`, given by the worker that owns the engine, may return a
-    `layer_done(i)` callback for a step (the same hook every rank of a parallel replica runs)."""
+    `step_hook(rank, runner, extras, seq_ids)`, given by the worker that owns the engine, may return a
+    `layer_done(i)` callback for a forward over `seq_ids` (the same hook every rank of a parallel
+    replica runs, once per micro-batch)."""
 
     def __init__(self, runner: ModelRunner, step_hook=None):
         self.runner = runner
@@ -80,7 +86,8 @@ class LocalExecutor:
         self.step_hook = step_hook
 
     def execute(self, out: SchedulerOutput, extras: dict | None = None):
-        layer_done = self.step_hook(0, self.runner, extras) if self.step_hook and extras else None
+        layer_done = self.step_hook(0, self.runner, extras, [s.seq.seq_id for s in out.scheduled]) \
+            if self.step_hook and extras else None
         return self.runner.execute(out, layer_done)
 
     def release(self, seq_id: int) -> None:
@@ -98,6 +105,7 @@ class RankRuntime:
                  step_hook=None):
         self.rank, self.tp, self.pp = rank, tp, pp
         self.step_hook = step_hook
+        self.num_micro_batches = pp  # set from ParallelConfig.micro_batches by init_rank
         self.tp_rank, self.pp_rank = rank % tp, rank // tp
         self.timeout = timedelta(seconds=timeout)
         groups = [dist.new_group([p * tp + t for t in range(tp)], timeout=self.timeout) for p in range(pp)]
@@ -111,38 +119,49 @@ class RankRuntime:
         self.mirror: dict[int, Sequence] = {}
 
     def run(self, msg: StepMsg, driver_seqs: dict[int, Sequence] | None = None):
-        """This rank's part of a step. Returns StepResult on the sampling rank, else None."""
+        """This rank's part of a step. Returns StepResult on the sampling rank, else None.
+
+        With pp > 1 the step's sequences are cut into micro-batches that flow through the stages
+        one after another: while stage s + 1 runs micro-batch k, stage s runs k + 1."""
         scheduled = []
         for s in msg.seqs:
             seq = driver_seqs[s.seq_id] if driver_seqs is not None else self._mirror(s)
             scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens), s.sample))
-        result = None
-        if scheduled:
-            layer_done = self.step_hook(self.rank, self.runner, msg.extras) \
-                if self.step_hook is not None and msg.extras else None
-            ids, pos, meta, rows = self.runner.prepare(scheduled)
-            with torch.inference_mode():
-                hidden = None
-                if self.pp_rank > 0:
-                    hidden = torch.empty(len(ids), self.hidden_size, dtype=self.runner.dtype,
-                                         device=self.runner.device)
-                    dist.recv(hidden, src=self.rank - self.tp)
-                h = self.runner.model(ids if self.pp_rank == 0 else None, pos, self.runner.kv_caches, meta,
-                                      hidden=hidden, layer_done=layer_done)
-                if self.pp_rank < self.pp - 1:
-                    dist.send(h.contiguous(), dst=self.rank + self.tp)
-                elif rows:
-                    idx = torch.tensor([r for _, r in rows], device=self.runner.device)
-                    logits = self.runner.model.compute_logits(h[idx])
-                    if self.rank == self.sampler_rank:
-                        sampled, lps = self.runner.sample(logits, [s for s, _ in rows])
-                        ids_ = list(sampled)
-                        result = StepResult(ids_, [sampled[i] for i in ids_],
-                                            [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_])
+        sampled, lps = {}, {}
+        k = 1
+        if self.pp > 1:  # only big steps are worth cutting: a micro-batch costs a send/recv round
+            k = min(self.num_micro_batches, sum(s.num_new_tokens for s in scheduled) // MIN_MICRO_BATCH_TOKENS)
+        for group in micro_batches(scheduled, k):
+            self._run_group(group, msg.extras, sampled, lps)
         for seq_id in msg.finished:
             self.runner.release(seq_id)
             self.mirror.pop(seq_id, None)
-        return result
+        if self.rank != self.sampler_rank or not sampled:
+            return None
+        ids_ = list(sampled)
+        return StepResult(ids_, [sampled[i] for i in ids_],
+                          [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_])
+
+    def _run_group(self, group: list[ScheduledSeq], extras: dict, sampled: dict, lps: dict) -> None:
+        layer_done = self.step_hook(self.rank, self.runner, extras, [s.seq.seq_id for s in group]) \
+            if self.step_hook is not None and extras else None
+        ids, pos, meta, rows = self.runner.prepare(group)
+        with torch.inference_mode():
+            hidden = None
+            if self.pp_rank > 0:
+                hidden = torch.empty(len(ids), self.hidden_size, dtype=self.runner.dtype, device=self.runner.device)
+                dist.recv(hidden, src=self.rank - self.tp)
+            h = self.runner.model(ids if self.pp_rank == 0 else None, pos, self.runner.kv_caches, meta,
+                                  hidden=hidden, layer_done=layer_done)
+            if self.pp_rank < self.pp - 1:
+                dist.send(h.contiguous(), dst=self.rank + self.tp)
+            elif rows:
+                idx = torch.tensor([r for _, r in rows], device=self.runner.device)
+                logits = self.runner.model.compute_logits(h[idx])  # TP ranks all-gather together
+                if self.rank == self.sampler_rank:
+                    got, got_lps = self.runner.sample(logits, [s for s, _ in rows])
+                    sampled.update(got)
+                    lps.update(got_lps)
 
     def _mirror(self, s: SeqStep) -> Sequence:
         seq = self.mirror.get(s.seq_id)
@@ -154,6 +173,27 @@ class RankRuntime:
         seq.token_ids.extend(s.tokens)
         seq.block_ids = s.block_ids
         return seq
+
+
+def micro_batches(scheduled: list[ScheduledSeq], k: int) -> list[list[ScheduledSeq]]:
+    """Contiguous groups of about equal token counts (at most k, none empty); deterministic, so every
+    rank cuts a step alike."""
+    k = max(1, min(k, len(scheduled)))
+    if k == 1:
+        return [scheduled] if scheduled else []
+    total = sum(s.num_new_tokens for s in scheduled)
+    groups, cur, acc = [], [], 0
+    for i, s in enumerate(scheduled):
+        cur.append(s)
+        acc += s.num_new_tokens
+        left_groups = k - len(groups) - 1
+        left_seqs = len(scheduled) - i - 1
+        if left_groups > 0 and (acc >= total * (len(groups) + 1) / k or left_seqs == left_groups):
+            groups.append(cur)
+            cur = []
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def _broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
@@ -333,8 +373,10 @@ def init_rank(config, rank: int, init_method: str, model_cfg: ModelConfig, num_b
     backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=par.tp * par.pp,
                             timeout=timedelta(seconds=par.timeout_s))
-    return RankRuntime(rank, par.tp, par.pp, model_cfg, config.cache, config.device, config.quantization,
-                       num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s, step_hook)
+    rt = RankRuntime(rank, par.tp, par.pp, model_cfg, config.cache, config.device, config.quantization,
+                     num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s, step_hook)
+    rt.num_micro_batches = par.micro_batches or par.pp
+    return rt
 
 
 def start_parallel(config, model_cfg: ModelConfig, step_hook=None,

@@ -16,14 +16,16 @@ def src_layout(runner) -> KVLayout:
 
 
 class Shipper:
-    """`step_hook(rank, runner, extras)`: extras["ships"] lists the requests whose prompt completes
-    in this step: request_id, attempt, dst_layout, dst_endpoints, src_block_ids, dst_block_ids."""
+    """`step_hook(rank, runner, extras, seq_ids)`: extras["ships"] lists the requests whose prompt
+    completes in this step (seq_id, request_id, attempt, dst_layout, dst_endpoints, src_block_ids,
+    dst_block_ids); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
 
     def __init__(self):
         self.client: KVClient | None = None
 
-    def __call__(self, rank: int, runner, extras: dict):
-        ships = extras.get("ships") if extras else None
+    def __call__(self, rank: int, runner, extras: dict, seq_ids: list[int]):
+        mine = set(seq_ids)
+        ships = [s for s in extras.get("ships", ()) if s["seq_id"] in mine] if extras else None
         if not ships:
             return None
         if self.client is None:

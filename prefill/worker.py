@@ -171,7 +171,8 @@ class PrefillWorker:
             p.holder = holder = bm.hold(s.seq)
             p.transfer._release = lambda h=holder: bm.free(h)
             t = p.transfer
-            ships.append({"request_id": t.request_id, "attempt": t.attempt, "dst_layout": p.req.decode.layout,
+            ships.append({"seq_id": s.seq.seq_id, "request_id": t.request_id, "attempt": t.attempt,
+                          "dst_layout": p.req.decode.layout,
                           "dst_endpoints": t.endpoints, "src_block_ids": holder.block_ids[:len(t.dst_block_ids)],
                           "dst_block_ids": t.dst_block_ids})
         return {"ships": ships} if ships else None

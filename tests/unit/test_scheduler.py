@@ -160,3 +160,15 @@ def test_no_block_leaks_under_random_add_abort_finish(ops, seed, caching):
         _check_invariants(s, bm, live)
     assert s.num_unfinished == 0
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_micro_batches_split_a_step_evenly_and_deterministically():
+    from engine.executor import micro_batches
+    from engine.scheduler import ScheduledSeq
+    seqs = [ScheduledSeq(Sequence("r", 0, [1] * n, n, SamplingParams()), 0, n, True) for n in (10, 1, 1, 8, 20)]
+    groups = micro_batches(seqs, 2)
+    assert [[s.num_new_tokens for s in g] for g in groups] == [[10, 1, 1, 8], [20]]
+    assert [len(g) for g in micro_batches(seqs, 5)] == [1, 1, 1, 1, 1]
+    assert [len(g) for g in micro_batches(seqs[:2], 4)] == [1, 1]
+    assert micro_batches(seqs, 1) == [seqs] and micro_batches([], 3) == []
+    assert sum(len(g) for g in micro_batches(seqs, 3)) == 5
