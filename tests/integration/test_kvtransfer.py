@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from kvtransfer.plan import KVLayout
-from kvtransfer.protocol import VERSION, Pages, Reserve, decode, encode, layout_msg
+from kvtransfer.protocol import VERSION, Pages, Reserve, encode, layout_msg
 
 pytestmark = pytest.mark.integration
 PEERS = str(Path(__file__).resolve().parents[1] / "kv_peers.py")
