@@ -74,3 +74,35 @@ def test_three_member_cluster_loses_one_member_without_losing_the_session(tmp_pa
     finally:
         for m in members:
             m.stop()
+
+
+def test_election_failover_within_the_ttl_and_fencing_of_the_old_leader(etcd):
+    from coordinator.election import Election
+
+    async def main():
+        sessions = [await Session([etcd.endpoint], ttl=2, timeout=1.0).start() for _ in range(3)]
+        elections = [Election(s, "/tandem/t/coordinator/leader", f"c{i}".encode()) for i, s in enumerate(sessions)]
+        tasks = [asyncio.create_task(e.campaign()) for e in elections]
+        done, _ = await asyncio.wait(tasks, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        leader = next(i for i, t in enumerate(tasks) if t in done)
+        assert [e.is_leader for e in elections].count(True) == 1
+        assert await elections[leader].fenced_put("/tandem/t/spec", b"v1")
+        # the leader "dies" (kill -9): its lease is no longer refreshed
+        sessions[leader]._task.cancel()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rest = [t for i, t in enumerate(tasks) if i != leader]
+        done, _ = await asyncio.wait(rest, timeout=6, return_when=asyncio.FIRST_COMPLETED)
+        assert done and loop.time() - t0 < 3.5  # a standby leads within the TTL (+ polling)
+        new = next(i for i, t in enumerate(tasks) if t in done and i != leader)
+        assert await elections[new].leader() == f"c{new}".encode()
+        # the old leader, revived, cannot write: its fence (create revision) is gone
+        assert not await elections[leader].fenced_put("/tandem/t/spec", b"stale")
+        assert await elections[new].fenced_put("/tandem/t/spec", b"v2")
+        assert await get(etcd.endpoint, "/tandem/t/spec") == b"v2"
+        for t in tasks:
+            t.cancel()
+        for i, s in enumerate(sessions):
+            if i != leader:
+                await s.close()
+    asyncio.run(main())
