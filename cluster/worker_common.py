@@ -11,6 +11,21 @@ from cluster.messages import VERSION, MessageError, TokenChunk, decode_worker_me
 log = logging.getLogger(__name__)
 
 
+MAX_REQUEST_BYTES = 64 << 20
+
+
+def request_socket(ctx: zmq.Context, host: str, port: int = 0) -> tuple[zmq.Socket, str]:
+    """A worker's PULL socket for requests (port 0: any free one), with a message size limit."""
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+    else:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    return sock, f"tcp://{host}:{port}"
+
+
 class ChunkSender:
     """PUSH sockets to requesters' reply endpoints, opened on first use (bounded queue, no linger)."""
 

@@ -20,7 +20,7 @@ import zmq
 
 from cluster.messages import Abort, Handoff
 from cluster.heartbeat import Heartbeat
-from cluster.worker_common import ChunkSender, drain_requests, output_chunks
+from cluster.worker_common import ChunkSender, drain_requests, output_chunks, request_socket
 from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
@@ -65,10 +65,7 @@ class DecodeWorker:
             self._kv_endpoints = self.engine.executor.exchange(self.kv_server.endpoint)
             ranks += [RemoteRank(r, ep) for r, ep in enumerate(self._kv_endpoints) if r > 0]
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
-        self.endpoint = _bind(self.sock, host, port)
+        self.sock, self.endpoint = request_socket(self.ctx, host, port)
         self.chunks = ChunkSender(self.ctx, worker_id)
         self.handoff_timeout = handoff_timeout
         self._handoffs: dict[str, tuple[Handoff, float]] = {}  # request_id -> (handoff, deadline)
@@ -187,10 +184,3 @@ class DecodeWorker:
         if self._kv_done.pop(request_id, None) is not None:
             self.pool.release(request_id)
         self.metrics["aborted"] += 1
-
-
-def _bind(sock: zmq.Socket, host: str, port: int) -> str:
-    if port:
-        sock.bind(f"tcp://{host}:{port}")
-        return f"tcp://{host}:{port}"
-    return f"tcp://{host}:{sock.bind_to_random_port(f'tcp://{host}')}"

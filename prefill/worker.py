@@ -19,8 +19,8 @@ import zmq
 
 from cluster.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
 from cluster.heartbeat import Heartbeat
-from cluster.worker_common import ChunkSender, drain_requests, output_chunks
-from decode.worker import _bind, kv_layout
+from cluster.worker_common import ChunkSender, drain_requests, output_chunks, request_socket
+from decode.worker import kv_layout
 from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
@@ -50,10 +50,7 @@ class PrefillWorker:
         self.layout = kv_layout(self.engine)
         self.client = KVClient(0)  # the driver's control path: reserve, ack, abort
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)
-        self.endpoint = _bind(self.sock, host, port)
+        self.sock, self.endpoint = request_socket(self.ctx, host, port)
         self.chunks = ChunkSender(self.ctx, worker_id)
         self._decode_socks: dict[str, zmq.Socket] = {}
         self.reserve_timeout, self.ack_timeout = reserve_timeout, ack_timeout

@@ -36,11 +36,12 @@ class Worker:
 
 
 @pytest.fixture
-def cluster(tiny_llama):
+def spawn():
+    """start(model_dir, role, *flags) -> Worker; every worker still running afterwards is killed."""
     started = []
 
-    def start(role, *extra):
-        w = Worker(tiny_llama, role, "--kv-cache-memory", "2MiB", *extra)
+    def start(model_dir, role, *extra):
+        w = Worker(model_dir, role, *extra)
         started.append(w)
         return w
     yield start
@@ -48,6 +49,11 @@ def cluster(tiny_llama):
         if w.proc.poll() is None:
             w.proc.kill()
             w.proc.wait(10)
+
+
+@pytest.fixture
+def cluster(spawn, tiny_llama):
+    return lambda role, *extra: spawn(tiny_llama, role, "--kv-cache-memory", "2MiB", *extra)
 
 
 def prompts(n, seed=0):
@@ -138,37 +144,28 @@ def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
 
 
 @pytest.mark.slow
-def test_smollm2_disaggregated_equals_one_process(smollm2_dir):
-    started = []
-    try:
-        d = Worker(smollm2_dir, "decode", "--kv-cache-memory", "32MiB")
-        started.append(d)
-        p = Worker(smollm2_dir, "prefill", "--kv-cache-memory", "32MiB")
-        started.append(p)
-        eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=32 * 2**20)))
-        tok = eng.tokenizer
-        chats = ["What is the capital of France?", "Name three colors."]
-        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
-               for c in chats]
-        want = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0))
-        client = WorkerClient()
-        for i, x in enumerate(ids):
-            client.submit(p.info, f"s{i}", x, {"max_tokens": 24, "temperature": 0.0}, decode=d.info)
-        client.collect(timeout=120)
-        for i in range(len(ids)):
-            s = client.streams[f"s{i}"]
-            assert s.token_ids == want[i]["outputs"][0]["token_ids"]
-            assert s.text == want[i]["outputs"][0]["text"]
-            assert s.finish_reason == want[i]["outputs"][0]["finish_reason"]
-        assert "Paris" in client.streams["s0"].text
-        for w in started:
-            st = w.stop()
-            assert st["free_blocks"] == st["num_blocks"]
-    finally:
-        for w in started:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait(10)
+def test_smollm2_disaggregated_equals_one_process(spawn, smollm2_dir):
+    d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "32MiB")
+    p = spawn(smollm2_dir, "prefill", "--kv-cache-memory", "32MiB")
+    eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=32 * 2**20)))
+    tok = eng.tokenizer
+    chats = ["What is the capital of France?", "Name three colors."]
+    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
+           for c in chats]
+    want = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0))
+    client = WorkerClient()
+    for i, x in enumerate(ids):
+        client.submit(p.info, f"s{i}", x, {"max_tokens": 24, "temperature": 0.0}, decode=d.info)
+    client.collect(timeout=120)
+    for i in range(len(ids)):
+        s = client.streams[f"s{i}"]
+        assert s.token_ids == want[i]["outputs"][0]["token_ids"]
+        assert s.text == want[i]["outputs"][0]["text"]
+        assert s.finish_reason == want[i]["outputs"][0]["finish_reason"]
+    assert "Paris" in client.streams["s0"].text
+    for w in (d, p):
+        st = w.stop()
+        assert st["free_blocks"] == st["num_blocks"]
 
 
 @pytest.mark.parametrize("p_shape,d_shape", [((2, 1), (1, 1)), ((1, 2), (1, 1)), ((2, 2), (1, 1)),
@@ -258,29 +255,20 @@ def test_a_dead_rank_takes_its_worker_down_and_out_of_the_registry(cluster, tiny
 
 
 @pytest.mark.slow
-def test_smollm2_tp3_prefill_to_pp2_decode(smollm2_dir):
-    started = []
-    try:
-        d = Worker(smollm2_dir, "decode", "--kv-cache-memory", "16MiB", "--pp", "2")
-        started.append(d)
-        p = Worker(smollm2_dir, "prefill", "--kv-cache-memory", "16MiB", "--tp", "3")
-        started.append(p)
-        eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=16 * 2**20)))
-        tok = eng.tokenizer
-        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
-                          add_special_tokens=False), tok.encode("The three primary colors are")]
-        want = eng.generate(ids, SamplingParams(max_tokens=16, temperature=0))
-        client = WorkerClient()
-        for i, x in enumerate(ids):
-            client.submit(p.info, f"s{i}", x, {"max_tokens": 16, "temperature": 0.0}, decode=d.info)
-        client.collect(timeout=180)
-        for i in range(len(ids)):
-            assert client.streams[f"s{i}"].token_ids == want[i]["outputs"][0]["token_ids"], client.streams[f"s{i}"].error
-        for w in started:
-            st = w.stop()
-            assert st["free_blocks"] == st["num_blocks"]
-    finally:
-        for w in started:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait(10)
+def test_smollm2_tp3_prefill_to_pp2_decode(spawn, smollm2_dir):
+    d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "16MiB", "--pp", "2")
+    p = spawn(smollm2_dir, "prefill", "--kv-cache-memory", "16MiB", "--tp", "3")
+    eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=16 * 2**20)))
+    tok = eng.tokenizer
+    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+                      add_special_tokens=False), tok.encode("The three primary colors are")]
+    want = eng.generate(ids, SamplingParams(max_tokens=16, temperature=0))
+    client = WorkerClient()
+    for i, x in enumerate(ids):
+        client.submit(p.info, f"s{i}", x, {"max_tokens": 16, "temperature": 0.0}, decode=d.info)
+    client.collect(timeout=180)
+    for i in range(len(ids)):
+        assert client.streams[f"s{i}"].token_ids == want[i]["outputs"][0]["token_ids"], client.streams[f"s{i}"].error
+    for w in (d, p):
+        st = w.stop()
+        assert st["free_blocks"] == st["num_blocks"]
