@@ -25,7 +25,7 @@ class Heartbeat:
         st = engine.stats()
         load = Load(self.worker_id, time.time(), st["num_waiting"], st["num_running"], st["num_free_blocks"],
                     st["num_blocks"], 1e3 * self._step_s / self._steps if self._steps else 0.0, self._steps,
-                    pending_transfers)
+                    pending_transfers, st["num_queued_tokens"])
         self._steps, self._step_s = 0, 0.0
         self.registry.heartbeat(load)
         return load

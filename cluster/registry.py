@@ -41,6 +41,7 @@ class Load(msgspec.Struct, frozen=True):
     step_ms: float  # mean step time over the last interval (0 when idle)
     steps: int  # steps in the last interval
     pending_transfers: int = 0
+    queued_tokens: int = 0  # tokens scheduled but not computed yet (prompts waiting or mid-prefill)
 
 
 class Registry:

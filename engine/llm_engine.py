@@ -221,6 +221,8 @@ class LLMEngine:
             "num_blocks": self.block_manager.num_blocks,
             "prefix_cache_hit_rate": self.block_manager.stats.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_queued_tokens": sum(s.num_tokens - s.num_computed_tokens
+                                     for s in (*self.scheduler.waiting, *self.scheduler.running)),
         }
 
     # ---- helpers -------------------------------------------------------------------------------

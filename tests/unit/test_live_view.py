@@ -1,0 +1,56 @@
+from cluster.registry import Load, WorkerInfo
+from coordinator.live_view import LiveView
+from coordinator.policy import PlacementRequest, make_policy
+
+
+def info(wid, role):
+    return WorkerInfo(wid, role, "m", 1, 1, 16, 4096, "tcp://x", [], {}, 1, 0.1)
+
+
+def load(wid, running=0, free=256, queued=0):
+    return Load(wid, 0.0, 0, running, free, 256, 10.0, 5, 0, queued)
+
+
+def test_suspect_after_silence_and_dead_after_deregistration():
+    v = LiveView(suspect_after=1.0)
+    v.registered(info("p0", "prefill"), now=0.0)
+    v.registered(info("d0", "decode"), now=0.0)
+    v.heartbeat(load("p0"), now=0.5)
+    v.heartbeat(load("d0"), now=0.5)
+    assert v.suspects(now=1.2) == []
+    v.heartbeat(load("p0"), now=1.4)
+    assert v.suspects(now=1.6) == ["d0"]  # silent > 1 s: no new work
+    assert [d.healthy for d in v.decode_states(now=1.6)] == [False]
+    assert [p.healthy for p in v.prefill_states(now=1.6)] == [True]
+    v.heartbeat(load("p0", queued=300), now=1.7)
+    assert [p.queued_tokens for p in v.prefill_states(now=1.7)] == [300]
+    assert v.deregistered("d0") is not None and v.decode_states(now=2.0) == []
+    v.heartbeat(load("d0"), now=2.1)  # a late heartbeat of a dead worker is ignored
+    assert "d0" not in v.workers
+
+
+def test_placements_count_until_a_later_heartbeat_confirms_them():
+    v = LiveView()
+    for w, r in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")):
+        v.registered(info(w, r), now=0.0)
+        v.heartbeat(load(w), now=0.0)
+    pol = make_policy("least-loaded")
+    req = PlacementRequest(100, 20)
+    first = pol.place(req, v.prefill_states(0.1), v.decode_states(0.1))
+    v.placed(first, req, now=0.1)
+    second = pol.place(req, v.prefill_states(0.2), v.decode_states(0.2))
+    assert (second.prefill, second.decode) != (first.prefill, first.decode)  # the burst spreads out
+    # a heartbeat sampled before the placement does not confirm it; one sampled after does
+    v.heartbeat(load(first.decode), now=0.3, sampled_at=0.05)
+    assert len(next(d for d in v.decode_states(0.3) if d.worker_id == first.decode).running) == 1
+    v.heartbeat(load(first.decode, running=1), now=0.4, sampled_at=0.35)
+    d = next(d for d in v.decode_states(0.4) if d.worker_id == first.decode)
+    assert len(d.running) == 1 and d.free_tokens == 256 * 16  # now from the worker's own numbers
+
+
+def test_drained_workers_get_no_new_work():
+    v = LiveView()
+    v.registered(info("d0", "decode"), now=0.0)
+    v.heartbeat(load("d0"), now=0.0)
+    assert v.drain("d0") and not v.drain("nope")
+    assert [d.healthy for d in v.decode_states(0.1)] == [False]
