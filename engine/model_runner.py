@@ -139,6 +139,12 @@ class ModelRunner:
         g = self.generators.get(seq.seq_id)
         if g is None:
             g = torch.Generator(device=self.device).manual_seed(seq.params.seed + 7919 * seq.index)
+            # A sequence whose first tokens were sampled elsewhere (a prefill worker) replays those
+            # draws (one noise vector of vocabulary size per sampled token), so a seeded request
+            # samples the same tokens disaggregated as in one process.
+            if not seq.params.greedy:
+                for _ in range(seq.num_output_tokens):
+                    torch.empty(self.model_cfg.vocab_size, device=self.device).exponential_(generator=g)
             self.generators[seq.seq_id] = g
         return g
 

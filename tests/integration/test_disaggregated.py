@@ -272,3 +272,17 @@ def test_smollm2_tp3_prefill_to_pp2_decode(spawn, smollm2_dir):
     for w in (d, p):
         st = w.stop()
         assert st["free_blocks"] == st["num_blocks"]
+
+
+def test_seeded_sampling_is_the_same_disaggregated(cluster, tiny_llama):
+    d = cluster("decode")
+    p = cluster("prefill")
+    ps = prompts(3, seed=7)
+    params = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 11, "ignore_eos": True}
+    client = WorkerClient()
+    for i, prompt in enumerate(ps):
+        client.submit(p.info, f"r{i}", prompt, params, decode=d.info)
+    client.collect(timeout=60)
+    eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+    want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
+    assert [client.streams[f"r{i}"].token_ids for i in range(3)] == want
