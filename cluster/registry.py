@@ -8,7 +8,6 @@ deregisters when it stops; a registration whose heartbeats stop is stale after `
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -102,7 +101,3 @@ class DirectoryRegistry(Registry):
             return msgspec.json.decode((self.path / "load" / f"{worker_id}.json").read_bytes(), type=Load)
         except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
             return None
-
-
-def to_dict(info: WorkerInfo) -> dict:
-    return json.loads(msgspec.json.encode(info))

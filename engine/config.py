@@ -59,10 +59,6 @@ class ModelConfig:
     path: str | None = None
 
     @property
-    def model_type(self) -> str:
-        return SUPPORTED_ARCHITECTURES[self.architecture]
-
-    @property
     def max_model_len(self) -> int:
         # NOTE: sliding-window attention is not implemented; within the window full attention is
         # exact, so the usable context is capped at the window.

@@ -47,10 +47,6 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids(model_cfg, model_cfg.path), device_cfg.seed, self.device)
         self.generators: dict[int, torch.Generator] = {}
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.num_blocks * self.kv_spec.block_bytes
-
     # ---- inputs --------------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq]):
         """Token ids, positions and attention metadata for a step (decodes first, then prefills)."""

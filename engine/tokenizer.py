@@ -47,8 +47,6 @@ class Tokenizer:
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.special_ids = {t.id if hasattr(t, "id") else i for i, t in
-                            self._tok.get_added_tokens_decoder().items() if getattr(t, "special", False)}
         self._template = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -28,10 +28,6 @@ class RankCaches:
     def num_blocks(self) -> int:
         return self.caches[0].shape[1]
 
-    def holds(self, layer: int, heads: tuple[int, int]) -> bool:
-        return (self.layer_start <= layer < self.layer_start + len(self.caches)
-                and self.head_start <= heads[0] < heads[1] <= self.head_start + self.num_heads)
-
     def extract(self, layer: int, heads: tuple[int, int], block_ids: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of the pages: [2, len(block_ids), h1 - h0, block_size, head_dim]."""
         pages = self.caches[layer - self.layer_start].index_select(1, block_ids)

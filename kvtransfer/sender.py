@@ -95,6 +95,16 @@ class SendTransfer:
             return True
         return False
 
+    def release_with(self, release: Callable[[], None]) -> None:
+        """Replaces what runs when the transfer ends (e.g. free pages pinned after reserving)."""
+        self._release = release
+
+    def refused(self) -> str | None:
+        """While transferring: the receiver's reason if it already gave up (an early Ack(not ok))."""
+        if self.state == TransferState.TRANSFERRING and self._ack.done() and not self._ack.result().ok:
+            return self._ack.result().reason
+        return None
+
     def abort(self, reason: str) -> None:
         if self.state == TransferState.TRANSFERRING:
             self.client.abort(self.endpoints[0], self.request_id, self.attempt, reason)

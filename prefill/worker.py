@@ -142,9 +142,9 @@ class PrefillWorker:
         """A decode worker that gave up on a request before its prompt was done (the requester aborted
         there, its reservation timed out) sent Ack(not ok): stop computing it here."""
         for rid, p in list(self._pending.items()):
-            ack = p.transfer._ack if p.transfer is not None else None
-            if ack is not None and ack.done() and not ack.result().ok:
-                self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker: {ack.result().reason}")
+            reason = p.transfer.refused() if p.transfer is not None else None
+            if reason is not None:
+                self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker: {reason}")
                 self._abort(rid)
                 self.metrics["dropped_refused"] += 1
 
@@ -166,7 +166,7 @@ class PrefillWorker:
             if p is None or p.transfer is None or not s.sample or p.holder is not None:
                 continue
             p.holder = holder = bm.hold(s.seq)
-            p.transfer._release = lambda h=holder: bm.free(h)
+            p.transfer.release_with(lambda h=holder: bm.free(h))
             t = p.transfer
             ships.append({"seq_id": s.seq.seq_id, "request_id": t.request_id, "attempt": t.attempt,
                           "dst_layout": p.req.decode.layout,
