@@ -18,20 +18,28 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 class Worker:
     def __init__(self, model_dir, role, *extra):
+        # stderr goes to a file, not a pipe: nobody reads it while the worker runs, and a full pipe
+        # would block the worker (and its rank processes, which inherit it)
+        import tempfile
+        self.log = tempfile.NamedTemporaryFile(prefix=f"tandem-{role}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--model",
                                       str(model_dir), "--block-size", "4", *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(self.proc.stderr.read()[-3000:])
+            raise RuntimeError(self.stderr())
         self.info = json.loads(line)
+
+    def stderr(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-3000:]
 
     def stop(self) -> dict:
         if self.proc.poll() is None:
             self.proc.terminate()
-        out, err = self.proc.communicate(timeout=30)
+        out, _ = self.proc.communicate(timeout=30)
         lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
-        assert lines, err[-3000:]
+        assert lines, self.stderr()
         return lines[-1]
 
 
@@ -183,7 +191,7 @@ def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_sha
     want = reference(tiny_llama, ps, 12)
     for i in range(len(ps)):
         s = client.streams[f"r{i}"]
-        assert s.error == "" and s.token_ids == want[i], (i, s.error)
+        assert s.error == "" and s.token_ids == want[i], (i, s.error, d.stderr(), p.stderr())
     ds, pst = d.stop(), p.stop()
     assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
 
