@@ -28,6 +28,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     layout: dict  # kvtransfer KVLayout fields
     pid: int
     startup_s: float
+    profile: dict = {}  # cost model measured at start-up: {"prefill": {a, b, c}, "decode": {base, per_seq, per_token}}
 
 
 class Load(msgspec.Struct, frozen=True):

@@ -49,9 +49,16 @@ class LiveView:
             self.workers[info.worker_id] = WorkerView(info, heard_at=now)
         else:
             v.info = info
+        prof = info.profile or {}
+        if prof.get("prefill"):
+            self.prefill_costs[info.worker_id] = PrefillCost(**prof["prefill"])
+        if prof.get("decode"):
+            self.decode_costs[info.worker_id] = DecodeCost(**prof["decode"])
 
     def deregistered(self, worker_id: str) -> WorkerView | None:
         """The worker is dead (its lease is gone). Returns what was known of it."""
+        self.prefill_costs.pop(worker_id, None)
+        self.decode_costs.pop(worker_id, None)
         return self.workers.pop(worker_id, None)
 
     def heartbeat(self, load: Load, now: float, sampled_at: float | None = None) -> None:
@@ -70,11 +77,11 @@ class LiveView:
             if v is not None:
                 v.pending.append(_Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo))
 
-    def drain(self, worker_id: str) -> bool:
+    def drain(self, worker_id: str, draining: bool = True) -> bool:
         v = self.workers.get(worker_id)
         if v is None:
             return False
-        v.draining = True
+        v.draining = draining
         return True
 
     # ---- queries ---------------------------------------------------------------------------------
@@ -84,20 +91,29 @@ class LiveView:
     def _healthy(self, v: WorkerView, now: float) -> bool:
         return not v.draining and now - v.heard_at <= self.suspect_after and v.load is not None
 
-    def prefill_states(self, now: float) -> list[PrefillWorkerState]:
+    @staticmethod
+    def _wanted(v: WorkerView, roles: tuple[str, ...], model: str, exclude) -> bool:
+        return v.info.role in roles and (not model or v.info.model == model) and v.info.worker_id not in exclude
+
+    def models(self) -> set[str]:
+        return {v.info.model for v in self.workers.values()}
+
+    def prefill_states(self, now: float, roles: tuple[str, ...] = ("prefill", "colocated"), model: str = "",
+                       exclude=()) -> list[PrefillWorkerState]:
         out = []
         for wid, v in self.workers.items():
-            if v.info.role not in ("prefill", "colocated"):
+            if not self._wanted(v, roles, model, exclude):
                 continue
             queued = (v.load.queued_tokens if v.load else 0) + sum(p.prompt_tokens for p in v.pending)
             out.append(PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()), queued,
                                           self._healthy(v, now)))
         return out
 
-    def decode_states(self, now: float) -> list[DecodeWorkerState]:
+    def decode_states(self, now: float, roles: tuple[str, ...] = ("decode", "colocated"), model: str = "",
+                      exclude=()) -> list[DecodeWorkerState]:
         out = []
         for wid, v in self.workers.items():
-            if v.info.role not in ("decode", "colocated"):
+            if not self._wanted(v, roles, model, exclude):
                 continue
             load = v.load
             running = [RunningRequest(0, float("inf"))] * (load.num_running if load else 0)

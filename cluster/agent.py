@@ -1,0 +1,113 @@
+"""A worker's link to the cluster (torch-free): its registration on an etcd lease, and its load
+heartbeats over ZeroMQ to every coordinator (DESIGN.md §5: etcd is not on the request path).
+
+Runs an asyncio loop on its own thread, so a long model step never delays a lease refresh or a beat.
+The worker's loop hands it load samples (`heartbeat`); the agent sends the newest one every
+`interval` to each coordinator listed under coordinators/ (standbys stay warm for a takeover). A
+worker loop that stops sampling for `stall_after` seconds (hung, not dead) stops being vouched for:
+the beats stop and the coordinator marks the worker suspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from cluster.registry import Load, Registry, WorkerInfo
+from coordinator import keys
+from coordinator.protocol import VERSION, Beat, CoordinatorInfo, encode
+from coordinator.session import Session
+from coordinator.watch import PrefixMirror
+
+log = logging.getLogger(__name__)
+
+
+class EtcdRegistry(Registry):
+    def __init__(self, endpoints: list[str], cluster: str, ttl: int = 3, interval: float = 0.2,
+                 stall_after: float = 30.0, timeout: float = 10.0):
+        self.endpoints, self.cluster, self.ttl = endpoints, cluster, ttl
+        self.interval, self.stall_after, self.timeout = interval, stall_after, timeout
+        self._latest: Load | None = None
+        self._latest_at = 0.0
+        self._key: str | None = None
+        self.session: Session | None = None
+        self.coordinators: dict[str, CoordinatorInfo] = {}
+        self.beats_sent = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cluster-agent", daemon=True)
+        self._thread.start()
+        self._call(self._start())
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
+
+    async def _start(self) -> None:
+        self.session = await Session(self.endpoints, ttl=self.ttl).start()
+        self._ctx = zmq.asyncio.Context()
+        self._socks: dict[str, zmq.asyncio.Socket] = {}
+        self._mirror = PrefixMirror(self.session, keys.coordinators(self.cluster), self._coordinator_changed).start()
+        self._beater = asyncio.create_task(self._beat_loop())
+
+    def _coordinator_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        cid = keys.worker_id_of(key)
+        if new is None:
+            info = self.coordinators.pop(cid, None)
+            sock = self._socks.pop(info.heartbeats, None) if info else None
+            if sock is not None:
+                sock.close(0)
+            return
+        try:
+            self.coordinators[cid] = msgspec.json.decode(new, type=CoordinatorInfo)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignored a malformed coordinator record at %s", key)
+
+    async def _beat_loop(self) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(self.interval)
+            load = self._latest
+            if load is None or time.monotonic() - self._latest_at > self.stall_after:
+                continue  # nothing to vouch for (not registered yet, or the worker's loop is stuck)
+            seq += 1
+            data = encode(Beat(VERSION, seq, load))
+            for info in list(self.coordinators.values()):
+                sock = self._socks.get(info.heartbeats)
+                if sock is None:
+                    sock = self._ctx.socket(zmq.PUSH)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.setsockopt(zmq.SNDHWM, 4)  # a dead coordinator does not pile beats up here
+                    sock.connect(info.heartbeats)
+                    self._socks[info.heartbeats] = sock
+                try:
+                    await sock.send(data, zmq.NOBLOCK)
+                    self.beats_sent += 1
+                except zmq.Again:
+                    pass
+
+    # ---- Registry ------------------------------------------------------------------------------
+    def register(self, info: WorkerInfo) -> None:
+        self._key = keys.worker(self.cluster, info.role, info.worker_id)
+        self._call(self.session.register(self._key, msgspec.json.encode(info)))
+
+    def heartbeat(self, load: Load) -> None:
+        self._latest, self._latest_at = load, time.monotonic()  # the agent's loop sends it
+
+    def deregister(self, worker_id: str) -> None:
+        async def stop():
+            self._beater.cancel()
+            await self._mirror.stop()
+            for s in self._socks.values():
+                s.close(0)
+            await self.session.close()  # revokes the lease: the registration goes at once
+        try:
+            self._call(stop())
+        except Exception as e:  # etcd gone: the lease expires on its own
+            log.warning("deregistering %s: %s", worker_id, e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -1,0 +1,170 @@
+"""A gateway's link to the coordinators (torch-free, asyncio): placements from the leader, worker
+events from every replica.
+
+The leader is found from etcd (coordinator/leader, mirrored): placement requests go to its ROUTER
+over one DEALER socket, matched to their replies by a nonce. A placement that gets no reply in
+`timeout`, or a `not_leader` reply (a takeover in progress), is retried until `deadline` seconds have
+passed; a leader change reconnects the DEALER. Every coordinator's PUB socket is subscribed, so a
+failure event reaches the gateway even from a standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from coordinator import keys
+from coordinator.protocol import (CoordinatorInfo, Place, Placed, ProtocolError, Rejected, WorkerEvent,
+                                  decode_event, decode_reply, encode)
+from coordinator.session import Session
+from coordinator.watch import PrefixMirror
+
+log = logging.getLogger(__name__)
+
+
+class PlacementUnavailable(RuntimeError):
+    """No coordinator answered in time."""
+
+
+class CoordinatorLink:
+    def __init__(self, session: Session, cluster: str, on_event: Callable[[WorkerEvent], None],
+                 timeout: float = 0.5, deadline: float = 6.0):
+        self.session, self.cluster, self.on_event = session, cluster, on_event
+        self.timeout, self.deadline = timeout, deadline
+        self.ctx = zmq.asyncio.Context.instance()
+        self.leader: CoordinatorInfo | None = None
+        self.coordinators: dict[str, CoordinatorInfo] = {}
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._dealer_ep = ""
+        self._sub = self.ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub_eps: set[str] = set()
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._nonce = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self.leader_known = asyncio.Event()
+        self.bad_messages = 0
+
+    async def start(self) -> "CoordinatorLink":
+        self._leader_mirror = PrefixMirror(self.session, keys.leader(self.cluster), self._leader_changed).start()
+        self._coord_mirror = PrefixMirror(self.session, keys.coordinators(self.cluster), self._coord_changed).start()
+        self._tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._replies())]
+        return self
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._leader_mirror.stop()
+        await self._coord_mirror.stop()
+        if self._dealer is not None:
+            self._dealer.close(0)
+        self._sub.close(0)
+
+    # ---- discovery ---------------------------------------------------------------------------------
+    def _leader_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        try:
+            self.leader = msgspec.json.decode(new, type=CoordinatorInfo) if new else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.leader = None
+        if self.leader is None:
+            self.leader_known.clear()
+            return
+        if self.leader.placement != self._dealer_ep:
+            if self._dealer is not None:
+                self._dealer.close(0)
+            self._dealer = self.ctx.socket(zmq.DEALER)
+            self._dealer.setsockopt(zmq.LINGER, 0)
+            self._dealer.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+            self._dealer.connect(self.leader.placement)
+            self._dealer_ep = self.leader.placement
+            # the reply reader waits on the old socket: restart it on the new one
+            for t in self._tasks[1:]:
+                t.cancel()
+            self._tasks[1:] = [asyncio.create_task(self._replies())]
+        self._subscribe(self.leader.events)
+        self.leader_known.set()
+
+    def _coord_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        if new is None:
+            return  # a SUB connection to a dead publisher is harmless; ZeroMQ retries quietly
+        try:
+            info = msgspec.json.decode(new, type=CoordinatorInfo)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.coordinators[info.coordinator_id] = info
+        self._subscribe(info.events)
+
+    def _subscribe(self, endpoint: str) -> None:
+        if endpoint not in self._sub_eps:
+            self._sub.connect(endpoint)
+            self._sub_eps.add(endpoint)
+
+    # ---- events and replies ------------------------------------------------------------------------
+    async def _events(self) -> None:
+        while True:
+            data = await self._sub.recv()
+            try:
+                ev = decode_event(data)
+            except ProtocolError:
+                self.bad_messages += 1
+                continue
+            try:
+                self.on_event(ev)
+            except Exception:
+                log.exception("handling %s", ev)
+
+    async def _replies(self) -> None:
+        if self._dealer is None:
+            return
+        dealer = self._dealer
+        while True:
+            data = await dealer.recv()
+            try:
+                reply = decode_reply(data)
+            except ProtocolError:
+                self.bad_messages += 1
+                continue
+            fut = self._waiting.pop(reply.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    # ---- placement ---------------------------------------------------------------------------------
+    async def place(self, req: Place) -> Placed | Rejected:
+        """The leader's answer; retried across leader changes until the deadline."""
+        deadline = time.monotonic() + self.deadline
+        loop = asyncio.get_running_loop()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PlacementUnavailable("no coordinator answered the placement request "
+                                           f"within {self.deadline:.0f} s")
+            if not self.leader_known.is_set() or self._dealer is None:
+                try:
+                    await asyncio.wait_for(self.leader_known.wait(), min(left, self.timeout))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            tag = f"{req.request_id}#{next(self._nonce)}"
+            fut = loop.create_future()
+            self._waiting[tag] = fut
+            try:
+                await self._dealer.send(encode(msgspec.structs.replace(req, request_id=tag)), zmq.NOBLOCK)
+                reply = await asyncio.wait_for(fut, min(left, self.timeout))
+            except (asyncio.TimeoutError, zmq.ZMQError):
+                continue
+            finally:
+                self._waiting.pop(tag, None)
+            if isinstance(reply, Rejected) and reply.code == "not_leader":
+                await asyncio.sleep(min(reply.retry_after_s, 0.1))
+                continue
+            return msgspec.structs.replace(reply, request_id=req.request_id)

@@ -1,0 +1,569 @@
+"""The HTTP gateway (DESIGN.md §1, §7): OpenAI-compatible, streaming, and the owner of each of its
+client requests. Torch-free; aiohttp on uvloop.
+
+A request fans out into one `Generation` per (prompt, sample). Each asks the coordinator leader for a
+placement, sends a PrefillRequest to P naming D, and reads TokenChunks (P's first token, D's chunks)
+from the gateway's PULL socket, deduplicated by token index. When P or D fails (a coordinator event,
+an error chunk, or no token within a timeout), the generation migrates: it aborts the old attempt,
+asks for a new placement without the failed worker, and re-submits prompt + tokens already
+delivered with max_tokens reduced; the client sees one stream with no gap and no duplicate. After
+`max_migrations` it fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+from aiohttp import web
+
+from cluster.coordinator_link import CoordinatorLink, PlacementUnavailable
+from cluster.messages import (VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, TokenChunk, decode_chunk,
+                              encode)
+from cluster.metrics import CONTENT_TYPE, Metrics
+from cluster.openai_api import OPENAPI, ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
+from cluster.registry import WorkerInfo
+from coordinator import keys
+from coordinator.protocol import VERSION as CVERSION
+from coordinator.protocol import Place, Placed, Rejected, WorkerEvent
+from coordinator.session import Session
+from coordinator.watch import PrefixMirror
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    etcd: list[str]
+    cluster: str = "default"
+    model: str | None = None  # checkpoint directory (tokenizer, context length); None: the default model
+    served_model_name: str | None = None  # default: the directory's name (as workers register it)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port
+    internal_host: str = "127.0.0.1"  # where workers reach the gateway's token socket
+    api_keys: list[str] = field(default_factory=list)
+    open_paths: tuple[str, ...] = ("/health", "/ready", "/metrics", "/openapi.json")
+    max_migrations: int = 3
+    first_token_timeout: float = 60.0  # seconds without the first token of an attempt -> migrate
+    token_timeout: float = 30.0  # seconds between tokens -> migrate
+    placement_deadline: float = 6.0
+    max_body_bytes: int = 4 << 20
+    lease_ttl: int = 2
+    gateway_id: str = ""
+    shutdown_grace: float = 30.0
+
+    def __post_init__(self):
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations = {self.max_migrations!r}: must be >= 0")
+        keys.root(self.cluster)
+        self.gateway_id = self.gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Delta:
+    token_ids: list[int]
+    text: str
+    logprobs: list | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Failure:
+    worker_id: str | None
+    reason: str
+
+
+class Generation:
+    """One sample of one prompt: placements, attempts, migration, dedupe."""
+
+    def __init__(self, gw: "Gateway", gid: str, prompt: list[int], params, model: str, slo: tuple):
+        self.gw, self.id, self.prompt, self.params, self.model, self.slo = gw, gid, prompt, params, model, slo
+        self.tokens: list[int] = []
+        self.text = ""
+        self.logprobs: list = []
+        self.finish_reason: str | None = None
+        self.attempt = -1
+        self.placement: Placed | None = None
+        self.base = 0  # tokens delivered when the current attempt started (its index 0)
+        self.migrations = 0
+        self.exclude: set[str] = set()
+        self.duplicates = 0
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+
+    # ---- inputs (from the gateway's reader and event handler) ------------------------------------
+    def deliver(self, chunk: TokenChunk) -> None:
+        if chunk.attempt == self.attempt:
+            self.q.put_nowait(chunk)
+
+    def workers(self) -> tuple[str, ...]:
+        p = self.placement
+        if p is None:
+            return ()
+        return (p.prefill.worker_id,) + ((p.decode.worker_id,) if p.decode is not None else ())
+
+    def worker_failed(self, worker_id: str, reason: str) -> None:
+        if self.finish_reason is None and worker_id in self.workers():
+            self.q.put_nowait(_Failure(worker_id, reason))
+
+    # ---- the attempt ----------------------------------------------------------------------------------
+    async def launch(self) -> None:
+        """Places the next attempt and sends it to P. Raises ApiError when nothing can take it."""
+        remaining = self.params.max_tokens - len(self.tokens)
+        prompt_len = len(self.prompt) + len(self.tokens)
+        for exclude in (self.exclude, set()):  # all excluded workers gone? the cluster may have healed
+            try:
+                reply = await self.gw.link.place(Place(CVERSION, self.id, self.model, prompt_len, remaining,
+                                                       self.slo[0], self.slo[1], sorted(exclude)))
+            except PlacementUnavailable as e:
+                raise ApiError(503, str(e), code="coordinator_unavailable", type_="service_unavailable",
+                               headers={"Retry-After": "2"}) from None
+            if isinstance(reply, Placed) or reply.code != "no_workers" or not exclude:
+                break
+        if isinstance(reply, Rejected):
+            self.gw.m_rejections.inc(code=reply.code)
+            retry = {"Retry-After": str(max(1, round(reply.retry_after_s)))}
+            if reply.code == "overloaded":
+                raise ApiError(429, f"overloaded: {reply.reason}", code="overloaded", type_="rate_limit_error",
+                               headers=retry)
+            if reply.code == "unknown_model":
+                raise ApiError(404, reply.reason, "model", "model_not_found")
+            if reply.code == "bad_request":
+                raise ApiError(400, reply.reason)
+            raise ApiError(503, reply.reason, code=reply.code, type_="service_unavailable", headers=retry)
+        self.attempt += 1
+        self.placement = reply
+        self.base = len(self.tokens)
+        run = dict(self.gw.params_dict(self.params), max_tokens=remaining,
+                   min_tokens=max(0, self.params.min_tokens - len(self.tokens)))
+        d = reply.decode
+        target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
+        self.gw.send(reply.prefill.endpoint, PrefillRequest(VERSION, self.id, self.attempt, self.prompt + self.tokens,
+                                                            run, self.gw.reply_to, target))
+
+    def abort_attempt(self) -> None:
+        p = self.placement
+        if p is None:
+            return
+        msg = Abort(VERSION, self.id, self.attempt)
+        self.gw.send(p.prefill.endpoint, msg)
+        if p.decode is not None:
+            self.gw.send(p.decode.endpoint, msg)
+
+    async def _migrate(self, failure: _Failure) -> None:
+        self.abort_attempt()
+        self.migrations += 1
+        self.gw.m_migrations.inc()
+        if failure.worker_id:
+            self.exclude.add(failure.worker_id)
+        log.warning("request %s: attempt %d failed (%s); %s", self.id, self.attempt, failure.reason,
+                    "migrating" if self.migrations <= self.gw.config.max_migrations else "giving up")
+        if self.migrations > self.gw.config.max_migrations:
+            raise ApiError(503, f"the request failed after {self.migrations - 1} migrations: {failure.reason}",
+                           code="migration_limit", type_="server_error", headers={"Retry-After": "1"})
+        await self.launch()
+
+    async def deltas(self):
+        """Yields Deltas until the generation finishes; migrates across worker failures."""
+        cfg = self.gw.config
+        got_first = False
+        attempt = self.attempt
+        while True:
+            if self.attempt != attempt:
+                attempt, got_first = self.attempt, False
+            timeout = cfg.token_timeout if got_first else cfg.first_token_timeout
+            try:
+                item = await asyncio.wait_for(self.q.get(), timeout)
+            except asyncio.TimeoutError:
+                p = self.placement
+                wid = (p.decode.worker_id if got_first and p.decode is not None else p.prefill.worker_id)
+                item = _Failure(wid, f"no token for {timeout:.0f} s")
+            if isinstance(item, _Failure):
+                if self.params.max_tokens - len(self.tokens) <= 0:  # everything was delivered already
+                    self.finish_reason = "length"
+                    yield Delta([], "", None, "length")
+                    return
+                await self._migrate(item)
+                continue
+            chunk: TokenChunk = item
+            if chunk.attempt != self.attempt:
+                continue
+            got_first = True
+            if chunk.finish_reason in ("error", "abort"):
+                wid = chunk.worker_id or None
+                await self._migrate(_Failure(wid, f"worker {chunk.worker_id}: {chunk.error or chunk.finish_reason}"))
+                continue
+            index = self.base + chunk.index
+            skip = len(self.tokens) - index
+            new = chunk.token_ids[max(skip, 0):] if skip < len(chunk.token_ids) else []
+            if skip > 0:
+                self.duplicates += min(skip, len(chunk.token_ids))
+            if index > len(self.tokens):  # a gap: a chunk was lost; the attempt cannot be trusted
+                await self._migrate(_Failure(None, f"gap in the token stream at {len(self.tokens)}"))
+                continue
+            text = chunk.text if skip <= 0 else self.gw.text_of(self.prompt + self.tokens, new)
+            lps = chunk.logprobs[max(skip, 0):] if chunk.logprobs else None
+            if new and self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self.tokens += new
+            self.text += text
+            if lps:
+                self.logprobs += lps
+            if chunk.finish_reason:
+                self.finish_reason = chunk.finish_reason
+            if new or text or chunk.finish_reason:
+                yield Delta(new, text, lps, chunk.finish_reason)
+            if chunk.finish_reason:
+                return
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        from engine.config import ModelConfig
+        from engine.model_store import resolve_model
+        from engine.tokenizer import Tokenizer
+
+        self.config = config
+        model_dir = resolve_model(config.model)
+        self.tokenizer = Tokenizer(model_dir)
+        mc = ModelConfig.from_dir(model_dir)
+        self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
+        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(str(model_dir)))
+        self.generations: dict[str, Generation] = {}
+        self.workers: dict[str, WorkerInfo] = {}
+        self._ids = itertools.count()
+        self._draining = False
+        m = self.metrics = Metrics()
+        self.m_ttft = m.histogram("ttft_seconds", "time to first token")
+        self.m_tpot = m.histogram("tpot_seconds", "time per output token after the first")
+        self.m_e2e = m.histogram("e2e_seconds", "request latency, end to end")
+        self.m_running = m.gauge("requests_running", "requests in flight")
+        self.m_requests = m.counter("requests", "finished requests", ["endpoint", "status"])
+        self.m_rejections = m.counter("rejections", "placements rejected", ["code"])
+        self.m_migrations = m.counter("migrations", "generations moved to other workers")
+        self.m_tokens = m.counter("generated_tokens", "tokens streamed to clients")
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> "Gateway":
+        c = self.config
+        self.session = await Session(c.etcd, ttl=c.lease_ttl).start()
+        self.link = await CoordinatorLink(self.session, c.cluster, self._on_event,
+                                          deadline=c.placement_deadline).start()
+        self.worker_mirror = PrefixMirror(self.session, keys.workers(c.cluster), self._worker_changed).start()
+        self.ctx = zmq.asyncio.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        self.pull.setsockopt(zmq.RCVHWM, 100000)
+        self.reply_to = f"tcp://{c.internal_host}:{self.pull.bind_to_random_port(f'tcp://{c.internal_host}')}"
+        self._push: dict[str, zmq.asyncio.Socket] = {}
+        self._reader = asyncio.create_task(self._read_chunks())
+        self.app = self._build_app()
+        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
+                                    shutdown_timeout=c.shutdown_grace)
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, c.host, c.port)
+        await self.site.start()
+        self.port = self.runner.addresses[0][1]
+        self.url = f"http://{c.host}:{self.port}"
+        await self.session.register(keys.gateway(c.cluster, c.gateway_id), json.dumps(
+            {"gateway_id": c.gateway_id, "url": self.url, "pid": os.getpid(), "model": self.model_name}).encode())
+        log.info("gateway %s on %s (model %s)", c.gateway_id, self.url, self.model_name)
+        return self
+
+    async def close(self) -> None:
+        """Graceful: stop accepting, let in-flight requests finish (up to shutdown_grace), then exit."""
+        self._draining = True
+        await self.runner.cleanup()
+        for g in list(self.generations.values()):
+            g.abort_attempt()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.worker_mirror.stop()
+        await self.link.close()
+        await self.session.close()
+        for s in self._push.values():
+            s.close(0)
+        self.pull.close(0)
+
+    # ---- sockets -----------------------------------------------------------------------------------
+    def send(self, endpoint: str, msg) -> None:
+        s = self._push.get(endpoint)
+        if s is None:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 10000)
+            s.connect(endpoint)
+            self._push[endpoint] = s
+        try:
+            s.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("request queue to %s is full; %s not sent", endpoint, type(msg).__name__)
+
+    async def _read_chunks(self) -> None:
+        while True:
+            data = await self.pull.recv()
+            try:
+                chunk = decode_chunk(data)
+            except MessageError:
+                continue
+            g = self.generations.get(chunk.request_id)
+            if g is not None:
+                g.deliver(chunk)
+
+    def _on_event(self, ev: WorkerEvent) -> None:
+        if ev.state not in ("suspect", "dead"):
+            return
+        for g in list(self.generations.values()):
+            g.worker_failed(ev.worker_id, f"worker {ev.worker_id} is {ev.state}: {ev.reason}")
+
+    def _worker_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        wid = keys.worker_id_of(key)
+        if new is None:
+            self.workers.pop(wid, None)
+            self._on_event(WorkerEvent(CVERSION, wid, "", "dead", "its registration is gone", time.time()))
+            return
+        try:
+            self.workers[wid] = msgspec.json.decode(new, type=WorkerInfo)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def params_dict(params) -> dict:
+        import dataclasses
+        return dataclasses.asdict(params)
+
+    def text_of(self, context: list[int], new: list[int]) -> str:
+        tail = context[-6:]
+        return self.tokenizer.decode(tail + new)[len(self.tokenizer.decode(tail)):]
+
+    def served_models(self) -> set[str]:
+        return {self.model_name}
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors, self._auth])
+        app.router.add_post("/v1/completions", lambda r: self._generate(r, chat=False))
+        app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, chat=True))
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/openapi.json", self._openapi)
+        return app
+
+    @web.middleware
+    async def _errors(self, request, handler):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return web.json_response(e.body(), status=e.status, headers=e.headers)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
+            msg = e.text if e.status != 413 else f"request body larger than {self.config.max_body_bytes} bytes"
+            return web.json_response(ApiError(e.status, msg or e.reason, code=code).body(), status=e.status)
+
+    @web.middleware
+    async def _auth(self, request, handler):
+        keys_ = self.config.api_keys
+        if keys_ and request.path not in self.config.open_paths:
+            auth = request.headers.get("Authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+            if token not in keys_:
+                raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
+        return await handler(request)
+
+    async def _health(self, request):
+        return web.json_response({"status": "ok", "gateway_id": self.config.gateway_id})
+
+    async def _ready(self, request):
+        roles = {w.role for w in self.workers.values() if w.model == self.model_name}
+        ok = not self._draining and self.link.leader is not None and \
+            ("colocated" in roles or {"prefill", "decode"} <= roles)
+        body = {"ready": ok, "leader": self.link.leader.coordinator_id if self.link.leader else None,
+                "workers": sorted(self.workers)}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _metrics(self, request):
+        return web.Response(text=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _openapi(self, request):
+        return web.json_response(OPENAPI)
+
+    async def _models(self, request):
+        return web.json_response({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "tandem", "max_model_len": self.max_model_len}
+            for m in sorted(self.served_models())]})
+
+    async def _generate(self, request: web.Request, chat: bool):
+        if self._draining:
+            raise ApiError(503, "the gateway is shutting down", code="shutting_down", type_="service_unavailable",
+                           headers={"Retry-After": "1"})
+        rid = request.headers.get("X-Request-Id", "")
+        if not (0 < len(rid) <= 128 and rid.isprintable() and rid.isascii()):
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        api = parse(body, chat, self.tokenizer, self.served_models(), self.max_model_len, self.vocab_size)
+        endpoint = "chat" if chat else "completions"
+        gens = []
+        base = f"{self.config.gateway_id}-{next(self._ids)}"
+        for pi, prompt in enumerate(api.prompts):
+            for j in range(api.n):
+                params = api.params
+                if api.n > 1 and params.seed is not None:
+                    import dataclasses
+                    params = dataclasses.replace(params, seed=params.seed + j)
+                g = Generation(self, f"{base}-{pi * api.n + j}", prompt, params, api.model, (api.ttft_ms, api.tpot_ms))
+                gens.append(g)
+        for g in gens:
+            self.generations[g.id] = g
+        self.m_running.inc()
+        status = "500"
+        try:
+            results = await asyncio.gather(*(g.launch() for g in gens), return_exceptions=True)
+            errs = [r for r in results if isinstance(r, BaseException)]
+            if errs:
+                raise errs[0]
+            if api.stream:
+                resp = await self._stream(request, api, gens, rid)
+            else:
+                resp = await self._complete(api, gens, rid)
+            status = "200"
+            return resp
+        except ApiError as e:
+            status = str(e.status)
+            raise
+        finally:
+            for g in gens:
+                if g.finish_reason is None:
+                    g.abort_attempt()  # the client went away, or an error: free P and D at once
+                self.generations.pop(g.id, None)
+            self.m_running.dec()
+            self.m_requests.inc(endpoint=endpoint, status=status)
+            for g in gens:
+                self._observe(g)
+
+    def _observe(self, g: Generation) -> None:
+        now = time.monotonic()
+        if g.first_token_at is not None:
+            self.m_ttft.observe(g.first_token_at - g.started)
+            if len(g.tokens) > 1:
+                self.m_tpot.observe((now - g.first_token_at) / (len(g.tokens) - 1))
+        if g.finish_reason is not None:
+            self.m_e2e.observe(now - g.started)
+        self.m_tokens.inc(len(g.tokens))
+
+    def _finish(self, reason: str | None) -> str:
+        return reason if reason in ("stop", "length") else "stop"
+
+    async def _complete(self, api: ApiRequest, gens: list[Generation], rid: str):
+        async def run(g):
+            async for _ in g.deltas():
+                pass
+        await asyncio.gather(*(run(g) for g in gens))
+        choices = []
+        for i, g in enumerate(gens):
+            lp = None
+            if api.logprobs is not None:
+                lp = chat_logprobs(self.tokenizer, g.tokens, g.logprobs) if api.chat else \
+                    completion_logprobs(self.tokenizer, g.tokens, g.logprobs)
+            if api.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
+                                "finish_reason": self._finish(g.finish_reason)})
+            else:
+                choices.append({"index": i, "text": g.text, "logprobs": lp, "finish_reason": self._finish(g.finish_reason)})
+        body = {"id": rid, "object": "chat.completion" if api.chat else "text_completion", "created": int(time.time()),
+                "model": api.model, "choices": choices,
+                "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))}
+        return web.json_response(body, headers={"X-Request-Id": rid})
+
+    async def _stream(self, request, api: ApiRequest, gens: list[Generation], rid: str):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Request-Id": rid})
+        await resp.prepare(request)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if api.chat else "text_completion"
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, g):
+            try:
+                async for d in g.deltas():
+                    queue.put_nowait((i, d, None))
+            except ApiError as e:
+                queue.put_nowait((i, None, e))
+            except Exception as e:  # a bug must reach the client as an error, not a hang
+                log.exception("generation %s", g.id)
+                queue.put_nowait((i, None, ApiError(500, f"internal error: {e}", type_="server_error")))
+            queue.put_nowait((i, None, None))
+
+        async def send(payload: dict):
+            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            if api.chat:
+                for i in range(len(gens)):
+                    await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]})
+            offsets = [0] * len(gens)
+            live = len(gens)
+            while live:
+                i, d, err = await queue.get()
+                if err is not None:
+                    await send(err.body())
+                    continue
+                if d is None:
+                    live -= 1
+                    continue
+                lp = None
+                if api.logprobs is not None and d.logprobs:
+                    lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs) if api.chat else \
+                        completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i])
+                offsets[i] += len(d.text)
+                fin = self._finish(d.finish_reason) if d.finish_reason else None
+                if api.chat:
+                    delta = {"content": d.text} if d.text or not fin else {}
+                    choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
+                else:
+                    choice = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": fin}
+                await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [choice]})
+            if api.include_usage:
+                await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [],
+                            "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))})
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return resp
+
+
+async def serve(config: GatewayConfig, ready=None) -> None:
+    gw = await Gateway(config).start()
+    stop = asyncio.Event()
+    gw.stop = stop.set
+    if ready is not None:
+        ready(gw)
+    try:
+        await stop.wait()
+    finally:
+        await gw.close()

@@ -1,0 +1,121 @@
+"""Messages on the coordinator's sockets (torch-free; MessagePack through typed msgspec structs).
+
+    worker  --Beat (PUSH)-----------> every coordinator's heartbeat PULL (standbys stay warm)
+    gateway --Place (DEALER)--------> the leader's placement ROUTER --> Placed | Rejected
+    coordinator --WorkerEvent (PUB)-> gateways (SUB): a worker turned suspect, dead, draining or live
+
+Decoding is validation: a malformed or unknown message raises ProtocolError; the receiver counts and
+drops it. Every message carries the protocol version.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from cluster.registry import Load
+
+VERSION = 1
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+class Beat(msgspec.Struct, tag="beat", frozen=True):
+    v: int
+    seq: int  # per worker, increasing: a reordered older beat is ignored
+    load: Load
+
+
+class Place(msgspec.Struct, tag="place", frozen=True):
+    v: int
+    request_id: str
+    model: str  # served model name ("" = any)
+    prompt_tokens: int
+    max_tokens: int
+    ttft_ms: float | None = None  # SLOs of this request (None: the cluster's defaults)
+    tpot_ms: float | None = None
+    exclude: list[str] = []  # workers not to use (the ones that just failed this request)
+
+
+class WorkerAddr(msgspec.Struct, frozen=True):
+    worker_id: str
+    role: str
+    endpoint: str  # request socket
+    kv_endpoints: list[str]
+    layout: dict
+
+
+class Placed(msgspec.Struct, tag="placed", frozen=True):
+    v: int
+    request_id: str
+    prefill: WorkerAddr
+    decode: WorkerAddr | None  # None: the prefill worker is colocated and decodes too
+    predicted_ttft_ms: float
+    predicted_tpot_ms: float
+
+
+class Rejected(msgspec.Struct, tag="rejected", frozen=True):
+    v: int
+    request_id: str
+    code: str  # "overloaded" | "no_workers" | "unknown_model" | "not_leader" | "bad_request"
+    reason: str
+    retry_after_s: float = 1.0
+
+
+class WorkerEvent(msgspec.Struct, tag="event", frozen=True):
+    v: int
+    worker_id: str
+    role: str
+    state: str  # "suspect" | "dead" | "draining" | "live"
+    reason: str
+    ts: float
+
+
+class CoordinatorInfo(msgspec.Struct, frozen=True):
+    """What a coordinator publishes under coordinators/<id> (and, while it leads, coordinator/leader)."""
+    coordinator_id: str
+    placement: str  # ROUTER endpoint
+    heartbeats: str  # PULL endpoint
+    events: str  # PUB endpoint
+    admin: str  # http://host:port
+    pid: int
+
+
+PlacementReply = Placed | Rejected
+
+_enc = msgspec.msgpack.Encoder()
+_beat_dec = msgspec.msgpack.Decoder(Beat)
+_place_dec = msgspec.msgpack.Decoder(Place)
+_reply_dec = msgspec.msgpack.Decoder(PlacementReply)
+_event_dec = msgspec.msgpack.Decoder(WorkerEvent)
+
+
+def encode(msg) -> bytes:
+    return _enc.encode(msg)
+
+
+def _decode(dec, data: bytes, what: str):
+    try:
+        msg = dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"malformed {what}: {e}") from None
+    if msg.v != VERSION:
+        raise ProtocolError(f"{what}: protocol version {msg.v} (this process speaks {VERSION})")
+    return msg
+
+
+def decode_beat(data: bytes) -> Beat:
+    return _decode(_beat_dec, data, "heartbeat")
+
+
+def decode_place(data: bytes) -> Place:
+    return _decode(_place_dec, data, "placement request")
+
+
+def decode_reply(data: bytes) -> Placed | Rejected:
+    return _decode(_reply_dec, data, "placement reply")
+
+
+def decode_event(data: bytes) -> WorkerEvent:
+    return _decode(_event_dec, data, "worker event")

@@ -1,0 +1,401 @@
+"""The coordinator process (DESIGN.md §1, §5-7). Torch-free; one asyncio loop.
+
+Every replica keeps a warm live view: worker registrations mirrored from etcd (workers/), their load
+from ZeroMQ heartbeats (every worker beats to every coordinator), drains from etcd (drain/). One
+replica leads (coordinator/election.py); only the leader answers placements (the others reply
+`not_leader`, and gateways follow the leader key). Every replica publishes worker events on its PUB
+socket, so a gateway subscribed to any of them hears of a failure.
+
+Sockets (bound on `host`; port 0 = any free port; published under coordinators/<id>):
+    placement  ROUTER  Place -> Placed | Rejected
+    heartbeats PULL    Beat
+    events     PUB     WorkerEvent (suspect, dead, draining, live)
+Admin HTTP API (aiohttp) on admin_host:admin_port (127.0.0.1:8001): see ADMIN_OPENAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from cluster.metrics import Metrics
+from cluster.registry import WorkerInfo
+from coordinator import keys
+from coordinator.election import Election
+from coordinator.live_view import LiveView
+from coordinator.policy import Placement, PlacementRequest, Rejection, make_policy
+from coordinator.protocol import (VERSION, CoordinatorInfo, Place, Placed, ProtocolError, Rejected, WorkerAddr,
+                                  WorkerEvent, decode_beat, decode_place, encode)
+from coordinator.session import Session
+from coordinator.watch import PrefixMirror
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+@dataclass
+class CoordinatorConfig:
+    etcd: list[str]
+    cluster: str = "default"
+    coordinator_id: str = ""
+    host: str = "127.0.0.1"  # interface of the ZeroMQ sockets
+    placement_port: int = 0
+    heartbeat_port: int = 0
+    events_port: int = 0
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001  # 0: any free port
+    policy: str = "slo"
+    suspect_after: float = 1.0  # seconds without a heartbeat
+    lease_ttl: int = 2
+    ttft_ms: float | None = None  # the cluster's default SLOs (a request may name its own)
+    tpot_ms: float | None = None
+
+    def __post_init__(self):
+        if not self.etcd:
+            raise ValueError("coordinator: at least one etcd endpoint is needed")
+        if self.suspect_after <= 0:
+            raise ValueError(f"suspect_after = {self.suspect_after!r}: must be > 0")
+        keys.root(self.cluster)
+        make_policy(self.policy)
+        self.coordinator_id = self.coordinator_id or f"coord-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _State:
+    suspect: set[str] = field(default_factory=set)
+    events: deque = field(default_factory=lambda: deque(maxlen=200))  # recent, for the admin API
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.view = LiveView(config.suspect_after)
+        self.policy = make_policy(config.policy)
+        self.state = _State()
+        self.session: Session | None = None
+        self.election: Election | None = None
+        self.info: CoordinatorInfo | None = None
+        self.leader_info: CoordinatorInfo | None = None
+        self._beat_seq: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._runner = None
+        self._stopped = asyncio.Event()
+        m = self.metrics = Metrics()
+        self.m_placements = m.counter("placements", "placement decisions", ["result"])
+        self.m_place_latency = m.histogram("placement_seconds", "time to decide a placement",
+                                           buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1))
+        self.m_bad = m.counter("messages_dropped", "malformed messages dropped", ["socket"])
+        self.m_beats = m.counter("heartbeats", "heartbeats received")
+        self.m_events = m.counter("worker_events", "worker events published", ["state"])
+        self.m_workers = m.gauge("workers", "workers in the live view", ["role", "state"])
+        self.m_leader = m.gauge("coordinator_is_leader", "1 while this replica leads")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.election is not None and self.election.is_leader
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> "Coordinator":
+        c = self.config
+        self.session = await Session(c.etcd, ttl=c.lease_ttl).start()
+        self.ctx = zmq.asyncio.Context()
+        self.router = self._bind(zmq.ROUTER, c.placement_port)
+        self.pull = self._bind(zmq.PULL, c.heartbeat_port)
+        self.pub = self._bind(zmq.PUB, c.events_port)
+        admin = await self._start_admin()
+        self.info = CoordinatorInfo(c.coordinator_id, self.router.getsockopt_string(zmq.LAST_ENDPOINT),
+                                    self.pull.getsockopt_string(zmq.LAST_ENDPOINT),
+                                    self.pub.getsockopt_string(zmq.LAST_ENDPOINT), admin, os.getpid())
+        self.election = Election(self.session, keys.leader(c.cluster), msgspec.json.encode(self.info))
+        self.workers = PrefixMirror(self.session, keys.workers(c.cluster), self._worker_changed).start()
+        self.drains = PrefixMirror(self.session, keys.drains(c.cluster), self._drain_changed).start()
+        self.leader_mirror = PrefixMirror(self.session, keys.leader(c.cluster), self._leader_changed).start()
+        await self.session.register(keys.coordinator(c.cluster, c.coordinator_id), msgspec.json.encode(self.info))
+        for coro in (self._heartbeats(), self._placements(), self._monitor(), self._lead()):
+            self._tasks.append(asyncio.create_task(coro))
+        log.info("coordinator %s: placement %s, heartbeats %s, events %s, admin %s", c.coordinator_id,
+                 self.info.placement, self.info.heartbeats, self.info.events, self.info.admin)
+        return self
+
+    def _bind(self, kind: int, port: int) -> zmq.asyncio.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if kind == zmq.ROUTER:
+            s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        addr = f"tcp://{self.config.host}"
+        if port:
+            s.bind(f"{addr}:{port}")
+        else:
+            s.bind_to_random_port(addr)
+        return s
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for mirror in (self.workers, self.drains, self.leader_mirror):
+            await mirror.stop()
+        if self.election is not None and self.election.is_leader:
+            try:
+                await self.election.resign()
+            except Exception as e:
+                log.warning("resigning: %s", e)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.session.close()
+        for s in (self.router, self.pull, self.pub):
+            s.close(0)
+        self.ctx.term()
+
+    # ---- etcd mirrors ------------------------------------------------------------------------------
+    def _worker_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        now = time.monotonic()
+        wid = keys.worker_id_of(key)
+        if new is None:
+            v = self.view.deregistered(wid)
+            self.state.suspect.discard(wid)
+            self._beat_seq.pop(wid, None)
+            if v is not None:
+                self._publish(wid, v.info.role, "dead", "its etcd lease is gone")
+                if self.is_leader:
+                    asyncio.ensure_future(self._forget_drain(wid))
+            return
+        try:
+            info = msgspec.json.decode(new, type=WorkerInfo)
+            self.view.registered(info, now)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as e:
+            self.m_bad.inc(socket="registry")
+            log.warning("ignored a malformed registration at %s: %s", key, e)
+            return
+        if keys.drain(self.config.cluster, wid) in self.drains.items:
+            self.view.drain(wid)
+        log.info("worker %s (%s, %s) registered", wid, info.role, info.model)
+
+    def _drain_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        wid = keys.worker_id_of(key)
+        if self.view.drain(wid, new is not None) and new is not None:
+            v = self.view.workers[wid]
+            self._publish(wid, v.info.role, "draining", "drained by an operator")
+
+    async def _forget_drain(self, wid: str) -> None:
+        try:
+            await self.session._call(self.session.client.delete(keys.drain(self.config.cluster, wid).encode()))
+        except Exception as e:
+            log.debug("forgetting drain of %s: %s", wid, e)
+
+    def _leader_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        try:
+            self.leader_info = msgspec.json.decode(new, type=CoordinatorInfo) if new else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.leader_info = None
+
+    # ---- sockets -----------------------------------------------------------------------------------
+    def _publish(self, worker_id: str, role: str, state: str, reason: str) -> None:
+        ev = WorkerEvent(VERSION, worker_id, role, state, reason, time.time())
+        self.state.events.append(ev)
+        self.m_events.inc(state=state)
+        log.warning("worker %s (%s) is %s: %s", worker_id, role, state, reason) if state != "live" else \
+            log.info("worker %s (%s) is live again", worker_id, role)
+        try:
+            self.pub.send(encode(ev), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    async def _heartbeats(self) -> None:
+        while True:
+            data = await self.pull.recv()
+            now = time.monotonic()
+            try:
+                beat = decode_beat(data)
+            except ProtocolError as e:
+                self.m_bad.inc(socket="heartbeats")
+                log.debug("dropped: %s", e)
+                continue
+            wid = beat.load.worker_id
+            if beat.seq <= self._beat_seq.get(wid, 0) and beat.seq != 1:
+                continue  # an older beat, overtaken (seq 1: the worker restarted its agent)
+            self._beat_seq[wid] = beat.seq
+            self.m_beats.inc()
+            age = max(0.0, time.time() - beat.load.ts)  # wall clocks: same host, or NTP across hosts
+            self.view.heartbeat(beat.load, now, sampled_at=now - age)
+
+    async def _placements(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            if len(frames) != 2:
+                self.m_bad.inc(socket="placement")
+                continue
+            ident, data = frames
+            t0 = time.perf_counter()
+            try:
+                req = decode_place(data)
+            except ProtocolError as e:
+                self.m_bad.inc(socket="placement")
+                log.debug("dropped: %s", e)
+                continue
+            reply = self.place(req)
+            self.m_place_latency.observe(time.perf_counter() - t0)
+            self.m_placements.inc(result="placed" if isinstance(reply, Placed) else reply.code)
+            try:
+                await self.router.send_multipart([ident, encode(reply)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the gateway went away
+
+    def place(self, req: Place) -> Placed | Rejected:
+        """One placement decision (the leader's): pure computation on the live view."""
+        rid = req.request_id
+        if not self.is_leader:
+            return Rejected(VERSION, rid, "not_leader", "this coordinator is a standby", 0.1)
+        if req.prompt_tokens < 1 or req.max_tokens < 0:
+            return Rejected(VERSION, rid, "bad_request", "prompt_tokens must be >= 1 and max_tokens >= 0", 0)
+        if req.model and req.model not in self.view.models():
+            return Rejected(VERSION, rid, "unknown_model", f"no worker serves model {req.model!r}", 5.0)
+        c = self.config
+        ttft = req.ttft_ms if req.ttft_ms is not None else c.ttft_ms
+        tpot = req.tpot_ms if req.tpot_ms is not None else c.tpot_ms
+        preq = PlacementRequest(req.prompt_tokens, req.max_tokens, ttft / 1e3 if ttft else float("inf"),
+                                tpot / 1e3 if tpot else float("inf"))
+        now = time.monotonic()
+        exclude = set(req.exclude)
+        prefills = self.view.prefill_states(now, ("prefill",), req.model, exclude)
+        decodes = self.view.decode_states(now, ("decode",), req.model, exclude)
+        colocated = False
+        if not (any(p.healthy for p in prefills) and any(d.healthy for d in decodes)):
+            cp = self.view.prefill_states(now, ("colocated",), req.model, exclude)
+            if any(p.healthy for p in cp):
+                prefills, decodes, colocated = cp, self.view.decode_states(now, ("colocated",), req.model,
+                                                                           exclude), True
+        if colocated:  # one worker does both: its prefill queue and its decode batch must both fit
+            healthy = {d.worker_id for d in decodes if d.healthy}
+            prefills = [p for p in prefills if p.worker_id in healthy]
+            result = self.policy.place(preq, prefills, decodes)
+            if isinstance(result, Placement) and result.decode != result.prefill:
+                result = self.policy.place(preq, [p for p in prefills if p.worker_id == result.decode], decodes)
+        else:
+            result = self.policy.place(preq, prefills, decodes)
+        if isinstance(result, Rejection):
+            code = "no_workers" if result.reason.startswith("no healthy") else "overloaded"
+            return Rejected(VERSION, rid, code, result.reason, result.retry_after)
+        self.view.placed(result, preq, now)
+        p = self._addr(result.prefill)
+        d = None if colocated else self._addr(result.decode)
+        return Placed(VERSION, rid, p, d, result.predicted_ttft * 1e3, result.predicted_tpot * 1e3)
+
+    def _addr(self, wid: str) -> WorkerAddr:
+        i = self.view.workers[wid].info
+        return WorkerAddr(wid, i.role, i.endpoint, i.kv_endpoints, i.layout)
+
+    async def _monitor(self, period: float = 0.05) -> None:
+        """Suspects: registered workers silent for longer than suspect_after."""
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            silent = set(self.view.suspects(now))
+            for wid in silent - self.state.suspect:
+                v = self.view.workers.get(wid)
+                if v is not None:
+                    self._publish(wid, v.info.role, "suspect",
+                                  f"no heartbeat for {now - v.heard_at:.2f} s (limit {self.config.suspect_after} s)")
+            for wid in self.state.suspect - silent:
+                v = self.view.workers.get(wid)
+                if v is not None:
+                    self._publish(wid, v.info.role, "live", "heartbeats resumed")
+            self.state.suspect = silent
+            self.m_leader.set(1 if self.is_leader else 0)
+
+    async def _lead(self) -> None:
+        while True:
+            await self.election.campaign()
+            log.info("coordinator %s leads cluster %s", self.config.coordinator_id, self.config.cluster)
+            while self.election.is_leader:
+                await asyncio.sleep(0.05)
+            log.warning("coordinator %s lost the lead; campaigning again", self.config.coordinator_id)
+            while self.session.lost.is_set():
+                await asyncio.sleep(0.05)
+
+    # ---- admin API ---------------------------------------------------------------------------------
+    async def _start_admin(self) -> str:
+        from coordinator.admin import build_app
+        from aiohttp import web
+
+        self._runner = web.AppRunner(build_app(self), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.admin_host, self.config.admin_port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        return f"http://{self.config.admin_host}:{port}"
+
+    def cluster_status(self) -> dict:
+        now = time.monotonic()
+        workers = []
+        counts: dict[tuple[str, str], int] = {}
+        for wid, v in sorted(self.view.workers.items()):
+            state = "draining" if v.draining else "suspect" if wid in self.state.suspect else \
+                "starting" if v.load is None else "live"
+            counts[(v.info.role, state)] = counts.get((v.info.role, state), 0) + 1
+            i = v.info
+            workers.append({
+                "worker_id": wid, "role": i.role, "model": i.model, "tp": i.tp, "pp": i.pp, "state": state,
+                "endpoint": i.endpoint, "pid": i.pid, "kv_capacity_tokens": i.kv_capacity_tokens,
+                "last_heartbeat_s": round(now - v.heard_at, 3),
+                "load": msgspec.to_builtins(v.load) if v.load is not None else None,
+                "pending_placements": len(v.pending),
+            })
+        for (role, state), n in counts.items():
+            self.m_workers.set(n, role=role, state=state)
+        c = self.config
+        return {
+            "cluster": c.cluster, "coordinator_id": c.coordinator_id, "is_leader": self.is_leader,
+            "leader": msgspec.to_builtins(self.leader_info) if self.leader_info else None,
+            "policy": self.policy.name, "slo": {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms},
+            "suspect_after_s": c.suspect_after, "workers": workers,
+            "events": [msgspec.to_builtins(e) for e in list(self.state.events)[-20:]],
+        }
+
+    async def drain(self, worker_id: str) -> bool:
+        if worker_id not in self.view.workers:
+            return False
+        await self.session._call(self.session.client.put(keys.drain(self.config.cluster, worker_id).encode(),
+                                                         str(time.time()).encode()))
+        self.view.drain(worker_id)
+        return True
+
+    async def profiles(self) -> dict:
+        got = await self.session._call(self.session.client.get_prefix(keys.profiles(self.config.cluster).encode()))
+        out = {}
+        for kv in got:
+            try:
+                out[kv.key.decode().removeprefix(keys.profiles(self.config.cluster))] = msgspec.json.decode(kv.value)
+            except msgspec.DecodeError:
+                continue
+        for wid, v in sorted(self.view.workers.items()):  # what each live worker measured at start-up
+            if v.info.profile:
+                out.setdefault(f"{v.info.model}/{v.info.role}-tp{v.info.tp}-pp{v.info.pp}", v.info.profile)
+        return out
+
+
+async def serve(config: CoordinatorConfig, ready=None) -> None:
+    coord = await Coordinator(config).start()
+    if ready is not None:
+        ready(coord)
+    try:
+        await coord.wait_stopped()
+    finally:
+        await coord.close()
