@@ -186,6 +186,8 @@ class Coordinator:
             return
         if keys.drain(self.config.cluster, wid) in self.drains.items:
             self.view.drain(wid)
+        if info.profile and self.is_leader:
+            asyncio.ensure_future(self._store_profile(info))
         log.info("worker %s (%s, %s) registered", wid, info.role, info.model)
 
     def _drain_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
@@ -193,6 +195,21 @@ class Coordinator:
         if self.view.drain(wid, new is not None) and new is not None:
             v = self.view.workers[wid]
             self._publish(wid, v.info.role, "draining", "drained by an operator")
+
+    @staticmethod
+    def shape(info: WorkerInfo) -> str:
+        return f"{info.role}-tp{info.tp}-pp{info.pp}"
+
+    async def _store_profile(self, info: WorkerInfo) -> None:
+        """The first profile measured for a (model, shape) becomes the stored one (fenced: leader only);
+        `cluster profile` overwrites it with a fuller measurement."""
+        key = keys.profile(self.config.cluster, info.model, self.shape(info))
+        try:
+            if await self.session._call(self.session.client.get(key.encode())) is None:
+                await self.election.fenced_put(key, msgspec.json.encode(
+                    {**info.profile, "source": f"start-up profile of {info.worker_id}", "ts": time.time()}))
+        except Exception as e:
+            log.debug("storing the profile of %s: %s", info.worker_id, e)
 
     async def _forget_drain(self, wid: str) -> None:
         try:
@@ -324,6 +341,9 @@ class Coordinator:
         while True:
             await self.election.campaign()
             log.info("coordinator %s leads cluster %s", self.config.coordinator_id, self.config.cluster)
+            for v in list(self.view.workers.values()):  # registered before this replica led
+                if v.info.profile:
+                    await self._store_profile(v.info)
             while self.election.is_leader:
                 await asyncio.sleep(0.05)
             log.warning("coordinator %s lost the lead; campaigning again", self.config.coordinator_id)
@@ -385,9 +405,6 @@ class Coordinator:
                 out[kv.key.decode().removeprefix(keys.profiles(self.config.cluster))] = msgspec.json.decode(kv.value)
             except msgspec.DecodeError:
                 continue
-        for wid, v in sorted(self.view.workers.items()):  # what each live worker measured at start-up
-            if v.info.profile:
-                out.setdefault(f"{v.info.model}/{v.info.role}-tp{v.info.tp}-pp{v.info.pp}", v.info.profile)
         return out
 
 

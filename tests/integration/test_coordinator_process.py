@@ -1,0 +1,308 @@
+"""The coordinator as a real process against a real etcd, with real workers (tiny model): failure
+detection and events, leader election and fencing, etcd restarts and member loss, malformed input."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import zmq
+
+from coordinator.etcd_server import start_cluster
+from coordinator.protocol import (VERSION, Place, Placed, Rejected, decode_event, decode_reply, encode)
+from live_cluster import LiveCluster, get_json
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def live(tmp_path, tiny_llama):
+    c = LiveCluster(tmp_path, tiny_llama)
+    yield c
+    c.close()
+
+
+class Events:
+    """Collects WorkerEvents from coordinators' PUB sockets on a thread."""
+
+    def __init__(self, *endpoints):
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for ep in endpoints:
+            self.sock.connect(ep)
+        self.got = []
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop:
+            if self.sock.poll(50):
+                self.got.append((time.monotonic(), decode_event(self.sock.recv())))
+
+    def wait(self, worker_id, state, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, ev in self.got:
+                if ev.worker_id == worker_id and ev.state == state:
+                    return t
+            time.sleep(0.01)
+        raise AssertionError(f"no {state} event for {worker_id} within {timeout} s; got {self.got}")
+
+    def close(self):
+        self._stop = True
+        self._t.join(2)
+        self.sock.close(0)
+
+
+class Placer:
+    def __init__(self, endpoint):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.n = 0
+
+    def place(self, timeout=1.0, **kw):
+        self.n += 1
+        req = dict(prompt_tokens=10, max_tokens=5) | kw
+        self.sock.send(encode(Place(VERSION, f"t-{self.n}", "", **req)))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(50):
+                reply = decode_reply(self.sock.recv())
+                if reply.request_id == f"t-{self.n}":
+                    return reply
+        return None
+
+    def close(self):
+        self.sock.close(0)
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def workers_of(coord):
+    return {w["worker_id"]: w for w in get_json(coord.info["admin"] + "/v1/cluster")["workers"]}
+
+
+def all_live(coord, n):
+    ws = workers_of(coord)
+    return len(ws) == n and all(w["state"] == "live" for w in ws.values())
+
+
+def test_killed_worker_is_suspect_within_1_5_s_then_dead_and_gets_no_work(live):
+    coord = live.coordinator()
+    events = Events(coord.info["events"])
+    p = live.worker("prefill", "p0")
+    d0 = live.worker("decode", "d0")
+    d1 = live.worker("decode", "d1")
+    try:
+        wait_for(lambda: all_live(coord, 3), 10, "three live workers")
+        placer = Placer(coord.info["placement"])
+        assert isinstance(placer.place(), Placed)
+        os.kill(d0.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        t_suspect = events.wait("d0", "suspect", 3.0)
+        assert t_suspect - t_kill <= 1.5, f"suspect after {t_suspect - t_kill:.2f} s"
+        for _ in range(10):  # a suspect gets no new work
+            r = placer.place()
+            assert isinstance(r, Placed) and r.decode.worker_id == "d1", r
+        t_dead = events.wait("d0", "dead", 6.0)  # lease TTL 2 s
+        assert t_dead > t_suspect
+        assert set(workers_of(coord)) == {"p0", "d1"}
+        placer.close()
+    except BaseException:
+        print(live.logs())
+        raise
+    finally:
+        events.close()
+    assert p.alive() and d1.alive()
+
+
+def leader_of(coords):
+    for c in coords:
+        if not c.alive():
+            continue
+        try:
+            if get_json(c.info["admin"] + "/health", timeout=1)["is_leader"]:
+                return c
+        except OSError:
+            continue
+    return None
+
+
+def test_leader_failover_within_3_s_and_a_revived_leader_stays_deposed(live):
+    coords = [live.coordinator(f"coord-{i}") for i in range(3)]
+    live.worker("prefill", "p0")
+    live.worker("decode", "d0")
+    placers = {c.name: Placer(c.info["placement"]) for c in coords}
+    try:
+        first = wait_for(lambda: leader_of(coords), 10, "a leader")
+        wait_for(lambda: isinstance(placers[first.name].place(), Placed), 10, "a placement")
+        standby = next(c for c in coords if c is not first)
+        assert placers[standby.name].place().code == "not_leader"
+
+        # the leader freezes (SIGSTOP): a standby takes over within 3 s (lease TTL 2 s)
+        os.kill(first.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            def serving():
+                for c in coords:
+                    if c is not first:
+                        r = placers[c.name].place(timeout=0.3)
+                        if isinstance(r, Placed):
+                            return c
+                return None
+            second = wait_for(serving, 5, "a new leader serving placements")
+            assert time.monotonic() - t0 <= 3.0, f"takeover took {time.monotonic() - t0:.2f} s"
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        # revived, the old leader finds its lease gone and does not act as leader
+        time.sleep(1.0)
+        assert get_json(first.info["admin"] + "/health")["is_leader"] is False
+        r = placers[first.name].place()
+        assert isinstance(r, Rejected) and r.code == "not_leader", r
+        assert leader_of(coords) is second
+
+        # kill -9 of the new leader: the last replica takes over
+        os.kill(second.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        third = wait_for(lambda: next((c for c in coords if c.alive() and isinstance(
+            placers[c.name].place(timeout=0.3), Placed)), None), 5, "a third leader")
+        assert time.monotonic() - t0 <= 3.0
+        assert third is not second
+    except BaseException:
+        print(live.logs())
+        raise
+    finally:
+        for p in placers.values():
+            p.close()
+
+
+def test_etcd_restart_sessions_recover_without_duplicate_or_lost_registrations(live):
+    coord = live.coordinator()
+    events = Events(coord.info["events"])
+    live.worker("prefill", "p0")
+    live.worker("decode", "d0")
+    try:
+        wait_for(lambda: all_live(coord, 2), 10, "two live workers")
+        live.etcds[0].restart()
+        time.sleep(4.0)  # longer than the lease TTL: sessions must have re-established
+        ws = workers_of(coord)
+        assert sorted(ws) == ["d0", "p0"] and all(w["state"] == "live" for w in ws.values()), ws
+        # the registrations came back through a new list/watch, without a dead event in between...
+        assert not [ev for _, ev in events.got if ev.state == "dead"], events.got
+        # ...and the watch works again: a worker that joins now is seen, one that leaves is gone
+        live.worker("decode", "d1")
+        wait_for(lambda: "d1" in workers_of(coord), 10, "d1 registered after the restart")
+        live.procs[-1].stop()
+        wait_for(lambda: "d1" not in workers_of(coord), 10, "d1 deregistered")
+        placer = Placer(coord.info["placement"])
+        assert isinstance(placer.place(), Placed)
+        placer.close()
+    except BaseException:
+        print(live.logs())
+        raise
+    finally:
+        events.close()
+
+
+def test_a_3_member_etcd_losing_one_member_is_invisible_to_placement(tmp_path, tiny_llama):
+    members = start_cluster(3, tmp_path / "etcd")
+    live = LiveCluster(tmp_path, tiny_llama, etcd=members)
+    try:
+        coord = live.coordinator()
+        events = Events(coord.info["events"])
+        live.worker("prefill", "p0")
+        live.worker("decode", "d0")
+        wait_for(lambda: all_live(coord, 2), 10, "two live workers")
+        placer = Placer(coord.info["placement"])
+        members[0].kill()  # the member every session connected to first
+        t_end = time.monotonic() + 4.0
+        n = 0
+        while time.monotonic() < t_end:
+            r = placer.place()
+            assert isinstance(r, Placed), r
+            n += 1
+            time.sleep(0.05)
+        assert n > 20
+        assert not [ev for _, ev in events.got if ev.state in ("suspect", "dead")], events.got
+        assert get_json(coord.info["admin"] + "/health")["is_leader"]
+        placer.close()
+        events.close()
+    except BaseException:
+        print(live.logs())
+        raise
+    finally:
+        live.close()
+        for m in members:
+            m.kill()
+
+
+def test_malformed_messages_are_dropped_and_counted(live):
+    coord = live.coordinator()
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(coord.info["placement"])
+    push = ctx.socket(zmq.PUSH)
+    push.connect(coord.info["heartbeats"])
+    try:
+        for junk in (b"", b"\x00garbage", encode({"v": 1, "type": "place"}), b"\xc1" * 100):
+            dealer.send(junk)
+            push.send(junk)
+        dealer.send_multipart([b"two", b"frames"])
+        push.send(encode(Place(99, "x", "", 1, 1)))  # a valid message of the wrong kind and version
+
+        def counted():
+            text = __import__("urllib.request").request.urlopen(coord.info["admin"] + "/metrics").read().decode()
+            got = {}
+            for line in text.splitlines():
+                if line.startswith("tandem_messages_dropped_total{"):
+                    got[line.split('"')[1]] = float(line.split()[-1])
+            return got if got.get("placement", 0) >= 5 and got.get("heartbeats", 0) >= 5 else None
+        wait_for(counted, 5, "dropped messages counted")
+        placer = Placer(coord.info["placement"])
+        r = placer.place()  # still serving: no workers yet, a clean rejection
+        assert isinstance(r, Rejected) and r.code == "no_workers", r
+        placer.close()
+        assert coord.alive()
+    finally:
+        dealer.close(0)
+        push.close(0)
+
+
+def test_drain_stops_new_work_on_every_replica_and_admin_api_errors_are_openai_shaped(live):
+    from live_cluster import post_json
+    coords = [live.coordinator("coord-a"), live.coordinator("coord-b")]
+    live.worker("prefill", "p0")
+    live.worker("decode", "d0")
+    live.worker("decode", "d1")
+    try:
+        wait_for(lambda: all_live(coords[0], 3) and all_live(coords[1], 3), 10, "workers")
+        leader = wait_for(lambda: leader_of(coords), 10, "a leader")
+        standby = next(c for c in coords if c is not leader)
+        status, body, _ = post_json(standby.info["admin"] + "/v1/workers/d0/drain")  # through the standby
+        assert status == 200 and body == {"worker_id": "d0", "state": "draining"}
+        wait_for(lambda: workers_of(leader)["d0"]["state"] == "draining", 5, "the leader honours the drain")
+        placer = Placer(leader.info["placement"])
+        assert {placer.place().decode.worker_id for _ in range(8)} == {"d1"}
+        placer.close()
+        status, body, _ = post_json(leader.info["admin"] + "/v1/workers/nope/drain")
+        assert status == 404 and body["error"]["code"] == "worker_not_found" and body["error"]["type"]
+        assert get_json(leader.info["admin"] + "/openapi.json")["paths"]["/v1/cluster"]
+        profiles = get_json(leader.info["admin"] + "/v1/profiles")
+        shapes = {k.split("/", 1)[1]: v for k, v in profiles.items()}  # <model>/<role>-tp<T>-pp<P>
+        assert shapes["decode-tp1-pp1"]["decode"]["base"] > 0  # measured at start-up, stored in etcd
+        assert shapes["prefill-tp1-pp1"]["prefill"]["b"] > 0
+    except BaseException:
+        print(live.logs())
+        raise
