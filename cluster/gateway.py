@@ -97,6 +97,7 @@ class Generation:
         self.migrations = 0
         self.exclude: set[str] = set()
         self.duplicates = 0
+        self.capacity_retries = 0
         self.q: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -173,6 +174,20 @@ class Generation:
                            code="migration_limit", type_="server_error", headers={"Retry-After": "1"})
         await self.launch()
 
+    async def _retry_capacity(self, worker_id: str, why: str) -> None:
+        """A decode worker had no room for the prompt's KV: its load report was stale. Placed again (without
+        it, if another can take it) after a short backoff; bounded by the first-token timeout, not by
+        the migration limit."""
+        self.abort_attempt()
+        self.capacity_retries += 1
+        if time.monotonic() - self.started > self.gw.config.first_token_timeout:
+            raise ApiError(503, f"no decode worker had room for the request: {why}", code="capacity",
+                           type_="service_unavailable", headers={"Retry-After": "1"})
+        await asyncio.sleep(min(0.5, 0.01 * 2 ** min(self.capacity_retries, 6)))
+        self.exclude.add(worker_id)
+        await self.launch()
+        self.exclude.discard(worker_id)
+
     async def deltas(self):
         """Yields Deltas until the generation finishes; migrates across worker failures."""
         cfg = self.gw.config
@@ -200,8 +215,13 @@ class Generation:
                 continue
             got_first = True
             if chunk.finish_reason in ("error", "abort"):
-                wid = chunk.worker_id or None
-                await self._migrate(_Failure(wid, f"worker {chunk.worker_id}: {chunk.error or chunk.finish_reason}"))
+                why = f"worker {chunk.worker_id}: {chunk.error or chunk.finish_reason}"
+                if chunk.error_code == "invalid":  # the request itself: another worker would say the same
+                    raise ApiError(400, chunk.error or "invalid request", code="invalid_request")
+                if chunk.error_code == "capacity":  # no room right now: not a failure, place again shortly
+                    await self._retry_capacity(chunk.blame or chunk.worker_id, why)
+                    continue
+                await self._migrate(_Failure(chunk.blame or chunk.worker_id or None, why))
                 continue
             index = self.base + chunk.index
             skip = len(self.tokens) - index
@@ -485,10 +505,13 @@ class Gateway:
                 lp = chat_logprobs(self.tokenizer, g.tokens, g.logprobs) if api.chat else \
                     completion_logprobs(self.tokenizer, g.tokens, g.logprobs)
             if api.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
-                                "finish_reason": self._finish(g.finish_reason)})
+                choice = {"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
+                          "finish_reason": self._finish(g.finish_reason)}
             else:
-                choices.append({"index": i, "text": g.text, "logprobs": lp, "finish_reason": self._finish(g.finish_reason)})
+                choice = {"index": i, "text": g.text, "logprobs": lp, "finish_reason": self._finish(g.finish_reason)}
+            if api.return_token_ids:
+                choice["token_ids"] = g.tokens
+            choices.append(choice)
         body = {"id": rid, "object": "chat.completion" if api.chat else "text_completion", "created": int(time.time()),
                 "model": api.model, "choices": choices,
                 "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))}
@@ -544,6 +567,8 @@ class Gateway:
                     choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
                 else:
                     choice = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": fin}
+                if api.return_token_ids:
+                    choice["token_ids"] = d.token_ids
                 await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [choice]})
             if api.include_usage:
                 await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [],

@@ -55,6 +55,8 @@ class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str = ""
     worker_id: str = ""
+    error_code: str = ""  # "invalid" (the request itself) | "capacity" (no room now) | "unavailable" (a peer failed)
+    blame: str = ""  # the worker at fault when it is not the sender (e.g. the decode worker P reserved at)
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

@@ -24,7 +24,8 @@ class ApiError(Exception):
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "user", "stream", "stream_options", "min_tokens",
-          "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "ttft_ms", "tpot_ms"}
+          "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "ttft_ms", "tpot_ms",
+          "return_token_ids"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias", "tools",
                         "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls",
@@ -55,6 +56,7 @@ class ApiRequest:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     prompt_texts: list[str] = field(default_factory=list)
+    return_token_ids: bool = False  # extension (as vLLM's): each choice also carries its token ids
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -205,8 +207,9 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
         params = SamplingParams(n=1, max_tokens=max_tokens, stop=stop or [], logprobs=logprobs, **kw)
     except InvalidRequestError as e:
         raise _bad(str(e), getattr(e, "param", None)) from None
+    return_ids = _get(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean", False)
     return ApiRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, user,
-                      slo["ttft_ms"], slo["tpot_ms"], texts)
+                      slo["ttft_ms"], slo["tpot_ms"], texts, return_ids)
 
 
 # ---- responses ---------------------------------------------------------------------------------------
@@ -216,8 +219,13 @@ def completion_logprobs(tokenizer, token_ids: list[int], lps: list, offset0: int
     for t in tokens:
         offsets.append(off)
         off += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp[0] for lp in lps],
-            "top_logprobs": [{tokenizer.decode([i], skip_special_tokens=False): v for i, v in lp[1]} for lp in lps],
+    def top(alts) -> dict:
+        out = {}
+        for i, v in alts:  # two ids can decode alike (partial UTF-8): the raw token string keeps them apart
+            s = tokenizer.decode([i], skip_special_tokens=False)
+            out[s if s not in out else (tokenizer.id_to_token(i) or f"<{i}>")] = v
+        return out
+    return {"tokens": tokens, "token_logprobs": [lp[0] for lp in lps], "top_logprobs": [top(lp[1]) for lp in lps],
             "text_offset": offsets}
 
 

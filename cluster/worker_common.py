@@ -46,9 +46,10 @@ class ChunkSender:
         except zmq.Again:  # the requester is not reading: it will time out and retry elsewhere
             log.warning("reply queue to %s is full; dropped a chunk of %s", reply_to, chunk.request_id)
 
-    def error(self, reply_to: str, request_id: str, attempt: int, message: str, index: int = 0) -> None:
+    def error(self, reply_to: str, request_id: str, attempt: int, message: str, index: int = 0,
+              code: str = "invalid", blame: str = "") -> None:
         self.send(reply_to, TokenChunk(VERSION, request_id, attempt, index, [], "", None, "error", message,
-                                       self.worker_id))
+                                       self.worker_id, code, blame))
 
     def close(self) -> None:
         for s in self._socks.values():

@@ -119,7 +119,7 @@ class LiveView:
             running = [RunningRequest(0, float("inf"))] * (load.num_running if load else 0)
             running += [RunningRequest(p.prompt_tokens, p.tpot_slo) for p in v.pending]
             free = (load.free_blocks * v.info.block_size if load else 0) \
-                - sum(p.prompt_tokens + p.max_tokens for p in v.pending)
+                - sum(p.prompt_tokens for p in v.pending)  # reservations: the prompt's KV
             out.append(DecodeWorkerState(wid, self.decode_costs.get(wid, DecodeCost()), running, free,
                                          healthy=self._healthy(v, now)))
         return out

@@ -100,7 +100,15 @@ def predicted_tpot(d: DecodeWorkerState, req: PlacementRequest) -> float:
 
 
 def _fits(d: DecodeWorkerState, req: PlacementRequest) -> bool:
-    return d.healthy and len(d.running) < d.max_batch and d.free_tokens >= req.prompt_tokens + req.max_tokens
+    """Room for the prompt's KV (the reservation D makes); the growth is a preference (_candidates):
+    D preempts when it runs out, and its free count in heartbeats may be a beat old anyway."""
+    return d.healthy and len(d.running) < d.max_batch and d.free_tokens >= req.prompt_tokens
+
+
+def _candidates(decodes: list[DecodeWorkerState], req: PlacementRequest) -> list[DecodeWorkerState]:
+    fits = [d for d in decodes if _fits(d, req)]
+    whole = [d for d in fits if d.free_tokens >= req.prompt_tokens + req.max_tokens]
+    return whole or fits
 
 
 class Policy:
@@ -119,7 +127,7 @@ class RoundRobin(Policy):
 
     def place(self, req, prefills, decodes):
         ps = [p for p in prefills if p.healthy]
-        ds = [d for d in decodes if _fits(d, req)]
+        ds = _candidates(decodes, req)
         if not ps or not ds:
             return Rejection("no healthy prefill worker" if not ps else "no decode worker has room")
         p, d = ps[self._p % len(ps)], ds[self._d % len(ds)]
@@ -132,7 +140,7 @@ class LeastLoaded(Policy):
 
     def place(self, req, prefills, decodes):
         ps = [p for p in prefills if p.healthy]
-        ds = [d for d in decodes if _fits(d, req)]
+        ds = _candidates(decodes, req)
         if not ps or not ds:
             return Rejection("no healthy prefill worker" if not ps else "no decode worker has room")
         p = min(ps, key=lambda w: (w.queued_tokens, w.worker_id))
@@ -158,9 +166,7 @@ class SloAware(Policy):
                 f"no prefill worker can meet TTFT {req.ttft_slo * 1e3:.0f} ms (best predicted {fastest * 1e3:.0f} ms)"
             return Rejection(why, retry_after=max(1.0, fastest or 1.0))
         best_d, d_slack, best_tpot = None, -1.0, float("inf")
-        for d in decodes:
-            if not _fits(d, req):
-                continue
+        for d in _candidates(decodes, req):
             tpot = predicted_tpot(d, req)
             limit = min(req.tpot_slo, d.tightest_tpot)  # nobody already running may be pushed over
             if tpot > limit:
@@ -190,4 +196,4 @@ def apply(placement: Placement, req: PlacementRequest, prefills: dict[str, Prefi
     prefills[placement.prefill].queued_tokens += req.prompt_tokens
     d = decodes[placement.decode]
     d.running.append(RunningRequest(req.prompt_tokens, req.tpot_slo))
-    d.free_tokens -= req.prompt_tokens + req.max_tokens
+    d.free_tokens -= req.prompt_tokens

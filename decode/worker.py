@@ -158,7 +158,8 @@ class DecodeWorker:
             del self._aborted[rid]
         for rid in [r for r, (_, dl) in self._handoffs.items() if dl <= now]:
             h, _ = self._handoffs.pop(rid)
-            self.chunks.error(h.reply_to, rid, h.attempt, "the prompt's KV never arrived", index=1)
+            self.chunks.error(h.reply_to, rid, h.attempt, "the prompt's KV never arrived", index=1,
+                              code="unavailable")
             self.metrics["handoffs_expired"] += 1
 
     def _step(self) -> None:

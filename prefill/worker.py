@@ -121,12 +121,15 @@ class PrefillWorker:
                                         req.decode.kv_endpoints, release=lambda: None,
                                         reserve_timeout=self.reserve_timeout, ack_timeout=self.ack_timeout)
             except (IncompatibleLayouts, ValueError, TypeError) as e:
-                self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}")
+                self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}",
+                                  blame=req.decode.worker_id)
                 return
             if not transfer.reserve():
                 self.metrics["reserve_failed"] += 1
                 self.chunks.error(req.reply_to, rid, req.attempt,
-                                  f"decode worker {req.decode.worker_id}: {transfer.reason}")
+                                  f"decode worker {req.decode.worker_id}: {transfer.reason}",
+                                  code="capacity" if transfer.reason == "no room" else "unavailable",
+                                  blame=req.decode.worker_id)
                 return
         run_params = dataclasses.replace(params, max_tokens=1, n=1) if transfer else params
         try:
@@ -144,7 +147,8 @@ class PrefillWorker:
         for rid, p in list(self._pending.items()):
             reason = p.transfer.refused() if p.transfer is not None else None
             if reason is not None:
-                self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker: {reason}")
+                self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker: {reason}",
+                                  code="unavailable", blame=p.req.decode.worker_id)
                 self._abort(rid)
                 self.metrics["dropped_refused"] += 1
 

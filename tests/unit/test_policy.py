@@ -37,7 +37,7 @@ def test_slo_prefers_the_most_slack_and_skips_unhealthy_and_full_workers():
     ds = [decode("d0", free=150), decode("d1", running=[(100, 1.0)] * 3), decode("d2", running=[(100, 1.0)])]
     got = make_policy("slo").place(req, ps, ds)
     assert (got.prefill, got.decode) == ("p2", "d2")
-    assert make_policy("slo").place(req, ps, [decode("d0", free=150)]).reason.startswith("no decode worker")
+    assert make_policy("slo").place(req, ps, [decode("d0", free=50)]).reason.startswith("no decode worker")
 
 
 def test_round_robin_cycles_and_apply_counts_reservations():
@@ -51,7 +51,7 @@ def test_round_robin_cycles_and_apply_counts_reservations():
         apply(pl, req, ps, ds)
         picks.append((pl.prefill, pl.decode))
     assert [p for p, _ in picks] == ["p0", "p1"] * 3 and [d for _, d in picks] == ["d0", "d1", "d2"] * 2
-    assert ps["p0"].queued_tokens == 30 and len(ds["d0"].running) == 2 and ds["d0"].free_tokens == 10_000 - 40
+    assert ps["p0"].queued_tokens == 30 and len(ds["d0"].running) == 2 and ds["d0"].free_tokens == 10_000 - 20  # the prompts' reservations
 
 
 def test_a_burst_spreads_out_once_placements_are_counted():
@@ -81,3 +81,15 @@ def test_placements_stay_fast_with_many_workers():
     got = make_policy("slo").place(PlacementRequest(200, 50, 10.0, 0.5), ps, ds)
     assert isinstance(got, Placement)
     assert got.prefill == min(ps, key=lambda p: p.queued_tokens).worker_id
+
+
+def test_decode_room_for_the_whole_request_is_preferred_but_the_prompt_alone_suffices():
+    req = PlacementRequest(prompt_tokens=100, max_tokens=400)
+    for name in ("slo", "least-loaded", "round-robin"):
+        roomy = make_policy(name).place(req, [prefill("p0")], [decode("d0", free=150), decode("d1", free=600)])
+        assert roomy.decode == "d1", name
+        # every decode worker's last report is short of prompt + max_tokens: still placed where the prompt fits
+        tight = make_policy(name).place(req, [prefill("p0")], [decode("d0", free=50), decode("d1", free=150)])
+        assert tight.decode == "d1", name
+        full = make_policy(name).place(req, [prefill("p0")], [decode("d0", free=50)])
+        assert full.reason, name

@@ -1,0 +1,313 @@
+"""The gateway against a live cluster (etcd, coordinator, prefill and decode workers, gateway: all real
+processes on loopback) through the official `openai` client and raw HTTP."""
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from live_cluster import LiveCluster, get_json, post_json
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_llama):
+    c = LiveCluster(tmp_path_factory.mktemp("gw"), tiny_llama)
+    try:
+        c.coordinator()
+        c.worker("prefill", "p0")
+        c.worker("decode", "d0")
+        c.gw = c.gateway()
+        c.gw_auth = c.gateway("gw-auth", "--api-key", "sekret")
+        c.wait_ready(c.gw)
+        c.wait_ready(c.gw_auth)
+        c.model = os.path.basename(str(tiny_llama))
+    except BaseException:
+        print(c.logs())
+        c.close()
+        raise
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live.gw.info["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+
+
+PROMPTS = ["the cat", "hello there, how are", "a", "in the beginning was the word and the word was"]
+
+
+def test_greedy_completions_and_chat_equal_the_single_process_engine(live, client, engine):
+    ref = engine.generate([engine.tokenizer.encode(p) for p in PROMPTS],
+                          SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for p, r in zip(PROMPTS, ref):
+        out = client.completions.create(model=live.model, prompt=p, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        c = out.choices[0]
+        assert c.token_ids == r["outputs"][0]["token_ids"]
+        assert c.text == r["outputs"][0]["text"] and c.finish_reason == "length"
+        assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == len(engine.tokenizer.encode(p))
+        streamed = client.completions.create(model=live.model, prompt=p, max_tokens=24, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        assert "".join(ch.choices[0].text for ch in streamed) == c.text
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    chat_ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    r = engine.generate([chat_ids], SamplingParams(max_tokens=16, temperature=0))[0]["outputs"][0]
+    out = client.chat.completions.create(model=live.model, messages=messages, max_tokens=16, temperature=0)
+    assert out.choices[0].message.content == r["text"] and out.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=live.model, messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r["text"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(r["token_ids"])
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_raw_sse_stream_ends_with_done_and_carries_the_request_id(live):
+    req = urllib.request.Request(live.gw.info["url"] + "/v1/completions", method="POST", data=json.dumps(
+        {"model": live.model, "prompt": "the cat", "max_tokens": 5, "stream": True, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json", "X-Request-Id": "my-request-1"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert r.headers["X-Request-Id"] == "my-request-1"
+        events = [line for line in r.read().decode().split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    bodies = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(b["id"] == "my-request-1" and b["object"] == "text_completion" for b in bodies)
+    assert bodies[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_n_stop_logprobs_and_seed(live, client):
+    kw = dict(model=live.model, prompt="the cat", max_tokens=12, n=2, temperature=1.0, seed=7,
+              extra_body={"ignore_eos": True})
+    out = client.completions.create(**kw)
+    assert [c.index for c in out.choices] == [0, 1] and out.usage.completion_tokens == 24
+    assert out.choices[0].text != out.choices[1].text  # two samples, not one twice
+    again = client.completions.create(**kw)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: reproducible
+
+    full = client.completions.create(model=live.model, prompt="hello", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+    cut = client.completions.create(model=live.model, prompt="hello", max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+
+    lp = client.completions.create(model=live.model, prompt="hello", max_tokens=5, temperature=0, logprobs=2)
+    lps = lp.choices[0].logprobs
+    assert len(lps.tokens) == len(lps.token_logprobs) == 5 and all(x <= 0 for x in lps.token_logprobs)
+    assert all(len(t) == 2 for t in lps.top_logprobs)
+    chat = client.chat.completions.create(model=live.model, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-5)  # greedy: the top one
+
+
+BAD = [
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "M", "prompt": 5}, 400, "prompt"),
+    ({"model": "M", "prompt": []}, 400, "prompt"),
+    ({"model": "M", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "x" * 3000}, 400, "prompt"),
+    ({"model": "M", "prompt": [10**7]}, 400, "prompt"),
+    ({"model": "M", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "M", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "M", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "M", "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": "M", "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ({"model": "M", "prompt": "x", "stop": 3}, 400, "stop"),
+    ({"model": "M", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "M", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": "M", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "M", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+]
+BAD_CHAT = [
+    ({"model": "M", "messages": []}, 400, "messages"),
+    ({"model": "M", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({"model": "M", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"model": "M", "messages": "hi"}, 400, "messages"),
+    ({"model": "M", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": "M", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+]
+
+
+def _check_error(status, body, want_status, want_param, what):
+    assert status == want_status, (what, status, body)
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"], body
+    if want_param is not None:
+        assert err["param"] == want_param, (what, body)
+
+
+def test_bad_input_gets_an_openai_error_and_breaks_nothing(live):
+    url = live.gw.info["url"]
+    for body, status, param in BAD:
+        body = {k: (live.model if v == "M" else v) for k, v in body.items()}
+        _check_error(*post_json(url + "/v1/completions", body)[:2], status, param, body)
+    for body, status, param in BAD_CHAT:
+        body = {k: (live.model if v == "M" else v) for k, v in body.items()}
+        _check_error(*post_json(url + "/v1/chat/completions", body)[:2], status, param, body)
+    for raw in (b"{not json", b'{"model": "\xff\xfe"}', b"[1, 2]", b"null", b""):
+        _check_error(*post_json(url + "/v1/completions", raw)[:2], 400, None, raw)
+    status, body, _ = post_json(url + "/v1/completions", b'{"prompt": "' + b"x" * (5 << 20) + b'"}')
+    _check_error(status, body, 413, None, "huge body")
+    status, body, _ = post_json(url + "/v1/nothing-here", {})
+    _check_error(status, body, 404, None, "unknown path")
+    # everything still serves
+    status, body, _ = post_json(url + "/v1/completions", {"model": live.model, "prompt": "ok", "max_tokens": 3})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+    assert all(p.alive() for p in live.procs)
+
+
+def test_api_keys_guard_v1_but_not_health_or_metrics(live):
+    url = live.gw_auth.info["url"]
+    body = {"model": live.model, "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+        status, err, _ = post_json(url + "/v1/completions", body, headers)
+        _check_error(status, err, 401, None, headers)
+    status, ok, _ = post_json(url + "/v1/completions", body, {"Authorization": "Bearer sekret"})
+    assert status == 200 and ok["choices"][0]["text"] is not None
+    assert get_json(url + "/health")["status"] == "ok"
+    with urllib.request.urlopen(url + "/metrics") as r:
+        assert b"tandem_requests_total" in r.read()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/v1/models")
+    assert e.value.code == 401
+
+
+def test_models_openapi_and_metrics(live, client):
+    assert [m.id for m in client.models.list().data] == [live.model]
+    spec = get_json(live.gw.info["url"] + "/openapi.json")
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    with urllib.request.urlopen(live.gw.info["url"] + "/metrics") as r:
+        text = r.read().decode()
+    for name in ("tandem_ttft_seconds_bucket", "tandem_tpot_seconds_count", "tandem_e2e_seconds_sum",
+                 "tandem_requests_running", "tandem_requests_total", "tandem_migrations_total"):
+        assert name in text, name
+
+
+# ---- failures: each test gets its own cluster ----------------------------------------------------
+def metric(url, name):
+    with urllib.request.urlopen(url + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def stream_all(url, model, prompts, max_tokens, progress=None):
+    """Streams every prompt concurrently (one thread each); returns [(token_ids, text, finish)]."""
+    out = [None] * len(prompts)
+    errors = []
+
+    def run(i):
+        cl = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        ids, text, fin = [], "", None
+        try:
+            for ch in cl.completions.create(model=model, prompt=prompts[i], max_tokens=max_tokens, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True, "return_token_ids": True}):
+                c = ch.choices[0]
+                ids += c.model_extra.get("token_ids") or []
+                text += c.text
+                fin = c.finish_reason or fin
+                if progress is not None:
+                    progress[i] = len(ids)
+        except Exception as e:
+            errors.append(repr(e))
+        out[i] = (ids, text, fin)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    return threads, out, errors
+
+
+MANY = [f"story {i}: once upon a time there was a" for i in range(8)]
+
+
+@pytest.fixture
+def fresh(tmp_path, tiny_llama):
+    c = LiveCluster(tmp_path, tiny_llama)
+    c.model = os.path.basename(str(tiny_llama))
+    yield c
+    c.close()
+
+
+def test_kill_9_of_a_decode_worker_mid_stream_loses_and_duplicates_nothing(fresh):
+    live = fresh
+    try:
+        live.coordinator()
+        live.worker("prefill", "p0")
+        d0 = live.worker("decode", "d0")
+        d1 = live.worker("decode", "d1")
+        gw = live.gateway()
+        live.wait_ready(gw)
+        url = gw.info["url"]
+        threads, want, errors = stream_all(url, live.model, MANY, 300)  # undisturbed
+        for t in threads:
+            t.join(120)
+        assert not errors and all(w[2] == "length" and len(w[0]) == 300 for w in want)
+
+        progress = [0] * len(MANY)
+        threads, got, errors = stream_all(url, live.model, MANY, 300, progress)
+        deadline = time.monotonic() + 30
+        while min(progress) < 10 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert min(progress) >= 10 and max(progress) < 300, progress  # every stream is mid-way
+        os.kill(d0.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for w, g in zip(want, got):
+            assert g[0] == w[0]  # same tokens: nothing lost, nothing duplicated
+            assert g[1] == w[1] and g[2] == "length"
+        assert metric(url, "tandem_migrations_total") >= 1
+        assert d1.alive()
+    except BaseException:
+        print(live.logs())
+        raise
+
+
+def test_kill_9_of_a_prefill_worker_during_prefill_loses_nothing(fresh):
+    live = fresh
+    try:
+        live.coordinator()
+        p0 = live.worker("prefill", "p0")
+        live.worker("prefill", "p1")
+        live.worker("decode", "d0")
+        gw = live.gateway()
+        live.wait_ready(gw)
+        url = gw.info["url"]
+        threads, want, errors = stream_all(url, live.model, MANY, 40)
+        for t in threads:
+            t.join(120)
+        assert not errors
+        os.kill(p0.pid, signal.SIGSTOP)  # frozen mid-prefill: requests placed on it wait there
+        threads, got, errors = stream_all(url, live.model, MANY, 40)
+        time.sleep(0.5)  # placed before the coordinator suspects p0 (1 s)
+        os.kill(p0.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert [g[0] for g in got] == [w[0] for w in want] and [g[1] for g in got] == [w[1] for w in want]
+        assert metric(url, "tandem_migrations_total") >= 1
+    except BaseException:
+        print(live.logs())
+        raise
