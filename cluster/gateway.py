@@ -98,6 +98,7 @@ class Generation:
         self.exclude: set[str] = set()
         self.duplicates = 0
         self.capacity_retries = 0
+        self.held = 0  # delivered tokens whose text has not been emitted yet (mid-character)
         self.q: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -150,7 +151,7 @@ class Generation:
         d = reply.decode
         target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
         self.gw.send(reply.prefill.endpoint, PrefillRequest(VERSION, self.id, self.attempt, self.prompt + self.tokens,
-                                                            run, self.gw.reply_to, target))
+                                                            run, self.gw.reply_to, target, self.held))
 
     def abort_attempt(self) -> None:
         p = self.placement
@@ -237,6 +238,7 @@ class Generation:
                 self.first_token_at = time.monotonic()
             self.tokens += new
             self.text += text
+            self.held = 0 if text else self.held + len(new)
             if lps:
                 self.logprobs += lps
             if chunk.finish_reason:

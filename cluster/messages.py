@@ -31,6 +31,7 @@ class PrefillRequest(msgspec.Struct, tag="prefill", frozen=True):
     params: dict  # engine.sampling_params.SamplingParams fields
     reply_to: str  # the requester's PULL endpoint for TokenChunks
     decode: DecodeTarget | None = None  # None: this worker decodes too (colocated)
+    held_tokens: int = 0  # trailing prompt tokens whose text the client has not seen yet (a migration)
 
 
 class Handoff(msgspec.Struct, tag="handoff", frozen=True):
@@ -42,6 +43,7 @@ class Handoff(msgspec.Struct, tag="handoff", frozen=True):
     first_token: int
     params: dict
     reply_to: str
+    held_tokens: int = 0
 
 
 class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):

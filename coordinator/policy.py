@@ -166,7 +166,11 @@ class SloAware(Policy):
                 f"no prefill worker can meet TTFT {req.ttft_slo * 1e3:.0f} ms (best predicted {fastest * 1e3:.0f} ms)"
             return Rejection(why, retry_after=max(1.0, fastest or 1.0))
         best_d, d_slack, best_tpot = None, -1.0, float("inf")
-        for d in _candidates(decodes, req):
+        candidates = _candidates(decodes, req)
+        if not candidates:
+            return Rejection("no healthy decode worker" if not any(d.healthy for d in decodes)
+                             else "no decode worker has room for the prompt's KV")
+        for d in candidates:
             tpot = predicted_tpot(d, req)
             limit = min(req.tpot_slo, d.tightest_tpot)  # nobody already running may be pushed over
             if tpot > limit:

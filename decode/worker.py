@@ -143,7 +143,8 @@ class DecodeWorker:
             holder = self.pool.take(rid)
             try:
                 params = SamplingParams(**h.params)
-                self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids)
+                self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids,
+                                          h.held_tokens)
             except TandemError as e:
                 self.engine.block_manager.free(holder)
                 self.chunks.error(h.reply_to, rid, h.attempt, str(e), index=1)

@@ -107,7 +107,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> list[int]:
+                    arrival_time: float | None = None, held_tokens: int = 0) -> list[int]:
+        """`held_tokens`: trailing prompt tokens whose text the client has not seen (a resumed request):
+        their text leads the first new token's."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
@@ -132,7 +134,7 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, i, list(ids), len(ids), params, parent=first)
             first = first or seq
-            st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+            st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, held_tokens))
             seqs.append(st)
             self._seq_state[seq.seq_id] = st
             self.scheduler.add(seq)
@@ -141,7 +143,7 @@ class LLMEngine:
         return ids
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
-                      block_ids: list[int]) -> None:
+                      block_ids: list[int], held_tokens: int = 0) -> None:
         """A request whose prompt KV is already in `block_ids` (sent by a prefill worker, which also
         sampled and reported `first_token`). It joins the batch with num_computed_tokens = prompt_len."""
         if request_id in self._requests:
@@ -151,7 +153,8 @@ class LLMEngine:
         seq = Sequence(request_id, 0, list(prompt_ids) + [first_token], len(prompt_ids), params)
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = len(prompt_ids)
-        st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens))
+        st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
+                                                   held_tokens))
         st.text = st.detok.add(first_token)
         st.emitted_chars, st.emitted_tokens = len(st.text), 1  # the prefill worker reported them
         self._seq_state[seq.seq_id] = st

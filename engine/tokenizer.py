@@ -111,12 +111,16 @@ class IncrementalDetokenizer:
     already emitted; a window ending in U+FFFD (an incomplete byte sequence) waits for more tokens.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 held: int = 0):
+        """`held`: trailing prompt tokens whose text was never emitted (a request resumed elsewhere
+        mid-character, e.g. after a migration): it comes out with the first new token's text."""
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.ids = list(prompt_ids[-6:])  # context so leading spaces decode as they will in place
+        held = max(0, min(held, len(prompt_ids)))
+        self.ids = list(prompt_ids[-(6 + held):])  # context so leading spaces decode as they will in place
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = len(self.ids) - held
         self.text = ""
 
     def add(self, token_id: int) -> str:

@@ -133,7 +133,7 @@ class PrefillWorker:
                 return
         run_params = dataclasses.replace(params, max_tokens=1, n=1) if transfer else params
         try:
-            self.engine.add_request(rid, req.prompt_token_ids, run_params)
+            self.engine.add_request(rid, req.prompt_token_ids, run_params, held_tokens=req.held_tokens)
         except TandemError as e:
             if transfer:
                 transfer.abort(str(e))
@@ -208,7 +208,8 @@ class PrefillWorker:
             p.transfer.abort("finished at the first token")
             return
         self._decode_sock(p.req.decode.endpoint).send(encode(Handoff(
-            VERSION, rid, p.req.attempt, p.req.prompt_token_ids, first, p.req.params, p.req.reply_to)))
+            VERSION, rid, p.req.attempt, p.req.prompt_token_ids, first, p.req.params, p.req.reply_to,
+            p.req.held_tokens)))
         self._shipping.append(p.transfer)
         self.metrics["handed_off"] += 1
 

@@ -31,3 +31,21 @@ def test_chat_template_and_errors(tok):
     with pytest.raises(InvalidRequestError):
         tok.apply_chat_template([{"content": "no role"}])
     assert tok.encode("<|im_end|>", add_special_tokens=False) == [2]
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_a_stream_resumed_mid_character_loses_no_text(tok, cut):
+    """A migrated request: the first worker emitted text for tokens[:cut] except a trailing partial
+    character (held tokens); the next worker gets tokens[:cut] as prompt context and `held`."""
+    prompt = tok.encode("say:")
+    ids = tok.encode("é日本 a€b ü")
+    first = IncrementalDetokenizer(tok, prompt)
+    text, held = "", 0
+    for t in ids[:cut]:
+        d = first.add(t)
+        text += d
+        held = 0 if d else held + 1
+    second = IncrementalDetokenizer(tok, prompt + ids[:cut], held=held)
+    for t in ids[cut:]:
+        text += second.add(t)
+    assert text == "é日本 a€b ü"
