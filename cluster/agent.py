@@ -52,6 +52,7 @@ class EtcdRegistry(Registry):
         self._ctx = zmq.asyncio.Context()
         self._socks: dict[str, zmq.asyncio.Socket] = {}
         self._mirror = PrefixMirror(self.session, keys.coordinators(self.cluster), self._coordinator_changed).start()
+        self._wake = asyncio.Event()
         self._beater = asyncio.create_task(self._beat_loop())
 
     def _coordinator_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
@@ -70,7 +71,11 @@ class EtcdRegistry(Registry):
     async def _beat_loop(self) -> None:
         seq = 0
         while True:
-            await asyncio.sleep(self.interval)
+            try:  # a fresh sample goes out at once; without one, the last is repeated every interval
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             load = self._latest
             if load is None or time.monotonic() - self._latest_at > self.stall_after:
                 continue  # nothing to vouch for (not registered yet, or the worker's loop is stuck)
@@ -96,7 +101,8 @@ class EtcdRegistry(Registry):
         self._call(self.session.register(self._key, msgspec.json.encode(info)))
 
     def heartbeat(self, load: Load) -> None:
-        self._latest, self._latest_at = load, time.monotonic()  # the agent's loop sends it
+        self._latest, self._latest_at = load, time.monotonic()
+        self._loop.call_soon_threadsafe(self._wake.set)  # the agent's loop sends it now
 
     def deregister(self, worker_id: str) -> None:
         async def stop():

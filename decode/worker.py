@@ -70,6 +70,7 @@ class DecodeWorker:
         self.handoff_timeout = handoff_timeout
         self._handoffs: dict[str, tuple[Handoff, float]] = {}  # request_id -> (handoff, deadline)
         self._kv_done: dict[str, int] = {}  # request_id -> attempt whose KV is in
+        self._kv_deadline: dict[str, float] = {}  # request_id -> when KV without a Handoff is dropped
         self._live: dict[str, tuple[str, int]] = {}  # request_id -> (reply_to, attempt)
         self._first_index: dict = {}
         self._aborted: dict[str, tuple[int, float]] = {}  # request_id -> (attempt, forget after)
@@ -133,10 +134,15 @@ class DecodeWorker:
                 rid, attempt = self._ready.get_nowait()
             except queue.Empty:
                 break
+            if self._refuse(rid, attempt):  # aborted while its KV was landing
+                self.pool.release(rid)
+                continue
             self._kv_done[rid] = attempt
+            self._kv_deadline[rid] = time.monotonic() + self.handoff_timeout
         for rid in [r for r in self._handoffs if r in self._kv_done]:
             h, _ = self._handoffs.pop(rid)
             attempt = self._kv_done.pop(rid)
+            self._kv_deadline.pop(rid, None)
             if attempt != h.attempt:  # KV of one attempt, handoff of another: the older one is stale
                 self.pool.release(rid)
                 continue
@@ -157,6 +163,11 @@ class DecodeWorker:
         now = time.monotonic()
         for rid in [r for r, (_, t) in self._aborted.items() if t <= now]:
             del self._aborted[rid]
+        for rid in [r for r, dl in self._kv_deadline.items() if dl <= now]:  # KV in, no Handoff (P died)
+            del self._kv_deadline[rid]
+            if self._kv_done.pop(rid, None) is not None:
+                self.pool.release(rid)
+                self.metrics["kv_without_handoff"] += 1
         for rid in [r for r, (_, dl) in self._handoffs.items() if dl <= now]:
             h, _ = self._handoffs.pop(rid)
             self.chunks.error(h.reply_to, rid, h.attempt, "the prompt's KV never arrived", index=1,
@@ -183,6 +194,8 @@ class DecodeWorker:
             self._live.pop(request_id)
             self._first_index.pop((request_id, 0), None)
         self.reservations.on_abort(request_id, attempt, "aborted by the requester", notify_sender=True)
+        self._admit()  # KV that landed but is still queued for the loop: release it too
+        self._kv_deadline.pop(request_id, None)
         if self._kv_done.pop(request_id, None) is not None:
             self.pool.release(request_id)
         self.metrics["aborted"] += 1
