@@ -100,15 +100,25 @@ def predicted_tpot(d: DecodeWorkerState, req: PlacementRequest) -> float:
 
 
 def _fits(d: DecodeWorkerState, req: PlacementRequest) -> bool:
-    """Room for the prompt's KV (the reservation D makes); the growth is a preference (_candidates):
-    D preempts when it runs out, and its free count in heartbeats may be a beat old anyway."""
-    return d.healthy and len(d.running) < d.max_batch and d.free_tokens >= req.prompt_tokens
+    """Room for the prompt's KV: the reservation D makes. Its batch limit and the request's growth are
+    soft (D queues beyond max_num_seqs and preempts when KV runs out), so they are preferences."""
+    return d.healthy and d.free_tokens >= req.prompt_tokens
 
 
 def _candidates(decodes: list[DecodeWorkerState], req: PlacementRequest) -> list[DecodeWorkerState]:
+    """Decode workers worth considering, best tier first: room for the whole request in the batch;
+    room for the prompt; and, for a request without SLOs, the healthy worker with the most free KV
+    (the load reports are a beat old; if it really is full it refuses, and the gateway retries
+    shortly): requests without SLOs wait rather than fail, as in vLLM. A request with SLOs is rejected
+    early instead (Mooncake)."""
     fits = [d for d in decodes if _fits(d, req)]
-    whole = [d for d in fits if d.free_tokens >= req.prompt_tokens + req.max_tokens]
-    return whole or fits
+    whole = [d for d in fits if len(d.running) < d.max_batch and d.free_tokens >= req.prompt_tokens + req.max_tokens]
+    if whole or fits:
+        return whole or fits
+    if req.ttft_slo == float("inf") and req.tpot_slo == float("inf"):
+        healthy = [d for d in decodes if d.healthy]
+        return [max(healthy, key=lambda d: (d.free_tokens, d.worker_id))] if healthy else []
+    return []
 
 
 class Policy:

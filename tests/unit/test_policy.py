@@ -10,8 +10,8 @@ def prefill(wid, queued=0, healthy=True, cost=PrefillCost(0.01, 1e-3, 0.0)):
     return PrefillWorkerState(wid, cost, queued, healthy)
 
 
-def decode(wid, running=(), free=10_000, cost=DecodeCost(0.02, 0.002, 1e-5)):
-    return DecodeWorkerState(wid, cost, [RunningRequest(c, s) for c, s in running], free)
+def decode(wid, running=(), free=10_000, cost=DecodeCost(0.02, 0.002, 1e-5), healthy=True):
+    return DecodeWorkerState(wid, cost, [RunningRequest(c, s) for c, s in running], free, healthy=healthy)
 
 
 def test_slo_never_breaks_a_running_requests_tpot_when_another_worker_would_not():
@@ -91,5 +91,9 @@ def test_decode_room_for_the_whole_request_is_preferred_but_the_prompt_alone_suf
         # every decode worker's last report is short of prompt + max_tokens: still placed where the prompt fits
         tight = make_policy(name).place(req, [prefill("p0")], [decode("d0", free=50), decode("d1", free=150)])
         assert tight.decode == "d1", name
-        full = make_policy(name).place(req, [prefill("p0")], [decode("d0", free=50)])
-        assert full.reason, name
+        # nobody has room: a request without SLOs waits at the roomiest healthy worker (D refuses if it
+        # really is full, and the gateway retries); one with SLOs is rejected early
+        full = [decode("d0", free=50), decode("d1", free=80), decode("d2", free=999, healthy=False)]
+        assert make_policy(name).place(req, [prefill("p0")], full).decode == "d1", name
+        strict = PlacementRequest(prompt_tokens=100, max_tokens=400, ttft_slo=10.0, tpot_slo=10.0)
+        assert make_policy(name).place(strict, [prefill("p0")], full).reason, name
