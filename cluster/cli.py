@@ -291,6 +291,42 @@ def main(argv: list[str] | None = None) -> int:
     gw.add_argument("--id", default="", help="gateway id (default: random)")
     gw.set_defaults(fn=cmd_gateway)
 
+    up = sub.add_parser("up", help="start a cluster on this host (etcd, coordinator, workers, gateway) and "
+                        "supervise it")
+    up.add_argument("--cluster", default="default", help="cluster name")
+    up.add_argument("--state-dir", default=None, help="logs, etcd data and state.json (default "
+                    "$TANDEM_STATE_DIR/NAME or ~/.local/state/tandem/NAME)")
+    up.add_argument("--etcd", default=None, help="use this etcd (comma-separated endpoints) instead of an embedded one")
+    up.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2-135M-Instruct)")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    up.add_argument("--kv-cache-memory", default=None, help="KV cache per worker, e.g. 256MiB")
+    up.add_argument("--host", default="127.0.0.1", help="gateway interface")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (0: any free port)")
+    up.add_argument("--admin-port", type=int, default=8001, help="coordinator admin API port (0: any free port)")
+    up.add_argument("--policy", default="slo", choices=["slo", "least-loaded", "round-robin"])
+    up.add_argument("--api-key", action="append", help="require this Bearer key at the gateway")
+    up.add_argument("--detach", action="store_true", help="return once serving; the supervisor stays in the background")
+    up.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    up.set_defaults(fn=lambda a: __import__("cluster.launcher").launcher.up(a))
+
+    for name, helptext in (("down", "stop a cluster started with `cluster up`"),
+                           ("status", "workers by role, shape, state and load; the leader"),
+                           ("logs", "print a process's log (all when none is named)"),
+                           ("drain", "give a worker no new work")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--cluster", default="default")
+        sp.add_argument("--state-dir", default=None)
+        if name == "status":
+            sp.add_argument("--json", action="store_true")
+        if name == "logs":
+            sp.add_argument("process", nargs="?", default=None)
+            sp.add_argument("--bytes", type=int, default=4000)
+        if name == "drain":
+            sp.add_argument("worker")
+        sp.set_defaults(fn=lambda a, n=name: getattr(__import__("cluster.launcher").launcher, n)(a))
+
     m = sub.add_parser("model", help="manage models")
     msub = m.add_subparsers(dest="model_cmd", required=True)
     pull = msub.add_parser("pull", help="fetch and convert the default model (SmolLM2-135M-Instruct)")

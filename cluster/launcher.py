@@ -1,0 +1,343 @@
+"""`cluster up` on one host: an embedded etcd, a coordinator, prefill and decode workers and a
+gateway, each a child process with its own log file, supervised in the foreground (a child that exits
+unexpectedly is restarted with backoff) until Ctrl-C or SIGTERM stops them all, in order. With
+`--detach` the supervisor runs in the background and `state.json` in the state directory names it and
+every child, for `cluster status`, `cluster logs` and `cluster down`. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.etcd_server import EtcdServer, free_port
+
+
+def default_state_dir(cluster: str) -> Path:
+    base = os.environ.get("TANDEM_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "tandem")
+    return Path(base) / cluster
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+    def start(self, wait_ready: bool = True, timeout: float = 300.0) -> None:
+        out = open(self.log, "a")  # noqa: SIM115 (the child holds it)
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.args)}\n")
+        out.flush()
+        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *self.args], stdout=subprocess.PIPE,
+                                     stderr=out, text=True, start_new_session=True)
+        out.close()
+        self.started_at = time.monotonic()
+        if wait_ready:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        import select
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if r:
+                line = self.proc.stdout.readline()
+                if line.startswith("{"):
+                    self.info = json.loads(line)
+                    return
+                if not line:
+                    break
+            elif self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"{self.name} did not start; see {self.log}:\n{self.log.read_text()[-2000:]}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the worker's rank processes too
+            self.proc.wait(5)
+
+
+class Supervisor:
+    def __init__(self, args):
+        self.a = args
+        self.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.cluster)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        self.etcd: EtcdServer | None = None
+        self.children: list[Child] = []
+        self._stop = False
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def _child(self, name: str, args: list[str]) -> Child:
+        c = Child(name, args, self.state_dir / "logs" / f"{name}.log")
+        self.children.append(c)
+        return c
+
+    def start(self) -> None:
+        a = self.a
+        from engine.model_store import resolve_model
+        model = str(resolve_model(a.model))  # fetched and converted on first use, with a progress bar
+        etcd_eps = a.etcd
+        if not etcd_eps:  # embedded: a fresh member each time (the cluster's state lives with its processes)
+            import shutil
+            shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
+            self.etcd = EtcdServer.start(self.state_dir / "etcd", client_port=free_port(), peer_port=free_port())
+            etcd_eps = self.etcd.endpoint
+            self.log(f"etcd        pid {self.etcd.proc.pid:<7} {etcd_eps}  (data in {self.etcd.data_dir})")
+        common = ["--etcd", etcd_eps, "--cluster", a.cluster]
+        self._child("coordinator", ["coordinator", *common, "--id", "coordinator-0", "--admin-port", str(a.admin_port),
+                                    "--policy", a.policy]).start()
+        worker = ["--model", model, *common, "--threads", str(a.threads)] + \
+                 (["--kv-cache-memory", a.kv_cache_memory] if a.kv_cache_memory else [])
+        for role, n in (("prefill", a.prefill), ("decode", a.decode)):
+            for i in range(n):
+                self._child(f"{role}-{i}", ["worker", "--role", role, "--worker-id", f"{role}-{i}", *worker])
+        for c in self.children[1:]:  # workers load in parallel
+            c.start(wait_ready=False)
+        for c in self.children[1:]:
+            c.wait_ready(600)
+        gw = self._child("gateway", ["gateway", *common, "--model", model, "--port", str(a.port), "--host", a.host,
+                                     "--id", "gateway-0"] + [f"--api-key={k}" for k in (a.api_key or [])])
+        gw.start()
+        self.url = gw.info["url"]
+        self._wait_ready(self.url)
+        coord = self.children[0].info
+        for c in self.children:
+            where = c.info.get("url") or c.info.get("admin") or c.info.get("endpoint", "")
+            self.log(f"{c.name:<11} pid {c.pid:<7} {where}")
+        self.log(f"serving {gw.info.get('model')} at {self.url}/v1 (admin API {coord['admin']}); logs in "
+                 f"{self.state_dir / 'logs'}")
+        self._write_state(etcd_eps, coord["admin"])
+
+    def _wait_ready(self, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the gateway at {url} did not become ready")
+
+    def _write_state(self, etcd_eps: str, admin: str) -> None:
+        state = {"cluster": self.a.cluster, "supervisor_pid": os.getpid(), "url": self.url, "admin": admin,
+                 "etcd": etcd_eps, "etcd_pid": self.etcd.proc.pid if self.etcd else None,
+                 "children": {c.name: {"pid": c.pid, "log": str(c.log)} for c in self.children}}
+        tmp = self.state_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_dir / "state.json")
+
+    def supervise(self) -> None:
+        """Restarts a child that exits unexpectedly, with backoff (1 s doubling to 30 s)."""
+        while not self._stop:
+            time.sleep(0.2)
+            now = time.monotonic()
+            changed = False
+            for c in self.children:
+                if c.alive() or self._stop:
+                    continue
+                if c.next_start == 0.0:
+                    backoff = min(30.0, 2.0 ** c.restarts) if now - c.started_at < 60 else 1.0
+                    c.next_start = now + backoff
+                    self.log(f"{c.name} (pid {c.pid}) exited with {c.proc.returncode}; restarting in {backoff:.0f} s "
+                             f"(see {c.log})")
+                elif now >= c.next_start:
+                    c.restarts += 1
+                    c.next_start = 0.0
+                    try:
+                        c.start(timeout=600)
+                        self.log(f"{c.name} restarted (pid {c.pid})")
+                    except RuntimeError as e:
+                        self.log(f"{c.name} failed to restart: {str(e).splitlines()[0]}")
+                    changed = True
+            if changed:
+                self._write_state(self.a.etcd or (self.etcd.endpoint if self.etcd else ""),
+                                  self.children[0].info.get("admin", ""))
+
+    def request_stop(self, *_) -> None:
+        self._stop = True
+
+    def shutdown(self) -> None:
+        self._stop = True
+        for c in reversed(self.children):  # gateway first (drains), then workers, then the coordinator
+            c.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+        try:
+            (self.state_dir / "state.json").unlink()
+        except FileNotFoundError:
+            pass
+        self.log("stopped")
+
+
+def up(args) -> int:
+    if args.detach:
+        return _detach(args)
+    sup = Supervisor(args)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    try:
+        sup.start()
+        if args.ready_file:
+            Path(args.ready_file).write_text(json.dumps({"url": sup.url}))
+        sup.supervise()
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sup.shutdown()
+    return 0
+
+
+def _detach(args) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.cluster)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ready = state_dir / "ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    if not argv or argv[0] != "up":
+        argv = ["up", *[a for a in argv if a != "up"]]
+    argv = [*argv, "--state-dir", str(state_dir), "--ready-file", str(ready)]
+    log = open(state_dir / "supervisor.log", "a")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if ready.exists():
+            print((state_dir / "supervisor.log").read_text()[-3000:].rstrip())
+            print(f"detached (supervisor pid {proc.pid}); `cluster down --state-dir {state_dir}` stops it")
+            return 0
+        if proc.poll() is not None:
+            print((state_dir / "supervisor.log").read_text()[-3000:], file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    return 1
+
+
+def _state(args) -> dict:
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.cluster)
+    f = state_dir / "state.json"
+    if not f.is_file():
+        raise RuntimeError(f"no running cluster recorded in {state_dir} (start one with `cluster up`)")
+    return json.loads(f.read_text())
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def down(args) -> int:
+    try:
+        st = _state(args)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    sup = st["supervisor_pid"]
+    if _alive(sup):
+        os.kill(sup, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while _alive(sup) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    left = [c["pid"] for c in st["children"].values()] + [st.get("etcd_pid")]
+    for pid in left:  # a supervisor that died without cleaning up: stop what it left, by PID
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    print(f"cluster {st['cluster']} stopped")
+    return 0
+
+
+def status(args) -> int:
+    try:
+        st = _state(args)
+        with urllib.request.urlopen(st["admin"] + "/v1/cluster", timeout=5) as r:
+            view = json.loads(r.read())
+    except (RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=1))
+        return 0
+    print(f"cluster {view['cluster']}: gateway {st['url']}, leader {(view.get('leader') or {}).get('coordinator_id')}, "
+          f"policy {view['policy']}")
+    print(f"{'WORKER':<12} {'ROLE':<9} {'SHAPE':<8} {'STATE':<9} {'RUN':>4} {'WAIT':>5} {'KV USED':>8} {'STEP ms':>8}")
+    for w in view["workers"]:
+        load = w.get("load") or {}
+        used = 1 - load.get("free_blocks", 0) / max(load.get("num_blocks", 1), 1)
+        print(f"{w['worker_id']:<12} {w['role']:<9} {'tp%dpp%d' % (w['tp'], w['pp']):<8} {w['state']:<9} "
+              f"{load.get('num_running', 0):>4} {load.get('num_waiting', 0):>5} {used:>7.0%} {load.get('step_ms', 0):>8.1f}")
+    return 0
+
+
+def logs(args) -> int:
+    try:
+        st = _state(args)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    names = [args.process] if args.process else list(st["children"])
+    for n in names:
+        c = st["children"].get(n)
+        if c is None:
+            print(f"no process {n!r}; one of {', '.join(st['children'])}", file=sys.stderr)
+            return 2
+        print(f"===== {n} ({c['log']})")
+        print(Path(c["log"]).read_text(errors="replace")[-args.bytes:])
+    return 0
+
+
+def drain(args) -> int:
+    try:
+        st = _state(args)
+        req = urllib.request.Request(f"{st['admin']}/v1/workers/{args.worker}/drain", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            print(json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        print(f"error: {json.loads(e.read())['error']['message']}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
