@@ -30,7 +30,7 @@ from cluster.coordinator_link import CoordinatorLink, PlacementUnavailable
 from cluster.messages import (VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, TokenChunk, decode_chunk,
                               encode)
 from cluster.metrics import CONTENT_TYPE, Metrics
-from cluster.openai_api import OPENAPI, ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
+from cluster.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, openapi, parse, usage
 from cluster.registry import WorkerInfo
 from coordinator import keys
 from coordinator.protocol import VERSION as CVERSION
@@ -423,7 +423,7 @@ class Gateway:
         return web.Response(text=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _openapi(self, request):
-        return web.json_response(OPENAPI)
+        return web.json_response(openapi(sorted(self.served_models()), self.max_model_len))
 
     async def _models(self, request):
         return web.json_response({"object": "list", "data": [

@@ -33,6 +33,15 @@ class _Metric:
         self.name, self.help, self.label_names = "tandem_" + name, help, labels
         self.values: dict[tuple, object] = {}
 
+    def _items(self):
+        """Values by label set; an unlabelled metric shows its zero before the first observation."""
+        if not self.values and not self.label_names:
+            return [((), self._zero())]
+        return list(self.values.items())
+
+    def _zero(self):
+        return 0.0
+
     def _key(self, labels: dict | None) -> tuple:
         labels = labels or {}
         return tuple(str(labels.get(n, "")) for n in self.label_names)
@@ -52,7 +61,7 @@ class Counter(_Metric):
         return self.values.get(self._key(labels), 0.0)
 
     def lines(self):
-        for k, v in self.values.items():
+        for k, v in self._items():
             yield f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
 
 
@@ -73,7 +82,7 @@ class Gauge(_Metric):
         return self.values.get(self._key(labels), 0.0)
 
     def lines(self):
-        for k, v in self.values.items():
+        for k, v in self._items():
             yield f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
 
 
@@ -83,6 +92,9 @@ class Histogram(_Metric):
     def __init__(self, name, help, labels=(), buckets=LATENCY_BUCKETS):
         super().__init__(name, help, labels)
         self.buckets = tuple(sorted(buckets))
+
+    def _zero(self):
+        return [[0] * (len(self.buckets) + 1), 0.0, 0]
 
     def observe(self, value: float, **labels) -> None:
         k = self._key(labels)
@@ -98,7 +110,7 @@ class Histogram(_Metric):
         return h[2] if h else 0
 
     def lines(self):
-        for k, (counts, total, n) in self.values.items():
+        for k, (counts, total, n) in self._items():
             acc = 0
             for b, c in zip(self.buckets, counts):
                 acc += c

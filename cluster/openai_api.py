@@ -265,34 +265,43 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
            for s, d in ((400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
                         (413, "body too large"), (429, "overloaded or SLO rejection (Retry-After)"),
                         (503, "no workers or no coordinator (Retry-After)"))}
-OPENAPI = {
-    "openapi": "3.1.0",
-    "info": {"title": "tandem gateway (OpenAI-compatible)", "version": "1"},
-    "paths": {
-        "/v1/completions": {"post": {
-            "summary": "Text completion", "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"type": "object", "required": ["model", "prompt"], "properties": {
-                    **_SAMPLING, "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
-                    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                                         {"type": "array", "items": {"type": "integer"}}]}}}}}},
-            "responses": {"200": {"description": "completion (JSON) or an SSE stream"}, **_ERRORS}}},
-        "/v1/chat/completions": {"post": {
-            "summary": "Chat completion", "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"type": "object", "required": ["model", "messages"], "properties": {
-                    **_SAMPLING, "max_completion_tokens": {"type": "integer", "minimum": 1},
-                    "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-                    "messages": {"type": "array", "minItems": 1, "items": {
-                        "type": "object", "required": ["role", "content"],
-                        "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-                                       "content": {"type": "string"}}}}}}}}},
-            "responses": {"200": {"description": "chat completion (JSON) or an SSE stream"}, **_ERRORS}}},
-        "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"},
-                                                                          "401": _ERRORS["401"]}}},
-        "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
-        "/ready": {"get": {"summary": "Readiness: a coordinator leader and workers are known",
-                           "responses": {"200": {"description": "ready"}, "503": _ERRORS["503"]}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
-    },
-    "components": {"schemas": {"Error": _ERROR},
-                   "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-}
+def openapi(models: list[str], max_model_len: int) -> dict:
+    """The gateway's OpenAPI 3.1 description, with the served model names and context length filled in."""
+    sampling = dict(_SAMPLING, model={"type": "string", "enum": sorted(models)},
+                    max_tokens={"type": "integer", "minimum": 1, "maximum": max_model_len - 1})
+    body = {"type": "object", "additionalProperties": False}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tandem gateway (OpenAI-compatible)", "version": "1"},
+        "paths": {
+            "/v1/completions": {"post": {
+                "summary": "Text completion", "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {**body, "required": ["model", "prompt"], "properties": {
+                        **sampling, "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
+                        "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                                             {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                                             {"type": "array", "minItems": 1,
+                                              "items": {"type": "integer", "minimum": 0}}]}}}}}},
+                "responses": {"200": {"description": "completion (JSON) or an SSE stream"}, **_ERRORS}}},
+            "/v1/chat/completions": {"post": {
+                "summary": "Chat completion", "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {**body, "required": ["model", "messages"], "properties": {
+                        **sampling, "max_completion_tokens": {"type": "integer", "minimum": 1},
+                        "logprobs": {"type": "boolean"},
+                        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+                        "messages": {"type": "array", "minItems": 1, "items": {
+                            "type": "object", "required": ["role", "content"],
+                            "properties": {"role": {"type": "string",
+                                                    "enum": ["system", "developer", "user", "assistant"]},
+                                           "content": {"type": "string"}}}}}}}}},
+                "responses": {"200": {"description": "chat completion (JSON) or an SSE stream"}, **_ERRORS}}},
+            "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"},
+                                                                              "401": _ERRORS["401"]}}},
+            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+            "/ready": {"get": {"summary": "Readiness: a coordinator leader and workers are known",
+                               "responses": {"200": {"description": "ready"}, "503": _ERRORS["503"]}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        },
+        "components": {"schemas": {"Error": _ERROR},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

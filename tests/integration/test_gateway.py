@@ -204,6 +204,24 @@ def test_models_openapi_and_metrics(live, client):
         assert name in text, name
 
 
+def test_schemathesis_finds_no_server_error_and_only_well_formed_errors(live, tmp_path):
+    """Property-based requests generated from /openapi.json: no 5xx, every response (errors included)
+    conforms to the documented schema and content type."""
+    import shutil
+    import subprocess
+    exe = shutil.which("schemathesis")
+    if exe is None:
+        pytest.fail("schemathesis is a test dependency (pip install -e '.[test]')")
+    url = live.gw.info["url"]
+    r = subprocess.run([exe, "run", f"{url}/openapi.json", "--url", url, "-n", "60", "--generation-deterministic",
+                        "-c", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                        "response_schema_conformance"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout.split("SUMMARY")[-1], r.stdout[-3000:]
+    assert all(p.alive() for p in live.procs)
+
+
 # ---- failures: each test gets its own cluster ----------------------------------------------------
 def metric(url, name):
     with urllib.request.urlopen(url + "/metrics") as r:
