@@ -157,12 +157,15 @@ class CoordinatorLink:
             tag = f"{req.request_id}#{next(self._nonce)}"
             fut = loop.create_future()
             self._waiting[tag] = fut
+            # a timeout by call_later, not wait_for: no task per placement (hot path)
+            timer = loop.call_later(min(left, self.timeout), lambda: fut.done() or fut.set_exception(asyncio.TimeoutError()))
             try:
-                await self._dealer.send(encode(msgspec.structs.replace(req, request_id=tag)), zmq.NOBLOCK)
-                reply = await asyncio.wait_for(fut, min(left, self.timeout))
+                self._dealer.send(encode(msgspec.structs.replace(req, request_id=tag)), zmq.NOBLOCK)
+                reply = await fut
             except (asyncio.TimeoutError, zmq.ZMQError):
                 continue
             finally:
+                timer.cancel()
                 self._waiting.pop(tag, None)
             if isinstance(reply, Rejected) and reply.code == "not_leader":
                 await asyncio.sleep(min(reply.retry_after_s, 0.1))

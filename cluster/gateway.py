@@ -82,6 +82,36 @@ class _Failure:
     reason: str
 
 
+_json = msgspec.json.Encoder().encode
+
+
+class _Inbox:
+    """A generation's incoming chunks and failures: a deque and one waiter future, with a timeout by
+    call_later (no task per wait: this is the hot path, one wait per token)."""
+
+    def __init__(self):
+        from collections import deque
+        self.items = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, timeout: float):
+        if not self.items:
+            loop = asyncio.get_running_loop()
+            self.waiter = loop.create_future()
+            handle = loop.call_later(timeout, lambda w=self.waiter: w.done() or w.set_exception(asyncio.TimeoutError()))
+            try:
+                await self.waiter
+            finally:
+                handle.cancel()
+                self.waiter = None
+        return self.items.popleft()
+
+
 class Generation:
     """One sample of one prompt: placements, attempts, migration, dedupe."""
 
@@ -99,14 +129,14 @@ class Generation:
         self.duplicates = 0
         self.capacity_retries = 0
         self.held = 0  # delivered tokens whose text has not been emitted yet (mid-character)
-        self.q: asyncio.Queue = asyncio.Queue()
+        self.q = _Inbox()
         self.started = time.monotonic()
         self.first_token_at: float | None = None
 
     # ---- inputs (from the gateway's reader and event handler) ------------------------------------
     def deliver(self, chunk: TokenChunk) -> None:
         if chunk.attempt == self.attempt:
-            self.q.put_nowait(chunk)
+            self.q.put(chunk)
 
     def workers(self) -> tuple[str, ...]:
         p = self.placement
@@ -116,7 +146,7 @@ class Generation:
 
     def worker_failed(self, worker_id: str, reason: str) -> None:
         if self.finish_reason is None and worker_id in self.workers():
-            self.q.put_nowait(_Failure(worker_id, reason))
+            self.q.put(_Failure(worker_id, reason))
 
     # ---- the attempt ----------------------------------------------------------------------------------
     async def launch(self) -> None:
@@ -199,7 +229,7 @@ class Generation:
                 attempt, got_first = self.attempt, False
             timeout = cfg.token_timeout if got_first else cfg.first_token_timeout
             try:
-                item = await asyncio.wait_for(self.q.get(), timeout)
+                item = await self.q.get(timeout)
             except asyncio.TimeoutError:
                 p = self.placement
                 wid = (p.decode.worker_id if got_first and p.decode is not None else p.prefill.worker_id)
@@ -250,6 +280,8 @@ class Generation:
 
 
 class Gateway:
+    _param_names: list[str] = []
+
     def __init__(self, config: GatewayConfig):
         from engine.config import ModelConfig
         from engine.model_store import resolve_model
@@ -364,7 +396,9 @@ class Gateway:
     @staticmethod
     def params_dict(params) -> dict:
         import dataclasses
-        return dataclasses.asdict(params)
+        names = Gateway._param_names or [f.name for f in dataclasses.fields(params)]
+        Gateway._param_names = names
+        return {n: getattr(params, n) for n in names}  # shallow: asdict deep-copies (hot path)
 
     def text_of(self, context: list[int], new: list[int]) -> str:
         tail = context[-6:]
@@ -538,44 +572,76 @@ class Gateway:
                 queue.put_nowait((i, None, ApiError(500, f"internal error: {e}", type_="server_error")))
             queue.put_nowait((i, None, None))
 
-        async def send(payload: dict):
-            await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        async def solo(g):  # n = 1: no pump task, no queue
+            try:
+                async for d in g.deltas():
+                    yield 0, d, None
+            except ApiError as e:
+                yield 0, None, e
+            yield 0, None, None
 
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        async def merged():
+            while True:
+                yield await queue.get()
+
+        buf: list[bytes] = []  # events of one loop turn go out in one write (a syscall per event costs)
+
+        def send(payload: dict) -> None:
+            buf.append(b"data: " + _json(payload) + b"\n\n")
+
+        offsets = [0] * len(gens)
+
+        def event(i: int, d: Delta) -> None:
+            lp = None
+            if api.logprobs is not None and d.logprobs:
+                lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs) if api.chat else \
+                    completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i])
+            offsets[i] += len(d.text)
+            fin = self._finish(d.finish_reason) if d.finish_reason else None
+            if api.chat:
+                delta = {"content": d.text} if d.text or not fin else {}
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
+            else:
+                choice = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": fin}
+            if api.return_token_ids:
+                choice["token_ids"] = d.token_ids
+            send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [choice]})
+
+        tasks = [] if len(gens) == 1 else [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        source = solo(gens[0]) if len(gens) == 1 else merged()
         try:
             if api.chat:
                 for i in range(len(gens)):
-                    await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [
+                    send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [
                         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]})
-            offsets = [0] * len(gens)
             live = len(gens)
-            while live:
-                i, d, err = await queue.get()
+            async for i, d, err in source:
                 if err is not None:
-                    await send(err.body())
-                    continue
-                if d is None:
+                    send(err.body())
+                elif d is None:
                     live -= 1
-                    continue
-                lp = None
-                if api.logprobs is not None and d.logprobs:
-                    lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs) if api.chat else \
-                        completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i])
-                offsets[i] += len(d.text)
-                fin = self._finish(d.finish_reason) if d.finish_reason else None
-                if api.chat:
-                    delta = {"content": d.text} if d.text or not fin else {}
-                    choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
                 else:
-                    choice = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": fin}
-                if api.return_token_ids:
-                    choice["token_ids"] = d.token_ids
-                await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [choice]})
+                    event(i, d)
+                if tasks:  # whatever else is ready goes in the same write
+                    while not queue.empty() and live:
+                        i, d, err = queue.get_nowait()
+                        if err is not None:
+                            send(err.body())
+                        elif d is None:
+                            live -= 1
+                        else:
+                            event(i, d)
+                if not live:
+                    break
+                if buf:
+                    await resp.write(b"".join(buf))
+                    buf.clear()
             if api.include_usage:
-                await send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [],
-                            "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))})
-            await resp.write(b"data: [DONE]\n\n")
+                send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [],
+                      "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))})
+            buf.append(b"data: [DONE]\n\n")
+            await resp.write(b"".join(buf))
             await resp.write_eof()
         finally:
             for t in tasks:
