@@ -332,3 +332,80 @@ def test_kill_9_of_a_prefill_worker_during_prefill_loses_nothing(fresh):
     except BaseException:
         print(live.logs())
         raise
+
+
+def test_an_unmeetable_slo_is_rejected_early_with_429_and_retry_after(live):
+    status, body, headers = post_json(live.gw.info["url"] + "/v1/completions", {
+        "model": live.model, "prompt": "hello", "max_tokens": 4, "ttft_ms": 0.001})
+    _check_error(status, body, 429, None, "SLO")
+    assert body["error"]["code"] == "overloaded" and "TTFT" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+
+
+def sse_events(url, body, on_event=None, timeout=60):
+    """Streams a completion over raw HTTP; returns the parsed events (and 'DONE')."""
+    req = urllib.request.Request(url + "/v1/completions", method="POST", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for line in r:
+            if line.startswith(b"data: [DONE]"):
+                events.append("DONE")
+            elif line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+                if on_event is not None:
+                    on_event(events)
+    return events
+
+
+def test_beyond_the_migration_limit_the_client_gets_a_clear_error(fresh):
+    live = fresh
+    try:
+        live.coordinator()
+        live.worker("prefill", "p0")
+        d0 = live.worker("decode", "d0")
+        gw = live.gateway("gw-0", "--max-migrations", "0")
+        live.wait_ready(gw)
+        frozen = []
+
+        def freeze(events):  # a few tokens in, the only decode worker hangs
+            if len(events) == 3 and not frozen:
+                os.kill(d0.pid, signal.SIGSTOP)
+                frozen.append(time.monotonic())
+        events = sse_events(gw.info["url"], {"model": live.model, "prompt": "the cat", "max_tokens": 400,
+                                             "temperature": 0, "ignore_eos": True, "stream": True}, freeze)
+        os.kill(d0.pid, signal.SIGCONT)
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        assert errors and errors[0]["error"]["code"] == "migration_limit", events[-3:]
+        assert "suspect" in errors[0]["error"]["message"]
+        assert events[-1] == "DONE" and time.monotonic() - frozen[0] < 10
+    except BaseException:
+        print(live.logs())
+        raise
+
+
+def test_sigterm_lets_in_flight_streams_finish_then_the_gateway_exits(fresh):
+    live = fresh
+    try:
+        live.coordinator()
+        live.worker("prefill", "p0")
+        live.worker("decode", "d0")
+        gw = live.gateway()
+        live.wait_ready(gw)
+        signalled = []
+
+        def term(events):
+            if len(events) == 5 and not signalled:
+                os.kill(gw.pid, signal.SIGTERM)
+                signalled.append(1)
+        events = sse_events(gw.info["url"], {"model": live.model, "prompt": "the cat", "max_tokens": 300,
+                                             "temperature": 0, "ignore_eos": True, "stream": True,
+                                             "return_token_ids": True}, term)
+        assert signalled and events[-1] == "DONE"
+        assert sum(len(e["choices"][0]["token_ids"]) for e in events if isinstance(e, dict)) == 300
+        assert gw.proc.wait(30) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(gw.info["url"] + "/health", timeout=2)
+    except BaseException:
+        print(live.logs())
+        raise
