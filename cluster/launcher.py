@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.config import LOCAL, ClusterSpec, Pool, load, placements
 from coordinator.etcd_server import EtcdServer, free_port
 
 
@@ -81,10 +82,47 @@ class Child:
             self.proc.wait(5)
 
 
+def spec_from_args(args) -> ClusterSpec:
+    """The cluster file (or the single-host default), with command-line flags on top."""
+    spec = load(args.file) if args.file else ClusterSpec()
+    if args.cluster:
+        spec.name = args.cluster
+    if args.etcd:
+        spec.etcd.endpoints = args.etcd.split(",")
+    if args.model:
+        spec.model.path = args.model
+    if args.port is not None:
+        spec.gateway.port = args.port
+    if args.host_ip:
+        spec.gateway.host = args.host_ip
+    if args.admin_port is not None:
+        spec.coordinator.admin_port = args.admin_port
+    if args.policy:
+        spec.placement.policy = args.policy
+    if args.api_key:
+        spec.gateway.api_keys = list(args.api_key)
+    for role, n in (("prefill", args.prefill), ("decode", args.decode)):
+        if n is not None:
+            pools = [p for p in spec.pool if p.role == role]
+            if pools:
+                pools[0].replicas = n
+            else:
+                spec.pool.append(Pool(role, replicas=n))
+    for p in spec.pool:
+        if args.kv_cache_memory:
+            p.kv_cache_memory = args.kv_cache_memory
+        if args.threads is not None:
+            p.threads = args.threads
+    return spec
+
+
 class Supervisor:
     def __init__(self, args):
         self.a = args
-        self.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.cluster)
+        self.spec = spec_from_args(args)
+        self.host = args.node or LOCAL
+        args.cluster = self.spec.name
+        self.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(self.spec.name)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         self.etcd: EtcdServer | None = None
@@ -100,40 +138,82 @@ class Supervisor:
         return c
 
     def start(self) -> None:
-        a = self.a
         from engine.model_store import resolve_model
-        model = str(resolve_model(a.model))  # fetched and converted on first use, with a progress bar
-        etcd_eps = a.etcd
-        if not etcd_eps:  # embedded: a fresh member each time (the cluster's state lives with its processes)
+        spec, me = self.spec, self.host
+        mine = [p for p in placements(spec) if p["host"] == me]
+        embedded = not spec.etcd.endpoints and spec.etcd.host == me
+        if not mine and not embedded:
+            raise RuntimeError(f"nothing in the cluster file runs on host {me!r} "
+                               f"(hosts: {', '.join(spec.all_hosts())}; pick one with --host)")
+        model = spec.model.path
+        if any(p["kind"] != "coordinator" for p in mine):
+            model = str(resolve_model(spec.model.path))  # fetched and converted on first use (progress bar)
+        addr = spec.address(me)
+        etcd_eps = ",".join(spec.etcd.endpoints)
+        if embedded:  # a fresh member each time (the cluster's state lives with its processes)
             import shutil
             shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
-            self.etcd = EtcdServer.start(self.state_dir / "etcd", client_port=free_port(), peer_port=free_port())
+            self.etcd = EtcdServer.start(self.state_dir / "etcd", host=addr,
+                                         client_port=spec.etcd.client_port or free_port(addr), peer_port=free_port(addr))
             etcd_eps = self.etcd.endpoint
             self.log(f"etcd        pid {self.etcd.proc.pid:<7} {etcd_eps}  (data in {self.etcd.data_dir})")
-        common = ["--etcd", etcd_eps, "--cluster", a.cluster]
-        self._child("coordinator", ["coordinator", *common, "--id", "coordinator-0", "--admin-port", str(a.admin_port),
-                                    "--policy", a.policy]).start()
-        worker = ["--model", model, *common, "--threads", str(a.threads)] + \
-                 (["--kv-cache-memory", a.kv_cache_memory] if a.kv_cache_memory else [])
-        for role, n in (("prefill", a.prefill), ("decode", a.decode)):
-            for i in range(n):
-                self._child(f"{role}-{i}", ["worker", "--role", role, "--worker-id", f"{role}-{i}", *worker])
-        for c in self.children[1:]:  # workers load in parallel
+        elif not etcd_eps:
+            host = spec.address(spec.etcd.host)
+            etcd_eps = f"http://{host}:{spec.etcd.client_port}"
+        self.etcd_endpoints = etcd_eps
+        common = ["--etcd", etcd_eps, "--cluster", spec.name]
+        served = ["--served-model-name", spec.model.name] if spec.model.name else []
+        admin_host = "127.0.0.1" if me == LOCAL else addr
+        n_coord = n_gw = 0
+        for p in mine:
+            if p["kind"] == "coordinator":
+                port = spec.coordinator.admin_port if n_coord == 0 else 0
+                n_coord += 1
+                args = ["coordinator", *common, "--id", p["name"], "--host", addr, "--admin-host", admin_host,
+                        "--admin-port", str(port), "--policy", spec.placement.policy,
+                        "--suspect-after", str(spec.placement.suspect_after_s)]
+                args += [f"--ttft-ms={spec.slo.ttft_ms}"] if spec.slo.ttft_ms else []
+                args += [f"--tpot-ms={spec.slo.tpot_ms}"] if spec.slo.tpot_ms else []
+                self._child(p["name"], args)
+            elif p["kind"] == "worker":
+                pool = p["pool"]
+                args = ["worker", "--role", pool.role, "--worker-id", p["name"], "--model", model, *common, *served,
+                        "--host", addr, "--tp", str(pool.tp), "--pp", str(pool.pp), "--device", pool.device,
+                        "--threads", str(pool.threads), "--block-size", str(pool.block_size),
+                        "--dtype", spec.model.dtype, "--quantization", spec.model.quantization]
+                args += ["--kv-cache-memory", pool.kv_cache_memory] if pool.kv_cache_memory else []
+                self._child(p["name"], args)
+        coords = [c for c in self.children if c.args[0] == "coordinator"]
+        for c in coords:
+            c.start()
+        workers = [c for c in self.children if c.args[0] == "worker"]
+        for c in workers:  # workers load in parallel
             c.start(wait_ready=False)
-        for c in self.children[1:]:
-            c.wait_ready(600)
-        gw = self._child("gateway", ["gateway", *common, "--model", model, "--port", str(a.port), "--host", a.host,
-                                     "--id", "gateway-0"] + [f"--api-key={k}" for k in (a.api_key or [])])
-        gw.start()
-        self.url = gw.info["url"]
-        self._wait_ready(self.url)
-        coord = self.children[0].info
+        for c in workers:
+            c.wait_ready(900)
+        for p in mine:
+            if p["kind"] == "gateway":
+                port = spec.gateway.port + n_gw if spec.gateway.port else 0
+                n_gw += 1
+                gw = self._child(p["name"], ["gateway", *common, "--model", model, *served, "--port", str(port),
+                                             "--host", spec.gateway.host, "--internal-host", addr, "--id", p["name"],
+                                             "--max-migrations", str(spec.gateway.max_migrations)]
+                                 + [f"--api-key={k}" for k in spec.gateway.api_keys])
+                gw.start()
+        gateways = [c for c in self.children if c.args[0] == "gateway"]
+        self.url = gateways[0].info["url"] if gateways else ""
+        for gw in gateways:
+            self._wait_ready(gw.info["url"], timeout=600 if me != LOCAL else 60)
         for c in self.children:
             where = c.info.get("url") or c.info.get("admin") or c.info.get("endpoint", "")
             self.log(f"{c.name:<11} pid {c.pid:<7} {where}")
-        self.log(f"serving {gw.info.get('model')} at {self.url}/v1 (admin API {coord['admin']}); logs in "
-                 f"{self.state_dir / 'logs'}")
-        self._write_state(etcd_eps, coord["admin"])
+        admin = coords[0].info["admin"] if coords else ""
+        if self.url:
+            self.log(f"serving {gateways[0].info.get('model')} at {self.url}/v1"
+                     + (f" (admin API {admin})" if admin else "") + f"; logs in {self.state_dir / 'logs'}")
+        else:
+            self.log(f"host {me} is up; logs in {self.state_dir / 'logs'}")
+        self._write_state(etcd_eps, admin)
 
     def _wait_ready(self, url: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -148,7 +228,7 @@ class Supervisor:
         raise RuntimeError(f"the gateway at {url} did not become ready")
 
     def _write_state(self, etcd_eps: str, admin: str) -> None:
-        state = {"cluster": self.a.cluster, "supervisor_pid": os.getpid(), "url": self.url, "admin": admin,
+        state = {"cluster": self.spec.name, "host": self.host, "supervisor_pid": os.getpid(), "url": self.url, "admin": admin,
                  "etcd": etcd_eps, "etcd_pid": self.etcd.proc.pid if self.etcd else None,
                  "children": {c.name: {"pid": c.pid, "log": str(c.log)} for c in self.children}}
         tmp = self.state_dir / "state.json.tmp"
@@ -179,8 +259,8 @@ class Supervisor:
                         self.log(f"{c.name} failed to restart: {str(e).splitlines()[0]}")
                     changed = True
             if changed:
-                self._write_state(self.a.etcd or (self.etcd.endpoint if self.etcd else ""),
-                                  self.children[0].info.get("admin", ""))
+                coords = [c for c in self.children if c.args[0] == "coordinator"]
+                self._write_state(self.etcd_endpoints, coords[0].info.get("admin", "") if coords else "")
 
     def request_stop(self, *_) -> None:
         self._stop = True
@@ -201,7 +281,11 @@ class Supervisor:
 def up(args) -> int:
     if args.detach:
         return _detach(args)
-    sup = Supervisor(args)
+    try:
+        sup = Supervisor(args)
+    except ValueError as e:  # the cluster file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
     try:
@@ -221,7 +305,12 @@ def up(args) -> int:
 
 
 def _detach(args) -> int:
-    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(args.cluster)
+    try:
+        name = spec_from_args(args).name
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(name)
     state_dir.mkdir(parents=True, exist_ok=True)
     ready = state_dir / "ready.json"
     ready.unlink(missing_ok=True)

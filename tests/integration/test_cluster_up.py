@@ -40,7 +40,7 @@ def test_up_request_restart_down(tmp_path, tiny_llama):
     pids = [st["supervisor_pid"], st["etcd_pid"]] + [c["pid"] for c in st["children"].values()]
     ports = [int(u.rsplit(":", 1)[1]) for u in (st["url"], st["admin"], st["etcd"])]
     try:
-        assert set(st["children"]) == {"coordinator", "prefill-0", "decode-0", "gateway"}
+        assert set(st["children"]) == {"coordinator-0", "prefill-0", "decode-0", "gateway-0"}
         model = os.path.basename(str(tiny_llama))
         status, body, _ = post_json(st["url"] + "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 4})
         assert status == 200 and body["usage"]["completion_tokens"] == 4
@@ -74,3 +74,59 @@ def test_up_request_restart_down(tmp_path, tiny_llama):
     assert not [p for p in pids if pid_alive(p)]
     assert all(port_free(p) for p in ports)
     assert not (state / "state.json").exists()
+
+
+def test_two_hosts_from_one_cluster_file(tmp_path, tiny_llama):
+    """Each host runs `cluster up -f FILE --host NAME` and starts only its share; the workers on host b
+    (127.0.0.2) find etcd, the coordinator and the gateway on host a (127.0.0.1) through etcd."""
+    from coordinator.etcd_server import free_port
+    port = free_port()
+    (tmp_path / "c.toml").write_text(f"""
+name = "twohosts"
+[etcd]
+host = "a"
+client_port = {port}
+[model]
+path = "{tiny_llama}"
+[gateway]
+port = 0
+hosts = ["a"]
+[coordinator]
+admin_port = 0
+hosts = ["a"]
+[[pool]]
+role = "prefill"
+hosts = ["b"]
+kv_cache_memory = "2MiB"
+[[pool]]
+role = "decode"
+hosts = ["b"]
+kv_cache_memory = "2MiB"
+[hosts.a]
+address = "127.0.0.1"
+[hosts.b]
+address = "127.0.0.2"
+""")
+    sa, sb = tmp_path / "a", tmp_path / "b"
+    a = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "-f", str(tmp_path / "c.toml"), "--host", "a",
+                          "--state-dir", str(sa), "--detach"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        b = cli("up", "-f", str(tmp_path / "c.toml"), "--host", "b", "--state-dir", str(sb), "--detach")
+        assert b.returncode == 0, b.stdout + b.stderr
+        out, _ = a.communicate(timeout=120)  # host a's gateway was waiting for workers to register
+        assert a.returncode == 0, out
+        st_a = json.loads((sa / "state.json").read_text())
+        st_b = json.loads((sb / "state.json").read_text())
+        assert set(st_a["children"]) == {"coordinator-0", "gateway-0"}
+        assert set(st_b["children"]) == {"prefill-0", "decode-0"}
+        status, body, _ = post_json(st_a["url"] + "/v1/completions",
+                                    {"model": os.path.basename(str(tiny_llama)), "prompt": "hi", "max_tokens": 4})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
+        from live_cluster import get_json
+        ws = get_json(st_a["admin"] + "/v1/cluster")["workers"]
+        assert {w["endpoint"].split(":")[1] for w in ws} == {"//127.0.0.2"}
+    finally:
+        cli("down", "--state-dir", str(sb))
+        cli("down", "--state-dir", str(sa))
+        if a.poll() is None:
+            a.kill()

@@ -1,0 +1,220 @@
+"""The cluster file (DESIGN.md §9): one TOML document describing a cluster, decoded into typed structs.
+Torch-free. Errors quote the bad value and where it is in the file:
+
+    cluster.toml: pool[1].tp = "two": expected `int`, got `str`
+
+    name = "demo"                       # etcd prefix /tandem/demo/
+    [etcd]
+    endpoints = []                      # empty: `cluster up` starts an embedded etcd
+    [model]
+    path = "SmolLM2-135M-Instruct"      # a checkpoint directory, or the built-in default
+    [slo]
+    ttft_ms = 2000
+    tpot_ms = 200
+    [placement]
+    policy = "slo"
+    [gateway]
+    port = 8000
+    api_keys = []
+    [[pool]]
+    role = "prefill"
+    replicas = 1
+    [[pool]]
+    role = "decode"
+    replicas = 2
+    tp = 1
+    pp = 1
+    hosts = ["gpu-a", "gpu-b"]          # replicas go round-robin over these hosts
+    [hosts.gpu-a]
+    address = "10.0.0.2"                # interface its processes bind to and advertise
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+LOCAL = "local"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Etcd(msgspec.Struct, forbid_unknown_fields=True):
+    endpoints: list[str] = []
+    host: str = LOCAL  # where `cluster up` runs the embedded etcd when no endpoints are given
+    client_port: int = 0  # embedded: 0 = any free port (single host); set it for multi-host
+
+
+class Model(msgspec.Struct, forbid_unknown_fields=True):
+    path: str = "SmolLM2-135M-Instruct"
+    name: str | None = None  # served model name (default: the directory's name)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "int8"] = "none"
+
+
+class Slo(msgspec.Struct, forbid_unknown_fields=True):
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
+class Placement(msgspec.Struct, forbid_unknown_fields=True):
+    policy: Literal["slo", "least-loaded", "round-robin"] = "slo"
+    suspect_after_s: float = 1.0
+
+
+class Gateway(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = []
+    replicas: int = 1
+    hosts: list[str] = msgspec.field(default_factory=lambda: [LOCAL])
+    max_migrations: int = 3
+
+
+class Coordinator(msgspec.Struct, forbid_unknown_fields=True):
+    admin_port: int = 8001
+    replicas: int = 1
+    hosts: list[str] = msgspec.field(default_factory=lambda: [LOCAL])
+
+
+class Pool(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["prefill", "decode", "colocated"]
+    replicas: int = 1
+    tp: int = 1
+    pp: int = 1
+    device: str = "cpu"
+    hosts: list[str] = msgspec.field(default_factory=lambda: [LOCAL])
+    kv_cache_memory: str | None = None
+    threads: int = 1
+    block_size: int = 16
+
+
+class Host(msgspec.Struct, forbid_unknown_fields=True):
+    address: str = "127.0.0.1"
+
+
+class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "default"
+    etcd: Etcd = msgspec.field(default_factory=Etcd)
+    model: Model = msgspec.field(default_factory=Model)
+    slo: Slo = msgspec.field(default_factory=Slo)
+    placement: Placement = msgspec.field(default_factory=Placement)
+    gateway: Gateway = msgspec.field(default_factory=Gateway)
+    coordinator: Coordinator = msgspec.field(default_factory=Coordinator)
+    pool: list[Pool] = msgspec.field(default_factory=lambda: [Pool("prefill"), Pool("decode")])
+    hosts: dict[str, Host] = {}
+
+    def address(self, host: str) -> str:
+        return self.hosts[host].address if host in self.hosts else "127.0.0.1"
+
+    def all_hosts(self) -> list[str]:
+        names = {self.etcd.host, *self.gateway.hosts, *self.coordinator.hosts, *self.hosts}
+        for p in self.pool:
+            names.update(p.hosts)
+        return sorted(names)
+
+
+def _value_at(raw, path: str):
+    """The value at a msgspec error path like `$.pool[1].tp`."""
+    cur = raw
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path.removeprefix("$")):
+        try:
+            cur = cur[name] if name else cur[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return cur
+
+
+def _where(path: str) -> str:
+    return path.removeprefix("$.").removeprefix("$") or "(top level)"
+
+
+def loads(text: str, source: str = "cluster.toml") -> ClusterSpec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        spec = msgspec.convert(raw, ClusterSpec)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = re.search(r" - at `([^`]+)`$", msg)
+        if m:
+            path = m.group(1)
+            what = msg[:m.start()]
+            if what.startswith("Object contains unknown field"):
+                field = re.search(r"`([^`]+)`", what).group(1)
+                raise ConfigError(f"{source}: {_where(path)}: unknown field {field!r}") from None
+            value = _value_at(raw, path)
+            raise ConfigError(f"{source}: {_where(path)} = {value!r}: {what[0].lower() + what[1:]}") from None
+        raise ConfigError(f"{source}: {msg}") from None
+    _check(spec, raw, source)
+    return spec
+
+
+def load(path: str | Path) -> ClusterSpec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
+    return loads(text, str(p))
+
+
+def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
+    def bad(where: str, value, why: str):
+        raise ConfigError(f"{source}: {where} = {value!r}: {why}")
+
+    if not spec.name or "/" in spec.name:
+        bad("name", spec.name, "must be non-empty and contain no '/'")
+    roles = set()
+    for i, p in enumerate(spec.pool):
+        for field in ("replicas", "tp", "pp", "threads"):
+            v = getattr(p, field)
+            if v < (0 if field == "replicas" else 1):
+                bad(f"pool[{i}].{field}", v, "must be a positive integer" if field != "replicas" else "must be >= 0")
+        if not p.hosts:
+            bad(f"pool[{i}].hosts", p.hosts, "needs at least one host")
+        if p.replicas:
+            roles.add(p.role)
+    if not ("colocated" in roles or {"prefill", "decode"} <= roles):
+        bad("pool", [p.role for p in spec.pool if p.replicas],
+            "needs a prefill and a decode pool with replicas (or a colocated one)")
+    for where, v in (("gateway.port", spec.gateway.port), ("coordinator.admin_port", spec.coordinator.admin_port),
+                     ("etcd.client_port", spec.etcd.client_port)):
+        if not 0 <= v <= 65535:
+            bad(where, v, "must be a port number (0: any free port)")
+    for where, v in (("gateway.replicas", spec.gateway.replicas), ("coordinator.replicas", spec.coordinator.replicas)):
+        if v < 1:
+            bad(where, v, "must be >= 1")
+    for where, v in (("slo.ttft_ms", spec.slo.ttft_ms), ("slo.tpot_ms", spec.slo.tpot_ms)):
+        if v is not None and v <= 0:
+            bad(where, v, "must be > 0 (or absent: no SLO)")
+    for h in spec.all_hosts():
+        if h != LOCAL and h not in spec.hosts:
+            raise ConfigError(f"{source}: host {h!r} is used but has no [hosts.{h}] table with its address")
+    if len(spec.all_hosts()) > 1 and not spec.etcd.endpoints and not spec.etcd.client_port:
+        bad("etcd.client_port", 0, "a multi-host cluster with an embedded etcd needs a fixed port (or etcd.endpoints)")
+
+
+def placements(spec: ClusterSpec) -> list[dict]:
+    """Every process of the cluster: {name, kind, host, ...}; replicas go round-robin over their hosts."""
+    out = []
+    for i in range(spec.coordinator.replicas):
+        out.append({"name": f"coordinator-{i}", "kind": "coordinator",
+                    "host": spec.coordinator.hosts[i % len(spec.coordinator.hosts)]})
+    count: dict[str, int] = {}
+    for p in spec.pool:
+        for i in range(p.replicas):
+            n = count.get(p.role, 0)
+            count[p.role] = n + 1
+            out.append({"name": f"{p.role}-{n}", "kind": "worker", "host": p.hosts[i % len(p.hosts)], "pool": p})
+    for i in range(spec.gateway.replicas):
+        out.append({"name": f"gateway-{i}", "kind": "gateway", "host": spec.gateway.hosts[i % len(spec.gateway.hosts)]})
+    return out
