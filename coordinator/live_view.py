@@ -7,15 +7,22 @@ Pure bookkeeping with injected time, so it is tested without sockets. A worker i
 - dead: its registration is gone (lease expired or deregistered).
 Placements are counted against a worker (queued prompt tokens, running requests) until a heartbeat
 sampled after the placement confirms the worker has seen it, so a burst does not overfill one worker.
+
+A placement (`place`, the leader's per request) builds no list of workers: each worker has one
+PrefillWorkerState and one DecodeLoad record, updated in place by the inputs above, and is filed in
+sorted indexes (coordinator/candidates.py) that the policies walk. `prefill_states` / `decode_states`
+build the full lists the policies' reference `place` scans (`place(..., scan=True)`, tests, benchmarks).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, fields
 
 from cluster.registry import Load, WorkerInfo
-from coordinator.policy import (DecodeCost, DecodeWorkerState, Placement, PlacementRequest, PrefillCost,
-                                PrefillWorkerState, RunningRequest)
+from coordinator.candidates import INF, SIDES, Candidates, SortedIndex, by_heartbeat, in_scan_order
+from coordinator.policy import (DecodeCost, DecodeLoad, DecodeWorkerState, Placement, PlacementRequest, Policy,
+                                PrefillCost, PrefillWorkerState, Rejection, RunningRequest)
 
 
 @dataclass
@@ -26,13 +33,17 @@ class _Pending:
     tpot_slo: float
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerView:
     info: WorkerInfo
     load: Load | None = None
     heard_at: float = 0.0  # coordinator clock of the last heartbeat
     pending: list[_Pending] = field(default_factory=list)
     draining: bool = False
+    order: int = 0  # registration sequence: the order a scan meets workers in (ties go to the first)
+    prefill: PrefillWorkerState | None = None  # its load as the policies rank it, kept current (healthy
+    decode: DecodeLoad | None = None  # stays True: placements see only the workers healthy then)
+    filed: dict = field(default_factory=dict, repr=False)  # SortedIndex -> (group, entry)
 
 
 class LiveView:
@@ -41,25 +52,44 @@ class LiveView:
         self.workers: dict[str, WorkerView] = {}
         self.prefill_costs: dict[str, PrefillCost] = {}  # by worker id (from profiles)
         self.decode_costs: dict[str, DecodeCost] = {}
+        self._order = itertools.count()
+        self._indexes: dict[str, dict] = {side: {} for side in SIDES}  # side -> {key: SortedIndex}
+        self._floors: dict[tuple, object] = {}  # (side, group) -> least cost coefficients there
+        self._models: dict[str, int] = {}  # model -> registered workers serving it
+        # always kept, as counts and health need them; a placement does not move them
+        self._steady = {side: (self.index(side, in_scan_order, of_view=True),
+                               self.index(side, by_heartbeat, of_view=True)) for side in SIDES}
 
     # ---- inputs ----------------------------------------------------------------------------------
     def registered(self, info: WorkerInfo, now: float) -> None:
-        v = self.workers.get(info.worker_id)
+        wid = info.worker_id
+        v = self.workers.get(wid)
         if v is None:
-            self.workers[info.worker_id] = WorkerView(info, heard_at=now)
+            v = self.workers[wid] = WorkerView(info, heard_at=now, order=next(self._order))
         else:
+            self._count_model(v.info.model, -1)
             v.info = info
+        self._count_model(info.model, 1)
         prof = info.profile or {}
         if prof.get("prefill"):
-            self.prefill_costs[info.worker_id] = PrefillCost(**prof["prefill"])
+            self.prefill_costs[wid] = PrefillCost(**prof["prefill"])
         if prof.get("decode"):
-            self.decode_costs[info.worker_id] = DecodeCost(**prof["decode"])
+            self.decode_costs[wid] = DecodeCost(**prof["decode"])
+        v.prefill = PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()))
+        v.decode = DecodeLoad(wid, self.decode_costs.get(wid, DecodeCost()))
+        self._floors.clear()
+        self._recount(v)
 
     def deregistered(self, worker_id: str) -> WorkerView | None:
         """The worker is dead (its lease is gone). Returns what was known of it."""
         self.prefill_costs.pop(worker_id, None)
         self.decode_costs.pop(worker_id, None)
-        return self.workers.pop(worker_id, None)
+        v = self.workers.pop(worker_id, None)
+        if v is not None:
+            self._count_model(v.info.model, -1)
+            self._floors.clear()
+            self._refile(v)
+        return v
 
     def heartbeat(self, load: Load, now: float, sampled_at: float | None = None) -> None:
         """`sampled_at`: when the worker took the sample, on the coordinator's clock (defaults to
@@ -70,19 +100,72 @@ class LiveView:
         v.load, v.heard_at = load, now
         cutoff = now if sampled_at is None else sampled_at
         v.pending = [p for p in v.pending if p.at > cutoff]
+        self._recount(v)
 
     def placed(self, placement: Placement, req: PlacementRequest, now: float) -> None:
         for wid in (placement.prefill, placement.decode):
             v = self.workers.get(wid)
             if v is not None:
                 v.pending.append(_Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo))
+                v.prefill.queued_tokens += req.prompt_tokens
+                d = v.decode
+                d.num_running += 1
+                d.total_context += req.prompt_tokens
+                d.free_tokens -= req.prompt_tokens  # reservations: the prompt's KV
+                d.tightest_tpot = min(d.tightest_tpot, req.tpot_slo)
+                self._refile(v, load_only=True)
 
     def drain(self, worker_id: str, draining: bool = True) -> bool:
         v = self.workers.get(worker_id)
         if v is None:
             return False
         v.draining = draining
+        self._refile(v)
         return True
+
+    # ---- placement -------------------------------------------------------------------------------
+    def place(self, policy: Policy, req: PlacementRequest, now: float, model: str = "", exclude=(),
+              scan: bool = False) -> tuple[Placement | Rejection, bool]:
+        """One placement decision, counted against its workers if placed: on a prefill and a decode
+        worker while there is a healthy one of each, else on one colocated worker (its prefill queue
+        and its decode batch must both do). Returns it and whether it is colocated. `scan`: the
+        policy's reference `place` on full lists of states (as fast path and benchmarks compare)."""
+        exclude = frozenset(exclude)
+        if scan:
+            return self._place_by_scan(policy, req, now, model, exclude)
+        ps = Candidates(self, "prefill", ("prefill",), model, now, exclude)
+        ds = Candidates(self, "decode", ("decode",), model, now, exclude)
+        colocated = False
+        if not (ps.exists() and ds.exists()):
+            cp = Candidates(self, "prefill", ("colocated",), model, now, exclude)
+            if cp.exists():
+                ps, ds, colocated = cp, Candidates(self, "decode", ("colocated",), model, now, exclude), True
+        result = policy.place_in(req, ps, ds)
+        if colocated and isinstance(result, Placement) and result.decode != result.prefill:
+            result = policy.place_in(req, ps.only(result.decode), ds)
+        if isinstance(result, Placement):
+            self.placed(result, req, now)
+        return result, colocated
+
+    def _place_by_scan(self, policy, req, now, model, exclude):
+        prefills = self.prefill_states(now, ("prefill",), model, exclude)
+        decodes = self.decode_states(now, ("decode",), model, exclude)
+        colocated = False
+        if not (any(p.healthy for p in prefills) and any(d.healthy for d in decodes)):
+            cp = self.prefill_states(now, ("colocated",), model, exclude)
+            if any(p.healthy for p in cp):
+                prefills, decodes, colocated = cp, self.decode_states(now, ("colocated",), model, exclude), True
+        if colocated:
+            healthy = {d.worker_id for d in decodes if d.healthy}
+            prefills = [p for p in prefills if p.worker_id in healthy]
+            result = policy.place(req, prefills, decodes)
+            if isinstance(result, Placement) and result.decode != result.prefill:
+                result = policy.place(req, [p for p in prefills if p.worker_id == result.decode], decodes)
+        else:
+            result = policy.place(req, prefills, decodes)
+        if isinstance(result, Placement):
+            self.placed(result, req, now)
+        return result, colocated
 
     # ---- queries ---------------------------------------------------------------------------------
     def suspects(self, now: float) -> list[str]:
@@ -96,30 +179,99 @@ class LiveView:
         return v.info.role in roles and (not model or v.info.model == model) and v.info.worker_id not in exclude
 
     def models(self) -> set[str]:
-        return {v.info.model for v in self.workers.values()}
+        return set(self._models)
 
     def prefill_states(self, now: float, roles: tuple[str, ...] = ("prefill", "colocated"), model: str = "",
                        exclude=()) -> list[PrefillWorkerState]:
-        out = []
-        for wid, v in self.workers.items():
-            if not self._wanted(v, roles, model, exclude):
-                continue
-            queued = (v.load.queued_tokens if v.load else 0) + sum(p.prompt_tokens for p in v.pending)
-            out.append(PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()), queued,
-                                          self._healthy(v, now)))
-        return out
+        return [self.prefill_state(v, now) for v in self.workers.values() if self._wanted(v, roles, model, exclude)]
 
     def decode_states(self, now: float, roles: tuple[str, ...] = ("decode", "colocated"), model: str = "",
                       exclude=()) -> list[DecodeWorkerState]:
-        out = []
-        for wid, v in self.workers.items():
-            if not self._wanted(v, roles, model, exclude):
-                continue
-            load = v.load
-            running = [RunningRequest(0, float("inf"))] * (load.num_running if load else 0)
-            running += [RunningRequest(p.prompt_tokens, p.tpot_slo) for p in v.pending]
-            free = (load.free_blocks * v.info.block_size if load else 0) \
-                - sum(p.prompt_tokens for p in v.pending)  # reservations: the prompt's KV
-            out.append(DecodeWorkerState(wid, self.decode_costs.get(wid, DecodeCost()), running, free,
-                                         healthy=self._healthy(v, now)))
-        return out
+        return [self.decode_state(v, now) for v in self.workers.values() if self._wanted(v, roles, model, exclude)]
+
+    def prefill_state(self, v: WorkerView, now: float) -> PrefillWorkerState:
+        wid = v.info.worker_id
+        queued = (v.load.queued_tokens if v.load else 0) + sum(p.prompt_tokens for p in v.pending)
+        return PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()), queued, self._healthy(v, now))
+
+    def decode_state(self, v: WorkerView, now: float) -> DecodeWorkerState:
+        wid, load = v.info.worker_id, v.load
+        running = [RunningRequest(0, float("inf"))] * (load.num_running if load else 0)
+        running += [RunningRequest(p.prompt_tokens, p.tpot_slo) for p in v.pending]
+        free = (load.free_blocks * v.info.block_size if load else 0) \
+            - sum(p.prompt_tokens for p in v.pending)  # reservations: the prompt's KV
+        return DecodeWorkerState(wid, self.decode_costs.get(wid, DecodeCost()), running, free,
+                                 healthy=self._healthy(v, now))
+
+    # ---- indexes (coordinator/candidates.py) -----------------------------------------------------
+    def index(self, side: str, key, of_view: bool = False) -> SortedIndex:
+        """The index of `side` sorted by key(record) (key(view) `of_view`), built on first use and kept
+        current from then on."""
+        idx = self._indexes[side].get(key)
+        if idx is None:
+            idx = self._indexes[side][key] = SortedIndex(key if of_view else _of_record(key, side))
+            for v in self.workers.values():
+                idx.file(v, self._group(v, side))
+        return idx
+
+    def floor(self, side: str, groups) -> PrefillWorkerState | DecodeLoad:
+        """A record of `side` whose cost coefficients are each the least among the registered workers
+        of `groups`."""
+        recs = []
+        for g in groups:
+            rec = self._floors.get((side, g))
+            if rec is None:
+                rec = self._floors[(side, g)] = _least([getattr(v, side) for v in self.workers.values()
+                                                        if (v.info.model, v.info.role) == g])
+            recs.append(rec)
+        return _least(recs)
+
+    def _group(self, v: WorkerView, side: str) -> tuple[str, str] | None:
+        """Where v is filed on `side`: under (model, role) once heard from, unless draining."""
+        if v.info.role in SIDES[side] and v.load is not None and not v.draining \
+                and self.workers.get(v.info.worker_id) is v:
+            return (v.info.model, v.info.role)
+        return None
+
+    def _refile(self, v: WorkerView, load_only: bool = False) -> None:
+        """Files v anew in every index; `load_only`: only its load changed (a placement)."""
+        for side, indexes in self._indexes.items():
+            group = self._group(v, side)
+            for idx in indexes.values():
+                if not (load_only and idx in self._steady[side]):
+                    idx.file(v, group)
+
+    def _recount(self, v: WorkerView) -> None:
+        """v's records from its last heartbeat and its placements since (what prefill_state /
+        decode_state list), then refiled."""
+        load, pending = v.load, v.pending
+        prompts = sum(p.prompt_tokens for p in pending)
+        v.prefill.queued_tokens = (load.queued_tokens if load else 0) + prompts
+        d = v.decode
+        d.num_running = (load.num_running if load else 0) + len(pending)
+        d.total_context = prompts  # what the heartbeat counts is of unknown context: 0
+        d.free_tokens = (load.free_blocks * v.info.block_size if load else 0) - prompts
+        d.tightest_tpot = min((p.tpot_slo for p in pending), default=INF)
+        self._refile(v)
+
+    def _count_model(self, model: str, n: int) -> None:
+        left = self._models.get(model, 0) + n
+        if left:
+            self._models[model] = left
+        else:
+            self._models.pop(model, None)
+
+
+def _of_record(key, side: str):
+    return lambda v: key(getattr(v, side))
+
+
+def _least(recs: list):
+    """A record like recs[0] with each cost coefficient (and transfer rate) the least among recs."""
+    if len(recs) == 1:
+        return recs[0]
+    cost = recs[0].cost
+    least = type(cost)(*(min(getattr(r.cost, f.name) for r in recs) for f in fields(cost)))
+    if isinstance(recs[0], PrefillWorkerState):
+        return PrefillWorkerState("", least, transfer_s_per_token=min(r.transfer_s_per_token for r in recs))
+    return DecodeLoad("", least)

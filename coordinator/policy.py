@@ -8,14 +8,26 @@ of every request already running there. P and D are chosen independently (TTFT d
 TPOT on D alone), so a placement is O(P + D). The pair with the most slack wins; none: rejected
 early with a reason (HTTP 429 upstream), as Mooncake does. `least-loaded` and `round-robin` are the
 baselines.
+
+Each policy's `place` scans full lists of worker states: the reference, and what tests run on
+synthetic states. The coordinator calls `place_in` instead, on `Candidates` that the live view keeps
+indexed (coordinator/candidates.py): it walks a few workers in the order its key gives, stops as soon
+as no worker further on can be chosen, and hands that shortlist to `place`, so the choice is the
+reference's (tests/unit/test_placement_index.py checks it on random clusters) at a cost that does not
+grow with the number of workers.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
+
+INF = float("inf")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)  # ordered: an index key may hold one
 class PrefillCost:
     a: float = 0.005  # seconds
     b: float = 2e-4  # seconds per token
@@ -25,7 +37,7 @@ class PrefillCost:
         return self.a + self.b * n + self.c * n * n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class DecodeCost:
     base: float = 0.02
     per_seq: float = 0.001
@@ -60,12 +72,29 @@ class DecodeWorkerState:
     healthy: bool = True
 
     @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
     def total_context(self) -> int:
         return sum(r.context for r in self.running)
 
     @property
     def tightest_tpot(self) -> float:
         return min((r.tpot_slo for r in self.running), default=float("inf"))
+
+
+@dataclass(slots=True)
+class DecodeLoad:
+    """A decode worker's load in aggregate, what a DecodeWorkerState's running list sums to: the live
+    view keeps one per worker current for its indexes."""
+    worker_id: str
+    cost: DecodeCost = field(default_factory=DecodeCost)
+    num_running: int = 0
+    total_context: int = 0
+    tightest_tpot: float = INF
+    free_tokens: int = 0
+    max_batch: int = 256
 
 
 @dataclass(frozen=True)
@@ -90,13 +119,16 @@ class Rejection:
     retry_after: float = 1.0  # seconds
 
 
+def queue_wait(p: PrefillWorkerState) -> float:
+    return p.cost.seconds(p.queued_tokens) if p.queued_tokens else 0.0
+
+
 def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest) -> float:
-    wait = p.cost.seconds(p.queued_tokens) if p.queued_tokens else 0.0
-    return wait + p.cost.seconds(req.prompt_tokens) + p.transfer_s_per_token * req.prompt_tokens
+    return queue_wait(p) + p.cost.seconds(req.prompt_tokens) + p.transfer_s_per_token * req.prompt_tokens
 
 
-def predicted_tpot(d: DecodeWorkerState, req: PlacementRequest) -> float:
-    return d.cost.step_seconds(len(d.running) + 1, d.total_context + req.prompt_tokens)
+def predicted_tpot(d: DecodeWorkerState | DecodeLoad, req: PlacementRequest) -> float:
+    return d.cost.step_seconds(d.num_running + 1, d.total_context + req.prompt_tokens)
 
 
 def _fits(d: DecodeWorkerState, req: PlacementRequest) -> bool:
@@ -121,12 +153,145 @@ def _candidates(decodes: list[DecodeWorkerState], req: PlacementRequest) -> list
     return []
 
 
+# ---- indexed candidates (the live view's fast path) ----------------------------------------------
+@dataclass(frozen=True)
+class Room:
+    """What a decode worker must have free: KV for `tokens` and, with `batch`, a slot in its batch."""
+    tokens: int
+    batch: bool = False
+
+
+class Candidates(Protocol):
+    """One side of one placement as the live view indexes it: the healthy workers of the roles and model
+    asked for, less those excluded, without a list of them being built. Prefill candidates are
+    PrefillWorkerState records, decode candidates DecodeLoad records (which `room` filters)."""
+
+    def ordered(self, key, room: Room | None = None) -> Iterator[tuple[tuple, object]]:
+        """(key(w), w) by ascending key, then scan order; of candidates with equal keys only the first in
+        scan order, so a key must hold all that ranks them. `key` is a module-level function: the view
+        keeps an index per key it is asked for."""
+        ...
+
+    def exists(self, room: Room | None = None) -> bool: ...
+
+    def count(self, room: Room | None = None) -> int: ...
+
+    def nth(self, k: int, room: Room | None = None):
+        """The k-th candidate in scan order."""
+        ...
+
+    def roomiest(self) -> DecodeLoad | None:
+        """The candidate with the most free KV (ties: the largest worker id)."""
+        ...
+
+    def floor(self):
+        """A record whose cost coefficients are each the least any candidate has: a lower bound."""
+        ...
+
+    def loosest_tpot(self) -> float | None:
+        """The largest finite tightest_tpot among the candidates (None: no finite one)."""
+        ...
+
+    def states(self, records=None) -> list:
+        """The reference states of `records`, in scan order; of every worker on this side (healthy or
+        not, as LiveView.prefill_states / decode_states list them) by default."""
+        ...
+
+
+# The walks' lower bounds hold for non-negative cost coefficients (profiles are clamped so), and are
+# shrunk by this, far more than float rounding can move them.
+_SHRINK = 1.0 - 1e-12
+
+
+def _slack(t: float, limit: float) -> float:
+    return 1.0 - t / limit if limit != INF else 1.0 / (1.0 + t)
+
+
+def _tier(req: PlacementRequest, decodes: Candidates) -> Room | list[DecodeLoad]:
+    """`_candidates` on indexed candidates: the Room its first non-empty tier asks for, else the worker
+    it falls back to (for a request with SLOs it is rejected, and says a healthy worker exists)."""
+    for room in (Room(req.prompt_tokens + req.max_tokens, batch=True), Room(req.prompt_tokens)):
+        if decodes.exists(room):
+            return room
+    roomiest = decodes.roomiest()
+    return [roomiest] if roomiest is not None else []
+
+
+def _queued(p: PrefillWorkerState) -> tuple:
+    return (p.queued_tokens, p.worker_id)
+
+
+def _lightest(d: DecodeLoad) -> tuple:
+    return (d.num_running, d.total_context, d.worker_id)
+
+
+def _ttft_rank(p: PrefillWorkerState) -> tuple:
+    """The TTFT of an empty prompt (the walk's order: TTFT = that + b*n + c*n^2 + transfer*n), then all
+    else TTFT depends on."""
+    wait = queue_wait(p)
+    return (wait + p.cost.a, wait, p.cost, p.transfer_s_per_token)
+
+
+def _tpot_rank(d: DecodeLoad) -> tuple:
+    """The step time with one more sequence of no context (the walk's order: TPOT = that +
+    per_token*prompt tokens), then all else TPOT and its limit depend on."""
+    return (d.cost.step_seconds(d.num_running + 1, d.total_context), d.num_running, d.total_context, d.cost,
+            d.tightest_tpot)
+
+
+def _ttft_shortlist(req: PlacementRequest, prefills: Candidates) -> list[PrefillWorkerState]:
+    """The prefill candidates with the most TTFT slack (ties: all): walked by the TTFT of an empty
+    prompt until even the cheapest per-token costs among them would leave the next one less slack than
+    the best found."""
+    n, slo, least, best, found = req.prompt_tokens, req.ttft_slo, None, -INF, []
+    for key, p in prefills.ordered(_ttft_rank):
+        if found:
+            if least is None:
+                f = prefills.floor()
+                least = f.cost.b * n + f.cost.c * n * n + f.transfer_s_per_token * n
+            if _slack((key[0] + least) * _SHRINK, slo) < best:
+                break
+        slack = _slack(predicted_ttft(p, req), slo)
+        found.append((slack, p))
+        best = max(best, slack)
+    return [p for slack, p in found if slack == best]
+
+
+def _tpot_shortlist(req: PlacementRequest, decodes: Candidates) -> list[DecodeLoad]:
+    """The decode candidates (of `_candidates`' tier) with the most TPOT slack (ties: all): walked by the
+    step time before the prompt's context until the least TPOT the next one could predict leaves less
+    slack than the best found (or none: then it cannot meet its limit), under the loosest limit any
+    candidate has."""
+    tier = _tier(req, decodes)
+    if not isinstance(tier, Room):
+        return tier
+    n, slo = req.prompt_tokens, req.tpot_slo
+    limits = [slo] if slo != INF else [INF] + [t for t in [decodes.loosest_tpot()] if t is not None]
+    least, best, found, first = None, 0.0, [], None
+    for key, d in decodes.ordered(_tpot_rank, tier):
+        if first is None:
+            first, least = d, decodes.floor().cost.per_token * n
+        if max(_slack((key[0] + least) * _SHRINK, limit) for limit in limits) < best:
+            break
+        tpot, limit = predicted_tpot(d, req), min(slo, d.tightest_tpot)
+        if tpot <= limit:
+            slack = _slack(tpot, limit)
+            found.append((slack, d))
+            best = max(best, slack)
+    return [d for slack, d in found if slack == best] or [first]  # none can: one of the tier, for the reason
+
+
 class Policy:
     name = "base"
 
     def place(self, req: PlacementRequest, prefills: list[PrefillWorkerState],
               decodes: list[DecodeWorkerState]) -> Placement | Rejection:
         raise NotImplementedError
+
+    def place_in(self, req: PlacementRequest, prefills: Candidates, decodes: Candidates) -> Placement | Rejection:
+        """`place` on indexed candidates, choosing what `place` would on their full lists. By default it
+        is just that; the policies here walk an index for a shortlist."""
+        return self.place(req, prefills.states(), decodes.states())
 
 
 class RoundRobin(Policy):
@@ -144,6 +309,12 @@ class RoundRobin(Policy):
         self._p, self._d = self._p + 1, self._d + 1
         return Placement(p.worker_id, d.worker_id, predicted_ttft(p, req), predicted_tpot(d, req))
 
+    def place_in(self, req, prefills, decodes):
+        n, tier = prefills.count(), _tier(req, decodes)
+        ps = [prefills.nth(self._p % n)] if n else []
+        ds = [decodes.nth(self._d % decodes.count(tier), tier)] if isinstance(tier, Room) else tier
+        return self.place(req, prefills.states(ps), decodes.states(ds))
+
 
 class LeastLoaded(Policy):
     name = "least-loaded"
@@ -156,6 +327,12 @@ class LeastLoaded(Policy):
         p = min(ps, key=lambda w: (w.queued_tokens, w.worker_id))
         d = min(ds, key=lambda w: (len(w.running), w.total_context, w.worker_id))
         return Placement(p.worker_id, d.worker_id, predicted_ttft(p, req), predicted_tpot(d, req))
+
+    def place_in(self, req, prefills, decodes):
+        tier = _tier(req, decodes)
+        ps = [p for _, p in itertools.islice(prefills.ordered(_queued), 1)]
+        ds = [d for _, d in itertools.islice(decodes.ordered(_lightest, tier), 1)] if isinstance(tier, Room) else tier
+        return self.place(req, prefills.states(ps), decodes.states(ds))
 
 
 class SloAware(Policy):
@@ -192,6 +369,10 @@ class SloAware(Policy):
             return Rejection(f"no decode worker can take it within TPOT {req.tpot_slo * 1e3:.0f} ms "
                              "without breaking a running request's SLO")
         return Placement(best_p.worker_id, best_d.worker_id, best_ttft, best_tpot)
+
+    def place_in(self, req, prefills, decodes):
+        return self.place(req, prefills.states(_ttft_shortlist(req, prefills)),
+                          decodes.states(_tpot_shortlist(req, decodes)))
 
 
 POLICIES = {"slo": SloAware, "least-loaded": LeastLoaded, "round-robin": RoundRobin}

@@ -32,7 +32,7 @@ from cluster.registry import WorkerInfo
 from coordinator import keys
 from coordinator.election import Election
 from coordinator.live_view import LiveView
-from coordinator.policy import Placement, PlacementRequest, Rejection, make_policy
+from coordinator.policy import PlacementRequest, Rejection, make_policy
 from coordinator.protocol import (VERSION, CoordinatorInfo, Place, Placed, ProtocolError, Rejected, WorkerAddr,
                                   WorkerEvent, decode_beat, decode_place, encode)
 from coordinator.session import Session
@@ -289,28 +289,10 @@ class Coordinator:
         tpot = req.tpot_ms if req.tpot_ms is not None else c.tpot_ms
         preq = PlacementRequest(req.prompt_tokens, req.max_tokens, ttft / 1e3 if ttft else float("inf"),
                                 tpot / 1e3 if tpot else float("inf"))
-        now = time.monotonic()
-        exclude = set(req.exclude)
-        prefills = self.view.prefill_states(now, ("prefill",), req.model, exclude)
-        decodes = self.view.decode_states(now, ("decode",), req.model, exclude)
-        colocated = False
-        if not (any(p.healthy for p in prefills) and any(d.healthy for d in decodes)):
-            cp = self.view.prefill_states(now, ("colocated",), req.model, exclude)
-            if any(p.healthy for p in cp):
-                prefills, decodes, colocated = cp, self.view.decode_states(now, ("colocated",), req.model,
-                                                                           exclude), True
-        if colocated:  # one worker does both: its prefill queue and its decode batch must both fit
-            healthy = {d.worker_id for d in decodes if d.healthy}
-            prefills = [p for p in prefills if p.worker_id in healthy]
-            result = self.policy.place(preq, prefills, decodes)
-            if isinstance(result, Placement) and result.decode != result.prefill:
-                result = self.policy.place(preq, [p for p in prefills if p.worker_id == result.decode], decodes)
-        else:
-            result = self.policy.place(preq, prefills, decodes)
+        result, colocated = self.view.place(self.policy, preq, time.monotonic(), req.model, req.exclude)
         if isinstance(result, Rejection):
             code = "no_workers" if result.reason.startswith("no healthy") else "overloaded"
             return Rejected(VERSION, rid, code, result.reason, result.retry_after)
-        self.view.placed(result, preq, now)
         p = self._addr(result.prefill)
         d = None if colocated else self._addr(result.decode)
         return Placed(VERSION, rid, p, d, result.predicted_ttft * 1e3, result.predicted_tpot * 1e3)

@@ -1,0 +1,179 @@
+"""The live view's indexed placement (policy.place_in on coordinator.candidates) chooses exactly what the
+policies' reference `place` chooses on full lists, on random clusters and histories."""
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.registry import Load, WorkerInfo
+from coordinator.live_view import LiveView
+from coordinator.policy import Placement, PlacementRequest, make_policy
+
+INF = float("inf")
+# a few shared cost models (ties between workers; the same `a` or step time with other per-token
+# costs), and each worker its own (start-up profiles), with per-token costs that weigh in
+SHARED = [{},
+          {"prefill": {"a": 0.01, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.02, "per_seq": 0.002, "per_token": 1e-5}},
+          {"prefill": {"a": 0.01, "b": 2e-3, "c": 0.0}, "decode": {"base": 0.02, "per_seq": 0.002, "per_token": 3e-5}},
+          {"prefill": {"a": 0.004, "b": 5e-4, "c": 1e-7},
+           "decode": {"base": 0.01, "per_seq": 0.004, "per_token": 2e-5}}]
+
+
+def own_profile(rng: random.Random) -> dict:
+    f = lambda x: x * rng.uniform(0.7, 1.3)  # noqa: E731
+    return {"prefill": {"a": f(0.005), "b": f(2e-4), "c": rng.choice([0.0, f(1e-7)])},
+            "decode": {"base": f(0.02), "per_seq": f(0.001), "per_token": f(1e-5)}}
+
+
+def info(wid, role, model, profile):
+    return WorkerInfo(wid, role, model, 1, 1, 16, 4096, "tcp://x", [], {}, 1, 0.1, profile)
+
+
+class Twins:
+    """Two live views fed the same inputs; one places through its indexes, the other by full scans."""
+
+    def __init__(self, policy: str, seed: int):
+        self.views = [LiveView(suspect_after=1.0), LiveView(suspect_after=1.0)]
+        self.policies = [make_policy(policy), make_policy(policy)]
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.ids: list[str] = []
+
+    def each(self, method, *args, **kw):
+        return [getattr(v, method)(*args, **kw) for v in self.views]
+
+    def register(self, wid, role, model, profile):
+        self.each("registered", info(wid, role, model, profile), now=self.now)
+        if wid not in self.ids:
+            self.ids.append(wid)
+
+    def beat(self, wid, running, free_blocks, queued, lag):
+        load = Load(wid, 0.0, 0, running, free_blocks, 64, 10.0, 5, 0, queued)
+        self.each("heartbeat", load, now=self.now, sampled_at=self.now - lag)
+
+    def place(self, req, model, exclude):
+        (fast, fast_colocated), (ref, ref_colocated) = [
+            v.place(p, req, self.now, model, exclude, scan=scan)
+            for v, p, scan in zip(self.views, self.policies, (False, True))]
+        assert (fast, fast_colocated) == (ref, ref_colocated), (req, model, exclude)
+        return fast
+
+
+def load(rng: random.Random) -> tuple[int, int, int]:
+    """running (256: a full batch), free blocks (of 16 tokens), queued prompt tokens: few values, so ties"""
+    return rng.choice([0, 0, 1, 2, 3, 256]), rng.choice([0, 1, 2, 6, 20, 40]), rng.randrange(0, 3) * 500
+
+
+ops = st.lists(st.tuples(st.sampled_from(["beat", "beat", "place", "place", "place", "tick", "drain", "churn"]),
+                         st.integers(0, 10**9)), min_size=1, max_size=100)
+
+
+def run(policy: str, n_workers: int, shared: bool, seed: int, steps):
+    t = Twins(policy, seed)
+    rng = t.rng
+    pair = rng.sample(SHARED, 2)  # shared: two cost models only, so their workers tie and compete
+    profile = (lambda: rng.choice(pair)) if shared else (lambda: own_profile(rng))
+    roles = ["prefill", "decode", "colocated"]
+    for i in range(n_workers):
+        role = rng.choice(roles if rng.random() < 0.3 else roles[:2])
+        t.register(f"w{i}", role, rng.choice(["m", "m", "n"]), profile())
+    for wid in t.ids:
+        if rng.random() < 0.9:
+            t.beat(wid, *load(rng), 0.0)
+    placed = 0
+    for op, r in steps:
+        rng = random.Random(r)
+        wid = rng.choice(t.ids)
+        if op == "beat":
+            t.beat(wid, *load(rng), rng.choice([0.0, 0.3]))
+        elif op == "tick":
+            t.now += rng.choice([0.01, 0.4, 1.2])
+        elif op == "drain":
+            t.each("drain", wid, rng.random() < 0.5)
+        elif op == "churn":  # dies, or comes back (a new registration, possibly another role or cost model)
+            if rng.random() < 0.5:
+                t.each("deregistered", wid)
+            else:
+                t.register(wid, rng.choice(["prefill", "decode", "colocated"]), "m", profile())
+        else:
+            req = PlacementRequest(rng.choice([1, 16, 100, 300]), rng.choice([0, 50, 400]),
+                                   rng.choice([INF, INF, 0.05, 0.3, 2.0]), rng.choice([INF, INF, 0.03, 0.06, 0.5, 5.0]))
+            exclude = set(rng.sample(t.ids, min(len(t.ids), rng.choice([0, 0, 1, 2]))))
+            placed += isinstance(t.place(req, rng.choice(["", "", "m", "n"]), exclude), Placement)
+    return placed
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=st.sampled_from(["slo", "least-loaded", "round-robin"]), n_workers=st.integers(1, 24),
+       shared=st.booleans(), seed=st.integers(0, 10**9), steps=ops)
+def test_indexed_placement_chooses_what_the_reference_scan_does(policy, n_workers, shared, seed, steps):
+    run(policy, n_workers, shared, seed, steps)
+
+
+def test_a_long_burst_on_a_large_cluster_matches_the_reference():
+    """Many placements between heartbeats on 300 workers: big tie groups (identical idle workers) and
+    every tier of decode room (whole request, prompt only, none)."""
+    for policy in ("slo", "least-loaded", "round-robin"):
+        for shared in (True, False):
+            rng = random.Random(7)
+            steps = [(rng.choice(["place"] * 8 + ["beat", "tick"]), rng.randrange(10**9)) for _ in range(400)]
+            assert run(policy, 300, shared, 3, steps) > 0, policy
+
+
+def test_ties_go_to_the_first_registered_and_suspects_are_skipped():
+    v = LiveView(suspect_after=1.0)
+    for i in range(50):  # identical idle workers
+        for role in ("prefill", "decode"):
+            v.registered(info(f"{role[0]}{i}", role, "m", {}), now=0.0)
+            v.heartbeat(Load(f"{role[0]}{i}", 0.0, 0, 0, 100, 100, 0.0, 0, 0, 0), now=0.0)
+    for i in range(3, 50):
+        for role in "pd":
+            v.heartbeat(Load(f"{role}{i}", 0.0, 0, 0, 100, 100, 0.0, 0, 0, 0), now=1.0)
+    req = PlacementRequest(100, 10, ttft_slo=1.0, tpot_slo=0.5)
+    got, colocated = v.place(make_policy("slo"), req, now=1.5, exclude={"p3"})  # p0-p2, d0-d2: suspect
+    assert (got.prefill, got.decode, colocated) == ("p4", "d3", False)
+
+
+def test_equal_slack_goes_to_the_first_registered_whatever_the_cost_models():
+    """p0 (queued) and p1 (idle, slower) predict the same TTFT: the walk meets p1 first, the scan p0."""
+    v = LiveView()
+    fast, slow = {"a": 2**-6, "b": 2**-12, "c": 0.0}, {"a": 2**-5, "b": 2**-11, "c": 0.0}
+    for wid, role, prefill_cost, queued in (("p0", "prefill", fast, 64), ("p1", "prefill", slow, 0),
+                                            ("d0", "decode", fast, 0)):
+        v.registered(info(wid, role, "m", {"prefill": prefill_cost}), now=0.0)
+        v.heartbeat(Load(wid, 0.0, 0, 0, 100, 100, 0.0, 0, 0, queued), now=0.0)
+    got, _ = v.place(make_policy("slo"), PlacementRequest(64, 1, ttft_slo=1.0), now=0.0)
+    assert got.prefill == "p0" and got.predicted_ttft == 2**-4
+
+
+def test_the_roomiest_fallback_breaks_ties_by_worker_id_across_models():
+    def view():
+        v = LiveView()
+        for wid, role, model in (("p0", "prefill", "m"), ("d-a", "decode", "m"), ("d-b", "decode", "n")):
+            v.registered(info(wid, role, model, {}), now=0.0)
+            v.heartbeat(Load(wid, 0.0, 0, 0, 1, 100, 0.0, 0, 0, 0), now=0.0)  # 16 tokens free
+        return v
+
+    for name in ("slo", "least-loaded", "round-robin"):
+        for scan in (False, True):  # fits nowhere, no SLOs: waits at the roomiest
+            got, _ = view().place(make_policy(name), PlacementRequest(100, 1), now=0.0, scan=scan)
+            assert got.decode == "d-b", (name, scan)
+
+
+def test_equally_loaded_decode_workers_differ_by_the_slos_they_run():
+    """d0 and d1 run the same load, but d0's request has a 0.5 s TPOT SLO and d1's 5 s: a request
+    without an SLO of its own has more slack on d1 than anywhere (idle d2 included)."""
+    def view():
+        v = LiveView()
+        for wid, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode"), ("d2", "decode")):
+            v.registered(info(wid, role, "m", {}), now=0.0)
+            v.heartbeat(Load(wid, 0.0, 0, 0, 100, 100, 0.0, 0, 0, 0), now=0.0)
+        for tpot, to in ((0.5, "d0"), (5.0, "d1")):
+            got, _ = v.place(make_policy("slo"), PlacementRequest(100, 1, tpot_slo=tpot), now=0.0)
+            assert got.decode == to
+        return v
+
+    for scan in (False, True):
+        got, _ = view().place(make_policy("slo"), PlacementRequest(100, 1), now=0.0, scan=scan)
+        assert got.decode == "d1", scan
