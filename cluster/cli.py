@@ -329,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("worker")
         sp.set_defaults(fn=lambda a, n=name: getattr(__import__("cluster.launcher").launcher, n)(a))
 
+    dr = sub.add_parser("drill", help="inject a failure under load into a running cluster and report")
+    dr.add_argument("scenario", help="kill-prefill | kill-decode | kill-coordinator | restart-gateway | drain-decode")
+    dr.add_argument("--cluster", default="default")
+    dr.add_argument("--state-dir", default=None)
+    dr.add_argument("--requests", type=int, default=32)
+    dr.add_argument("--concurrency", type=int, default=8)
+    dr.add_argument("--max-tokens", type=int, default=64)
+    dr.add_argument("--whole-timeout", type=float, default=120.0, help="seconds to wait for the cluster to heal")
+    dr.add_argument("--json", default=None, help="write the report here too")
+    dr.set_defaults(fn=lambda a: __import__("cluster.drill").drill.drill(a))
+
     m = sub.add_parser("model", help="manage models")
     msub = m.add_subparsers(dest="model_cmd", required=True)
     pull = msub.add_parser("pull", help="fetch and convert the default model (SmolLM2-135M-Instruct)")

@@ -230,7 +230,11 @@ class Supervisor:
     def _write_state(self, etcd_eps: str, admin: str) -> None:
         state = {"cluster": self.spec.name, "host": self.host, "supervisor_pid": os.getpid(), "url": self.url, "admin": admin,
                  "etcd": etcd_eps, "etcd_pid": self.etcd.proc.pid if self.etcd else None,
-                 "children": {c.name: {"pid": c.pid, "log": str(c.log)} for c in self.children}}
+                 "gateways": [c.info.get("url") for c in self.children if c.args[0] == "gateway" and c.info],
+                 "admins": [c.info.get("admin") for c in self.children if c.args[0] == "coordinator" and c.info],
+                 "children": {c.name: {"pid": c.pid, "log": str(c.log),
+                                       "url": c.info.get("url") or c.info.get("admin") or c.info.get("endpoint")}
+                              for c in self.children}}
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_dir / "state.json")
