@@ -46,10 +46,16 @@ class WorkerView:
     filed: dict = field(default_factory=dict, repr=False)  # SortedIndex -> (group, entry)
 
 
+def shape_of(info: WorkerInfo) -> str:
+    """A worker's shape, as profiles are keyed in etcd: <role>-tp<T>-pp<P>."""
+    return f"{info.role}-tp{info.tp}-pp{info.pp}"
+
+
 class LiveView:
     def __init__(self, suspect_after: float = 1.0):
         self.suspect_after = suspect_after
         self.workers: dict[str, WorkerView] = {}
+        self.shape_profiles: dict[tuple[str, str], dict] = {}  # (model, shape) -> stored profile
         self.prefill_costs: dict[str, PrefillCost] = {}  # by worker id (from profiles)
         self.decode_costs: dict[str, DecodeCost] = {}
         self._order = itertools.count()
@@ -70,7 +76,9 @@ class LiveView:
             self._count_model(v.info.model, -1)
             v.info = info
         self._count_model(info.model, 1)
-        prof = info.profile or {}
+        # the stored profile of the worker's (model, shape) wins over its own start-up one: workers of
+        # one shape share one cost model (their own measurements differ only by noise)
+        prof = self.shape_profiles.get((info.model, shape_of(info))) or info.profile or {}
         if prof.get("prefill"):
             self.prefill_costs[wid] = PrefillCost(**prof["prefill"])
         if prof.get("decode"):
@@ -102,8 +110,19 @@ class LiveView:
         v.pending = [p for p in v.pending if p.at > cutoff]
         self._recount(v)
 
+    def shape_profile(self, model: str, shape: str, profile: dict | None, now: float) -> None:
+        """The stored cost model of (model, shape) changed (etcd profiles/): every such worker uses it."""
+        key = (model, shape)
+        if profile:
+            self.shape_profiles[key] = profile
+        else:
+            self.shape_profiles.pop(key, None)
+        for v in list(self.workers.values()):
+            if v.info.model == model and shape_of(v.info) == shape:
+                self.registered(v.info, now)
+
     def placed(self, placement: Placement, req: PlacementRequest, now: float) -> None:
-        for wid in (placement.prefill, placement.decode):
+        for wid in dict.fromkeys((placement.prefill, placement.decode)):  # colocated: one worker, counted once
             v = self.workers.get(wid)
             if v is not None:
                 v.pending.append(_Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo))

@@ -31,8 +31,8 @@ from cluster.metrics import Metrics
 from cluster.registry import WorkerInfo
 from coordinator import keys
 from coordinator.election import Election
-from coordinator.live_view import LiveView
-from coordinator.policy import PlacementRequest, Rejection, make_policy
+from coordinator.live_view import LiveView, shape_of
+from coordinator.policy import DecodeCost, PlacementRequest, PrefillCost, Rejection, make_policy
 from coordinator.protocol import (VERSION, CoordinatorInfo, Place, Placed, ProtocolError, Rejected, WorkerAddr,
                                   WorkerEvent, decode_beat, decode_place, encode)
 from coordinator.session import Session
@@ -120,6 +120,7 @@ class Coordinator:
         self.workers = PrefixMirror(self.session, keys.workers(c.cluster), self._worker_changed).start()
         self.drains = PrefixMirror(self.session, keys.drains(c.cluster), self._drain_changed).start()
         self.leader_mirror = PrefixMirror(self.session, keys.leader(c.cluster), self._leader_changed).start()
+        self.profile_mirror = PrefixMirror(self.session, keys.profiles(c.cluster), self._profile_changed).start()
         await self.session.register(keys.coordinator(c.cluster, c.coordinator_id), msgspec.json.encode(self.info))
         for coro in (self._heartbeats(), self._placements(), self._monitor(), self._lead()):
             self._tasks.append(asyncio.create_task(coro))
@@ -150,7 +151,7 @@ class Coordinator:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for mirror in (self.workers, self.drains, self.leader_mirror):
+        for mirror in (self.workers, self.drains, self.leader_mirror, self.profile_mirror):
             await mirror.stop()
         if self.election is not None and self.election.is_leader:
             try:
@@ -196,14 +197,10 @@ class Coordinator:
             v = self.view.workers[wid]
             self._publish(wid, v.info.role, "draining", "drained by an operator")
 
-    @staticmethod
-    def shape(info: WorkerInfo) -> str:
-        return f"{info.role}-tp{info.tp}-pp{info.pp}"
-
     async def _store_profile(self, info: WorkerInfo) -> None:
         """The first profile measured for a (model, shape) becomes the stored one (fenced: leader only);
         `cluster profile` overwrites it with a fuller measurement."""
-        key = keys.profile(self.config.cluster, info.model, self.shape(info))
+        key = keys.profile(self.config.cluster, info.model, shape_of(info))
         try:
             if await self.session._call(self.session.client.get(key.encode())) is None:
                 await self.election.fenced_put(key, msgspec.json.encode(
@@ -216,6 +213,20 @@ class Coordinator:
             await self.session._call(self.session.client.delete(keys.drain(self.config.cluster, wid).encode()))
         except Exception as e:
             log.debug("forgetting drain of %s: %s", wid, e)
+
+    def _profile_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        model, _, shape = key.removeprefix(keys.profiles(self.config.cluster)).rpartition("/")
+        try:
+            prof = msgspec.json.decode(new) if new else None
+            if prof is not None:
+                prof = {side: prof[side] for side in ("prefill", "decode") if isinstance(prof.get(side), dict)}
+                PrefillCost(**prof.get("prefill", {}))  # validated before any worker uses it
+                DecodeCost(**prof.get("decode", {}))
+        except (msgspec.DecodeError, TypeError) as e:
+            self.m_bad.inc(socket="profiles")
+            log.warning("ignored a malformed profile at %s: %s", key, e)
+            return
+        self.view.shape_profile(model, shape, prof, time.monotonic())
 
     def _leader_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
         try:

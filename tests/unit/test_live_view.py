@@ -54,3 +54,20 @@ def test_drained_workers_get_no_new_work():
     v.heartbeat(load("d0"), now=0.0)
     assert v.drain("d0") and not v.drain("nope")
     assert [d.healthy for d in v.decode_states(0.1)] == [False]
+
+
+def test_workers_of_one_shape_share_the_stored_profile_and_colocated_placements_count_once():
+    from coordinator.policy import Placement
+    v = LiveView()
+    fast = {"prefill": {"a": 0.001, "b": 1e-5, "c": 0.0}, "decode": {"base": 0.01, "per_seq": 1e-4, "per_token": 1e-7}}
+    slow = {"prefill": {"a": 0.1, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.5, "per_seq": 1e-2, "per_token": 1e-6}}
+    for wid, prof in (("d0", fast), ("d1", slow)):
+        v.registered(WorkerInfo(wid, "decode", "m", 1, 1, 16, 4096, "tcp://x", [], {}, 1, 0.1, prof), now=0.0)
+    assert v.decode_costs["d0"] != v.decode_costs["d1"]  # each its own noisy start-up measurement...
+    v.shape_profile("m", "decode-tp1-pp1", slow, now=0.0)
+    assert v.decode_costs["d0"] == v.decode_costs["d1"]  # ...until the shape's stored one arrives
+    v.registered(info("c0", "colocated"), now=0.0)
+    v.heartbeat(load("c0"), now=0.0)
+    v.placed(Placement("c0", "c0", 0.1, 0.1), PlacementRequest(100, 20), now=0.1)
+    assert len(v.workers["c0"].pending) == 1
+    assert [d.free_tokens for d in v.decode_states(0.1, ("colocated",))] == [256 * 16 - 100]
