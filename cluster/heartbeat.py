@@ -12,10 +12,13 @@ class Heartbeat:
         self.registry, self.worker_id, self.interval = registry, worker_id, interval
         self._next = 0.0
         self._steps, self._step_s = 0, 0.0
+        self._tokens = self._seqs = 0
 
-    def step_done(self, seconds: float) -> None:
+    def step_done(self, seconds: float, tokens: int = 0, seqs: int = 0) -> None:
         self._steps += 1
         self._step_s += seconds
+        self._tokens += tokens
+        self._seqs += seqs
 
     def maybe_beat(self, engine, pending_transfers: int = 0, now: float | None = None) -> Load | None:
         now = time.monotonic() if now is None else now
@@ -25,7 +28,8 @@ class Heartbeat:
         st = engine.stats()
         load = Load(self.worker_id, time.time(), st["num_waiting"], st["num_running"], st["num_free_blocks"],
                     st["num_blocks"], 1e3 * self._step_s / self._steps if self._steps else 0.0, self._steps,
-                    pending_transfers, st["num_queued_tokens"])
+                    pending_transfers, st["num_queued_tokens"], self._tokens, self._seqs)
         self._steps, self._step_s = 0, 0.0
+        self._tokens = self._seqs = 0
         self.registry.heartbeat(load)
         return load

@@ -42,6 +42,8 @@ class Load(msgspec.Struct, frozen=True):
     steps: int  # steps in the last interval
     pending_transfers: int = 0
     queued_tokens: int = 0  # tokens scheduled but not computed yet (prompts waiting or mid-prefill)
+    tokens: int = 0  # tokens computed by the steps of the interval (prefill chunks + decode tokens)
+    seqs: int = 0  # sequences scheduled, summed over the steps of the interval
 
 
 class Registry:

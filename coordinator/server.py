@@ -30,6 +30,7 @@ import zmq.asyncio
 from cluster.metrics import Metrics
 from cluster.registry import WorkerInfo
 from coordinator import keys
+from coordinator.costs import CostRefiner
 from coordinator.election import Election
 from coordinator.live_view import LiveView, shape_of
 from coordinator.policy import DecodeCost, PlacementRequest, PrefillCost, Rejection, make_policy
@@ -80,6 +81,7 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.view = LiveView(config.suspect_after)
+        self.refiner = CostRefiner()
         self.policy = make_policy(config.policy)
         self.state = _State()
         self.session: Session | None = None
@@ -99,6 +101,7 @@ class Coordinator:
         self.m_events = m.counter("worker_events", "worker events published", ["state"])
         self.m_workers = m.gauge("workers", "workers in the live view", ["role", "state"])
         self.m_leader = m.gauge("coordinator_is_leader", "1 while this replica leads")
+        self.m_refinements = m.counter("cost_model_refinements", "cost models rescaled from heartbeats")
 
     @property
     def is_leader(self) -> bool:
@@ -122,7 +125,7 @@ class Coordinator:
         self.leader_mirror = PrefixMirror(self.session, keys.leader(c.cluster), self._leader_changed).start()
         self.profile_mirror = PrefixMirror(self.session, keys.profiles(c.cluster), self._profile_changed).start()
         await self.session.register(keys.coordinator(c.cluster, c.coordinator_id), msgspec.json.encode(self.info))
-        for coro in (self._heartbeats(), self._placements(), self._monitor(), self._lead()):
+        for coro in (self._heartbeats(), self._placements(), self._monitor(), self._lead(), self._refine()):
             self._tasks.append(asyncio.create_task(coro))
         log.info("coordinator %s: placement %s, heartbeats %s, events %s, admin %s", c.coordinator_id,
                  self.info.placement, self.info.heartbeats, self.info.events, self.info.admin)
@@ -263,6 +266,12 @@ class Coordinator:
             self.m_beats.inc()
             age = max(0.0, time.time() - beat.load.ts)  # wall clocks: same host, or NTP across hosts
             self.view.heartbeat(beat.load, now, sampled_at=now - age)
+            v = self.view.workers.get(wid)
+            if v is not None and beat.load.steps:
+                ld = beat.load
+                self.refiner.observe(v.info.model, shape_of(v.info), v.info.role, ld.steps, ld.step_ms, ld.tokens,
+                                     ld.seqs, self.view.prefill_costs.get(wid, PrefillCost()),
+                                     self.view.decode_costs.get(wid, DecodeCost()))
 
     async def _placements(self) -> None:
         while True:
@@ -329,6 +338,22 @@ class Coordinator:
                     self._publish(wid, v.info.role, "live", "heartbeats resumed")
             self.state.suspect = silent
             self.m_leader.set(1 if self.is_leader else 0)
+
+    async def _refine(self, period: float = 5.0) -> None:
+        """The leader stores cost models the fleet's step times disagree with, rescaled (costs.py)."""
+        while True:
+            await asyncio.sleep(period)
+            if not self.is_leader:
+                continue
+            for model, shape, prof, ratios in self.refiner.proposals(dict(self.view.shape_profiles)):
+                key = keys.profile(self.config.cluster, model, shape)
+                body = {**prof, "source": "online refinement", "ratios": ratios, "ts": time.time()}
+                try:
+                    if await self.election.fenced_put(key, msgspec.json.encode(body)):
+                        log.info("cost model of %s/%s refined by %s", model, shape, ratios)
+                        self.m_refinements.inc()
+                except Exception as e:  # etcd unavailable: the next period tries again
+                    log.debug("storing a refined profile: %s", e)
 
     async def _lead(self) -> None:
         while True:

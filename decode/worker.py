@@ -104,7 +104,7 @@ class DecodeWorker:
             if self.engine.has_unfinished_requests():
                 t0 = time.monotonic()
                 self._step()
-                self.heartbeat.step_done(time.monotonic() - t0)
+                self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
             self.heartbeat.maybe_beat(self.engine, len(self._handoffs) + self.reservations.num_pending)
 
     def stop(self) -> None:

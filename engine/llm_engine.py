@@ -94,6 +94,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, self.max_model_len, eos)
         self._requests: dict[str, _RequestState] = {}
+        self.last_step = (0, 0)  # (tokens, sequences) of the last step
         self._seq_state: dict[int, _SeqState] = {}
         bs = config.cache.block_size
         log.info("engine ready in %.1fs (weights %.1fs): KV cache %d blocks x %d tokens = %d tokens "
@@ -179,6 +180,7 @@ class LLMEngine:
         SchedulerOutput first and may return extras for the step hook of every rank (a prefill
         worker pins the pages it will ship and names them there)."""
         out = self.scheduler.schedule()
+        self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
         extras = before_execute(out) if before_execute is not None else None
         sampled, logprobs = self.executor.execute(out, extras) if not out.empty else ({}, {})
         self.scheduler.update(out, sampled)

@@ -87,7 +87,7 @@ class PrefillWorker:
             if self.engine.has_unfinished_requests():
                 t0 = time.monotonic()
                 self._step()
-                self.heartbeat.step_done(time.monotonic() - t0)
+                self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
             self._shipping = [st for st in self._shipping if not st.poll()]
             self._drop_refused()
             self.heartbeat.maybe_beat(self.engine, len(self._shipping))

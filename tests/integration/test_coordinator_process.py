@@ -67,7 +67,8 @@ class Placer:
     def place(self, timeout=1.0, **kw):
         self.n += 1
         req = dict(prompt_tokens=10, max_tokens=5) | kw
-        self.sock.send(encode(Place(VERSION, f"t-{self.n}", "", **req)))
+        model = req.pop("model", "")
+        self.sock.send(encode(Place(VERSION, f"t-{self.n}", model, **req)))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.sock.poll(50):
@@ -306,3 +307,45 @@ def test_drain_stops_new_work_on_every_replica_and_admin_api_errors_are_openai_s
     except BaseException:
         print(live.logs())
         raise
+
+
+def test_step_times_in_heartbeats_refine_the_stored_cost_model(live):
+    """A worker (the real agent; its load samples synthetic) whose steps run 3x slower than its
+    profile predicts: the leader stores the rescaled profile, and placements predict with it."""
+    from cluster.agent import EtcdRegistry
+    from cluster.registry import Load, WorkerInfo
+    coord = live.coordinator()
+    prof = {"prefill": {"a": 0.01, "b": 1e-4, "c": 0.0}, "decode": {"base": 0.02, "per_seq": 0.001, "per_token": 1e-7}}
+    regs = []
+    try:
+        for wid, role in (("p0", "prefill"), ("d0", "decode")):
+            r = EtcdRegistry([live.etcd_endpoints], live.cluster, ttl=2, interval=0.05)
+            r.register(WorkerInfo(wid, role, "m", 1, 1, 16, 65536, f"tcp://127.0.0.1:{9 + len(regs)}", [], {}, 1, 0.1,
+                                  prof))
+            regs.append(r)
+        wait_for(lambda: get_json(coord.info["admin"] + "/v1/profiles").get("m/decode-tp1-pp1"), 10, "stored profile")
+        deadline = time.monotonic() + 20
+        refined = None
+        while time.monotonic() < deadline and refined is None:
+            # decode: 8 sequences per step, 3x the predicted 28 ms; prefill: as predicted
+            regs[1].heartbeat(Load("d0", time.time(), 0, 8, 4000, 4096, 3e3 * (0.02 + 0.001 * 8), 10, 0, 0, 80, 80))
+            regs[0].heartbeat(Load("p0", time.time(), 0, 0, 4096, 4096, 1e3 * (0.01 + 1e-4 * 128), 4, 0, 0, 512, 4))
+            time.sleep(0.05)
+            got = get_json(coord.info["admin"] + "/v1/profiles")["m/decode-tp1-pp1"]
+            if got.get("source") == "online refinement":
+                refined = got
+        assert refined is not None, get_json(coord.info["admin"] + "/v1/profiles")
+        assert refined["ratios"]["decode"] == pytest.approx(3.0, rel=0.05)
+        assert refined["decode"]["base"] == pytest.approx(0.06, rel=0.05)
+        prefill = get_json(coord.info["admin"] + "/v1/profiles")["m/prefill-tp1-pp1"]
+        assert prefill.get("source") != "online refinement"  # it agreed with its profile
+        placer = Placer(coord.info["placement"])
+        r = wait_for(lambda: placer.place(model="m"), 5, "a placement")
+        assert isinstance(r, Placed) and r.predicted_tpot_ms == pytest.approx(3e3 * (0.02 + 0.001 * 9), rel=0.1)
+        placer.close()
+    except BaseException:
+        print(live.logs())
+        raise
+    finally:
+        for r in regs:
+            r.deregister("x")
