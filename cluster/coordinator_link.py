@@ -18,11 +18,20 @@ from typing import Callable
 
 import msgspec
 import zmq
-import zmq.asyncio
 
+from cluster.zmq_loop import Reader
 from coordinator import keys
-from coordinator.protocol import (CoordinatorInfo, Place, Placed, ProtocolError, Rejected, WorkerEvent,
-                                  decode_event, decode_reply, encode)
+from coordinator.protocol import (
+    CoordinatorInfo,
+    Place,
+    Placed,
+    ProtocolError,
+    Rejected,
+    WorkerEvent,
+    decode_event,
+    decode_reply,
+    encode,
+)
 from coordinator.session import Session
 from coordinator.watch import PrefixMirror
 
@@ -38,10 +47,11 @@ class CoordinatorLink:
                  timeout: float = 0.5, deadline: float = 6.0):
         self.session, self.cluster, self.on_event = session, cluster, on_event
         self.timeout, self.deadline = timeout, deadline
-        self.ctx = zmq.asyncio.Context.instance()
+        self.ctx = zmq.Context.instance()
         self.leader: CoordinatorInfo | None = None
         self.coordinators: dict[str, CoordinatorInfo] = {}
-        self._dealer: zmq.asyncio.Socket | None = None
+        self._dealer: zmq.Socket | None = None
+        self._dealer_reader: Reader | None = None
         self._dealer_ep = ""
         self._sub = self.ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -57,16 +67,16 @@ class CoordinatorLink:
     async def start(self) -> "CoordinatorLink":
         self._leader_mirror = PrefixMirror(self.session, keys.leader(self.cluster), self._leader_changed).start()
         self._coord_mirror = PrefixMirror(self.session, keys.coordinators(self.cluster), self._coord_changed).start()
-        self._tasks = [asyncio.create_task(self._events()), asyncio.create_task(self._replies())]
+        self._loop = asyncio.get_running_loop()
+        self._sub_reader = Reader(self._loop, self._sub, self._on_event_data)
         return self
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._leader_mirror.stop()
         await self._coord_mirror.stop()
+        self._sub_reader.close()
         if self._dealer is not None:
+            self._dealer_reader.close()
             self._dealer.close(0)
         self._sub.close(0)
 
@@ -81,16 +91,14 @@ class CoordinatorLink:
             return
         if self.leader.placement != self._dealer_ep:
             if self._dealer is not None:
+                self._dealer_reader.close()
                 self._dealer.close(0)
             self._dealer = self.ctx.socket(zmq.DEALER)
             self._dealer.setsockopt(zmq.LINGER, 0)
             self._dealer.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
             self._dealer.connect(self.leader.placement)
             self._dealer_ep = self.leader.placement
-            # the reply reader waits on the old socket: restart it on the new one
-            for t in self._tasks[1:]:
-                t.cancel()
-            self._tasks[1:] = [asyncio.create_task(self._replies())]
+            self._dealer_reader = Reader(asyncio.get_running_loop(), self._dealer, self._on_reply)
         self._subscribe(self.leader.events)
         self.leader_known.set()
 
@@ -110,33 +118,23 @@ class CoordinatorLink:
             self._sub_eps.add(endpoint)
 
     # ---- events and replies ------------------------------------------------------------------------
-    async def _events(self) -> None:
-        while True:
-            data = await self._sub.recv()
-            try:
-                ev = decode_event(data)
-            except ProtocolError:
-                self.bad_messages += 1
-                continue
-            try:
-                self.on_event(ev)
-            except Exception:
-                log.exception("handling %s", ev)
-
-    async def _replies(self) -> None:
-        if self._dealer is None:
+    def _on_event_data(self, data: bytes) -> None:
+        try:
+            ev = decode_event(data)
+        except ProtocolError:
+            self.bad_messages += 1
             return
-        dealer = self._dealer
-        while True:
-            data = await dealer.recv()
-            try:
-                reply = decode_reply(data)
-            except ProtocolError:
-                self.bad_messages += 1
-                continue
-            fut = self._waiting.pop(reply.request_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+        self.on_event(ev)
+
+    def _on_reply(self, data: bytes) -> None:
+        try:
+            reply = decode_reply(data)
+        except ProtocolError:
+            self.bad_messages += 1
+            return
+        fut = self._waiting.pop(reply.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
 
     # ---- placement ---------------------------------------------------------------------------------
     async def place(self, req: Place) -> Placed | Rejected:
@@ -161,6 +159,7 @@ class CoordinatorLink:
             timer = loop.call_later(min(left, self.timeout), lambda: fut.done() or fut.set_exception(asyncio.TimeoutError()))
             try:
                 self._dealer.send(encode(msgspec.structs.replace(req, request_id=tag)), zmq.NOBLOCK)
+                self._dealer_reader.kick()  # the send may have taken the FD's edge
                 reply = await fut
             except (asyncio.TimeoutError, zmq.ZMQError):
                 continue

@@ -23,15 +23,31 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
-import zmq.asyncio
 from aiohttp import web
 
 from cluster.coordinator_link import CoordinatorLink, PlacementUnavailable
-from cluster.messages import (VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, TokenChunk, decode_chunk,
-                              encode)
+from cluster.messages import (
+    VERSION,
+    Abort,
+    DecodeTarget,
+    MessageError,
+    PrefillRequest,
+    TokenChunk,
+    decode_chunk,
+    encode,
+)
 from cluster.metrics import CONTENT_TYPE, Metrics
-from cluster.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, openapi, parse, usage
+from cluster.openai_api import (
+    ApiError,
+    ApiRequest,
+    chat_logprobs,
+    completion_logprobs,
+    openapi,
+    parse,
+    usage,
+)
 from cluster.registry import WorkerInfo
+from cluster.zmq_loop import Reader
 from coordinator import keys
 from coordinator.protocol import VERSION as CVERSION
 from coordinator.protocol import Place, Placed, Rejected, WorkerEvent
@@ -154,12 +170,15 @@ class Generation:
         remaining = self.params.max_tokens - len(self.tokens)
         prompt_len = len(self.prompt) + len(self.tokens)
         for exclude in (self.exclude, set()):  # all excluded workers gone? the cluster may have healed
+            t0 = time.perf_counter()
             try:
                 reply = await self.gw.link.place(Place(CVERSION, self.id, self.model, prompt_len, remaining,
                                                        self.slo[0], self.slo[1], sorted(exclude)))
             except PlacementUnavailable as e:
                 raise ApiError(503, str(e), code="coordinator_unavailable", type_="service_unavailable",
                                headers={"Retry-After": "2"}) from None
+            finally:
+                self.gw.m_placement.observe(time.perf_counter() - t0)
             if isinstance(reply, Placed) or reply.code != "no_workers" or not exclude:
                 break
         if isinstance(reply, Rejected):
@@ -305,6 +324,8 @@ class Gateway:
         self.m_requests = m.counter("requests", "finished requests", ["endpoint", "status"])
         self.m_rejections = m.counter("rejections", "placements rejected", ["code"])
         self.m_migrations = m.counter("migrations", "generations moved to other workers")
+        self.m_placement = m.histogram("gateway_placement_seconds", "placement round trips to the coordinator",
+                                       buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1, 1.0))
         self.m_tokens = m.counter("generated_tokens", "tokens streamed to clients")
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -314,14 +335,14 @@ class Gateway:
         self.link = await CoordinatorLink(self.session, c.cluster, self._on_event,
                                           deadline=c.placement_deadline).start()
         self.worker_mirror = PrefixMirror(self.session, keys.workers(c.cluster), self._worker_changed).start()
-        self.ctx = zmq.asyncio.Context.instance()
+        self.ctx = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
         self.pull.setsockopt(zmq.RCVHWM, 100000)
         self.reply_to = f"tcp://{c.internal_host}:{self.pull.bind_to_random_port(f'tcp://{c.internal_host}')}"
-        self._push: dict[str, zmq.asyncio.Socket] = {}
-        self._reader = asyncio.create_task(self._read_chunks())
+        self._push: dict[str, zmq.Socket] = {}
+        self._reader = Reader(asyncio.get_running_loop(), self.pull, self._on_chunk)
         self.app = self._build_app()
         self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
                                     shutdown_timeout=c.shutdown_grace)
@@ -341,8 +362,7 @@ class Gateway:
         await self.runner.cleanup()
         for g in list(self.generations.values()):
             g.abort_attempt()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        self._reader.close()
         await self.worker_mirror.stop()
         await self.link.close()
         await self.session.close()
@@ -364,16 +384,14 @@ class Gateway:
         except zmq.Again:
             log.warning("request queue to %s is full; %s not sent", endpoint, type(msg).__name__)
 
-    async def _read_chunks(self) -> None:
-        while True:
-            data = await self.pull.recv()
-            try:
-                chunk = decode_chunk(data)
-            except MessageError:
-                continue
-            g = self.generations.get(chunk.request_id)
-            if g is not None:
-                g.deliver(chunk)
+    def _on_chunk(self, data: bytes) -> None:
+        try:
+            chunk = decode_chunk(data)
+        except MessageError:
+            return
+        g = self.generations.get(chunk.request_id)
+        if g is not None:
+            g.deliver(chunk)
 
     def _on_event(self, ev: WorkerEvent) -> None:
         if ev.state not in ("suspect", "dead"):

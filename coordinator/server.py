@@ -25,17 +25,34 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from cluster.metrics import Metrics
 from cluster.registry import WorkerInfo
+from cluster.zmq_loop import Reader
 from coordinator import keys
 from coordinator.costs import CostRefiner
 from coordinator.election import Election
 from coordinator.live_view import LiveView, shape_of
-from coordinator.policy import DecodeCost, PlacementRequest, PrefillCost, Rejection, make_policy
-from coordinator.protocol import (VERSION, CoordinatorInfo, Place, Placed, ProtocolError, Rejected, WorkerAddr,
-                                  WorkerEvent, decode_beat, decode_place, encode)
+from coordinator.policy import (
+    DecodeCost,
+    PlacementRequest,
+    PrefillCost,
+    Rejection,
+    make_policy,
+)
+from coordinator.protocol import (
+    VERSION,
+    CoordinatorInfo,
+    Place,
+    Placed,
+    ProtocolError,
+    Rejected,
+    WorkerAddr,
+    WorkerEvent,
+    decode_beat,
+    decode_place,
+    encode,
+)
 from coordinator.session import Session
 from coordinator.watch import PrefixMirror
 
@@ -111,7 +128,7 @@ class Coordinator:
     async def start(self) -> "Coordinator":
         c = self.config
         self.session = await Session(c.etcd, ttl=c.lease_ttl).start()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.router = self._bind(zmq.ROUTER, c.placement_port)
         self.pull = self._bind(zmq.PULL, c.heartbeat_port)
         self.pub = self._bind(zmq.PUB, c.events_port)
@@ -125,13 +142,16 @@ class Coordinator:
         self.leader_mirror = PrefixMirror(self.session, keys.leader(c.cluster), self._leader_changed).start()
         self.profile_mirror = PrefixMirror(self.session, keys.profiles(c.cluster), self._profile_changed).start()
         await self.session.register(keys.coordinator(c.cluster, c.coordinator_id), msgspec.json.encode(self.info))
-        for coro in (self._heartbeats(), self._placements(), self._monitor(), self._lead(), self._refine()):
+        loop = asyncio.get_running_loop()
+        self._beat_reader = Reader(loop, self.pull, self._on_beat)
+        self._router_reader = Reader(loop, self.router, self._on_place, multipart=True)
+        for coro in (self._monitor(), self._lead(), self._refine()):
             self._tasks.append(asyncio.create_task(coro))
         log.info("coordinator %s: placement %s, heartbeats %s, events %s, admin %s", c.coordinator_id,
                  self.info.placement, self.info.heartbeats, self.info.events, self.info.admin)
         return self
 
-    def _bind(self, kind: int, port: int) -> zmq.asyncio.Socket:
+    def _bind(self, kind: int, port: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
@@ -164,6 +184,8 @@ class Coordinator:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.session.close()
+        for r in (self._beat_reader, self._router_reader):
+            r.close()
         for s in (self.router, self.pull, self.pub):
             s.close(0)
         self.ctx.term()
@@ -249,51 +271,48 @@ class Coordinator:
         except zmq.ZMQError:
             pass
 
-    async def _heartbeats(self) -> None:
-        while True:
-            data = await self.pull.recv()
-            now = time.monotonic()
-            try:
-                beat = decode_beat(data)
-            except ProtocolError as e:
-                self.m_bad.inc(socket="heartbeats")
-                log.debug("dropped: %s", e)
-                continue
-            wid = beat.load.worker_id
-            if beat.seq <= self._beat_seq.get(wid, 0) and beat.seq != 1:
-                continue  # an older beat, overtaken (seq 1: the worker restarted its agent)
-            self._beat_seq[wid] = beat.seq
-            self.m_beats.inc()
-            age = max(0.0, time.time() - beat.load.ts)  # wall clocks: same host, or NTP across hosts
-            self.view.heartbeat(beat.load, now, sampled_at=now - age)
-            v = self.view.workers.get(wid)
-            if v is not None and beat.load.steps:
-                ld = beat.load
-                self.refiner.observe(v.info.model, shape_of(v.info), v.info.role, ld.steps, ld.step_ms, ld.tokens,
-                                     ld.seqs, self.view.prefill_costs.get(wid, PrefillCost()),
-                                     self.view.decode_costs.get(wid, DecodeCost()))
+    def _on_beat(self, data: bytes) -> None:
+        now = time.monotonic()
+        try:
+            beat = decode_beat(data)
+        except ProtocolError as e:
+            self.m_bad.inc(socket="heartbeats")
+            log.debug("dropped: %s", e)
+            return
+        wid = beat.load.worker_id
+        if beat.seq <= self._beat_seq.get(wid, 0) and beat.seq != 1:
+            return  # an older beat, overtaken (seq 1: the worker restarted its agent)
+        self._beat_seq[wid] = beat.seq
+        self.m_beats.inc()
+        age = max(0.0, time.time() - beat.load.ts)  # wall clocks: same host, or NTP across hosts
+        self.view.heartbeat(beat.load, now, sampled_at=now - age)
+        v = self.view.workers.get(wid)
+        if v is not None and beat.load.steps:
+            ld = beat.load
+            self.refiner.observe(v.info.model, shape_of(v.info), v.info.role, ld.steps, ld.step_ms, ld.tokens,
+                                 ld.seqs, self.view.prefill_costs.get(wid, PrefillCost()),
+                                 self.view.decode_costs.get(wid, DecodeCost()))
 
-    async def _placements(self) -> None:
-        while True:
-            frames = await self.router.recv_multipart()
-            if len(frames) != 2:
-                self.m_bad.inc(socket="placement")
-                continue
-            ident, data = frames
-            t0 = time.perf_counter()
-            try:
-                req = decode_place(data)
-            except ProtocolError as e:
-                self.m_bad.inc(socket="placement")
-                log.debug("dropped: %s", e)
-                continue
-            reply = self.place(req)
-            self.m_place_latency.observe(time.perf_counter() - t0)
-            self.m_placements.inc(result="placed" if isinstance(reply, Placed) else reply.code)
-            try:
-                await self.router.send_multipart([ident, encode(reply)], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the gateway went away
+    def _on_place(self, frames: list) -> None:
+        if len(frames) != 2:
+            self.m_bad.inc(socket="placement")
+            return
+        ident, data = frames
+        t0 = time.perf_counter()
+        try:
+            req = decode_place(data)
+        except ProtocolError as e:
+            self.m_bad.inc(socket="placement")
+            log.debug("dropped: %s", e)
+            return
+        reply = self.place(req)
+        self.m_place_latency.observe(time.perf_counter() - t0)
+        self.m_placements.inc(result="placed" if isinstance(reply, Placed) else reply.code)
+        try:
+            self.router.send_multipart([ident, encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the gateway went away
+        self._router_reader.kick()  # the send may have taken the FD's edge
 
     def place(self, req: Place) -> Placed | Rejected:
         """One placement decision (the leader's): pure computation on the live view."""
@@ -370,8 +389,9 @@ class Coordinator:
 
     # ---- admin API ---------------------------------------------------------------------------------
     async def _start_admin(self) -> str:
-        from coordinator.admin import build_app
         from aiohttp import web
+
+        from coordinator.admin import build_app
 
         self._runner = web.AppRunner(build_app(self), access_log=None)
         await self._runner.setup()
