@@ -215,7 +215,7 @@ def cmd_model_pull(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster", description="tandem: disaggregated LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -346,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument("--force", action="store_true", help="convert again even if cached")
     pull.set_defaults(fn=cmd_model_pull)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.errors import CapacityError, InvalidRequestError, ModelConfigError, ModelFetchError
