@@ -45,7 +45,67 @@ def build_engine_config(args):
     )
 
 
+def _generate_remote(args) -> int:
+    """`cluster generate --url URL`: the same prompt through a running cluster's gateway (SSE)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = args.url.rstrip("/")
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        model = args.served_model or json.loads(r.read())["data"][0]["id"]
+    body = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if args.top_k:
+        body["top_k"] = args.top_k
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.stop:
+        body["stop"] = args.stop
+    if args.chat:
+        body["messages"] = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                           [{"role": "user", "content": args.prompt}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = args.prompt
+        path = "/v1/completions"
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("TANDEM_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['TANDEM_API_KEY']}"
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+    t0, ttft, usage, reason = time.perf_counter(), None, None, None
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    print(f"\nerror: {ev['error']['message']}", file=sys.stderr)
+                    return 1
+                usage = ev.get("usage") or usage
+                for ch in ev.get("choices", []):
+                    text = ch["delta"].get("content") or "" if args.chat else ch.get("text") or ""
+                    if text and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                    reason = ch.get("finish_reason") or reason
+    except urllib.error.HTTPError as e:
+        print(f"error: HTTP {e.code}: {json.loads(e.read())['error']['message']}", file=sys.stderr)
+        return 2 if e.code < 500 else 1
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if not args.quiet and usage:
+        n = usage["completion_tokens"]
+        print(f"[{n} tokens via {url}, finish={reason}, TTFT {1e3 * (ttft or 0):.0f} ms, {n / dt:.1f} tok/s]",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.url:
+        return _generate_remote(args)
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
@@ -232,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("-q", "--quiet", action="store_true", help="no statistics line on stderr")
+    g.add_argument("--url", default=None, help="a running cluster's gateway (e.g. http://127.0.0.1:8000): "
+                   "generate there instead of in this process")
+    g.add_argument("--served-model", default=None, help="with --url: the model name (default: the first served)")
     g.set_defaults(fn=cmd_generate)
 
     w = sub.add_parser("worker", help="run a prefill, decode or colocated worker in the foreground")

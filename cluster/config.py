@@ -49,6 +49,7 @@ class Etcd(msgspec.Struct, forbid_unknown_fields=True):
     endpoints: list[str] = []
     host: str = LOCAL  # where `cluster up` runs the embedded etcd when no endpoints are given
     client_port: int = 0  # embedded: 0 = any free port (single host); set it for multi-host
+    members: int = 1  # embedded: 3 runs a 3-member cluster on the etcd host (fault drills)
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True):
@@ -190,6 +191,10 @@ def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
                      ("etcd.client_port", spec.etcd.client_port)):
         if not 0 <= v <= 65535:
             bad(where, v, "must be a port number (0: any free port)")
+    if spec.etcd.members not in (1, 3, 5):
+        bad("etcd.members", spec.etcd.members, "must be 1, 3 or 5")
+    if spec.etcd.members > 1 and spec.etcd.client_port:
+        bad("etcd.client_port", spec.etcd.client_port, "a multi-member embedded etcd picks free ports (single host)")
     for where, v in (("gateway.replicas", spec.gateway.replicas), ("coordinator.replicas", spec.coordinator.replicas)):
         if v < 1:
             bad(where, v, "must be >= 1")

@@ -12,11 +12,13 @@ and report what the clients saw. Torch-free.
    across the fault (fault -> first token after recovery), and the time until the cluster was whole
    again (the supervisor restarted what was killed and it is live in the coordinator's view).
 
-Scenarios: kill-prefill, kill-decode (SIGKILL of the busiest worker of that role), kill-coordinator
+Scenarios: kill-decode (SIGKILL of the busiest decode worker), kill-prefill (the busiest prefill
+worker hangs for 0.5 s while requests keep arriving, then is SIGKILLed), kill-coordinator
 (SIGKILL of the leader; needs a standby), restart-gateway (SIGKILL of one of two gateways; clients
 move to the other: only the killed gateway's streams may fail, each with a clean error),
-drain-decode (graceful: the busiest decode worker is drained). kill-etcd-member and partition-host
-need a 3-member etcd and network namespaces: not available in `cluster up` yet.
+drain-decode (graceful: the busiest decode worker is drained), kill-etcd-member (SIGKILL of one
+member of a 3-member embedded etcd: `[etcd] members = 3`). partition-host needs network namespaces:
+not yet.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 
-SCENARIOS = ("kill-prefill", "kill-decode", "kill-coordinator", "restart-gateway", "drain-decode")
+FREEZE_S = 0.5  # kill-prefill: how long the victim hangs before it dies
+
+SCENARIOS = ("kill-prefill", "kill-decode", "kill-coordinator", "restart-gateway", "drain-decode", "kill-etcd-member")
 
 
 @dataclass
@@ -114,8 +118,16 @@ def _busiest(admin: str, role: str) -> str:
 def _inject(scenario: str, state: dict) -> tuple[str, str]:
     """Returns (victim, what to wait for to call the cluster whole)."""
     admin, pids = state["admin"], _pids(state)
-    if scenario in ("kill-prefill", "kill-decode"):
-        victim = _busiest(admin, scenario.split("-")[1])
+    if scenario == "kill-decode":
+        victim = _busiest(admin, "decode")
+        os.kill(pids[victim], signal.SIGKILL)
+        return victim, "worker"
+    if scenario == "kill-prefill":
+        # a prompt's prefill takes milliseconds on a small model: to die *during* prefill, the worker
+        # hangs first (SIGSTOP) while requests keep arriving, then is killed
+        victim = _busiest(admin, "prefill")
+        os.kill(pids[victim], signal.SIGSTOP)
+        time.sleep(FREEZE_S)
         os.kill(pids[victim], signal.SIGKILL)
         return victim, "worker"
     if scenario == "drain-decode":
@@ -130,6 +142,12 @@ def _inject(scenario: str, state: dict) -> tuple[str, str]:
         leader = (_get(admin + "/v1/cluster").get("leader") or {}).get("coordinator_id")
         os.kill(pids[leader], signal.SIGKILL)
         return leader, "coordinator"
+    if scenario == "kill-etcd-member":
+        members = state.get("etcd_members", [])
+        if len(members) < 3:
+            raise RuntimeError("kill-etcd-member needs a 3-member embedded etcd ([etcd] members = 3 in the cluster file)")
+        os.kill(members[0]["pid"], signal.SIGKILL)
+        return members[0]["name"], "etcd"
     if scenario == "restart-gateway":
         gws = sorted(n for n in pids if n.startswith("gateway"))
         if len(gws) < 2:
@@ -141,9 +159,12 @@ def _inject(scenario: str, state: dict) -> tuple[str, str]:
 
 def _whole(state_file, victim: str, kind: str, old_pid: int, admin_candidates: list[str]) -> bool:
     st = json.loads(open(state_file).read())
-    pid = st["children"].get(victim, {}).get("pid")
     if kind == "none":
         return True
+    if kind == "etcd":
+        m = next((m for m in st.get("etcd_members", []) if m["name"] == victim), None)
+        return m is not None and m["pid"] != old_pid and _ok(m["endpoint"] + "/health")
+    pid = st["children"].get(victim, {}).get("pid")
     if pid is None or pid == old_pid:
         return False
     if kind == "worker":
@@ -196,7 +217,8 @@ async def _run(args, state: dict, state_file: str) -> Report:
         fault_t = time.monotonic()
         victim, kind = await asyncio.to_thread(_inject, args.scenario, state)
         rep.victim = victim
-        old_pid = state["children"][victim]["pid"]
+        old_pid = state["children"][victim]["pid"] if kind != "etcd" else \
+            next(m["pid"] for m in state["etcd_members"] if m["name"] == victim)
         rep.fault_at_s = fault_t - t0
         got = await asyncio.gather(*tasks)
         admins = [state["admin"]] + state.get("admins", [])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import LOCAL, ClusterSpec, Pool, load, placements
-from coordinator.etcd_server import EtcdServer, free_port
+from coordinator.etcd_server import EtcdServer, free_port, start_cluster
 
 
 def default_state_dir(cluster: str) -> Path:
@@ -125,7 +125,8 @@ class Supervisor:
         self.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(self.spec.name)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
-        self.etcd: EtcdServer | None = None
+        self.etcds: list[EtcdServer] = []
+        self._etcd_restart: dict[int, float] = {}
         self.children: list[Child] = []
         self._stop = False
 
@@ -153,10 +154,14 @@ class Supervisor:
         if embedded:  # a fresh member each time (the cluster's state lives with its processes)
             import shutil
             shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
-            self.etcd = EtcdServer.start(self.state_dir / "etcd", host=addr,
-                                         client_port=spec.etcd.client_port or free_port(addr), peer_port=free_port(addr))
-            etcd_eps = self.etcd.endpoint
-            self.log(f"etcd        pid {self.etcd.proc.pid:<7} {etcd_eps}  (data in {self.etcd.data_dir})")
+            if spec.etcd.members > 1:
+                self.etcds = start_cluster(spec.etcd.members, self.state_dir / "etcd")
+            else:
+                self.etcds = [EtcdServer.start(self.state_dir / "etcd", host=addr, peer_port=free_port(addr),
+                                               client_port=spec.etcd.client_port or free_port(addr))]
+            etcd_eps = ",".join(e.endpoint for e in self.etcds)
+            for e in self.etcds:
+                self.log(f"{e.name:<11} pid {e.proc.pid:<7} {e.endpoint}  (data in {e.data_dir})")
         elif not etcd_eps:
             host = spec.address(spec.etcd.host)
             etcd_eps = f"http://{host}:{spec.etcd.client_port}"
@@ -229,7 +234,8 @@ class Supervisor:
 
     def _write_state(self, etcd_eps: str, admin: str) -> None:
         state = {"cluster": self.spec.name, "host": self.host, "supervisor_pid": os.getpid(), "url": self.url, "admin": admin,
-                 "etcd": etcd_eps, "etcd_pid": self.etcd.proc.pid if self.etcd else None,
+                 "etcd": etcd_eps, "etcd_pid": self.etcds[0].proc.pid if self.etcds else None,
+                 "etcd_members": [{"name": e.name, "pid": e.proc.pid, "endpoint": e.endpoint} for e in self.etcds],
                  "gateways": [c.info.get("url") for c in self.children if c.args[0] == "gateway" and c.info],
                  "admins": [c.info.get("admin") for c in self.children if c.args[0] == "coordinator" and c.info],
                  "children": {c.name: {"pid": c.pid, "log": str(c.log),
@@ -262,6 +268,20 @@ class Supervisor:
                     except RuntimeError as e:
                         self.log(f"{c.name} failed to restart: {str(e).splitlines()[0]}")
                     changed = True
+            for i, e in enumerate(self.etcds):  # an embedded etcd member that died comes back, same data
+                if self._stop or e.proc is None or e.proc.poll() is None:
+                    continue
+                if i not in self._etcd_restart:
+                    self._etcd_restart[i] = now + 1.0
+                    self.log(f"{e.name} (pid {e.proc.pid}) exited with {e.proc.returncode}; restarting in 1 s")
+                if now >= self._etcd_restart[i]:
+                    del self._etcd_restart[i]
+                    try:
+                        e.restart()
+                        self.log(f"{e.name} restarted (pid {e.proc.pid})")
+                    except Exception as err:  # EtcdError, OSError: try again later
+                        self.log(f"{e.name} failed to restart: {err}")
+                    changed = True
             if changed:
                 coords = [c for c in self.children if c.args[0] == "coordinator"]
                 self._write_state(self.etcd_endpoints, coords[0].info.get("admin", "") if coords else "")
@@ -273,8 +293,8 @@ class Supervisor:
         self._stop = True
         for c in reversed(self.children):  # gateway first (drains), then workers, then the coordinator
             c.stop()
-        if self.etcd is not None:
-            self.etcd.stop()
+        for e in self.etcds:
+            e.stop()
         try:
             (self.state_dir / "state.json").unlink()
         except FileNotFoundError:
@@ -371,7 +391,7 @@ def down(args) -> int:
         deadline = time.monotonic() + 60
         while _alive(sup) and time.monotonic() < deadline:
             time.sleep(0.1)
-    left = [c["pid"] for c in st["children"].values()] + [st.get("etcd_pid")]
+    left = [c["pid"] for c in st["children"].values()] + [m["pid"] for m in st.get("etcd_members", [])]
     for pid in left:  # a supervisor that died without cleaning up: stop what it left, by PID
         if _alive(pid):
             try:

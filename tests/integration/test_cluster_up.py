@@ -44,6 +44,11 @@ def test_up_request_restart_down(tmp_path, tiny_llama):
         model = os.path.basename(str(tiny_llama))
         status, body, _ = post_json(st["url"] + "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 4})
         assert status == 200 and body["usage"]["completion_tokens"] == 4
+        gen = cli("generate", "--url", st["url"], "--prompt", "hello", "--max-tokens", "5", "--temperature", "0")
+        assert gen.returncode == 0 and "[5 tokens via" in gen.stderr, gen.stdout + gen.stderr
+        direct = cli("generate", "--model", str(tiny_llama), "--block-size", "16", "--prompt", "hello",
+                     "--max-tokens", "5", "--temperature", "0", "-q")
+        assert gen.stdout == direct.stdout  # through the cluster == in one process (greedy)
         out = cli("status", "--state-dir", str(state))
         assert out.returncode == 0 and "decode-0" in out.stdout and "live" in out.stdout, out.stdout + out.stderr
 

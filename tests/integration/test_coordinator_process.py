@@ -271,6 +271,7 @@ def test_malformed_messages_are_dropped_and_counted(live):
                     got[line.split('"')[1]] = float(line.split()[-1])
             return got if got.get("placement", 0) >= 5 and got.get("heartbeats", 0) >= 5 else None
         wait_for(counted, 5, "dropped messages counted")
+        wait_for(lambda: get_json(coord.info["admin"] + "/health")["is_leader"], 10, "the lead")
         placer = Placer(coord.info["placement"])
         r = placer.place()  # still serving: no workers yet, a clean rejection
         assert isinstance(r, Rejected) and r.code == "no_workers", r

@@ -1,5 +1,5 @@
 """Every `cluster drill` scenario `cluster up` supports, at small scale on the tiny model, against one
-cluster (2 coordinators, 2 prefill, 2 decode workers, 2 gateways): each meets its target."""
+cluster (3-member etcd, 2 coordinators, 2 prefill, 2 decode workers, 2 gateways): each meets its target."""
 
 import json
 import subprocess
@@ -20,6 +20,8 @@ def cluster(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("drills")
     (tmp / "c.toml").write_text(f"""
 name = "drills"
+[etcd]
+members = 3
 [model]
 path = "{tiny_llama}"
 [gateway]
@@ -45,7 +47,7 @@ kv_cache_memory = "4MiB"
 
 
 @pytest.mark.parametrize("scenario", ["kill-decode", "kill-prefill", "drain-decode", "kill-coordinator",
-                                      "restart-gateway"])
+                                      "restart-gateway", "kill-etcd-member"])
 def test_drill_meets_its_target(cluster, scenario):
     report = cluster / f"{scenario}.json"
     r = cli("drill", scenario, "--state-dir", str(cluster / "state"), "--requests", "16", "--concurrency", "8",
@@ -61,3 +63,5 @@ def test_drill_meets_its_target(cluster, scenario):
         assert rep["failed"] == 0 and rep["completed"] == rep["requests"]
     if scenario in ("kill-decode", "kill-prefill"):
         assert rep["migrated"] >= 1
+    if scenario == "kill-etcd-member":
+        assert rep["migrated"] == 0  # nothing visible to serving
