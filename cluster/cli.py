@@ -401,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--max-tokens", type=int, default=64)
     dr.add_argument("--whole-timeout", type=float, default=120.0, help="seconds to wait for the cluster to heal")
     dr.add_argument("--json", default=None, help="write the report here too")
+    dr.add_argument("--cut", default=None, help="partition-host: shell command that cuts the host's network")
+    dr.add_argument("--heal", default=None, help="partition-host: shell command that restores it")
+    dr.add_argument("--partition-s", type=float, default=5.0, help="partition-host: seconds the cut lasts")
+    dr.add_argument("--victim", default=None, help="partition-host: a worker on the cut host (whole = it is live again)")
     dr.set_defaults(fn=lambda a: __import__("cluster.drill").drill.drill(a))
 
     m = sub.add_parser("model", help="manage models")

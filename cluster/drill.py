@@ -12,7 +12,8 @@ and report what the clients saw. Torch-free.
    across the fault (fault -> first token after recovery), and the time until the cluster was whole
    again (the supervisor restarted what was killed and it is live in the coordinator's view).
 
-Scenarios: kill-decode (SIGKILL of the busiest decode worker), kill-prefill (the busiest prefill
+partition-host (--cut CMD, wait --partition-s, --heal CMD: a host's network cut and restored; with
+--victim WORKER the cluster is whole when that worker is live again). Scenarios: kill-decode (SIGKILL of the busiest decode worker), kill-prefill (the busiest prefill
 worker hangs for 0.5 s while requests keep arriving, then is SIGKILLed), kill-coordinator
 (SIGKILL of the leader; needs a standby), restart-gateway (SIGKILL of one of two gateways; clients
 move to the other: only the killed gateway's streams may fail, each with a clean error),
@@ -34,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 FREEZE_S = 0.5  # kill-prefill: how long the victim hangs before it dies
 
-SCENARIOS = ("kill-prefill", "kill-decode", "kill-coordinator", "restart-gateway", "drain-decode", "kill-etcd-member")
+SCENARIOS = ("kill-prefill", "kill-decode", "kill-coordinator", "restart-gateway", "drain-decode", "kill-etcd-member",
+             "partition-host")
 
 
 @dataclass
@@ -115,9 +117,18 @@ def _busiest(admin: str, role: str) -> str:
                                   + w["pending_placements"], w["worker_id"]))["worker_id"]
 
 
-def _inject(scenario: str, state: dict) -> tuple[str, str]:
+def _inject(scenario: str, state: dict, args=None) -> tuple[str, str]:
     """Returns (victim, what to wait for to call the cluster whole)."""
     admin, pids = state["admin"], _pids(state)
+    if scenario == "partition-host":
+        if not args.cut or not args.heal:
+            raise RuntimeError("partition-host needs --cut CMD and --heal CMD (how to cut this host's network "
+                               "and restore it, e.g. 'ip link set veth-b down' / '... up')")
+        import subprocess
+        subprocess.run(args.cut, shell=True, check=True, timeout=30)
+        time.sleep(args.partition_s)
+        subprocess.run(args.heal, shell=True, check=True, timeout=30)
+        return args.victim or "partitioned host", "partition"
     if scenario == "kill-decode":
         victim = _busiest(admin, "decode")
         os.kill(pids[victim], signal.SIGKILL)
@@ -161,6 +172,14 @@ def _whole(state_file, victim: str, kind: str, old_pid: int, admin_candidates: l
     st = json.loads(open(state_file).read())
     if kind == "none":
         return True
+    if kind == "partition":  # the partitioned worker is back in the coordinators' view (a new lease)
+        for admin in admin_candidates:
+            try:
+                ws = {w["worker_id"]: w for w in _get(admin + "/v1/cluster", 2)["workers"]}
+                return ws.get(victim, {}).get("state") == "live"
+            except OSError:
+                continue
+        return False
     if kind == "etcd":
         m = next((m for m in st.get("etcd_members", []) if m["name"] == victim), None)
         return m is not None and m["pid"] != old_pid and _ok(m["endpoint"] + "/health")
@@ -215,10 +234,10 @@ async def _run(args, state: dict, state_file: str) -> Report:
         while sum(1 for lg in logs if lg) < min(args.concurrency, len(prompts)) and time.monotonic() - t0 < 60:
             await asyncio.sleep(0.005)
         fault_t = time.monotonic()
-        victim, kind = await asyncio.to_thread(_inject, args.scenario, state)
+        victim, kind = await asyncio.to_thread(_inject, args.scenario, state, args)
         rep.victim = victim
-        old_pid = state["children"][victim]["pid"] if kind != "etcd" else \
-            next(m["pid"] for m in state["etcd_members"] if m["name"] == victim)
+        old_pid = state["children"][victim]["pid"] if kind in ("worker", "coordinator", "gateway") else \
+            next((m["pid"] for m in state.get("etcd_members", []) if m["name"] == victim), None)
         rep.fault_at_s = fault_t - t0
         got = await asyncio.gather(*tasks)
         admins = [state["admin"]] + state.get("admins", [])

@@ -67,6 +67,17 @@ class FakeKVClient:
         msg = decode(encode(Reserve(VERSION, request_id, attempt, num_tokens, layout_msg(layout))))
         return decode(encode(res.on_reserve(self.identity, msg)))
 
+    def reserve_async(self, endpoint, request_id, attempt, num_tokens, layout: KVLayout) -> Future:
+        fut: Future = Future()
+        if endpoint in self.net.reservations:  # an unreachable endpoint never answers
+            fut.set_result(self.reserve(endpoint, request_id, attempt, num_tokens, layout))
+        else:
+            self.net.dropped[endpoint] += 1
+        return fut
+
+    def forget_reserve(self, request_id, attempt) -> None:
+        pass
+
     def expect_ack(self, request_id, attempt) -> Future:
         fut: Future = Future()
         self._acks[(request_id, attempt)] = fut

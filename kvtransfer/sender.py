@@ -55,6 +55,34 @@ class SendTransfer:
         self.state = TransferState.TRANSFERRING
         return True
 
+    def start_reserve(self, now: float | None = None) -> None:
+        """Non-blocking `reserve`: sends the Reserve; `poll_reserve` tells how it ended."""
+        import time
+        self._reserve = self.client.reserve_async(self.endpoints[0], self.request_id, self.attempt, self.num_tokens,
+                                                  self.src)
+        self._reserve_deadline = (time.monotonic() if now is None else now) + self.reserve_timeout
+
+    def poll_reserve(self, now: float | None = None) -> bool | None:
+        """None while waiting; True once reserved (Transferring); False when refused, unanswered in time
+        or aborted (Failed, `reason` says why)."""
+        import time
+        if self.state != TransferState.RESERVING:
+            return self.state == TransferState.TRANSFERRING
+        if self._reserve.done():
+            reply = self._reserve.result()
+            if not reply.ok:
+                self._fail(reply.reason)
+                return False
+            self.dst_block_ids = reply.block_ids
+            self._ack = self.client.expect_ack(self.request_id, self.attempt)
+            self.state = TransferState.TRANSFERRING
+            return True
+        if (time.monotonic() if now is None else now) >= self._reserve_deadline:
+            self.client.forget_reserve(self.request_id, self.attempt)
+            self._fail(f"no answer within {self.reserve_timeout} s")
+            return False
+        return None
+
     def outgoing(self, rank: int, client: KVClient, caches: RankCaches,
                  src_block_ids: list[int]) -> OutgoingTransfer:
         """The pages that source rank `rank` sends (layer by layer) for this request."""
@@ -106,7 +134,7 @@ class SendTransfer:
         return None
 
     def abort(self, reason: str) -> None:
-        if self.state == TransferState.TRANSFERRING:
+        if self.state in (TransferState.RESERVING, TransferState.TRANSFERRING):  # D frees what it holds
             self.client.abort(self.endpoints[0], self.request_id, self.attempt, reason)
         if self.state in (TransferState.RESERVING, TransferState.TRANSFERRING):
             self._fail(reason)

@@ -272,14 +272,23 @@ class KVClient(_IOThread):
     # -- API (any thread) ------------------------------------------------------------------------
     def reserve(self, endpoint: str, request_id: str, attempt: int, num_tokens: int, layout: KVLayout,
                 timeout: float = 5.0) -> Reserved:
-        fut = self._expect("reserved", request_id, attempt)
-        msg = Reserve(VERSION, request_id, attempt, num_tokens, layout_msg(layout))
-        self.submit(lambda: self._sock(endpoint).send(encode(msg)))
+        fut = self.reserve_async(endpoint, request_id, attempt, num_tokens, layout)
         try:
             return fut.result(timeout)
         except FutureTimeout:
-            self._forget("reserved", request_id, attempt)
+            self.forget_reserve(request_id, attempt)
             return Reserved(VERSION, request_id, attempt, False, [], f"no answer within {timeout} s")
+
+    def reserve_async(self, endpoint: str, request_id: str, attempt: int, num_tokens: int,
+                      layout: KVLayout) -> Future:
+        """Sends a Reserve; the future gets the Reserved reply (the caller keeps the deadline)."""
+        fut = self._expect("reserved", request_id, attempt)
+        msg = Reserve(VERSION, request_id, attempt, num_tokens, layout_msg(layout))
+        self.submit(lambda: self._sock(endpoint).send(encode(msg)))
+        return fut
+
+    def forget_reserve(self, request_id: str, attempt: int) -> None:
+        self._forget("reserved", request_id, attempt)
 
     def expect_ack(self, request_id: str, attempt: int) -> Future:
         """A future for the receiver's Ack (register before the last frame is sent)."""

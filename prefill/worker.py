@@ -56,6 +56,7 @@ class PrefillWorker:
         self.reserve_timeout, self.ack_timeout = reserve_timeout, ack_timeout
         self.metrics = Counter()
         self._pending: dict[str, _Pending] = {}  # admitted here, first token not out yet (or colocated)
+        self._reserving: dict[str, _Pending] = {}  # waiting for the decode worker's Reserved
         self._shipping: list[SendTransfer] = []  # waiting for D's Ack
         self._first_index: dict = {}
         self._stop = False
@@ -68,6 +69,8 @@ class PrefillWorker:
         self._stop = True
 
     def close(self) -> None:
+        for p in self._reserving.values():
+            p.transfer.abort("prefill worker closing")
         for st in self._shipping:
             st.abort("prefill worker closing")
         self.client.stop()
@@ -83,7 +86,8 @@ class PrefillWorker:
             if getattr(self.engine.executor, "broken", False):
                 raise RuntimeError("a rank of this worker died; the worker goes down with it")
             busy = self.engine.has_unfinished_requests()
-            self.poll(0 if busy else (5 if self._shipping else 20))
+            self.poll(0 if busy else (1 if self._reserving else 5 if self._shipping else 20))
+            self._poll_reservations()
             if self.engine.has_unfinished_requests():
                 t0 = time.monotonic()
                 self._step()
@@ -124,13 +128,28 @@ class PrefillWorker:
                 self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}",
                                   blame=req.decode.worker_id)
                 return
-            if not transfer.reserve():
-                self.metrics["reserve_failed"] += 1
-                self.chunks.error(req.reply_to, rid, req.attempt,
-                                  f"decode worker {req.decode.worker_id}: {transfer.reason}",
-                                  code="capacity" if transfer.reason == "no room" else "unavailable",
-                                  blame=req.decode.worker_id)
-                return
+            # the reservation is asynchronous: an unreachable decode worker must not stall this loop
+            transfer.start_reserve()
+            self._reserving[rid] = _Pending(req, params, transfer)
+            return
+        self._admit(req, params, None)
+
+    def _poll_reservations(self) -> None:
+        for rid, p in list(self._reserving.items()):
+            ok = p.transfer.poll_reserve()
+            if ok is None:
+                continue
+            del self._reserving[rid]
+            if ok:
+                self._admit(p.req, p.params, p.transfer)
+                continue
+            self.metrics["reserve_failed"] += 1
+            reason = p.transfer.reason
+            self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker {p.req.decode.worker_id}: {reason}",
+                              code="capacity" if reason == "no room" else "unavailable", blame=p.req.decode.worker_id)
+
+    def _admit(self, req: PrefillRequest, params: SamplingParams, transfer: SendTransfer | None) -> None:
+        rid = req.request_id
         run_params = dataclasses.replace(params, max_tokens=1, n=1) if transfer else params
         try:
             self.engine.add_request(rid, req.prompt_token_ids, run_params, held_tokens=req.held_tokens)
@@ -153,6 +172,9 @@ class PrefillWorker:
                 self.metrics["dropped_refused"] += 1
 
     def _abort(self, request_id: str) -> None:
+        r = self._reserving.pop(request_id, None)
+        if r is not None:
+            r.transfer.abort("aborted by the requester")
         p = self._pending.pop(request_id, None)
         self.engine.abort_request(request_id)
         if p is not None and p.transfer is not None:

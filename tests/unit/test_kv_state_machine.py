@@ -148,3 +148,20 @@ def test_runs_that_do_not_fit_fail_the_transfer():
                 runs=[3])
     d.ranks[0].on_pages(hdr, [memoryview(b"\0" * 10), memoryview(b"\0" * 10)])  # wrong frame sizes
     assert d.ranks[0].metrics["frames_bad"] == 1 and d.bm.num_free_blocks == 16
+
+
+def test_an_asynchronous_reservation_is_polled_and_an_unreachable_receiver_times_out():
+    import time as _t
+    from kvtransfer.fake import FakeKVClient, FakeKVNetwork
+    from kvtransfer.plan import KVLayout
+    from kvtransfer.sender import SendTransfer, TransferState
+    lay = KVLayout(2, 2, 4, 4, "float32", 1, 1)
+    client = FakeKVClient(FakeKVNetwork(), 0)
+    released = []
+    st = SendTransfer(client, "r1", 0, 8, lay, lay, ["tcp://nowhere:1"], lambda: released.append(1),
+                      reserve_timeout=0.2)
+    t0 = _t.monotonic()
+    st.start_reserve(now=t0)
+    assert st.poll_reserve(now=t0 + 0.1) is None and st.state == TransferState.RESERVING  # not blocking: waiting
+    assert st.poll_reserve(now=t0 + 0.3) is False and st.state == TransferState.FAILED
+    assert "no answer" in st.reason and released == [1]
