@@ -407,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--victim", default=None, help="partition-host: a worker on the cut host (whole = it is live again)")
     dr.set_defaults(fn=lambda a: __import__("cluster.drill").drill.drill(a))
 
+    be = sub.add_parser("bench", help="serving benchmark against a gateway: latency percentiles, SLO attainment, goodput")
+    __import__("cluster.bench").bench.add_arguments(be)
+    be.set_defaults(fn=lambda a: __import__("cluster.bench").bench.bench(a))
+
     m = sub.add_parser("model", help="manage models")
     msub = m.add_subparsers(dest="model_cmd", required=True)
     pull = msub.add_parser("pull", help="fetch and convert the default model (SmolLM2-135M-Instruct)")

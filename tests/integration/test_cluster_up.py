@@ -49,6 +49,14 @@ def test_up_request_restart_down(tmp_path, tiny_llama):
         direct = cli("generate", "--model", str(tiny_llama), "--block-size", "16", "--prompt", "hello",
                      "--max-tokens", "5", "--temperature", "0", "-q")
         assert gen.stdout == direct.stdout  # through the cluster == in one process (greedy)
+        bench = cli("bench", "--state-dir", str(state), "--rates", "10,40", "--duration", "2", "--warmup", "0.5",
+                    "--prompt-tokens", "16", "--output-tokens", "8", "--ttft-ms", "2000", "--tpot-ms", "500",
+                    "--json", str(tmp_path / "bench.json"), "--plots", str(tmp_path / "plots"), "-q")
+        assert bench.returncode == 0, bench.stdout + bench.stderr
+        rep = json.loads((tmp_path / "bench.json").read_text())
+        assert [r["rate"] for r in rep["results"]] == [10, 40] and rep["goodput_rps"] == 40
+        assert all(r["failed"] == 0 and r["completed"] > 0 and r["ttft_s"]["p99"] > 0 for r in rep["results"])
+        assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 1000
         out = cli("status", "--state-dir", str(state))
         assert out.returncode == 0 and "decode-0" in out.stdout and "live" in out.stdout, out.stdout + out.stderr
 

@@ -1,0 +1,36 @@
+import random
+import statistics
+
+import pytest
+
+from cluster.bench import Sample, arrivals, goodput, lognormal_int, pct, summarize
+
+
+def test_poisson_and_gamma_arrivals_have_the_asked_rate_and_burstiness():
+    rng = random.Random(0)
+    for process, shape in (("poisson", 1.0), ("gamma", 0.25), ("gamma", 4.0)):
+        ts = arrivals(rng, 50.0, 200.0, process, shape)
+        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        assert len(ts) / 200.0 == pytest.approx(50.0, rel=0.05)
+        cv2 = statistics.pvariance(gaps) / statistics.mean(gaps) ** 2  # squared coefficient of variation
+        assert cv2 == pytest.approx(1.0 / shape, rel=0.15), process
+
+
+def test_lognormal_lengths_have_the_asked_mean_and_bounds():
+    rng = random.Random(1)
+    xs = [lognormal_int(rng, 256, 0.5, 1, 100_000) for _ in range(20_000)]
+    assert statistics.mean(xs) == pytest.approx(256, rel=0.03)
+    assert all(8 <= lognormal_int(rng, 256, 2.0, 8, 300) <= 300 for _ in range(1000))
+
+
+def test_percentiles_attainment_and_goodput():
+    assert pct([1, 2, 3, 4], 0.5) == 2.5 and pct([], 0.5) is None
+    fast = Sample(0.0, 10, 5, ttft=0.1, e2e=0.5, tokens=5)  # TPOT 0.1
+    slow = Sample(0.0, 10, 5, ttft=0.9, e2e=1.3, tokens=5)
+    failed = Sample(0.0, 10, 5, error="HTTP 503")
+    r = summarize(1.0, [fast, slow, failed], 2.0, ttft_slo=0.5, tpot_slo=0.2)
+    assert r["completed"] == 2 and r["failed"] == 1 and r["attainment"] == pytest.approx(1 / 3)
+    assert r["ttft_s"]["p50"] == pytest.approx(0.5) and r["tpot_s"]["p99"] == pytest.approx(0.1)
+    sweep = [{"rate": 1, "attainment": 1.0}, {"rate": 2, "attainment": 0.95}, {"rate": 4, "attainment": 0.7},
+             {"rate": 8, "attainment": 0.2}]
+    assert goodput(sweep, 0.9) == 2 and goodput(sweep, 0.99) == 1 and goodput(sweep, 1.01) == 0
