@@ -3,6 +3,8 @@
     GET  /v1/cluster               workers (role, shape, state, load), leader, policy, SLOs, recent events
     POST /v1/workers/{id}/drain    no new work for that worker (kept in etcd: every replica honours it)
     GET  /v1/profiles              cost models (etcd profiles/, and what live workers measured)
+    POST /v1/plan                  capacity planning: replicas and TP per phase for a workload and SLOs
+                                   (coordinator/planner.py; 422 for an impossible budget)
     GET  /metrics                  Prometheus
     GET  /health                   200 while the process serves (with is_leader)
     GET  /openapi.json             this API's OpenAPI 3.1 description
@@ -42,6 +44,17 @@ ADMIN_OPENAPI = {
                                   "content": {"application/json": {"schema": _ERROR}}}}}},
         "/v1/profiles": {"get": {"summary": "Cost models by model and worker shape",
                                  "responses": {"200": {"description": "profiles"}}}},
+        "/v1/plan": {"post": {
+            "summary": "Capacity plan: prefill/decode replicas and TP for a workload, SLOs and a device budget "
+                       "(or the rate a given cluster holds)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["workload", "slo"],
+                "properties": {"workload": {"type": "object"}, "slo": {"type": "object"},
+                               "budget": {"type": "object"}, "cluster": {"type": "object"}}}}}},
+            "responses": {"200": {"description": "the plan"},
+                          "400": {"description": "invalid JSON", "content": {"application/json": {"schema": _ERROR}}},
+                          "422": {"description": "impossible budget or bad field",
+                                  "content": {"application/json": {"schema": _ERROR}}}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
         "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
     },
@@ -71,6 +84,24 @@ def build_app(coord) -> web.Application:
         except Exception as e:
             return error(503, f"etcd unavailable: {e}", "service_unavailable")
 
+    async def plan(request):
+        import asyncio
+        import json
+
+        from coordinator.planner import PlanError, plan as make_plan
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            return error(400, f"the body is not valid JSON: {e}", code="invalid_json")
+        try:
+            profiles = await coord.profiles()
+        except Exception:  # etcd unavailable: plan with the default cost models
+            profiles = {}
+        try:
+            return web.json_response(await asyncio.to_thread(make_plan, body, profiles))
+        except PlanError as e:
+            return error(422, str(e), code="invalid_plan_request", param=e.param)
+
     async def metrics(request):
         coord.cluster_status()  # refreshes the worker gauges
         return web.Response(text=coord.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -95,6 +126,7 @@ def build_app(coord) -> web.Application:
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_post("/v1/workers/{worker_id}/drain", drain)
     app.router.add_get("/v1/profiles", profiles)
+    app.router.add_post("/v1/plan", plan)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", openapi)

@@ -305,6 +305,17 @@ def test_drain_stops_new_work_on_every_replica_and_admin_api_errors_are_openai_s
         shapes = {k.split("/", 1)[1]: v for k, v in profiles.items()}  # <model>/<role>-tp<T>-pp<P>
         assert shapes["decode-tp1-pp1"]["decode"]["base"] > 0  # measured at start-up, stored in etcd
         assert shapes["prefill-tp1-pp1"]["prefill"]["b"] > 0
+        # capacity planning on those profiles: the smallest request the API accepts
+        smallest = {"workload": {"rate": 2.0, "prompt_tokens": {"mean": 512}, "output_tokens": {"mean": 128}},
+                    "slo": {"ttft_ms": 500, "tpot_ms": 50, "attainment": 0.9}, "budget": {"devices": 8}}
+        status, got, _ = post_json(leader.info["admin"] + "/v1/plan", smallest, timeout=120)
+        assert status == 200, got
+        assert all(got[r]["replicas"] >= 1 and {"tp", "pp"} <= set(got[r]) for r in ("prefill", "decode"))
+        assert {"goodput", "attainment"} <= set(got["predicted"]) and "stored profiles" in got["assumptions"][0]
+        status, err, _ = post_json(leader.info["admin"] + "/v1/plan", {**smallest, "budget": {"devices": 1}})
+        assert status == 422 and err["error"]["param"] == "budget.devices"
+        status, err, _ = post_json(leader.info["admin"] + "/v1/plan", b"{nope")
+        assert status == 400 and err["error"]["code"] == "invalid_json"
     except BaseException:
         print(live.logs())
         raise
