@@ -22,6 +22,7 @@ import math
 import random
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,9 +96,10 @@ def workload(args, rng: random.Random, n: int) -> list[tuple[object, int, int]]:
     return out
 
 
-async def one(session, url: str, model: str, prompt, max_tokens: int, s: Sample, t0: float) -> None:
+async def one(session, url: str, model: str, prompt, max_tokens: int, s: Sample, t0: float,
+              slos: dict | None = None) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
+            "stream": True, "return_token_ids": True, **(slos or {})}
     last = None
     try:
         async with session.post(url + "/v1/completions", json=body) as r:
@@ -139,7 +141,9 @@ async def run_rate(url: str, model: str, rate: float, args, rng: random.Random, 
             delay = s.arrival - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(one(session, url, model, prompt, olen, s, t0))
+            slos = {k: v for k, v in (("ttft_ms", args.ttft_ms), ("tpot_ms", args.tpot_ms)) if v} \
+                if args.send_slos else None
+            task = asyncio.create_task(one(session, url, model, prompt, olen, s, t0, slos))
             if progress is not None:
                 task.add_done_callback(lambda _: progress.update(1))
             tasks.append(task)
@@ -288,9 +292,85 @@ def add_arguments(p) -> None:
     p.add_argument("--ttft-ms", type=float, default=None)
     p.add_argument("--tpot-ms", type=float, default=None)
     p.add_argument("--attainment", type=float, default=0.9, help="goodput target share of requests meeting SLOs")
+    p.add_argument("--send-slos", action="store_true",
+                   help="send the SLOs with each request (the slo policy then rejects what it cannot serve in time)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plots", default=None, help="directory for latency CDF and attainment PNGs")
     p.add_argument("--raw", default=None, help="write every request's timings here (JSON)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+# ---- cluster profile -------------------------------------------------------------------------------
+async def _profile_measure(url: str, model: str, lengths: list[int], batches: list[int], reps: int) -> tuple:
+    import aiohttp
+
+    rng = random.Random(0)
+    pre, dec = [], []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for n in lengths:  # TTFT of one prompt at a time: queue-free prefill time (plus the hops)
+            for _ in range(reps):
+                s = Sample(0.0, n, 1)
+                await one(session, url, model, [rng.randrange(10, 250) for _ in range(n)], 2, s, time.perf_counter())
+                if s.ttft is not None:
+                    pre.append((n, s.ttft))
+        for b in batches:  # B streams decoding together: the inter-token gap is the step time
+            ss = [Sample(0.0, 8, 32) for _ in range(b)]
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(session, url, model, [rng.randrange(10, 250) for _ in range(8)], 32, s, t0)
+                                   for s in ss))
+            itl = [x for s in ss for x in s.itl[4:]]  # past the staggered starts
+            if itl:
+                dec.append((b, pct(itl, 0.5)))
+    return pre, dec
+
+
+def profile(args) -> int:
+    import numpy as np
+
+    from cluster.launcher import _state
+    try:
+        st = _state(args)
+    except RuntimeError as e:
+        if not (args.url and args.admin):
+            print(f"error: {e} (or pass --url and --admin)", file=sys.stderr)
+            return 1
+        st = {}
+    url, admin = (args.url or st["url"]).rstrip("/"), (args.admin or st["admin"]).rstrip("/")
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        m = json.loads(r.read())["data"][0]
+    model, max_len = m["id"], m.get("max_model_len", 2048)
+    with urllib.request.urlopen(admin + "/v1/cluster", timeout=10) as r:
+        view = json.loads(r.read())
+    shapes = {}
+    for w in view["workers"]:
+        if w["model"] == model and w["role"] in ("prefill", "decode"):
+            shapes.setdefault(w["role"], f"{w['role']}-tp{w['tp']}-pp{w['pp']}")
+    if set(shapes) != {"prefill", "decode"}:
+        print("error: the cluster needs a prefill and a decode worker of the model to profile", file=sys.stderr)
+        return 1
+    lengths = sorted({min(n, max_len - 4) for n in (16, 64, 256, 1024)})
+    pre, dec = asyncio.run(_profile_measure(url, model, lengths, [1, 4, 16], args.reps))
+    xs, ys = [n for n, _ in pre], [t for _, t in pre]
+    c2, b, a = np.polyfit(xs, ys, 2)
+    if c2 < 0:
+        c2, (b, a) = 0.0, np.polyfit(xs, ys, 1)
+    per_seq, base = np.polyfit([b_ for b_, _ in dec], [t for _, t in dec], 1) if len(dec) > 1 else (0.0, dec[0][1])
+    prefill = {"a": max(float(a), 1e-4), "b": max(float(b), 1e-8), "c": max(float(c2), 0.0)}
+    decode = {"base": max(float(base), 1e-4), "per_seq": max(float(per_seq), 0.0), "per_token": 1e-8}
+    out = {}
+    for role, prof in (("prefill", {"prefill": prefill}), ("decode", {"decode": decode})):
+        req = urllib.request.Request(f"{admin}/v1/profiles/{model}/{shapes[role]}", method="PUT",
+                                     data=json.dumps({**prof, "source": "cluster profile"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                out[shapes[role]] = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            print(f"error: storing {shapes[role]}: {json.loads(e.read())['error']['message']}", file=sys.stderr)
+            return 1
+    print(json.dumps({"model": model, "profiles": out,
+                      "measured": {"prefill_ttft_s": pre, "decode_step_s": dec}}, indent=1))
+    return 0

@@ -485,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the raw answer")
     pl.set_defaults(fn=cmd_plan)
 
+    pr = sub.add_parser("profile", help="measure the cost model of the running cluster's worker shapes and store it")
+    pr.add_argument("--url", default=None, help="gateway URL (default: the running `cluster up`'s)")
+    pr.add_argument("--admin", default=None, help="coordinator admin URL (default: the running `cluster up`'s)")
+    pr.add_argument("--cluster", default="default")
+    pr.add_argument("--state-dir", default=None)
+    pr.add_argument("--reps", type=int, default=3, help="requests per prompt length")
+    pr.set_defaults(fn=lambda a: __import__("cluster.bench").bench.profile(a))
+
     m = sub.add_parser("model", help="manage models")
     msub = m.add_subparsers(dest="model_cmd", required=True)
     pull = msub.add_parser("pull", help="fetch and convert the default model (SmolLM2-135M-Instruct)")

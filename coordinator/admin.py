@@ -3,6 +3,7 @@
     GET  /v1/cluster               workers (role, shape, state, load), leader, policy, SLOs, recent events
     POST /v1/workers/{id}/drain    no new work for that worker (kept in etcd: every replica honours it)
     GET  /v1/profiles              cost models (etcd profiles/, and what live workers measured)
+    PUT  /v1/profiles/{model}/{shape}  store a measured cost model (`cluster profile`; leader only)
     POST /v1/plan                  capacity planning: replicas and TP per phase for a workload and SLOs
                                    (coordinator/planner.py; 422 for an impossible budget)
     GET  /metrics                  Prometheus
@@ -84,6 +85,33 @@ def build_app(coord) -> web.Application:
         except Exception as e:
             return error(503, f"etcd unavailable: {e}", "service_unavailable")
 
+    async def put_profile(request):
+        import json
+
+        from coordinator.policy import DecodeCost, PrefillCost
+        model, shape = request.match_info["model"], request.match_info["shape"]
+        try:
+            body = json.loads(await request.read())
+            prof = {}
+            if "prefill" in body:
+                prof["prefill"] = {k: float(v) for k, v in body["prefill"].items()}
+                PrefillCost(**prof["prefill"])
+            if "decode" in body:
+                prof["decode"] = {k: float(v) for k, v in body["decode"].items()}
+                DecodeCost(**prof["decode"])
+            if not prof:
+                raise ValueError("give a prefill and/or a decode cost model")
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            return error(400, f"not a profile: {e}", code="invalid_profile")
+        try:
+            ok = await coord.store_profile(model, shape, {**prof, "source": body.get("source", "cluster profile")})
+        except Exception as e:
+            return error(503, f"etcd unavailable: {e}", "service_unavailable")
+        if not ok:
+            return error(409, "this coordinator is not the leader; send it to the leader",
+                         code="not_leader", headers={"X-Leader": (coord.leader_info.admin if coord.leader_info else "")})
+        return web.json_response({"model": model, "shape": shape, **prof})
+
     async def plan(request):
         import asyncio
         import json
@@ -127,6 +155,7 @@ def build_app(coord) -> web.Application:
     app.router.add_post("/v1/workers/{worker_id}/drain", drain)
     app.router.add_get("/v1/profiles", profiles)
     app.router.add_post("/v1/plan", plan)
+    app.router.add_put("/v1/profiles/{model}/{shape}", put_profile)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", openapi)

@@ -99,6 +99,7 @@ class Coordinator:
         self.config = config
         self.view = LiveView(config.suspect_after)
         self.refiner = CostRefiner()
+        self._measured: set[tuple[str, str]] = set()  # (model, shape) profiles from `cluster profile`
         self.policy = make_policy(config.policy)
         self.state = _State()
         self.session: Session | None = None
@@ -233,6 +234,13 @@ class Coordinator:
         except Exception as e:
             log.debug("storing the profile of %s: %s", info.worker_id, e)
 
+    async def store_profile(self, model: str, shape: str, profile: dict) -> bool:
+        """A fenced write of a measured profile (the leader's); every replica's mirror applies it."""
+        if not self.is_leader:
+            return False
+        return await self.election.fenced_put(keys.profile(self.config.cluster, model, shape),
+                                              msgspec.json.encode({**profile, "ts": time.time()}))
+
     async def _forget_drain(self, wid: str) -> None:
         try:
             await self.session._call(self.session.client.delete(keys.drain(self.config.cluster, wid).encode()))
@@ -243,6 +251,12 @@ class Coordinator:
         model, _, shape = key.removeprefix(keys.profiles(self.config.cluster)).rpartition("/")
         try:
             prof = msgspec.json.decode(new) if new else None
+            # a profile measured end to end (`cluster profile`: TTFT and inter-token gaps as clients see
+            # them) is not rescaled by the refiner, which compares with bare step times
+            if isinstance(prof, dict) and prof.get("source") == "cluster profile":
+                self._measured.add((model, shape))
+            else:
+                self._measured.discard((model, shape))
             if prof is not None:
                 prof = {side: prof[side] for side in ("prefill", "decode") if isinstance(prof.get(side), dict)}
                 PrefillCost(**prof.get("prefill", {}))  # validated before any worker uses it
@@ -364,7 +378,8 @@ class Coordinator:
             await asyncio.sleep(period)
             if not self.is_leader:
                 continue
-            for model, shape, prof, ratios in self.refiner.proposals(dict(self.view.shape_profiles)):
+            profiles = {k: v for k, v in self.view.shape_profiles.items() if k not in self._measured}
+            for model, shape, prof, ratios in self.refiner.proposals(profiles):
                 key = keys.profile(self.config.cluster, model, shape)
                 body = {**prof, "source": "online refinement", "ratios": ratios, "ts": time.time()}
                 try:
