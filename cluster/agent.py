@@ -82,18 +82,20 @@ class EtcdRegistry(Registry):
             seq += 1
             data = encode(Beat(VERSION, seq, load))
             for info in list(self.coordinators.values()):
-                sock = self._socks.get(info.heartbeats)
-                if sock is None:
-                    sock = self._ctx.socket(zmq.PUSH)
-                    sock.setsockopt(zmq.LINGER, 0)
-                    sock.setsockopt(zmq.SNDHWM, 4)  # a dead coordinator does not pile beats up here
-                    sock.connect(info.heartbeats)
-                    self._socks[info.heartbeats] = sock
                 try:
+                    sock = self._socks.get(info.heartbeats)
+                    if sock is None:
+                        sock = self._ctx.socket(zmq.PUSH)
+                        sock.setsockopt(zmq.LINGER, 0)
+                        sock.setsockopt(zmq.SNDHWM, 4)  # a dead coordinator does not pile beats up here
+                        self._socks[info.heartbeats] = sock
+                        sock.connect(info.heartbeats)
                     await sock.send(data, zmq.NOBLOCK)
                     self.beats_sent += 1
                 except zmq.Again:
                     pass
+                except zmq.ZMQError as e:  # a malformed coordinator record: the others still get beats
+                    log.warning("heartbeats to %s: %s", info.heartbeats, e)
 
     # ---- Registry ------------------------------------------------------------------------------
     def register(self, info: WorkerInfo) -> None:

@@ -114,8 +114,14 @@ class CoordinatorLink:
 
     def _subscribe(self, endpoint: str) -> None:
         if endpoint not in self._sub_eps:
-            self._sub.connect(endpoint)
+            try:
+                self._sub.connect(endpoint)
+            except zmq.ZMQError as e:  # a malformed coordinator record
+                log.warning("events from %r: %s", endpoint, e)
+                return
             self._sub_eps.add(endpoint)
+            if getattr(self, "_sub_reader", None) is not None:
+                self._sub_reader.kick()  # connect may have taken the FD's edge
 
     # ---- events and replies ------------------------------------------------------------------------
     def _on_event_data(self, data: bytes) -> None:

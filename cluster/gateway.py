@@ -96,6 +96,7 @@ class Delta:
 class _Failure:
     worker_id: str | None
     reason: str
+    attempt: int | None = None  # a notice about this attempt only (None: the current one, found in-line)
 
 
 _json = msgspec.json.Encoder().encode
@@ -144,6 +145,8 @@ class Generation:
         self.exclude: set[str] = set()
         self.duplicates = 0
         self.capacity_retries = 0
+        self.capacity_since: float | None = None  # first "no room" of the current run of them
+        self.decoding = False  # this attempt's D has sent a token
         self.held = 0  # delivered tokens whose text has not been emitted yet (mid-character)
         self.q = _Inbox()
         self.started = time.monotonic()
@@ -161,8 +164,12 @@ class Generation:
         return (p.prefill.worker_id,) + ((p.decode.worker_id,) if p.decode is not None else ())
 
     def worker_failed(self, worker_id: str, reason: str) -> None:
-        if self.finish_reason is None and worker_id in self.workers():
-            self.q.put(_Failure(worker_id, reason))
+        p = self.placement
+        if self.finish_reason is not None or p is None or worker_id not in self.workers():
+            return
+        if worker_id == p.prefill.worker_id and p.decode is not None and self.decoding:
+            return  # P's part is over: D already streams this attempt
+        self.q.put(_Failure(worker_id, reason, self.attempt))
 
     # ---- the attempt ----------------------------------------------------------------------------------
     async def launch(self) -> None:
@@ -194,6 +201,7 @@ class Generation:
             raise ApiError(503, reply.reason, code=reply.code, type_="service_unavailable", headers=retry)
         self.attempt += 1
         self.placement = reply
+        self.decoding = False
         self.base = len(self.tokens)
         run = dict(self.gw.params_dict(self.params), max_tokens=remaining,
                    min_tokens=max(0, self.params.min_tokens - len(self.tokens)))
@@ -230,7 +238,8 @@ class Generation:
         the migration limit."""
         self.abort_attempt()
         self.capacity_retries += 1
-        if time.monotonic() - self.started > self.gw.config.first_token_timeout:
+        self.capacity_since = self.capacity_since or time.monotonic()
+        if time.monotonic() - self.capacity_since > self.gw.config.first_token_timeout:
             raise ApiError(503, f"no decode worker had room for the request: {why}", code="capacity",
                            type_="service_unavailable", headers={"Retry-After": "1"})
         await asyncio.sleep(min(0.5, 0.01 * 2 ** min(self.capacity_retries, 6)))
@@ -254,6 +263,8 @@ class Generation:
                 wid = (p.decode.worker_id if got_first and p.decode is not None else p.prefill.worker_id)
                 item = _Failure(wid, f"no token for {timeout:.0f} s")
             if isinstance(item, _Failure):
+                if item.attempt is not None and item.attempt != self.attempt:
+                    continue  # about an attempt already left behind (e.g. the same event from two replicas)
                 if self.params.max_tokens - len(self.tokens) <= 0:  # everything was delivered already
                     self.finish_reason = "length"
                     yield Delta([], "", None, "length")
@@ -264,6 +275,8 @@ class Generation:
             if chunk.attempt != self.attempt:
                 continue
             got_first = True
+            if chunk.index >= 1:
+                self.decoding = True
             if chunk.finish_reason in ("error", "abort"):
                 why = f"worker {chunk.worker_id}: {chunk.error or chunk.finish_reason}"
                 if chunk.error_code == "invalid":  # the request itself: another worker would say the same
@@ -285,6 +298,8 @@ class Generation:
             lps = chunk.logprobs[max(skip, 0):] if chunk.logprobs else None
             if new and self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+            if new:
+                self.capacity_since = None
             self.tokens += new
             self.text += text
             self.held = 0 if text else self.held + len(new)
@@ -551,7 +566,16 @@ class Gateway:
         async def run(g):
             async for _ in g.deltas():
                 pass
-        await asyncio.gather(*(run(g) for g in gens))
+        tasks = [asyncio.create_task(run(g)) for g in gens]
+        try:  # the first failure ends the request: the other generations stop too (no orphans)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         choices = []
         for i, g in enumerate(gens):
             lp = None
@@ -596,6 +620,9 @@ class Gateway:
                     yield 0, d, None
             except ApiError as e:
                 yield 0, None, e
+            except Exception as e:  # a bug must reach the client as an error event, not a cut stream
+                log.exception("generation %s", g.id)
+                yield 0, None, ApiError(500, f"internal error: {e}", type_="server_error")
             yield 0, None, None
 
         async def merged():

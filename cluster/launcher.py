@@ -292,7 +292,7 @@ class Supervisor:
     def shutdown(self) -> None:
         self._stop = True
         for c in reversed(self.children):  # gateway first (drains), then workers, then the coordinator
-            c.stop()
+            c.stop(grace=40.0 if c.args[0] == "gateway" else 15.0)  # the gateway drains up to 30 s
         for e in self.etcds:
             e.stop()
         try:

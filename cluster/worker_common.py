@@ -35,16 +35,18 @@ class ChunkSender:
 
     def send(self, reply_to: str, chunk: TokenChunk) -> None:
         s = self._socks.get(reply_to)
-        if s is None:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, self.sndhwm)
-            s.connect(reply_to)
-            self._socks[reply_to] = s
         try:
+            if s is None:
+                s = self.ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, self.sndhwm)
+                self._socks[reply_to] = s
+                s.connect(reply_to)  # raises on a malformed address: that request's chunks go nowhere
             s.send(encode(chunk), zmq.NOBLOCK)
         except zmq.Again:  # the requester is not reading: it will time out and retry elsewhere
             log.warning("reply queue to %s is full; dropped a chunk of %s", reply_to, chunk.request_id)
+        except zmq.ZMQError as e:
+            log.warning("reply address %r of %s: %s", reply_to, chunk.request_id, e)
 
     def error(self, reply_to: str, request_id: str, attempt: int, message: str, index: int = 0,
               code: str = "invalid", blame: str = "") -> None:

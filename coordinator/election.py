@@ -39,8 +39,10 @@ class Election:
                     ok, _ = await s._call(s.client.transaction(
                         compare=[T.Create(self.key) == 0],
                         success=[T.Put(self.key, self.value, lease=s.lease.id)], failure=[]))
-                    if ok:
-                        got = await s._call(s.client.get(self.key))
+                    got = await s._call(s.client.get(self.key))
+                    # a campaign whose reply was lost (timeout) may have won: the key is on our lease
+                    ok = ok or (got is not None and got.lease == s.lease.id)
+                    if ok and got is not None:
                         self.revision = got.create_revision
                         self.elected.set()
                         self._watch = asyncio.create_task(self._step_down_on_loss())

@@ -85,14 +85,18 @@ class PrefixMirror:
                     raise ConnectionError("no etcd session")
                 await self._list(client)
                 watcher = asyncio.create_task(self._watch(client))
-                # the watch stream of a client the session replaced (failover) may never end on its own
-                while not watcher.done():
-                    await asyncio.wait({watcher}, timeout=0.5)
-                    if self.session.client is not client or self.session.lost.is_set():
+                try:
+                    # the watch stream of a client the session replaced (failover) may never end on its own
+                    while not watcher.done():
+                        await asyncio.wait({watcher}, timeout=0.5)
+                        if self.session.client is not client or self.session.lost.is_set():
+                            break
+                    if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+                        raise watcher.exception()
+                finally:  # stop() cancels us here: the watch must not outlive the mirror
+                    if not watcher.done():
                         watcher.cancel()
-                        break
-                if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
-                    raise watcher.exception()
+                        await asyncio.gather(watcher, return_exceptions=True)
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -84,8 +84,8 @@ class DecodeWorker:
     def start(self) -> None:
         self.kv_server.start()
 
-    def _release_reservation(self, request_id: str) -> None:
-        self.pool.release(request_id)
+    def _release_reservation(self, request_id: str, attempt: int | None = None) -> None:
+        self.pool.release(request_id, attempt)
 
     def _refuse(self, request_id: str, attempt: int) -> str | None:
         # called on the KV thread; a dict lookup is atomic enough for a tombstone check
@@ -121,7 +121,8 @@ class DecodeWorker:
 
     def _handle(self, msg) -> None:
         if isinstance(msg, Handoff):
-            if not self._refuse(msg.request_id, msg.attempt):
+            old = self._handoffs.get(msg.request_id)
+            if not self._refuse(msg.request_id, msg.attempt) and (old is None or old[0].attempt <= msg.attempt):
                 self._handoffs[msg.request_id] = (msg, time.monotonic() + self.handoff_timeout)
         elif isinstance(msg, Abort):
             self._abort(msg.request_id, msg.attempt)
@@ -134,24 +135,37 @@ class DecodeWorker:
                 rid, attempt = self._ready.get_nowait()
             except queue.Empty:
                 break
-            if self._refuse(rid, attempt):  # aborted while its KV was landing
-                self.pool.release(rid)
+            if self._refuse(rid, attempt) or self._kv_done.get(rid, -1) > attempt:  # aborted, or superseded
+                self.pool.release(rid, attempt)
                 continue
-            self._kv_done[rid] = attempt
+            self._kv_done[rid] = attempt  # a newer attempt's reservation already freed an older one's KV
             self._kv_deadline[rid] = time.monotonic() + self.handoff_timeout
         for rid in [r for r in self._handoffs if r in self._kv_done]:
-            h, _ = self._handoffs.pop(rid)
-            attempt = self._kv_done.pop(rid)
-            self._kv_deadline.pop(rid, None)
-            if attempt != h.attempt:  # KV of one attempt, handoff of another: the older one is stale
-                self.pool.release(rid)
+            h, _ = self._handoffs[rid]
+            attempt = self._kv_done[rid]
+            if attempt < h.attempt:  # stale KV: the newer attempt's is on its way
+                self.pool.release(rid, attempt)
+                del self._kv_done[rid]
+                self._kv_deadline.pop(rid, None)
                 continue
-            holder = self.pool.take(rid)
+            if h.attempt < attempt:  # stale Handoff: the newer attempt's is on its way
+                del self._handoffs[rid]
+                continue
+            del self._handoffs[rid], self._kv_done[rid]
+            self._kv_deadline.pop(rid, None)
+            holder = self.pool.take(rid, attempt)
+            if holder is None:  # superseded while queued
+                continue
+            live = self._live.get(rid)
+            if live is not None and live[1] < attempt:  # an older attempt of it still decodes here: it moved
+                self.engine.abort_request(rid)
+                self._live.pop(rid)
+                self._first_index.pop((rid, 0), None)
             try:
                 params = SamplingParams(**h.params)
                 self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids,
                                           h.held_tokens)
-            except TandemError as e:
+            except (TandemError, TypeError, ValueError) as e:  # a malformed Handoff must not take D down
                 self.engine.block_manager.free(holder)
                 self.chunks.error(h.reply_to, rid, h.attempt, str(e), index=1)
                 continue
@@ -165,8 +179,9 @@ class DecodeWorker:
             del self._aborted[rid]
         for rid in [r for r, dl in self._kv_deadline.items() if dl <= now]:  # KV in, no Handoff (P died)
             del self._kv_deadline[rid]
-            if self._kv_done.pop(rid, None) is not None:
-                self.pool.release(rid)
+            attempt = self._kv_done.pop(rid, None)
+            if attempt is not None:
+                self.pool.release(rid, attempt)
                 self.metrics["kv_without_handoff"] += 1
         for rid in [r for r, (_, dl) in self._handoffs.items() if dl <= now]:
             h, _ = self._handoffs.pop(rid)
@@ -186,16 +201,23 @@ class DecodeWorker:
                 self._first_index.pop((ro.request_id, 0), None)
 
     def _abort(self, request_id: str, attempt: int) -> None:
-        # a tombstone, so a Reserve or Handoff of this attempt that is still on its way is refused
-        self._aborted[request_id] = (attempt, time.monotonic() + 60.0)
-        self._handoffs.pop(request_id, None)
-        if request_id in self._live:
+        # a tombstone, so a Reserve or Handoff of this attempt (or an older one) still on its way is
+        # refused; everything of a newer attempt (a migration back to this worker) is left alone
+        prev = self._aborted.get(request_id)
+        self._aborted[request_id] = (max(attempt, prev[0] if prev else -1), time.monotonic() + 60.0)
+        h = self._handoffs.get(request_id)
+        if h is not None and h[0].attempt <= attempt:
+            del self._handoffs[request_id]
+        live = self._live.get(request_id)
+        if live is not None and live[1] <= attempt:
             self.engine.abort_request(request_id)
             self._live.pop(request_id)
             self._first_index.pop((request_id, 0), None)
         self.reservations.on_abort(request_id, attempt, "aborted by the requester", notify_sender=True)
         self._admit()  # KV that landed but is still queued for the loop: release it too
-        self._kv_deadline.pop(request_id, None)
-        if self._kv_done.pop(request_id, None) is not None:
-            self.pool.release(request_id)
+        kv = self._kv_done.get(request_id)
+        if kv is not None and kv <= attempt:
+            del self._kv_done[request_id]
+            self._kv_deadline.pop(request_id, None)
+            self.pool.release(request_id, kv)
         self.metrics["aborted"] += 1

@@ -164,20 +164,30 @@ class BlockPoolReserver:
         self._seq_cls, self._params = Sequence, SamplingParams()
         self.held: dict[str, object] = {}
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    def reserve(self, request_id: str, num_tokens: int, attempt: int = 0) -> list[int] | None:
+        old = self.held.pop(request_id, None)
+        if old is not None:  # an older attempt's landed KV nobody claimed: the newer attempt supersedes it
+            self.bm.free(old[1])
         seq = self._seq_cls(request_id, 0, [0] * num_tokens, num_tokens, self._params)
         if not self.bm.allocate_slots(seq, num_tokens):
             return None
-        self.held[request_id] = seq
+        self.held[request_id] = (attempt, seq)
         return list(seq.block_ids)
 
-    def release(self, request_id: str) -> None:
-        seq = self.held.pop(request_id, None)
-        if seq is not None:
-            self.bm.free(seq)
+    def release(self, request_id: str, attempt: int | None = None) -> None:
+        """Frees the held KV of `request_id` (of that attempt only, when one is named)."""
+        h = self.held.get(request_id)
+        if h is not None and (attempt is None or h[0] == attempt):
+            del self.held[request_id]
+            self.bm.free(h[1])
 
-    def take(self, request_id: str):
-        return self.held.pop(request_id)
+    def take(self, request_id: str, attempt: int | None = None):
+        """The held placeholder sequence (its blocks now the caller's), or None if that attempt's is gone."""
+        h = self.held.get(request_id)
+        if h is None or (attempt is not None and h[0] != attempt):
+            return None
+        del self.held[request_id]
+        return h[1]
 
 
 @dataclass
@@ -193,7 +203,7 @@ class Reservations:
     """The decode driver's table of incoming transfers (Reserving -> Transferring -> Done | Failed)."""
 
     def __init__(self, layout: KVLayout, ranks: list[RankReceiver],
-                 reserve_fn: Callable[[str, int], list[int] | None], release_fn: Callable[[str], None],
+                 reserve_fn: Callable[[str, int, int], list[int] | None], release_fn: Callable[[str, int], None],
                  send_ack: Callable[[bytes, Ack], None],
                  on_ready: Callable[[str, int, list[int]], None] = lambda *a: None,
                  timeout: float = 10.0, metrics: Counter | None = None,
@@ -230,7 +240,7 @@ class Reservations:
                 if old.attempt >= msg.attempt:
                     return no(f"duplicate reservation (attempt {old.attempt} is in flight)")
                 self._fail_locked(msg.request_id, "superseded by a newer attempt")
-            block_ids = self.reserve_fn(msg.request_id, msg.num_tokens)
+            block_ids = self.reserve_fn(msg.request_id, msg.num_tokens, msg.attempt)
             if block_ids is None:
                 return no("no room")
             deadline = time.monotonic() + self.timeout
@@ -279,7 +289,7 @@ class Reservations:
         res = self._table.pop(request_id)
         for r in self.ranks:
             r.cancel(request_id, res.attempt)
-        self.release_fn(request_id)
+        self.release_fn(request_id, res.attempt)
         self.metrics["transfers_failed"] += 1
         log.warning("KV transfer of %s (attempt %d) failed: %s", request_id, res.attempt, reason)
         if ack:

@@ -120,6 +120,8 @@ class PrefillWorker:
         transfer = None
         if req.decode is not None:
             try:
+                if not req.decode.kv_endpoints:
+                    raise ValueError("no KV endpoints")
                 dst = KVLayout(**req.decode.layout)
                 transfer = SendTransfer(self.client, rid, req.attempt, len(req.prompt_token_ids), self.layout, dst,
                                         req.decode.kv_endpoints, release=lambda: None,
@@ -226,21 +228,25 @@ class PrefillWorker:
         lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
         self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, co.text, lps,
                                                     reason, "", self.worker_id))
-        if done_here:
+        if done_here:  # D holds the prompt's KV (landed, or landing): tell it to free it now
             p.transfer.abort("finished at the first token")
+            self._send_decode(p.req.decode.endpoint, Abort(VERSION, rid, p.req.attempt))
             return
-        self._decode_sock(p.req.decode.endpoint).send(encode(Handoff(
+        self._send_decode(p.req.decode.endpoint, Handoff(
             VERSION, rid, p.req.attempt, p.req.prompt_token_ids, first, p.req.params, p.req.reply_to,
-            p.req.held_tokens)))
+            p.req.held_tokens))
         self._shipping.append(p.transfer)
         self.metrics["handed_off"] += 1
 
-    def _decode_sock(self, endpoint: str) -> zmq.Socket:
+    def _send_decode(self, endpoint: str, msg) -> None:
         s = self._decode_socks.get(endpoint)
-        if s is None:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 10000)
-            s.connect(endpoint)
-            self._decode_socks[endpoint] = s
-        return s
+        try:
+            if s is None:
+                s = self.ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, 10000)
+                self._decode_socks[endpoint] = s
+                s.connect(endpoint)
+            s.send(encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # a malformed endpoint or a full queue: the requester's timeout moves it
+            log.warning("decode worker %s: %s not sent (%s)", endpoint, type(msg).__name__, e)

@@ -61,7 +61,10 @@ def test_drill_meets_its_target(cluster, scenario):
         assert rep["completed"] >= rep["requests"] // 2
     else:
         assert rep["failed"] == 0 and rep["completed"] == rep["requests"]
-    if scenario in ("kill-decode", "kill-prefill"):
+    if scenario == "kill-decode":
         assert rep["migrated"] >= 1
+    # kill-prefill: whether a request is caught on the hung prefill worker depends on timing (the
+    # coordinator stops placing there as soon as its confirmations lag); the deterministic prefill
+    # failover test is tests/integration/test_gateway.py::test_kill_9_of_a_prefill_worker_during_prefill
     if scenario == "kill-etcd-member":
         assert rep["migrated"] == 0  # nothing visible to serving
