@@ -34,6 +34,7 @@ class EtcdRegistry(Registry):
         self.endpoints, self.cluster, self.ttl = endpoints, cluster, ttl
         self.interval, self.stall_after, self.timeout = interval, stall_after, timeout
         self._latest: Load | None = None
+        self._incarnation = time.time_ns()
         self._latest_at = 0.0
         self._key: str | None = None
         self.session: Session | None = None
@@ -80,7 +81,7 @@ class EtcdRegistry(Registry):
             if load is None or time.monotonic() - self._latest_at > self.stall_after:
                 continue  # nothing to vouch for (not registered yet, or the worker's loop is stuck)
             seq += 1
-            data = encode(Beat(VERSION, seq, load))
+            data = encode(Beat(VERSION, seq, load, self._incarnation))
             for info in list(self.coordinators.values()):
                 try:
                     sock = self._socks.get(info.heartbeats)

@@ -184,6 +184,9 @@ def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
             bad(f"pool[{i}].hosts", p.hosts, "needs at least one host")
         if p.replicas:
             roles.add(p.role)
+    for where, hosts in (("gateway.hosts", spec.gateway.hosts), ("coordinator.hosts", spec.coordinator.hosts)):
+        if not hosts:
+            bad(where, hosts, "needs at least one host")
     if not ("colocated" in roles or {"prefill", "decode"} <= roles):
         bad("pool", [p.role for p in spec.pool if p.replicas],
             "needs a prefill and a decode pool with replicas (or a colocated one)")

@@ -18,8 +18,7 @@ worker hangs for 0.5 s while requests keep arriving, then is SIGKILLed), kill-co
 (SIGKILL of the leader; needs a standby), restart-gateway (SIGKILL of one of two gateways; clients
 move to the other: only the killed gateway's streams may fail, each with a clean error),
 drain-decode (graceful: the busiest decode worker is drained), kill-etcd-member (SIGKILL of one
-member of a 3-member embedded etcd: `[etcd] members = 3`). partition-host needs network namespaces:
-not yet.
+member of a 3-member embedded etcd: `[etcd] members = 3`).
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ class Generation:
             if reply.code == "overloaded":
                 raise ApiError(429, f"overloaded: {reply.reason}", code="overloaded", type_="rate_limit_error",
                                headers=retry)
-            if reply.code == "unknown_model":
+            if reply.code == "unknown_model" and self.model not in self.gw.served_models():
                 raise ApiError(404, reply.reason, "model", "model_not_found")
             if reply.code == "bad_request":
                 raise ApiError(400, reply.reason)

@@ -23,8 +23,9 @@ class ProtocolError(ValueError):
 
 class Beat(msgspec.Struct, tag="beat", frozen=True):
     v: int
-    seq: int  # per worker, increasing: a reordered older beat is ignored
+    seq: int  # per worker incarnation, increasing: a reordered older beat is ignored
     load: Load
+    incarnation: int = 0  # the worker agent's start (ns): a restarted worker starts its seq again
 
 
 class Place(msgspec.Struct, tag="place", frozen=True):

@@ -106,7 +106,7 @@ class Coordinator:
         self.election: Election | None = None
         self.info: CoordinatorInfo | None = None
         self.leader_info: CoordinatorInfo | None = None
-        self._beat_seq: dict[str, int] = {}
+        self._beat_seq: dict[str, tuple[int, int]] = {}  # worker -> (incarnation, last seq)
         self._tasks: list[asyncio.Task] = []
         self._runner = None
         self._stopped = asyncio.Event()
@@ -294,9 +294,10 @@ class Coordinator:
             log.debug("dropped: %s", e)
             return
         wid = beat.load.worker_id
-        if beat.seq <= self._beat_seq.get(wid, 0) and beat.seq != 1:
-            return  # an older beat, overtaken (seq 1: the worker restarted its agent)
-        self._beat_seq[wid] = beat.seq
+        inc, last = self._beat_seq.get(wid, (None, 0))
+        if inc == beat.incarnation and beat.seq <= last:
+            return  # an older beat of this incarnation, overtaken (a restarted worker is a new incarnation)
+        self._beat_seq[wid] = (beat.incarnation, beat.seq)
         self.m_beats.inc()
         age = max(0.0, time.time() - beat.load.ts)  # wall clocks: same host, or NTP across hosts
         self.view.heartbeat(beat.load, now, sampled_at=now - age)

@@ -64,6 +64,7 @@ def test_the_default_is_one_host_with_a_prefill_and_a_decode_worker():
     ('[[pool]]\nrole = "prefill"\n[[pool]]\nrole = "decode"\nreplicas = 0', "needs a prefill and a decode pool"),
     ('[slo]\nttft_ms = -5', "slo.ttft_ms = -5"),
     ('name = "a/b"', "name = 'a/b'"),
+    ('[gateway]\nhosts = []', "gateway.hosts = []: needs at least one host"),
     ('name = ', "not valid TOML"),
     ('[[pool]]\nrole = "colocated"\nhosts = ["x"]', "host 'x' is used but has no [hosts.x] table"),
 ])
