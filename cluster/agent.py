@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 
@@ -34,6 +35,7 @@ class EtcdRegistry(Registry):
         self.endpoints, self.cluster, self.ttl = endpoints, cluster, ttl
         self.interval, self.stall_after, self.timeout = interval, stall_after, timeout
         self._latest: Load | None = None
+        self._gone: queue.SimpleQueue = queue.SimpleQueue()
         self._incarnation = time.time_ns()
         self._latest_at = 0.0
         self._key: str | None = None
@@ -53,6 +55,7 @@ class EtcdRegistry(Registry):
         self._ctx = zmq.asyncio.Context()
         self._socks: dict[str, zmq.asyncio.Socket] = {}
         self._mirror = PrefixMirror(self.session, keys.coordinators(self.cluster), self._coordinator_changed).start()
+        self._gw_mirror = PrefixMirror(self.session, keys.gateways(self.cluster), self._gateway_changed).start()
         self._wake = asyncio.Event()
         self._beater = asyncio.create_task(self._beat_loop())
 
@@ -68,6 +71,15 @@ class EtcdRegistry(Registry):
             self.coordinators[cid] = msgspec.json.decode(new, type=CoordinatorInfo)
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("ignored a malformed coordinator record at %s", key)
+
+    def _gateway_changed(self, key: str, old: bytes | None, new: bytes | None) -> None:
+        if new is None and old is not None:  # a gateway's lease is gone: it died (or stopped)
+            try:
+                reply_to = msgspec.json.decode(old).get("reply_to")
+            except (msgspec.DecodeError, AttributeError):
+                return
+            if reply_to:
+                self._gone.put(reply_to)
 
     async def _beat_loop(self) -> None:
         seq = 0
@@ -107,10 +119,19 @@ class EtcdRegistry(Registry):
         self._latest, self._latest_at = load, time.monotonic()
         self._loop.call_soon_threadsafe(self._wake.set)  # the agent's loop sends it now
 
+    def gone_requesters(self) -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(self._gone.get_nowait())
+            except queue.Empty:
+                return out
+
     def deregister(self, worker_id: str) -> None:
         async def stop():
             self._beater.cancel()
             await self._mirror.stop()
+            await self._gw_mirror.stop()
             for s in self._socks.values():
                 s.close(0)
             await self.session.close()  # revokes the lease: the registration goes at once

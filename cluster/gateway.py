@@ -367,7 +367,8 @@ class Gateway:
         self.port = self.runner.addresses[0][1]
         self.url = f"http://{c.host}:{self.port}"
         await self.session.register(keys.gateway(c.cluster, c.gateway_id), json.dumps(
-            {"gateway_id": c.gateway_id, "url": self.url, "pid": os.getpid(), "model": self.model_name}).encode())
+            {"gateway_id": c.gateway_id, "url": self.url, "pid": os.getpid(), "model": self.model_name,
+             "reply_to": self.reply_to}).encode())
         log.info("gateway %s on %s (model %s)", c.gateway_id, self.url, self.model_name)
         return self
 

@@ -94,6 +94,9 @@ def decode_worker_message(data: bytes):
 
 def decode_chunk(data: bytes) -> TokenChunk:
     try:
-        return _chunk_dec.decode(data)
+        msg = _chunk_dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise MessageError(f"malformed chunk: {e}") from None
+    if msg.v != VERSION:
+        raise MessageError(f"chunk: protocol version {msg.v} (this process speaks {VERSION})")
+    return msg

@@ -57,6 +57,11 @@ class Registry:
 
     def load(self, worker_id: str) -> Load | None: ...
 
+    def gone_requesters(self) -> list[str]:
+        """Reply endpoints of requesters (gateways) that died since the last call: their requests here
+        have nobody to stream to and are aborted."""
+        return []
+
 
 class DirectoryRegistry(Registry):
     def __init__(self, path: str | os.PathLike, stale_after: float = 3.0):

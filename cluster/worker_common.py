@@ -48,6 +48,12 @@ class ChunkSender:
         except zmq.ZMQError as e:
             log.warning("reply address %r of %s: %s", reply_to, chunk.request_id, e)
 
+    def forget(self, reply_to: str) -> None:
+        """Closes the socket to a requester that is gone (its queued chunks with it)."""
+        s = self._socks.pop(reply_to, None)
+        if s is not None:
+            s.close(0)
+
     def error(self, reply_to: str, request_id: str, attempt: int, message: str, index: int = 0,
               code: str = "invalid", blame: str = "") -> None:
         self.send(reply_to, TokenChunk(VERSION, request_id, attempt, index, [], "", None, "error", message,

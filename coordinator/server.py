@@ -432,8 +432,10 @@ class Coordinator:
                 "load": msgspec.to_builtins(v.load) if v.load is not None else None,
                 "pending_placements": len(v.pending),
             })
-        for (role, state), n in counts.items():
-            self.m_workers.set(n, role=role, state=state)
+        self.m_workers.values.clear()  # a (role, state) with no worker left reads 0, not its last count
+        for role in ("prefill", "decode", "colocated"):
+            for state in ("live", "suspect", "draining", "starting"):
+                self.m_workers.set(counts.get((role, state), 0), role=role, state=state)
         c = self.config
         return {
             "cluster": c.cluster, "coordinator_id": c.coordinator_id, "is_leader": self.is_leader,

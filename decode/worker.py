@@ -101,6 +101,7 @@ class DecodeWorker:
             self.poll(0 if self.engine.has_unfinished_requests() else 20)
             self._admit()
             self._expire()
+            self._drop_orphans()
             if self.engine.has_unfinished_requests():
                 t0 = time.monotonic()
                 self._step()
@@ -199,6 +200,17 @@ class DecodeWorker:
             if ro.finished:
                 self._live.pop(ro.request_id, None)
                 self._first_index.pop((ro.request_id, 0), None)
+
+    def _drop_orphans(self) -> None:
+        """Requests of a gateway that died (its etcd lease is gone) have nobody to stream to."""
+        reg = self.heartbeat.registry
+        for reply_to in (reg.gone_requesters() if reg is not None else []):
+            doomed = {rid: att for rid, (rt, att) in self._live.items() if rt == reply_to}
+            doomed.update({rid: h.attempt for rid, (h, _) in self._handoffs.items() if h.reply_to == reply_to})
+            for rid, att in doomed.items():
+                self._abort(rid, att)
+                self.metrics["aborted_orphans"] += 1
+            self.chunks.forget(reply_to)
 
     def _abort(self, request_id: str, attempt: int) -> None:
         # a tombstone, so a Reserve or Handoff of this attempt (or an older one) still on its way is

@@ -134,6 +134,8 @@ class SendTransfer:
         return None
 
     def abort(self, reason: str) -> None:
+        if self.state == TransferState.RESERVING and getattr(self, "_reserve", None) is not None:
+            self.client.forget_reserve(self.request_id, self.attempt)  # no future left waiting for a reply
         if self.state in (TransferState.RESERVING, TransferState.TRANSFERRING):  # D frees what it holds
             self.client.abort(self.endpoints[0], self.request_id, self.attempt, reason)
         if self.state in (TransferState.RESERVING, TransferState.TRANSFERRING):

@@ -69,8 +69,9 @@ class PrefillWorker:
         self._stop = True
 
     def close(self) -> None:
-        for p in self._reserving.values():
-            p.transfer.abort("prefill worker closing")
+        for p in list(self._reserving.values()) + list(self._pending.values()):
+            if p.transfer is not None:
+                p.transfer.abort("prefill worker closing")
         for st in self._shipping:
             st.abort("prefill worker closing")
         self.client.stop()
@@ -88,6 +89,7 @@ class PrefillWorker:
             busy = self.engine.has_unfinished_requests()
             self.poll(0 if busy else (1 if self._reserving else 5 if self._shipping else 20))
             self._poll_reservations()
+            self._drop_orphans()
             if self.engine.has_unfinished_requests():
                 t0 = time.monotonic()
                 self._step()
@@ -161,6 +163,15 @@ class PrefillWorker:
             self.chunks.error(req.reply_to, rid, req.attempt, str(e))
             return
         self._pending[rid] = _Pending(req, params, transfer)
+
+    def _drop_orphans(self) -> None:
+        """Requests of a gateway that died (its etcd lease is gone) have nobody to stream to."""
+        reg = self.heartbeat.registry
+        for reply_to in (reg.gone_requesters() if reg is not None else []):
+            for rid in [r for r, p in {**self._reserving, **self._pending}.items() if p.req.reply_to == reply_to]:
+                self._abort(rid)
+                self.metrics["aborted_orphans"] += 1
+            self.chunks.forget(reply_to)
 
     def _drop_refused(self) -> None:
         """A decode worker that gave up on a request before its prompt was done (the requester aborted

@@ -53,6 +53,14 @@ def idle(live, worker_id):
     return load["num_running"] == 0 and load["num_waiting"] == 0 and load["free_blocks"] == load["num_blocks"]
 
 
+def wait_busy(live, worker_id, timeout=3.0):
+    """Until a heartbeat shows the request running there (load samples are up to 0.2 s old)."""
+    t0 = time.monotonic()
+    while idle(live, worker_id):
+        assert time.monotonic() - t0 < timeout, f"{worker_id} never showed the request running"
+        time.sleep(0.02)
+
+
 def test_a_client_disconnect_frees_prefill_and_decode_blocks_within_1_s(live):
     url = urlparse(live.gw.info["url"])
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
@@ -65,10 +73,34 @@ def test_a_client_disconnect_frees_prefill_and_decode_blocks_within_1_s(live):
     while got < 3:  # a few tokens in: the request is decoding on d0
         line = resp.fp.readline()
         got += line.startswith(b"data: {")
-    assert not idle(live, "d0")
+    wait_busy(live, "d0")
     conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream (close() alone keeps the fd:
     conn.sock.close()  # the response file still refers to it)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 1.0 and not (idle(live, "d0") and idle(live, "p0")):
         time.sleep(0.02)
     assert idle(live, "d0") and idle(live, "p0"), f"blocks not freed within 1 s:\n{live.logs()}"
+
+
+def test_a_dead_gateway_s_requests_are_cancelled_on_the_workers(live):
+    """DESIGN §7: a gateway dies (kill -9) mid-stream; when its etcd lease expires, the workers abort
+    its requests instead of generating for nobody. (Runs last: it kills the module's gateway.)"""
+    import os
+    import signal
+    url = urlparse(live.gw.info["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({
+        "model": NAME, "prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 400,
+        "temperature": 0, "ignore_eos": True, "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    got = 0
+    while got < 3:
+        got += resp.fp.readline().startswith(b"data: {")
+    wait_busy(live, "d0")
+    os.kill(live.gw.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 8.0 and not idle(live, "d0"):  # lease TTL 2 s, then the workers' mirrors
+        time.sleep(0.05)
+    assert idle(live, "d0"), f"the dead gateway's request still runs:\n{live.logs()}"
+    print(f"cancelled {time.monotonic() - t0:.1f} s after the gateway died")
+    conn.close()
