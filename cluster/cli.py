@@ -225,9 +225,17 @@ def cmd_coordinator(args) -> int:
     import msgspec
 
     from coordinator.server import CoordinatorConfig, serve
+    classes = {}
+    for spec in args.slo_class or []:
+        name, _, rest = spec.partition("=")
+        try:
+            ttft, tpot = (float(x) if x else None for x in rest.split(":"))
+        except ValueError:
+            raise ValueError(f"--slo-class {spec!r}: expected NAME=TTFT_MS:TPOT_MS (either may be empty)") from None
+        classes[name] = (ttft, tpot)
     config = CoordinatorConfig(args.etcd.split(","), args.cluster, args.id, args.host, args.placement_port,
                                args.heartbeat_port, args.events_port, args.admin_host, args.admin_port,
-                               args.policy, args.suspect_after, args.lease_ttl, args.ttft_ms, args.tpot_ms)
+                               args.policy, args.suspect_after, args.lease_ttl, args.ttft_ms, args.tpot_ms, classes)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -390,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lease-ttl", type=int, default=2)
     c.add_argument("--ttft-ms", type=float, default=None, help="default TTFT SLO")
     c.add_argument("--tpot-ms", type=float, default=None, help="default TPOT SLO")
+    c.add_argument("--slo-class", action="append", help="a named SLO class requests can ask for: "
+                   "NAME=TTFT_MS:TPOT_MS (repeatable; 'batch' = no SLOs is built in)")
     c.set_defaults(fn=cmd_coordinator)
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")

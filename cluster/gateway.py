@@ -180,7 +180,8 @@ class Generation:
             t0 = time.perf_counter()
             try:
                 reply = await self.gw.link.place(Place(CVERSION, self.id, self.model, prompt_len, remaining,
-                                                       self.slo[0], self.slo[1], sorted(exclude)))
+                                                       self.slo[0], self.slo[1], sorted(exclude),
+                                                       self.slo[2] if len(self.slo) > 2 else ""))
             except PlacementUnavailable as e:
                 raise ApiError(503, str(e), code="coordinator_unavailable", type_="service_unavailable",
                                headers={"Retry-After": "2"}) from None
@@ -520,7 +521,8 @@ class Gateway:
                 if api.n > 1 and params.seed is not None:
                     import dataclasses
                     params = dataclasses.replace(params, seed=params.seed + j)
-                g = Generation(self, f"{base}-{pi * api.n + j}", prompt, params, api.model, (api.ttft_ms, api.tpot_ms))
+                g = Generation(self, f"{base}-{pi * api.n + j}", prompt, params, api.model,
+                               (api.ttft_ms, api.tpot_ms, api.slo_class or ""))
                 gens.append(g)
         for g in gens:
             self.generations[g.id] = g

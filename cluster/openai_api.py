@@ -25,7 +25,7 @@ class ApiError(Exception):
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "user", "stream", "stream_options", "min_tokens",
           "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "ttft_ms", "tpot_ms",
-          "return_token_ids"}
+          "return_token_ids", "slo_class"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias", "tools",
                         "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls",
@@ -57,6 +57,7 @@ class ApiRequest:
     tpot_ms: float | None = None
     prompt_texts: list[str] = field(default_factory=list)
     return_token_ids: bool = False  # extension (as vLLM's): each choice also carries its token ids
+    slo_class: str | None = None  # extension: a named SLO class the coordinator knows
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -208,8 +209,9 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
     except InvalidRequestError as e:
         raise _bad(str(e), getattr(e, "param", None)) from None
     return_ids = _get(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean", False)
+    slo_class = _get(body, "slo_class", lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a short string")
     return ApiRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, user,
-                      slo["ttft_ms"], slo["tpot_ms"], texts, return_ids)
+                      slo["ttft_ms"], slo["tpot_ms"], texts, return_ids, slo_class)
 
 
 # ---- responses ---------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class Place(msgspec.Struct, tag="place", frozen=True):
     ttft_ms: float | None = None  # SLOs of this request (None: the cluster's defaults)
     tpot_ms: float | None = None
     exclude: list[str] = []  # workers not to use (the ones that just failed this request)
+    slo_class: str = ""  # a named class of SLOs the coordinator knows (explicit ttft/tpot_ms win)
 
 
 class WorkerAddr(msgspec.Struct, frozen=True):

@@ -77,6 +77,7 @@ class CoordinatorConfig:
     lease_ttl: int = 2
     ttft_ms: float | None = None  # the cluster's default SLOs (a request may name its own)
     tpot_ms: float | None = None
+    slo_classes: dict = None  # name -> (ttft_ms | None, tpot_ms | None); "batch" (no SLOs) is built in
 
     def __post_init__(self):
         if not self.etcd:
@@ -85,6 +86,7 @@ class CoordinatorConfig:
             raise ValueError(f"suspect_after = {self.suspect_after!r}: must be > 0")
         keys.root(self.cluster)
         make_policy(self.policy)
+        self.slo_classes = {"batch": (None, None), **(self.slo_classes or {})}
         self.coordinator_id = self.coordinator_id or f"coord-{uuid.uuid4().hex[:8]}"
 
 
@@ -339,8 +341,14 @@ class Coordinator:
         if req.model and req.model not in self.view.models():
             return Rejected(VERSION, rid, "unknown_model", f"no worker serves model {req.model!r}", 5.0)
         c = self.config
-        ttft = req.ttft_ms if req.ttft_ms is not None else c.ttft_ms
-        tpot = req.tpot_ms if req.tpot_ms is not None else c.tpot_ms
+        ttft, tpot = c.ttft_ms, c.tpot_ms
+        if req.slo_class:
+            if req.slo_class not in c.slo_classes:
+                return Rejected(VERSION, rid, "bad_request", f"unknown SLO class {req.slo_class!r} (known: "
+                                f"{', '.join(sorted(c.slo_classes))})", 0)
+            ttft, tpot = c.slo_classes[req.slo_class]
+        ttft = req.ttft_ms if req.ttft_ms is not None else ttft
+        tpot = req.tpot_ms if req.tpot_ms is not None else tpot
         preq = PlacementRequest(req.prompt_tokens, req.max_tokens, ttft / 1e3 if ttft else float("inf"),
                                 tpot / 1e3 if tpot else float("inf"))
         result, colocated = self.view.place(self.policy, preq, time.monotonic(), req.model, req.exclude)
@@ -440,7 +448,9 @@ class Coordinator:
         return {
             "cluster": c.cluster, "coordinator_id": c.coordinator_id, "is_leader": self.is_leader,
             "leader": msgspec.to_builtins(self.leader_info) if self.leader_info else None,
-            "policy": self.policy.name, "slo": {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms},
+            "policy": self.policy.name, "slo": {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms,
+                                                "classes": {k: {"ttft_ms": v[0], "tpot_ms": v[1]}
+                                                            for k, v in c.slo_classes.items()}},
             "suspect_after_s": c.suspect_after, "workers": workers,
             "events": [msgspec.to_builtins(e) for e in list(self.state.events)[-20:]],
         }

@@ -284,7 +284,8 @@ def test_malformed_messages_are_dropped_and_counted(live):
 
 def test_drain_stops_new_work_on_every_replica_and_admin_api_errors_are_openai_shaped(live):
     from live_cluster import post_json
-    coords = [live.coordinator("coord-a"), live.coordinator("coord-b")]
+    classes = ("--slo-class", "interactive=0.001:1000", "--slo-class", "chat=60000:")
+    coords = [live.coordinator("coord-a", *classes), live.coordinator("coord-b", *classes)]
     live.worker("prefill", "p0")
     live.worker("decode", "d0")
     live.worker("decode", "d1")
@@ -297,6 +298,13 @@ def test_drain_stops_new_work_on_every_replica_and_admin_api_errors_are_openai_s
         wait_for(lambda: workers_of(leader)["d0"]["state"] == "draining", 5, "the leader honours the drain")
         placer = Placer(leader.info["placement"])
         assert {placer.place().decode.worker_id for _ in range(8)} == {"d1"}
+        # named SLO classes: an impossible TTFT is rejected early, batch and a loose class are placed
+        r = placer.place(slo_class="interactive")
+        assert isinstance(r, Rejected) and r.code == "overloaded" and "TTFT" in r.reason, r
+        assert isinstance(placer.place(slo_class="batch"), Placed)
+        assert isinstance(placer.place(slo_class="chat"), Placed)
+        r = placer.place(slo_class="nope")
+        assert isinstance(r, Rejected) and r.code == "bad_request" and "interactive" in r.reason, r
         placer.close()
         status, body, _ = post_json(leader.info["admin"] + "/v1/workers/nope/drain")
         assert status == 404 and body["error"]["code"] == "worker_not_found" and body["error"]["type"]
