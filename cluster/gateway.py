@@ -664,22 +664,19 @@ class Gateway:
                         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]})
             live = len(gens)
-            async for i, d, err in source:
+
+            def take(i, d, err) -> int:  # how many generations this item ended
                 if err is not None:
                     send(err.body())
                 elif d is None:
-                    live -= 1
+                    return 1
                 else:
                     event(i, d)
-                if tasks:  # whatever else is ready goes in the same write
-                    while not queue.empty() and live:
-                        i, d, err = queue.get_nowait()
-                        if err is not None:
-                            send(err.body())
-                        elif d is None:
-                            live -= 1
-                        else:
-                            event(i, d)
+                return 0
+            async for item in source:
+                live -= take(*item)
+                while tasks and live and not queue.empty():  # whatever else is ready goes in the same write
+                    live -= take(*queue.get_nowait())
                 if not live:
                     break
                 if buf:

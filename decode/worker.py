@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import Counter
 
@@ -50,7 +51,10 @@ class DecodeWorker:
         self.engine = LLMEngine(config, rank_module="decode.rank_main")
         self.layout = kv_layout(self.engine)
         self.metrics = Counter()
-        self.pool = BlockPoolReserver(self.engine.block_manager)
+        # the block manager is changed by this loop (steps, admissions, aborts) and by the KV thread
+        # (reservations): one lock for both
+        self.bm_lock = threading.RLock()
+        self.pool = BlockPoolReserver(self.engine.block_manager, self.bm_lock)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, attempt) from the KV thread
         runner = self.engine.runner
         caches = RankCaches(runner.kv_caches, runner.model.layer_start, 0)  # rank 0 holds the first heads
@@ -131,6 +135,10 @@ class DecodeWorker:
             self.metrics["messages_unexpected"] += 1
 
     def _admit(self) -> None:
+        with self.bm_lock:
+            self._admit_locked()
+
+    def _admit_locked(self) -> None:
         while True:
             try:
                 rid, attempt = self._ready.get_nowait()
@@ -191,7 +199,9 @@ class DecodeWorker:
             self.metrics["handoffs_expired"] += 1
 
     def _step(self) -> None:
-        for ro in self.engine.step():
+        with self.bm_lock:
+            outputs = self.engine.step()
+        for ro in outputs:
             reply_to, attempt = self._live.get(ro.request_id, (None, 0))
             if reply_to is None:
                 continue
@@ -217,19 +227,21 @@ class DecodeWorker:
         # refused; everything of a newer attempt (a migration back to this worker) is left alone
         prev = self._aborted.get(request_id)
         self._aborted[request_id] = (max(attempt, prev[0] if prev else -1), time.monotonic() + 60.0)
-        h = self._handoffs.get(request_id)
-        if h is not None and h[0].attempt <= attempt:
-            del self._handoffs[request_id]
-        live = self._live.get(request_id)
-        if live is not None and live[1] <= attempt:
-            self.engine.abort_request(request_id)
-            self._live.pop(request_id)
-            self._first_index.pop((request_id, 0), None)
+        # the reservation table before the block lock: the KV thread takes them in that order
         self.reservations.on_abort(request_id, attempt, "aborted by the requester", notify_sender=True)
-        self._admit()  # KV that landed but is still queued for the loop: release it too
-        kv = self._kv_done.get(request_id)
-        if kv is not None and kv <= attempt:
-            del self._kv_done[request_id]
-            self._kv_deadline.pop(request_id, None)
-            self.pool.release(request_id, kv)
+        with self.bm_lock:
+            h = self._handoffs.get(request_id)
+            if h is not None and h[0].attempt <= attempt:
+                del self._handoffs[request_id]
+            live = self._live.get(request_id)
+            if live is not None and live[1] <= attempt:
+                self.engine.abort_request(request_id)
+                self._live.pop(request_id)
+                self._first_index.pop((request_id, 0), None)
+            self._admit_locked()  # KV that landed but is still queued for the loop: release it too
+            kv = self._kv_done.get(request_id)
+            if kv is not None and kv <= attempt:
+                del self._kv_done[request_id]
+                self._kv_deadline.pop(request_id, None)
+                self.pool.release(request_id, kv)
         self.metrics["aborted"] += 1

@@ -156,38 +156,44 @@ class BlockPoolReserver:
     takes it over (`take`) when the transfer is done, so the request starts with its KV in place.
     """
 
-    def __init__(self, block_manager):
+    def __init__(self, block_manager, lock=None):
+        """`lock`: shared with whoever else changes the block manager (the engine's loop): reservations
+        arrive on the KV thread."""
         from engine.sampling_params import SamplingParams
         from engine.sequence import Sequence
 
         self.bm = block_manager
+        self.lock = lock if lock is not None else threading.RLock()
         self._seq_cls, self._params = Sequence, SamplingParams()
         self.held: dict[str, object] = {}
 
     def reserve(self, request_id: str, num_tokens: int, attempt: int = 0) -> list[int] | None:
-        old = self.held.pop(request_id, None)
-        if old is not None:  # an older attempt's landed KV nobody claimed: the newer attempt supersedes it
-            self.bm.free(old[1])
-        seq = self._seq_cls(request_id, 0, [0] * num_tokens, num_tokens, self._params)
-        if not self.bm.allocate_slots(seq, num_tokens):
-            return None
-        self.held[request_id] = (attempt, seq)
-        return list(seq.block_ids)
+        with self.lock:
+            old = self.held.pop(request_id, None)
+            if old is not None:  # an older attempt's landed KV nobody claimed: the newer attempt supersedes it
+                self.bm.free(old[1])
+            seq = self._seq_cls(request_id, 0, [0] * num_tokens, num_tokens, self._params)
+            if not self.bm.allocate_slots(seq, num_tokens):
+                return None
+            self.held[request_id] = (attempt, seq)
+            return list(seq.block_ids)
 
     def release(self, request_id: str, attempt: int | None = None) -> None:
         """Frees the held KV of `request_id` (of that attempt only, when one is named)."""
-        h = self.held.get(request_id)
-        if h is not None and (attempt is None or h[0] == attempt):
-            del self.held[request_id]
-            self.bm.free(h[1])
+        with self.lock:
+            h = self.held.get(request_id)
+            if h is not None and (attempt is None or h[0] == attempt):
+                del self.held[request_id]
+                self.bm.free(h[1])
 
     def take(self, request_id: str, attempt: int | None = None):
         """The held placeholder sequence (its blocks now the caller's), or None if that attempt's is gone."""
-        h = self.held.get(request_id)
-        if h is None or (attempt is not None and h[0] != attempt):
-            return None
-        del self.held[request_id]
-        return h[1]
+        with self.lock:
+            h = self.held.get(request_id)
+            if h is None or (attempt is not None and h[0] != attempt):
+                return None
+            del self.held[request_id]
+            return h[1]
 
 
 @dataclass

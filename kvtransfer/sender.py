@@ -45,8 +45,10 @@ class SendTransfer:
         self._ack_deadline: float | None = None
 
     def reserve(self) -> bool:
-        reply = self.client.reserve(self.endpoints[0], self.request_id, self.attempt, self.num_tokens,
-                                    self.src, self.reserve_timeout)
+        return self._reserved(self.client.reserve(self.endpoints[0], self.request_id, self.attempt,
+                                                  self.num_tokens, self.src, self.reserve_timeout))
+
+    def _reserved(self, reply) -> bool:
         if not reply.ok:
             self._fail(reply.reason)
             return False
@@ -69,14 +71,7 @@ class SendTransfer:
         if self.state != TransferState.RESERVING:
             return self.state == TransferState.TRANSFERRING
         if self._reserve.done():
-            reply = self._reserve.result()
-            if not reply.ok:
-                self._fail(reply.reason)
-                return False
-            self.dst_block_ids = reply.block_ids
-            self._ack = self.client.expect_ack(self.request_id, self.attempt)
-            self.state = TransferState.TRANSFERRING
-            return True
+            return self._reserved(self._reserve.result())
         if (time.monotonic() if now is None else now) >= self._reserve_deadline:
             self.client.forget_reserve(self.request_id, self.attempt)
             self._fail(f"no answer within {self.reserve_timeout} s")
