@@ -36,6 +36,7 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
+    ready_by: float = 0.0  # a restart in progress: when to give up waiting for its ready line
 
     def start(self, wait_ready: bool = True, timeout: float = 300.0) -> None:
         out = open(self.log, "a")  # noqa: SIM115 (the child holds it)
@@ -47,6 +48,18 @@ class Child:
         self.started_at = time.monotonic()
         if wait_ready:
             self.wait_ready(timeout)
+
+    def poll_ready(self) -> bool:
+        """Non-blocking: True once the child has printed its ready line."""
+        import select
+        while select.select([self.proc.stdout], [], [], 0)[0]:
+            line = self.proc.stdout.readline()
+            if not line:
+                return False
+            if line.startswith("{"):
+                self.info = json.loads(line)
+                return True
+        return False
 
     def wait_ready(self, timeout: float) -> None:
         import select
@@ -260,14 +273,23 @@ class Supervisor:
                     self.log(f"{c.name} (pid {c.pid}) exited with {c.proc.returncode}; restarting in {backoff:.0f} s "
                              f"(see {c.log})")
                 elif now >= c.next_start:
+                    # started without waiting: a slow start (a model loading) must not hold up the
+                    # supervision of the others, nor SIGTERM; state.json names the new PID at once
                     c.restarts += 1
                     c.next_start = 0.0
-                    try:
-                        c.start(timeout=600)
-                        self.log(f"{c.name} restarted (pid {c.pid})")
-                    except RuntimeError as e:
-                        self.log(f"{c.name} failed to restart: {str(e).splitlines()[0]}")
+                    c.start(wait_ready=False)
+                    c.ready_by = now + 600.0
                     changed = True
+            for c in self.children:
+                if c.ready_by and c.alive():
+                    if c.poll_ready():
+                        c.ready_by = 0.0
+                        self.log(f"{c.name} restarted (pid {c.pid})")
+                        changed = True
+                    elif now > c.ready_by:
+                        self.log(f"{c.name} (pid {c.pid}) did not become ready in 600 s; killing it")
+                        c.ready_by = 0.0
+                        c.stop(grace=5.0)
             for i, e in enumerate(self.etcds):  # an embedded etcd member that died comes back, same data
                 if self._stop or e.proc is None or e.proc.poll() is None:
                     continue
