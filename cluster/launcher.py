@@ -443,6 +443,8 @@ def status(args) -> int:
         used = 1 - load.get("free_blocks", 0) / max(load.get("num_blocks", 1), 1)
         print(f"{w['worker_id']:<12} {w['role']:<9} {'tp%dpp%d' % (w['tp'], w['pp']):<8} {w['state']:<9} "
               f"{load.get('num_running', 0):>4} {load.get('num_waiting', 0):>5} {used:>7.0%} {load.get('step_ms', 0):>8.1f}")
+    for g in view.get("gateways", []):
+        print(f"gateway {g['gateway_id']}: {g['url']} ({g['model']}, pid {g['pid']})")
     return 0
 
 

@@ -144,6 +144,7 @@ class Coordinator:
         self.drains = PrefixMirror(self.session, keys.drains(c.cluster), self._drain_changed).start()
         self.leader_mirror = PrefixMirror(self.session, keys.leader(c.cluster), self._leader_changed).start()
         self.profile_mirror = PrefixMirror(self.session, keys.profiles(c.cluster), self._profile_changed).start()
+        self.gateway_mirror = PrefixMirror(self.session, keys.gateways(c.cluster), lambda *a: None).start()
         await self.session.register(keys.coordinator(c.cluster, c.coordinator_id), msgspec.json.encode(self.info))
         loop = asyncio.get_running_loop()
         self._beat_reader = Reader(loop, self.pull, self._on_beat)
@@ -177,7 +178,7 @@ class Coordinator:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for mirror in (self.workers, self.drains, self.leader_mirror, self.profile_mirror):
+        for mirror in (self.workers, self.drains, self.leader_mirror, self.profile_mirror, self.gateway_mirror):
             await mirror.stop()
         if self.election is not None and self.election.is_leader:
             try:
@@ -451,9 +452,19 @@ class Coordinator:
             "policy": self.policy.name, "slo": {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms,
                                                 "classes": {k: {"ttft_ms": v[0], "tpot_ms": v[1]}
                                                             for k, v in c.slo_classes.items()}},
-            "suspect_after_s": c.suspect_after, "workers": workers,
+            "suspect_after_s": c.suspect_after, "workers": workers, "gateways": self._gateways(),
             "events": [msgspec.to_builtins(e) for e in list(self.state.events)[-20:]],
         }
+
+    def _gateways(self) -> list[dict]:
+        out = []
+        for key, value in sorted(self.gateway_mirror.items.items()):
+            try:
+                g = msgspec.json.decode(value)
+                out.append({k: g.get(k) for k in ("gateway_id", "url", "model", "pid")})
+            except (msgspec.DecodeError, AttributeError):
+                continue
+        return out
 
     async def drain(self, worker_id: str) -> bool:
         if worker_id not in self.view.workers:

@@ -59,6 +59,7 @@ def test_up_request_restart_down(tmp_path, tiny_llama):
         assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 1000
         out = cli("status", "--state-dir", str(state))
         assert out.returncode == 0 and "decode-0" in out.stdout and "live" in out.stdout, out.stdout + out.stderr
+        assert f"gateway gateway-0: {st['url']}" in out.stdout
 
         # a worker that dies is restarted by the supervisor, and the cluster serves again
         old = st["children"]["decode-0"]["pid"]
