@@ -176,19 +176,31 @@ class Generation:
         """Places the next attempt and sends it to P. Raises ApiError when nothing can take it."""
         remaining = self.params.max_tokens - len(self.tokens)
         prompt_len = len(self.prompt) + len(self.tokens)
-        for exclude in (self.exclude, set()):  # all excluded workers gone? the cluster may have healed
-            t0 = time.perf_counter()
-            try:
-                reply = await self.gw.link.place(Place(CVERSION, self.id, self.model, prompt_len, remaining,
-                                                       self.slo[0], self.slo[1], sorted(exclude),
-                                                       self.slo[2] if len(self.slo) > 2 else ""))
-            except PlacementUnavailable as e:
-                raise ApiError(503, str(e), code="coordinator_unavailable", type_="service_unavailable",
-                               headers={"Retry-After": "2"}) from None
-            finally:
-                self.gw.m_placement.observe(time.perf_counter() - t0)
-            if isinstance(reply, Placed) or reply.code != "no_workers" or not exclude:
+        # no healthy worker right now (just registered, not yet heard from; or all briefly suspect):
+        # wait a little, as a queue would, before answering 503
+        give_up = time.monotonic() + self.gw.config.placement_deadline
+        delay = 0.05
+        while True:
+            for exclude in (self.exclude, set()):  # all excluded workers gone? the cluster may have healed
+                t0 = time.perf_counter()
+                try:
+                    reply = await self.gw.link.place(Place(CVERSION, self.id, self.model, prompt_len, remaining,
+                                                           self.slo[0], self.slo[1], sorted(exclude),
+                                                           self.slo[2] if len(self.slo) > 2 else ""))
+                except PlacementUnavailable as e:
+                    raise ApiError(503, str(e), code="coordinator_unavailable", type_="service_unavailable",
+                                   headers={"Retry-After": "2"}) from None
+                finally:
+                    self.gw.m_placement.observe(time.perf_counter() - t0)
+                if isinstance(reply, Placed) or reply.code != "no_workers" or not exclude:
+                    break
+            transient = reply.code == "no_workers" if isinstance(reply, Rejected) else False
+            transient |= isinstance(reply, Rejected) and reply.code == "unknown_model" and \
+                self.model in self.gw.served_models()  # its workers are all gone for the moment
+            if not transient or time.monotonic() + delay > give_up:
                 break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
         if isinstance(reply, Rejected):
             self.gw.m_rejections.inc(code=reply.code)
             retry = {"Retry-After": str(max(1, round(reply.retry_after_s)))}
