@@ -172,13 +172,7 @@ def _whole(state_file, victim: str, kind: str, old_pid: int, admin_candidates: l
     if kind == "none":
         return True
     if kind == "partition":  # the partitioned worker is back in the coordinators' view (a new lease)
-        for admin in admin_candidates:
-            try:
-                ws = {w["worker_id"]: w for w in _get(admin + "/v1/cluster", 2)["workers"]}
-                return ws.get(victim, {}).get("state") == "live"
-            except OSError:
-                continue
-        return False
+        return _live_in_view(victim, admin_candidates)
     if kind == "etcd":
         m = next((m for m in st.get("etcd_members", []) if m["name"] == victim), None)
         return m is not None and m["pid"] != old_pid and _ok(m["endpoint"] + "/health")
@@ -186,17 +180,22 @@ def _whole(state_file, victim: str, kind: str, old_pid: int, admin_candidates: l
     if pid is None or pid == old_pid:
         return False
     if kind == "worker":
-        for admin in admin_candidates:
-            try:
-                ws = {w["worker_id"]: w for w in _get(admin + "/v1/cluster", 2)["workers"]}
-                return ws.get(victim, {}).get("state") == "live"
-            except OSError:
-                continue
-        return False
+        return _live_in_view(victim, admin_candidates)
     if kind == "gateway":
         url = st["children"][victim].get("url")
         return url is None or _ok(url + "/ready")
     return True
+
+
+def _live_in_view(worker_id: str, admins: list[str]) -> bool:
+    """The first coordinator that answers says the worker is live."""
+    for admin in admins:
+        try:
+            ws = {w["worker_id"]: w for w in _get(admin + "/v1/cluster", 2)["workers"]}
+            return ws.get(worker_id, {}).get("state") == "live"
+        except OSError:
+            continue
+    return False
 
 
 def _ok(url: str) -> bool:
