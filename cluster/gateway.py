@@ -143,7 +143,6 @@ class Generation:
         self.base = 0  # tokens delivered when the current attempt started (its index 0)
         self.migrations = 0
         self.exclude: set[str] = set()
-        self.duplicates = 0
         self.capacity_retries = 0
         self.capacity_since: float | None = None  # first "no room" of the current run of them
         self.decoding = False  # this attempt's D has sent a token
@@ -302,8 +301,6 @@ class Generation:
             index = self.base + chunk.index
             skip = len(self.tokens) - index
             new = chunk.token_ids[max(skip, 0):] if skip < len(chunk.token_ids) else []
-            if skip > 0:
-                self.duplicates += min(skip, len(chunk.token_ids))
             if index > len(self.tokens):  # a gap: a chunk was lost; the attempt cannot be trusted
                 await self._migrate(_Failure(None, f"gap in the token stream at {len(self.tokens)}"))
                 continue

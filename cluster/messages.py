@@ -82,21 +82,20 @@ def encode(msg) -> bytes:
     return _enc.encode(msg)
 
 
-def decode_worker_message(data: bytes):
+def _decode(dec, data: bytes, what: str):
+    """Decoding is validation: malformed, unknown or another protocol version -> MessageError."""
     try:
-        msg = _worker_dec.decode(data)
+        msg = dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise MessageError(f"malformed message: {e}") from None
+        raise MessageError(f"malformed {what}: {e}") from None
     if msg.v != VERSION:
-        raise MessageError(f"protocol version {msg.v} (this process speaks {VERSION})")
+        raise MessageError(f"{what}: protocol version {msg.v} (this process speaks {VERSION})")
     return msg
+
+
+def decode_worker_message(data: bytes):
+    return _decode(_worker_dec, data, "message")
 
 
 def decode_chunk(data: bytes) -> TokenChunk:
-    try:
-        msg = _chunk_dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise MessageError(f"malformed chunk: {e}") from None
-    if msg.v != VERSION:
-        raise MessageError(f"chunk: protocol version {msg.v} (this process speaks {VERSION})")
-    return msg
+    return _decode(_chunk_dec, data, "chunk")

@@ -5,7 +5,7 @@ description the gateway serves. Every validation failure is an ApiError naming t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -55,7 +55,6 @@ class ApiRequest:
     user: str | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
-    prompt_texts: list[str] = field(default_factory=list)
     return_token_ids: bool = False  # extension (as vLLM's): each choice also carries its token ids
     slo_class: str | None = None  # extension: a named SLO class the coordinator knows
 
@@ -97,7 +96,6 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
     if model not in served_models:
         raise ApiError(404, f"The model '{model:.200}' does not exist (served: {', '.join(sorted(served_models))})",
                        "model", "model_not_found")
-    texts: list[str] = []
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -126,15 +124,14 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
         except InvalidRequestError as e:
             raise _bad(str(e), "messages") from None
         prompts = [tokenizer.encode(text, add_special_tokens=False)]
-        texts = [text]
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, str):
-            prompts, texts = [tokenizer.encode(prompt)], [prompt]
+            prompts = [tokenizer.encode(prompt)]
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
             prompts = [list(prompt)]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts, texts = [tokenizer.encode(p) for p in prompt], list(prompt)
+            prompts = [tokenizer.encode(p) for p in prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(_is_int(t) for t in p)
                                                         for p in prompt):
             prompts = [list(p) for p in prompt]
@@ -211,7 +208,7 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
     return_ids = _get(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean", False)
     slo_class = _get(body, "slo_class", lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a short string")
     return ApiRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, user,
-                      slo["ttft_ms"], slo["tpot_ms"], texts, return_ids, slo_class)
+                      slo["ttft_ms"], slo["tpot_ms"], return_ids, slo_class)
 
 
 # ---- responses ---------------------------------------------------------------------------------------

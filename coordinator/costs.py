@@ -58,10 +58,6 @@ class CostRefiner:
         t.log_ratio += (r - t.log_ratio) * (w / t.weight)
         t.steps += steps
 
-    def ratio(self, model: str, shape: str, side: str) -> float | None:
-        t = self.tracks.get((model, shape, side))
-        return math.exp(t.log_ratio) if t is not None and t.steps else None
-
     def proposals(self, profiles: dict[tuple[str, str], dict]) -> list[tuple[str, str, dict, dict]]:
         """[(model, shape, refined profile, ratios)] for every shape whose fleet disagrees with its
         stored profile by more than the tolerance (after enough steps); their averages restart."""

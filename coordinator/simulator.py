@@ -57,7 +57,6 @@ class SimRequest:
     tpot_slo: float
     first_token: float | None = None
     finish: float | None = None
-    decode_start: float | None = None
     rejected: bool = False
     generated: int = 0
 
@@ -196,7 +195,6 @@ def _admit(d: _Decoder, cluster: SimCluster, now: float) -> None:
         if d.running and d.used + need > cluster.kv_capacity_tokens:
             break  # no room: wait for a running request to finish (first come, first served)
         d.waiting.pop(0)
-        q.decode_start = now
         d.running.append(q)
         d.used += need
 

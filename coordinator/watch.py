@@ -26,7 +26,6 @@ class PrefixMirror:
         self.items: dict[str, bytes] = {}
         self.revision = 0  # of the last list or event applied
         self.synced = asyncio.Event()  # set after the first complete list
-        self.resyncs = 0
         self._task: asyncio.Task | None = None
 
     def start(self) -> "PrefixMirror":
@@ -101,5 +100,4 @@ class PrefixMirror:
                 raise
             except Exception as e:
                 log.debug("mirror of %s: %s; listing again", self.prefix, e)
-            self.resyncs += 1
             await asyncio.sleep(self.retry_s)
