@@ -6,7 +6,11 @@ Pure bookkeeping with injected time, so it is tested without sockets. A worker i
   its requests;
 - dead: its registration is gone (lease expired or deregistered).
 Placements are counted against a worker (queued prompt tokens, running requests) until a heartbeat
-sampled after the placement confirms the worker has seen it, so a burst does not overfill one worker.
+sampled after the placement confirms the worker has seen it, so a burst does not overfill one worker,
+or until the placement's prediction says it is over there (its first token for P, its last for D):
+with heartbeats 0.2 s apart, a placement that took a few milliseconds would otherwise stay queued in
+the view long after it left the queue, and every request placed meanwhile would be predicted to wait
+for it.
 
 A placement (`place`, the leader's per request) builds no list of workers: each worker has one
 PrefillWorkerState and one DecodeLoad record, updated in place by the inputs above, and is filed in
@@ -17,6 +21,7 @@ build the full lists the policies' reference `place` scans (`place(..., scan=Tru
 from __future__ import annotations
 
 import itertools
+import heapq
 from dataclasses import dataclass, field, fields
 
 from cluster.registry import Load, WorkerInfo
@@ -31,6 +36,8 @@ class _Pending:
     prompt_tokens: int
     max_tokens: int
     tpot_slo: float
+    queued: bool = True  # still counted in P's queue (until its predicted first token)
+    running: bool = True  # still counted in D's batch (until its predicted last token)
 
 
 @dataclass(eq=False)
@@ -62,6 +69,8 @@ class LiveView:
         self._indexes: dict[str, dict] = {side: {} for side in SIDES}  # side -> {key: SortedIndex}
         self._floors: dict[tuple, object] = {}  # (side, group) -> least cost coefficients there
         self._models: dict[str, int] = {}  # model -> registered workers serving it
+        self._ends: list[tuple] = []  # heap of (time, seq, view, pending, side): a prediction says it is over
+        self._seq = itertools.count()
         # always kept, as counts and health need them; a placement does not move them
         self._steady = {side: (self.index(side, in_scan_order, of_view=True),
                                self.index(side, by_heartbeat, of_view=True)) for side in SIDES}
@@ -122,11 +131,17 @@ class LiveView:
                 self.registered(v.info, now)
 
     def placed(self, placement: Placement, req: PlacementRequest, now: float) -> None:
+        first = now + placement.predicted_ttft
+        last = first + max(req.max_tokens - 1, 0) * placement.predicted_tpot
         for wid in dict.fromkeys((placement.prefill, placement.decode)):  # colocated: one worker, counted once
             v = self.workers.get(wid)
             if v is not None:
-                v.pending.append(_Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo))
+                pend = _Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo)
+                v.pending.append(pend)
+                for end, side in ((first, "queued"), (last, "running")):
+                    heapq.heappush(self._ends, (end, next(self._seq), v, pend, side))
                 v.prefill.queued_tokens += req.prompt_tokens
+                v.prefill.queued_prompts += 1
                 d = v.decode
                 d.num_running += 1
                 d.total_context += req.prompt_tokens
@@ -150,6 +165,7 @@ class LiveView:
         and its decode batch must both do). Returns it and whether it is colocated. `scan`: the
         policy's reference `place` on full lists of states (as fast path and benchmarks compare)."""
         exclude = frozenset(exclude)
+        self.expire(now)
         if scan:
             return self._place_by_scan(policy, req, now, model, exclude)
         ps = Candidates(self, "prefill", ("prefill",), model, now, exclude)
@@ -186,6 +202,19 @@ class LiveView:
             self.placed(result, req, now)
         return result, colocated
 
+    def expire(self, now: float) -> None:
+        """Stops counting the placements whose predicted first token (at P) or last token (at D) is past."""
+        touched = {}
+        while self._ends and self._ends[0][0] <= now:
+            _, _, v, pend, side = heapq.heappop(self._ends)
+            if getattr(pend, side):
+                setattr(pend, side, False)
+                touched[id(v)] = v
+        for v in touched.values():
+            v.pending = [p for p in v.pending if p.queued or p.running]
+            if self.workers.get(v.info.worker_id) is v:
+                self._recount(v)
+
     # ---- queries ---------------------------------------------------------------------------------
     def suspects(self, now: float) -> list[str]:
         return [wid for wid, v in self.workers.items() if now - v.heard_at > self.suspect_after]
@@ -202,23 +231,26 @@ class LiveView:
 
     def prefill_states(self, now: float, roles: tuple[str, ...] = ("prefill", "colocated"), model: str = "",
                        exclude=()) -> list[PrefillWorkerState]:
+        self.expire(now)
         return [self.prefill_state(v, now) for v in self.workers.values() if self._wanted(v, roles, model, exclude)]
 
     def decode_states(self, now: float, roles: tuple[str, ...] = ("decode", "colocated"), model: str = "",
                       exclude=()) -> list[DecodeWorkerState]:
+        self.expire(now)
         return [self.decode_state(v, now) for v in self.workers.values() if self._wanted(v, roles, model, exclude)]
 
     def prefill_state(self, v: WorkerView, now: float) -> PrefillWorkerState:
         wid = v.info.worker_id
-        queued = (v.load.queued_tokens if v.load else 0) + sum(p.prompt_tokens for p in v.pending)
-        return PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()), queued, self._healthy(v, now))
+        queued, prompts = _queue(v)
+        return PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()), queued, self._healthy(v, now),
+                                  queued_prompts=prompts)
 
     def decode_state(self, v: WorkerView, now: float) -> DecodeWorkerState:
         wid, load = v.info.worker_id, v.load
         running = [RunningRequest(0, float("inf"))] * (load.num_running if load else 0)
-        running += [RunningRequest(p.prompt_tokens, p.tpot_slo) for p in v.pending]
+        running += [RunningRequest(p.prompt_tokens, p.tpot_slo) for p in v.pending if p.running]
         free = (load.free_blocks * v.info.block_size if load else 0) \
-            - sum(p.prompt_tokens for p in v.pending)  # reservations: the prompt's KV
+            - sum(p.prompt_tokens for p in v.pending if p.running)  # reservations: the prompt's KV
         return DecodeWorkerState(wid, self.decode_costs.get(wid, DecodeCost()), running, free,
                                  healthy=self._healthy(v, now))
 
@@ -263,9 +295,9 @@ class LiveView:
     def _recount(self, v: WorkerView) -> None:
         """v's records from its last heartbeat and its placements since (what prefill_state /
         decode_state list), then refiled."""
-        load, pending = v.load, v.pending
+        load, pending = v.load, [p for p in v.pending if p.running]
         prompts = sum(p.prompt_tokens for p in pending)
-        v.prefill.queued_tokens = (load.queued_tokens if load else 0) + prompts
+        v.prefill.queued_tokens, v.prefill.queued_prompts = _queue(v)
         d = v.decode
         d.num_running = (load.num_running if load else 0) + len(pending)
         d.total_context = prompts  # what the heartbeat counts is of unknown context: 0
@@ -279,6 +311,15 @@ class LiveView:
             self._models[model] = left
         else:
             self._models.pop(model, None)
+
+
+def _queue(v: WorkerView) -> tuple[int, int]:
+    """Prompt tokens queued at v and the prompts they are of: the last heartbeat's (its waiting prompts;
+    one if only a prompt mid-prefill is left) and the placements counted since."""
+    load, pending = v.load, [p for p in v.pending if p.queued]
+    tokens = load.queued_tokens if load else 0
+    prompts = max(load.num_waiting, 1) if tokens else 0
+    return tokens + sum(p.prompt_tokens for p in pending), prompts + len(pending)
 
 
 def _of_record(key, side: str):

@@ -67,7 +67,7 @@ def _costs(profiles: dict, model: str | None) -> tuple[PrefillCost, DecodeCost, 
         if model and m != model:
             continue
         if shape == "prefill-tp1-pp1" and pre is None and isinstance(prof.get("prefill"), dict):
-            pre = PrefillCost(**{k: float(v) for k, v in prof["prefill"].items() if k in ("a", "b", "c")})
+            pre = PrefillCost(**{k: float(v) for k, v in prof["prefill"].items() if k in ("a", "b", "c", "hop")})
         if shape == "decode-tp1-pp1" and dec is None and isinstance(prof.get("decode"), dict):
             dec = DecodeCost(**{k: float(v) for k, v in prof["decode"].items() if k in ("base", "per_seq", "per_token")})
     source = "stored profiles" if pre and dec else "default cost models (no stored profile)"

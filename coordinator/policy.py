@@ -2,12 +2,20 @@
 
 DESIGN.md §6. Cost models (DistServe's form): prefill time of n prompt tokens a + b*n + c*n^2;
 decode step time base + per_seq*batch + per_token*total_context. For a request the `slo` policy
-predicts, per prefill worker, TTFT = queue wait + prefill + first-layer transfer, and per decode
+predicts, per prefill worker, TTFT = hop + queue wait + prefill + first-layer transfer, and per decode
 worker the step time after adding it, which must stay within the TPOT SLO of the new request *and*
 of every request already running there. P and D are chosen independently (TTFT depends on P alone,
 TPOT on D alone), so a placement is O(P + D). The pair with the most slack wins; none: rejected
 early with a reason (HTTP 429 upstream), as Mooncake does. `least-loaded` and `round-robin` are the
 baselines.
+
+The prefill queue (`queue_wait`): a prefill worker batches the prompts waiting for it into steps of
+up to `step_tokens` tokens (the engine's max_num_batched_tokens; chunked prefill splits longer
+ones), so queued prompts share a step's fixed cost `a`: Q queued tokens in k prompts take
+a*ceil(Q/step_tokens) + b*Q + c*Q^2/k (the quadratic term as if the k prompts were of equal length),
+and the new prompt's own step follows. What a request pays once and does not make others wait for
+(the gateway, the placement round trip, the reservation at D, its first token's way back) is the
+cost model's `hop`: added to its TTFT, never to a queue.
 
 Each policy's `place` scans full lists of worker states: the reference, and what tests run on
 synthetic states. The coordinator calls `place_in` instead, on `Candidates` that the live view keeps
@@ -29,12 +37,22 @@ INF = float("inf")
 
 @dataclass(frozen=True, order=True)  # ordered: an index key may hold one
 class PrefillCost:
-    a: float = 0.005  # seconds
+    a: float = 0.005  # seconds per step (shared by the prompts batched in it)
     b: float = 2e-4  # seconds per token
-    c: float = 0.0  # seconds per token^2
+    c: float = 0.0  # seconds per token^2 (per prompt)
+    hop: float = 0.0  # seconds per request outside the worker's steps: its TTFT only, nobody's queue
 
     def seconds(self, n: int) -> float:
+        """One prompt of n tokens alone in a step (the worker's time; no hop)."""
         return self.a + self.b * n + self.c * n * n
+
+    def queue_seconds(self, tokens: int, prompts: int = 1, step_tokens: int = 2048) -> float:
+        """The worker's time for `tokens` queued tokens of `prompts` prompts, batched into steps of up to
+        `step_tokens` tokens (Σn² taken as tokens²/prompts: prompts of equal length)."""
+        if tokens <= 0:
+            return 0.0
+        steps = -(-tokens // max(step_tokens, 1))
+        return self.a * steps + self.b * tokens + self.c * tokens * tokens / max(prompts, 1)
 
 
 @dataclass(frozen=True, order=True)
@@ -54,6 +72,8 @@ class PrefillWorkerState:
     queued_tokens: int = 0  # prompt tokens waiting or being computed there
     healthy: bool = True  # False: suspect (missed heartbeats) or draining: no new work
     transfer_s_per_token: float = 0.0  # first layer's KV on the wire, per prompt token
+    queued_prompts: int = 0  # the prompts those tokens belong to (0 with tokens queued: taken as 1)
+    step_tokens: int = 2048  # its token budget per step (the engine's max_num_batched_tokens)
 
 
 @dataclass
@@ -120,11 +140,13 @@ class Rejection:
 
 
 def queue_wait(p: PrefillWorkerState) -> float:
-    return p.cost.seconds(p.queued_tokens) if p.queued_tokens else 0.0
+    """The worker's time for what is queued there before a new prompt's step (module docstring)."""
+    return p.cost.queue_seconds(p.queued_tokens, p.queued_prompts, p.step_tokens)
 
 
 def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest) -> float:
-    return queue_wait(p) + p.cost.seconds(req.prompt_tokens) + p.transfer_s_per_token * req.prompt_tokens
+    return (p.cost.hop + queue_wait(p) + p.cost.seconds(req.prompt_tokens)
+            + p.transfer_s_per_token * req.prompt_tokens)
 
 
 def predicted_tpot(d: DecodeWorkerState | DecodeLoad, req: PlacementRequest) -> float:
@@ -229,7 +251,7 @@ def _ttft_rank(p: PrefillWorkerState) -> tuple:
     """The TTFT of an empty prompt (the walk's order: TTFT = that + b*n + c*n^2 + transfer*n), then all
     else TTFT depends on."""
     wait = queue_wait(p)
-    return (wait + p.cost.a, wait, p.cost, p.transfer_s_per_token)
+    return (p.cost.hop + wait + p.cost.a, wait, p.cost, p.transfer_s_per_token)
 
 
 def _tpot_rank(d: DecodeLoad) -> tuple:
@@ -388,7 +410,9 @@ def apply(placement: Placement, req: PlacementRequest, prefills: dict[str, Prefi
           decodes: dict[str, DecodeWorkerState]) -> None:
     """Counts a placement in the live view until the workers' next heartbeats confirm it, so a burst
     does not pile onto one worker."""
-    prefills[placement.prefill].queued_tokens += req.prompt_tokens
+    p = prefills[placement.prefill]
+    p.queued_tokens += req.prompt_tokens
+    p.queued_prompts += 1
     d = decodes[placement.decode]
     d.running.append(RunningRequest(req.prompt_tokens, req.tpot_slo))
     d.free_tokens -= req.prompt_tokens

@@ -3,15 +3,23 @@
 It places every request with the coordinator's own policy code (coordinator/policy.py) on states
 built from the simulated workers, and times them with the same cost models the coordinator uses:
 
-- prefill worker: first come, first served, one prompt at a time; a prompt of n tokens takes
-  a + b·n + c·n² (PrefillCost); its first token is out when it is done (TTFT);
+- prefill worker: continuous batching as the engine does it: a step takes the waiting prompts first
+  come, first served, up to `prefill_step_tokens` tokens (the last one taken may be a chunk of its
+  prompt: chunked prefill), and lasts a + b·(tokens) + c·Σ(its prompts' share of n²) (PrefillCost:
+  a chunk from position s to e costs c·(e² - s²), so a prompt costs c·n² in all); a prompt's first
+  token is out when its last chunk is done, and reaches the client `hop` later (the cost model's
+  per-request overhead: gateway, placement, the token's way back);
 - KV transfer: `transfer_s_per_token` × n after the prefill, before decoding starts;
 - decode worker: continuous batching; a step takes base + per_seq·B + per_token·(total context)
   (DecodeCost) and gives every running request one token; a request joins at the next step if its
   whole KV fits (`kv_capacity_tokens` >= prompt + output of everything running; no preemption is
   modelled), else it waits, first come first served.
 
-Requests the policy rejects count as failing their SLOs. Everything is deterministic for a seed.
+Every later token also reaches the client `hop` after the decode step that made it (TPOT is
+unchanged by it). The policy sees each worker as the live view would with perfect heartbeats: P's
+queued tokens and prompts, D's running and waiting requests plus those placed there and not arrived
+yet (their prompts' KV reserved). Requests the policy rejects count as failing their SLOs.
+Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from coordinator.policy import (DecodeCost, DecodeWorkerState, Placement, PlacementRequest, PrefillCost,
@@ -45,6 +54,7 @@ class SimCluster:
     transfer_s_per_token: float = 0.0
     max_batch: int = 256
     policy: str = "slo"
+    prefill_step_tokens: int = 2048  # the prefill engine's token budget per step (max_num_batched_tokens)
 
 
 @dataclass
@@ -59,6 +69,7 @@ class SimRequest:
     finish: float | None = None
     rejected: bool = False
     generated: int = 0
+    hop: float = 0.0  # its prefill worker's: how much later than made each token reaches the client
 
     @property
     def ttft(self) -> float | None:
@@ -76,12 +87,32 @@ class SimRequest:
 
 
 @dataclass
+class _Prefiller:
+    cost: PrefillCost
+    waiting: deque = field(default_factory=deque)  # [request, decode worker, tokens computed], FIFO
+    stepping: bool = False
+    queued: int = 0  # prompt tokens not computed yet (waiting or in the step under way)
+
+    def state(self, i: int, cluster: SimCluster) -> PrefillWorkerState:
+        return PrefillWorkerState(str(i), self.cost, self.queued, True, cluster.transfer_s_per_token,
+                                  len(self.waiting), cluster.prefill_step_tokens)
+
+
+@dataclass
 class _Decoder:
     cost: DecodeCost
     running: list[SimRequest] = field(default_factory=list)
     waiting: list[SimRequest] = field(default_factory=list)
+    assigned: list[SimRequest] = field(default_factory=list)  # placed here, still prefilling or in transfer
     stepping: bool = False
     used: int = 0  # KV tokens reserved by running requests (prompt + output each)
+
+    def state(self, j: int, cluster: SimCluster) -> DecodeWorkerState:
+        pending = self.waiting + self.assigned
+        return DecodeWorkerState(str(j), self.cost,
+                                 [RunningRequest(q.prompt + q.generated, q.tpot_slo) for q in self.running + pending],
+                                 cluster.kv_capacity_tokens - self.used - sum(q.prompt for q in pending),
+                                 cluster.max_batch)
 
 
 def generate(w: Workload, n: int, seed: int = 0) -> list[tuple[float, int, int]]:
@@ -112,8 +143,7 @@ def _lognormal(rng: random.Random, mean: float, sigma: float) -> int:
 def simulate(cluster: SimCluster, arrivals: list[tuple[float, int, int]], ttft_slo: float = math.inf,
              tpot_slo: float = math.inf) -> list[SimRequest]:
     policy = make_policy(cluster.policy)
-    p_free_at = [0.0] * len(cluster.prefill)  # when each prefill worker is next idle
-    p_queued = [0] * len(cluster.prefill)  # prompt tokens queued or in service there
+    prefillers = [_Prefiller(c) for c in cluster.prefill]
     decoders = [_Decoder(c) for c in cluster.decode]
     reqs = [SimRequest(i, t, p, o, ttft_slo, tpot_slo) for i, (t, p, o) in enumerate(arrivals)]
     events: list = []  # (time, seq, kind, payload)
@@ -130,36 +160,55 @@ def simulate(cluster: SimCluster, arrivals: list[tuple[float, int, int]], ttft_s
         now, _, kind, x = heapq.heappop(events)
         if kind == "arrive":
             r = x
-            ps = [PrefillWorkerState(str(i), c, p_queued[i]) for i, c in enumerate(cluster.prefill)]
-            ds = [DecodeWorkerState(str(j), d.cost, [RunningRequest(q.prompt + q.generated, q.tpot_slo)
-                                                     for q in d.running + d.waiting],
-                                    cluster.kv_capacity_tokens - d.used - sum(q.prompt for q in d.waiting),
-                                    cluster.max_batch)
-                  for j, d in enumerate(decoders)]
-            for s in ps:
-                s.transfer_s_per_token = cluster.transfer_s_per_token
-            got = policy.place(PlacementRequest(r.prompt, r.output, r.ttft_slo, r.tpot_slo), ps, ds)
+            got = policy.place(PlacementRequest(r.prompt, r.output, r.ttft_slo, r.tpot_slo),
+                               [p.state(i, cluster) for i, p in enumerate(prefillers)],
+                               [d.state(j, cluster) for j, d in enumerate(decoders)])
             if not isinstance(got, Placement):
                 r.rejected = True
                 continue
-            i, j = int(got.prefill), int(got.decode)
-            start = max(now, p_free_at[i])
-            done = start + cluster.prefill[i].seconds(r.prompt)
-            p_free_at[i] = done
-            p_queued[i] += r.prompt
-            push(done, "prefilled", (r, i, j))
-        elif kind == "prefilled":
-            r, i, j = x
-            p_queued[i] -= r.prompt
-            r.first_token = now
-            r.generated = 1
-            if r.output <= 1:
-                r.finish = now
-                continue
-            push(now + cluster.transfer_s_per_token * r.prompt, "transferred", (r, j))
+            p, d = prefillers[int(got.prefill)], decoders[int(got.decode)]
+            p.waiting.append([r, d, 0])
+            p.queued += r.prompt
+            d.assigned.append(r)
+            if not p.stepping:  # the next step starts now: whatever else arrives at this instant joins it
+                p.stepping = True
+                push(now, "prefill", p)
+        elif kind == "prefill":  # a prefill step starts
+            p = x
+            batch, budget, work = [], cluster.prefill_step_tokens, 0.0
+            for item in p.waiting:
+                if budget <= 0:
+                    break
+                r, _, done = item
+                take = min(r.prompt - done, budget)
+                budget -= take
+                work += p.cost.b * take + p.cost.c * ((done + take) ** 2 - done ** 2)
+                batch.append((item, take))
+            if batch:
+                push(now + p.cost.a + work, "prefilled", (p, batch))
+            else:
+                p.stepping = False
+        elif kind == "prefilled":  # a prefill step ends
+            p, batch = x
+            for item, take in batch:
+                item[2] += take
+                p.queued -= take
+                r, d, done = item
+                if done < r.prompt:
+                    continue  # chunked: the rest in a later step
+                p.waiting.remove(item)
+                r.hop = p.cost.hop
+                r.first_token = now + r.hop
+                r.generated = 1
+                if r.output <= 1:
+                    r.finish = r.first_token
+                    d.assigned.remove(r)
+                    continue
+                push(now + cluster.transfer_s_per_token * r.prompt, "transferred", (r, d))
+            push(now, "prefill", p)
         elif kind == "transferred":
-            r, j = x
-            d = decoders[j]
+            r, d = x
+            d.assigned.remove(r)
             d.waiting.append(r)
             if not d.stepping:  # the next step starts now: whatever else lands at this instant joins it
                 d.stepping = True
@@ -177,7 +226,7 @@ def simulate(cluster: SimCluster, arrivals: list[tuple[float, int, int]], ttft_s
                 q.generated += 1
             done = [q for q in d.running if q.generated >= q.output]
             for q in done:
-                q.finish = now
+                q.finish = now + q.hop
                 d.used -= q.prompt + q.output
             d.running = [q for q in d.running if q.generated < q.output]
             _admit(d, cluster, now)

@@ -71,3 +71,28 @@ def test_workers_of_one_shape_share_the_stored_profile_and_colocated_placements_
     v.placed(Placement("c0", "c0", 0.1, 0.1), PlacementRequest(100, 20), now=0.1)
     assert len(v.workers["c0"].pending) == 1
     assert [d.free_tokens for d in v.decode_states(0.1, ("colocated",))] == [256 * 16 - 100]
+
+
+def test_a_placement_stops_counting_once_its_prediction_says_it_is_over():
+    """Heartbeats are 0.2 s apart; a prompt prefilled in milliseconds must not stay in P's queue (and
+    in every later prediction) until the next one, nor a finished request in D's batch."""
+    from coordinator.policy import Placement
+    v = LiveView()
+    for w, r in (("p0", "prefill"), ("d0", "decode")):
+        v.registered(info(w, r), now=0.0)
+        v.heartbeat(load(w), now=0.0)
+    # predicted: first token 0.05 s after placement, then 9 more tokens 0.01 s apart
+    v.placed(Placement("p0", "d0", 0.05, 0.01), PlacementRequest(100, 10), now=1.0)
+    v.placed(Placement("p0", "d0", 0.08, 0.01), PlacementRequest(50, 10), now=1.0)
+    queued = lambda t: [(p.queued_tokens, p.queued_prompts) for p in v.prefill_states(t)]  # noqa: E731
+    running = lambda t: [(len(d.running), d.free_tokens) for d in v.decode_states(t)]  # noqa: E731
+    assert queued(1.04) == [(150, 2)] and running(1.04) == [(2, 256 * 16 - 150)]
+    assert queued(1.055) == [(50, 1)] and queued(1.085) == [(0, 0)]
+    assert running(1.12) == [(2, 256 * 16 - 150)] and running(1.145) == [(1, 256 * 16 - 50)]
+    assert running(1.175) == [(0, 256 * 16)] and v.workers["p0"].pending == []
+    # the indexed records agree with the states
+    assert v.workers["p0"].prefill.queued_tokens == 0 and v.workers["d0"].decode.num_running == 0
+    # a heartbeat still confirms a placement before its predicted end
+    v.placed(Placement("p0", "d0", 0.05, 0.01), PlacementRequest(100, 10), now=2.0)
+    v.heartbeat(load("p0", queued=100), now=2.01, sampled_at=2.005)
+    assert queued(2.02) == [(100, 1)]  # from the worker's own numbers now

@@ -97,3 +97,18 @@ def test_decode_room_for_the_whole_request_is_preferred_but_the_prompt_alone_suf
         assert make_policy(name).place(req, [prefill("p0")], full).decode == "d1", name
         strict = PlacementRequest(prompt_tokens=100, max_tokens=400, ttft_slo=10.0, tpot_slo=10.0)
         assert make_policy(name).place(strict, [prefill("p0")], full).reason, name
+
+
+def test_queued_prompts_share_step_costs_and_the_hop_is_paid_once():
+    from coordinator.policy import predicted_ttft, queue_wait
+    cost = PrefillCost(a=0.01, b=1e-3, c=1e-6, hop=0.004)
+    # 3000 queued tokens in 3 prompts, 2048 tokens a step: 2 steps; Σn² as 3 prompts of 1000
+    p = PrefillWorkerState("p0", cost, 3000, queued_prompts=3)
+    assert queue_wait(p) == pytest.approx(2 * 0.01 + 3.0 + 1e-6 * 3000 ** 2 / 3)
+    req = PlacementRequest(100, 10)
+    assert predicted_ttft(p, req) == pytest.approx(0.004 + queue_wait(p) + 0.01 + 0.1 + 1e-6 * 100 ** 2)
+    # idle: the hop and its own step only
+    assert predicted_ttft(PrefillWorkerState("p1", cost), req) == pytest.approx(0.004 + 0.01 + 0.1 + 0.01)
+    # ten 10-token prompts queued wait one step, not ten (the hop is in none of them)
+    ten = PrefillWorkerState("p2", cost, 100, queued_prompts=10)
+    assert queue_wait(ten) == pytest.approx(0.01 + 0.1 + 1e-6 * 100 ** 2 / 10)

@@ -6,8 +6,10 @@ from coordinator.policy import DecodeCost, PrefillCost
 from coordinator.simulator import SimCluster, Workload, attainment, generate, goodput, simulate
 
 
-def cluster(pa=0.1, pb=0.0, base=0.01, per_seq=0.0, n_p=1, n_d=1, **kw):
-    return SimCluster([PrefillCost(pa, pb, 0.0)] * n_p, [DecodeCost(base, per_seq, 0.0)] * n_d,
+def cluster(pa=0.1, pb=0.0, base=0.01, per_seq=0.0, n_p=1, n_d=1, hop=0.0, **kw):
+    # a step budget of 10 tokens: one 10-token prompt per prefill step (the cases below), unless asked
+    kw.setdefault("prefill_step_tokens", 10)
+    return SimCluster([PrefillCost(pa, pb, 0.0, hop)] * n_p, [DecodeCost(base, per_seq, 0.0)] * n_d,
                       policy="least-loaded", **kw)
 
 
@@ -46,3 +48,27 @@ def test_attainment_and_goodput_follow_the_slos():
     assert 9.0 <= g <= 10.5
     assert goodput(cluster(pa=1.0), w, ttft_slo=0.5, tpot_slo=1.0, target=0.9) == 0.0  # never fast enough
     assert math.isclose(goodput(cluster(pa=0.05, n_p=2), w, 0.3, 1.0, 0.9, n=200), 4 * g, rel_tol=0.15)
+
+
+def test_prompts_waiting_for_a_prefill_step_share_the_next_one():
+    # a step costs 0.125 s whatever it holds (b = 0); a 16-token prompt every 0.0625 s, room for all in
+    # a step: r0 alone (0.0625-0.1875), r1 and r2 together (0.1875-0.3125), r3 and r4 (0.3125-0.4375)
+    arr = generate(Workload(rate=16, prompt_mean=16, output_mean=1, arrival="uniform"), 5)
+    reqs = simulate(cluster(pa=0.125, prefill_step_tokens=2048), arr)
+    assert [r.ttft for r in reqs] == [0.125, 0.1875, 0.125, 0.1875, 0.125]
+    # the per-request hop adds to every TTFT and to nobody's queue; TPOT is unchanged by it
+    reqs = simulate(cluster(pa=0.125, prefill_step_tokens=2048, hop=0.25), arr)
+    assert [r.ttft for r in reqs] == [0.375, 0.4375, 0.375, 0.4375, 0.375]
+    r = simulate(cluster(hop=0.05), [(0.0, 10, 11)])[0]
+    assert r.ttft == pytest.approx(0.15) and r.tpot == pytest.approx(0.01) and r.finish == pytest.approx(0.25)
+
+
+def test_a_long_prompt_is_chunked_into_steps():
+    # 20 tokens in steps of at most 8: 3 steps (8, 8, 4): 3a + 20b + c (8^2 + (16^2 - 8^2) + (20^2 - 16^2))
+    c = SimCluster([PrefillCost(0.1, 0.01, 0.001)], [DecodeCost(0.01, 0.0, 0.0)], policy="least-loaded",
+                   prefill_step_tokens=8)
+    r = simulate(c, [(0.0, 20, 1)])[0]
+    assert r.ttft == pytest.approx(0.3 + 0.2 + 0.4)
+    # a 4-token prompt arriving meanwhile rides along in the last step's spare room (4 tokens)
+    a, b = simulate(c, [(0.0, 20, 1), (0.05, 4, 1)])
+    assert a.ttft == pytest.approx(0.3 + 0.24 + 0.4 + 0.016) and b.first_token == a.first_token
