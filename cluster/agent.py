@@ -20,6 +20,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from cluster import security
 from cluster.registry import Load, Registry, WorkerInfo
 from coordinator import keys
 from coordinator.protocol import VERSION, Beat, CoordinatorInfo, encode
@@ -98,7 +99,7 @@ class EtcdRegistry(Registry):
                 try:
                     sock = self._socks.get(info.heartbeats)
                     if sock is None:
-                        sock = self._ctx.socket(zmq.PUSH)
+                        sock = security.client(self._ctx.socket(zmq.PUSH))
                         sock.setsockopt(zmq.LINGER, 0)
                         sock.setsockopt(zmq.SNDHWM, 4)  # a dead coordinator does not pile beats up here
                         self._socks[info.heartbeats] = sock

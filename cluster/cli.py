@@ -14,7 +14,7 @@ import sys
 import time
 
 
-from cluster.cli_common import build_engine_config, engine_args
+from cluster.cli_common import apply_security_args, build_engine_config, engine_args, security_args
 
 
 def _generate_remote(args) -> int:
@@ -111,6 +111,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    from cluster.security import make_keys
+    path = make_keys(args.out)
+    print(f"wrote {path} (secret: copy it to every host, mode 600) and {path.with_suffix('.key')}")
+    print(f"use it: [security] curve_key = \"{path}\" in the cluster file, or --curve-key {path}")
+    return 0
+
+
 def cmd_model_pull(args) -> int:
     from engine.model_store import pull_default
     print(pull_default(progress=True, force=args.force))
@@ -161,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", action="append", help="require this Bearer key at the gateway")
     up.add_argument("--detach", action="store_true", help="return once serving; the supervisor stays in the background")
     up.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    security_args(up)
     up.set_defaults(fn=lambda a: __import__("cluster.launcher").launcher.up(a))
 
     for name, helptext in (("down", "stop a cluster started with `cluster up`"),
@@ -208,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reps", type=int, default=3, help="requests per prompt length")
     pr.set_defaults(fn=lambda a: __import__("cluster.bench").bench.profile(a))
 
+    ks = sub.add_parser("keys", help="make the cluster's CURVE keypair (encrypts and authenticates ZeroMQ)")
+    ks.add_argument("--out", required=True, help="directory for cluster.key_secret (mode 600) and cluster.key")
+    ks.set_defaults(fn=cmd_keys)
+
     m = sub.add_parser("model", help="manage models")
     msub = m.add_subparsers(dest="model_cmd", required=True)
     pull = msub.add_parser("pull", help="fetch and convert the default model (SmolLM2-135M-Instruct)")
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.errors import CapacityError, InvalidRequestError, ModelConfigError, ModelFetchError
     try:
+        apply_security_args(args)
         return args.fn(args)
     except (InvalidRequestError, ModelConfigError, CapacityError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

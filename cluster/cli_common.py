@@ -36,3 +36,33 @@ def build_engine_config(args):
         device=DeviceConfig(device=args.device, dtype=args.dtype, num_threads=args.threads),
         quantization=args.quantization,
     )
+
+
+def security_args(p: argparse.ArgumentParser) -> None:
+    """CURVE for ZeroMQ and TLS/auth for etcd (docs/deploy.md). They are exported to the environment,
+    so processes this one starts (ranks, a cluster's processes) use them too."""
+    g = p.add_argument_group("security")
+    g.add_argument("--curve-key", default=None, help="cluster CURVE secret key file (`cluster keys`): encrypt "
+                   "and authenticate every ZeroMQ socket (also $TANDEM_CURVE_KEY)")
+    g.add_argument("--etcd-ca", default=None, help="CA file for etcd's TLS certificates (also $TANDEM_ETCD_CA)")
+    g.add_argument("--etcd-cert", default=None, help="client certificate for etcd (also $TANDEM_ETCD_CERT)")
+    g.add_argument("--etcd-key", default=None, help="its key (also $TANDEM_ETCD_KEY)")
+    g.add_argument("--etcd-user", default=None, help="etcd user (also $TANDEM_ETCD_USER)")
+    g.add_argument("--etcd-password-file", default=None,
+                   help="file with that user's password (also $TANDEM_ETCD_PASSWORD_FILE)")
+
+
+def apply_security_args(args) -> None:
+    """Flags win over the environment; the result is checked (missing files fail here, before any
+    process starts) and exported."""
+    import dataclasses
+
+    from cluster import security
+    from coordinator.etcd_client import EtcdAuth
+    if getattr(args, "curve_key", None):
+        security.configure(args.curve_key)
+    else:
+        security.enabled()  # loads (and so checks) $TANDEM_CURVE_KEY when it is set
+    flags = {f: getattr(args, f"etcd_{f}", None) for f in ("ca", "cert", "key", "user", "password_file")}
+    auth = dataclasses.replace(EtcdAuth.from_env(), **{k: v for k, v in flags.items() if v})
+    auth.check().export()

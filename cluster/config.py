@@ -27,6 +27,8 @@ Torch-free. Errors quote the bad value and where it is in the file:
     hosts = ["gpu-a", "gpu-b"]          # replicas go round-robin over these hosts
     [hosts.gpu-a]
     address = "10.0.0.2"                # interface its processes bind to and advertise
+    [security]
+    curve_key = "keys/cluster.key_secret"   # ZeroMQ CURVE (`cluster keys`); etcd TLS: [etcd] ca/cert/key
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class Etcd(msgspec.Struct, forbid_unknown_fields=True):
     host: str = LOCAL  # where `cluster up` runs the embedded etcd when no endpoints are given
     client_port: int = 0  # embedded: 0 = any free port (single host); set it for multi-host
     members: int = 1  # embedded: 3 runs a 3-member cluster on the etcd host (fault drills)
+    # TLS and auth (coordinator/etcd_client.py); paths are relative to the cluster file
+    ca: str | None = None  # CA of the etcd certificates: turns TLS on
+    cert: str | None = None  # client certificate (etcd --client-cert-auth) ...
+    key: str | None = None  # ... and its key
+    user: str | None = None  # etcd auth
+    password_file: str | None = None
+    server_cert: str | None = None  # embedded etcd with TLS: the member's certificate (SANs: its address)
+    server_key: str | None = None
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,6 +104,11 @@ class Pool(msgspec.Struct, forbid_unknown_fields=True):
     kv_cache_memory: str | None = None
     threads: int = 1
     block_size: int = 16
+    kv_transport: Literal["auto", "zmq", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, else zmq
+
+
+class Security(msgspec.Struct, forbid_unknown_fields=True):
+    curve_key: str | None = None  # cluster CURVE secret key file (`cluster keys`): every ZeroMQ socket
 
 
 class Host(msgspec.Struct, forbid_unknown_fields=True):
@@ -110,6 +125,7 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True):
     coordinator: Coordinator = msgspec.field(default_factory=Coordinator)
     pool: list[Pool] = msgspec.field(default_factory=lambda: [Pool("prefill"), Pool("decode")])
     hosts: dict[str, Host] = {}
+    security: Security = msgspec.field(default_factory=Security)
 
     def address(self, host: str) -> str:
         return self.hosts[host].address if host in self.hosts else "127.0.0.1"
@@ -159,13 +175,26 @@ def loads(text: str, source: str = "cluster.toml") -> ClusterSpec:
     return spec
 
 
+PATH_FIELDS = (("etcd", ("ca", "cert", "key", "password_file", "server_cert", "server_key")),
+               ("security", ("curve_key",)))
+
+
 def load(path: str | Path) -> ClusterSpec:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
-    return loads(text, str(p))
+    spec = loads(text, str(p))
+    for table, fields in PATH_FIELDS:  # file paths in the file are relative to it
+        section = getattr(spec, table)
+        for f in fields:
+            v = getattr(section, f)
+            if v and not Path(v).expanduser().is_absolute():
+                setattr(section, f, str((p.parent / v).resolve()))
+            elif v:
+                setattr(section, f, str(Path(v).expanduser()))
+    return spec
 
 
 def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
@@ -182,6 +211,8 @@ def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
                 bad(f"pool[{i}].{field}", v, "must be a positive integer" if field != "replicas" else "must be >= 0")
         if not p.hosts:
             bad(f"pool[{i}].hosts", p.hosts, "needs at least one host")
+        if p.kv_transport == "nccl" and not p.device.startswith("cuda"):
+            bad(f"pool[{i}].kv_transport", p.kv_transport, f"needs a CUDA device (pool[{i}].device = {p.device!r})")
         if p.replicas:
             roles.add(p.role)
     for where, hosts in (("gateway.hosts", spec.gateway.hosts), ("coordinator.hosts", spec.coordinator.hosts)):
@@ -207,6 +238,15 @@ def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
     for h in spec.all_hosts():
         if h != LOCAL and h not in spec.hosts:
             raise ConfigError(f"{source}: host {h!r} is used but has no [hosts.{h}] table with its address")
+    e = spec.etcd
+    if bool(e.server_cert) != bool(e.server_key) or (e.server_cert and not e.ca):
+        bad("etcd.server_cert", e.server_cert, "an embedded etcd with TLS needs server_cert, server_key and ca")
+    if e.server_cert and e.endpoints:
+        bad("etcd.server_cert", e.server_cert, "is for the embedded etcd; with etcd.endpoints, TLS is the server's")
+    if bool(e.cert) != bool(e.key):
+        bad("etcd.cert", e.cert, "a client certificate needs its key (etcd.key) too")
+    if bool(e.user) != bool(e.password_file):
+        bad("etcd.user", e.user, "etcd auth needs both user and password_file")
     if len(spec.all_hosts()) > 1 and not spec.etcd.endpoints and not spec.etcd.client_port:
         bad("etcd.client_port", 0, "a multi-host cluster with an embedded etcd needs a fixed port (or etcd.endpoints)")
 

@@ -19,6 +19,7 @@ from typing import Callable
 import msgspec
 import zmq
 
+from cluster import security
 from cluster.zmq_loop import Reader
 from coordinator import keys
 from coordinator.protocol import (
@@ -53,7 +54,7 @@ class CoordinatorLink:
         self._dealer: zmq.Socket | None = None
         self._dealer_reader: Reader | None = None
         self._dealer_ep = ""
-        self._sub = self.ctx.socket(zmq.SUB)
+        self._sub = security.client(self.ctx.socket(zmq.SUB))
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -93,7 +94,7 @@ class CoordinatorLink:
             if self._dealer is not None:
                 self._dealer_reader.close()
                 self._dealer.close(0)
-            self._dealer = self.ctx.socket(zmq.DEALER)
+            self._dealer = security.client(self.ctx.socket(zmq.DEALER))
             self._dealer.setsockopt(zmq.LINGER, 0)
             self._dealer.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
             self._dealer.connect(self.leader.placement)

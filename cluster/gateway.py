@@ -25,6 +25,7 @@ import msgspec
 import zmq
 from aiohttp import web
 
+from cluster import security
 from cluster.coordinator_link import CoordinatorLink, PlacementUnavailable
 from cluster.messages import (
     VERSION,
@@ -361,7 +362,7 @@ class Gateway:
                                           deadline=c.placement_deadline).start()
         self.worker_mirror = PrefixMirror(self.session, keys.workers(c.cluster), self._worker_changed).start()
         self.ctx = zmq.Context.instance()
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = security.server(self.ctx.socket(zmq.PULL))
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
         self.pull.setsockopt(zmq.RCVHWM, 100000)
@@ -400,7 +401,7 @@ class Gateway:
     def send(self, endpoint: str, msg) -> None:
         s = self._push.get(endpoint)
         if s is None:
-            s = self.ctx.socket(zmq.PUSH)
+            s = security.client(self.ctx.socket(zmq.PUSH))
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 10000)
             s.connect(endpoint)

@@ -17,8 +17,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster import security
 from cluster.config import LOCAL, ClusterSpec, Pool, load, placements
-from coordinator.etcd_server import EtcdServer, free_port, start_cluster
+from coordinator.etcd_client import EtcdAuth
+from coordinator.etcd_server import EtcdServer, ServerTLS, free_port, start_cluster
 
 
 def default_state_dir(cluster: str) -> Path:
@@ -164,20 +166,21 @@ class Supervisor:
             model = str(resolve_model(spec.model.path))  # fetched and converted on first use (progress bar)
         addr = spec.address(me)
         etcd_eps = ",".join(spec.etcd.endpoints)
+        tls = self._secure()
         if embedded:  # a fresh member each time (the cluster's state lives with its processes)
             import shutil
             shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
             if spec.etcd.members > 1:
-                self.etcds = start_cluster(spec.etcd.members, self.state_dir / "etcd")
+                self.etcds = start_cluster(spec.etcd.members, self.state_dir / "etcd", tls=tls)
             else:
                 self.etcds = [EtcdServer.start(self.state_dir / "etcd", host=addr, peer_port=free_port(addr),
-                                               client_port=spec.etcd.client_port or free_port(addr))]
+                                               client_port=spec.etcd.client_port or free_port(addr), tls=tls)]
             etcd_eps = ",".join(e.endpoint for e in self.etcds)
             for e in self.etcds:
                 self.log(f"{e.name:<11} pid {e.proc.pid:<7} {e.endpoint}  (data in {e.data_dir})")
         elif not etcd_eps:
             host = spec.address(spec.etcd.host)
-            etcd_eps = f"http://{host}:{spec.etcd.client_port}"
+            etcd_eps = f"{'https' if spec.etcd.ca else 'http'}://{host}:{spec.etcd.client_port}"
         self.etcd_endpoints = etcd_eps
         common = ["--etcd", etcd_eps, "--cluster", spec.name]
         served = ["--served-model-name", spec.model.name] if spec.model.name else []
@@ -198,7 +201,8 @@ class Supervisor:
                 args = ["worker", "--role", pool.role, "--worker-id", p["name"], "--model", model, *common, *served,
                         "--host", addr, "--tp", str(pool.tp), "--pp", str(pool.pp), "--device", pool.device,
                         "--threads", str(pool.threads), "--block-size", str(pool.block_size),
-                        "--dtype", spec.model.dtype, "--quantization", spec.model.quantization]
+                        "--dtype", spec.model.dtype, "--quantization", spec.model.quantization,
+                        "--kv-transport", pool.kv_transport]
                 args += ["--kv-cache-memory", pool.kv_cache_memory] if pool.kv_cache_memory else []
                 self._child(p["name"], args)
         coords = [c for c in self.children if c.args[0] == "coordinator"]
@@ -232,6 +236,18 @@ class Supervisor:
         else:
             self.log(f"host {me} is up; logs in {self.state_dir / 'logs'}")
         self._write_state(etcd_eps, admin)
+
+    def _secure(self) -> ServerTLS | None:
+        """CURVE and etcd TLS/auth from the cluster file, unless flags or the environment set them;
+        exported, so every process started from here uses them. Returns the embedded etcd's TLS."""
+        e = self.spec.etcd
+        if self.spec.security.curve_key and not security.enabled():
+            security.configure(self.spec.security.curve_key)
+        env = EtcdAuth.from_env()
+        cert, key = (e.cert, e.key) if e.cert else (e.server_cert, e.server_key)  # a member cert may serve
+        EtcdAuth(env.ca or e.ca, env.cert or cert, env.key or key, env.user or e.user,
+                 env.password_file or e.password_file).check().export()
+        return ServerTLS(e.server_cert, e.server_key, e.ca) if e.server_cert else None
 
     def _wait_ready(self, url: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

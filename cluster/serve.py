@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from cluster.cli_common import build_engine_config, engine_args
+from cluster.cli_common import build_engine_config, engine_args, security_args
 
 
 def add_parsers(sub) -> None:
@@ -19,6 +19,9 @@ def add_parsers(sub) -> None:
     w.add_argument("--host", default="127.0.0.1", help="interface the worker's sockets bind to")
     w.add_argument("--port", type=int, default=0, help="request socket port (0: any free port)")
     w.add_argument("--kv-port", type=int, default=0, help="decode: KV transfer port (0: any free port)")
+    w.add_argument("--kv-transport", default="auto", choices=["auto", "zmq", "nccl", "gloo"],
+                   help="how KV payloads move between workers: auto = nccl on CUDA, else zmq; gloo = the "
+                   "torch.distributed path on CPU (control messages always take ZeroMQ)")
     w.add_argument("--worker-id", default=None)
     w.add_argument("--registry", default=None,
                    help="directory registry (JSON files) to announce this worker and its load in")
@@ -31,6 +34,7 @@ def add_parsers(sub) -> None:
                    help="model name requests use (default: the model directory's name)")
     w.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the start-up cost-model profile (the coordinator then uses defaults)")
+    security_args(w)
     w.set_defaults(fn=cmd_worker)
 
     c = sub.add_parser("coordinator", help="run a coordinator replica (leader-elected through etcd)")
@@ -50,6 +54,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--tpot-ms", type=float, default=None, help="default TPOT SLO")
     c.add_argument("--slo-class", action="append", help="a named SLO class requests can ask for: "
                    "NAME=TTFT_MS:TPOT_MS (repeatable; 'batch' = no SLOs is built in)")
+    security_args(c)
     c.set_defaults(fn=cmd_coordinator)
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
@@ -68,6 +73,7 @@ def add_parsers(sub) -> None:
     gw.add_argument("--token-timeout", type=float, default=30.0)
     gw.add_argument("--lease-ttl", type=int, default=2)
     gw.add_argument("--id", default="", help="gateway id (default: random)")
+    security_args(gw)
     gw.set_defaults(fn=cmd_gateway)
 
 
@@ -78,10 +84,12 @@ def cmd_worker(args) -> int:
     import json
     import signal
 
-    from engine.config import ParallelConfig
+    from engine.config import KVTransferConfig, ParallelConfig
     t0 = time.perf_counter()
     config = build_engine_config(args)
-    config = dataclasses.replace(config, parallel=ParallelConfig(tp=args.tp, pp=args.pp))
+    config = dataclasses.replace(config, parallel=ParallelConfig(tp=args.tp, pp=args.pp),
+                                 kv_transfer=KVTransferConfig(transport=args.kv_transport, host=args.host))
+    config.kv_transfer.backend(config.device.device)  # nccl without CUDA: a clear error before loading
     if args.role == "decode":
         from decode.worker import DecodeWorker
         worker = DecodeWorker(config, args.worker_id or "decode-0", args.host, args.port, args.kv_port)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from cluster import security
 from cluster.messages import VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, decode_chunk, encode
 
 
@@ -25,7 +26,7 @@ class Stream:
 class WorkerClient:
     def __init__(self, host: str = "127.0.0.1"):
         self.ctx = zmq.Context.instance()
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = security.server(self.ctx.socket(zmq.PULL))
         self.pull.setsockopt(zmq.LINGER, 0)
         self.reply_to = f"tcp://{host}:{self.pull.bind_to_random_port(f'tcp://{host}')}"
         self._push: dict[str, zmq.Socket] = {}
@@ -34,7 +35,7 @@ class WorkerClient:
     def _sock(self, endpoint: str) -> zmq.Socket:
         s = self._push.get(endpoint)
         if s is None:
-            s = self.ctx.socket(zmq.PUSH)
+            s = security.client(self.ctx.socket(zmq.PUSH))
             s.setsockopt(zmq.LINGER, 0)
             s.connect(endpoint)
             self._push[endpoint] = s

@@ -6,6 +6,7 @@ import logging
 
 import zmq
 
+from cluster import security
 from cluster.messages import VERSION, MessageError, TokenChunk, decode_worker_message, encode
 
 log = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ MAX_REQUEST_BYTES = 64 << 20
 
 def request_socket(ctx: zmq.Context, host: str, port: int = 0) -> tuple[zmq.Socket, str]:
     """A worker's PULL socket for requests (port 0: any free one), with a message size limit."""
-    sock = ctx.socket(zmq.PULL)
+    sock = security.server(ctx.socket(zmq.PULL))
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
     if port:
@@ -37,7 +38,7 @@ class ChunkSender:
         s = self._socks.get(reply_to)
         try:
             if s is None:
-                s = self.ctx.socket(zmq.PUSH)
+                s = security.client(self.ctx.socket(zmq.PUSH))
                 s.setsockopt(zmq.LINGER, 0)
                 s.setsockopt(zmq.SNDHWM, self.sndhwm)
                 self._socks[reply_to] = s

@@ -4,6 +4,9 @@ loopback ports, with its own data directory; stopped by PID (never by name). Tor
     srv = EtcdServer.start(tmpdir)          # one member; srv.endpoint = "http://127.0.0.1:PORT"
     members = start_cluster(3, tmpdir)      # a 3-member cluster (fault tests)
     srv.stop()                              # SIGTERM, then SIGKILL after a grace period
+
+With `tls=ServerTLS(cert, key, ca)` the member serves clients and peers over https, and demands a
+client certificate signed by `ca` from both (etcd's --client-cert-auth / --peer-client-cert-auth).
 """
 
 from __future__ import annotations
@@ -23,6 +26,24 @@ from pathlib import Path
 
 class EtcdError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    cert: str  # the member's certificate (its SANs must name every address it is reached on)
+    key: str
+    ca: str  # signs the member and client certificates
+
+    def args(self) -> list[str]:
+        return ["--cert-file", self.cert, "--key-file", self.key, "--trusted-ca-file", self.ca, "--client-cert-auth",
+                "--peer-cert-file", self.cert, "--peer-key-file", self.key, "--peer-trusted-ca-file", self.ca,
+                "--peer-client-cert-auth"]
+
+    def ssl_context(self):
+        import ssl
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
 
 
 def etcd_binary() -> str:
@@ -55,21 +76,27 @@ class EtcdServer:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     args: list[str] = field(default_factory=list)
+    tls: ServerTLS | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
 
     @classmethod
     def create(cls, base_dir: str | os.PathLike, name: str = "tandem-etcd", host: str = "127.0.0.1",
-               client_port: int = 0, peer_port: int = 0) -> "EtcdServer":
+               client_port: int = 0, peer_port: int = 0, tls: ServerTLS | None = None) -> "EtcdServer":
         base = Path(base_dir)
         base.mkdir(parents=True, exist_ok=True)
-        return cls(name, base / f"{name}.etcd", host, client_port or free_port(host), peer_port or free_port(host))
+        return cls(name, base / f"{name}.etcd", host, client_port or free_port(host), peer_port or free_port(host),
+                   tls=tls)
 
     @classmethod
     def start(cls, base_dir: str | os.PathLike, timeout: float = 20.0, **kw) -> "EtcdServer":
@@ -85,7 +112,7 @@ class EtcdServer:
             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
             "--initial-cluster-token", token, "--heartbeat-interval", "50", "--election-timeout", "500",
-            "--log-level", "warn",
+            "--log-level", "warn", *(self.tls.args() if self.tls else []),
         ]
         self.log_path = self.data_dir.with_suffix(".log")
         log = open(self.log_path, "ab")
@@ -103,7 +130,8 @@ class EtcdServer:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.endpoint + "/health", timeout=1.0) as r:
+            ctx = self.tls.ssl_context() if self.tls else None
+            with urllib.request.urlopen(self.endpoint + "/health", timeout=1.0, context=ctx) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (urllib.error.URLError, OSError, ValueError):
             return False
@@ -134,8 +162,9 @@ class EtcdServer:
             self.proc.wait(5)
 
 
-def start_cluster(n: int, base_dir: str | os.PathLike, timeout: float = 30.0) -> list[EtcdServer]:
-    members = [EtcdServer.create(base_dir, name=f"tandem-etcd-{i}") for i in range(n)]
+def start_cluster(n: int, base_dir: str | os.PathLike, timeout: float = 30.0,
+                  tls: ServerTLS | None = None) -> list[EtcdServer]:
+    members = [EtcdServer.create(base_dir, name=f"tandem-etcd-{i}", tls=tls) for i in range(n)]
     initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
     for m in members:
         m.launch(initial)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
+from cluster import security
 from cluster.metrics import Metrics
 from cluster.registry import WorkerInfo
 from cluster.zmq_loop import Reader
@@ -156,7 +157,7 @@ class Coordinator:
         return self
 
     def _bind(self, kind: int, port: int) -> zmq.Socket:
-        s = self.ctx.socket(kind)
+        s = security.server(self.ctx.socket(kind))
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         if kind == zmq.ROUTER:

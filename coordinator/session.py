@@ -16,15 +16,19 @@ from urllib.parse import urlparse
 
 import aetcd
 
+from coordinator.etcd_client import EtcdAuth, make_client
+
 log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, endpoints: list[str], ttl: int = 2, timeout: float = 2.0):
+    def __init__(self, endpoints: list[str], ttl: int = 2, timeout: float = 2.0, auth: EtcdAuth | None = None):
+        """`auth`: TLS and user settings (default: from the environment, see coordinator/etcd_client.py)."""
         if ttl < 1:
             raise ValueError(f"ttl = {ttl!r}: etcd leases are whole seconds, at least 1")
         self.endpoints = [urlparse(e if "://" in e else f"http://{e}") for e in endpoints]
         self.ttl, self.timeout = ttl, timeout
+        self.auth = (auth or EtcdAuth.from_env()).check()
         self.client: aetcd.Client | None = None
         self.lease = None
         self.lost = asyncio.Event()
@@ -70,7 +74,7 @@ class Session:
         last = None
         for i in range(len(self.endpoints)):
             ep = self.endpoints[(self._ep + i) % len(self.endpoints)]
-            client = aetcd.Client(ep.hostname, ep.port or 2379, timeout=int(self.timeout) or 1)
+            client = make_client(ep, self.auth, self.timeout)
             try:
                 await self._call(client.connect())
                 await self._call(client.get(b"/tandem/ping"))  # a real round trip

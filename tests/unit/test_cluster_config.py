@@ -72,3 +72,12 @@ def test_errors_quote_the_bad_value_and_its_place(text, message):
     with pytest.raises(ConfigError) as e:
         loads(text, "c.toml")
     assert message in str(e.value) and str(e.value).startswith("c.toml: ")
+
+
+def test_pool_kv_transport_is_checked():
+    base = '[[pool]]\nrole = "prefill"\n[[pool]]\nrole = "decode"\n'
+    assert loads(base + 'kv_transport = "gloo"\n').pool[1].kv_transport == "gloo"
+    with pytest.raises(ConfigError, match=r"pool\[1\].kv_transport = 'nccl': needs a CUDA device"):
+        loads(base + 'kv_transport = "nccl"\n')
+    with pytest.raises(ConfigError, match=r"pool\[1\].kv_transport = 'tcp'"):
+        loads(base + 'kv_transport = "tcp"\n')
