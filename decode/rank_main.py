@@ -12,7 +12,7 @@ from kvtransfer.zmq_transport import FollowerLink, KVServer
 
 
 def start_kv_server(rt, config) -> None:
-    from decode.worker import layout_of
+    from decode.worker import kv_dist_args, layout_of
 
     runner = rt.runner
     layout = layout_of(runner.model_cfg, config)
@@ -21,18 +21,11 @@ def start_kv_server(rt, config) -> None:
                         kv_head_range(layout.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0])
     link = None
     receiver = RankReceiver(rt.rank, layout, caches, lambda *a: link.report(*a))
-    host = config_host()
-    server = KVServer(f"tcp://{host}:0", receiver, None)
+    server = KVServer(f"tcp://{config.kv_transfer.host}:0", receiver, None, **kv_dist_args(config))
     driver_endpoint = exchange_strings(server.endpoint, rt.rank, rt.tp * rt.pp)[0]
     link = FollowerLink(server, driver_endpoint)
     server.start()
     rt.kv_server = server  # kept alive with the rank
-
-
-def config_host() -> str:
-    # NOTE: the ranks of a worker share its host; binding its other ranks' KV servers to the worker's
-    # interface (multi-host clusters) comes with `cluster up` on many hosts.
-    return "127.0.0.1"
 
 
 if __name__ == "__main__":

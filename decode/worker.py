@@ -34,6 +34,14 @@ from kvtransfer.zmq_transport import KVServer, RemoteRank
 log = logging.getLogger(__name__)
 
 
+def kv_dist_args(config: EngineConfig) -> dict:
+    """KVServer's torch.distributed settings for this worker's transport (none: ZeroMQ frames)."""
+    kv = config.kv_transfer
+    backend = kv.backend(config.device.device)
+    return {"dist_backend": backend, "device": config.device.device if backend == "nccl" else "cpu",
+            "dist_timeout": kv.timeout_s}
+
+
 def layout_of(cfg, config: EngineConfig) -> KVLayout:
     par = config.parallel
     return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.cache.block_size,
@@ -63,7 +71,7 @@ class DecodeWorker:
         self.reservations = Reservations(self.layout, ranks, self.pool.reserve, self._release_reservation,
                                          None, lambda rid, att, blocks: self._ready.put((rid, att)),
                                          timeout=kv_timeout, metrics=self.metrics, refuse=self._refuse)
-        self.kv_server = KVServer(f"tcp://{host}:{kv_port}", receiver, self.reservations)
+        self.kv_server = KVServer(f"tcp://{host}:{kv_port}", receiver, self.reservations, **kv_dist_args(config))
         self._kv_endpoints = [self.kv_server.endpoint]
         if self.layout.num_ranks > 1:  # the other ranks' KV servers; the driver stands in for them
             self._kv_endpoints = self.engine.executor.exchange(self.kv_server.endpoint)

@@ -269,6 +269,32 @@ class ParallelConfig:
             raise ValueError(f"timeout_s = {self.timeout_s!r} must be positive")
 
 
+KV_TRANSPORTS = ("auto", "zmq", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """How a disaggregated worker's ranks move KV pages (kvtransfer/; read by prefill/ and decode/,
+    carried to every rank with the rest of the config). The engine itself does not use it."""
+
+    transport: str = "auto"  # auto: nccl when the device is CUDA, else zmq; gloo: the same code on CPU
+    host: str = "127.0.0.1"  # interface every rank's KV endpoint binds to (the worker's --host)
+    timeout_s: float = 30.0  # joining a torch.distributed pair group, and each payload on it
+
+    def __post_init__(self):
+        if self.transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv transport = {self.transport!r} must be one of {KV_TRANSPORTS}")
+
+    def backend(self, device: str) -> str | None:
+        """The torch.distributed backend KV payloads take, or None for ZeroMQ frames."""
+        t = self.transport
+        if t == "auto":
+            t = "nccl" if device.startswith("cuda") else "zmq"
+        if t == "nccl" and not device.startswith("cuda"):
+            raise ValueError(f"kv transport nccl needs a CUDA device, not {device!r} (use gloo or zmq on CPU)")
+        return None if t == "zmq" else t
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a checkpoint directory
@@ -277,6 +303,7 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     quantization: str = "none"  # weight quantization of linear layers (engine/layers/quantization.py)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

@@ -361,10 +361,12 @@ def config_to_json(config) -> str:
 def config_from_json(text: str):
     import json
 
-    from engine.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    from engine.config import (CacheConfig, DeviceConfig, EngineConfig, KVTransferConfig, ParallelConfig,
+                               SchedulerConfig)
     d = json.loads(text)
     return EngineConfig(d["model"], CacheConfig(**d["cache"]), SchedulerConfig(**d["scheduler"]),
-                        DeviceConfig(**d["device"]), d["quantization"], ParallelConfig(**d["parallel"]))
+                        DeviceConfig(**d["device"]), d["quantization"], ParallelConfig(**d["parallel"]),
+                        KVTransferConfig(**d.get("kv_transfer", {})))
 
 
 def init_rank(config, rank: int, init_method: str, model_cfg: ModelConfig, num_blocks=None,

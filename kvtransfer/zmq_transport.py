@@ -22,6 +22,7 @@ import msgspec
 import torch
 import zmq
 
+from cluster import security
 from kvtransfer.pages import RankCaches, block_runs, to_bytes_view
 from kvtransfer.plan import KVLayout, TransferItem, items_from
 from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello, PairInfo,
@@ -113,7 +114,7 @@ class KVServer(_IOThread):
         self.receiver = receiver
         self.reservations = reservations
         self.metrics = metrics if metrics is not None else receiver.metrics
-        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock = security.server(self.ctx.socket(zmq.ROUTER))
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
         self.sock.setsockopt(zmq.LINGER, 0)
         if endpoint.endswith(":0"):
@@ -161,7 +162,9 @@ class KVServer(_IOThread):
             elif msg.runs:
                 payload = [f.buffer for f in frames[2:]]
             self.receiver.on_pages(msg, payload)
-        elif isinstance(msg, PairHello) and self.pairs is not None:
+        elif isinstance(msg, PairHello) and self.pairs is None:  # "send me ZeroMQ frames instead"
+            self.sock.send_multipart([identity, encode(PairInfo(VERSION, msg.pair, "", 0, ""))])
+        elif isinstance(msg, PairHello):
             self.sock.send_multipart([identity, encode(PairInfo(VERSION, msg.pair, self.pairs.host, self.pairs.port,
                                                                 self.pairs.backend))])
             self.pairs.accept(msg.pair)
@@ -210,7 +213,7 @@ class FollowerLink:
 
     def __init__(self, server: "KVServer", driver_endpoint: str):
         self.server = server
-        self.sock = server.ctx.socket(zmq.DEALER)
+        self.sock = security.client(server.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(driver_endpoint)
 
@@ -226,7 +229,7 @@ class RemoteRank:
     def __init__(self, rank: int, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 5.0):
         self.rank = rank
         self.timeout = timeout
-        self.sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        self.sock = security.client((ctx or zmq.Context.instance()).socket(zmq.DEALER))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
@@ -267,6 +270,7 @@ class KVClient(_IOThread):
         self._socks: dict[str, zmq.Socket] = {}
         self._waiting: dict[tuple[str, str, int], Future] = {}  # (kind, request_id, attempt)
         self._pair_ids: dict[str, str] = {}
+        self._frames_only: set[str] = set()  # receivers on another transport: ZeroMQ frames for them
         self._lock = threading.Lock()
 
     # -- API (any thread) ------------------------------------------------------------------------
@@ -295,8 +299,9 @@ class KVClient(_IOThread):
         return self._expect("ack", request_id, attempt)
 
     def connect(self, endpoint: str, timeout: float = 30.0) -> None:
-        """torch.distributed transport: join the pair group with `endpoint` (once; blocking)."""
-        if self.pairs is None or self.pairs.has(endpoint):
+        """torch.distributed transport: join the pair group with `endpoint` (once; blocking). A
+        receiver without this backend (a ZeroMQ-only or differently configured worker) gets frames."""
+        if self.pairs is None or self.pairs.has(endpoint) or endpoint in self._frames_only:
             return
         pair = f"{uuid.uuid4().hex[:12]}-{self.rank}"
         fut = self._expect("pair", pair, 0)
@@ -307,6 +312,11 @@ class KVClient(_IOThread):
         except FutureTimeout:
             self._forget("pair", pair, 0)
             raise TimeoutError(f"no PairInfo from {endpoint} within {timeout} s") from None
+        if info.backend != self.pairs.backend:
+            log.warning("KV receiver %s uses %s, not %s: sending it ZeroMQ frames", endpoint,
+                        info.backend or "ZeroMQ frames", self.pairs.backend)
+            self._frames_only.add(endpoint)
+            return
         self.pairs.join(endpoint, pair, info.host, info.port)
         self._pair_ids[endpoint] = pair
 
@@ -319,6 +329,7 @@ class KVClient(_IOThread):
             return
         if self.pairs is not None:
             self.connect(endpoint)
+        if self.pairs is not None and endpoint not in self._frames_only:
             tag = self.pairs.next_tag(endpoint)
             head = encode(msgspec.structs.replace(header, pair=self._pair_ids[endpoint], tag=tag))
             self.submit(lambda: self._send_dist(endpoint, head, payload, tag, header.nbytes))
@@ -352,7 +363,7 @@ class KVClient(_IOThread):
     def _sock(self, endpoint: str) -> zmq.Socket:
         s = self._socks.get(endpoint)
         if s is None:
-            s = self.ctx.socket(zmq.DEALER)
+            s = security.client(self.ctx.socket(zmq.DEALER))
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, self.sndhwm)
             s.connect(endpoint)

@@ -18,7 +18,8 @@ def src_layout(runner) -> KVLayout:
 class Shipper:
     """`step_hook(rank, runner, extras, seq_ids)`: extras["ships"] lists the requests whose prompt
     completes in this step (seq_id, request_id, attempt, dst_layout, dst_endpoints, src_block_ids,
-    dst_block_ids); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
+    dst_block_ids); extras["dist"] the torch.distributed transport ({backend, device, timeout_s}, or
+    None for ZeroMQ frames); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
 
     def __init__(self):
         self.client: KVClient | None = None
@@ -28,8 +29,10 @@ class Shipper:
         ships = [s for s in extras.get("ships", ()) if s["seq_id"] in mine] if extras else None
         if not ships:
             return None
-        if self.client is None:
-            self.client = KVClient(rank)
+        if self.client is None:  # the transport is the worker's: the same in every step
+            dist = extras.get("dist") or {}
+            self.client = KVClient(rank, dist_backend=dist.get("backend"), device=dist.get("device", "cpu"),
+                                   dist_timeout=dist.get("timeout_s", 30.0))
             self.client.start()
         src = src_layout(runner)
         ctx = runner.model.ctx

@@ -17,6 +17,7 @@ from collections import Counter
 
 import zmq
 
+from cluster import security
 from cluster.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
 from cluster.heartbeat import Heartbeat
 from cluster.worker_common import ChunkSender, drain_requests, output_chunks, request_socket
@@ -48,6 +49,10 @@ class PrefillWorker:
         self.shipper = Shipper()  # rank 0's; followers run their own (prefill.rank_main)
         self.engine = LLMEngine(config, step_hook=self.shipper, rank_module="prefill.rank_main")
         self.layout = kv_layout(self.engine)
+        kv = config.kv_transfer
+        backend = kv.backend(config.device.device)  # every rank's Shipper sends payloads this way
+        self.kv_dist = {"backend": backend, "device": config.device.device if backend == "nccl" else "cpu",
+                        "timeout_s": kv.timeout_s} if backend else None
         self.client = KVClient(0)  # the driver's control path: reserve, ack, abort
         self.ctx = zmq.Context.instance()
         self.sock, self.endpoint = request_socket(self.ctx, host, port)
@@ -211,7 +216,7 @@ class PrefillWorker:
                           "dst_layout": p.req.decode.layout,
                           "dst_endpoints": t.endpoints, "src_block_ids": holder.block_ids[:len(t.dst_block_ids)],
                           "dst_block_ids": t.dst_block_ids})
-        return {"ships": ships} if ships else None
+        return {"ships": ships, "dist": self.kv_dist} if ships else None
 
     def _step(self) -> None:
         outputs = self.engine.step(before_execute=self._pin_and_stream)
@@ -253,7 +258,7 @@ class PrefillWorker:
         s = self._decode_socks.get(endpoint)
         try:
             if s is None:
-                s = self.ctx.socket(zmq.PUSH)
+                s = security.client(self.ctx.socket(zmq.PUSH))
                 s.setsockopt(zmq.LINGER, 0)
                 s.setsockopt(zmq.SNDHWM, 10000)
                 self._decode_socks[endpoint] = s

@@ -294,3 +294,37 @@ def test_seeded_sampling_is_the_same_disaggregated(cluster, tiny_llama):
     eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
     want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
     assert [client.streams[f"r{i}"].token_ids for i in range(3)] == want
+
+
+@pytest.mark.parametrize("p_shape,d_shape,d_transport", [((1, 1), (2, 1), "gloo"), ((2, 1), (1, 2), "gloo"),
+                                                         ((1, 1), (1, 1), "zmq")])
+def test_kv_over_torch_distributed_pair_groups(cluster, tiny_llama, p_shape, d_shape, d_transport):
+    """`--kv-transport gloo`: KV payloads take torch.distributed pair groups (the NCCL code path, with
+    gloo on CPU) between every sending and receiving rank; control stays on ZeroMQ. A decode worker
+    on ZeroMQ frames gets frames from a gloo prefill worker (it answers the pairing with 'frames')."""
+    d = cluster("decode", "--tp", str(d_shape[0]), "--pp", str(d_shape[1]), "--kv-transport", d_transport)
+    p = cluster("prefill", "--tp", str(p_shape[0]), "--pp", str(p_shape[1]), "--kv-transport", "gloo")
+    ps = prompts(4, seed=7)
+    client = WorkerClient()
+    t0 = time.monotonic()
+    for i, prompt in enumerate(ps):
+        client.submit(p.info, f"r{i}", prompt, {"max_tokens": 10, **GREEDY}, decode=d.info)
+    client.collect(timeout=120)
+    want = reference(tiny_llama, ps, 10)
+    for i in range(len(ps)):
+        s = client.streams[f"r{i}"]
+        assert s.error == "" and s.token_ids == want[i], (i, s.error, d.stderr(), p.stderr())
+    assert time.monotonic() - t0 < 25  # no pairing timeout on the way (it is 30 s)
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+    via_dist = ds["metrics"].get("frames_via_dist", 0)
+    if d_transport == "gloo":
+        assert via_dist > 0 and ds["metrics"].get("dist_recv_failed", 0) == 0
+    else:
+        assert via_dist == 0 and ds["metrics"]["frames_ok"] > 0
+
+
+def test_nccl_transport_without_cuda_is_a_clear_error(tiny_llama):
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "worker", "--role", "decode", "--model", str(tiny_llama),
+                        "--kv-transport", "nccl"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nccl needs a CUDA device" in r.stderr
