@@ -221,7 +221,8 @@ class Generation:
         d = reply.decode
         target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
         self.gw.send(reply.prefill.endpoint, PrefillRequest(VERSION, self.id, self.attempt, self.prompt + self.tokens,
-                                                            run, self.gw.reply_to, target, self.held))
+                                                            run, self.gw.reply_to, target, self.held,
+                                                            reply.ttft_ms, reply.tpot_ms))
 
     def abort_attempt(self) -> None:
         p = self.placement

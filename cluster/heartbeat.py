@@ -3,8 +3,35 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from cluster.registry import Load, Registry
+
+
+class SloWindow:
+    """SLO attainment as one worker sees it, over the last `window_s`: TTFT from a request's arrival
+    at the prefill (or colocated) worker to its first token; TPOT from the decode worker's admission
+    to the last token, per token. The hops before the worker (HTTP, placement) are not in it: the
+    gateway's histograms have the client's view."""
+
+    def __init__(self, window_s: float = 60.0):
+        self.window_s = window_s
+        self._events: dict[str, deque] = {"ttft": deque(), "tpot": deque()}
+
+    def record(self, kind: str, seconds: float, target_ms: float | None, now: float | None = None) -> None:
+        if target_ms is None:
+            return  # a request without that SLO: nothing to attain
+        self._events[kind].append((time.monotonic() if now is None else now, seconds * 1e3 <= target_ms))
+
+    def counts(self, now: float | None = None) -> dict[str, tuple[int, int]]:
+        """kind -> (met, total) within the window."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        for kind, ev in self._events.items():
+            while ev and ev[0][0] < now - self.window_s:
+                ev.popleft()
+            out[kind] = (sum(met for _, met in ev), len(ev))
+        return out
 
 
 class Heartbeat:
@@ -13,6 +40,7 @@ class Heartbeat:
         self._next = 0.0
         self._steps, self._step_s = 0, 0.0
         self._tokens = self._seqs = 0
+        self.slo = SloWindow()
 
     def step_done(self, seconds: float, tokens: int = 0, seqs: int = 0) -> None:
         self._steps += 1
@@ -26,9 +54,11 @@ class Heartbeat:
             return None
         self._next = now + self.interval
         st = engine.stats()
+        slo = self.slo.counts(now)
         load = Load(self.worker_id, time.time(), st["num_waiting"], st["num_running"], st["num_free_blocks"],
                     st["num_blocks"], 1e3 * self._step_s / self._steps if self._steps else 0.0, self._steps,
-                    pending_transfers, st["num_queued_tokens"], self._tokens, self._seqs)
+                    pending_transfers, st["num_queued_tokens"], self._tokens, self._seqs,
+                    *slo["ttft"], *slo["tpot"])
         self._steps, self._step_s = 0, 0.0
         self._tokens = self._seqs = 0
         self.registry.heartbeat(load)

@@ -32,6 +32,8 @@ class PrefillRequest(msgspec.Struct, tag="prefill", frozen=True):
     reply_to: str  # the requester's PULL endpoint for TokenChunks
     decode: DecodeTarget | None = None  # None: this worker decodes too (colocated)
     held_tokens: int = 0  # trailing prompt tokens whose text the client has not seen yet (a migration)
+    slo_ttft_ms: float | None = None  # the SLOs the placement used: workers report their attainment
+    slo_tpot_ms: float | None = None
 
 
 class Handoff(msgspec.Struct, tag="handoff", frozen=True):
@@ -44,6 +46,7 @@ class Handoff(msgspec.Struct, tag="handoff", frozen=True):
     params: dict
     reply_to: str
     held_tokens: int = 0
+    slo_tpot_ms: float | None = None
 
 
 class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):

@@ -55,6 +55,8 @@ class Placed(msgspec.Struct, tag="placed", frozen=True):
     decode: WorkerAddr | None  # None: the prefill worker is colocated and decodes too
     predicted_ttft_ms: float
     predicted_tpot_ms: float
+    ttft_ms: float | None = None  # the SLOs the decision used (the request's, its class's or the defaults)
+    tpot_ms: float | None = None
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True):

@@ -121,6 +121,8 @@ class Coordinator:
         self.m_beats = m.counter("heartbeats", "heartbeats received")
         self.m_events = m.counter("worker_events", "worker events published", ["state"])
         self.m_workers = m.gauge("workers", "workers in the live view", ["role", "state"])
+        self.m_worker_slo = m.gauge("worker_slo_attainment", "share of a worker's requests of the last minute "
+                                    "that met their TTFT (prefill) or TPOT (decode) SLO", ["worker", "slo"])
         self.m_leader = m.gauge("coordinator_is_leader", "1 while this replica leads")
         self.m_refinements = m.counter("cost_model_refinements", "cost models rescaled from heartbeats")
 
@@ -359,7 +361,7 @@ class Coordinator:
             return Rejected(VERSION, rid, code, result.reason, result.retry_after)
         p = self._addr(result.prefill)
         d = None if colocated else self._addr(result.decode)
-        return Placed(VERSION, rid, p, d, result.predicted_ttft * 1e3, result.predicted_tpot * 1e3)
+        return Placed(VERSION, rid, p, d, result.predicted_ttft * 1e3, result.predicted_tpot * 1e3, ttft, tpot)
 
     def _addr(self, wid: str) -> WorkerAddr:
         i = self.view.workers[wid].info
@@ -441,6 +443,7 @@ class Coordinator:
                 "last_heartbeat_s": round(now - v.heard_at, 3),
                 "load": msgspec.to_builtins(v.load) if v.load is not None else None,
                 "pending_placements": len(v.pending),
+                "slo_attainment": self._attainment(wid, v.load),
             })
         self.m_workers.values.clear()  # a (role, state) with no worker left reads 0, not its last count
         for role in ("prefill", "decode", "colocated"):
@@ -456,6 +459,18 @@ class Coordinator:
             "suspect_after_s": c.suspect_after, "workers": workers, "gateways": self._gateways(),
             "events": [msgspec.to_builtins(e) for e in list(self.state.events)[-20:]],
         }
+
+    def _attainment(self, wid: str, load) -> dict:
+        """{ttft, ttft_requests, tpot, tpot_requests}: the worker's own view over the last minute
+        (attainment None when none of its requests had that SLO)."""
+        out = {}
+        for kind in ("ttft", "tpot"):
+            met, total = (getattr(load, f"{kind}_met"), getattr(load, f"{kind}_total")) if load else (0, 0)
+            out[kind] = round(met / total, 4) if total else None
+            out[f"{kind}_requests"] = total
+            if total:
+                self.m_worker_slo.set(met / total, worker=wid, slo=kind)
+        return out
 
     def _gateways(self) -> list[dict]:
         out = []

@@ -81,6 +81,7 @@ class DecodeWorker:
         self.chunks = ChunkSender(self.ctx, worker_id)
         self.handoff_timeout = handoff_timeout
         self._handoffs: dict[str, tuple[Handoff, float]] = {}  # request_id -> (handoff, deadline)
+        self._slo: dict[str, tuple[float, float | None]] = {}  # request_id -> (admitted at, TPOT SLO ms)
         self._kv_done: dict[str, int] = {}  # request_id -> attempt whose KV is in
         self._kv_deadline: dict[str, float] = {}  # request_id -> when KV without a Handoff is dropped
         self._live: dict[str, tuple[str, int]] = {}  # request_id -> (reply_to, attempt)
@@ -178,6 +179,7 @@ class DecodeWorker:
                 self.engine.abort_request(rid)
                 self._live.pop(rid)
                 self._first_index.pop((rid, 0), None)
+                self._slo.pop(rid, None)
             try:
                 params = SamplingParams(**h.params)
                 self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids,
@@ -188,6 +190,7 @@ class DecodeWorker:
                 continue
             self._live[rid] = (h.reply_to, h.attempt)
             self._first_index[(rid, 0)] = 1
+            self._slo[rid] = (time.monotonic(), h.slo_tpot_ms)
             self.metrics["admitted"] += 1
 
     def _expire(self) -> None:
@@ -217,7 +220,11 @@ class DecodeWorker:
                 self.chunks.send(reply_to, chunk)
             if ro.finished:
                 self._live.pop(ro.request_id, None)
-                self._first_index.pop((ro.request_id, 0), None)
+                n = self._first_index.pop((ro.request_id, 0), 1) - 1  # tokens decoded here
+                admitted, target = self._slo.pop(ro.request_id, (0.0, None))
+                if n > 0 and ro.outputs[0].finish_reason in ("stop", "length"):
+                    now = time.monotonic()
+                    self.heartbeat.slo.record("tpot", (now - admitted) / n, target, now)
 
     def _drop_orphans(self) -> None:
         """Requests of a gateway that died (its etcd lease is gone) have nobody to stream to."""
@@ -246,6 +253,7 @@ class DecodeWorker:
                 self.engine.abort_request(request_id)
                 self._live.pop(request_id)
                 self._first_index.pop((request_id, 0), None)
+                self._slo.pop(request_id, None)
             self._admit_locked()  # KV that landed but is still queued for the loop: release it too
             kv = self._kv_done.get(request_id)
             if kv is not None and kv <= attempt:

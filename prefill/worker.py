@@ -40,6 +40,8 @@ class _Pending:
     params: SamplingParams  # the request's own (P runs it with max_tokens = 1)
     transfer: SendTransfer | None  # None: colocated
     holder: object = None  # pinned pages
+    arrived: float = 0.0  # monotonic, when the request reached this worker (its TTFT starts)
+    first_at: float = 0.0  # colocated: when its first token left (its TPOT starts)
 
 
 class PrefillWorker:
@@ -139,9 +141,9 @@ class PrefillWorker:
                 return
             # the reservation is asynchronous: an unreachable decode worker must not stall this loop
             transfer.start_reserve()
-            self._reserving[rid] = _Pending(req, params, transfer)
+            self._reserving[rid] = _Pending(req, params, transfer, arrived=time.monotonic())
             return
-        self._admit(req, params, None)
+        self._admit(req, params, None, time.monotonic())
 
     def _poll_reservations(self) -> None:
         for rid, p in list(self._reserving.items()):
@@ -150,14 +152,15 @@ class PrefillWorker:
                 continue
             del self._reserving[rid]
             if ok:
-                self._admit(p.req, p.params, p.transfer)
+                self._admit(p.req, p.params, p.transfer, p.arrived)
                 continue
             self.metrics["reserve_failed"] += 1
             reason = p.transfer.reason
             self.chunks.error(p.req.reply_to, rid, p.req.attempt, f"decode worker {p.req.decode.worker_id}: {reason}",
                               code="capacity" if reason == "no room" else "unavailable", blame=p.req.decode.worker_id)
 
-    def _admit(self, req: PrefillRequest, params: SamplingParams, transfer: SendTransfer | None) -> None:
+    def _admit(self, req: PrefillRequest, params: SamplingParams, transfer: SendTransfer | None,
+               arrived: float) -> None:
         rid = req.request_id
         run_params = dataclasses.replace(params, max_tokens=1, n=1) if transfer else params
         try:
@@ -167,7 +170,7 @@ class PrefillWorker:
                 transfer.abort(str(e))
             self.chunks.error(req.reply_to, rid, req.attempt, str(e))
             return
-        self._pending[rid] = _Pending(req, params, transfer)
+        self._pending[rid] = _Pending(req, params, transfer, arrived=arrived)
 
     def _drop_orphans(self) -> None:
         """Requests of a gateway that died (its etcd lease is gone) have nobody to stream to."""
@@ -225,11 +228,17 @@ class PrefillWorker:
             if p is None:
                 continue
             if p.transfer is None:  # colocated: stream everything from here
+                now = time.monotonic()
+                if not p.first_at:
+                    p.first_at = now
+                    self.heartbeat.slo.record("ttft", now - p.arrived, p.req.slo_ttft_ms, now)
                 for chunk in output_chunks(ro, p.req.attempt, self._first_index, self.worker_id):
                     self.chunks.send(p.req.reply_to, chunk)
                 if ro.finished:
                     self._pending.pop(ro.request_id)
-                    self._first_index.pop((ro.request_id, 0), None)
+                    n = self._first_index.pop((ro.request_id, 0), 0)
+                    if n > 1:
+                        self.heartbeat.slo.record("tpot", (now - p.first_at) / (n - 1), p.req.slo_tpot_ms, now)
                 continue
             self._first_token(p, ro)
 
@@ -244,13 +253,15 @@ class PrefillWorker:
         lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
         self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, co.text, lps,
                                                     reason, "", self.worker_id))
+        now = time.monotonic()
+        self.heartbeat.slo.record("ttft", now - p.arrived, p.req.slo_ttft_ms, now)
         if done_here:  # D holds the prompt's KV (landed, or landing): tell it to free it now
             p.transfer.abort("finished at the first token")
             self._send_decode(p.req.decode.endpoint, Abort(VERSION, rid, p.req.attempt))
             return
         self._send_decode(p.req.decode.endpoint, Handoff(
             VERSION, rid, p.req.attempt, p.req.prompt_token_ids, first, p.req.params, p.req.reply_to,
-            p.req.held_tokens))
+            p.req.held_tokens, p.req.slo_tpot_ms))
         self._shipping.append(p.transfer)
         self.metrics["handed_off"] += 1
 

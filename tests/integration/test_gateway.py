@@ -407,3 +407,41 @@ def test_sigterm_lets_in_flight_streams_finish_then_the_gateway_exits(fresh):
     except BaseException:
         print(live.logs())
         raise
+
+
+def test_workers_report_slo_attainment_to_cluster_status(live, tmp_path):
+    """Requests with SLOs are counted by the workers that served them (P: TTFT, D: TPOT) and show in
+    the coordinator's /v1/cluster, its metrics and `cluster status`; requests without SLOs are not."""
+    import subprocess
+    import sys
+    admin = next(p for p in live.procs if p.name == "coord-0").info["admin"]
+
+    def attainment():
+        return {w["worker_id"]: w["slo_attainment"] for w in get_json(admin + "/v1/cluster")["workers"]}
+    before = attainment()
+    for i in range(5):
+        body = {"model": live.model, "prompt": f"slo test {i}", "max_tokens": 6, "ignore_eos": True}
+        if i < 3:
+            body |= {"ttft_ms": 60000, "tpot_ms": 60000}
+        status, out, _ = post_json(live.gw.info["url"] + "/v1/completions", body)
+        assert status == 200, out
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        after = attainment()
+        if after["p0"]["ttft_requests"] - before["p0"]["ttft_requests"] == 3 and \
+                after["d0"]["tpot_requests"] - before["d0"]["tpot_requests"] == 3:
+            break
+        time.sleep(0.1)
+    assert after["p0"]["ttft_requests"] - before["p0"]["ttft_requests"] == 3, after
+    assert after["d0"]["tpot_requests"] - before["d0"]["tpot_requests"] == 3, after
+    assert after["p0"]["ttft"] == 1.0 and after["d0"]["tpot"] == 1.0
+    assert after["p0"]["tpot"] is None and after["d0"]["ttft"] is None  # each phase reports its own SLO
+    with urllib.request.urlopen(admin + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'tandem_worker_slo_attainment{worker="d0",slo="tpot"} 1' in text
+    (tmp_path / "state.json").write_text(json.dumps({"admin": admin, "url": live.gw.info["url"]}))
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--state-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()}
+    assert "SLO MET" in out.stdout and "TTFT 100% of" in rows["p0"] and "TPOT 100% of" in rows["d0"], out.stdout
