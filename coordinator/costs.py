@@ -71,7 +71,8 @@ class CostRefiner:
                 k = math.exp(t.log_ratio)
                 if abs(k - 1.0) <= self.tolerance:
                     continue
-                refined[side] = {name: v * k for name, v in prof[side].items()}
+                # the step's coefficients; a hop is not a step time
+                refined[side] = {name: v if name == "hop" else v * k for name, v in prof[side].items()}
                 ratios[side] = k
                 del self.tracks[(model, shape, side)]
             if ratios:

@@ -10,7 +10,8 @@ sampled after the placement confirms the worker has seen it, so a burst does not
 or until the placement's prediction says it is over there (its first token for P, its last for D):
 with heartbeats 0.2 s apart, a placement that took a few milliseconds would otherwise stay queued in
 the view long after it left the queue, and every request placed meanwhile would be predicted to wait
-for it.
+for it. A heartbeat's own queued tokens likewise count until the worker's cost model says it has
+worked through them (from the time the sample was taken).
 
 A placement (`place`, the leader's per request) builds no list of workers: each worker has one
 PrefillWorkerState and one DecodeLoad record, updated in place by the inputs above, and is filed in
@@ -40,12 +41,18 @@ class _Pending:
     running: bool = True  # still counted in D's batch (until its predicted last token)
 
 
+@dataclass
+class _Sampled:
+    queued: bool = True  # the last heartbeat's queued tokens still counted (until predicted worked through)
+
+
 @dataclass(eq=False)
 class WorkerView:
     info: WorkerInfo
     load: Load | None = None
     heard_at: float = 0.0  # coordinator clock of the last heartbeat
     pending: list[_Pending] = field(default_factory=list)
+    sampled: _Sampled = field(default_factory=_Sampled)
     draining: bool = False
     order: int = 0  # registration sequence: the order a scan meets workers in (ties go to the first)
     prefill: PrefillWorkerState | None = None  # its load as the policies rank it, kept current (healthy
@@ -117,6 +124,11 @@ class LiveView:
         v.load, v.heard_at = load, now
         cutoff = now if sampled_at is None else sampled_at
         v.pending = [p for p in v.pending if p.at > cutoff]
+        v.sampled = _Sampled()
+        if load.queued_tokens:
+            c = v.prefill.cost
+            end = cutoff + c.queue_seconds(load.queued_tokens, max(load.num_waiting, 1), v.prefill.step_tokens)
+            heapq.heappush(self._ends, (end, next(self._seq), v, v.sampled, "queued"))
         self._recount(v)
 
     def shape_profile(self, model: str, shape: str, profile: dict | None, now: float) -> None:
@@ -203,7 +215,8 @@ class LiveView:
         return result, colocated
 
     def expire(self, now: float) -> None:
-        """Stops counting the placements whose predicted first token (at P) or last token (at D) is past."""
+        """Stops counting the placements whose predicted first token (at P) or last token (at D) is past,
+        and the queued tokens of heartbeats the workers should have worked through."""
         touched = {}
         while self._ends and self._ends[0][0] <= now:
             _, _, v, pend, side = heapq.heappop(self._ends)
@@ -317,7 +330,7 @@ def _queue(v: WorkerView) -> tuple[int, int]:
     """Prompt tokens queued at v and the prompts they are of: the last heartbeat's (its waiting prompts;
     one if only a prompt mid-prefill is left) and the placements counted since."""
     load, pending = v.load, [p for p in v.pending if p.queued]
-    tokens = load.queued_tokens if load else 0
+    tokens = load.queued_tokens if load and v.sampled.queued else 0
     prompts = max(load.num_waiting, 1) if tokens else 0
     return tokens + sum(p.prompt_tokens for p in pending), prompts + len(pending)
 

@@ -96,3 +96,6 @@ def test_a_placement_stops_counting_once_its_prediction_says_it_is_over():
     v.placed(Placement("p0", "d0", 0.05, 0.01), PlacementRequest(100, 10), now=2.0)
     v.heartbeat(load("p0", queued=100), now=2.01, sampled_at=2.005)
     assert queued(2.02) == [(100, 1)]  # from the worker's own numbers now
+    # which count until the cost model (default: 0.005 s a step + 2e-4 s a token) has them worked
+    # through, from when the sample was taken: 2.005 + 0.025
+    assert queued(2.029) == [(100, 1)] and queued(2.031) == [(0, 0)]
