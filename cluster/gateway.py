@@ -220,9 +220,26 @@ class Generation:
                    min_tokens=max(0, self.params.min_tokens - len(self.tokens)))
         d = reply.decode
         target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
+        held_tokens, held_text = self._unseen()
         self.gw.send(reply.prefill.endpoint, PrefillRequest(VERSION, self.id, self.attempt, self.prompt + self.tokens,
-                                                            run, self.gw.reply_to, target, self.held,
-                                                            reply.ttft_ms, reply.tpot_ms))
+                                                            run, self.gw.reply_to, target, held_tokens=held_tokens,
+                                                            slo_ttft_ms=reply.ttft_ms, slo_tpot_ms=reply.tpot_ms,
+                                                            held_text=held_text))
+
+    def _unseen(self) -> tuple[int, str]:
+        """What the client has not seen of the tokens delivered so far, for the next attempt to emit:
+        trailing tokens that end mid-character (undecodable yet), and decoded text a worker held
+        back because a stop string could start in it (so a stop across the migration is still found)."""
+        if not self.tokens:
+            return 0, ""
+        k, n = 0, len(self.tokens)
+        full = self.gw.text_of(self.prompt, self.tokens)
+        while k < n and full.endswith("\ufffd"):
+            k += 1
+            full = self.gw.text_of(self.prompt, self.tokens[:n - k])
+        if not full.startswith(self.text):  # decoding at once differs from the stream's: tokens only
+            return self.held, ""
+        return k, full[len(self.text):]
 
     def abort_attempt(self) -> None:
         p = self.placement

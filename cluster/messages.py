@@ -34,6 +34,7 @@ class PrefillRequest(msgspec.Struct, tag="prefill", frozen=True):
     held_tokens: int = 0  # trailing prompt tokens whose text the client has not seen yet (a migration)
     slo_ttft_ms: float | None = None  # the SLOs the placement used: workers report their attainment
     slo_tpot_ms: float | None = None
+    held_text: str = ""  # decoded text of earlier tokens the client has not seen (held back for stop strings)
 
 
 class Handoff(msgspec.Struct, tag="handoff", frozen=True):
@@ -47,6 +48,7 @@ class Handoff(msgspec.Struct, tag="handoff", frozen=True):
     reply_to: str
     held_tokens: int = 0
     slo_tpot_ms: float | None = None
+    held_text: str = ""  # text up to the first token that P did not emit (a possible stop string)
 
 
 class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):

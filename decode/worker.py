@@ -183,7 +183,7 @@ class DecodeWorker:
             try:
                 params = SamplingParams(**h.params)
                 self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids,
-                                          h.held_tokens)
+                                          h.held_tokens, h.held_text)
             except (TandemError, TypeError, ValueError) as e:  # a malformed Handoff must not take D down
                 self.engine.block_manager.free(holder)
                 self.chunks.error(h.reply_to, rid, h.attempt, str(e), index=1)

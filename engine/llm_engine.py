@@ -108,9 +108,11 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, held_tokens: int = 0) -> list[int]:
-        """`held_tokens`: trailing prompt tokens whose text the client has not seen (a resumed request):
-        their text leads the first new token's."""
+                    arrival_time: float | None = None, held_tokens: int = 0, held_text: str = "") -> list[int]:
+        """A resumed request (a migration) may carry what the client has not seen of its earlier output:
+        `held_text`, text the earlier worker held back (a possible stop string), and `held_tokens`,
+        trailing prompt tokens whose text was never decoded (mid-character). Their text leads the new
+        tokens' text, and stop strings are matched across it."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
@@ -136,6 +138,7 @@ class LLMEngine:
             seq = Sequence(request_id, i, list(ids), len(ids), params, parent=first)
             first = first or seq
             st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, held_tokens))
+            st.text = held_text
             seqs.append(st)
             self._seq_state[seq.seq_id] = st
             self.scheduler.add(seq)
@@ -144,9 +147,11 @@ class LLMEngine:
         return ids
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
-                      block_ids: list[int], held_tokens: int = 0) -> None:
+                      block_ids: list[int], held_tokens: int = 0, held_text: str = "") -> None:
         """A request whose prompt KV is already in `block_ids` (sent by a prefill worker, which also
-        sampled and reported `first_token`). It joins the batch with num_computed_tokens = prompt_len."""
+        sampled and reported `first_token`). It joins the batch with num_computed_tokens = prompt_len.
+        `held_text`: the text the prefill worker decoded but did not emit (held back for stop strings):
+        it is emitted from here, and stop strings are matched across it."""
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         if params.n != 1:
@@ -156,8 +161,9 @@ class LLMEngine:
         seq.num_computed_tokens = len(prompt_ids)
         st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                                    held_tokens))
-        st.text = st.detok.add(first_token)
-        st.emitted_chars, st.emitted_tokens = len(st.text), 1  # the prefill worker reported them
+        st.detok.add(first_token)  # its text is in what P emitted plus `held_text`
+        st.text = held_text
+        st.emitted_chars, st.emitted_tokens = 0, 1  # the prefill worker reported the token
         self._seq_state[seq.seq_id] = st
         self._requests[request_id] = _RequestState(request_id, list(prompt_ids), params, [st], time.monotonic())
         self.scheduler.add(seq)

@@ -164,7 +164,8 @@ class PrefillWorker:
         rid = req.request_id
         run_params = dataclasses.replace(params, max_tokens=1, n=1) if transfer else params
         try:
-            self.engine.add_request(rid, req.prompt_token_ids, run_params, held_tokens=req.held_tokens)
+            self.engine.add_request(rid, req.prompt_token_ids, run_params, held_tokens=req.held_tokens,
+                                    held_text=req.held_text)
         except TandemError as e:
             if transfer:
                 transfer.abort(str(e))
@@ -251,7 +252,11 @@ class PrefillWorker:
         done_here = co.finish_reason == "stop" or (p.params.max_tokens is not None and p.params.max_tokens <= 1)
         reason = co.finish_reason if done_here else None
         lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
-        self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, co.text, lps,
+        # P's run ends at the first token, the request does not: hold back what a stop string could
+        # still start with, as a continuing sequence would; D emits it (or cuts it at the stop)
+        hold = 0 if done_here or not p.params.stop else min(len(co.text), max(map(len, p.params.stop)) - 1)
+        text, held_text = co.text[:len(co.text) - hold], co.text[len(co.text) - hold:]
+        self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, text, lps,
                                                     reason, "", self.worker_id))
         now = time.monotonic()
         self.heartbeat.slo.record("ttft", now - p.arrived, p.req.slo_ttft_ms, now)
@@ -261,7 +266,7 @@ class PrefillWorker:
             return
         self._send_decode(p.req.decode.endpoint, Handoff(
             VERSION, rid, p.req.attempt, p.req.prompt_token_ids, first, p.req.params, p.req.reply_to,
-            p.req.held_tokens, p.req.slo_tpot_ms))
+            held_tokens=p.req.held_tokens, slo_tpot_ms=p.req.slo_tpot_ms, held_text=held_text))
         self._shipping.append(p.transfer)
         self.metrics["handed_off"] += 1
 

@@ -328,3 +328,29 @@ def test_nccl_transport_without_cuda_is_a_clear_error(tiny_llama):
     r = subprocess.run([sys.executable, "-m", "cluster.cli", "worker", "--role", "decode", "--model", str(tiny_llama),
                         "--kv-transport", "nccl"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nccl needs a CUDA device" in r.stderr
+
+
+def test_stop_strings_that_start_in_the_first_token_match_one_process(cluster, tiny_llama):
+    """P samples the first token and D the rest: a stop string that starts in the first token's text
+    must not leak its start to the client (P holds that text back and hands it to D)."""
+    eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+    d = cluster("decode")
+    p = cluster("prefill")
+    client = WorkerClient()
+    cases, n = [], 0
+    for i, prompt in enumerate(prompts(12, seed=9)):
+        text = eng.generate([prompt], SamplingParams(max_tokens=12, **GREEDY))[0]["outputs"][0]["text"]
+        for stop in {text[0:2], text[0:3], text[1:4]}:
+            if len(stop) < 2 or "\ufffd" in stop:
+                continue
+            params = {"max_tokens": 12, "stop": [stop], **GREEDY}
+            want = eng.generate([prompt], SamplingParams(**params))[0]["outputs"][0]
+            client.submit(p.info, f"r{n}", prompt, params, decode=d.info)
+            cases.append((f"r{n}", want))
+            n += 1
+    assert len(cases) >= 6
+    client.collect(timeout=120)
+    for rid, want in cases:
+        s = client.streams[rid]
+        assert s.error == "" and (s.text, s.finish_reason) == (want["text"], want["finish_reason"]), rid
+    assert sum(w["finish_reason"] == "stop" for _, w in cases) >= 3

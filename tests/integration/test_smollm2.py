@@ -87,3 +87,41 @@ def test_int8_weight_only_bf16_still_answers(smollm2_dir):
     out = e.generate([tok.encode(prompt, add_special_tokens=False)],
                      SamplingParams(max_tokens=32, temperature=0))[0]["outputs"][0]
     assert "Paris" in out["text"]
+
+
+def _run(eng, rid, prompt, params, **kw):
+    eng.add_request(rid, prompt, params, **kw)
+    text, reason = "", None
+    while eng.has_unfinished_requests():
+        for ro in eng.step():
+            text += ro.outputs[0].text
+            reason = ro.outputs[0].finish_reason or reason
+    return text, reason
+
+
+def test_a_resumed_request_emits_held_text_and_finds_a_stop_across_the_migration(eng):
+    """A migration: the first worker streamed the text of tokens[:cut] except a tail it held back (a stop
+    string could start there); the next worker gets prompt + tokens[:cut] and that tail as `held_text`.
+    The client's text is then the same as one uninterrupted run's, with or without a stop string that
+    straddles the cut."""
+    from engine.tokenizer import IncrementalDetokenizer
+    p = eng.tokenizer.encode(PROMPTS[2])
+    full = eng.generate([p], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]["outputs"][0]
+    ids, text = full["token_ids"], full["text"]
+    checked = 0
+    for cut in range(3, 18):
+        detok = IncrementalDetokenizer(eng.tokenizer, p)
+        first = "".join(detok.add(t) for t in ids[:cut])
+        stop = text[len(first) - 2:len(first) + 2]
+        if len(first) < 4 or len(stop) < 4 or text.find(stop) != len(first) - 2:
+            continue  # no stop string of 4 that straddles this cut and appears nowhere earlier
+        checked += 1
+        hold = len(stop) - 1
+        seen, held = first[:len(first) - hold], first[len(first) - hold:]
+        resumed = SamplingParams(max_tokens=24 - cut, temperature=0, ignore_eos=True)
+        out, reason = _run(eng, f"plain-{cut}", p + ids[:cut], resumed, held_text=held)
+        assert seen + out == text and reason == "length"
+        resumed = SamplingParams(max_tokens=24 - cut, stop=[stop], temperature=0, ignore_eos=True)
+        out, reason = _run(eng, f"stop-{cut}", p + ids[:cut], resumed, held_text=held)
+        assert seen + out == text[:len(first) - 2] and reason == "stop", (cut, stop)
+    assert checked >= 3
