@@ -7,13 +7,22 @@ Request (the smallest accepted; more fields below):
      "slo": {"ttft_ms": 500, "tpot_ms": 50, "attainment": 0.9},
      "budget": {"devices": 8}}
 Optional: workload.arrival ("poisson" | "gamma" | "uniform"), workload.burstiness, *.sigma (log-normal),
-budget.tp (allowed TP degrees, default [1, 2, 4, 8] up to the budget), budget.pp (only 1 is
-modelled), budget.kv_tokens_per_device, model (profiles of that model), policy; and instead of a
-budget, "cluster": {"prefill": {"replicas", "tp"}, "decode": {...}} to ask what rate it can hold.
+budget.tp (allowed TP degrees, default [1, 2, 4, 8] up to the budget), budget.pp (allowed pipeline
+depths, default [1]), budget.pp_hop_ms (a step's hand-over between stages, default 1),
+budget.kv_tokens_per_device, kv_transfer ({"bytes_per_token": n} or the model's shape {"layers",
+"kv_heads", "head_dim", "dtype_bytes" (default 2)}, and "bandwidth_gb_s", default 10), model
+(profiles of that model), policy; and instead of a budget, "cluster": {"prefill": {"replicas", "tp",
+"pp"}, "decode": {...}} to ask what rate it can hold.
 
 Cost models come from the stored profiles (tp1 shapes; etcd profiles/), scaled for TP k as in
 DistServe's model: the per-token terms divide by k·e(k), e(k) = 0.9^log2(k) (communication), the
-prefill constant stays, and the decode step's base (weight reads) divides by k·e(k) too.
+prefill constant stays, and the decode step's base (weight reads) divides by k·e(k) too. PP s: a
+prefill step runs through s stages of a + (b·n + c·n²)/s each with a hop between stages, and the next
+step enters the first stage as soon as it is free (PrefillCost.stages: throughput up to s times, a
+prompt's latency up by (s-1)·(a + hop)); a decode token passes every stage in turn (the step's time
+plus (s-1) hops; no micro-batch interleaving is modelled), so PP buys decode only memory: KV room
+for s times the batch. KV transfer: bytes per token (2 · layers · kv_heads · head_dim · dtype bytes)
+over the bandwidth, per prompt token, before the first token (TTFT) and decoding start.
 """
 
 from __future__ import annotations
@@ -53,10 +62,25 @@ def _num(d: dict, key: str, where: str, lo: float = 0.0, required: bool = True, 
     return int(v) if integer else float(v)
 
 
-def scaled(p: PrefillCost, d: DecodeCost, tp: int) -> tuple[PrefillCost, DecodeCost]:
+def scaled(p: PrefillCost, d: DecodeCost, tp: int, pp: int = 1, stage_hop: float = 0.0) -> tuple[PrefillCost, DecodeCost]:
     k = tp * 0.9 ** math.log2(tp) if tp > 1 else 1.0
-    return (PrefillCost(p.a, p.b / k, p.c / k),
-            DecodeCost(d.base / k, d.per_seq / k, d.per_token / k))
+    return (PrefillCost(p.a, p.b / k, p.c / k, p.hop, pp, stage_hop),
+            DecodeCost(d.base / k + (pp - 1) * stage_hop, d.per_seq / k, d.per_token / k))
+
+
+def kv_transfer_s_per_token(spec) -> float:
+    """Seconds on the wire per prompt token of KV (0 without a spec)."""
+    if spec is None:
+        return 0.0
+    if not isinstance(spec, dict):
+        raise PlanError("kv_transfer must be an object", "kv_transfer")
+    if "bytes_per_token" in spec:
+        per_token = _num(spec, "bytes_per_token", "kv_transfer")
+    else:
+        per_token = 2.0 * _num(spec, "layers", "kv_transfer", integer=True) \
+            * _num(spec, "kv_heads", "kv_transfer", integer=True) * _num(spec, "head_dim", "kv_transfer", integer=True) \
+            * _num(spec, "dtype_bytes", "kv_transfer", required=False, default=2.0)
+    return per_token / (_num(spec, "bandwidth_gb_s", "kv_transfer", required=False, default=10.0) * 1e9)
 
 
 def _costs(profiles: dict, model: str | None) -> tuple[PrefillCost, DecodeCost, str]:
@@ -109,11 +133,13 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
     n = max(requests, 1)
     budget = body.get("budget") or {}
     kv = _num(budget, "kv_tokens_per_device", "budget", required=False, default=1 << 30, integer=True)
+    stage_hop = _num(budget, "pp_hop_ms", "budget", lo=-1e-12, required=False, default=1.0) / 1e3
+    transfer = kv_transfer_s_per_token(body.get("kv_transfer"))
 
     def sim_cluster(p: Shape, d: Shape) -> SimCluster:
-        pc, _ = scaled(pre, dec, p.tp)
-        _, dc = scaled(pre, dec, d.tp)
-        return SimCluster([pc] * p.replicas, [dc] * d.replicas, kv * d.tp, 0.0, 256, policy)
+        pc, _ = scaled(pre, dec, p.tp, p.pp, stage_hop)
+        _, dc = scaled(pre, dec, d.tp, d.pp, stage_hop)
+        return SimCluster([pc] * p.replicas, [dc] * d.replicas, kv * d.tp * d.pp, transfer, 256, policy)
 
     def evaluate(p: Shape, d: Shape, with_goodput: bool) -> dict:
         c = sim_cluster(p, d)
@@ -132,9 +158,12 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
             out["predicted"]["per_device_rate"] = g / out["devices"]
         return out
 
-    assumptions = [f"cost models: {source}, TP scaled by k·0.9^log2(k)",
-                   "prefill: one prompt at a time per worker; decode: continuous batching, whole KV reserved "
-                   "at admission (no preemption); KV transfer time not modelled (same host class)",
+    assumptions = [f"cost models: {source}, TP scaled by k·0.9^log2(k); PP: per-stage steps, "
+                   f"{stage_hop * 1e3:g} ms a stage hand-over, prefill pipelined",
+                   "prefill: batched steps (the step's fixed cost shared); decode: continuous batching, whole KV "
+                   "reserved at admission (no preemption)",
+                   f"KV transfer: {transfer * 1e6:.3g} µs per prompt token, added to TTFT" if transfer else
+                   "KV transfer time not modelled (no kv_transfer given)",
                    f"{n} simulated requests per candidate, {wl.arrival} arrivals"]
 
     if "cluster" in body:  # what rate can this cluster hold?
@@ -147,7 +176,8 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
             if not isinstance(r, dict):
                 raise PlanError(f"cluster.{role} is required ({{\"replicas\": n, \"tp\": k}})", f"cluster.{role}")
             shapes.append(Shape(_num(r, "replicas", f"cluster.{role}", integer=True),
-                                _num(r, "tp", f"cluster.{role}", required=False, default=1, integer=True)))
+                                _num(r, "tp", f"cluster.{role}", required=False, default=1, integer=True),
+                                _num(r, "pp", f"cluster.{role}", required=False, default=1, integer=True)))
         res = evaluate(shapes[0], shapes[1], True)
         res["feasible"] = res["predicted"]["goodput"] > 0
         res["assumptions"] = assumptions
@@ -162,20 +192,26 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
     if not isinstance(tps, list) or not tps or not all(isinstance(t, int) and t >= 1 and t & (t - 1) == 0
                                                       for t in tps):
         raise PlanError(f"budget.tp = {tps!r}: a non-empty list of powers of two", "budget.tp")
-    if not isinstance(pps, list) or 1 not in pps:
-        raise PlanError(f"budget.pp = {pps!r}: must allow 1 (pipeline parallelism is not modelled yet)", "budget.pp")
+    if not isinstance(pps, list) or not pps or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                       for x in pps):
+        raise PlanError(f"budget.pp = {pps!r}: a non-empty list of positive integers", "budget.pp")
     tps = sorted({t for t in tps if 2 * t <= devices} | ({1} if 1 in tps else set()))
     if not tps or 2 * min(tps) > devices:
         raise PlanError(f"budget.tp = {budget.get('tp')}: no allowed TP fits a prefill and a decode worker in "
                         f"{devices} devices", "budget.tp")
+    layouts = [(t, q) for t in tps for q in sorted(set(pps)) if 2 * t * q <= devices]
+    if not layouts:
+        raise PlanError(f"budget.pp = {pps!r}: no allowed TP x PP fits a prefill and a decode worker in "
+                        f"{devices} devices", "budget.pp")
     candidates = []
-    for tp_p in tps:
-        for tp_d in tps:
-            for n_p in range(1, devices // tp_p + 1):
-                for n_d in range(1, (devices - n_p * tp_p) // tp_d + 1):
-                    candidates.append((Shape(n_p, tp_p), Shape(n_d, tp_d)))
+    for tp_p, pp_p in layouts:
+        for tp_d, pp_d in layouts:
+            for n_p in range(1, devices // (tp_p * pp_p) + 1):
+                for n_d in range(1, (devices - n_p * tp_p * pp_p) // (tp_d * pp_d) + 1):
+                    candidates.append((Shape(n_p, tp_p, pp_p), Shape(n_d, tp_d, pp_d)))
     # cheapest first: the fewest devices that meet the target win; among equals, the best attainment
-    candidates.sort(key=lambda c: (c[0].replicas * c[0].tp + c[1].replicas * c[1].tp, c[0].tp + c[1].tp))
+    candidates.sort(key=lambda c: (c[0].replicas * c[0].tp * c[0].pp + c[1].replicas * c[1].tp * c[1].pp,
+                                   c[0].tp * c[0].pp + c[1].tp * c[1].pp, c[0].pp + c[1].pp))
     evaluated, best, extra = [], None, 0
     for p, d in candidates:
         r = evaluate(p, d, False)

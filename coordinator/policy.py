@@ -41,18 +41,27 @@ class PrefillCost:
     b: float = 2e-4  # seconds per token
     c: float = 0.0  # seconds per token^2 (per prompt)
     hop: float = 0.0  # seconds per request outside the worker's steps: its TTFT only, nobody's queue
+    # pipeline parallelism (what the planner models; a profiled worker is one stage as measured):
+    # each of `stages` stages runs a step in a + (b·n + c·n²) / stages, hands it to the next in
+    # `stage_hop`, and takes the next step as soon as it has handed this one on
+    stages: int = 1
+    stage_hop: float = 0.0
+
+    def stage_seconds(self, n: int) -> float:
+        return self.a + (self.b * n + self.c * n * n) / self.stages
 
     def seconds(self, n: int) -> float:
-        """One prompt of n tokens alone in a step (the worker's time; no hop)."""
-        return self.a + self.b * n + self.c * n * n
+        """One prompt of n tokens alone in a step, through every stage (the worker's time; no hop)."""
+        return self.stages * self.stage_seconds(n) + (self.stages - 1) * self.stage_hop
 
     def queue_seconds(self, tokens: int, prompts: int = 1, step_tokens: int = 2048) -> float:
         """The worker's time for `tokens` queued tokens of `prompts` prompts, batched into steps of up to
-        `step_tokens` tokens (Σn² taken as tokens²/prompts: prompts of equal length)."""
+        `step_tokens` tokens (Σn² taken as tokens²/prompts: prompts of equal length); pipelined, a step
+        holds the next one up for one stage only."""
         if tokens <= 0:
             return 0.0
         steps = -(-tokens // max(step_tokens, 1))
-        return self.a * steps + self.b * tokens + self.c * tokens * tokens / max(prompts, 1)
+        return self.a * steps + (self.b * tokens + self.c * tokens * tokens / max(prompts, 1)) / self.stages
 
 
 @dataclass(frozen=True, order=True)
@@ -251,7 +260,7 @@ def _ttft_rank(p: PrefillWorkerState) -> tuple:
     """The TTFT of an empty prompt (the walk's order: TTFT = that + b*n + c*n^2 + transfer*n), then all
     else TTFT depends on."""
     wait = queue_wait(p)
-    return (p.cost.hop + wait + p.cost.a, wait, p.cost, p.transfer_s_per_token)
+    return (p.cost.hop + wait + p.cost.seconds(0), wait, p.cost, p.transfer_s_per_token)
 
 
 def _tpot_rank(d: DecodeLoad) -> tuple:

@@ -9,7 +9,11 @@ built from the simulated workers, and times them with the same cost models the c
   a chunk from position s to e costs c·(e² - s²), so a prompt costs c·n² in all); a prompt's first
   token is out when its last chunk is done, and reaches the client `hop` later (the cost model's
   per-request overhead: gateway, placement, the token's way back);
-- KV transfer: `transfer_s_per_token` × n after the prefill, before decoding starts;
+  With pipeline stages (PrefillCost.stages), a step takes a + (b·tokens + c·Σ)/stages per stage and
+  `stage_hop` between stages, and the next step starts when the first stage is free;
+- KV transfer: `transfer_s_per_token` × n after the prefill (the whole KV, no overlap with the
+  prefill: conservative), before the first token is out (TTFT) and decoding starts, as the policy
+  predicts TTFT;
 - decode worker: continuous batching; a step takes base + per_seq·B + per_token·(total context)
   (DecodeCost) and gives every running request one token; a request joins at the next step if its
   whole KV fits (`kv_capacity_tokens` >= prompt + output of everything running; no preemption is
@@ -89,7 +93,7 @@ class SimRequest:
 @dataclass
 class _Prefiller:
     cost: PrefillCost
-    waiting: deque = field(default_factory=deque)  # [request, decode worker, tokens computed], FIFO
+    waiting: deque = field(default_factory=deque)  # [request, decode worker, tokens scheduled, computed]
     stepping: bool = False
     queued: int = 0  # prompt tokens not computed yet (waiting or in the step under way)
 
@@ -167,7 +171,7 @@ def simulate(cluster: SimCluster, arrivals: list[tuple[float, int, int]], ttft_s
                 r.rejected = True
                 continue
             p, d = prefillers[int(got.prefill)], decoders[int(got.decode)]
-            p.waiting.append([r, d, 0])
+            p.waiting.append([r, d, 0, 0])
             p.queued += r.prompt
             d.assigned.append(r)
             if not p.stepping:  # the next step starts now: whatever else arrives at this instant joins it
@@ -179,33 +183,41 @@ def simulate(cluster: SimCluster, arrivals: list[tuple[float, int, int]], ttft_s
             for item in p.waiting:
                 if budget <= 0:
                     break
-                r, _, done = item
+                r, _, done, _ = item
                 take = min(r.prompt - done, budget)
+                if take <= 0:
+                    continue  # all of it in steps under way (pipelined)
                 budget -= take
+                item[2] += take
                 work += p.cost.b * take + p.cost.c * ((done + take) ** 2 - done ** 2)
                 batch.append((item, take))
             if batch:
-                push(now + p.cost.a + work, "prefilled", (p, batch))
+                stage = p.cost.a + work / p.cost.stages
+                push(now + p.cost.stages * stage + (p.cost.stages - 1) * p.cost.stage_hop, "prefilled", (p, batch))
+                push(now + stage, "prefill", p)  # the first stage is free for the next step
             else:
                 p.stepping = False
         elif kind == "prefilled":  # a prefill step ends
             p, batch = x
             for item, take in batch:
-                item[2] += take
+                item[3] += take
                 p.queued -= take
-                r, d, done = item
+                r, d, _, done = item
                 if done < r.prompt:
                     continue  # chunked: the rest in a later step
                 p.waiting.remove(item)
                 r.hop = p.cost.hop
-                r.first_token = now + r.hop
+                ready = now + cluster.transfer_s_per_token * r.prompt
+                r.first_token = ready + r.hop
                 r.generated = 1
                 if r.output <= 1:
                     r.finish = r.first_token
                     d.assigned.remove(r)
                     continue
-                push(now + cluster.transfer_s_per_token * r.prompt, "transferred", (r, d))
-            push(now, "prefill", p)
+                push(ready, "transferred", (r, d))
+            if not p.stepping:
+                p.stepping = True
+                push(now, "prefill", p)
         elif kind == "transferred":
             r, d = x
             d.assigned.remove(r)

@@ -1,6 +1,8 @@
 import pytest
 
-from coordinator.planner import PlanError, plan
+from coordinator.planner import PlanError, kv_transfer_s_per_token, plan, scaled
+from coordinator.policy import DecodeCost, PrefillCost
+from coordinator.simulator import SimCluster, simulate
 
 PROFILES = {"m/prefill-tp1-pp1": {"prefill": {"a": 0.01, "b": 2e-4, "c": 0.0}},
             "m/decode-tp1-pp1": {"decode": {"base": 0.02, "per_seq": 0.001, "per_token": 1e-7}}}
@@ -39,7 +41,9 @@ def test_what_rate_a_cluster_can_hold():
     ({"budget": {"devices": 1}}, "budget.devices"),
     ({"budget": {"devices": 8, "tp": [3]}}, "budget.tp"),
     ({"budget": {"devices": 2, "tp": [2]}}, "budget.tp"),
-    ({"budget": {"devices": 8, "pp": [2]}}, "budget.pp"),
+    ({"budget": {"devices": 8, "pp": [8]}}, "budget.pp"),  # a P and a D of 8 stages each: 16 devices
+    ({"budget": {"devices": 8, "pp": [0]}}, "budget.pp"),
+    ({"budget": {"devices": 8}, "kv_transfer": {"layers": 30}}, "kv_transfer.kv_heads"),
     ({"slo": {"ttft_ms": -1, "tpot_ms": 50}}, "slo.ttft_ms"),
     ({"slo": {"ttft_ms": 500, "tpot_ms": 50, "attainment": 1.5}}, "slo.attainment"),
     ({"workload": {"rate": "fast", "prompt_tokens": {"mean": 1}, "output_tokens": {"mean": 1}}}, "workload.rate"),
@@ -54,3 +58,44 @@ def test_impossible_or_malformed_requests_are_rejected_with_the_field(change, pa
 def test_an_unreachable_slo_is_answered_with_the_best_it_can_do():
     got = plan({**SMALLEST, "slo": {"ttft_ms": 1, "tpot_ms": 1}}, PROFILES, requests=100)
     assert not got["feasible"] and "best reaches" in got["reason"]
+
+
+def test_pipeline_stages_add_hops_to_latency_and_multiply_prefill_throughput():
+    pre, dec = PrefillCost(a=0.01, b=1e-3, c=0.0, hop=0.002), DecodeCost(0.02, 0.001, 0.0)
+    p2, d2 = scaled(pre, dec, tp=1, pp=2, stage_hop=0.005)
+    # a 100-token prompt alone: two stages of 0.01 + 0.1 / 2, one hand-over between them, the hop
+    assert p2.seconds(100) == pytest.approx(2 * (0.01 + 0.05) + 0.005)
+    # a decode token passes both stages in turn: the step plus a hand-over
+    assert d2.step_seconds(1, 0) == pytest.approx(0.02 + 0.001 + 0.005)
+    # a 100-token prompt every 0.07 s, one per step: one stage (0.11 s a prompt) falls behind by
+    # 0.04 s a prompt; two stages take one every 0.06 s and never queue: each TTFT 0.125 + the hop
+    arrivals = [(0.07 * k, 100, 1) for k in range(6)]
+    for cost, ttfts in ((pre, [0.112 + 0.04 * k for k in range(6)]), (p2, [0.127] * 6)):
+        got = simulate(SimCluster([cost], [dec], policy="least-loaded", prefill_step_tokens=100), arrivals)
+        assert [r.ttft for r in got] == pytest.approx(ttfts)
+
+
+def test_kv_transfer_time_comes_from_the_model_shape_and_adds_to_ttft():
+    # SmolLM2's KV: 2 (K, V) x 30 layers x 3 heads x 64 x 2 bytes (bf16) = 23,040 bytes a token
+    shape = {"layers": 30, "kv_heads": 3, "head_dim": 64, "bandwidth_gb_s": 1.0}
+    assert kv_transfer_s_per_token(shape) == pytest.approx(23_040 / 1e9)
+    assert kv_transfer_s_per_token({"bytes_per_token": 1e6, "bandwidth_gb_s": 2}) == pytest.approx(5e-4)
+    one = {"workload": {"rate": 0.5, "prompt_tokens": {"mean": 512}, "output_tokens": {"mean": 8},
+                        "arrival": "uniform"},
+           "slo": {"ttft_ms": 5000, "tpot_ms": 500}, "cluster": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}}
+    base = plan(one, PROFILES, requests=20)["predicted"]["ttft_p90_ms"]
+    with_kv = plan({**one, "kv_transfer": shape}, PROFILES, requests=20)["predicted"]["ttft_p90_ms"]
+    assert with_kv - base == pytest.approx(512 * 23_040 / 1e9 * 1e3)  # 11.8 ms for a 512-token prompt
+
+
+def test_the_planner_searches_pipeline_depths_when_allowed():
+    # a 4k-token prompt takes one stage 0.01 + 0.8 s: over a 1 s TTFT SLO at 2 req/s, one stage
+    # per worker needs many prefill replicas; TP and PP both cut the per-token time
+    body = {"workload": {"rate": 2.0, "prompt_tokens": {"mean": 4000}, "output_tokens": {"mean": 16},
+                         "arrival": "uniform"},
+            "slo": {"ttft_ms": 2500, "tpot_ms": 100}, "budget": {"devices": 8, "tp": [1], "pp": [1, 2, 4]}}
+    got = plan(body, PROFILES, requests=60)
+    assert got["feasible"]
+    flat = plan({**body, "budget": {"devices": 8, "tp": [1], "pp": [1]}}, PROFILES, requests=60)
+    assert got["devices"] <= flat["devices"]
+    assert any(a["prefill"]["pp"] > 1 or a["decode"]["pp"] > 1 for a in [got] + got["alternatives"])
