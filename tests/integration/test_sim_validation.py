@@ -1,0 +1,101 @@
+"""The simulator against the live cluster (issue 8's validation): the same workload, the same arrivals
+and lengths, through a real 1P+1D cluster (etcd, coordinator with the `slo` policy, workers, gateway on
+loopback; a small random-weight model) and through coordinator/simulator.py with the cost models
+`cluster profile` stored, rescaled to the step times the workers' heartbeats reported during each
+run's warm-up (what the coordinator's online refinement does). Predicted SLO attainment must be
+within 15 points of measured, well inside capacity and near it.
+
+The rates are fractions of the prefill worker's capacity as profiled at the start (one mean prompt per
+step), so they follow the machine's speed. "Near" is about half of it: the gateway, the workers'
+loops, the coordinator and the load generator share the same 2 cores and take the rest, which the
+simulator does not model (docs/coordinator.md)."""
+
+import asyncio
+import contextlib
+import io
+import os
+import random
+import threading
+import time
+import types
+
+import pytest
+
+from cluster import bench
+from live_cluster import LiveCluster, get_json
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TTFT, TPOT = 0.060, 0.020  # seconds; sent with every request, so the live policy rejects what it cannot serve
+
+
+def load_args(rate_warmup: float, duration: float) -> types.SimpleNamespace:
+    return types.SimpleNamespace(warmup=rate_warmup, duration=duration, arrival="poisson", burstiness=1.0,
+                                 dataset=None, prompt_tokens=128, prompt_sigma=0.5, output_tokens=16,
+                                 output_sigma=0.5, max_prompt=400, max_output=64, ttft_ms=TTFT * 1e3,
+                                 tpot_ms=TPOT * 1e3, send_slos=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from helpers import make_tiny_model
+    tmp = tmp_path_factory.mktemp("simval")
+    # wider than the usual tiny model, so that the workers' steps (what the simulator models), not the
+    # Python around them, are what fills up: a 128-token prompt is ~10 ms of prefill on one core
+    model = make_tiny_model(tmp / "model", "llama", hidden_size=256, intermediate_size=512)
+    c = LiveCluster(tmp, model, worker_flags=("--kv-cache-memory", "8MiB", "--block-size", "4"))
+    try:
+        c.admin = c.coordinator("coord-0", "--policy", "slo").info["admin"]
+        c.worker("prefill", "p0")
+        c.worker("decode", "d0")
+        c.gw = c.gateway()
+        c.wait_ready(c.gw)
+        c.url, c.model = c.gw.info["url"], os.path.basename(str(model))
+        args = types.SimpleNamespace(url=c.url, admin=c.admin, cluster="test", state_dir=None, reps=3)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert bench.profile(args) == 0
+    except BaseException:
+        print(c.logs())
+        c.close()
+        raise
+    yield c
+    c.close()
+
+
+def measure(live, rate: float, seed: int) -> tuple[float, float]:
+    """(measured, predicted) attainment of one run at `rate`."""
+    args = load_args(2.0, 6.0)
+    beats, stop = [], threading.Event()
+    poller = threading.Thread(target=bench.heartbeats, args=(live.admin, stop, beats), daemon=True)
+    poller.start()
+    t0 = time.time()
+    try:
+        samples = asyncio.run(bench.run_rate(live.url, live.model, rate, args, random.Random(seed)))
+    finally:
+        stop.set()
+        poller.join(10)
+    counted = [s for s in samples if s.arrival >= args.warmup]
+    measured = bench.summarize(rate, counted, args.duration, TTFT, TPOT)["attainment"]
+    profiles = bench.calibrated(get_json(live.admin + "/v1/profiles"), beats, until=t0 + args.warmup)
+    kv = next(w["kv_capacity_tokens"] for w in get_json(live.admin + "/v1/cluster")["workers"] if w["role"] == "decode")
+    predicted = bench.predicted_attainment(profiles, live.model, 1, 1, kv, "slo", samples, args.warmup, TTFT, TPOT)
+    return measured, predicted
+
+
+def test_profile_splits_the_hop_from_the_step_cost(live):
+    prof = get_json(live.admin + "/v1/profiles")[f"{live.model}/prefill-tp1-pp1"]
+    assert prof["source"] == "cluster profile"
+    p = prof["prefill"]
+    assert p["a"] > 0 and p["b"] > 0 and p["hop"] > 0
+    # a 128-token prompt: most of its TTFT is the worker's step on this model, not the hop
+    assert p["a"] + 128 * p["b"] + 128 ** 2 * p["c"] > p["hop"]
+
+
+@pytest.mark.parametrize("share", [0.15, 0.45])  # of P's profiled capacity: well inside; near saturation
+def test_predicted_attainment_is_within_15_points_of_measured(live, share):
+    from coordinator.planner import _costs
+    pre, _, _ = _costs(get_json(live.admin + "/v1/profiles"), live.model)
+    rate = round(share / pre.seconds(128), 1)
+    measured, predicted = measure(live, rate, seed=int(100 * share))
+    print(f"rate {rate:g} req/s ({share:.0%} of P's capacity): measured {measured:.3f}, predicted {predicted:.3f}")
+    assert abs(measured - predicted) <= 0.15, (measured, predicted)
