@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         from engine.model_store import pull_default
         model = Path(a.model) if a.model else pull_default(progress=False)
         flags = ("--kv-cache-memory", "256MiB", "--block-size", "16")
-        rates, policy_rate, dur, warm = [0.5, 1.5, 3.0], 1.5, 20.0, 4.0
+        rates, policy_rate, dur, warm = [0.5, 1.5, 3.0], 2.0, 15.0, 3.0
         ttft, tpot = 1500.0, 150.0
     rates = [float(x) for x in a.rates.split(",")] if a.rates else rates
     policy_rate = a.policy_rate or policy_rate
