@@ -43,7 +43,10 @@ class _Pending:
 
 @dataclass
 class _Sampled:
-    queued: bool = True  # the last heartbeat's queued tokens still counted (until predicted worked through)
+    """The last heartbeat's queue: counted until the cost model says it has been worked through."""
+    tokens: int = 0
+    prompts: int = 0
+    queued: bool = True
 
 
 @dataclass(eq=False)
@@ -121,10 +124,18 @@ class LiveView:
         v = self.workers.get(load.worker_id)
         if v is None:
             return  # not (or no longer) registered: ignored
+        self.expire(now)  # also keeps the heap of ends short while no placement comes
         v.load, v.heard_at = load, now
         cutoff = now if sampled_at is None else sampled_at
-        v.pending = [p for p in v.pending if p.at > cutoff]
-        v.sampled = _Sampled()
+        kept = []
+        for p in v.pending:
+            if p.at > cutoff:
+                kept.append(p)
+            else:  # confirmed: its ends come to nothing
+                p.queued = p.running = False
+        v.pending = kept
+        v.sampled.queued = False
+        v.sampled = _Sampled(load.queued_tokens, max(load.num_waiting, 1) if load.queued_tokens else 0)
         if load.queued_tokens:
             c = v.prefill.cost
             end = cutoff + c.queue_seconds(load.queued_tokens, max(load.num_waiting, 1), v.prefill.step_tokens)
@@ -148,17 +159,21 @@ class LiveView:
         for wid in dict.fromkeys((placement.prefill, placement.decode)):  # colocated: one worker, counted once
             v = self.workers.get(wid)
             if v is not None:
-                pend = _Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo)
+                role = v.info.role
+                pend = _Pending(now, req.prompt_tokens, req.max_tokens, req.tpot_slo,
+                                queued=role in SIDES["prefill"], running=role in SIDES["decode"])
                 v.pending.append(pend)
-                for end, side in ((first, "queued"), (last, "running")):
-                    heapq.heappush(self._ends, (end, next(self._seq), v, pend, side))
-                v.prefill.queued_tokens += req.prompt_tokens
-                v.prefill.queued_prompts += 1
-                d = v.decode
-                d.num_running += 1
-                d.total_context += req.prompt_tokens
-                d.free_tokens -= req.prompt_tokens  # reservations: the prompt's KV
-                d.tightest_tpot = min(d.tightest_tpot, req.tpot_slo)
+                if pend.queued:
+                    heapq.heappush(self._ends, (first, next(self._seq), v, pend, "queued"))
+                    v.prefill.queued_tokens += req.prompt_tokens
+                    v.prefill.queued_prompts += 1
+                if pend.running:
+                    heapq.heappush(self._ends, (last, next(self._seq), v, pend, "running"))
+                    d = v.decode
+                    d.num_running += 1
+                    d.total_context += req.prompt_tokens
+                    d.free_tokens -= req.prompt_tokens  # reservations: the prompt's KV
+                    d.tightest_tpot = min(d.tightest_tpot, req.tpot_slo)
                 self._refile(v, load_only=True)
 
     def drain(self, worker_id: str, draining: bool = True) -> bool:
@@ -219,14 +234,27 @@ class LiveView:
         and the queued tokens of heartbeats the workers should have worked through."""
         touched = {}
         while self._ends and self._ends[0][0] <= now:
-            _, _, v, pend, side = heapq.heappop(self._ends)
-            if getattr(pend, side):
-                setattr(pend, side, False)
-                touched[id(v)] = v
-        for v in touched.values():
+            _, _, v, what, side = heapq.heappop(self._ends)
+            if not getattr(what, side):  # confirmed by a heartbeat, or a heartbeat since
+                continue
+            setattr(what, side, False)
+            if self.workers.get(v.info.worker_id) is not v:
+                continue
+            if side == "queued":  # what _recount would count less, taken off in place
+                tokens, prompts = (what.tokens, what.prompts) if isinstance(what, _Sampled) else (what.prompt_tokens, 1)
+                v.prefill.queued_tokens -= tokens
+                v.prefill.queued_prompts -= prompts
+            else:
+                d = v.decode
+                d.num_running -= 1
+                d.total_context -= what.prompt_tokens
+                d.free_tokens += what.prompt_tokens
+            touched.setdefault(id(v), (v, set()))[1].add("prefill" if side == "queued" else "decode")
+        for v, sides in touched.values():
             v.pending = [p for p in v.pending if p.queued or p.running]
-            if self.workers.get(v.info.worker_id) is v:
-                self._recount(v)
+            if "decode" in sides:
+                v.decode.tightest_tpot = min((p.tpot_slo for p in v.pending if p.running), default=INF)
+            self._refile(v, load_only=True, sides=sides)
 
     # ---- queries ---------------------------------------------------------------------------------
     def suspects(self, now: float) -> list[str]:
@@ -297,15 +325,16 @@ class LiveView:
             return (v.info.model, v.info.role)
         return None
 
-    def _refile(self, v: WorkerView, load_only: bool = False) -> None:
-        """Files v anew in every index; `load_only`: only its load changed (a placement)."""
-        for side, indexes in self._indexes.items():
+    def _refile(self, v: WorkerView, load_only: bool = False, sides=SIDES) -> None:
+        """Files v anew in every index (of `sides`); `load_only`: only its load changed (a placement)."""
+        for side in sides:
+            indexes = self._indexes[side]
             group = self._group(v, side)
             for idx in indexes.values():
                 if not (load_only and idx in self._steady[side]):
                     idx.file(v, group)
 
-    def _recount(self, v: WorkerView) -> None:
+    def _recount(self, v: WorkerView, load_only: bool = False) -> None:
         """v's records from its last heartbeat and its placements since (what prefill_state /
         decode_state list), then refiled."""
         load, pending = v.load, [p for p in v.pending if p.running]
@@ -316,7 +345,7 @@ class LiveView:
         d.total_context = prompts  # what the heartbeat counts is of unknown context: 0
         d.free_tokens = (load.free_blocks * v.info.block_size if load else 0) - prompts
         d.tightest_tpot = min((p.tpot_slo for p in pending), default=INF)
-        self._refile(v)
+        self._refile(v, load_only)
 
     def _count_model(self, model: str, n: int) -> None:
         left = self._models.get(model, 0) + n
@@ -329,9 +358,8 @@ class LiveView:
 def _queue(v: WorkerView) -> tuple[int, int]:
     """Prompt tokens queued at v and the prompts they are of: the last heartbeat's (its waiting prompts;
     one if only a prompt mid-prefill is left) and the placements counted since."""
-    load, pending = v.load, [p for p in v.pending if p.queued]
-    tokens = load.queued_tokens if load and v.sampled.queued else 0
-    prompts = max(load.num_waiting, 1) if tokens else 0
+    pending = [p for p in v.pending if p.queued]
+    tokens, prompts = (v.sampled.tokens, v.sampled.prompts) if v.sampled.queued else (0, 0)
     return tokens + sum(p.prompt_tokens for p in pending), prompts + len(pending)
 
 
