@@ -99,3 +99,20 @@ def test_the_planner_searches_pipeline_depths_when_allowed():
     flat = plan({**body, "budget": {"devices": 8, "tp": [1], "pp": [1]}}, PROFILES, requests=60)
     assert got["devices"] <= flat["devices"]
     assert any(a["prefill"]["pp"] > 1 or a["decode"]["pp"] > 1 for a in [got] + got["alternatives"])
+
+
+def test_cluster_plan_command_passes_pp_and_kv_transfer(capsys, tmp_path):
+    """`cluster plan` without a running cluster plans locally; --pp and --kv-* reach the planner."""
+    import json
+
+    from cluster.cli import main
+    args = ["plan", "--rate", "4", "--ttft-ms", "500", "--tpot-ms", "50", "--devices", "4", "--state-dir", str(tmp_path)]
+    assert main(args + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--json", "--kv-bytes-per-token", "1e6", "--kv-bandwidth-gbps", "0.1"]) == 0
+    slow_kv = json.loads(capsys.readouterr().out)
+    # 10 ms of transfer per prompt token (512 tokens): no layout can meet a 500 ms TTFT
+    assert plain["feasible"] and not slow_kv["feasible"]
+    assert main(args + ["--pp", "1,2"]) == 0
+    assert "plan:" in capsys.readouterr().out
+    assert main(args + ["--pp", "0"]) == 2  # a bad depth is a clear error
