@@ -55,6 +55,7 @@ def serve(transport: str, num_blocks: int, device: str = "cpu") -> None:
     print(server.endpoint, flush=True)
     sys.stdin.read()
     server.stop()
+    print(json.dumps(dict(rank.metrics)), file=sys.stderr, flush=True)
 
 
 def raw_sink(messages: int) -> None:
@@ -76,13 +77,15 @@ def _child(*args) -> tuple[subprocess.Popen, str]:
     return p, p.stdout.readline().strip()
 
 
-def protocol_run(nblocks: int, transport: str, repeats: int, device: str = "cpu") -> list[float]:
+def protocol_run(nblocks: int, transport: str, repeats: int, device: str = "cpu") -> tuple[list[float], list[float]]:
+    """(whole protocol times, transfer times): the whole is reserve + pages + ack; the transfer, pages
+    + ack (a worker reserves before it computes the prompt, so only this part can hold up a token)."""
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
     child, endpoint = _child("serve", transport, str(nblocks + 1), device)
     src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM, device=device) for _ in range(LAYERS)], 0, 0)
     client = KVClient(0, dist_backend=None if transport == "zmq" else transport, device=device)
     client.start()
-    times = []
+    times, transfer = [], []
     try:
         client.connect(endpoint)
         for i in range(repeats + 1):
@@ -90,15 +93,17 @@ def protocol_run(nblocks: int, transport: str, repeats: int, device: str = "cpu"
             st = SendTransfer(client, f"r{i}", 0, nblocks * BS, layout, layout, [endpoint], lambda: None,
                               ack_timeout=120)
             assert st.reserve(), st.reason
+            t1 = time.perf_counter()
             st.outgoing(0, client, src, list(range(nblocks))).send_all()
             assert st.finish(), st.reason
             if i:  # the first run warms up sockets and allocators
                 times.append(time.perf_counter() - t0)
+                transfer.append(time.perf_counter() - t1)
     finally:
         client.stop()
         child.stdin.close()
         child.wait(30)
-    return times
+    return times, transfer
 
 
 def raw_zmq(nbytes: int, messages: int, repeats: int) -> list[float]:
@@ -110,12 +115,14 @@ def raw_zmq(nbytes: int, messages: int, repeats: int) -> list[float]:
     child.stdin.flush()
     push = ctx.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
-    chunk = np.frombuffer(np.random.bytes(nbytes // messages), dtype=np.uint8)
+    # distinct memory for every message, as a cache's layers are (one buffer sent 30 times would
+    # stay in the CPU's caches and flatter the baseline)
+    chunks = [np.frombuffer(np.random.bytes(nbytes // messages), dtype=np.uint8) for _ in range(messages)]
     times = []
     try:
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            for _ in range(messages):
+            for chunk in chunks:
                 push.send(chunk, copy=False)
             if not done.poll(120_000):
                 raise TimeoutError("raw sink did not answer")
@@ -166,7 +173,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 16, 256])
     ap.add_argument("--transports", nargs="+", default=["zmq", "gloo"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu", help="where both ends keep their KV cache (cpu, cuda)")
     ap.add_argument("--out", default="bench_results/kv_transfer.json")
     args = ap.parse_args()
@@ -185,14 +192,17 @@ def main():
         if args.device.startswith("cuda"):
             row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
         for tr in args.transports:
-            t = med(protocol_run(nblocks, tr, args.repeats, args.device))
+            whole, transfer = protocol_run(nblocks, tr, args.repeats, args.device)
+            t, x = med(whole), med(transfer)
             row[f"{tr}_gb_s"] = round(nbytes / t / 1e9, 2)
             row[f"{tr}_ms"] = round(t * 1e3, 2)
             row[f"{tr}_vs_raw_zmq"] = round(raw / t, 2)
+            row[f"{tr}_transfer_ms"] = round(x * 1e3, 2)
+            row[f"{tr}_transfer_vs_raw_zmq"] = round(raw / x, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     prompt_blocks = 512 // BS
-    prompt = {tr: round(med(protocol_run(prompt_blocks, tr, args.repeats, args.device)) * 1e3, 2)
+    prompt = {tr: round(med(protocol_run(prompt_blocks, tr, args.repeats, args.device)[0]) * 1e3, 2)
               for tr in args.transports}
     print(json.dumps({"512_token_prompt_ms": prompt, "bytes": prompt_blocks * BLOCK_BYTES}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,15 @@ from kvtransfer.protocol import VERSION, Ack, Pages, Reserve, Reserved, layout_f
 log = logging.getLogger(__name__)
 
 
+class Landed:
+    """A payload received straight into the cache (RankReceiver.landing): the byte count of each frame
+    (recv_into reports a frame's full size even when it was longer than its place), and whether more
+    frames followed than there were places."""
+
+    def __init__(self, sizes: list[int], extra: bool = False):
+        self.sizes, self.extra = sizes, extra
+
+
 @dataclass
 class _Expected:
     attempt: int
@@ -84,7 +93,8 @@ class RankReceiver:
                 problem = "frame names blocks that were not reserved for it"
             elif msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
                 problem = f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
-            elif msg.runs and not _runs_fit(msg, payload):
+            elif msg.runs and (not _runs_fit(msg, payload.sizes if isinstance(payload, Landed) else payload)
+                               or getattr(payload, "extra", False)):
                 problem = "payload frames do not match the header's runs"
             elif not msg.runs and _nbytes(payload) != msg.nbytes:
                 problem = f"payload of {_nbytes(payload)} bytes, header says {msg.nbytes}"
@@ -102,7 +112,9 @@ class RankReceiver:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only ZeroMQ buffers: we only read them
-            if msg.runs:
+            if isinstance(payload, Landed):
+                self.metrics["frames_in_place"] += 1  # already in the cache
+            elif msg.runs:
                 frames = [from_buffer(f, msg.dtype, [len(f) // _itemsize(msg.dtype)]) for f in payload]
                 self.caches.insert_runs(msg.layer, msg.heads, e.block_ids, msg.runs, frames)
             else:
@@ -112,6 +124,33 @@ class RankReceiver:
         self.metrics["bytes_received"] += msg.nbytes
         if complete:
             self._finish(msg.request_id, msg.attempt, True, "")
+
+    def landing(self, msg: Pages) -> list | None:
+        """Where a Pages message of whole-block runs lands: writable byte views of the cache blocks
+        reserved for it, K then V per run (the order the sender sends them), or None when it cannot
+        be received in place (not expected, partial heads, a GPU cache, a mismatch: `on_pages`
+        decides, with its checks and counters). Changes nothing: `on_pages(msg, Landed(...))`
+        does the bookkeeping once the frames are in."""
+        cache = self.caches.caches[0]
+        if cache.device.type != "cpu" or msg.heads[0] != self.caches.head_start or \
+                msg.heads[1] - msg.heads[0] != self.caches.num_heads or sum(msg.runs) != len(msg.block_ids):
+            return None
+        with self._lock:
+            e = self._expected.get(msg.request_id)
+            if e is None or e.attempt != msg.attempt or msg.block_ids != e.block_ids or \
+                    (msg.src_rank, msg.layer, msg.heads[0], msg.heads[1]) not in e.frames or \
+                    msg.dtype != self.layout.dtype or \
+                    not 0 <= msg.layer - self.caches.layer_start < len(self.caches.caches):
+                return None
+            layer = self.caches.caches[msg.layer - self.caches.layer_start]
+            views = []
+            for kv in (0, 1):
+                i = 0
+                for n in msg.runs:
+                    b = e.block_ids[i]
+                    views.append(layer[kv, b:b + n].view(torch.uint8).numpy())
+                    i += n
+            return views
 
     def expire(self, now: float) -> None:
         with self._lock:
@@ -135,10 +174,11 @@ def _itemsize(dtype: str) -> int:
 
 
 def _runs_fit(msg: Pages, frames) -> bool:
+    """`frames`: the payload frames, or their sizes (received in place)."""
     if not isinstance(frames, list) or len(frames) != 2 * len(msg.runs):
         return False
     per_block = msg.nbytes // (2 * len(msg.block_ids))
-    return all(len(f) == n * per_block for f, n in zip(frames, msg.runs + msg.runs))
+    return all((f if isinstance(f, int) else len(f)) == n * per_block for f, n in zip(frames, msg.runs + msg.runs))
 
 
 def _nbytes(payload) -> int:

@@ -24,6 +24,7 @@ import zmq
 
 from cluster import security
 from kvtransfer.pages import RankCaches, block_runs, to_bytes_view
+from kvtransfer.receiver import Landed
 from kvtransfer.plan import KVLayout, TransferItem, items_from
 from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello, PairInfo,
                                  ProtocolError, RankDone, Reserve, Reserved, decode, encode, layout_from_msg,
@@ -139,10 +140,40 @@ class KVServer(_IOThread):
     def on_readable(self, sock) -> None:
         for _ in range(64):  # drain a burst, then let the loop tick
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._handle(frames)
+            try:
+                frames = self._receive(sock, identity)
+            finally:  # whatever happened, the next recv starts a new message
+                while sock.getsockopt(zmq.RCVMORE):
+                    sock.recv(copy=False)
+                    self.metrics["frames_dropped"] += 1
+            if frames is not None:
+                self._handle(frames)
+
+    def _receive(self, sock, identity) -> list | None:
+        """The rest of one message (its parts are all here: ZeroMQ delivers messages whole). Pages of
+        whole blocks for a CPU cache are received straight into the cache blocks reserved for them
+        (recv_into: no receive buffer to allocate and fault in, no copy); returns None then, else
+        the frames for `_handle`."""
+        if not sock.getsockopt(zmq.RCVMORE):
+            return [identity]
+        head = sock.recv(copy=False)
+        if not sock.getsockopt(zmq.RCVMORE):
+            return [identity, head]
+        try:
+            msg = decode(head.buffer)
+        except ProtocolError:
+            msg = None
+        views = self.receiver.landing(msg) if isinstance(msg, Pages) and msg.runs and not msg.pair else None
+        if views is None:
+            return [identity, head, *sock.recv_multipart(copy=False)]
+        sizes = []
+        for v in views:
+            sizes.append(sock.recv_into(v) if sock.getsockopt(zmq.RCVMORE) else 0)
+        self.receiver.on_pages(msg, Landed(sizes, bool(sock.getsockopt(zmq.RCVMORE))))
+        return None
 
     def _handle(self, frames) -> None:
         if len(frames) < 2:
