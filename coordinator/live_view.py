@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import heapq
+import weakref
 from dataclasses import dataclass, field, fields
 
 from cluster.registry import Load, WorkerInfo
@@ -73,6 +74,8 @@ class LiveView:
         self.suspect_after = suspect_after
         self.workers: dict[str, WorkerView] = {}
         self.shape_profiles: dict[tuple[str, str], dict] = {}  # (model, shape) -> stored profile
+        # one instance per distinct cost model, so the indexes' keys compare them by identity
+        self._costs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.prefill_costs: dict[str, PrefillCost] = {}  # by worker id (from profiles)
         self.decode_costs: dict[str, DecodeCost] = {}
         self._order = itertools.count()
@@ -99,13 +102,17 @@ class LiveView:
         # one shape share one cost model (their own measurements differ only by noise)
         prof = self.shape_profiles.get((info.model, shape_of(info))) or info.profile or {}
         if prof.get("prefill"):
-            self.prefill_costs[wid] = PrefillCost(**prof["prefill"])
+            self.prefill_costs[wid] = self._cost(PrefillCost(**prof["prefill"]))
         if prof.get("decode"):
-            self.decode_costs[wid] = DecodeCost(**prof["decode"])
-        v.prefill = PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()))
-        v.decode = DecodeLoad(wid, self.decode_costs.get(wid, DecodeCost()))
+            self.decode_costs[wid] = self._cost(DecodeCost(**prof["decode"]))
+        v.prefill = PrefillWorkerState(wid, self.prefill_costs.get(wid) or self._cost(PrefillCost()))
+        v.decode = DecodeLoad(wid, self.decode_costs.get(wid) or self._cost(DecodeCost()))
         self._floors.clear()
         self._recount(v)
+
+    def _cost(self, c):
+        """The one instance of cost model `c` (equal models are the same object)."""
+        return self._costs.setdefault(c, c)
 
     def deregistered(self, worker_id: str) -> WorkerView | None:
         """The worker is dead (its lease is gone). Returns what was known of it."""

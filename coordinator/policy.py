@@ -153,8 +153,9 @@ def queue_wait(p: PrefillWorkerState) -> float:
     return p.cost.queue_seconds(p.queued_tokens, p.queued_prompts, p.step_tokens)
 
 
-def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest) -> float:
-    return (p.cost.hop + queue_wait(p) + p.cost.seconds(req.prompt_tokens)
+def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest, wait: float | None = None) -> float:
+    """`wait`: queue_wait(p), when the caller has it already."""
+    return (p.cost.hop + (queue_wait(p) if wait is None else wait) + p.cost.seconds(req.prompt_tokens)
             + p.transfer_s_per_token * req.prompt_tokens)
 
 
@@ -259,33 +260,52 @@ def _lightest(d: DecodeLoad) -> tuple:
 def _ttft_rank(p: PrefillWorkerState) -> tuple:
     """The TTFT of an empty prompt (the walk's order: TTFT = that + b*n + c*n^2 + transfer*n), then all
     else TTFT depends on."""
-    wait = queue_wait(p)
-    return (p.cost.hop + wait + p.cost.seconds(0), wait, p.cost, p.transfer_s_per_token)
+    wait = queue_wait(p)  # the cost model by identity: the live view keeps one instance per model
+    return (p.cost.hop + wait + p.cost.seconds(0), wait, id(p.cost), p.transfer_s_per_token)
 
 
 def _tpot_rank(d: DecodeLoad) -> tuple:
     """The step time with one more sequence of no context (the walk's order: TPOT = that +
     per_token*prompt tokens), then all else TPOT and its limit depend on."""
-    return (d.cost.step_seconds(d.num_running + 1, d.total_context), d.num_running, d.total_context, d.cost,
+    return (d.cost.step_seconds(d.num_running + 1, d.total_context), d.num_running, d.total_context, id(d.cost),
             d.tightest_tpot)
 
 
+def _per_token_rank(p: PrefillWorkerState) -> tuple:
+    """What a prompt token adds to TTFT (b + transfer; c is bounded by the floor's), then all else TTFT
+    depends on (so equal keys mean equal TTFT, as `ordered` needs)."""
+    return (p.cost.b + p.transfer_s_per_token, *_ttft_rank(p))
+
+
 def _ttft_shortlist(req: PlacementRequest, prefills: Candidates) -> list[PrefillWorkerState]:
-    """The prefill candidates with the most TTFT slack (ties: all): walked by the TTFT of an empty
-    prompt until even the cheapest per-token costs among them would leave the next one less slack than
-    the best found."""
-    n, slo, least, best, found = req.prompt_tokens, req.ttft_slo, None, -INF, []
-    for key, p in prefills.ordered(_ttft_rank):
-        if found:
-            if least is None:
-                f = prefills.floor()
-                least = f.cost.b * n + f.cost.c * n * n + f.transfer_s_per_token * n
-            if _slack((key[0] + least) * _SHRINK, slo) < best:
-                break
-        slack = _slack(predicted_ttft(p, req), slo)
-        found.append((slack, p))
-        best = max(best, slack)
-    return [p for slack, p in found if slack == best]
+    """The prefill candidates with the most TTFT slack (ties: all). TTFT = (TTFT of an empty prompt) +
+    (b + transfer)·n + c·n², so two walks go side by side, one by each of the first two terms (Fagin's
+    threshold algorithm): a candidate neither has reached yet has both terms at least where the walks
+    stand, so once those (and the least c of any candidate) leave less slack than the best found, no
+    unseen one can do better. With one shared cost model the second walk adds nothing and the first
+    stops as soon as the queues alone decide; with a cost model per worker, the second finds the
+    cheap-per-token workers that a walk by the first term alone would reach last."""
+    n, slo, best, found, seen = req.prompt_tokens, req.ttft_slo, -INF, [], set()
+    walks = [prefills.ordered(_ttft_rank), prefills.ordered(_per_token_rank)]
+    at = [0.0, 0.0]
+    least_c = None
+    while True:
+        for i, walk in enumerate(walks):
+            item = next(walk, None)
+            if item is None:  # a walk ran out: every candidate has been met
+                return [p for slack, p in found if slack == best]
+            key, p = item
+            at[i] = key[0]
+            if p.worker_id in seen:
+                continue
+            seen.add(p.worker_id)
+            slack = _slack(predicted_ttft(p, req, key[1 + i]), slo)  # the key holds the queue wait
+            found.append((slack, p))
+            best = max(best, slack)
+        if least_c is None:
+            least_c = prefills.floor().cost.c * n * n
+        if _slack((at[0] + at[1] * n + least_c) * _SHRINK, slo) < best:
+            return [p for slack, p in found if slack == best]
 
 
 def _tpot_shortlist(req: PlacementRequest, decodes: Candidates) -> list[DecodeLoad]:
