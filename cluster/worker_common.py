@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 import zmq
 
 from cluster import security
@@ -78,9 +79,12 @@ def output_chunks(ro, attempt: int, first_index: dict, worker_id: str) -> list[T
     return chunks
 
 
-def drain_requests(sock: zmq.Socket, timeout_ms: int, handle, metrics, burst: int = 256) -> None:
+def drain_requests(sock: zmq.Socket, timeout_ms: int, handle, metrics, burst: int = 256,
+                   chunks: ChunkSender | None = None) -> None:
     """Waits up to `timeout_ms` for worker messages, then hands each decoded one to `handle`
-    (a burst at most); malformed ones are counted in metrics["messages_bad"] and dropped."""
+    (a burst at most); malformed ones are counted in metrics["messages_bad"] and dropped, and when
+    they still say who is waiting (`chunks`: answer them), that requester gets an error chunk at once
+    instead of waiting out its timeout (another protocol version after an upgrade, a bug)."""
     if not sock.poll(timeout_ms):
         return
     for _ in range(burst):
@@ -93,5 +97,22 @@ def drain_requests(sock: zmq.Socket, timeout_ms: int, handle, metrics, burst: in
         except MessageError as e:
             metrics["messages_bad"] += 1
             log.debug("dropped: %s", e)
+            if chunks is not None:
+                _answer_malformed(chunks, data, e)
             continue
         handle(msg)
+
+
+def _answer_malformed(chunks: ChunkSender, data: bytes, err: MessageError) -> None:
+    try:
+        d = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return  # not even MessagePack: nobody to answer
+    if not isinstance(d, dict):
+        return
+    rid, attempt, reply_to = d.get("request_id"), d.get("attempt"), d.get("reply_to")
+    if isinstance(rid, str) and isinstance(attempt, int) and isinstance(reply_to, str) and \
+            reply_to.startswith("tcp://"):
+        # "unavailable", blamed on this worker: the requester places the request elsewhere
+        chunks.error(reply_to, rid, attempt, f"worker {chunks.worker_id} cannot read the request: {err}",
+                     index=1 if d.get("type") == "handoff" else 0, code="unavailable", blame=chunks.worker_id)

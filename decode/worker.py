@@ -131,7 +131,7 @@ class DecodeWorker:
         self.engine.shutdown()
 
     def poll(self, timeout_ms: int) -> None:
-        drain_requests(self.sock, timeout_ms, self._handle, self.metrics)
+        drain_requests(self.sock, timeout_ms, self._handle, self.metrics, chunks=self.chunks)
 
     def _handle(self, msg) -> None:
         if isinstance(msg, Handoff):

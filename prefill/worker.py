@@ -107,7 +107,7 @@ class PrefillWorker:
 
     # ---- requests ------------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> None:
-        drain_requests(self.sock, timeout_ms, self._handle, self.metrics)
+        drain_requests(self.sock, timeout_ms, self._handle, self.metrics, chunks=self.chunks)
 
     def _handle(self, msg) -> None:
         if isinstance(msg, PrefillRequest):

@@ -354,3 +354,32 @@ def test_stop_strings_that_start_in_the_first_token_match_one_process(cluster, t
         s = client.streams[rid]
         assert s.error == "" and (s.text, s.finish_reason) == (want["text"], want["finish_reason"]), rid
     assert sum(w["finish_reason"] == "stop" for _, w in cases) >= 3
+
+
+def test_an_unreadable_request_is_answered_at_once_not_left_to_time_out(cluster, tiny_llama):
+    """A request the worker cannot decode (another protocol version, a wrong field type) but that says
+    who waits for it gets an error chunk at once ("unavailable", blamed on this worker, so a gateway
+    places it elsewhere); the worker goes on serving."""
+    import msgspec
+
+    from cluster.messages import VERSION, PrefillRequest, encode
+    from cluster.worker_client import Stream
+    p = cluster("colocated")
+    client = WorkerClient()
+    sock = client._sock(p.info["endpoint"])
+    client.streams["v2"] = Stream()
+    sock.send(encode(PrefillRequest(VERSION + 1, "v2", 0, [5, 6, 7], {"max_tokens": 2}, client.reply_to)))
+    client.streams["typo"] = Stream()
+    bad = msgspec.msgpack.decode(encode(PrefillRequest(VERSION, "typo", 3, [5, 6, 7], {}, client.reply_to)))
+    bad["prompt_token_ids"] = "not a list"
+    sock.send(msgspec.msgpack.encode(bad))
+    t0 = time.monotonic()
+    client.collect(timeout=10)
+    assert time.monotonic() - t0 < 5
+    for rid in ("v2", "typo"):
+        s = client.streams[rid]
+        assert s.finish_reason == "error" and "cannot read the request" in s.error, (rid, s)
+    client.submit(p.info, "ok", prompts(1, seed=3)[0], {"max_tokens": 4, **GREEDY})
+    client.collect(timeout=30)
+    assert client.streams["ok"].finish_reason == "length"
+    assert p.stop()["metrics"]["messages_bad"] == 2
