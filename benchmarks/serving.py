@@ -18,7 +18,6 @@ outputs log-normal (mean 24, sigma 0.5), Poisson arrivals. `--quick`: a tiny ran
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import json
@@ -26,7 +25,6 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
 import types
 from pathlib import Path
@@ -78,19 +76,7 @@ class Setup:
 
     def run(self, rate: float, args, seed: int, beats: list | None = None) -> tuple[list, float]:
         """All samples of one run (warm-up included) and its start (wall clock); heartbeats into `beats`."""
-        stop = threading.Event()
-        poller = None
-        if beats is not None:
-            poller = threading.Thread(target=bench.heartbeats, args=(self.admin, stop, beats), daemon=True)
-            poller.start()
-        t0 = time.time()
-        try:
-            samples = asyncio.run(bench.run_rate(self.url, self.model, rate, args, random.Random(seed)))
-        finally:
-            stop.set()
-            if poller is not None:
-                poller.join(10)
-        return samples, t0
+        return bench.run_watched(self.url, self.model, rate, args, random.Random(seed), self.admin, beats)
 
     def close(self) -> None:
         self.c.close()

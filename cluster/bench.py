@@ -341,6 +341,26 @@ def heartbeats(admin: str, stop, out: list) -> None:
         stop.wait(0.05)
 
 
+def run_watched(url: str, model: str, rate: float, args, rng, admin: str | None = None,
+                beats: list | None = None) -> tuple[list, float]:
+    """One `run_rate` (all samples, warm-up included) and its start (wall clock), collecting the
+    workers' heartbeats from the coordinator at `admin` into `beats` meanwhile (when given)."""
+    import threading
+    stop = threading.Event()
+    poller = None
+    if beats is not None:
+        poller = threading.Thread(target=heartbeats, args=(admin, stop, beats), daemon=True)
+        poller.start()
+    t0 = time.time()
+    try:
+        samples = asyncio.run(run_rate(url, model, rate, args, rng))
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(10)
+    return samples, t0
+
+
 def calibrated(profiles: dict, beats: list[tuple[dict, dict]], since: float = 0.0, until: float = math.inf) -> dict:
     """The stored profiles (GET /v1/profiles) rescaled to the step times the workers' heartbeats
     (taken in [since, until), wall clock) report: the coordinator's online refinement

@@ -10,13 +10,10 @@ step), so they follow the machine's speed. "Near" is about half of it: the gatew
 loops, the coordinator and the load generator share the same 2 cores and take the rest, which the
 simulator does not model (docs/coordinator.md)."""
 
-import asyncio
 import contextlib
 import io
 import os
 import random
-import threading
-import time
 import types
 
 import pytest
@@ -65,15 +62,8 @@ def live(tmp_path_factory):
 def measure(live, rate: float, seed: int) -> tuple[float, float]:
     """(measured, predicted) attainment of one run at `rate`."""
     args = load_args(2.0, 6.0)
-    beats, stop = [], threading.Event()
-    poller = threading.Thread(target=bench.heartbeats, args=(live.admin, stop, beats), daemon=True)
-    poller.start()
-    t0 = time.time()
-    try:
-        samples = asyncio.run(bench.run_rate(live.url, live.model, rate, args, random.Random(seed)))
-    finally:
-        stop.set()
-        poller.join(10)
+    beats: list = []
+    samples, t0 = bench.run_watched(live.url, live.model, rate, args, random.Random(seed), live.admin, beats)
     counted = [s for s in samples if s.arrival >= args.warmup]
     measured = bench.summarize(rate, counted, args.duration, TTFT, TPOT)["attainment"]
     profiles = bench.calibrated(get_json(live.admin + "/v1/profiles"), beats, until=t0 + args.warmup)
