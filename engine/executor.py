@@ -206,6 +206,31 @@ def _broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
     return buf.numpy().tobytes()
 
 
+class _Sends:
+    """Non-blocking sends whose buffers must live until they complete."""
+
+    def __init__(self):
+        self.pending: list[tuple[object, torch.Tensor]] = []
+
+    def isend(self, data: bytes, dst: int) -> None:
+        n = torch.tensor([len(data)], dtype=torch.long)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.pending.append((dist.isend(n, dst=dst), n))
+        self.pending.append((dist.isend(buf, dst=dst), buf))
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
+
+
+def send_step(data: bytes, world: int, sends: _Sends) -> None:
+    """The driver's step message to every other rank, without waiting for any of them: a stage still
+    busy with the previous step takes it when it gets there (pipeline parallelism)."""
+    for r in range(1, world):
+        sends.isend(data, r)
+
+
 def send_bytes(data: bytes, dst: int) -> None:
     dist.send(torch.tensor([len(data)], dtype=torch.long), dst=dst)
     dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst)
@@ -244,6 +269,11 @@ class ParallelExecutor:
         self._known: set[int] = set()
         self._finished: list[int] = []
         self.broken = False  # a rank died: every later step fails; the worker must exit
+        self.world = runtime.tp * runtime.pp
+        self.pp = runtime.pp
+        self._sends = _Sends()  # heartbeats and shutdown
+        self.in_flight = 0  # launched steps not collected yet
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._closed = threading.Event()
@@ -256,8 +286,11 @@ class ParallelExecutor:
             with self._lock:
                 if self._closed.is_set() or time.monotonic() - self._last < every:
                     continue
+                if self.in_flight:
+                    continue  # the ranks are busy with a step: they are not waiting
                 try:
-                    _broadcast_bytes(_enc.encode(StepMsg([], self._finished)))
+                    send_step(_enc.encode(StepMsg([], self._finished)), self.world, self._sends)
+                    self._sends.wait()
                     self._finished = []
                     self._last = time.monotonic()
                 except RuntimeError:
@@ -266,15 +299,48 @@ class ParallelExecutor:
                     self._closed.set()
 
     def execute(self, out: SchedulerOutput, extras: dict | None = None):
+        """One step, start to finish."""
+        return self.collect(self.launch(out, extras))
+
+    def launch(self, out: SchedulerOutput, extras: dict | None = None):
+        """Starts a step: the step message goes to every rank and this rank (stage 0) runs its layers
+        and hands the hidden states on; it returns before the later stages are done, so the next
+        step's stage 0 can run while they work on this one. `collect` waits for its tokens."""
         with self._lock:
             self._last = time.monotonic()
             try:
-                return self._execute(out, extras or {})
+                sampling = self._launch(out, extras or {})
             except RuntimeError:
                 self.broken = True
                 raise
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return sampling
 
-    def _execute(self, out: SchedulerOutput, extras: dict):
+    def collect(self, launched):
+        """The sampled tokens (seq_id -> token) and logprobs of a launched step, in launch order."""
+        with self._lock:
+            try:
+                return self._collect(launched)
+            except RuntimeError:
+                self.broken = True
+                raise
+            finally:
+                self.in_flight -= 1
+
+    def _collect(self, launched):
+        result, sampling, sends = launched
+        if sampling and self.rt.sampler_rank != 0:
+            result = _result_dec.decode(recv_bytes(self.rt.sampler_rank))
+        sends.wait()  # every rank has taken this step's message (the last stage's result says so)
+        if result is None:
+            return {}, {}
+        sampled = dict(zip(result.seq_ids, result.tokens))
+        lps = {sid: TokenLogprobs(lp[0], [tuple(x) for x in lp[1]])
+               for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
+        return sampled, lps
+
+    def _launch(self, out: SchedulerOutput, extras: dict):
         seqs, driver_seqs = [], {}
         for s in out.scheduled:
             seq = s.seq
@@ -286,16 +352,10 @@ class ParallelExecutor:
                                 seq.num_prompt_tokens, _params_dict(seq.params) if new else None))
         msg = StepMsg(seqs, self._finished, extras=extras)
         self._finished = []
-        _broadcast_bytes(_enc.encode(msg))
+        sends = _Sends()
+        send_step(_enc.encode(msg), self.world, sends)
         result = self.rt.run(msg, driver_seqs)
-        if self.rt.sampler_rank != 0 and any(s.sample for s in out.scheduled):
-            result = _result_dec.decode(recv_bytes(self.rt.sampler_rank))
-        if result is None:
-            return {}, {}
-        sampled = dict(zip(result.seq_ids, result.tokens))
-        lps = {sid: TokenLogprobs(lp[0], [tuple(x) for x in lp[1]])
-               for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
-        return sampled, lps
+        return result, any(s.sample for s in out.scheduled), sends
 
     def release(self, seq_id: int) -> None:
         with self._lock:
@@ -315,7 +375,8 @@ class ParallelExecutor:
                 return
             self._closed.set()
             try:
-                _broadcast_bytes(_enc.encode(StepMsg([], [], shutdown=True)))
+                send_step(_enc.encode(StepMsg([], [], shutdown=True)), self.world, self._sends)
+                self._sends.wait()
             except RuntimeError:
                 pass
             for p in self.followers:
@@ -334,13 +395,17 @@ class ParallelExecutor:
 def follower_loop(rt: RankRuntime) -> None:
     """A follower rank: one broadcast per step until shutdown (or the driver is gone: the collective
     times out or fails, and the rank exits)."""
+    sends = _Sends()
     while True:
-        msg = _step_dec.decode(_broadcast_bytes(None))
+        msg = _step_dec.decode(recv_bytes(0))
         if msg.shutdown:
             break
         result = rt.run(msg)
         if result is not None and rt.rank != 0:
-            send_bytes(_enc.encode(result), 0)
+            # without waiting: the driver collects it after it has launched the next step
+            sends.wait()
+            sends.isend(_enc.encode(result), 0)
+    sends.wait()
     dist.destroy_process_group()
 
 

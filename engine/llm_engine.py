@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -95,6 +96,11 @@ class LLMEngine:
                                    config.scheduler.max_num_batched_tokens, self.max_model_len, eos)
         self._requests: dict[str, _RequestState] = {}
         self.last_step = (0, 0)  # (tokens, sequences) of the last step
+        # pipeline parallelism: up to pp steps in flight, each on its own share of the running batch
+        self.pipeline_depth = par.pp if par.pp > 1 and par.pipeline_steps else 1
+        self._in_flight: deque = deque()  # (SchedulerOutput, launched) in launch order
+        self._busy: set[int] = set()  # ids of the sequences in those steps
+        self._finish_later: list[Sequence] = []  # aborted while in flight: freed when their step is back
         self._seq_state: dict[int, _SeqState] = {}
         bs = config.cache.block_size
         log.info("engine ready in %.1fs (weights %.1fs): KV cache %d blocks x %d tokens = %d tokens "
@@ -173,22 +179,62 @@ class LLMEngine:
         if req is None:
             return False
         for st in req.seqs:
-            self.scheduler.finish(st.seq, SequenceStatus.FINISHED_ABORTED)
+            if st.seq.seq_id in self._busy:  # a step in flight still writes its KV: free its blocks after
+                self._finish_later.append(st.seq)
+            else:
+                self.scheduler.finish(st.seq, SequenceStatus.FINISHED_ABORTED)
             self._drop(st.seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or bool(self._in_flight)
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self, before_execute=None) -> list[RequestOutput]:
         """One schedule -> execute -> update round. `before_execute(out)` (for workers) sees the
         SchedulerOutput first and may return extras for the step hook of every rank (a prefill
         worker pins the pages it will ship and names them there)."""
+        if self.pipeline_depth > 1:
+            return self._pipelined_step(before_execute)
         out = self.scheduler.schedule()
         self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
         extras = before_execute(out) if before_execute is not None else None
         sampled, logprobs = self.executor.execute(out, extras) if not out.empty else ({}, {})
+        return self._apply(out, sampled, logprobs)
+
+    def _pipelined_step(self, before_execute) -> list[RequestOutput]:
+        """Pipeline parallelism across steps (vLLM's virtual engines, in one scheduler): a step takes
+        about 1/pp of the runnable sequences that are not in flight, is launched (stage 0 runs here,
+        then hands on), and the oldest step in flight is collected once pp are in flight or nothing
+        new could start. So stage s works on step k while stage s - 1 works on step k + 1."""
+        depth = self.pipeline_depth
+        runnable = len(self.scheduler.running) + len(self.scheduler.waiting)
+        # a batch cut in pp costs a weight read per share: only worth it for big batches (ParallelConfig.
+        # pipeline_min_seqs); smaller ones go whole, one step in flight, as without pipelining
+        share = -(-runnable // depth)
+        out = self.scheduler.schedule(busy=self._busy,
+                                      max_seqs=share if share >= self.config.parallel.pipeline_min_seqs else None)
+        if not out.empty:
+            self.last_step = (out.num_batched_tokens, len(out.scheduled))
+            extras = before_execute(out) if before_execute is not None else None
+            self._in_flight.append((out, self.executor.launch(out, extras)))
+            self._busy.update(s.seq.seq_id for s in out.scheduled)
+        if not self._in_flight or (len(self._in_flight) < depth and not out.empty):
+            return []
+        done, launched = self._in_flight.popleft()
+        sampled, logprobs = self.executor.collect(launched)
+        self._busy.difference_update(s.seq.seq_id for s in done.scheduled)
+        later = []
+        for seq in self._finish_later:
+            if seq.seq_id in self._busy:
+                later.append(seq)
+            else:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self._finish_later = later
+        return self._apply(done, sampled, logprobs)
+
+    def _apply(self, out, sampled: dict, logprobs: dict) -> list[RequestOutput]:
+        """A step's tokens into the scheduler, the detokenizers and the outputs."""
         self.scheduler.update(out, sampled)
         touched: dict[str, list[_SeqState]] = {}
         for s in out.scheduled:

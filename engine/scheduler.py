@@ -72,20 +72,24 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # ---- the step ------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: frozenset | set = frozenset(), max_seqs: int | None = None) -> SchedulerOutput:
+        """`busy`: ids of sequences in a step still in flight (pipeline parallelism): not scheduled, never
+        preempted. `max_seqs`: at most this many sequences in the step (so that pp steps share the
+        running batch)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        cap = max_seqs if max_seqs is not None else self.max_num_seqs
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to do (cannot happen in a consistent state)
+            if num_new <= 0 or seq.seq_id in busy:  # nothing to do, or its last step is still in flight
                 i += 1
                 continue
             while not self.bm.allocate_slots(seq, num_new):
-                victim = self.running[-1]
+                victim = next((s for s in reversed(self.running) if s.seq_id not in busy), seq)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -100,7 +104,8 @@ class Scheduler:
 
         if not out.preempted:
             skipped: list[Sequence] = []
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and \
+                    len(out.scheduled) < cap:
                 seq = self.waiting[0]
                 parent = seq.parent
                 if parent is not None and parent.status == SequenceStatus.RUNNING \

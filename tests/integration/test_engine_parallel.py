@@ -15,8 +15,9 @@ PROMPTS = [[5, 17, 42, 99, 123, 7, 8], [200, 31, 64] * 9, list(range(3, 40)), [9
 
 
 def engine(model_dir, tp=1, pp=1, num_blocks=64):
+    # pipeline_min_seqs=1: this test's few sequences are shared among steps in flight too
     return LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, num_blocks=num_blocks),
-                                  parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30)))
+                                  parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1)))
 
 
 def run(eng, params):
@@ -44,6 +45,7 @@ def test_parallel_engine_equals_single_process(tiny_llama, reference, tp, pp):
         assert greedy == reference[0]
         assert sampled == reference[1]  # seeds, n > 1 and penalties on the sampling rank's mirror
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        assert eng.executor.max_in_flight == pp  # pp > 1: steps were in flight side by side
     finally:
         eng.shutdown()
     for pid in pids:  # the follower processes are gone
@@ -57,6 +59,35 @@ def test_preemption_across_ranks(tiny_llama, reference):
         greedy = run(eng, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1))
         assert eng.scheduler.num_preemptions > 0
         assert greedy == reference[0]
+    finally:
+        eng.shutdown()
+
+
+def test_pipelined_steps_with_aborts_in_flight(tiny_llama, reference):
+    """pp = 2 with steps in flight: requests aborted while their step is in flight free their blocks
+    when it comes back, and the others still get the single-process tokens."""
+    eng = engine(tiny_llama, 1, 2)
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        for i, p in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", p, params)
+        got = {f"r{i}": [] for i in range(len(PROMPTS))}
+        steps, aborted = 0, set()
+        while eng.has_unfinished_requests():
+            for ro in eng.step():
+                got[ro.request_id] += ro.outputs[0].token_ids
+            steps += 1
+            if steps == 6:  # mid-decode: abort the requests whose step is in flight right now
+                aborted = {s.request_id for s in eng.scheduler.running if s.seq_id in eng._busy}
+                assert aborted and len(aborted) < len(PROMPTS)
+                for rid in aborted:
+                    assert eng.abort_request(rid)
+                assert eng._finish_later  # their blocks wait for the step to come back
+        assert eng.executor.max_in_flight == 2 and not eng._finish_later
+        for i in range(len(PROMPTS)):
+            if f"r{i}" not in aborted:
+                assert got[f"r{i}"] == reference[0][i][0]
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
     finally:
         eng.shutdown()
 

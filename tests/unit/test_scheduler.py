@@ -172,3 +172,25 @@ def test_micro_batches_split_a_step_evenly_and_deterministically():
     assert [len(g) for g in micro_batches(seqs[:2], 4)] == [1, 1]
     assert micro_batches(seqs, 1) == [seqs] and micro_batches([], 3) == []
     assert sum(len(g) for g in micro_batches(seqs, 3)) == 5
+
+
+def test_steps_in_flight_share_the_batch_and_are_never_preempted():
+    """Pipeline parallelism: a step takes at most `max_seqs`; sequences of a step in flight (`busy`) are
+    neither scheduled again nor preempted, even under memory pressure."""
+    s, bm = make(num_blocks=7, block_size=4, budget=64)
+    seqs = [add(s, 4, max_tokens=20, rid=f"r{i}", base=100 * i) for i in range(4)]
+    first = s.schedule(max_seqs=2)
+    second = s.schedule(busy={x.seq.seq_id for x in first.scheduled}, max_seqs=2)
+    assert [x.seq for x in first.scheduled] == seqs[:2] and [x.seq for x in second.scheduled] == seqs[2:]
+    s.update(first, {x.seq.seq_id: 7 for x in first.scheduled})
+    in_flight = {x.seq.seq_id for x in second.scheduled}
+    preempted = []
+    for _ in range(40):  # the first two decode while the second pair stays in flight: 7 blocks run out
+        out = s.schedule(busy=in_flight, max_seqs=2)
+        assert not in_flight & {x.seq.seq_id for x in out.scheduled}
+        preempted += out.preempted
+        if not out.scheduled:
+            break
+        s.update(out, {x.seq.seq_id: 7 for x in out.scheduled})
+    assert preempted and not in_flight & {q.seq_id for q in preempted}
+    assert all(q.status == SequenceStatus.RUNNING for q in seqs[2:])
