@@ -2,7 +2,8 @@
 
 import pytest
 
-from cluster.gateway import Gateway, Generation
+from cluster.gateway import Gateway
+from cluster.generation import Generation
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from helpers import write_byte_tokenizer
 
