@@ -124,15 +124,8 @@ def figures(out: Path, report: dict) -> list[str]:
             label="simulator")
     ax.set_title("(c) predicted vs measured, 1P+1D")
     for ax in axes:
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel("SLO attainment")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "serving.png", dpi=100)
-    files.append(str(out / "serving.png"))
-    plt.close(fig)
+        bench.attainment_axes(ax)
+    files.append(bench.save(fig, out / "serving.png"))
     return files
 
 

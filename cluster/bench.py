@@ -206,23 +206,30 @@ def plots(out: Path, results: list[dict], raw: dict[float, list[Sample]], target
         ax.set_ylabel("CDF")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=100)
-    files.append(str(out / "latency_cdf.png"))
-    plt.close(fig)
+    files.append(save(fig, out / "latency_cdf.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["rate"] for r in results], [r["attainment"] for r in results], marker="o")
     ax.axhline(target, color="gray", linestyle="--", label=f"target {target:.0%}")
+    attainment_axes(ax)
+    files.append(save(fig, out / "attainment.png"))
+    return files
+
+
+def attainment_axes(ax) -> None:
+    """An attainment-against-rate plot's axes (every figure of the serving benchmarks)."""
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def save(fig, path) -> str:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(out / "attainment.png", dpi=100)
-    files.append(str(out / "attainment.png"))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return files
+    return str(path)
 
 
 def bench(args) -> int:
