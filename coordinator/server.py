@@ -55,6 +55,7 @@ from coordinator.protocol import (
     encode,
 )
 from coordinator.session import Session
+from coordinator.status import cluster_status
 from coordinator.watch import PrefixMirror
 
 log = logging.getLogger(__name__)
@@ -429,58 +430,8 @@ class Coordinator:
         return f"http://{self.config.admin_host}:{port}"
 
     def cluster_status(self) -> dict:
-        now = time.monotonic()
-        workers = []
-        counts: dict[tuple[str, str], int] = {}
-        for wid, v in sorted(self.view.workers.items()):
-            state = "draining" if v.draining else "suspect" if wid in self.state.suspect else \
-                "starting" if v.load is None else "live"
-            counts[(v.info.role, state)] = counts.get((v.info.role, state), 0) + 1
-            i = v.info
-            workers.append({
-                "worker_id": wid, "role": i.role, "model": i.model, "tp": i.tp, "pp": i.pp, "state": state,
-                "endpoint": i.endpoint, "pid": i.pid, "kv_capacity_tokens": i.kv_capacity_tokens,
-                "last_heartbeat_s": round(now - v.heard_at, 3),
-                "load": msgspec.to_builtins(v.load) if v.load is not None else None,
-                "pending_placements": len(v.pending),
-                "slo_attainment": self._attainment(wid, v.load),
-            })
-        self.m_workers.values.clear()  # a (role, state) with no worker left reads 0, not its last count
-        for role in ("prefill", "decode", "colocated"):
-            for state in ("live", "suspect", "draining", "starting"):
-                self.m_workers.set(counts.get((role, state), 0), role=role, state=state)
-        c = self.config
-        return {
-            "cluster": c.cluster, "coordinator_id": c.coordinator_id, "is_leader": self.is_leader,
-            "leader": msgspec.to_builtins(self.leader_info) if self.leader_info else None,
-            "policy": self.policy.name, "slo": {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms,
-                                                "classes": {k: {"ttft_ms": v[0], "tpot_ms": v[1]}
-                                                            for k, v in c.slo_classes.items()}},
-            "suspect_after_s": c.suspect_after, "workers": workers, "gateways": self._gateways(),
-            "events": [msgspec.to_builtins(e) for e in list(self.state.events)[-20:]],
-        }
-
-    def _attainment(self, wid: str, load) -> dict:
-        """{ttft, ttft_requests, tpot, tpot_requests}: the worker's own view over the last minute
-        (attainment None when none of its requests had that SLO)."""
-        out = {}
-        for kind in ("ttft", "tpot"):
-            met, total = (getattr(load, f"{kind}_met"), getattr(load, f"{kind}_total")) if load else (0, 0)
-            out[kind] = round(met / total, 4) if total else None
-            out[f"{kind}_requests"] = total
-            if total:
-                self.m_worker_slo.set(met / total, worker=wid, slo=kind)
-        return out
-
-    def _gateways(self) -> list[dict]:
-        out = []
-        for key, value in sorted(self.gateway_mirror.items.items()):
-            try:
-                g = msgspec.json.decode(value)
-                out.append({k: g.get(k) for k in ("gateway_id", "url", "model", "pid")})
-            except (msgspec.DecodeError, AttributeError):
-                continue
-        return out
+        """What GET /v1/cluster answers (coordinator/status.py); refreshes the worker gauges."""
+        return cluster_status(self)
 
     async def drain(self, worker_id: str) -> bool:
         if worker_id not in self.view.workers:
