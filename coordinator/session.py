@@ -67,24 +67,27 @@ class Session:
             await self.client.close()
 
     # ---- internals -----------------------------------------------------------------------------
-    async def _call(self, coro):
-        return await asyncio.wait_for(coro, self.timeout)
+    async def _call(self, coro, timeout: float | None = None):
+        return await asyncio.wait_for(coro, timeout or self.timeout)
 
-    async def _connect(self) -> None:
+    async def _connect(self, timeout: float | None = None, start: int = 0) -> None:
+        """A client for the first member that answers, trying them in turn from the current one
+        (`start` = 1: from the next, when the current one just failed)."""
         last = None
-        for i in range(len(self.endpoints)):
-            ep = self.endpoints[(self._ep + i) % len(self.endpoints)]
+        n = len(self.endpoints)
+        for i in range(start, start + n):
+            ep = self.endpoints[(self._ep + i) % n]
             client = make_client(ep, self.auth, self.timeout)
             try:
-                await self._call(client.connect())
-                await self._call(client.get(b"/tandem/ping"))  # a real round trip
+                await self._call(client.connect(), timeout)
+                await self._call(client.get(b"/tandem/ping"), timeout)  # a real round trip
             except Exception as e:  # connection refused, timeout, unavailable
                 last = e
                 await client.close()
                 continue
             if self.client is not None:
                 await self.client.close()
-            self.client, self._ep = client, (self._ep + i) % len(self.endpoints)
+            self.client, self._ep = client, (self._ep + i) % n
             return
         raise ConnectionError(f"no etcd endpoint answered: {last}")
 
@@ -97,11 +100,14 @@ class Session:
             await self._call(self.client.put(k, v, lease=self.lease.id))
 
     async def _keepalive(self) -> None:
+        # a member that is up answers in milliseconds: waiting longer than a third of the TTL on one
+        # that is not would let the lease expire before another member is tried
+        quick = min(self.timeout, self.ttl / 3)
         last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                reply = await self._call(self.client.refresh_lease(self.lease.id))  # via the current member
+                reply = await self._call(self.client.refresh_lease(self.lease.id), quick)  # via the current member
                 ttl = reply[0].TTL if isinstance(reply, list) else getattr(reply, "TTL", 1)
                 if ttl <= 0:
                     raise LookupError("lease expired")
@@ -110,7 +116,7 @@ class Session:
             except Exception as e:
                 if time.monotonic() - last_ok < self.ttl and not isinstance(e, LookupError):
                     try:
-                        await self._connect()  # maybe another member answers
+                        await self._connect(quick, start=1)  # maybe another member answers
                     except ConnectionError:
                         pass
                     continue
