@@ -111,6 +111,9 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     flat = bt.view(-1)
     k = kv_cache[0].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])  # [B, nb, KVH, bs, D]
     v = kv_cache[1].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])
+    out_dtype = q.dtype
+    if _upcast(q):  # no half-precision arithmetic here: torch's half bmm is a slow per-matrix loop
+        q, k, v = q.float(), k.float(), v.float()
     kvh, bs = k.shape[2], k.shape[3]
     g = H // kvh
     qg = q.view(B, 1, kvh, g, D)
@@ -120,4 +123,19 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     scores = scores.permute(0, 2, 3, 1, 4).reshape(B, kvh, g, nb * bs)
     probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, kvh, g, nb, bs).permute(0, 3, 1, 2, 4)
     out = torch.matmul(probs, v).sum(dim=1)  # [B, KVH, G, D]
-    return out.reshape(B, H, D)
+    return out.reshape(B, H, D).to(out_dtype)
+
+
+_NATIVE_HALF: dict[torch.dtype, bool] = {}
+
+
+def _upcast(q: torch.Tensor) -> bool:
+    """Whether decode attention on `q`'s dtype runs in fp32: half types on a CPU without half-precision
+    arithmetic (the probe: whether oneDNN can multiply that dtype here)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.dtype not in _NATIVE_HALF:
+        from engine.layers.quantization import packable
+
+        _NATIVE_HALF[q.dtype] = packable(q.dtype, q.device)
+    return not _NATIVE_HALF[q.dtype]

@@ -242,6 +242,7 @@ class DeviceConfig:
     num_threads: int = 1  # torch intra-op threads (CPU); 2 threads made small models 15-40x slower here
     seed: int = 0
     tune_malloc: bool = True  # CPU: keep freed memory in the heap (engine/platform.py)
+    packed_linear: bool = True  # CPU: dense weights prepacked for oneDNN where it supports the dtype
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -31,7 +31,8 @@ class ModelRunner:
         self.block_size = cache_cfg.block_size
         t0 = time.perf_counter()
         self.model = build_model(model_cfg, model_cfg.path, ctx, self.dtype, self.device)
-        quantize_model(self.model, get_linear_method(quantization))
+        quantize_model(self.model, get_linear_method(quantization, self.dtype, self.device,
+                                                     pack=device_cfg.packed_linear))
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         self.kv_spec = KVCacheSpec(

@@ -37,7 +37,8 @@ class VocabParallelEmbedding(nn.Module):
         return self.ctx.all_reduce(y)
 
     def quantize_lm_head(self, method) -> None:
-        """A quantized copy of the rows for the LM head (the embedding lookup keeps full precision)."""
+        """A copy of the rows for the LM head in `method`'s layout (quantized or packed); the embedding
+        lookup keeps the plain rows."""
         from engine.layers.linear import ReplicatedLinear
 
         head = ReplicatedLinear(self.weight.shape[1], self.weight.shape[0], False, self.ctx, self.weight.dtype)

@@ -1,6 +1,7 @@
 """Weight quantization behind one interface: a `LinearMethod` owns how a linear layer's weight is
-stored and multiplied. Today: `none` (dense) and `int8` (weight-only, symmetric per output channel,
-quantized at load time from the checkpoint's weights). FP8 and pre-quantized checkpoints plug in here.
+stored and multiplied. Today: `none` (dense: plain `F.linear`, or on CPU weights prepacked for
+oneDNN), and `int8` (weight-only, symmetric per output channel, quantized at load time from the
+checkpoint's weights). FP8 and pre-quantized checkpoints plug in here.
 
 `int8` halves the bytes read per decode step versus bf16; it pays off where decoding is bound by
 memory bandwidth (small batches on CPU). On CPU it uses torch's int8 weight-only matmul kernel;
@@ -49,8 +50,71 @@ class Int8WeightOnly(LinearMethod):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def get_linear_method(name: str | None) -> LinearMethod:
+class PackedDense(LinearMethod):
+    """Dense weights reordered once, at load time, into oneDNN's blocked layout (CPU).
+
+    The same arithmetic as `F.linear` (fp32 accumulation, results within rounding), but the weight
+    is not re-laid out on every call: measured on a 2-core AVX2 CPU in fp32, 1.3-2.7x the matmul
+    rate of `F.linear` for decode-sized batches (8-128 rows) and about the same for prefill. The
+    packed tensor replaces the dense weight.
+
+    `compute_dtype=float32` for half-precision weights on a CPU without half-precision arithmetic
+    (AVX2: no bf16 instructions, where torch's bf16 matmul runs ~5x slower than fp32): the weights
+    are packed upcast, so a matmul is the one a bf16 kernel computes (products of bf16 values are
+    exact in fp32, sums accumulate in fp32, the output is rounded back), at twice the weight memory.
+    """
+
+    name = "none"
+
+    def __init__(self, compute_dtype: torch.dtype | None = None):
+        self.compute_dtype = compute_dtype
+
+    def process_weights_after_loading(self, layer) -> None:
+        w = layer.weight.data
+        if self.compute_dtype is not None:
+            w = w.to(self.compute_dtype)
+            if layer.bias is not None:
+                layer.packed_bias = layer.bias.data.to(self.compute_dtype)
+        layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        layer.register_parameter("weight", None)  # the packed copy is the only one
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.compute_dtype is None or x.dtype == self.compute_dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
+        if bias is not None:
+            bias = layer.packed_bias
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.compute_dtype), layer.packed_weight, bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+_PACKABLE: dict[torch.dtype, bool] = {}
+
+
+def packable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this CPU's oneDNN build can pack and multiply weights of `dtype` (bf16 needs
+    avx512bw/vl/dq or avx_ne_convert; fp32 works wherever oneDNN does)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype not in _PACKABLE:
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+            torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype), w, None, "none", [], "")
+            _PACKABLE[dtype] = True
+        except RuntimeError:
+            _PACKABLE[dtype] = False
+    return _PACKABLE[dtype]
+
+
+def get_linear_method(name: str | None, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                      pack: bool = False) -> LinearMethod:
+    """The method for `quantization = name`; dense weights are packed for oneDNN when `pack` and this
+    CPU supports `dtype`."""
     if name in (None, "none"):
+        if pack and dtype is not None and device is not None:
+            if packable(dtype, device):
+                return PackedDense()
+            if dtype in (torch.bfloat16, torch.float16) and packable(torch.float32, device):
+                return PackedDense(compute_dtype=torch.float32)
         return LinearMethod()
     if name == "int8":
         return Int8WeightOnly()
@@ -59,7 +123,7 @@ def get_linear_method(name: str | None) -> LinearMethod:
 
 def quantize_model(model: torch.nn.Module, method: LinearMethod) -> None:
     """Converts every linear layer (and the LM head) after the checkpoint is loaded."""
-    if method.name == "none":
+    if type(method) is LinearMethod:
         return
     from engine.layers.embedding import VocabParallelEmbedding
     from engine.layers.linear import LinearBase
