@@ -42,6 +42,9 @@ class Int8WeightOnly(LinearMethod):
         x2 = x.reshape(-1, shape[-1])
         if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= 16:
             y = torch._weight_int8pack_mm(x2.contiguous(), layer.weight, layer.weight_scale)
+        elif x2.device.type == "cpu" and x2.dtype != torch.float32 and not packable(x2.dtype, x2.device):
+            # no half-precision arithmetic on this CPU: dequantize and multiply in fp32
+            y = (F.linear(x2.float(), layer.weight.float()) * layer.weight_scale.float()).to(x2.dtype)
         else:
             # NOTE: the CPU kernel is slow for fp32 and for large batches; dense matmul on the fly
             y = F.linear(x2, layer.weight.to(x2.dtype)) * layer.weight_scale
