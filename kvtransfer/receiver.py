@@ -142,15 +142,15 @@ class RankReceiver:
                     msg.dtype != self.layout.dtype or \
                     not 0 <= msg.layer - self.caches.layer_start < len(self.caches.caches):
                 return None
-            layer = self.caches.caches[msg.layer - self.caches.layer_start]
+            layer = self.caches.byte_view(msg.layer)
             views = []
             for kv in (0, 1):
                 i = 0
                 for n in msg.runs:
                     b = e.block_ids[i]
-                    views.append(layer[kv, b:b + n].view(torch.uint8).numpy())
+                    views.append(layer[kv, b:b + n])
                     i += n
-            return views
+            return views if all(v.flags.c_contiguous for v in views) else None
 
     def expire(self, now: float) -> None:
         with self._lock:

@@ -106,7 +106,7 @@ def check_bit_identical(pair, spec_model, prefill, decode):
 def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, transport):
     pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES, common={"transport": transport})
     report, sent = pair.run()
-    assert all(a["ok"] for a in sent["acks"].values()) and len(sent["acks"]) == 16
+    assert all(a["ok"] for a in sent["acks"].values()) and len(sent["acks"]) == 16, [(k, a) for k, a in sent["acks"].items() if not a["ok"]]
     # 4 prefill shapes x (1 + 2 + 2 + 4) decode ranks, each compared with the sender's pages
     assert check_bit_identical(pair, model_spec(tiny_llama), SHAPES, SHAPES) == 4 * 9
     assert sent["free_blocks"] == sent["num_blocks"]

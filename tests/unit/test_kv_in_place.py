@@ -71,3 +71,45 @@ def test_frames_land_in_place_and_bad_ones_fail_only_their_transfer(server):
         _send(sock, "after", layer, [4, 5], [k[layer].numpy().tobytes(), v[layer].numpy().tobytes()])
     assert _wait(done, 5)[4] == ("after", 0, 0, True, "")
     assert torch.equal(caches.caches[1][1, 4:6], v[1])
+
+
+def test_slabs_are_contiguous_byte_views_of_the_pages_even_of_a_strided_cache():
+    full = torch.randn(2, 6, 3, 2, 4)
+    contiguous = RankCaches([full.clone()], 0, 0)
+    strided = RankCaches([full[:, :, 1:3]], 0, 1)  # a rank's heads as a view of a wider cache
+    k, v = contiguous.slabs(0, (0, 3), [2, 3, 4], [3])
+    assert k.base is not None and k.flags.c_contiguous  # a view, not a copy
+    assert bytes(k) == full[0, 2:5].numpy().tobytes() and bytes(v) == full[1, 2:5].numpy().tobytes()
+    k, v = strided.slabs(0, (1, 3), [4], [1])
+    assert k.flags.c_contiguous and bytes(k) == full[0, 4:5, 1:3].contiguous().numpy().tobytes()
+
+
+def test_io_thread_runs_every_task_submitted_from_many_threads(monkeypatch):
+    """Wake-ups are coalesced (one pipe write per drain): no task may be left waiting. The poll
+    timeout is made a minute long, so a lost wake-up hangs the test instead of costing 50 ms."""
+    import threading
+
+    from kvtransfer import zmq_transport
+    from kvtransfer.zmq_transport import _IOThread
+
+    monkeypatch.setattr(zmq_transport, "POLL_MS", 60_000)
+    io = _IOThread("test-io")
+    io.start()
+    ran = []
+    try:
+        def submit_many(tag):
+            for i in range(5000):
+                io.submit(lambda i=i: ran.append((tag, i)))
+                if i % 500 == 0:
+                    time.sleep(0.001)  # let the I/O thread drain and sleep, so wake-ups matter
+        threads = [threading.Thread(target=submit_many, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done = threading.Event()
+        io.submit(done.set)
+        assert done.wait(5), "the last task was never run"
+        assert len(ran) == 15000 and [i for tag, i in ran if tag == 0] == list(range(5000))
+    finally:
+        io.stop()
