@@ -5,8 +5,9 @@
 For each size: one request whose pages (SmolLM2's shape: 30 layers, 3 KV heads, head_dim 64, block 16,
 fp32) add up to that many MiB goes from a sender to a receiver over real loopback sockets (ZeroMQ
 tcp, or a gloo pair group), through the full protocol: reserve, one frame per layer, ack. Next to it:
-raw pyzmq pushing the same bytes in the same number of messages with no protocol, and numpy.copyto
-of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV.
+raw pyzmq pushing the same bytes in the same number of messages with no protocol (the sink only looks
+at each frame: `raw_zmq`; or receives each into a buffer of its own, as pages must land in cache blocks:
+`raw_zmq_into`), and numpy.copyto of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV.
 The receiver (and the raw sink) runs in a second process, as a decode worker would.
 """
 
@@ -58,16 +59,25 @@ def serve(transport: str, num_blocks: int, device: str = "cpu") -> None:
     print(json.dumps(dict(rank.metrics)), file=sys.stderr, flush=True)
 
 
-def raw_sink(messages: int) -> None:
-    """The raw baseline's receiver process: PULL `messages` frames, then say so; forever."""
+def raw_sink(messages: int, into: bool = False) -> None:
+    """The raw baseline's receiver process: PULL `messages` frames, then say so; forever. `into`:
+    each frame is received into a buffer of its own (as pages land in cache blocks), which costs a
+    copy out of libzmq's receive buffer; otherwise frames are only looked at (no copy)."""
     ctx = zmq.Context.instance()
     pull, done = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     print(port, flush=True)
     done.connect(sys.stdin.readline().strip())
+    dst: list = [None] * messages
     while True:
-        for _ in range(messages):
-            pull.recv(copy=False)
+        for i in range(messages):
+            if not into:
+                pull.recv(copy=False)
+                continue
+            if dst[i] is None:
+                dst[i] = np.zeros(len(pull.recv(copy=False)), dtype=np.uint8)  # first round: sizes
+            else:
+                pull.recv_into(dst[i])
         done.send(b"ok")
 
 
@@ -106,11 +116,11 @@ def protocol_run(nblocks: int, transport: str, repeats: int, device: str = "cpu"
     return times, transfer
 
 
-def raw_zmq(nbytes: int, messages: int, repeats: int) -> list[float]:
+def raw_zmq(nbytes: int, messages: int, repeats: int, into: bool = False) -> list[float]:
     ctx = zmq.Context.instance()
     done = ctx.socket(zmq.PULL)
     done_port = done.bind_to_random_port("tcp://127.0.0.1")
-    child, port = _child("sink", str(messages))
+    child, port = _child("sink", str(messages), "into" if into else "look")
     child.stdin.write(f"tcp://127.0.0.1:{done_port}\n")
     child.stdin.flush()
     push = ctx.socket(zmq.PUSH)
@@ -169,7 +179,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         return serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     if len(sys.argv) > 1 and sys.argv[1] == "sink":
-        return raw_sink(int(sys.argv[2]))
+        return raw_sink(int(sys.argv[2]), sys.argv[3] == "into")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 16, 256])
     ap.add_argument("--transports", nargs="+", default=["zmq", "gloo"])
@@ -186,9 +196,11 @@ def main():
         nblocks = max(1, round(mib * 2**20 / BLOCK_BYTES))
         nbytes = nblocks * BLOCK_BYTES
         raw = med(raw_zmq(nbytes, LAYERS, args.repeats))
+        raw_into = med(raw_zmq(nbytes, LAYERS, args.repeats, into=True))
         cp = med(memcpy(nbytes, args.repeats))
         row = {"size_mib": round(nbytes / 2**20, 2), "blocks": nblocks, "device": args.device,
-               "raw_zmq_gb_s": round(nbytes / raw / 1e9, 2), "memcpy_gb_s": round(nbytes / cp / 1e9, 2)}
+               "raw_zmq_gb_s": round(nbytes / raw / 1e9, 2), "raw_zmq_into_gb_s": round(nbytes / raw_into / 1e9, 2),
+               "memcpy_gb_s": round(nbytes / cp / 1e9, 2)}
         if args.device.startswith("cuda"):
             row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
         for tr in args.transports:
@@ -199,6 +211,7 @@ def main():
             row[f"{tr}_vs_raw_zmq"] = round(raw / t, 2)
             row[f"{tr}_transfer_ms"] = round(x * 1e3, 2)
             row[f"{tr}_transfer_vs_raw_zmq"] = round(raw / x, 2)
+            row[f"{tr}_transfer_vs_raw_zmq_into"] = round(raw_into / x, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     prompt_blocks = 512 // BS
