@@ -11,6 +11,8 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--no-packed-linear", dest="packed_linear", action="store_false",
+                   help="CPU: multiply by the checkpoint's weights as loaded, not prepacked for oneDNN")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 512MiB or 2GiB")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -33,7 +35,8 @@ def build_engine_config(args):
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),
-        device=DeviceConfig(device=args.device, dtype=args.dtype, num_threads=args.threads),
+        device=DeviceConfig(device=args.device, dtype=args.dtype, num_threads=args.threads,
+                            packed_linear=getattr(args, "packed_linear", True)),
         quantization=args.quantization,
     )
 

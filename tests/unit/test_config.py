@@ -65,3 +65,15 @@ def test_sizes_and_cache_config():
         parse_size("3 parsecs")
     with pytest.raises(ValueError, match="block_size"):
         CacheConfig(block_size=12)
+
+
+def test_cli_engine_flags_reach_the_device_config(tiny_llama):
+    import argparse
+
+    from cluster.cli_common import build_engine_config, engine_args
+
+    p = argparse.ArgumentParser()
+    engine_args(p)
+    assert build_engine_config(p.parse_args(["--model", str(tiny_llama)])).device.packed_linear is True
+    off = build_engine_config(p.parse_args(["--model", str(tiny_llama), "--no-packed-linear", "--threads", "2"]))
+    assert off.device.packed_linear is False and off.device.num_threads == 2
