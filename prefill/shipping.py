@@ -23,6 +23,7 @@ class Shipper:
 
     def __init__(self):
         self.client: KVClient | None = None
+        self._caches: tuple | None = None  # (runner, its RankCaches): byte views made once, not per step
 
     def __call__(self, rank: int, runner, extras: dict, seq_ids: list[int]):
         mine = set(seq_ids)
@@ -36,8 +37,10 @@ class Shipper:
             self.client.start()
         src = src_layout(runner)
         ctx = runner.model.ctx
-        caches = RankCaches(runner.kv_caches, runner.model.layer_start,
-                            kv_head_range(src.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0])
+        if self._caches is None or self._caches[0] is not runner:
+            self._caches = (runner, RankCaches(runner.kv_caches, runner.model.layer_start,
+                                               kv_head_range(src.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]))
+        caches = self._caches[1]
         transfers = [OutgoingTransfer(self.client, caches, plan_transfer(src, KVLayout(**s["dst_layout"])), rank,
                                       s["request_id"], s["attempt"], s["dst_endpoints"], s["src_block_ids"],
                                       s["dst_block_ids"]) for s in ships]
