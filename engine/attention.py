@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.layers.quantization import packable
+
 
 @dataclass
 class PrefillSpan:
@@ -126,16 +128,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     return out.reshape(B, H, D).to(out_dtype)
 
 
-_NATIVE_HALF: dict[torch.dtype, bool] = {}
-
-
 def _upcast(q: torch.Tensor) -> bool:
     """Whether decode attention on `q`'s dtype runs in fp32: half types on a CPU without half-precision
-    arithmetic (the probe: whether oneDNN can multiply that dtype here)."""
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if q.dtype not in _NATIVE_HALF:
-        from engine.layers.quantization import packable
-
-        _NATIVE_HALF[q.dtype] = packable(q.dtype, q.device)
-    return not _NATIVE_HALF[q.dtype]
+    arithmetic (the probe, made once per dtype: whether oneDNN can multiply that dtype here)."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not packable(q.dtype, q.device)

@@ -89,11 +89,10 @@ def test_io_thread_runs_every_task_submitted_from_many_threads(monkeypatch):
     timeout is made a minute long, so a lost wake-up hangs the test instead of costing 50 ms."""
     import threading
 
-    from kvtransfer import zmq_transport
-    from kvtransfer.zmq_transport import _IOThread
+    from kvtransfer import io_thread
 
-    monkeypatch.setattr(zmq_transport, "POLL_MS", 60_000)
-    io = _IOThread("test-io")
+    monkeypatch.setattr(io_thread, "POLL_MS", 60_000)
+    io = io_thread.IOThread("test-io")
     io.start()
     ran = []
     try:
