@@ -69,15 +69,16 @@ def test_half_weights_without_half_arithmetic_are_packed_upcast():
     layer.weight.data.normal_()
     layer.bias.data.normal_()
     w, b = layer.weight.data.float(), layer.bias.data.float()
-    method = get_linear_method("none", torch.bfloat16, torch.device("cpu"), pack=True)
-    assert isinstance(method, PackedDense)
-    if packable(torch.bfloat16, torch.device("cpu")):
-        method = PackedDense(compute_dtype=torch.float32)  # exercise the upcast path anyway
-    else:
-        assert method.compute_dtype == torch.float32
-    layer.linear_method = method
-    method.process_weights_after_loading(layer)
-    x = torch.randn(7, 64, dtype=torch.bfloat16)
-    got = layer(x)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, F.linear(x.float(), w, b).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    chosen = get_linear_method("none", torch.bfloat16, torch.device("cpu"), pack=True)
+    assert isinstance(chosen, PackedDense)
+    native = packable(torch.bfloat16, torch.device("cpu"))
+    assert chosen.compute_dtype == (None if native else torch.float32)
+    # the upcast path always, and oneDNN's own bf16 kernel where this CPU has one
+    for method in [PackedDense(compute_dtype=torch.float32)] + ([PackedDense()] if native else []):
+        layer.weight = torch.nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+        layer.linear_method = method
+        method.process_weights_after_loading(layer)
+        x = torch.randn(7, 64, dtype=torch.bfloat16)
+        got = layer(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, F.linear(x.float(), w, b).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
