@@ -34,3 +34,22 @@ def test_percentiles_attainment_and_goodput():
     sweep = [{"rate": 1, "attainment": 1.0}, {"rate": 2, "attainment": 0.95}, {"rate": 4, "attainment": 0.7},
              {"rate": 8, "attainment": 0.2}]
     assert goodput(sweep, 0.9) == 2 and goodput(sweep, 0.99) == 1 and goodput(sweep, 1.01) == 0
+
+
+def test_predicted_attainment_adds_the_warm_up_residual_to_the_simulated_ttft():
+    from cluster.bench import predicted_attainment
+    # one 10-token prompt every second, a 10 ms prefill step (a), no hop; one decode token each: every
+    # simulated TTFT is 10 ms. Warm-up (arrivals before 2 s): one request measured at 10 ms (residual 0),
+    # one at 40 ms (residual +30 ms). With a 25 ms TTFT SLO a counted request makes it with the
+    # probability that 10 ms plus a residual is within 25 ms: one of two.
+    profiles = {"m/prefill-tp1-pp1": {"prefill": {"a": 0.01, "b": 0.0, "c": 0.0, "hop": 0.0}},
+                "m/decode-tp1-pp1": {"decode": {"base": 0.001, "per_seq": 0.0, "per_token": 0.0}}}
+    warm = [Sample(0.0, 10, 1, ttft=0.01, e2e=0.01, tokens=1), Sample(1.0, 10, 1, ttft=0.04, e2e=0.04, tokens=1)]
+    counted = [Sample(float(t), 10, 1, ttft=0.01, e2e=0.01, tokens=1) for t in range(2, 6)]
+    got = predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + counted, 2.0, 0.025, 1.0)
+    assert got == pytest.approx(0.5)
+    # a looser SLO takes both residuals; without warm-up requests the simulated TTFT stands alone
+    assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + counted, 2.0, 0.05, 1.0) == 1.0
+    assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", counted, 2.0, 0.025, 1.0) == 1.0
+    # a request the simulator rejects or makes too slow never counts as met
+    assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + counted, 2.0, 0.005, 1.0) == 0.0
