@@ -42,7 +42,7 @@ class Int8WeightOnly(LinearMethod):
         x2 = x.reshape(-1, shape[-1])
         if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= 16:
             y = torch._weight_int8pack_mm(x2.contiguous(), layer.weight, layer.weight_scale)
-        elif x2.device.type == "cpu" and x2.dtype != torch.float32 and not packable(x2.dtype, x2.device):
+        elif needs_fp32(x2.dtype, x2.device):
             # no half-precision arithmetic on this CPU: dequantize and multiply in fp32
             y = (F.linear(x2.float(), layer.weight.float()) * layer.weight_scale.float()).to(x2.dtype)
         else:
@@ -108,6 +108,13 @@ def packable(dtype: torch.dtype, device: torch.device) -> bool:
     return _PACKABLE[dtype]
 
 
+def needs_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether arithmetic in `dtype` runs in fp32 here: a half-precision type on a CPU whose oneDNN
+    cannot multiply it (AVX2: torch's bf16 matmul runs ~5x slower than fp32 there, its bf16 batched
+    matmul is a per-matrix loop). The one place that decides it for linear layers and attention."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not packable(dtype, device)
+
+
 def get_linear_method(name: str | None, dtype: torch.dtype | None = None, device: torch.device | None = None,
                       pack: bool = False) -> LinearMethod:
     """The method for `quantization = name`; dense weights are packed for oneDNN when `pack` and this
@@ -116,7 +123,7 @@ def get_linear_method(name: str | None, dtype: torch.dtype | None = None, device
         if pack and dtype is not None and device is not None:
             if packable(dtype, device):
                 return PackedDense()
-            if dtype in (torch.bfloat16, torch.float16) and packable(torch.float32, device):
+            if needs_fp32(dtype, device) and packable(torch.float32, device):
                 return PackedDense(compute_dtype=torch.float32)
         return LinearMethod()
     if name == "int8":
