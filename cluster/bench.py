@@ -253,9 +253,9 @@ def bench(args) -> int:
 
     url = args.url
     if not url:
-        from cluster.launcher import _state
+        from cluster.ops import read_state
         try:
-            url = _state(args)["url"]
+            url = read_state(args)["url"]
         except RuntimeError as e:
             print(f"error: {e} (or pass --url)", file=sys.stderr)
             return 1
@@ -458,9 +458,9 @@ def profile(args) -> int:
 
     import numpy as np
 
-    from cluster.launcher import _state
+    from cluster.ops import read_state
     try:
-        st = _state(args)
+        st = read_state(args)
     except RuntimeError as e:
         if not (args.url and args.admin):
             print(f"error: {e} (or pass --url and --admin)", file=sys.stderr)

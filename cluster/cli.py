@@ -1,6 +1,6 @@
 """The `cluster` command: the subcommand table, `generate` and `model pull`. The server processes
-(worker, coordinator, gateway) live in cluster/serve.py, `plan` in cluster/plan.py, `up`/`down`/... in
-cluster/launcher.py.
+(worker, coordinator, gateway) live in cluster/serve.py, `plan` in cluster/plan.py, `up` in
+cluster/launcher.py, `down`/`status`/`logs`/`drain` in cluster/ops.py.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad input (flags, model directory, request parameters).
 """
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--bytes", type=int, default=4000)
         if name == "drain":
             sp.add_argument("worker")
-        sp.set_defaults(fn=lambda a, n=name: getattr(__import__("cluster.launcher").launcher, n)(a))
+        sp.set_defaults(fn=lambda a, n=name: getattr(__import__("cluster.ops").ops, n)(a))
 
     dr = sub.add_parser("drill", help="inject a failure under load into a running cluster and report")
     dr.add_argument("scenario", help="kill-prefill | kill-decode | kill-coordinator | restart-gateway | drain-decode")

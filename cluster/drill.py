@@ -273,13 +273,13 @@ async def _run(args, state: dict, state_file: str) -> Report:
 
 
 def drill(args) -> int:
-    from cluster.launcher import _state, default_state_dir
+    from cluster.ops import default_state_dir, read_state
     from pathlib import Path
     if args.scenario not in SCENARIOS:
         print(f"error: unknown scenario {args.scenario!r}; one of {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     try:
-        state = _state(args)
+        state = read_state(args)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -53,9 +53,9 @@ def cmd_plan(args) -> int:
         body["kv_transfer"] = {"bytes_per_token": args.kv_bytes_per_token, "bandwidth_gb_s": args.kv_bandwidth_gbps}
     admin = args.admin
     if admin is None:
-        from cluster.launcher import _state
+        from cluster.ops import read_state
         try:
-            admin = _state(args)["admin"]
+            admin = read_state(args)["admin"]
         except RuntimeError:
             admin = None
     if admin:
