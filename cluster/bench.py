@@ -162,7 +162,8 @@ def predicted_attainment(profiles: dict, model: str, prefill: int, decode: int, 
     warm-up, as the step times are (`calibrated`): each warm-up request's measured TTFT minus the
     simulated one is a sample of it, and a counted request meets its TTFT SLO with the probability
     that its simulated TTFT plus one of those samples does. Without completed warm-up requests the
-    simulator's own TTFT stands."""
+    simulator's own TTFT stands. The samples come from the start of the run, so the prediction is only
+    as good as the warm-up is like the rest (near capacity, later queues may add more than it saw)."""
     from coordinator.planner import _costs
     from coordinator.simulator import SimCluster, simulate
 

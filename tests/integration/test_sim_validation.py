@@ -67,9 +67,10 @@ def live(tmp_path_factory):
 
 def measure(live, rate: float, seed: int, ttft: float, tpot: float) -> tuple[float, float]:
     """(measured, predicted) attainment of one run at `rate`."""
-    # long enough to count ~100-200 requests and to calibrate on ~30-60 (step times and the residual
-    # TTFT come from the warm-up): near capacity a burst of arrivals costs more on the live cluster than
-    # in the simulator (its 429s cascade), and one in a 10 s run moved attainment by up to 18 points
+    # near capacity, long enough to count ~150-200 requests and to calibrate on ~40-60 (step times and
+    # the residual TTFT come from the warm-up): a burst of arrivals costs more on the live cluster than
+    # in the simulator (its 429s cascade), and one in a 10 s run moved attainment by up to 18 points.
+    # Well inside capacity, fewer (the caps: at 5 req/s, ~30 and ~100), where the two agree more easily.
     args = load_args(min(MAX_WARM, max(3.0, MIN_WARM / rate)), min(MAX_DURATION, max(10.0, MIN_COUNTED / rate)),
                      ttft, tpot)
     beats: list = []

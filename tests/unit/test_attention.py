@@ -49,9 +49,10 @@ def path(request, monkeypatch):
     return dtype, name
 
 
-def test_decode_attention_matches_plain_math(path):
+@pytest.mark.parametrize("lens", [[1, 5, 13, 8], [8, 8]], ids=["ragged", "full-blocks"])
+def test_decode_attention_matches_plain_math(path, lens):
+    # ragged: padded slots masked, one sequence ending on a block boundary; full blocks: no mask at all
     dtype, name = path
-    lens = [1, 5, 13, 8]  # ragged: padded blocks masked, one block exactly full
     q, cache, tables, meta = batch(lens, dtype)
     got = attention._decode_attention(q, cache, meta, 0.25).double()
     want = reference(q, cache, tables, lens, 0.25)

@@ -51,5 +51,9 @@ def test_predicted_attainment_adds_the_warm_up_residual_to_the_simulated_ttft():
     # a looser SLO takes both residuals; without warm-up requests the simulated TTFT stands alone
     assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + counted, 2.0, 0.05, 1.0) == 1.0
     assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", counted, 2.0, 0.025, 1.0) == 1.0
-    # a request the simulator rejects or makes too slow never counts as met
+    # a simulated TTFT over the SLO never counts as met, whatever the residual (here -0 ms or +30 ms)...
     assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + counted, 2.0, 0.005, 1.0) == 0.0
+    # ...nor a simulated TPOT over its SLO (three tokens at a 1 ms decode step: TPOT 1 ms)
+    three = [Sample(float(t), 10, 3, ttft=0.01, e2e=0.012, tokens=3) for t in range(2, 6)]
+    assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + three, 2.0, 0.05, 0.002) == 1.0
+    assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + three, 2.0, 0.05, 0.0005) == 0.0
