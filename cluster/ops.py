@@ -42,11 +42,18 @@ def alive(pid: int | None) -> bool:
     return True
 
 
-def down(args) -> int:
+def _state_or_report(args) -> dict | None:
+    """`read_state`, or None with the reason on stderr."""
     try:
-        st = read_state(args)
+        return read_state(args)
     except RuntimeError as e:
         print(e, file=sys.stderr)
+        return None
+
+
+def down(args) -> int:
+    st = _state_or_report(args)
+    if st is None:
         return 1
     sup = st["supervisor_pid"]
     if alive(sup):
@@ -98,10 +105,8 @@ def _slo_cell(a: dict) -> str:
 
 
 def logs(args) -> int:
-    try:
-        st = read_state(args)
-    except RuntimeError as e:
-        print(e, file=sys.stderr)
+    st = _state_or_report(args)
+    if st is None:
         return 1
     names = [args.process] if args.process else list(st["children"])
     for n in names:
