@@ -6,7 +6,10 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm; F.rms_norm accumulates half types in fp32, like Hugging Face's upcast."""
+    """RMSNorm with Hugging Face's rounding: half types are normalised in fp32, rounded back, then
+    scaled by the weight in their own dtype (`F.rms_norm` with the weight scales before it rounds,
+    one bf16 ulp away from transformers on ~1 value in 10; it is also ~1.35x slower at prefill sizes
+    in bf16 on CPU, 2,048 x 576: 4.7 vs 3.5 ms)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -14,4 +17,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
