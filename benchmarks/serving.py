@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cluster import bench  # noqa: E402
+from cluster import bench, calibrate  # noqa: E402
 from live_cluster import LiveCluster, get_json  # noqa: E402
 
 POLICIES = ("slo", "least-loaded", "round-robin")
@@ -76,7 +76,7 @@ class Setup:
 
     def run(self, rate: float, args, seed: int, beats: list | None = None) -> tuple[list, float]:
         """All samples of one run (warm-up included) and its start (wall clock); heartbeats into `beats`."""
-        return bench.run_watched(self.url, self.model, rate, args, random.Random(seed), self.admin, beats)
+        return calibrate.run_watched(self.url, self.model, rate, args, random.Random(seed), self.admin, beats)
 
     def close(self) -> None:
         self.c.close()
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     s = Setup(tmp / "disagg", model, ["prefill", "decode"], "slo", flags)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            if bench.profile(types.SimpleNamespace(url=s.url, admin=s.admin, cluster="bench", state_dir=None,
+            if calibrate.profile(types.SimpleNamespace(url=s.url, admin=s.admin, cluster="bench", state_dir=None,
                                                    reps=3)) != 0:
                 raise RuntimeError("cluster profile failed")
         report["profiles"] = get_json(s.admin + "/v1/profiles")
@@ -194,8 +194,8 @@ def main(argv=None) -> int:
             beats: list = []
             samples, t0 = s.run(rate, with_slos, a.seed + 1, beats)
             measured = summary(rate, samples, with_slos)
-            profiles = bench.calibrated(report["profiles"], beats, until=t0 + warm)
-            predicted = bench.predicted_attainment(profiles, s.model, 1, 1, kv, "slo", samples, warm,
+            profiles = calibrate.calibrated(report["profiles"], beats, until=t0 + warm)
+            predicted = calibrate.predicted_attainment(profiles, s.model, 1, 1, kv, "slo", samples, warm,
                                                    a.ttft_ms / 1e3, a.tpot_ms / 1e3)
             row = {"rate": rate, "measured": round(measured["attainment"], 3), "predicted": round(predicted, 3),
                    "difference_points": round(100 * (predicted - measured["attainment"]), 1),

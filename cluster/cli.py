@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cluster", default="default")
     pr.add_argument("--state-dir", default=None)
     pr.add_argument("--reps", type=int, default=3, help="requests per prompt length")
-    pr.set_defaults(fn=lambda a: __import__("cluster.bench").bench.profile(a))
+    pr.set_defaults(fn=lambda a: __import__("cluster.calibrate").calibrate.profile(a))
 
     ks = sub.add_parser("keys", help="make the cluster's CURVE keypair (encrypts and authenticates ZeroMQ)")
     ks.add_argument("--out", required=True, help="directory for cluster.key_secret (mode 600) and cluster.key")

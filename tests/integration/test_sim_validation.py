@@ -10,7 +10,7 @@ step), and the SLOs multiples of the profiled costs, so the test asks the same o
 machine. "Near" is about half of it: the gateway, the workers' loops, the coordinator and the load
 generator share the same 2 cores and take the rest. The model is wide enough that the workers' steps
 (what the simulator models) outweigh that Python; what remains of it is calibrated on each run's
-warm-up (`bench.predicted_attainment`)."""
+warm-up (`calibrate.predicted_attainment`)."""
 
 import contextlib
 import io
@@ -20,7 +20,7 @@ import types
 
 import pytest
 
-from cluster import bench
+from cluster import bench, calibrate
 from live_cluster import LiveCluster, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,7 +56,7 @@ def live(tmp_path_factory):
         c.url, c.model = c.gw.info["url"], os.path.basename(str(model))
         args = types.SimpleNamespace(url=c.url, admin=c.admin, cluster="test", state_dir=None, reps=3)
         with contextlib.redirect_stdout(io.StringIO()):
-            assert bench.profile(args) == 0
+            assert calibrate.profile(args) == 0
     except BaseException:
         print(c.logs())
         c.close()
@@ -74,12 +74,12 @@ def measure(live, rate: float, seed: int, ttft: float, tpot: float) -> tuple[flo
     args = load_args(min(MAX_WARM, max(3.0, MIN_WARM / rate)), min(MAX_DURATION, max(10.0, MIN_COUNTED / rate)),
                      ttft, tpot)
     beats: list = []
-    samples, t0 = bench.run_watched(live.url, live.model, rate, args, random.Random(seed), live.admin, beats)
+    samples, t0 = calibrate.run_watched(live.url, live.model, rate, args, random.Random(seed), live.admin, beats)
     counted = [s for s in samples if s.arrival >= args.warmup]
     measured = bench.summarize(rate, counted, args.duration, ttft, tpot)["attainment"]
-    profiles = bench.calibrated(get_json(live.admin + "/v1/profiles"), beats, until=t0 + args.warmup)
+    profiles = calibrate.calibrated(get_json(live.admin + "/v1/profiles"), beats, until=t0 + args.warmup)
     kv = next(w["kv_capacity_tokens"] for w in get_json(live.admin + "/v1/cluster")["workers"] if w["role"] == "decode")
-    predicted = bench.predicted_attainment(profiles, live.model, 1, 1, kv, "slo", samples, args.warmup, ttft, tpot)
+    predicted = calibrate.predicted_attainment(profiles, live.model, 1, 1, kv, "slo", samples, args.warmup, ttft, tpot)
     return measured, predicted
 
 

@@ -37,7 +37,7 @@ def test_percentiles_attainment_and_goodput():
 
 
 def test_predicted_attainment_adds_the_warm_up_residual_to_the_simulated_ttft():
-    from cluster.bench import predicted_attainment
+    from cluster.calibrate import predicted_attainment
     # one 10-token prompt every second, a 10 ms prefill step (a), no hop; one decode token each: every
     # simulated TTFT is 10 ms. Warm-up (arrivals before 2 s): one request measured at 10 ms (residual 0),
     # one at 40 ms (residual +30 ms). With a 25 ms TTFT SLO a counted request makes it with the
