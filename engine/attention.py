@@ -114,11 +114,11 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     flat = bt.view(-1)
     k = kv_cache[0].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])  # [B, nb, KVH, bs, D]
     v = kv_cache[1].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not needs_fp32(q.dtype, q.device):
-        return _decode_sdpa(q, k, v, meta, scale)
     out_dtype = q.dtype
-    if needs_fp32(q.dtype, q.device):  # torch's half bmm without half arithmetic: a slow per-matrix loop
-        q, k, v = q.float(), k.float(), v.float()
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        if not needs_fp32(q.dtype, q.device):
+            return _decode_sdpa(q, k, v, meta, scale)
+        q, k, v = q.float(), k.float(), v.float()  # torch's half bmm without half arithmetic: a per-matrix loop
     kvh, bs = k.shape[2], k.shape[3]
     g = H // kvh
     qg = q.view(B, 1, kvh, g, D)
