@@ -80,7 +80,9 @@ class Session:
             client = make_client(ep, self.auth, self.timeout)
             try:
                 await self._call(client.connect(), timeout)
-                await self._call(client.get(b"/tandem/ping"), timeout)  # a real round trip
+                # a real round trip, answered by the member itself: during a leader election a
+                # linearizable read would wait for the new leader, and the wait is the TTL's
+                await self._call(client.get(b"/tandem/ping", serializable=True), timeout)
             except Exception as e:  # connection refused, timeout, unavailable
                 last = e
                 await client.close()
@@ -104,8 +106,10 @@ class Session:
         # that is not would let the lease expire before another member is tried
         quick = min(self.timeout, self.ttl / 3)
         last_ok = time.monotonic()
+        delay = self.ttl / 3
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(delay)
+            delay = self.ttl / 3
             try:
                 reply = await self._call(self.client.refresh_lease(self.lease.id), quick)  # via the current member
                 ttl = reply[0].TTL if isinstance(reply, list) else getattr(reply, "TTL", 1)
@@ -119,6 +123,9 @@ class Session:
                         await self._connect(quick, start=1)  # maybe another member answers
                     except ConnectionError:
                         pass
+                    # the lease is still ours for what is left of the TTL: try again at once rather
+                    # than a third of the TTL later (a leader election takes 0.5-1 s of it)
+                    delay = min(0.1, delay)
                     continue
                 if not self.lost.is_set():
                     log.warning("etcd lease lost (%s); re-registering when etcd is back", e)

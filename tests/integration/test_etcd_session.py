@@ -58,13 +58,31 @@ def test_session_survives_an_etcd_restart_and_re_registers(etcd):
     asyncio.run(main())
 
 
-def test_three_member_cluster_loses_one_member_without_losing_the_session(tmp_path):
+async def leader_index(members) -> int:
+    host, port = members[0].endpoint.removeprefix("http://").split(":")
+    c = aetcd.Client(host, int(port))
+    try:
+        leader = (await c.status()).leader
+    finally:
+        await c.close()
+    return next(i for i, m in enumerate(members) if m.endpoint in leader.client_urls)
+
+
+@pytest.mark.parametrize("role", ["leader", "follower"])
+def test_three_member_cluster_loses_one_member_without_losing_the_session(tmp_path, role):
+    """The member this session talks to dies. When it was etcd's leader, the other two elect a new
+    one (0.5-1 s here) while the session's TTL (2 s) runs: the session must not wait on the election
+    to move to another member."""
     members = start_cluster(3, tmp_path)
     try:
         async def main():
-            s = await Session([m.endpoint for m in members], ttl=2, timeout=1.0).start()
+            lead = await leader_index(members)
+            first = lead if role == "leader" else (lead + 1) % 3
+            order = members[first:] + members[:first]  # the session talks to `first`
+            s = await Session([m.endpoint for m in order], ttl=2, timeout=1.0).start()
+            assert s._ep == 0
             await s.register("/tandem/t/workers/prefill/p0", b"p")
-            members[s._ep].kill()  # the member this session talks to
+            members[first].kill()
             await asyncio.sleep(3.0)
             assert not s.lost.is_set() and s.num_leases == 1
             alive = next(m for i, m in enumerate(members) if m.proc.poll() is None)
