@@ -41,6 +41,7 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, nb] (padded with block 0)
     decode_mask: torch.Tensor | None = None  # [B, nb, 1, 1, bs] bool, True = attend; None: no padding
+    decode_lens: torch.Tensor | None = None  # [B] long: each decoding sequence's context, its new token included
     prefills: list[PrefillSpan] = field(default_factory=list)
     # fresh prefills grouped by length: (q_len, [q_start, ...]) -> one batched SDPA call each
     prefill_groups: list[tuple[int, list[int]]] = field(default_factory=list)
@@ -58,6 +59,37 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
     _, nb, kvh, bs, d = pages.shape
     kv = pages.transpose(1, 2).reshape(2, kvh, nb * bs, d)[:, :, :length]
     return kv[0], kv[1]
+
+
+_FUSED: dict = {}
+
+
+def fused_decode_kernel(dtype: torch.dtype, device: torch.device, head_dim: int):
+    """engine/kernels' decode attention (RoPE + cache write + paged attention in one call) where it
+    applies: CPU, fp32 or bf16, a head size it takes, and the kernel built here. Else None."""
+    key = (dtype, device.type, head_dim)
+    if key not in _FUSED:
+        kernel = None
+        if device.type == "cpu":
+            from engine.kernels import decode_attention
+
+            kernel = decode_attention()
+            if kernel is not None and not kernel.supports(head_dim, dtype):
+                kernel = None
+        _FUSED[key] = kernel
+    return _FUSED[key]
+
+
+def fused_decode_attention(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, kv_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """A step of decodes only: q [B, H, D], k/v [B, KVH, D] *before* RoPE (rows may be slices of the
+    fused projection) -> [B, H, D]; rotates q and k, writes k/v into the cache and attends, in one call.
+    The same results as RoPE + `paged_attention` (the cache bit for bit; tests/unit/
+    test_decode_attention_kernel.py)."""
+    cos, sin = rope
+    B, _, D = q.shape
+    return kernel(q, k, v, cos.view(B, D), sin.view(B, D), kv_cache, meta.slot_blocks, meta.slot_offsets,
+                  meta.decode_block_tables, meta.decode_lens, scale, torch.get_num_threads())
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

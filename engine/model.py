@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, fused_decode_attention, fused_decode_kernel, paged_attention
 from engine.config import ModelConfig
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -38,6 +38,17 @@ class Attention(nn.Module):
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if meta.num_decode == T and meta.decode_lens is not None \
+                and (kernel := fused_decode_kernel(x.dtype, x.device, d)) is not None:
+            # decodes only: RoPE, the cache write and attention in one kernel call
+            if self.qkv_proj.split_here(x):
+                q, k, v = self.qkv_proj.forward_split(x)
+            else:
+                qkv = self.qkv_proj(x)
+                q, k, v = qkv[:, :nq * d], qkv[:, nq * d:(nq + nkv) * d], qkv[:, (nq + nkv) * d:]
+            o = fused_decode_attention(kernel, q.view(T, nq, d), k.view(T, nkv, d), v.view(T, nkv, d), rope,
+                                       kv_cache, meta, self.scale)
+            return self.o_proj(o.view(T, self.q_size))
         if self.qkv_proj.split_here(x):
             q, k, v = self.qkv_proj.forward_split(x)
             q, k = self.rotary(rope, q.view(T, nq, d)), self.rotary(rope, k.view(T, nkv, d))

@@ -80,8 +80,9 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor(
                 [s.seq.block_ids[:nb] + [0] * (nb - len(s.seq.block_ids[:nb])) for s in decodes],
                 dtype=torch.long, device=dev)
+            meta.decode_lens = lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
             if min(lens) != nb * bs:  # some sequences end before the last slot: mask the rest
-                lens_t = torch.tensor(lens, device=dev).view(-1, 1, 1, 1, 1)
+                lens_t = lens_t.view(-1, 1, 1, 1, 1)
                 slots = torch.arange(nb * bs, device=dev).view(1, nb, 1, 1, bs)
                 meta.decode_mask = slots < lens_t
         row = len(decodes)

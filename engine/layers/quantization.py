@@ -4,8 +4,9 @@ oneDNN), and `int8` (weight-only, symmetric per output channel, quantized at loa
 checkpoint's weights). FP8 and pre-quantized checkpoints plug in here.
 
 `int8` halves the bytes read per decode step versus bf16; it pays off where decoding is bound by
-memory bandwidth (small batches on CPU). On CPU it uses torch's int8 weight-only matmul kernel;
-elsewhere it dequantizes per call (correct, not fast).
+memory bandwidth (small batches on CPU). On CPU, batches of up to 16 rows go through a hand-written
+kernel built for the CPU at hand (`engine/kernels/int8_linear.c`; torch's int8 weight-only matmul
+where it cannot be built); larger batches and other devices dequantize per call (correct, not fast).
 """
 
 from __future__ import annotations
@@ -27,30 +28,76 @@ class LinearMethod:
 
 
 class Int8WeightOnly(LinearMethod):
+    """Symmetric per-output-channel int8 weights, quantized at load time.
+
+    On CPU, where engine/kernels' int8 kernel builds, the int8 weight is stored only in that kernel's
+    packed layout (`layer.weight` is then 4-D; `int8_rows` gives the [out, in] rows back) and batches
+    of up to 16 rows go through it; larger batches dequantize from it per call. Elsewhere the weight
+    stays [out, in] for torch's int8 kernel (bf16, small batches) or per-call dequantization.
+    """
+
     name = "int8"
+    max_kernel_rows = 16  # above this, a dense matmul of the dequantized weight is faster
 
     def process_weights_after_loading(self, layer) -> None:
         w = layer.weight.data.float()
         # round the scales to the compute dtype first, so the int8 values are exact for those scales
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(layer.compute_dtype)  # [out]
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        layer.weight = torch.nn.Parameter(q, requires_grad=False)
+        layer.int8_shape = tuple(q.shape)
+        kernel = _int8_kernel() if q.device.type == "cpu" else None
+        layer.int8_packed = kernel is not None
+        layer.weight = torch.nn.Parameter(kernel.pack(q) if kernel is not None else q, requires_grad=False)
         layer.register_buffer("weight_scale", scales, persistent=False)
+        # fp32 copies for the kernel
+        layer.weight_scale_f32 = scales.float()
+        layer.bias_f32 = layer.bias.data.float() if layer.bias is not None else None
+
+    @staticmethod
+    def int8_rows(layer, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        """The [out, in] weight in `dtype` (unscaled int8 values; a copy when packed or converted)."""
+        if not layer.int8_packed:
+            return layer.weight if dtype == torch.int8 else layer.weight.to(dtype)
+        G, Kb, R, KB = layer.weight.shape
+        rows = torch.empty(G, R, Kb, KB, dtype=dtype).copy_(layer.weight.permute(0, 2, 1, 3))  # one pass
+        n, k = layer.int8_shape
+        return rows.view(G * R, Kb * KB)[:n, :k]
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= 16:
+        small = x2.device.type == "cpu" and x2.shape[0] <= self.max_kernel_rows
+        if layer.int8_packed and small and x2.dtype in (torch.bfloat16, torch.float32):
+            kb = None
+            if bias is not None:
+                kb = layer.bias_f32 if bias is layer.bias else bias.float().contiguous()
+            # bias fused in: one call, one pass over the weights
+            y = _int8_kernel()(x2.contiguous(), layer.weight, layer.int8_shape[0], layer.weight_scale_f32, kb,
+                               torch.get_num_threads())
+            return y.reshape(*shape[:-1], y.shape[-1])
+        if small and not layer.int8_packed and x2.dtype in (torch.bfloat16, torch.float16):
             y = torch._weight_int8pack_mm(x2.contiguous(), layer.weight, layer.weight_scale)
         elif needs_fp32(x2.dtype, x2.device):
             # no half-precision arithmetic on this CPU: dequantize and multiply in fp32
-            y = (F.linear(x2.float(), layer.weight.float()) * layer.weight_scale.float()).to(x2.dtype)
+            y = (F.linear(x2.float(), self.int8_rows(layer, torch.float32)) * layer.weight_scale.float()).to(x2.dtype)
         else:
             # NOTE: the CPU kernel is slow for fp32 and for large batches; dense matmul on the fly
-            y = F.linear(x2, layer.weight.to(x2.dtype)) * layer.weight_scale
+            y = F.linear(x2, self.int8_rows(layer, x2.dtype)) * layer.weight_scale
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+_KERNEL: list = []
+
+
+def _int8_kernel():
+    """engine/kernels' int8 linear (CPU), or None (cannot be built here, or turned off)."""
+    if not _KERNEL:
+        from engine.kernels import int8_linear
+
+        _KERNEL.append(int8_linear())
+    return _KERNEL[0]
 
 
 class PackedDense(LinearMethod):

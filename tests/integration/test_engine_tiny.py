@@ -47,7 +47,12 @@ def tokens_of(results):
     return [r["outputs"][0]["token_ids"] for r in results]
 
 
-def test_batched_greedy_equals_transformers_with_logprobs(model_dir, reference):
+@pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-only"])
+def test_batched_greedy_equals_transformers_with_logprobs(model_dir, reference, kernels, monkeypatch):
+    """With engine/kernels' fused decode attention (decode-only steps) and without it (torch only, as
+    where no compiler is found)."""
+    if kernels == "torch-only":
+        monkeypatch.setattr("engine.model.fused_decode_kernel", lambda *a: None)
     ps, refs = reference
     eng = engine(model_dir)
     res = eng.generate(ps, SamplingParams(max_tokens=24, logprobs=0, **GREEDY))

@@ -1,0 +1,196 @@
+"""Hand-written CPU kernels, compiled on first use for the CPU at hand.
+
+A kernel is a C file next to this module, built with the system C compiler (`cc`, `-O3 -march=native
+-fopenmp`) into a shared library under the cache directory (`$TANDEM_CACHE_DIR/kernels`), keyed by a
+hash of the source, the compiler and this CPU's feature flags, so a cache shared between machines
+never hands one CPU another's instructions. It is loaded with ctypes (plain C: no torch headers, a
+build takes about a second) and called on tensors' data pointers. Where no compiler is found or the
+build fails, `load()` returns None once, logs why, and callers keep torch's kernels.
+`TANDEM_CPU_KERNELS=0` turns them off.
+
+OpenMP: the library links `libgomp.so.1`, which torch has already loaded, so its parallel regions run
+on torch's own thread pool (no second pool spinning against it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+    return Path(root) / "kernels"
+
+
+def enabled() -> bool:
+    return os.environ.get("TANDEM_CPU_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def _build(name: str, src: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    key = hashlib.sha256("\0".join([src.read_text(), version, " ".join(flags), _cpu_flags()]).encode())
+    out = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: workers starting together may build at once
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed building {src.name}: {r.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The built library `name` (from `name.c` here), or None where kernels are off or cannot be
+    built. Built and loaded once per process."""
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        lib = None
+        if enabled():
+            try:
+                import torch  # noqa: F401  (loads libgomp before the kernel needs it)
+
+                lib = ctypes.CDLL(str(_build(name, _HERE / f"{name}.c")))
+            except Exception as e:  # no compiler, a compile error, a read-only cache
+                log.warning("CPU kernel %s unavailable, using torch's instead: %s", name, e)
+        _loaded[name] = lib
+        return lib
+
+
+class Int8Linear:
+    """engine/kernels/int8_linear.c: y = (x @ w.T) * scale + bias for a few rows of x (fp32 or bf16)
+    and an int8 weight in the kernel's packed layout (`pack`)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._fn = fn = lib.tandem_int8_linear
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self.rows = lib.tandem_int8_rows_per_group()
+        self.k_block = lib.tandem_int8_k_block()
+
+    def pack(self, w):
+        """[N, K] int8 -> [ceil(N / R), Kp / KB, R, KB], zero-padded: the order the kernel reads."""
+        import torch.nn.functional as F
+
+        N, K = w.shape
+        R, KB = self.rows, self.k_block
+        Np, Kp = -(-N // R) * R, -(-K // KB) * KB
+        w = F.pad(w, (0, Kp - K, 0, Np - N))
+        return w.reshape(Np // R, R, Kp // KB, KB).permute(0, 2, 1, 3).contiguous()
+
+    def unpack(self, packed, n: int, k: int):
+        """The [n, k] int8 rows of a packed weight (a copy)."""
+        G, Kb, R, KB = packed.shape
+        return packed.permute(0, 2, 1, 3).reshape(G * R, Kb * KB)[:n, :k].contiguous()
+
+    def __call__(self, x, packed, n: int, scale, bias, num_threads: int):
+        """x: contiguous [M, K]; scale, bias: contiguous fp32 [n] (bias may be None)."""
+        import torch
+
+        M, K = x.shape
+        y = torch.empty(M, n, dtype=x.dtype)
+        rc = self._fn(x.data_ptr(), x.dtype == torch.bfloat16, M, K, packed.data_ptr(), n, scale.data_ptr(),
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), num_threads)
+        if rc != 0:
+            raise MemoryError("int8_linear: out of memory")
+        return y
+
+
+_int8: list[Int8Linear | None] = []
+
+
+def int8_linear() -> Int8Linear | None:
+    """The int8 linear kernel, or None where kernels are off or cannot be built here."""
+    if not _int8:
+        lib = load("int8_linear")
+        _int8.append(Int8Linear(lib) if lib is not None else None)
+    return _int8[0]
+
+
+class DecodeAttention:
+    """engine/kernels/decode_attention.c: RoPE, the KV cache write and paged attention of a step in
+    which every sequence adds one token, in one call per layer (see `engine.attention`)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._fn = fn = lib.tandem_decode_attention
+        fn.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                       i64, ctypes.c_float, ctypes.c_int, ptr, ctypes.c_int]
+        self.max_head_dim = lib.tandem_decode_attention_max_head_dim()
+
+    def supports(self, head_dim: int, dtype) -> bool:
+        import torch
+
+        return head_dim % 16 == 0 and head_dim <= self.max_head_dim and dtype in (torch.float32, torch.bfloat16)
+
+    def __call__(self, q, k, v, cos, sin, kv_cache, slot_blocks, slot_offsets, block_tables, lens, scale: float,
+                 num_threads: int):
+        """q [B, H, D], k/v [B, KVH, D] (rows may be strided slices), cos/sin [B, D] contiguous, kv_cache
+        [2, blocks, KVH, bs, D] contiguous, int64 slot_blocks/slot_offsets/lens [B], block_tables
+        [B, nb] -> out [B, H, D]. Writes the rotated k and v into the cache."""
+        import torch
+
+        B, H, D = q.shape
+        KVH = k.shape[1]
+        _, num_blocks, _, bs, _ = kv_cache.shape
+        assert q.stride(1) == D and q.stride(2) == 1 and k.stride() == v.stride() and k.stride(1) == D
+        out = torch.empty(B, H, D, dtype=q.dtype)
+        rc = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), cos.data_ptr(),
+                      sin.data_ptr(), kv_cache.data_ptr(), num_blocks, bs, slot_blocks.data_ptr(),
+                      slot_offsets.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], lens.data_ptr(), B,
+                      H, KVH, D, scale, q.dtype == torch.bfloat16, out.data_ptr(), num_threads)
+        if rc == -1:
+            raise MemoryError("decode_attention: out of memory")
+        if rc != 0:
+            raise ValueError(f"decode_attention: head size {D} is not supported")
+        return out
+
+
+_attn: list[DecodeAttention | None] = []
+
+
+def decode_attention() -> DecodeAttention | None:
+    """The fused decode attention kernel, or None where kernels are off or cannot be built here."""
+    if not _attn:
+        lib = load("decode_attention")
+        _attn.append(DecodeAttention(lib) if lib is not None else None)
+    return _attn[0]

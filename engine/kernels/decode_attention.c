@@ -1,0 +1,199 @@
+/* Decode attention on a paged KV cache, for steps where every sequence adds one token (CPU):
+ *
+ *   for each sequence b: rotate its new q and k (RoPE, "rotate half"), write k and v into the cache
+ *   slot (slot_blocks[b], slot_offsets[b]), then attend its query heads to its first lens[b] tokens
+ *   through its block table.
+ *
+ * One call per layer replaces ~25 torch ops (rotary, cache writes, K/V gathers, re-layouts, SDPA).
+ * Cache layout (engine/attention.py): [2][num_blocks][KVH][bs][D], K then V. Tensors are fp32 or bf16
+ * (`bf16`), all contiguous but q/k/v, whose rows are `q_stride`/`kv_stride` elements apart (slices
+ * of the fused qkv projection). Grouped-query attention: q head h reads kv head h / (H / KVH).
+ *
+ * Numerics: RoPE as torch computes it in the tensors' dtype (x * cos and rot(x) * sin each rounded,
+ * then their sum rounded: bit for bit, so the cache holds what the torch path writes); scores, softmax
+ * and the weighted sum of V in fp32, the output rounded once. Built with -ffp-contract=off so that no
+ * product is fused into a sum behind our back. Written with GCC vector extensions: 16 floats a vector,
+ * which the compiler maps to AVX-512, AVX2 or plain loops for the CPU at hand.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+#define MAX_D 256
+
+static inline v16f load16(const void *p, int bf16) {
+    v16f f;
+    if (bf16) {
+        v16h h;
+        memcpy(&h, p, sizeof h);
+        v16u u = __builtin_convertvector(h, v16u) << 16;
+        memcpy(&f, &u, sizeof f);
+    } else {
+        memcpy(&f, p, sizeof f);
+    }
+    return f;
+}
+
+static inline v16f round_bf16(v16f f) { /* to the nearest bf16, ties to even (as torch), kept in fp32 */
+    v16u u;
+    memcpy(&u, &f, sizeof u);
+    v16u nan = (u & 0x7fffffffu) > 0x7f800000u;
+    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    r = (nan & (u | 0x400000u)) | (~nan & r);
+    memcpy(&f, &r, sizeof f);
+    return f;
+}
+
+static inline void store16(void *p, v16f f, int bf16) {
+    if (bf16) {
+        f = round_bf16(f);
+        v16u u;
+        memcpy(&u, &f, sizeof u);
+        v16h h = __builtin_convertvector(u >> 16, v16h);
+        memcpy(p, &h, sizeof h);
+    } else {
+        memcpy(p, &f, sizeof f);
+    }
+}
+
+static inline float hsum(v16f v) {
+    v16f s = v;
+    float r = 0.f;
+    for (int i = 0; i < 16; i++) r += s[i];
+    return r;
+}
+
+/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp) */
+static inline v16f vexp(v16f x) {
+    const v16f lo = (v16f){0} - 87.3f;
+    x = (v16f)((v16i)(x < lo) & (v16i)lo) + (v16f)((v16i)(x >= lo) & (v16i)x);
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    v16f t = x * 1.44269504088896341f + magic;
+    v16f n = t - magic;
+    v16f r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v16f p = (v16f){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+/* x rotated (HF "rotate half"): out = x * cos + cat(-x2, x1) * sin, in the dtype's arithmetic */
+static void rope(const void *x, const void *cos, const void *sin, int64_t D, int bf16, v16f *out) {
+    const int64_t half = D / 2, nv = D / 16;
+    const size_t es = bf16 ? 2 : 4;
+    v16f xs[MAX_D / 16];
+    for (int64_t j = 0; j < nv; j++) xs[j] = load16((const char *)x + j * 16 * es, bf16);
+    for (int64_t j = 0; j < nv; j++) {
+        /* rot = cat(-x[half:], x[:half]): element i of rot is -x[i + half] (i < half), else x[i - half] */
+        v16f rot;
+        for (int i = 0; i < 16; i++) {
+            int64_t idx = j * 16 + i;
+            const float *xf = (const float *)xs;
+            rot[i] = idx < half ? -xf[idx + half] : xf[idx - half];
+        }
+        v16f c = load16((const char *)cos + j * 16 * es, bf16), s = load16((const char *)sin + j * 16 * es, bf16);
+        v16f a = xs[j] * c, b = rot * s;
+        if (bf16) {
+            a = round_bf16(a);
+            b = round_bf16(b);
+        }
+        v16f y = a + b;
+        out[j] = bf16 ? round_bf16(y) : y;
+    }
+}
+
+int tandem_decode_attention_max_head_dim(void) { return MAX_D; }
+
+/* Returns 0; -1 when a buffer could not be allocated; -2 for a head size it does not take. */
+int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t q_stride, int64_t kv_stride,
+                            const void *cos, const void *sin, void *cache, int64_t num_blocks, int64_t bs,
+                            const int64_t *slot_blocks, const int64_t *slot_offsets, const int64_t *block_tables,
+                            int64_t nb, const int64_t *lens, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                            float scale, int bf16, void *out, int num_threads) {
+    if (D % 16 || D > MAX_D || H % KVH) return -2;
+    const size_t es = bf16 ? 2 : 4;
+    const int64_t nv = D / 16, G = H / KVH;
+    char *kc = (char *)cache, *vc = (char *)cache + (size_t)num_blocks * KVH * bs * D * es;
+    int64_t max_len = 0, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] > max_len) max_len = lens[b];
+        work += lens[b];
+    }
+    work *= H * D;
+    int nt = work < 32768 ? 1 : num_threads;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        /* 1. the new tokens' K (rotated) and V into their slots */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t g = 0; g < KVH; g++) {
+                size_t slot = ((size_t)(slot_blocks[b] * KVH + g) * bs + slot_offsets[b]) * D * es;
+                v16f kr[MAX_D / 16];
+                rope((const char *)k + (b * kv_stride + g * D) * es, (const char *)cos + b * D * es,
+                     (const char *)sin + b * D * es, D, bf16, kr);
+                for (int64_t j = 0; j < nv; j++) store16(kc + slot + j * 16 * es, kr[j], bf16);
+                memcpy(vc + slot, (const char *)v + (b * kv_stride + g * D) * es, D * es);
+            }
+        }
+        /* 2. one query head of one sequence per task */
+        float *p = (float *)malloc(((size_t)max_len + 16) * sizeof(float));
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * H; task++) {
+            if (!p) continue;
+            int64_t b = task / H, h = task % H, g = h / G, L = lens[b];
+            const int64_t *bt = block_tables + b * nb;
+            v16f qv[MAX_D / 16];
+            rope((const char *)q + (b * q_stride + h * D) * es, (const char *)cos + b * D * es,
+                 (const char *)sin + b * D * es, D, bf16, qv);
+            float m = -INFINITY;
+            for (int64_t t = 0; t < L; t++) {
+                const char *kp = kc + ((size_t)(bt[t / bs] * KVH + g) * bs + t % bs) * D * es;
+                v16f acc = qv[0] * load16(kp, bf16);
+                for (int64_t j = 1; j < nv; j++) acc += qv[j] * load16(kp + j * 16 * es, bf16);
+                float s = hsum(acc) * scale;
+                p[t] = s;
+                if (s > m) m = s;
+            }
+            for (int64_t t = L; t < L + 16; t++) p[t] = m; /* pad the last vector (zeroed below) */
+            for (int64_t t = 0; t < L; t += 16) {
+                v16f x;
+                memcpy(&x, p + t, sizeof x);
+                x = vexp(x - m);
+                memcpy(p + t, &x, sizeof x);
+            }
+            float total = 0.f;
+            for (int64_t t = 0; t < L; t++) total += p[t];
+            v16f o[MAX_D / 16];
+            for (int64_t j = 0; j < nv; j++) o[j] = (v16f){0};
+            for (int64_t t = 0; t < L; t++) {
+                const char *vp = vc + ((size_t)(bt[t / bs] * KVH + g) * bs + t % bs) * D * es;
+                v16f w = (v16f){0} + p[t];
+                for (int64_t j = 0; j < nv; j++) o[j] += w * load16(vp + j * 16 * es, bf16);
+            }
+            char *op = (char *)out + (b * H + h) * D * es;
+            for (int64_t j = 0; j < nv; j++) store16(op + j * 16 * es, o[j] / total, bf16);
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}

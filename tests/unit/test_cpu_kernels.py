@@ -1,0 +1,131 @@
+"""The hand-written CPU kernels (engine/kernels), against torch on the same inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import kernels
+from engine.layers import quantization
+from engine.layers.linear import ColumnParallelLinear
+from engine.layers.quantization import Int8WeightOnly
+
+int8_linear = kernels.int8_linear()
+needs_kernel = pytest.mark.skipif(int8_linear is None, reason="no C compiler here: the kernel is not built")
+
+
+@needs_kernel
+@pytest.mark.parametrize("M,K,N", [(1, 576, 1728), (3, 1536, 576), (16, 64, 96), (5, 577, 13), (2, 5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_equals_the_dequantized_product(M, K, N, dtype, with_bias):
+    """K not a multiple of the k block (padding), N not a multiple of the row group, 1-16 rows (whole
+    and partial row blocks), one thread or two."""
+    torch.manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K).to(dtype)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    packed = int8_linear.pack(w)
+    assert torch.equal(int8_linear.unpack(packed, N, K), w)
+    scale = torch.rand(N) * 0.01 + 1e-3
+    bias = torch.randn(N) if with_bias else None
+    want = (x.float() @ w.float().T) * scale + (bias if with_bias else 0)
+    for threads in (1, 2):
+        got = int8_linear(x, packed, N, scale, bias, threads)
+        assert got.dtype == dtype and got.shape == (M, N)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        else:  # fp32 sums rounded once to bf16: within one bf16 step of the fp32 result
+            assert ((got.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-3).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_the_narrower_instruction_sets_compute_the_same(isa, tmp_path, monkeypatch):
+    """The AVX2 and plain-C paths, built here with the wider instructions turned off."""
+    import ctypes
+
+    off = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}[isa]
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    lib = kernels.Int8Linear(ctypes.CDLL(str(kernels._build("int8_linear", kernels._HERE / "int8_linear.c", off))))
+    torch.manual_seed(1)
+    for M, K, N in [(1, 576, 100), (3, 77, 9), (16, 64, 96)]:
+        x = torch.randn(M, K)
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        scale, bias = torch.rand(N) * 0.01, torch.randn(N)
+        got = lib(x, lib.pack(w), N, scale, bias, 2)
+        torch.testing.assert_close(got, (x @ w.float().T) * scale + bias, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_bf16_rounding_is_to_nearest_even_like_torch():
+    """x = 1 and w = 1 make y = scale exactly in fp32; scales whose low 16 bits are 0x8000 are halfway
+    between two bf16 values (ties go to the even one), the others on either side."""
+    torch.manual_seed(0)
+    bits = torch.randint(0x3C000000, 0x42000000, (256,), dtype=torch.int32)
+    bits[:128] = (bits[:128] & ~0xFFFF) | 0x8000
+    scale = bits.view(torch.float32)
+    x = torch.ones(1, 1, dtype=torch.bfloat16)
+    w = int8_linear.pack(torch.ones(256, 1, dtype=torch.int8))
+    got = int8_linear(x, w, 256, scale, None, 1)
+    assert torch.equal(got[0], scale.to(torch.bfloat16))
+
+
+def _int8_layer(dtype):
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 96, bias=True, dtype=dtype)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    layer.linear_method = Int8WeightOnly()
+    layer.linear_method.process_weights_after_loading(layer)
+    return layer
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [4, 40])
+def test_an_int8_layer_stores_the_packed_weight_and_agrees_with_torch(dtype, rows, monkeypatch):
+    """Small batches go through the kernel, large ones dequantize the packed weight; both equal torch's
+    product of the dequantized weight, as does the torch-only layer where nothing can be built."""
+    layer = _int8_layer(dtype)
+    assert layer.int8_packed and layer.weight.dim() == 4
+    x = torch.randn(rows, 64).to(dtype)
+    calls = []
+    real = quantization._int8_kernel()
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(quantization, "_KERNEL", [Spy()])
+    got = layer(x)
+    assert calls == ([1] if rows <= Int8WeightOnly.max_kernel_rows else [])
+    deq = Int8WeightOnly.int8_rows(layer).float() * layer.weight_scale.float()[:, None]
+    want = F.linear(x.float(), deq, layer.bias.float())
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=5e-2)
+    monkeypatch.setattr(quantization, "_KERNEL", [None])  # nothing built: [out, in] weights, torch's kernels
+    plain = _int8_layer(dtype)
+    assert not plain.int8_packed and plain.weight.shape == (96, 64)
+    assert torch.equal(Int8WeightOnly.int8_rows(plain), Int8WeightOnly.int8_rows(layer))
+    assert torch.allclose(plain(x).float(), want, rtol=1e-2, atol=5e-2)
+
+
+def test_kernels_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "0")
+    assert kernels.load("int8_linear") is None
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "1")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    assert kernels.load("int8_linear") is None  # logged, not raised
+
+
+@needs_kernel
+def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    first = kernels._build("int8_linear", kernels._HERE / "int8_linear.c")
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    assert kernels._build("int8_linear", kernels._HERE / "int8_linear.c") == first
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags : some other cpu")
+    assert kernels._build("int8_linear", kernels._HERE / "int8_linear.c") != first

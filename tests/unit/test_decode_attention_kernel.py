@@ -1,0 +1,83 @@
+"""engine/kernels/decode_attention.c against the torch path it replaces (engine/attention.py + RoPE)."""
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import RopeScaling
+from engine.layers.rotary import RotaryEmbedding
+
+attn = kernels.decode_attention()
+needs_kernel = pytest.mark.skipif(attn is None, reason="no C compiler here: the kernel is not built")
+
+
+def _case(dtype, lens, H, KVH, D, bs=16, num_blocks=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    cache = torch.randn(2, num_blocks, KVH, bs, D, generator=g).to(dtype)
+    # distinct blocks per sequence, in a shuffled order
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = []
+    for n in lens:
+        nb = -(-n // bs)
+        tables.append([perm.pop() for _ in range(nb)])
+    nb = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long)
+    pos = torch.tensor([n - 1 for n in lens])
+    qkv = torch.randn(B, (H + 2 * KVH) * D, generator=g).to(dtype)
+    q = qkv[:, :H * D].view(B, H, D)
+    k = qkv[:, H * D:(H + KVH) * D].view(B, KVH, D)
+    v = qkv[:, (H + KVH) * D:].view(B, KVH, D)
+    meta = AttentionMetadata(slot_blocks=bt[torch.arange(B), pos // bs].contiguous(), slot_offsets=pos % bs,
+                             num_decode=B, decode_block_tables=bt)
+    lens_t = torch.tensor(lens)
+    if min(lens) != nb * bs:
+        meta.decode_mask = torch.arange(nb * bs).view(1, nb, 1, 1, bs) < lens_t.view(-1, 1, 1, 1, 1)
+    rotary = RotaryEmbedding(D, 4096, 10000.0, RopeScaling(), dtype)
+    return cache, q, k, v, pos, meta, lens_t, rotary
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,H,KVH,D", [([1], 9, 3, 64), ([200], 9, 3, 64), ([5, 33, 17, 64], 4, 2, 32),
+                                          ([300, 7], 8, 8, 128), ([129] * 3, 6, 1, 16)])
+def test_fused_decode_attention_equals_the_torch_path(dtype, lens, H, KVH, D):
+    """Same cache afterwards, bit for bit (RoPE rounds as torch does); same output within fp32 rounding
+    (bf16: within bf16 rounding of the probabilities, which torch's flash kernel rounds and we don't)."""
+    cache, q, k, v, pos, meta, lens_t, rotary = _case(dtype, lens, H, KVH, D)
+    scale = D ** -0.5
+    cos, sin = rotary.lookup(pos)
+    ref_cache = cache.clone()
+    B = len(lens)
+    rq, rk = rotary((cos, sin), q), rotary((cos, sin), k)
+    want = paged_attention(rq, rk, v.reshape(B, KVH, D), ref_cache, meta, scale)
+    for threads in (1, 2):
+        got_cache = cache.clone()
+        got = attn(q, k, v, cos.view(B, D), sin.view(B, D), got_cache, meta.slot_blocks, meta.slot_offsets,
+                   meta.decode_block_tables, lens_t, scale, threads)
+        assert torch.equal(got_cache, ref_cache)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_a_long_context_and_large_scores_keep_the_softmax_stable():
+    cache, q, k, v, pos, meta, lens_t, rotary = _case(torch.float32, [2000], 2, 1, 64, num_blocks=200)
+    q = q * 30  # scores in the hundreds: exp overflows without the max subtracted
+    cos, sin = rotary.lookup(pos)
+    ref_cache = cache.clone()
+    want = paged_attention(rotary((cos, sin), q), rotary((cos, sin), k), v, ref_cache, meta, 0.125)
+    got = attn(q, k, v, cos.view(1, 64), sin.view(1, 64), cache, meta.slot_blocks, meta.slot_offsets,
+               meta.decode_block_tables, lens_t, 0.125, 2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_head_sizes_it_does_not_take_are_refused():
+    assert attn.supports(64, torch.bfloat16) and attn.supports(128, torch.float32)
+    assert not attn.supports(80 + 4, torch.float32)
+    assert not attn.supports(64, torch.float16)
