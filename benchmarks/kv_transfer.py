@@ -7,7 +7,9 @@ fp32) add up to that many MiB goes from a sender to a receiver over real loopbac
 tcp, or a gloo pair group), through the full protocol: reserve, one frame per layer, ack. Next to it:
 raw pyzmq pushing the same bytes in the same number of messages with no protocol (the sink only looks
 at each frame: `raw_zmq`; or receives each into a buffer of its own, as pages must land in cache blocks:
-`raw_zmq_into`), and numpy.copyto of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV.
+`raw_zmq_into`), and numpy.copyto of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV,
+and what streaming it adds to TTFT: SmolLM2 prefilling the prompt alone vs while each layer's pages are
+sent as soon as the layer is computed, up to the receiver's ack (`streamed_prompt_run`).
 The receiver (and the raw sink) runs in a second process, as a decode worker would.
 """
 
@@ -87,64 +89,146 @@ def _child(*args) -> tuple[subprocess.Popen, str]:
     return p, p.stdout.readline().strip()
 
 
-def protocol_run(nblocks: int, transport: str, repeats: int, device: str = "cpu") -> tuple[list[float], list[float]]:
-    """(whole protocol times, transfer times): the whole is reserve + pages + ack; the transfer, pages
-    + ack (a worker reserves before it computes the prompt, so only this part can hold up a token)."""
+class ProtocolRun:
+    """One request's pages through the whole protocol to a receiver process. `once()` -> (whole,
+    transfer) seconds: the whole is reserve + pages + ack; the transfer, pages + ack (a worker
+    reserves before it computes the prompt, so only this part can hold up a token)."""
+
+    def __init__(self, nblocks: int, transport: str, device: str = "cpu"):
+        self.nblocks, self.layout = nblocks, KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
+        self.child, self.endpoint = _child("serve", transport, str(nblocks + 1), device)
+        self.src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM, device=device)
+                               for _ in range(LAYERS)], 0, 0)
+        self.client = KVClient(0, dist_backend=None if transport == "zmq" else transport, device=device)
+        self.client.start()
+        self.client.connect(self.endpoint)
+        self.n = 0
+
+    def once(self) -> tuple[float, float]:
+        self.n += 1
+        t0 = time.perf_counter()
+        st = SendTransfer(self.client, f"r{self.n}", 0, self.nblocks * BS, self.layout, self.layout,
+                          [self.endpoint], lambda: None, ack_timeout=120)
+        assert st.reserve(), st.reason
+        t1 = time.perf_counter()
+        st.outgoing(0, self.client, self.src, list(range(self.nblocks))).send_all()
+        assert st.finish(), st.reason
+        t2 = time.perf_counter()
+        return t2 - t0, t2 - t1
+
+    def close(self) -> None:
+        self.client.stop()
+        self.child.stdin.close()
+        self.child.wait(30)
+
+
+def streamed_prompt_run(transport: str, repeats: int, prompt_tokens: int = 512, threads: int = 1) -> dict:
+    """What shipping a prompt's KV adds to its TTFT: SmolLM2 (fp32, the receiver's layout) prefills a
+    prompt in this process as a prefill worker does (`threads` torch threads, 1 by default as in a
+    worker), alone, then with each layer's pages sent as soon as the layer is computed (the prefill
+    step hook's path) and the receiver's ack awaited. Tail: from the end of the step to the ack (what no
+    compute hides); added: median(streamed) - median(alone)."""
+    from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
+    from engine.model_store import pull_default
+
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
-    child, endpoint = _child("serve", transport, str(nblocks + 1), device)
-    src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM, device=device) for _ in range(LAYERS)], 0, 0)
-    client = KVClient(0, dist_backend=None if transport == "zmq" else transport, device=device)
+    child, endpoint = _child("serve", transport, str(2 * prompt_tokens // BS + 1), "cpu")
+    client = KVClient(0, dist_backend=None if transport == "zmq" else transport)
     client.start()
-    times, transfer = [], []
+    caches: list = []
+
+    def hook(rank, runner, extras, seq_ids):
+        if not caches:
+            caches.append(RankCaches(runner.kv_caches, 0, 0))
+        out = extras["transfer"].outgoing(0, client, caches[0], extras["blocks"])
+        return out.send_layer
+
+    eng = LLMEngine(EngineConfig(str(pull_default(progress=False)),
+                                 cache=CacheConfig(kv_cache_memory=64 * 2**20, enable_prefix_caching=False),
+                                 device=DeviceConfig(dtype="float32", num_threads=threads)), step_hook=hook)
+    rng = np.random.default_rng(0)
+    one = SamplingParams(max_tokens=1, temperature=0)
+    alone, streamed, tails = [], [], []
     try:
         client.connect(endpoint)
         for i in range(repeats + 1):
+            eng.add_request(f"a{i}", rng.integers(100, 20000, prompt_tokens).tolist(), one)
             t0 = time.perf_counter()
-            st = SendTransfer(client, f"r{i}", 0, nblocks * BS, layout, layout, [endpoint], lambda: None,
+            eng.step()
+            t_alone = time.perf_counter() - t0
+            st = SendTransfer(client, f"s{i}", 0, prompt_tokens, layout, layout, [endpoint], lambda: None,
                               ack_timeout=120)
-            assert st.reserve(), st.reason
+            assert st.reserve(), st.reason  # a worker reserves before it computes the prompt
+            eng.add_request(f"s{i}", rng.integers(100, 20000, prompt_tokens).tolist(), one)
+            t0 = time.perf_counter()
+            eng.step(before_execute=lambda out: {"transfer": st, "blocks": list(out.scheduled[0].seq.block_ids)})
             t1 = time.perf_counter()
-            st.outgoing(0, client, src, list(range(nblocks))).send_all()
             assert st.finish(), st.reason
-            if i:  # the first run warms up sockets and allocators
-                times.append(time.perf_counter() - t0)
-                transfer.append(time.perf_counter() - t1)
+            t2 = time.perf_counter()
+            assert not eng.has_unfinished_requests()
+            if i:
+                alone.append(t_alone)
+                streamed.append(t2 - t0)
+                tails.append(t2 - t1)
     finally:
         client.stop()
         child.stdin.close()
         child.wait(30)
-    return times, transfer
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    # tail: from the end of the prefill step (first token sampled) to the receiver's ack, the part of
+    # the transfer that no compute hides; added: the whole difference, contention included (noisy:
+    # the prefill alone varies by more than the tail from run to run)
+    return {"prefill_ms": round(med(alone) * 1e3, 2), "prefill_and_transfer_ms": round(med(streamed) * 1e3, 2),
+            "tail_ms": round(med(tails) * 1e3, 2), "added_ms": round((med(streamed) - med(alone)) * 1e3, 2)}
 
 
-def raw_zmq(nbytes: int, messages: int, repeats: int, into: bool = False) -> list[float]:
-    ctx = zmq.Context.instance()
-    done = ctx.socket(zmq.PULL)
-    done_port = done.bind_to_random_port("tcp://127.0.0.1")
-    child, port = _child("sink", str(messages), "into" if into else "look")
-    child.stdin.write(f"tcp://127.0.0.1:{done_port}\n")
-    child.stdin.flush()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
-    # distinct memory for every message, as a cache's layers are (one buffer sent 30 times would
-    # stay in the CPU's caches and flatter the baseline)
-    chunks = [np.frombuffer(np.random.bytes(nbytes // messages), dtype=np.uint8) for _ in range(messages)]
-    times = []
+class RawRun:
+    """pyzmq pushing the same bytes in the same number of messages to a sink process, no protocol.
+    `once()` -> seconds until the sink says it has them all."""
+
+    def __init__(self, nbytes: int, messages: int, into: bool = False):
+        ctx = zmq.Context.instance()
+        self.done = ctx.socket(zmq.PULL)
+        done_port = self.done.bind_to_random_port("tcp://127.0.0.1")
+        self.child, port = _child("sink", str(messages), "into" if into else "look")
+        self.child.stdin.write(f"tcp://127.0.0.1:{done_port}\n")
+        self.child.stdin.flush()
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.connect(f"tcp://127.0.0.1:{port}")
+        # distinct memory for every message, as a cache's layers are (one buffer sent 30 times would
+        # stay in the CPU's caches and flatter the baseline)
+        self.chunks = [np.frombuffer(np.random.bytes(nbytes // messages), dtype=np.uint8) for _ in range(messages)]
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        for chunk in self.chunks:
+            self.push.send(chunk, copy=False)
+        if not self.done.poll(120_000):
+            raise TimeoutError("raw sink did not answer")
+        self.done.recv()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.child.kill()
+        self.child.wait(10)
+        self.push.close(0)
+        self.done.close(0)
+
+
+def interleaved(runs: dict, repeats: int) -> dict[str, list]:
+    """Each run's `once()` in turn, `repeats` rounds after one warm-up round: on a shared VM whose speed
+    drifts, every system then sees the same stretches of time, so ratios are fair."""
+    out: dict[str, list] = {name: [] for name in runs}
     try:
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            for chunk in chunks:
-                push.send(chunk, copy=False)
-            if not done.poll(120_000):
-                raise TimeoutError("raw sink did not answer")
-            done.recv()
-            if i:
-                times.append(time.perf_counter() - t0)
+            for name, run in runs.items():
+                r = run.once()
+                if i:  # the first round warms up sockets and allocators
+                    out[name].append(r)
     finally:
-        child.kill()
-        child.wait(10)
-        push.close(0)
-        done.close(0)
-    return times
+        for run in runs.values():
+            run.close()
+    return out
 
 
 def memcpy(nbytes: int, repeats: int) -> list[float]:
@@ -186,6 +270,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu", help="where both ends keep their KV cache (cpu, cuda)")
     ap.add_argument("--out", default="bench_results/kv_transfer.json")
+    ap.add_argument("--no-model", action="store_true",
+                    help="skip the TTFT run (SmolLM2 prefilling a 512-token prompt while its KV streams out)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from engine.platform import tune_cpu_allocator
@@ -195,8 +281,10 @@ def main():
     for mib in args.sizes_mib:
         nblocks = max(1, round(mib * 2**20 / BLOCK_BYTES))
         nbytes = nblocks * BLOCK_BYTES
-        raw = med(raw_zmq(nbytes, LAYERS, args.repeats))
-        raw_into = med(raw_zmq(nbytes, LAYERS, args.repeats, into=True))
+        runs = {"raw": RawRun(nbytes, LAYERS), "raw_into": RawRun(nbytes, LAYERS, into=True)}
+        runs.update({tr: ProtocolRun(nblocks, tr, args.device) for tr in args.transports})
+        res = interleaved(runs, args.repeats)
+        raw, raw_into = med(res["raw"]), med(res["raw_into"])
         cp = med(memcpy(nbytes, args.repeats))
         row = {"size_mib": round(nbytes / 2**20, 2), "blocks": nblocks, "device": args.device,
                "raw_zmq_gb_s": round(nbytes / raw / 1e9, 2), "raw_zmq_into_gb_s": round(nbytes / raw_into / 1e9, 2),
@@ -204,7 +292,7 @@ def main():
         if args.device.startswith("cuda"):
             row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
         for tr in args.transports:
-            whole, transfer = protocol_run(nblocks, tr, args.repeats, args.device)
+            whole, transfer = [w for w, _ in res[tr]], [x for _, x in res[tr]]
             t, x = med(whole), med(transfer)
             row[f"{tr}_gb_s"] = round(nbytes / t / 1e9, 2)
             row[f"{tr}_ms"] = round(t * 1e3, 2)
@@ -212,14 +300,21 @@ def main():
             row[f"{tr}_transfer_ms"] = round(x * 1e3, 2)
             row[f"{tr}_transfer_vs_raw_zmq"] = round(raw / x, 2)
             row[f"{tr}_transfer_vs_raw_zmq_into"] = round(raw_into / x, 2)
+            # the same ratio taken round by round (each round's raw and transfer ran back to back)
+            row[f"{tr}_transfer_vs_raw_zmq_per_round"] = round(med([r / x_ for r, x_ in zip(res["raw"], transfer)]), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     prompt_blocks = 512 // BS
-    prompt = {tr: round(med(protocol_run(prompt_blocks, tr, args.repeats, args.device)[0]) * 1e3, 2)
-              for tr in args.transports}
+    res = interleaved({tr: ProtocolRun(prompt_blocks, tr, args.device) for tr in args.transports}, args.repeats)
+    prompt = {tr: round(med([w for w, _ in res[tr]]) * 1e3, 2) for tr in args.transports}
     print(json.dumps({"512_token_prompt_ms": prompt, "bytes": prompt_blocks * BLOCK_BYTES}))
+    ttft = {}
+    if not args.device.startswith("cuda") and not args.no_model:
+        ttft = {tr: streamed_prompt_run(tr, args.repeats) for tr in args.transports}
+        print(json.dumps({"512_token_prompt_added_ttft": ttft}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"sizes": rows, "prompt_512_ms": prompt}, indent=2))
+    Path(args.out).write_text(json.dumps({"sizes": rows, "prompt_512_ms": prompt, "prompt_512_added_ttft": ttft},
+                                         indent=2))
     print(f"wrote {args.out}")
 
 
