@@ -27,6 +27,7 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
 #define MAX_D 256
+#define MAX_G 16 /* query heads per KV head taken together (more: one at a time) */
 
 static inline v16f load16(const void *p, int bf16) {
     v16f f;
@@ -63,11 +64,19 @@ static inline void store16(void *p, v16f f, int bf16) {
     }
 }
 
-static inline float hsum(v16f v) {
-    v16f s = v;
-    float r = 0.f;
-    for (int i = 0; i < 16; i++) r += s[i];
-    return r;
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline float hsum(v16f v) { /* a tree of halves: 3 vector adds and 3 scalar ones */
+    v8f a, b;
+    memcpy(&a, &v, sizeof a);
+    memcpy(&b, (const char *)&v + sizeof a, sizeof b);
+    a += b;
+    v4f c, d;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (const char *)&a + sizeof c, sizeof d);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 /* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp) */
@@ -117,6 +126,72 @@ static void rope(const void *x, const void *cos, const void *sin, int64_t D, int
     }
 }
 
+/* query heads [h0, h0 + nh) of one sequence (all in KV group h0 / G) against its first L tokens */
+static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                   const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
+                   int64_t KVH, int64_t G, int64_t D, float scale, int bf16, char *out, int64_t H, float *p,
+                   int64_t lp) {
+    const size_t es = bf16 ? 2 : 4;
+    const int64_t nv = D / 16, g = h0 / G, nblocks = (L + bs - 1) / bs;
+    v16f qv[MAX_G][MAX_D / 16], o[MAX_G][MAX_D / 16], kv[MAX_D / 16];
+    float m[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        rope((const char *)q + (b * q_stride + (h0 + hh) * D) * es, (const char *)cos + b * D * es,
+             (const char *)sin + b * D * es, D, bf16, qv[hh]);
+        m[hh] = -INFINITY;
+    }
+    /* scores, block by block (a block's tokens are D elements apart) */
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const char *kb = kc + (size_t)((bt[blk] * KVH + g) * bs) * D * es;
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t j = 0; j < nv; j++) kv[j] = load16(kb + (i * D + j * 16) * es, bf16);
+            int64_t t = blk * bs + i;
+            for (int hh = 0; hh < nh; hh++) {
+                v16f acc = qv[hh][0] * kv[0];
+                for (int64_t j = 1; j < nv; j++) acc += qv[hh][j] * kv[j];
+                float s = hsum(acc) * scale;
+                p[hh * lp + t] = s;
+                if (s > m[hh]) m[hh] = s;
+            }
+        }
+    }
+    float total[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        float *ph = p + hh * lp;
+        for (int64_t t = L; t < L + 16; t++) ph[t] = m[hh]; /* pad the last vector (zeroed below) */
+        v16f sum = (v16f){0};
+        for (int64_t t = 0; t < L; t += 16) {
+            v16f x;
+            memcpy(&x, ph + t, sizeof x);
+            x = vexp(x - m[hh]);
+            if (t + 16 > L)
+                for (int i = (int)(L - t); i < 16; i++) x[i] = 0.f;
+            memcpy(ph + t, &x, sizeof x);
+            sum += x;
+        }
+        total[hh] = hsum(sum);
+        for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
+    }
+    /* the weighted sum of V, each V row read once for the group */
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const char *vb = vc + (size_t)((bt[blk] * KVH + g) * bs) * D * es;
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t j = 0; j < nv; j++) kv[j] = load16(vb + (i * D + j * 16) * es, bf16);
+            int64_t t = blk * bs + i;
+            for (int hh = 0; hh < nh; hh++) {
+                v16f w = (v16f){0} + p[hh * lp + t];
+                for (int64_t j = 0; j < nv; j++) o[hh][j] += w * kv[j];
+            }
+        }
+    }
+    for (int hh = 0; hh < nh; hh++) {
+        char *op = out + (b * H + h0 + hh) * D * es;
+        for (int64_t j = 0; j < nv; j++) store16(op + j * 16 * es, o[hh][j] / total[hh], bf16);
+    }
+}
+
 int tandem_decode_attention_max_head_dim(void) { return MAX_D; }
 
 /* Returns 0; -1 when a buffer could not be allocated; -2 for a head size it does not take. */
@@ -136,6 +211,9 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
     }
     work *= H * D;
     int nt = work < 32768 ? 1 : num_threads;
+    /* heads per task: a whole KV group reads each K/V row once for all its query heads; one head per
+     * task where there would be fewer tasks than ~2 per thread */
+    const int64_t hb = (G > MAX_G || B * KVH < 2 * nt) ? 1 : G;
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
@@ -151,47 +229,18 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
                 memcpy(vc + slot, (const char *)v + (b * kv_stride + g * D) * es, D * es);
             }
         }
-        /* 2. one query head of one sequence per task */
-        float *p = (float *)malloc(((size_t)max_len + 16) * sizeof(float));
+        /* 2. one task: a sequence's query heads [h0, h0 + nh) of one KV head (all G of them when
+         * there are enough tasks to keep the threads busy, else one each) */
+        float *p = (float *)malloc((size_t)hb * ((size_t)max_len + 16) * sizeof(float));
         if (!p) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * H; task++) {
-            if (!p) continue;
-            int64_t b = task / H, h = task % H, g = h / G, L = lens[b];
-            const int64_t *bt = block_tables + b * nb;
-            v16f qv[MAX_D / 16];
-            rope((const char *)q + (b * q_stride + h * D) * es, (const char *)cos + b * D * es,
-                 (const char *)sin + b * D * es, D, bf16, qv);
-            float m = -INFINITY;
-            for (int64_t t = 0; t < L; t++) {
-                const char *kp = kc + ((size_t)(bt[t / bs] * KVH + g) * bs + t % bs) * D * es;
-                v16f acc = qv[0] * load16(kp, bf16);
-                for (int64_t j = 1; j < nv; j++) acc += qv[j] * load16(kp + j * 16 * es, bf16);
-                float s = hsum(acc) * scale;
-                p[t] = s;
-                if (s > m) m = s;
-            }
-            for (int64_t t = L; t < L + 16; t++) p[t] = m; /* pad the last vector (zeroed below) */
-            for (int64_t t = 0; t < L; t += 16) {
-                v16f x;
-                memcpy(&x, p + t, sizeof x);
-                x = vexp(x - m);
-                memcpy(p + t, &x, sizeof x);
-            }
-            float total = 0.f;
-            for (int64_t t = 0; t < L; t++) total += p[t];
-            v16f o[MAX_D / 16];
-            for (int64_t j = 0; j < nv; j++) o[j] = (v16f){0};
-            for (int64_t t = 0; t < L; t++) {
-                const char *vp = vc + ((size_t)(bt[t / bs] * KVH + g) * bs + t % bs) * D * es;
-                v16f w = (v16f){0} + p[t];
-                for (int64_t j = 0; j < nv; j++) o[j] += w * load16(vp + j * 16 * es, bf16);
-            }
-            char *op = (char *)out + (b * H + h) * D * es;
-            for (int64_t j = 0; j < nv; j++) store16(op + j * 16 * es, o[j] / total, bf16);
+        for (int64_t task = 0; task < B * (H / hb); task++) {
+            if (p) attend(task / (H / hb), task % (H / hb) * hb, (int)hb, q, q_stride, cos, sin, kc, vc, bs,
+                          block_tables + task / (H / hb) * nb, lens[task / (H / hb)], KVH, G, D, scale, bf16,
+                          (char *)out, H, p, max_len + 16);
         }
         free(p);
     }
