@@ -16,7 +16,7 @@ from engine.config import ModelConfig
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import RotaryEmbedding, fused_elementwise
 from engine.parallel import SINGLE, ParallelContext
 from engine.partition import stage_layers
 
@@ -71,7 +71,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj.forward_split(x)
-        return self.down_proj(F.silu(gate) * up)
+        kernels = fused_elementwise(gate)
+        act = kernels.silu_mul(gate, up, torch.get_num_threads()) if kernels is not None else F.silu(gate) * up
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):

@@ -57,7 +57,8 @@ def _build(name: str, src: Path, extra_flags: tuple[str, ...] = ()) -> Path:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-    key = hashlib.sha256("\0".join([src.read_text(), version, " ".join(flags), _cpu_flags()]).encode())
+    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what the source may include
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, version, " ".join(flags), _cpu_flags()]).encode())
     out = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -194,3 +195,61 @@ def decode_attention() -> DecodeAttention | None:
         lib = load("decode_attention")
         _attn.append(DecodeAttention(lib) if lib is not None else None)
     return _attn[0]
+
+
+class Elementwise:
+    """engine/kernels/elementwise.c: SwiGLU's silu(gate) * up and RoPE, one pass each."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._silu_mul = lib.tandem_silu_mul
+        self._silu_mul.restype = ctypes.c_int
+        self._silu_mul.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+        self._rope = lib.tandem_rope
+        self._rope.restype = ctypes.c_int
+        self._rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+
+    @staticmethod
+    def takes(t, width: int) -> bool:
+        """Whether a [rows, ...] CPU tensor of fp32/bf16 with `width`-element vectors can go through."""
+        import torch
+
+        return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and width % 16 == 0
+
+    def silu_mul(self, gate, up, num_threads: int):
+        """gate, up: [T, I] (rows may be strided, elements contiguous) -> silu(gate) * up, contiguous."""
+        import torch
+
+        T, inter = gate.shape
+        assert gate.stride(1) == 1 and up.stride(1) == 1 and up.shape == gate.shape and up.dtype == gate.dtype
+        out = torch.empty(T, inter, dtype=gate.dtype)
+        rc = self._silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), T, inter, out.data_ptr(),
+                            gate.dtype == torch.bfloat16, num_threads)
+        if rc != 0:
+            raise ValueError(f"silu_mul: width {inter} is not a multiple of 16")
+        return out
+
+    def rope(self, x, cos, sin, num_threads: int):
+        """x: [T, heads, D] (rows may be strided, heads contiguous in a row); cos, sin: [T, D]
+        contiguous -> rotated copy [T, heads, D], contiguous."""
+        import torch
+
+        T, heads, D = x.shape
+        assert x.stride(2) == 1 and x.stride(1) == D and cos.is_contiguous() and sin.is_contiguous()
+        out = torch.empty(T, heads, D, dtype=x.dtype)
+        rc = self._rope(x.data_ptr(), x.stride(0), T, heads, D, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                        x.dtype == torch.bfloat16, num_threads)
+        if rc != 0:
+            raise ValueError(f"rope: head size {D} is not supported")
+        return out
+
+
+_elementwise: list[Elementwise | None] = []
+
+
+def elementwise() -> Elementwise | None:
+    """The fused elementwise kernels, or None where kernels are off or cannot be built here."""
+    if not _elementwise:
+        lib = load("elementwise")
+        _elementwise.append(Elementwise(lib) if lib is not None else None)
+    return _elementwise[0]

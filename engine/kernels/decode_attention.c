@@ -15,116 +15,12 @@
  * product is fused into a sum behind our back. Written with GCC vector extensions: 16 floats a vector,
  * which the compiler maps to AVX-512, AVX2 or plain loops for the CPU at hand.
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
+#include "vec.h"
 
-#define MAX_D 256
 #define MAX_G 16 /* query heads per KV head taken together (more: one at a time) */
-
-static inline v16f load16(const void *p, int bf16) {
-    v16f f;
-    if (bf16) {
-        v16h h;
-        memcpy(&h, p, sizeof h);
-        v16u u = __builtin_convertvector(h, v16u) << 16;
-        memcpy(&f, &u, sizeof f);
-    } else {
-        memcpy(&f, p, sizeof f);
-    }
-    return f;
-}
-
-static inline v16f round_bf16(v16f f) { /* to the nearest bf16, ties to even (as torch), kept in fp32 */
-    v16u u;
-    memcpy(&u, &f, sizeof u);
-    v16u nan = (u & 0x7fffffffu) > 0x7f800000u;
-    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    r = (nan & (u | 0x400000u)) | (~nan & r);
-    memcpy(&f, &r, sizeof f);
-    return f;
-}
-
-static inline void store16(void *p, v16f f, int bf16) {
-    if (bf16) {
-        f = round_bf16(f);
-        v16u u;
-        memcpy(&u, &f, sizeof u);
-        v16h h = __builtin_convertvector(u >> 16, v16h);
-        memcpy(p, &h, sizeof h);
-    } else {
-        memcpy(p, &f, sizeof f);
-    }
-}
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline float hsum(v16f v) { /* a tree of halves: 3 vector adds and 3 scalar ones */
-    v8f a, b;
-    memcpy(&a, &v, sizeof a);
-    memcpy(&b, (const char *)&v + sizeof a, sizeof b);
-    a += b;
-    v4f c, d;
-    memcpy(&c, &a, sizeof c);
-    memcpy(&d, (const char *)&a + sizeof c, sizeof d);
-    c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp) */
-static inline v16f vexp(v16f x) {
-    const v16f lo = (v16f){0} - 87.3f;
-    x = (v16f)((v16i)(x < lo) & (v16i)lo) + (v16f)((v16i)(x >= lo) & (v16i)x);
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    v16f t = x * 1.44269504088896341f + magic;
-    v16f n = t - magic;
-    v16f r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v16f p = (v16f){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16f scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
-
-/* x rotated (HF "rotate half"): out = x * cos + cat(-x2, x1) * sin, in the dtype's arithmetic */
-static void rope(const void *x, const void *cos, const void *sin, int64_t D, int bf16, v16f *out) {
-    const int64_t half = D / 2, nv = D / 16;
-    const size_t es = bf16 ? 2 : 4;
-    v16f xs[MAX_D / 16];
-    for (int64_t j = 0; j < nv; j++) xs[j] = load16((const char *)x + j * 16 * es, bf16);
-    for (int64_t j = 0; j < nv; j++) {
-        /* rot = cat(-x[half:], x[:half]): element i of rot is -x[i + half] (i < half), else x[i - half] */
-        v16f rot;
-        for (int i = 0; i < 16; i++) {
-            int64_t idx = j * 16 + i;
-            const float *xf = (const float *)xs;
-            rot[i] = idx < half ? -xf[idx + half] : xf[idx - half];
-        }
-        v16f c = load16((const char *)cos + j * 16 * es, bf16), s = load16((const char *)sin + j * 16 * es, bf16);
-        v16f a = xs[j] * c, b = rot * s;
-        if (bf16) {
-            a = round_bf16(a);
-            b = round_bf16(b);
-        }
-        v16f y = a + b;
-        out[j] = bf16 ? round_bf16(y) : y;
-    }
-}
 
 /* query heads [h0, h0 + nh) of one sequence (all in KV group h0 / G) against its first L tokens */
 static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,

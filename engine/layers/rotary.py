@@ -46,5 +46,23 @@ class RotaryEmbedding(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D] (q and k heads side by side: rotated in one pass) -> rotated copy."""
         cos, sin = rope
+        T, _, D = x.shape
+        kernels = fused_elementwise(x)
+        if kernels is not None and D <= 256 and x.stride(2) == 1 and x.stride(1) == D:
+            return kernels.rope(x, cos.view(T, D), sin.view(T, D), torch.get_num_threads())  # bit for bit the same
         x1, x2 = x[..., :self.half], x[..., self.half:]
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+_ELEMENTWISE: list = []
+
+
+def fused_elementwise(x: torch.Tensor):
+    """engine/kernels' fused elementwise ops (RoPE, SwiGLU's silu * up) where they take `x`: a CPU
+    tensor of fp32 or bf16 whose last dimension is a multiple of 16, the kernels built here. Else None."""
+    if not _ELEMENTWISE:
+        from engine.kernels import elementwise
+
+        _ELEMENTWISE.append(elementwise())
+    kernels = _ELEMENTWISE[0]
+    return kernels if kernels is not None and kernels.takes(x, x.shape[-1]) else None

@@ -49,10 +49,12 @@ def tokens_of(results):
 
 @pytest.mark.parametrize("kernels", ["cpu-kernels", "torch-only"])
 def test_batched_greedy_equals_transformers_with_logprobs(model_dir, reference, kernels, monkeypatch):
-    """With engine/kernels' fused decode attention (decode-only steps) and without it (torch only, as
-    where no compiler is found)."""
+    """With engine/kernels' fused decode attention (decode-only steps), RoPE and silu * up, and without
+    them (torch only, as where no compiler is found)."""
     if kernels == "torch-only":
         monkeypatch.setattr("engine.model.fused_decode_kernel", lambda *a: None)
+        monkeypatch.setattr("engine.model.fused_elementwise", lambda *a: None)
+        monkeypatch.setattr("engine.layers.rotary.fused_elementwise", lambda *a: None)
     ps, refs = reference
     eng = engine(model_dir)
     res = eng.generate(ps, SamplingParams(max_tokens=24, logprobs=0, **GREEDY))

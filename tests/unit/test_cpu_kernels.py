@@ -129,3 +129,40 @@ def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     assert kernels._build("int8_linear", kernels._HERE / "int8_linear.c") == first
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags : some other cpu")
     assert kernels._build("int8_linear", kernels._HERE / "int8_linear.c") != first
+
+
+ew = kernels.elementwise()
+
+
+@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_ops_equal_torch(dtype):
+    """RoPE bit for bit (strided rows, as sliced from the fused qkv projection); silu(gate) * up bit
+    for bit in bf16 and within a few ulps in fp32 (its exp is not torch's); large and negative gates."""
+    from engine.config import RopeScaling
+    from engine.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    qkv = torch.randn(37, 7 * 64).to(dtype)
+    x = qkv[:, :5 * 64].view(37, 5, 64)
+    rotary = RotaryEmbedding(64, 1024, 10000.0, RopeScaling(), dtype)
+    cos, sin = rotary.lookup(torch.randint(0, 1024, (37,)))
+    assert torch.equal(ew.rope(x, cos.view(37, 64), sin.view(37, 64), 2), rotary((cos, sin), x.clone()))
+    gu = torch.cat([torch.randn(37, 96) * 8, torch.tensor([[-200.0, 200.0, 0.0, -0.0] * 24] * 37)], 1).to(dtype)
+    g, u = gu[:, :96], torch.randn(37, 96).to(dtype)
+    got, want = ew.silu_mul(g, u, 2), F.silu(g) * u
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=5e-7, atol=1e-30)  # a few ulps
+
+
+@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+def test_the_model_uses_the_fused_elementwise_ops_only_where_they_apply():
+    from engine.layers.rotary import fused_elementwise
+
+    assert fused_elementwise(torch.zeros(2, 64)) is ew
+    assert fused_elementwise(torch.zeros(2, 64, dtype=torch.bfloat16)) is ew
+    assert fused_elementwise(torch.zeros(2, 40)) is None  # not a multiple of 16
+    assert fused_elementwise(torch.zeros(2, 64, dtype=torch.float16)) is None
+    assert fused_elementwise(torch.zeros(2, 64, device="meta")) is None

@@ -81,3 +81,34 @@ def test_head_sizes_it_does_not_take_are_refused():
     assert attn.supports(64, torch.bfloat16) and attn.supports(128, torch.float32)
     assert not attn.supports(80 + 4, torch.float32)
     assert not attn.supports(64, torch.float16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_the_narrower_instruction_sets_write_the_same_cache(isa, tmp_path, monkeypatch):
+    """decode_attention.c and elementwise.c built without AVX-512 (and its bf16 conversion instruction)
+    and without AVX2: the same RoPE bits in the cache and the same rotated rows, the same attention
+    and silu * up within rounding."""
+    import ctypes
+
+    import torch.nn.functional as F
+
+    off = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}[isa]
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    lib = ctypes.CDLL(str(kernels._build("decode_attention", kernels._HERE / "decode_attention.c", off)))
+    narrow = kernels.DecodeAttention(lib)
+    ew = kernels.Elementwise(ctypes.CDLL(str(kernels._build("elementwise", kernels._HERE / "elementwise.c", off))))
+    for dtype in (torch.float32, torch.bfloat16):
+        cache, q, k, v, pos, meta, lens_t, rotary = _case(dtype, [40, 7], 4, 2, 32)
+        cos, sin = rotary.lookup(pos)
+        args = (cos.view(2, 32), sin.view(2, 32))
+        want_cache, got_cache = cache.clone(), cache.clone()
+        want = attn(q, k, v, *args, want_cache, meta.slot_blocks, meta.slot_offsets, meta.decode_block_tables,
+                    lens_t, 0.2, 2)
+        got = narrow(q, k, v, *args, got_cache, meta.slot_blocks, meta.slot_offsets, meta.decode_block_tables,
+                     lens_t, 0.2, 2)
+        assert torch.equal(got_cache, want_cache)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(ew.rope(q, *args, 2), rotary((cos, sin), q))
+        g, u = (torch.randn(3, 64) * 4).to(dtype), torch.randn(3, 64).to(dtype)
+        torch.testing.assert_close(ew.silu_mul(g, u, 2).float(), (F.silu(g) * u).float(), rtol=1e-5, atol=1e-5)

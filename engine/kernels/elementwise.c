@@ -1,0 +1,70 @@
+/* Elementwise steps of a forward pass, fused (CPU), one pass over memory each instead of torch's 3-5:
+ *
+ *   tandem_silu_mul: out = silu(gate) * up          (the SwiGLU MLP's activation)
+ *   tandem_rope:     out = x * cos + rot(x) * sin    (RoPE, "rotate half", for every head of a row)
+ *
+ * In the tensors' dtype as torch computes them: silu(gate) rounded, then the product rounded (bf16);
+ * RoPE as in vec.h. Rows of the inputs may be strided (slices of a fused projection); outputs are
+ * contiguous. silu uses vec.h's exp (~1 ulp in fp32, so an fp32 result may differ from torch's in its
+ * last bit; after rounding to bf16 practically never).
+ */
+#include <stdint.h>
+#include <omp.h>
+
+#include "vec.h"
+
+static inline v16f silu16(v16f g) { /* g * sigmoid(g), with exp of -|g| only (no overflow) */
+    v16f a = (v16f)((v16i)g & 0x7fffffff); /* |g| */
+    v16f e = vexp((v16f){0} - a);           /* exp(-|g|) in (0, 1] */
+    v16f r = 1.0f / (1.0f + e);             /* one division (the costly part) for both signs */
+    v16i m = g >= 0;                        /* g >= 0: g / (1 + exp(-g)); g < 0: g exp(g) / (1 + exp(g)) */
+    return g * (v16f)((m & (v16i)r) | (~m & (v16i)(e * r)));
+}
+
+static inline __attribute__((always_inline)) void silu_mul_row(const char *g, const char *u, char *o, int64_t I,
+                                                                const int bf16) {
+    const size_t es = bf16 ? 2 : 4;
+    for (int64_t j = 0; j < I; j += 16) {
+        v16f s = silu16(load16(g + j * es, bf16));
+        if (bf16) s = round_bf16(s);
+        store16(o + j * es, s * load16(u + j * es, bf16), bf16);
+    }
+}
+
+/* gate, up: [T, I] with row strides gs, us (elements); out: [T, I] contiguous. I % 16 == 0. */
+int tandem_silu_mul(const void *gate, int64_t gs, const void *up, int64_t us, int64_t T, int64_t I, void *out,
+                    int bf16, int num_threads) {
+    if (I % 16) return -2;
+    const size_t es = bf16 ? 2 : 4;
+    int nt = T * I < 65536 ? 1 : num_threads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const char *g = (const char *)gate + t * gs * es, *u = (const char *)up + t * us * es;
+        char *o = (char *)out + t * I * es;
+        if (bf16) /* the dtype as a constant: no per-vector branches */
+            silu_mul_row(g, u, o, I, 1);
+        else
+            silu_mul_row(g, u, o, I, 0);
+    }
+    return 0;
+}
+
+/* x: [T, heads, D] with row stride xs (elements; heads contiguous within a row); cos, sin: [T, D]
+ * contiguous; out: [T, heads, D] contiguous. D % 16 == 0, D <= MAX_D. */
+int tandem_rope(const void *x, int64_t xs, int64_t T, int64_t heads, int64_t D, const void *cos, const void *sin,
+                void *out, int bf16, int num_threads) {
+    if (D % 16 || D > MAX_D) return -2;
+    const size_t es = bf16 ? 2 : 4;
+    int nt = T * heads * D < 65536 ? 1 : num_threads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            v16f r[MAX_D / 16];
+            rope((const char *)x + (t * xs + h * D) * es, (const char *)cos + t * D * es,
+                 (const char *)sin + t * D * es, D, bf16, r);
+            char *o = (char *)out + (t * heads + h) * D * es;
+            for (int64_t j = 0; j < D / 16; j++) store16(o + j * 16 * es, r[j], bf16);
+        }
+    }
+    return 0;
+}
