@@ -47,15 +47,31 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def enabled() -> bool:
-    return os.environ.get("TANDEM_CPU_KERNELS", "1") not in ("0", "false", "no", "off")
+def enabled(name: str) -> bool:
+    """`TANDEM_CPU_KERNELS`: unset or 1 = all, 0 = none, else a comma-separated list of the kernels
+    to use (`int8_linear,elementwise`), the rest falling back to torch (A/B comparisons)."""
+    value = os.environ.get("TANDEM_CPU_KERNELS", "1").strip().lower()
+    if value in ("1", "true", "yes", "on", "all", ""):
+        return True
+    if value in ("0", "false", "no", "off", "none"):
+        return False
+    return name in {v.strip() for v in value.split(",")}
+
+
+_versions: dict[str, str] = {}
+
+
+def _compiler_version(cc: str) -> str:
+    if cc not in _versions:  # once per process: a subprocess costs milliseconds
+        _versions[cc] = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    return _versions[cc]
 
 
 def _build(name: str, src: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = _compiler_version(cc)
     flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
     headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what the source may include
     key = hashlib.sha256("\0".join([src.read_text(), *headers, version, " ".join(flags), _cpu_flags()]).encode())
@@ -84,7 +100,7 @@ def load(name: str) -> ctypes.CDLL | None:
         if name in _loaded:
             return _loaded[name]
         lib = None
-        if enabled():
+        if enabled(name):
             try:
                 import torch  # noqa: F401  (loads libgomp before the kernel needs it)
 
@@ -253,3 +269,11 @@ def elementwise() -> Elementwise | None:
         lib = load("elementwise")
         _elementwise.append(Elementwise(lib) if lib is not None else None)
     return _elementwise[0]
+
+
+def load_all() -> None:
+    """Builds (first time on this machine) and loads every kernel now: at engine start-up, so that no
+    compile or library load lands inside a timed step (the start-up cost profile, a first request)."""
+    int8_linear()
+    decode_attention()
+    elementwise()

@@ -121,6 +121,18 @@ def test_kernels_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch, tm
     assert kernels.load("int8_linear") is None  # logged, not raised
 
 
+def test_kernels_can_be_chosen_one_by_one(monkeypatch):
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "int8_linear, elementwise")
+    assert kernels.enabled("int8_linear") and kernels.enabled("elementwise")
+    assert not kernels.enabled("decode_attention")
+    for on in ("1", "", "all", "yes"):
+        monkeypatch.setenv("TANDEM_CPU_KERNELS", on)
+        assert kernels.enabled("decode_attention")
+    for off in ("0", "off", "none"):
+        monkeypatch.setenv("TANDEM_CPU_KERNELS", off)
+        assert not kernels.enabled("int8_linear")
+
+
 @needs_kernel
 def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
