@@ -47,7 +47,19 @@ class AttentionMetadata:
     prefill_groups: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
+_ELEMENTWISE: list = []
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    if kv_cache.device.type == "cpu":
+        if not _ELEMENTWISE:
+            from engine.kernels import elementwise
+
+            _ELEMENTWISE.append(elementwise())
+        # one copy per token and head (a prefill's index_put is ~8x slower here)
+        if _ELEMENTWISE[0] is not None and _ELEMENTWISE[0].write_kv(k, v, kv_cache, meta.slot_blocks,
+                                                                   meta.slot_offsets, torch.get_num_threads()):
+            return
     # advanced indices around a slice: the indexed shape is [T, KVH, D], matching k and v
     kv_cache[0][meta.slot_blocks, :, meta.slot_offsets] = k
     kv_cache[1][meta.slot_blocks, :, meta.slot_offsets] = v
@@ -106,15 +118,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
     for q_len, starts in meta.prefill_groups:
         # 4-D inputs: torch's CPU flash kernel takes only those (3-D falls back to the math path)
-        if len(starts) == 1:
-            rows = slice(starts[0], starts[0] + q_len)
-            qp, kp, vp = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, L, D]
+        n = len(starts)
+        if n == 1 or starts == list(range(starts[0], starts[0] + n * q_len, q_len)):
+            # one prompt, or prompts back to back (the usual layout): views, no gather
+            rows = slice(starts[0], starts[0] + n * q_len)
+            qp, kp, vp = (t[rows].unflatten(0, (n, q_len)).transpose(1, 2) for t in (q, k, v))  # [n, heads, L, D]
         else:
             rows = torch.tensor([list(range(s, s + q_len)) for s in starts], device=q.device)  # [n, L]
             qp, kp, vp = (t[rows].transpose(1, 2) for t in (q, k, v))  # [n, heads, L, D]
         op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
         res = op.transpose(1, 2)  # [n, L, heads, D]
-        out[rows] = res[0] if len(starts) == 1 else res
+        if isinstance(rows, slice):
+            out[rows] = res.flatten(0, 1)
+        else:
+            out[rows] = res
     for p in meta.prefills:
         if p.start == 0:
             continue  # done above

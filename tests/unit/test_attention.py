@@ -74,3 +74,30 @@ def test_decode_attention_does_not_depend_on_the_batch(path):
         # not bitwise (softmax and sums reduce over the padded length in vector chunks), within rounding
         diff = (alone[0].double() - together[i].double()).abs().max().item()
         assert diff <= (1e-6 if dtype == torch.float32 else 8e-3), (name, i, diff)
+
+
+@pytest.mark.parametrize("layout", ["back-to-back", "apart"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_prefills_of_one_length_attend_each_alone(layout, dtype):
+    """Prompts of equal length go through one batched SDPA call: as views when they lie back to back
+    in the step (the usual layout), gathered when something lies between them; either way each prompt
+    gets exactly what it gets alone. The new K/V land in their slots (the CPU kernel or index_put)."""
+    g = torch.Generator().manual_seed(3)
+    L = 5
+    starts = [0, L, 2 * L] if layout == "back-to-back" else [0, L + 2, 2 * L + 4]
+    T = starts[-1] + L
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    k, v = (torch.randn(T, KVH, D, generator=g).to(dtype) for _ in range(2))
+    cache = torch.zeros(2, 1 + T // BS + 1, KVH, BS, D, dtype=dtype)
+    slots = torch.arange(BS, BS + T)  # from block 1 on
+    meta = AttentionMetadata(slot_blocks=slots // BS, slot_offsets=slots % BS, prefill_groups=[(L, starts)])
+    out = attention.paged_attention(q, k, v, cache, meta, 0.3)
+    for s in starts:
+        rows = slice(s, s + L)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0), k[rows].transpose(0, 1).unsqueeze(0),
+            v[rows].transpose(0, 1).unsqueeze(0), is_causal=True, scale=0.3, enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(out[rows], alone, rtol=1e-5, atol=1e-5)
+    for t in range(T):  # every token's K and V in its slot
+        assert torch.equal(cache[0, slots[t] // BS, :, slots[t] % BS], k[t])
+        assert torch.equal(cache[1, slots[t] // BS, :, slots[t] % BS], v[t])

@@ -178,3 +178,21 @@ def test_the_model_uses_the_fused_elementwise_ops_only_where_they_apply():
     assert fused_elementwise(torch.zeros(2, 40)) is None  # not a multiple of 16
     assert fused_elementwise(torch.zeros(2, 64, dtype=torch.float16)) is None
     assert fused_elementwise(torch.zeros(2, 64, device="meta")) is None
+
+
+@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_puts_every_token_in_its_slot_as_index_put_does(dtype):
+    torch.manual_seed(0)
+    T, KVH, D = 300, 3, 64
+    cache = torch.randn(2, 40, KVH, 16, D).to(dtype)
+    slots = torch.randperm(40 * 16)[:T]
+    blocks, offsets = slots // 16, slots % 16
+    kv = torch.randn(T, 8 * D).to(dtype)  # k and v sliced from a fused projection: strided rows
+    k, v = kv[:, 2 * D:5 * D].view(T, KVH, D), kv[:, 5 * D:].view(T, KVH, D)
+    want = cache.clone()
+    want[0][blocks, :, offsets] = k
+    want[1][blocks, :, offsets] = v
+    assert ew.write_kv(k, v, cache, blocks, offsets, 2)
+    assert torch.equal(cache, want)
+    assert not ew.write_kv(k.float() if dtype == torch.bfloat16 else k.double(), v, cache, blocks, offsets, 2)
