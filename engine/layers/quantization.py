@@ -59,7 +59,8 @@ class Int8WeightOnly(LinearMethod):
         if not layer.int8_packed:
             return layer.weight if dtype == torch.int8 else layer.weight.to(dtype)
         G, Kb, R, KB = layer.weight.shape
-        rows = torch.empty(G, R, Kb, KB, dtype=dtype).copy_(layer.weight.permute(0, 2, 1, 3))  # one pass
+        rows = torch.empty(G, R, Kb, KB, dtype=dtype, device=layer.weight.device)
+        rows.copy_(layer.weight.permute(0, 2, 1, 3))  # one pass
         n, k = layer.int8_shape
         return rows.view(G * R, Kb * KB)[:n, :k]
 
