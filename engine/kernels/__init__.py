@@ -111,6 +111,17 @@ def load(name: str) -> ctypes.CDLL | None:
         return lib
 
 
+class _LazyTorch:  # `import torch` once, on first use (this module is imported before torch is needed)
+    def __getattr__(self, name):
+        import torch
+
+        globals()["_torch"] = torch
+        return getattr(torch, name)
+
+
+_torch = _LazyTorch()
+
+
 class Int8Linear:
     """engine/kernels/int8_linear.c: y = (x @ w.T) * scale + bias for a few rows of x (fp32 or bf16)
     and an int8 weight in the kernel's packed layout (`pack`)."""
@@ -139,14 +150,12 @@ class Int8Linear:
         return packed.permute(0, 2, 1, 3).reshape(G * R, Kb * KB)[:n, :k].contiguous()
 
     def __call__(self, x, packed, n: int, scale, bias, num_threads: int):
-        """x: contiguous [M, K]; scale, bias: contiguous fp32 [n] (bias may be None)."""
-        import torch
-
+        """x: contiguous [M, K]; scale, bias: contiguous fp32 [n] (bias may be None). Pointers are taken
+        at each call (never cached: a tensor may move)."""
         M, K = x.shape
-        y = torch.empty(M, n, dtype=x.dtype)
-        rc = self._fn(x.data_ptr(), x.dtype == torch.bfloat16, M, K, packed.data_ptr(), n, scale.data_ptr(),
-                      None if bias is None else bias.data_ptr(), y.data_ptr(), num_threads)
-        if rc != 0:
+        y = _torch.empty((M, n), dtype=x.dtype)
+        if self._fn(x.data_ptr(), x.dtype is _torch.bfloat16, M, K, packed.data_ptr(), n, scale.data_ptr(),
+                    None if bias is None else bias.data_ptr(), y.data_ptr(), num_threads):
             raise MemoryError("int8_linear: out of memory")
         return y
 

@@ -65,6 +65,12 @@ class Int8WeightOnly(LinearMethod):
         return rows.view(G * R, Kb * KB)[:n, :k]
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the decode fast path (121 calls a token on SmolLM2): as few Python steps as the checks allow
+        if layer.int8_packed and x.dim() == 2 and x.shape[0] <= self.max_kernel_rows and \
+                (x.dtype is torch.bfloat16 or x.dtype is torch.float32) and (bias is None or bias is layer.bias):
+            return _int8_kernel()(x if x.is_contiguous() else x.contiguous(), layer.weight, layer.int8_shape[0],
+                                  layer.weight_scale_f32, layer.bias_f32 if bias is not None else None,
+                                  torch.get_num_threads())
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         small = x2.device.type == "cpu" and x2.shape[0] <= self.max_kernel_rows
