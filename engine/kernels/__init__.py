@@ -111,6 +111,17 @@ def load(name: str) -> ctypes.CDLL | None:
         return lib
 
 
+_wrappers: dict[str, object] = {}
+
+
+def _wrapped(name: str, cls):
+    """`cls` around library `name`, made once per process; None where it is not built."""
+    if name not in _wrappers:
+        lib = load(name)
+        _wrappers[name] = cls(lib) if lib is not None else None
+    return _wrappers[name]
+
+
 class _LazyTorch:  # `import torch` once, on first use (this module is imported before torch is needed)
     def __getattr__(self, name):
         import torch
@@ -160,15 +171,9 @@ class Int8Linear:
         return y
 
 
-_int8: list[Int8Linear | None] = []
-
-
 def int8_linear() -> Int8Linear | None:
     """The int8 linear kernel, or None where kernels are off or cannot be built here."""
-    if not _int8:
-        lib = load("int8_linear")
-        _int8.append(Int8Linear(lib) if lib is not None else None)
-    return _int8[0]
+    return _wrapped("int8_linear", Int8Linear)
 
 
 class DecodeAttention:
@@ -211,15 +216,9 @@ class DecodeAttention:
         return out
 
 
-_attn: list[DecodeAttention | None] = []
-
-
 def decode_attention() -> DecodeAttention | None:
     """The fused decode attention kernel, or None where kernels are off or cannot be built here."""
-    if not _attn:
-        lib = load("decode_attention")
-        _attn.append(DecodeAttention(lib) if lib is not None else None)
-    return _attn[0]
+    return _wrapped("decode_attention", DecodeAttention)
 
 
 class Elementwise:
@@ -289,15 +288,9 @@ class Elementwise:
         return True
 
 
-_elementwise: list[Elementwise | None] = []
-
-
 def elementwise() -> Elementwise | None:
     """The fused elementwise kernels, or None where kernels are off or cannot be built here."""
-    if not _elementwise:
-        lib = load("elementwise")
-        _elementwise.append(Elementwise(lib) if lib is not None else None)
-    return _elementwise[0]
+    return _wrapped("elementwise", Elementwise)
 
 
 def load_all() -> None:
