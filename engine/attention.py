@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import decode_attention, elementwise
 from engine.layers.quantization import needs_fp32
 
 
@@ -47,19 +48,11 @@ class AttentionMetadata:
     prefill_groups: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
-_ELEMENTWISE: list = []
-
-
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    if kv_cache.device.type == "cpu":
-        if not _ELEMENTWISE:
-            from engine.kernels import elementwise
-
-            _ELEMENTWISE.append(elementwise())
-        # one copy per token and head (a prefill's index_put is ~8x slower here)
-        if _ELEMENTWISE[0] is not None and _ELEMENTWISE[0].write_kv(k, v, kv_cache, meta.slot_blocks,
-                                                                   meta.slot_offsets, torch.get_num_threads()):
-            return
+    # on CPU one copy per token and head (a prefill's index_put is 2-4x slower)
+    if kv_cache.device.type == "cpu" and (kernels := elementwise()) is not None and \
+            kernels.write_kv(k, v, kv_cache, meta.slot_blocks, meta.slot_offsets, torch.get_num_threads()):
+        return
     # advanced indices around a slice: the indexed shape is [T, KVH, D], matching k and v
     kv_cache[0][meta.slot_blocks, :, meta.slot_offsets] = k
     kv_cache[1][meta.slot_blocks, :, meta.slot_offsets] = v
@@ -73,23 +66,11 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
     return kv[0], kv[1]
 
 
-_FUSED: dict = {}
-
-
 def fused_decode_kernel(dtype: torch.dtype, device: torch.device, head_dim: int):
     """engine/kernels' decode attention (RoPE + cache write + paged attention in one call) where it
     applies: CPU, fp32 or bf16, a head size it takes, and the kernel built here. Else None."""
-    key = (dtype, device.type, head_dim)
-    if key not in _FUSED:
-        kernel = None
-        if device.type == "cpu":
-            from engine.kernels import decode_attention
-
-            kernel = decode_attention()
-            if kernel is not None and not kernel.supports(head_dim, dtype):
-                kernel = None
-        _FUSED[key] = kernel
-    return _FUSED[key]
+    kernel = decode_attention() if device.type == "cpu" else None
+    return kernel if kernel is not None and kernel.supports(head_dim, dtype) else None
 
 
 def fused_decode_attention(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, kv_cache: torch.Tensor,

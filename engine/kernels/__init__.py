@@ -25,6 +25,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link
+
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
@@ -102,8 +104,6 @@ def load(name: str) -> ctypes.CDLL | None:
         lib = None
         if enabled(name):
             try:
-                import torch  # noqa: F401  (loads libgomp before the kernel needs it)
-
                 lib = ctypes.CDLL(str(_build(name, _HERE / f"{name}.c")))
             except Exception as e:  # no compiler, a compile error, a read-only cache
                 log.warning("CPU kernel %s unavailable, using torch's instead: %s", name, e)
@@ -122,17 +122,6 @@ def _wrapped(name: str, cls):
     return _wrappers[name]
 
 
-class _LazyTorch:  # `import torch` once, on first use (this module is imported before torch is needed)
-    def __getattr__(self, name):
-        import torch
-
-        globals()["_torch"] = torch
-        return getattr(torch, name)
-
-
-_torch = _LazyTorch()
-
-
 class Int8Linear:
     """engine/kernels/int8_linear.c: y = (x @ w.T) * scale + bias for a few rows of x (fp32 or bf16)
     and an int8 weight in the kernel's packed layout (`pack`)."""
@@ -147,12 +136,10 @@ class Int8Linear:
 
     def pack(self, w):
         """[N, K] int8 -> [ceil(N / R), Kp / KB, R, KB], zero-padded: the order the kernel reads."""
-        import torch.nn.functional as F
-
         N, K = w.shape
         R, KB = self.rows, self.k_block
         Np, Kp = -(-N // R) * R, -(-K // KB) * KB
-        w = F.pad(w, (0, Kp - K, 0, Np - N))
+        w = torch.nn.functional.pad(w, (0, Kp - K, 0, Np - N))
         return w.reshape(Np // R, R, Kp // KB, KB).permute(0, 2, 1, 3).contiguous()
 
     def unpack(self, packed, n: int, k: int):
@@ -164,8 +151,8 @@ class Int8Linear:
         """x: contiguous [M, K]; scale, bias: contiguous fp32 [n] (bias may be None). Pointers are taken
         at each call (never cached: a tensor may move)."""
         M, K = x.shape
-        y = _torch.empty((M, n), dtype=x.dtype)
-        if self._fn(x.data_ptr(), x.dtype is _torch.bfloat16, M, K, packed.data_ptr(), n, scale.data_ptr(),
+        y = torch.empty((M, n), dtype=x.dtype)
+        if self._fn(x.data_ptr(), x.dtype is torch.bfloat16, M, K, packed.data_ptr(), n, scale.data_ptr(),
                     None if bias is None else bias.data_ptr(), y.data_ptr(), num_threads):
             raise MemoryError("int8_linear: out of memory")
         return y
@@ -189,8 +176,6 @@ class DecodeAttention:
         self.max_head_dim = lib.tandem_decode_attention_max_head_dim()
 
     def supports(self, head_dim: int, dtype) -> bool:
-        import torch
-
         return head_dim % 16 == 0 and head_dim <= self.max_head_dim and dtype in (torch.float32, torch.bfloat16)
 
     def __call__(self, q, k, v, cos, sin, kv_cache, slot_blocks, slot_offsets, block_tables, lens, scale: float,
@@ -198,8 +183,6 @@ class DecodeAttention:
         """q [B, H, D], k/v [B, KVH, D] (rows may be strided slices), cos/sin [B, D] contiguous, kv_cache
         [2, blocks, KVH, bs, D] contiguous, int64 slot_blocks/slot_offsets/lens [B], block_tables
         [B, nb] -> out [B, H, D]. Writes the rotated k and v into the cache."""
-        import torch
-
         B, H, D = q.shape
         KVH = k.shape[1]
         _, num_blocks, _, bs, _ = kv_cache.shape
@@ -239,14 +222,10 @@ class Elementwise:
     @staticmethod
     def takes(t, width: int) -> bool:
         """Whether a [rows, ...] CPU tensor of fp32/bf16 with `width`-element vectors can go through."""
-        import torch
-
         return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and width % 16 == 0
 
     def silu_mul(self, gate, up, num_threads: int):
         """gate, up: [T, I] (rows may be strided, elements contiguous) -> silu(gate) * up, contiguous."""
-        import torch
-
         T, inter = gate.shape
         assert gate.stride(1) == 1 and up.stride(1) == 1 and up.shape == gate.shape and up.dtype == gate.dtype
         out = torch.empty(T, inter, dtype=gate.dtype)
@@ -259,8 +238,6 @@ class Elementwise:
     def rope(self, x, cos, sin, num_threads: int):
         """x: [T, heads, D] (rows may be strided, heads contiguous in a row); cos, sin: [T, D]
         contiguous -> rotated copy [T, heads, D], contiguous."""
-        import torch
-
         T, heads, D = x.shape
         assert x.stride(2) == 1 and x.stride(1) == D and cos.is_contiguous() and sin.is_contiguous()
         out = torch.empty(T, heads, D, dtype=x.dtype)
@@ -274,8 +251,6 @@ class Elementwise:
     def write_kv(self, k, v, kv_cache, slot_blocks, slot_offsets, num_threads: int) -> bool:
         """k, v [T, KVH, D] into their slots of kv_cache [2, blocks, KVH, bs, D] (contiguous, same
         dtype, CPU; int64 slots). False (nothing written) where the tensors do not fit that."""
-        import torch
-
         T, KVH, D = k.shape
         if not (kv_cache.is_contiguous() and kv_cache.dtype == k.dtype == v.dtype and k.stride() == v.stride()
                 and k.stride(2) == 1 and k.stride(1) == D and kv_cache.shape[2] == KVH and kv_cache.shape[4] == D

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import QUANTIZATIONS
+from engine.kernels import int8_linear
 
 
 class LinearMethod:
@@ -95,16 +96,9 @@ class Int8WeightOnly(LinearMethod):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-_KERNEL: list = []
-
-
 def _int8_kernel():
     """engine/kernels' int8 linear (CPU), or None (cannot be built here, or turned off)."""
-    if not _KERNEL:
-        from engine.kernels import int8_linear
-
-        _KERNEL.append(int8_linear())
-    return _KERNEL[0]
+    return int8_linear()
 
 
 class PackedDense(LinearMethod):

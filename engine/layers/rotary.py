@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.config import RopeScaling
+from engine.kernels import elementwise
 
 
 def inv_frequencies(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
@@ -54,15 +55,8 @@ class RotaryEmbedding(nn.Module):
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-_ELEMENTWISE: list = []
-
-
 def fused_elementwise(x: torch.Tensor):
     """engine/kernels' fused elementwise ops (RoPE, SwiGLU's silu * up) where they take `x`: a CPU
     tensor of fp32 or bf16 whose last dimension is a multiple of 16, the kernels built here. Else None."""
-    if not _ELEMENTWISE:
-        from engine.kernels import elementwise
-
-        _ELEMENTWISE.append(elementwise())
-    kernels = _ELEMENTWISE[0]
+    kernels = elementwise()
     return kernels if kernels is not None and kernels.takes(x, x.shape[-1]) else None

@@ -96,14 +96,15 @@ def test_an_int8_layer_stores_the_packed_weight_and_agrees_with_torch(dtype, row
             calls.append(1)
             return real(*a)
 
-    monkeypatch.setattr(quantization, "_KERNEL", [Spy()])
+    spy = Spy()
+    monkeypatch.setattr(quantization, "_int8_kernel", lambda: spy)
     got = layer(x)
     assert calls == ([1] if rows <= Int8WeightOnly.max_kernel_rows else [])
     deq = Int8WeightOnly.int8_rows(layer).float() * layer.weight_scale.float()[:, None]
     want = F.linear(x.float(), deq, layer.bias.float())
     assert got.dtype == dtype
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=5e-2)
-    monkeypatch.setattr(quantization, "_KERNEL", [None])  # nothing built: [out, in] weights, torch's kernels
+    monkeypatch.setattr(quantization, "_int8_kernel", lambda: None)  # nothing built: [out, in] weights, torch's kernels
     plain = _int8_layer(dtype)
     assert not plain.int8_packed and plain.weight.shape == (96, 64)
     assert torch.equal(Int8WeightOnly.int8_rows(plain), Int8WeightOnly.int8_rows(layer))
