@@ -38,27 +38,26 @@ class Attention(nn.Module):
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk = None  # q and k side by side (the fused projection): rotated in one pass
+        if self.qkv_proj.split_here(x):
+            q, k, v = self.qkv_proj.forward_split(x)
+        else:
+            qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
+            q, k, v = qkv[:, :nq * d], qkv[:, nq * d:(nq + nkv) * d], qkv[:, (nq + nkv) * d:]
+            qk = qkv[:, :(nq + nkv) * d]
+        v = v.view(T, nkv, d)
         if meta.num_decode == T and meta.decode_lens is not None \
                 and (kernel := fused_decode_kernel(x.dtype, x.device, d)) is not None:
             # decodes only: RoPE, the cache write and attention in one kernel call
-            if self.qkv_proj.split_here(x):
-                q, k, v = self.qkv_proj.forward_split(x)
-            else:
-                qkv = self.qkv_proj(x)
-                q, k, v = qkv[:, :nq * d], qkv[:, nq * d:(nq + nkv) * d], qkv[:, (nq + nkv) * d:]
-            o = fused_decode_attention(kernel, q.view(T, nq, d), k.view(T, nkv, d), v.view(T, nkv, d), rope,
-                                       kv_cache, meta, self.scale)
-            return self.o_proj(o.view(T, self.q_size))
-        if self.qkv_proj.split_here(x):
-            q, k, v = self.qkv_proj.forward_split(x)
-            q, k = self.rotary(rope, q.view(T, nq, d)), self.rotary(rope, k.view(T, nkv, d))
+            o = fused_decode_attention(kernel, q.view(T, nq, d), k.view(T, nkv, d), v, rope, kv_cache, meta,
+                                       self.scale)
         else:
-            qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
-            qk = self.rotary(rope, qkv[:, :(nq + nkv) * d].view(T, nq + nkv, d))  # q and k in one pass
-            q, k = qk[:, :nq], qk[:, nq:]
-            v = qkv[:, (nq + nkv) * d:]
-        v = v.view(T, nkv, d)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+            if qk is None:
+                q, k = self.rotary(rope, q.view(T, nq, d)), self.rotary(rope, k.view(T, nkv, d))
+            else:
+                qk = self.rotary(rope, qk.view(T, nq + nkv, d))
+                q, k = qk[:, :nq], qk[:, nq:]
+            o = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
 

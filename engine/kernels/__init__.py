@@ -205,7 +205,8 @@ def decode_attention() -> DecodeAttention | None:
 
 
 class Elementwise:
-    """engine/kernels/elementwise.c: SwiGLU's silu(gate) * up and RoPE, one pass each."""
+    """engine/kernels/elementwise.c: SwiGLU's silu(gate) * up, RoPE and the KV cache write of a step's
+    new tokens, one pass each."""
 
     def __init__(self, lib: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -246,7 +247,6 @@ class Elementwise:
         if rc != 0:
             raise ValueError(f"rope: head size {D} is not supported")
         return out
-
 
     def write_kv(self, k, v, kv_cache, slot_blocks, slot_offsets, num_threads: int) -> bool:
         """k, v [T, KVH, D] into their slots of kv_cache [2, blocks, KVH, bs, D] (contiguous, same

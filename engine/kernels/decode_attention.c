@@ -38,7 +38,7 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     }
     /* scores, block by block (a block's tokens are D elements apart) */
     for (int64_t blk = 0; blk < nblocks; blk++) {
-        const char *kb = kc + (size_t)((bt[blk] * KVH + g) * bs) * D * es;
+        const char *kb = kc + kv_row(bt[blk], KVH, g, bs, 0, D, es);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
         for (int64_t i = 0; i < n; i++) {
             for (int64_t j = 0; j < nv; j++) kv[j] = load16(kb + (i * D + j * 16) * es, bf16);
@@ -71,7 +71,7 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     }
     /* the weighted sum of V, each V row read once for the group */
     for (int64_t blk = 0; blk < nblocks; blk++) {
-        const char *vb = vc + (size_t)((bt[blk] * KVH + g) * bs) * D * es;
+        const char *vb = vc + kv_row(bt[blk], KVH, g, bs, 0, D, es);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
         for (int64_t i = 0; i < n; i++) {
             for (int64_t j = 0; j < nv; j++) kv[j] = load16(vb + (i * D + j * 16) * es, bf16);
@@ -117,7 +117,7 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             for (int64_t g = 0; g < KVH; g++) {
-                size_t slot = ((size_t)(slot_blocks[b] * KVH + g) * bs + slot_offsets[b]) * D * es;
+                size_t slot = kv_row(slot_blocks[b], KVH, g, bs, slot_offsets[b], D, es);
                 v16f kr[MAX_D / 16];
                 rope((const char *)k + (b * kv_stride + g * D) * es, (const char *)cos + b * D * es,
                      (const char *)sin + b * D * es, D, bf16, kr);

@@ -81,7 +81,7 @@ int tandem_write_kv(const void *k, const void *v, int64_t kvs, int64_t T, int64_
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         for (int64_t h = 0; h < KVH; h++) {
-            size_t slot = ((size_t)(slot_blocks[t] * KVH + h) * bs + slot_offsets[t]) * row;
+            size_t slot = kv_row(slot_blocks[t], KVH, h, bs, slot_offsets[t], D, es);
             memcpy(kc + slot, (const char *)k + (t * kvs + h * D) * es, row);
             memcpy(vc + slot, (const char *)v + (t * kvs + h * D) * es, row);
         }

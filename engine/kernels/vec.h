@@ -9,6 +9,13 @@
 
 #define MAX_D 256 /* largest head size RoPE takes */
 
+/* Byte offset of token `offset` of KV head `h` in cache block `block`, in one of the K or V halves of
+ * a layer's cache laid out [2][num_blocks][KVH][bs][D] (engine/attention.py); es: element size. */
+static inline size_t kv_row(int64_t block, int64_t KVH, int64_t h, int64_t bs, int64_t offset, int64_t D,
+                            size_t es) {
+    return ((size_t)(block * KVH + h) * bs + offset) * D * es;
+}
+
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
