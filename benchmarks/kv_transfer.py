@@ -92,10 +92,13 @@ def _child(*args) -> tuple[subprocess.Popen, str]:
 class ProtocolRun:
     """One request's pages through the whole protocol to a receiver process. `once()` -> (whole,
     transfer) seconds: the whole is reserve + pages + ack; the transfer, pages + ack (a worker
-    reserves before it computes the prompt, so only this part can hold up a token)."""
+    reserves before it computes the prompt, so only this part can hold up a token). Bulk: all layers
+    handed over at once (`send_all`: layers coalesce into messages of ~MESSAGE_BYTES); `layerwise`: one
+    `send_layer` call per layer, as a streaming prefill makes them (one message per layer)."""
 
-    def __init__(self, nblocks: int, transport: str, device: str = "cpu"):
+    def __init__(self, nblocks: int, transport: str, device: str = "cpu", layerwise: bool = False):
         self.nblocks, self.layout = nblocks, KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
+        self.layerwise = layerwise
         self.child, self.endpoint = _child("serve", transport, str(nblocks + 1), device)
         self.src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM, device=device)
                                for _ in range(LAYERS)], 0, 0)
@@ -111,7 +114,12 @@ class ProtocolRun:
                           [self.endpoint], lambda: None, ack_timeout=120)
         assert st.reserve(), st.reason
         t1 = time.perf_counter()
-        st.outgoing(0, self.client, self.src, list(range(self.nblocks))).send_all()
+        out = st.outgoing(0, self.client, self.src, list(range(self.nblocks)))
+        if self.layerwise:
+            for layer in range(LAYERS):
+                out.send_layer(layer)
+        else:
+            out.send_all()
         assert st.finish(), st.reason
         t2 = time.perf_counter()
         return t2 - t0, t2 - t1
@@ -283,6 +291,8 @@ def main():
         nbytes = nblocks * BLOCK_BYTES
         runs = {"raw": RawRun(nbytes, LAYERS), "raw_into": RawRun(nbytes, LAYERS, into=True)}
         runs.update({tr: ProtocolRun(nblocks, tr, args.device) for tr in args.transports})
+        if "zmq" in args.transports:  # the message shape of a streaming prefill (gloo: one layer a message anyway)
+            runs["zmq_layerwise"] = ProtocolRun(nblocks, "zmq", args.device, layerwise=True)
         res = interleaved(runs, args.repeats)
         raw, raw_into = med(res["raw"]), med(res["raw_into"])
         cp = med(memcpy(nbytes, args.repeats))
@@ -291,7 +301,7 @@ def main():
                "memcpy_gb_s": round(nbytes / cp / 1e9, 2)}
         if args.device.startswith("cuda"):
             row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
-        for tr in args.transports:
+        for tr in [*args.transports, *(["zmq_layerwise"] if "zmq" in args.transports else [])]:
             whole, transfer = [w for w, _ in res[tr]], [x for _, x in res[tr]]
             t, x = med(whole), med(transfer)
             row[f"{tr}_gb_s"] = round(nbytes / t / 1e9, 2)

@@ -83,15 +83,14 @@ class FakeKVClient:
         self._acks[(request_id, attempt)] = fut
         return fut
 
-    def send_pages(self, endpoint, header: Pages, payload: torch.Tensor | list[torch.Tensor]) -> None:
+    def send_pages(self, endpoint, header: Pages, payload: torch.Tensor | list, cache=None) -> None:
         recv = self.net.receivers.get(endpoint)
         if recv is None:
             self.net.dropped[endpoint] += 1
             return
-        if isinstance(payload, list):  # zero-copy runs: one buffer per frame, as ZeroMQ delivers them
-            data = [memoryview(bytes(to_bytes_view(t))) for t in payload]
-        else:
-            data = memoryview(bytes(to_bytes_view(payload.cpu())))
+        frames = payload if isinstance(payload, list) else [payload]
+        # one buffer per frame, as ZeroMQ delivers them
+        data = [memoryview(bytes(to_bytes_view(t.cpu() if isinstance(t, torch.Tensor) else t))) for t in frames]
         recv.on_pages(decode(encode(header)), data)
         self.metrics["frames_sent"] += 1
 

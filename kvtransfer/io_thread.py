@@ -45,6 +45,10 @@ class IOThread:
             except OSError:
                 pass
 
+    def on_io_thread(self) -> bool:
+        """Whether the caller is this I/O thread (which may use the sockets directly)."""
+        return threading.get_ident() == self._thread.ident
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self.submit(lambda: None)

@@ -7,7 +7,7 @@ from a failed attempt is recognised and dropped. Decoding is validation: anythin
 
     P driver --Reserve-->  D driver            (D reserves blocks for num_tokens, or says why not)
     P driver <--Reserved-- D driver
-    P rank s --Pages + payload--> D rank d      (one per (plan item, layer): heads [h0, h1), dst blocks)
+    P rank s --Pages + payload--> D rank d      (per plan item and run of layers: heads [h0, h1), dst blocks)
     P driver <--Ack-------- D driver            (every D rank has every frame: ok; or failed + reason)
     either   --Abort----->  the other           (give up; both sides free)
 """
@@ -19,6 +19,7 @@ import msgspec
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_LAYERS = 1024  # layers in one Pages message
 
 
 class ProtocolError(ValueError):
@@ -59,17 +60,20 @@ class Pages(msgspec.Struct, tag="pages", frozen=True):
     request_id: str
     attempt: int
     src_rank: int
-    layer: int  # global layer id
+    layer: int  # global layer id (the first of `num_layers` consecutive ones)
     heads: tuple[int, int]  # global KV heads [h0, h1)
     block_ids: list[int]  # destination blocks, in token order
     dtype: str
-    shape: list[int]  # [2, num_blocks, h1 - h0, block_size, head_dim]
-    nbytes: int
+    shape: list[int]  # one layer's pages: [2, num_blocks, h1 - h0, block_size, head_dim]
+    nbytes: int  # all layers' bytes
     pair: str = ""  # torch.distributed transport: the pair group the payload comes through
     tag: int = 0  # ... and its send/recv tag; "" means the payload is the next ZeroMQ frame
-    # ZeroMQ, zero-copy: the payload is 2 x len(runs) frames, K then V, each holding the next `run`
-    # blocks ([run, h1 - h0, block_size, head_dim]); empty: one frame of `shape`
+    # ZeroMQ, zero-copy: each layer's payload is 2 x len(runs) frames, K then V, each holding the next
+    # `run` blocks ([run, h1 - h0, block_size, head_dim]); empty: one frame of `shape` per layer
     runs: list[int] = []
+    # ZeroMQ frames only: layers [layer, layer + num_layers) in one message, their frames one layer after
+    # the other (a sender that has several layers ready at once pays the per-message work once)
+    num_layers: int = 1
 
 
 class PairHello(msgspec.Struct, tag="pair_hello", frozen=True):
@@ -168,12 +172,15 @@ def _check_pages(m: Pages) -> None:
         raise ProtocolError(f"pages: runs {m.runs} do not split {len(m.block_ids)} blocks")
     if m.runs and m.pair:
         raise ProtocolError("pages: runs are for ZeroMQ frames, not torch.distributed payloads")
+    if not 1 <= m.num_layers <= MAX_LAYERS or (m.pair and m.num_layers != 1):
+        raise ProtocolError(f"pages: num_layers = {m.num_layers} (1..{MAX_LAYERS}; 1 over torch.distributed)")
     itemsize = 4 if m.dtype == "float32" else 2
-    n = itemsize
+    n = itemsize * m.num_layers
     for x in m.shape:
         n *= x
     if n != m.nbytes:
-        raise ProtocolError(f"pages: shape {m.shape} of {m.dtype} is {n} bytes, header says {m.nbytes}")
+        raise ProtocolError(f"pages: {m.num_layers} layer(s) of {m.shape} {m.dtype} are {n} bytes, "
+                            f"header says {m.nbytes}")
 
 
 def layout_msg(layout) -> Layout:

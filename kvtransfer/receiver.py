@@ -83,26 +83,28 @@ class RankReceiver:
         with self._lock:
             e = self._expected.get(msg.request_id)
             if e is None or e.attempt != msg.attempt:
-                self.metrics["frames_unknown_request"] += 1
-                return  # late frame of a failed attempt, or never reserved: dropped
-            key = (msg.src_rank, msg.layer, msg.heads[0], msg.heads[1])
+                self.metrics["frames_unknown_request"] += msg.num_layers
+                return  # late frames of a failed attempt, or never reserved: dropped
+            keys = [(msg.src_rank, layer, msg.heads[0], msg.heads[1])
+                    for layer in range(msg.layer, msg.layer + msg.num_layers)]
             problem = None
-            if key not in e.frames:
-                problem = f"unexpected frame {key}"
+            if not all(key in e.frames for key in keys):
+                problem = f"unexpected frame {next(key for key in keys if key not in e.frames)}"
             elif msg.block_ids != e.block_ids:
                 problem = "frame names blocks that were not reserved for it"
             elif msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
                 problem = f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
-            elif msg.runs and (not _runs_fit(msg, payload.sizes if isinstance(payload, Landed) else payload)
-                               or getattr(payload, "extra", False)):
-                problem = "payload frames do not match the header's runs"
-            elif not msg.runs and _nbytes(payload) != msg.nbytes:
+            elif isinstance(payload, Landed) and (payload.extra or not _frames_fit(msg, payload.sizes)):
+                problem = "payload frames do not match the header"
+            elif isinstance(payload, list) and not _frames_fit(msg, payload):
+                problem = "payload frames do not match the header"
+            elif not isinstance(payload, (list, Landed)) and _nbytes(payload) != msg.nbytes:
                 problem = f"payload of {_nbytes(payload)} bytes, header says {msg.nbytes}"
             if problem is not None:
                 self.metrics["frames_bad"] += 1
                 del self._expected[msg.request_id]
             else:
-                e.frames.discard(key)
+                e.frames.difference_update(keys)
                 complete = not e.frames
                 if complete:
                     del self._expected[msg.request_id]
@@ -111,23 +113,30 @@ class RankReceiver:
             self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
             return
         if isinstance(payload, Landed):
-            self.metrics["frames_in_place"] += 1  # already in the cache
+            self.metrics["frames_in_place"] += msg.num_layers  # already in the cache
         else:
             self._write(msg, e, payload)
-        self.metrics["frames_ok"] += 1
+        self.metrics["frames_ok"] += msg.num_layers
+        self.metrics["messages_ok"] += 1
         self.metrics["bytes_received"] += msg.nbytes
         if complete:
             self._finish(msg.request_id, msg.attempt, True, "")
 
     def _write(self, msg: Pages, e, payload) -> None:
+        """`payload`: a tensor (torch.distributed), or the ZeroMQ frames (checked by `_frames_fit`)."""
+        if isinstance(payload, torch.Tensor):
+            self.caches.insert(msg.layer, msg.heads, e.block_t, payload)
+            return
+        per_layer = len(payload) // msg.num_layers
         with warnings.catch_warnings():  # (~20 us: not for pages already landed in place)
             warnings.simplefilter("ignore")  # read-only ZeroMQ buffers: we only read them
-            if msg.runs:
-                frames = [from_buffer(f, msg.dtype, [len(f) // _itemsize(msg.dtype)]) for f in payload]
-                self.caches.insert_runs(msg.layer, msg.heads, e.block_ids, msg.runs, frames)
-            else:
-                tensor = payload if isinstance(payload, torch.Tensor) else from_buffer(payload, msg.dtype, msg.shape)
-                self.caches.insert(msg.layer, msg.heads, e.block_t, tensor)
+            for i in range(msg.num_layers):
+                frames = payload[i * per_layer:(i + 1) * per_layer]
+                if msg.runs:
+                    frames = [from_buffer(f, msg.dtype, [len(f) // _itemsize(msg.dtype)]) for f in frames]
+                    self.caches.insert_runs(msg.layer + i, msg.heads, e.block_ids, msg.runs, frames)
+                else:
+                    self.caches.insert(msg.layer + i, msg.heads, e.block_t, from_buffer(frames[0], msg.dtype, msg.shape))
 
     def landing(self, msg: Pages) -> list | None:
         """Where a Pages message of whole-block runs lands: writable byte views of the cache blocks
@@ -139,21 +148,23 @@ class RankReceiver:
         if cache.device.type != "cpu" or msg.heads[0] != self.caches.head_start or \
                 msg.heads[1] - msg.heads[0] != self.caches.num_heads or sum(msg.runs) != len(msg.block_ids):
             return None
+        layers = range(msg.layer, msg.layer + msg.num_layers)
         with self._lock:
             e = self._expected.get(msg.request_id)
             if e is None or e.attempt != msg.attempt or msg.block_ids != e.block_ids or \
-                    (msg.src_rank, msg.layer, msg.heads[0], msg.heads[1]) not in e.frames or \
-                    msg.dtype != self.layout.dtype or \
-                    not 0 <= msg.layer - self.caches.layer_start < len(self.caches.caches):
+                    not all((msg.src_rank, layer, msg.heads[0], msg.heads[1]) in e.frames for layer in layers) or \
+                    msg.dtype != self.layout.dtype or not (self.caches.layer_start <= msg.layer and
+                                                            layers[-1] < self.caches.layer_start + len(self.caches.caches)):
                 return None
-            layer = self.caches.byte_view(msg.layer)
             views = []
-            for kv in (0, 1):
-                i = 0
-                for n in msg.runs:
-                    b = e.block_ids[i]
-                    views.append(layer[kv, b:b + n])
-                    i += n
+            for layer in layers:
+                cache = self.caches.byte_view(layer)
+                for kv in (0, 1):
+                    i = 0
+                    for n in msg.runs:
+                        b = e.block_ids[i]
+                        views.append(cache[kv, b:b + n])
+                        i += n
             return views if all(v.flags.c_contiguous for v in views) else None
 
     def expire(self, now: float) -> None:
@@ -177,12 +188,16 @@ def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def _runs_fit(msg: Pages, frames) -> bool:
-    """`frames`: the payload frames, or their sizes (received in place)."""
-    if not isinstance(frames, list) or len(frames) != 2 * len(msg.runs):
-        return False
-    per_block = msg.nbytes // (2 * len(msg.block_ids))
-    return all((f if isinstance(f, int) else len(f)) == n * per_block for f, n in zip(frames, msg.runs + msg.runs))
+def _frames_fit(msg: Pages, frames: list) -> bool:
+    """`frames`: the ZeroMQ payload frames, or their sizes (received in place). Per layer: K then V of
+    each run (`msg.runs`), or one frame of the layer's pages."""
+    per_layer = msg.nbytes // msg.num_layers
+    if msg.runs:
+        per_block = per_layer // (2 * len(msg.block_ids))
+        want = [n * per_block for n in msg.runs] * (2 * msg.num_layers)
+    else:
+        want = [per_layer] * msg.num_layers
+    return [f if isinstance(f, int) else len(f) for f in frames] == want
 
 
 def _nbytes(payload) -> int:

@@ -112,3 +112,62 @@ def test_io_thread_runs_every_task_submitted_from_many_threads(monkeypatch):
         assert len(ran) == 15000 and [i for tag, i in ran if tag == 0] == list(range(5000))
     finally:
         io.stop()
+
+
+def test_a_message_of_several_layers_lands_each_layer_and_a_short_one_fails(server):
+    recv, caches, done, sock = server
+    now = time.monotonic()
+    recv.expect("multi", 0, [2, 3], LAYOUT, now + 10)
+    recv.expect("short", 0, [4, 5], LAYOUT, now + 10)
+    kv = [[torch.randn(2, 2, 2, 4) for _ in range(2)] for _ in range(2)]  # [layer][k, v]
+    header = Pages(VERSION, "multi", 0, 0, 0, (0, 2), [2, 3], "float32", [2, 2, 2, 2, 4], 2 * 2 * 2 * PER_BLOCK,
+                   runs=[2], num_layers=2)
+    sock.send_multipart([encode(header), *[t.numpy().tobytes() for layer in kv for t in layer]])
+    assert _wait(done, 1) == [("multi", 0, 0, True, "")]
+    for layer in (0, 1):
+        assert torch.equal(caches.caches[layer][0, 2:4], kv[layer][0])
+        assert torch.equal(caches.caches[layer][1, 2:4], kv[layer][1])
+    assert recv.metrics["frames_in_place"] == 2 and recv.metrics["messages_ok"] == 1
+    short = Pages(VERSION, "short", 0, 0, 0, (0, 2), [4, 5], "float32", [2, 2, 2, 2, 4], 2 * 2 * 2 * PER_BLOCK,
+                  runs=[2], num_layers=2)
+    ok = b"\x00" * (2 * PER_BLOCK)
+    sock.send_multipart([encode(short), ok, ok, ok])  # layer 1's V never came
+    assert _wait(done, 2)[1][0] == "short" and _wait(done, 2)[1][3] is False
+    assert recv.metrics["frames_bad"] == 1
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypatch, strided):
+    """OutgoingTransfer.send_layers over real sockets: layers coalesce into messages of about
+    MESSAGE_BYTES; frames of a contiguous cache go through libzmq directly (`_CacheFrames`), a strided
+    cache's copies through pyzmq; both land bit for bit."""
+    from kvtransfer import zmq_transport
+    from kvtransfer.plan import plan_transfer
+    from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
+
+    layout = KVLayout(5, 2, 4, 2, "float32")
+    per_layer = 2 * 3 * PER_BLOCK  # K and V of 3 blocks
+    monkeypatch.setattr(zmq_transport, "MESSAGE_BYTES", 2 * per_layer)  # two layers a message
+    full = [torch.randn(2, 8, 3, 2, 4) for _ in range(5)]
+    src = RankCaches([c[:, :, 1:] for c in full] if strided else [c[:, :, :2].clone() for c in full], 0, 0)
+    dst = RankCaches([torch.zeros(2, 8, 2, 2, 4) for _ in range(5)], 0, 0)
+    done = []
+    recv = RankReceiver(0, layout, dst, lambda *a: done.append(a))
+    srv = KVServer("tcp://127.0.0.1:0", recv, None)
+    client = KVClient(0)
+    srv.start()
+    client.start()
+    try:
+        recv.expect("r", 0, [5, 6, 7], layout, time.monotonic() + 10)
+        out = OutgoingTransfer(client, src, plan_transfer(layout, layout), 0, "r", 0, [srv.endpoint], [1, 2, 3],
+                               [5, 6, 7])
+        assert out.send_layers([0, 1, 2]) == 2  # layers 0-1, then 2
+        assert out.send_all() == 1  # 3-4
+        assert _wait(done, 1) == [("r", 0, 0, True, "")]
+        assert recv.metrics["messages_ok"] == 3 and recv.metrics["frames_ok"] == 5
+        for layer in range(5):
+            assert torch.equal(dst.caches[layer][:, 5:8], src.caches[layer][:, 1:4])
+        assert client.metrics["messages_cache_frames"] == (0 if strided else 3)
+    finally:
+        client.stop()
+        srv.stop()

@@ -52,7 +52,8 @@ def test_done_path_moves_pages_and_releases_once():
     st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: released.append(1))
     assert st.reserve() and st.state == TransferState.TRANSFERRING
     t = st.outgoing(0, client, RankCaches(full, 0, 0), [5, 6, 7])
-    assert t.send_all() == 2 + 2 + 1 + 1  # 2x2 destination ranks: layers split 2|1, one head each
+    # 2x2 destination ranks (layers split 2|1, one head each): one message each, its layers together
+    assert t.send_all() == 4
     assert st.finish() and st.state == TransferState.DONE and released == [1]
     assert st.finish() and released == [1]
     blocks = d.ready["r1"]
@@ -147,6 +148,33 @@ def test_runs_that_do_not_fit_fail_the_transfer():
     hdr = Pages(VERSION, "r1", 0, 0, 0, (0, H), blocks, "float32", [2, 3, H, BS, D], 2 * 3 * H * BS * D * 4,
                 runs=[3])
     d.ranks[0].on_pages(hdr, [memoryview(b"\0" * 10), memoryview(b"\0" * 10)])  # wrong frame sizes
+    assert d.ranks[0].metrics["frames_bad"] == 1 and d.bm.num_free_blocks == 16
+
+
+def test_a_header_of_several_layers_is_checked_whole():
+    import msgspec
+    import pytest
+
+    from kvtransfer.protocol import MAX_LAYERS, VERSION, Pages, ProtocolError, decode, encode
+    one = 2 * 3 * 2 * 4 * 8 * 4  # one layer's bytes
+    good = Pages(VERSION, "r", 0, 0, 0, (0, 2), [1, 2, 3], "float32", [2, 3, 2, 4, 8], 3 * one, runs=[3], num_layers=3)
+    assert decode(encode(good)).num_layers == 3
+    for bad, why in ((msgspec.structs.replace(good, nbytes=one), "bytes"),
+                     (msgspec.structs.replace(good, num_layers=0, nbytes=0), "num_layers"),
+                     (msgspec.structs.replace(good, num_layers=MAX_LAYERS + 1, nbytes=(MAX_LAYERS + 1) * one),
+                      "num_layers"),
+                     (msgspec.structs.replace(good, runs=[], pair="p"), "num_layers")):
+        with pytest.raises(ProtocolError, match=why):
+            decode(encode(bad))
+    # a message naming a layer the rank does not expect fails the transfer, not the others
+    net = FakeKVNetwork()
+    d = Decode(net)
+    client = FakeKVClient(net, 0)
+    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None)
+    assert st.reserve()
+    hdr = Pages(VERSION, "r1", 0, 0, L - 1, (0, H), st.dst_block_ids, "float32", [2, 3, H, BS, D],
+                2 * 2 * 3 * H * BS * D * 4, num_layers=2)  # layers L-1 and L: there is no layer L
+    d.ranks[0].on_pages(hdr, [memoryview(b"\0" * (hdr.nbytes // 2))] * 2)
     assert d.ranks[0].metrics["frames_bad"] == 1 and d.bm.num_free_blocks == 16
 
 
