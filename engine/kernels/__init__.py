@@ -218,7 +218,7 @@ class Elementwise:
         self._rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
         self._write_kv = lib.tandem_write_kv
         self._write_kv.restype = ctypes.c_int
-        self._write_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+        self._write_kv.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
 
     @staticmethod
     def takes(t, width: int) -> bool:
@@ -252,13 +252,14 @@ class Elementwise:
         """k, v [T, KVH, D] into their slots of kv_cache [2, blocks, KVH, bs, D] (contiguous, same
         dtype, CPU; int64 slots). False (nothing written) where the tensors do not fit that."""
         T, KVH, D = k.shape
-        if not (kv_cache.is_contiguous() and kv_cache.dtype == k.dtype == v.dtype and k.stride() == v.stride()
-                and k.stride(2) == 1 and k.stride(1) == D and kv_cache.shape[2] == KVH and kv_cache.shape[4] == D
+        if not (kv_cache.is_contiguous() and kv_cache.dtype == k.dtype == v.dtype and k.shape == v.shape
+                and k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == D
+                and kv_cache.shape[2] == KVH and kv_cache.shape[4] == D
                 and slot_blocks.dtype == slot_offsets.dtype == torch.long and slot_blocks.is_contiguous()
                 and slot_offsets.is_contiguous() and kv_cache.device.type == k.device.type == "cpu"):
             return False
         _, num_blocks, _, bs, _ = kv_cache.shape
-        self._write_kv(k.data_ptr(), v.data_ptr(), k.stride(0), T, KVH, D, kv_cache.data_ptr(), num_blocks, bs,
+        self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), T, KVH, D, kv_cache.data_ptr(), num_blocks, bs,
                        slot_blocks.data_ptr(), slot_offsets.data_ptr(), k.element_size(), num_threads)
         return True
 

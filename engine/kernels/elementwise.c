@@ -69,12 +69,13 @@ int tandem_rope(const void *x, int64_t xs, int64_t T, int64_t heads, int64_t D, 
     return 0;
 }
 
-/* The new tokens' K and V into their cache slots: k, v [T, KVH, D] with row stride kvs (elements;
- * heads contiguous in a row), cache [2][num_blocks][KVH][bs][D] contiguous, slot (block, offset) of
- * token t in slot_blocks[t], slot_offsets[t]. A copy (no arithmetic), rows = es * D bytes each. */
-int tandem_write_kv(const void *k, const void *v, int64_t kvs, int64_t T, int64_t KVH, int64_t D, void *cache,
-                    int64_t num_blocks, int64_t bs, const int64_t *slot_blocks, const int64_t *slot_offsets,
-                    int64_t es, int num_threads) {
+/* The new tokens' K and V into their cache slots: k, v [T, KVH, D] with row strides ks, vs (elements;
+ * heads contiguous in a row: k is a slice of the rotated q|k, v one of the fused projection), cache
+ * [2][num_blocks][KVH][bs][D] contiguous, slot (block, offset) of token t in slot_blocks[t],
+ * slot_offsets[t]. A copy (no arithmetic), rows = es * D bytes each. */
+int tandem_write_kv(const void *k, int64_t ks, const void *v, int64_t vs, int64_t T, int64_t KVH, int64_t D,
+                    void *cache, int64_t num_blocks, int64_t bs, const int64_t *slot_blocks,
+                    const int64_t *slot_offsets, int64_t es, int num_threads) {
     char *kc = (char *)cache, *vc = (char *)cache + (size_t)num_blocks * KVH * bs * D * es;
     const size_t row = (size_t)D * es;
     int nt = T * KVH * D < 65536 ? 1 : num_threads;
@@ -82,8 +83,8 @@ int tandem_write_kv(const void *k, const void *v, int64_t kvs, int64_t T, int64_
     for (int64_t t = 0; t < T; t++) {
         for (int64_t h = 0; h < KVH; h++) {
             size_t slot = kv_row(slot_blocks[t], KVH, h, bs, slot_offsets[t], D, es);
-            memcpy(kc + slot, (const char *)k + (t * kvs + h * D) * es, row);
-            memcpy(vc + slot, (const char *)v + (t * kvs + h * D) * es, row);
+            memcpy(kc + slot, (const char *)k + (t * ks + h * D) * es, row);
+            memcpy(vc + slot, (const char *)v + (t * vs + h * D) * es, row);
         }
     }
     return 0;

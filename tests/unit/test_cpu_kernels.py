@@ -197,3 +197,9 @@ def test_write_kv_puts_every_token_in_its_slot_as_index_put_does(dtype):
     assert ew.write_kv(k, v, cache, blocks, offsets, 2)
     assert torch.equal(cache, want)
     assert not ew.write_kv(k.float() if dtype == torch.bfloat16 else k.double(), v, cache, blocks, offsets, 2)
+    # as a prefill has them: k a slice of the rotated q|k ([T, 12 heads]), v one of the projection
+    qk = torch.randn(T, 12 * D).to(dtype)
+    k2 = qk[:, 9 * D:].view(T, KVH, D)
+    want[0][blocks, :, offsets] = k2
+    assert ew.write_kv(k2, v, cache, blocks, offsets, 2)
+    assert torch.equal(cache, want)
