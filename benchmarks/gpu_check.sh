@@ -4,7 +4,7 @@
 #   1. CUDA correctness: greedy equals transformers (fp32), bf16 batched sampling (tests -m gpu)
 #   2. offline throughput on CUDA, tandem vs transformers, bf16, on a random-weight model of
 #      SmolLM2's shape (the SmolLM2 wheel is larger than what travels to that machine)
-#   3. KV transfer over ZeroMQ with CUDA caches on both ends, next to raw pyzmq and a pinned
+#   3. KV transfer over ZeroMQ with CUDA caches on both ends (pinned staging buffers), next to raw pyzmq and a pinned
 #      device-to-host copy. NCCL pairs need two GPUs; one is lent, so the NCCL path is not run.
 # Python packages missing there travel as wheels in .whl (see the device tool's README).
 set -uo pipefail

@@ -76,7 +76,7 @@ class RankCaches:
             i = 0
             for n in runs:
                 b = dst_block_ids[i]
-                cache[kv, b:b + n, h0:h1].copy_(frames[k].view(n, h1 - h0, *cache.shape[3:]))
+                cache[kv, b:b + n, h0:h1].copy_(frames[k].view(n, h1 - h0, *cache.shape[3:]), non_blocking=True)
                 i += n
                 k += 1
 
@@ -108,4 +108,7 @@ def to_bytes_view(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def from_buffer(buf, dtype: str, shape: list[int]) -> torch.Tensor:
+    """A tensor over a frame's bytes: a buffer (ZeroMQ) or a byte tensor (a staging buffer's slice)."""
+    if isinstance(buf, torch.Tensor):
+        return buf.view(TORCH_DTYPES[dtype]).view(shape)
     return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).view(shape)

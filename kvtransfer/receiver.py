@@ -31,12 +31,37 @@ log = logging.getLogger(__name__)
 
 
 class Landed:
-    """A payload received straight into the cache (RankReceiver.landing): the byte count of each frame
+    """A payload received into the places `RankReceiver.landing` named: the byte count of each frame
     (recv_into reports a frame's full size even when it was longer than its place), and whether more
-    frames followed than there were places."""
+    frames followed than there were places; `staged`: the places were a host staging buffer
+    (`Staged`), not the cache itself."""
 
-    def __init__(self, sizes: list[int], extra: bool = False):
-        self.sizes, self.extra = sizes, extra
+    def __init__(self, sizes: list[int], extra: bool = False, staged: "Staged | None" = None):
+        self.sizes, self.extra, self.staged = sizes, extra, staged
+
+
+class Staged(list):
+    """Landing places in one host buffer (page-locked when the cache is on a GPU), one byte view per
+    expected frame; `frames()` gives the same places as tensors, to copy into the cache from."""
+
+    def __init__(self, buffer: torch.Tensor, sizes: list[int]):
+        self.buffer, self.sizes = buffer, sizes
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        array = buffer.numpy()
+        super().__init__(array[a:b] for a, b in zip(offsets, offsets[1:]))
+
+    def frames(self) -> list[torch.Tensor]:
+        return [self.buffer[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+
+def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A host byte buffer for frames of a cache on `device`: page-locked for a GPU (its copies then run
+    asynchronously, and torch's caching host allocator hands the same buffers out again), plain for a
+    CPU cache (tests of the staged path)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
 @dataclass
@@ -52,8 +77,13 @@ class RankReceiver:
     """One destination rank: validates frames and writes them into its caches."""
 
     def __init__(self, rank: int, layout: KVLayout, caches: RankCaches,
-                 on_done: Callable[[str, int, int, bool, str], None], metrics: Counter | None = None):
+                 on_done: Callable[[str, int, int, bool, str], None], metrics: Counter | None = None,
+                 stage_frames: bool | None = None):
+        """`stage_frames`: receive ZeroMQ frames into a host staging buffer and copy them into the cache
+        from there (None: when the cache is not in host memory, i.e. on a GPU; True also for a CPU
+        cache, to test that path); otherwise frames of whole blocks land in the cache itself."""
         self.rank = rank
+        self.stage_frames = caches.caches[0].device.type != "cpu" if stage_frames is None else stage_frames
         self.layout = layout
         self.caches = caches
         self.on_done = on_done
@@ -67,8 +97,9 @@ class RankReceiver:
                   for it in items_to(plan_transfer(src_layout, self.layout), self.rank)
                   for layer in range(*it.layers)}
         with self._lock:
-            self._expected[request_id] = _Expected(attempt, list(block_ids),
-                                                   torch.tensor(block_ids, dtype=torch.long), frames, deadline)
+            self._expected[request_id] = _Expected(
+                attempt, list(block_ids), torch.tensor(block_ids, dtype=torch.long, device=self.caches.caches[0].device),
+                frames, deadline)
         if not frames:  # this rank holds nothing the sender sends (cannot happen with a valid plan)
             self._finish(request_id, attempt, True, "")
 
@@ -112,7 +143,11 @@ class RankReceiver:
             log.warning("request %s attempt %d: %s; transfer failed", msg.request_id, msg.attempt, problem)
             self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
             return
-        if isinstance(payload, Landed):
+        if isinstance(payload, Landed) and payload.staged is not None:
+            self._write(msg, e, payload.staged.frames())
+            self._synchronize()  # the pages are in the cache before anyone hears they are
+            self.metrics["frames_staged"] += msg.num_layers
+        elif isinstance(payload, Landed):
             self.metrics["frames_in_place"] += msg.num_layers  # already in the cache
         else:
             self._write(msg, e, payload)
@@ -122,8 +157,14 @@ class RankReceiver:
         if complete:
             self._finish(msg.request_id, msg.attempt, True, "")
 
+    def _synchronize(self) -> None:
+        device = self.caches.caches[0].device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+
     def _write(self, msg: Pages, e, payload) -> None:
-        """`payload`: a tensor (torch.distributed), or the ZeroMQ frames (checked by `_frames_fit`)."""
+        """`payload`: a tensor (torch.distributed), or the ZeroMQ frames (checked by `_frames_fit`):
+        buffers, or byte tensors of a staging buffer."""
         if isinstance(payload, torch.Tensor):
             self.caches.insert(msg.layer, msg.heads, e.block_t, payload)
             return
@@ -138,23 +179,37 @@ class RankReceiver:
                 else:
                     self.caches.insert(msg.layer + i, msg.heads, e.block_t, from_buffer(frames[0], msg.dtype, msg.shape))
 
+    def _expected_for(self, msg: Pages) -> _Expected | None:
+        """The expectation `msg` fits (request, attempt, blocks, layers, dtype), under the lock; else None."""
+        layers = range(msg.layer, msg.layer + msg.num_layers)
+        e = self._expected.get(msg.request_id)
+        if e is None or e.attempt != msg.attempt or msg.block_ids != e.block_ids or \
+                not all((msg.src_rank, layer, msg.heads[0], msg.heads[1]) in e.frames for layer in layers) or \
+                msg.dtype != self.layout.dtype or not (self.caches.layer_start <= msg.layer and
+                                                        layers[-1] < self.caches.layer_start + len(self.caches.caches)):
+            return None
+        return e
+
     def landing(self, msg: Pages) -> list | None:
-        """Where a Pages message of whole-block runs lands: writable byte views of the cache blocks
-        reserved for it, K then V per run (the order the sender sends them), or None when it cannot
-        be received in place (not expected, partial heads, a GPU cache, a mismatch: `on_pages`
-        decides, with its checks and counters). Changes nothing: `on_pages(msg, Landed(...))`
-        does the bookkeeping once the frames are in."""
-        cache = self.caches.caches[0]
-        if cache.device.type != "cpu" or msg.heads[0] != self.caches.head_start or \
+        """Where the payload frames of a Pages message (ZeroMQ) land, in the order the sender sends
+        them: writable byte views of the cache blocks reserved for it (whole-block runs, K then V per
+        run), or of a staging buffer (`Staged`: a GPU cache, `stage_frames`); None when they cannot
+        land (not expected, a mismatch, partial heads in place: `on_pages` decides, with its checks
+        and counters). Changes nothing: `on_pages(msg, Landed(...))` does the bookkeeping once the
+        frames are in."""
+        if self.stage_frames:
+            with self._lock:
+                if self._expected_for(msg) is None:
+                    return None
+            sizes = _frame_sizes(msg)
+            return Staged(host_buffer(sum(sizes), self.caches.caches[0].device), sizes)
+        if not msg.runs or msg.heads[0] != self.caches.head_start or \
                 msg.heads[1] - msg.heads[0] != self.caches.num_heads or sum(msg.runs) != len(msg.block_ids):
             return None
         layers = range(msg.layer, msg.layer + msg.num_layers)
         with self._lock:
-            e = self._expected.get(msg.request_id)
-            if e is None or e.attempt != msg.attempt or msg.block_ids != e.block_ids or \
-                    not all((msg.src_rank, layer, msg.heads[0], msg.heads[1]) in e.frames for layer in layers) or \
-                    msg.dtype != self.layout.dtype or not (self.caches.layer_start <= msg.layer and
-                                                            layers[-1] < self.caches.layer_start + len(self.caches.caches)):
+            e = self._expected_for(msg)
+            if e is None:
                 return None
             views = []
             for layer in layers:
@@ -188,16 +243,19 @@ def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def _frames_fit(msg: Pages, frames: list) -> bool:
-    """`frames`: the ZeroMQ payload frames, or their sizes (received in place). Per layer: K then V of
-    each run (`msg.runs`), or one frame of the layer's pages."""
+def _frame_sizes(msg: Pages) -> list[int]:
+    """The payload frames' sizes a ZeroMQ Pages message announces. Per layer: K then V of each run
+    (`msg.runs`), or one frame of the layer's pages."""
     per_layer = msg.nbytes // msg.num_layers
     if msg.runs:
         per_block = per_layer // (2 * len(msg.block_ids))
-        want = [n * per_block for n in msg.runs] * (2 * msg.num_layers)
-    else:
-        want = [per_layer] * msg.num_layers
-    return [f if isinstance(f, int) else len(f) for f in frames] == want
+        return [n * per_block for n in msg.runs] * (2 * msg.num_layers)
+    return [per_layer] * msg.num_layers
+
+
+def _frames_fit(msg: Pages, frames: list) -> bool:
+    """`frames`: the ZeroMQ payload frames, or their sizes (received in place)."""
+    return [f if isinstance(f, int) else len(f) for f in frames] == _frame_sizes(msg)
 
 
 def _nbytes(payload) -> int:

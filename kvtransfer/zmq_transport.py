@@ -25,7 +25,7 @@ import zmq
 from cluster import security
 from kvtransfer.io_thread import IOThread
 from kvtransfer.pages import RankCaches, block_runs, to_bytes_view
-from kvtransfer.receiver import Landed
+from kvtransfer.receiver import Landed, Staged, host_buffer
 from kvtransfer.plan import KVLayout, TransferItem, items_from
 from kvtransfer.protocol import (MAX_LAYERS, VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello,
                                  PairInfo, ProtocolError, RankDone, Reserve, Reserved, decode, encode, layout_from_msg,
@@ -146,10 +146,10 @@ class KVServer(IOThread):
                 self._handle(frames)
 
     def _receive(self, sock, identity) -> list | None:
-        """The rest of one message (its parts are all here: ZeroMQ delivers messages whole). Pages of
-        whole blocks for a CPU cache are received straight into the cache blocks reserved for them
-        (recv_into: no receive buffer to allocate and fault in, no copy); returns None then, else
-        the frames for `_handle`."""
+        """The rest of one message (its parts are all here: ZeroMQ delivers messages whole). Pages are
+        received where `RankReceiver.landing` says: straight into the cache blocks reserved for them
+        (whole blocks, a CPU cache: recv_into, no receive buffer to allocate and fault in, no copy) or
+        into a host staging buffer (a GPU cache); returns None then, else the frames for `_handle`."""
         if not sock.getsockopt(zmq.RCVMORE):
             return [identity]
         head = sock.recv(copy=False)
@@ -159,13 +159,14 @@ class KVServer(IOThread):
             msg = decode(head.buffer)
         except ProtocolError:
             msg = None
-        views = self.receiver.landing(msg) if isinstance(msg, Pages) and msg.runs and not msg.pair else None
+        views = self.receiver.landing(msg) if isinstance(msg, Pages) and not msg.pair else None
         if views is None:
             return [identity, head, *sock.recv_multipart(copy=False)]
         sizes = []
         for v in views:
             sizes.append(sock.recv_into(v) if sock.getsockopt(zmq.RCVMORE) else 0)
-        self.receiver.on_pages(msg, Landed(sizes, bool(sock.getsockopt(zmq.RCVMORE))))
+        self.receiver.on_pages(msg, Landed(sizes, bool(sock.getsockopt(zmq.RCVMORE)),
+                                           views if isinstance(views, Staged) else None))
         return None
 
     def _handle(self, frames) -> None:
@@ -277,9 +278,12 @@ class KVClient(IOThread):
     """The sending side of one source rank: reservations (driver), pages, acknowledgements."""
 
     def __init__(self, rank: int, metrics: Counter | None = None, sndhwm: int = 0,
-                 dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0):
-        """`dist_backend` ("gloo" | "nccl"): payloads go through torch.distributed pair groups."""
+                 dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0,
+                 stage_frames: bool = False):
+        """`dist_backend` ("gloo" | "nccl"): payloads go through torch.distributed pair groups.
+        `stage_frames`: copy CPU payloads into a host buffer too, as GPU ones always are (tests)."""
         super().__init__(f"kv-client-{rank}")
+        self.stage_frames = stage_frames
         self.rank = rank
         self.pairs = None
         if dist_backend is not None:
@@ -347,25 +351,48 @@ class KVClient(IOThread):
         of a multi-layer message) goes as ZeroMQ frames, zero-copy from CPU memory; a tensor goes
         through the pair group (torch.distributed transport) or as one frame. `cache`: the payload
         is views into these cache arrays (which then live as long as the process: `_CacheFrames`)."""
-        if isinstance(payload, list):
-            head = encode(header)
-            views = [to_bytes_view(t.cpu() if isinstance(t, torch.Tensor) else t) for t in payload]
-            if cache is not None and self._cache_frames is not None:
-                self._cache_frames.keep(cache)
-                self.submit(lambda: self._send_cache_pages(endpoint, head, views, header.nbytes))
-            else:
-                self.submit(lambda: self._send_pages(endpoint, head, views, header.nbytes))
-            return
-        if self.pairs is not None:
-            self.connect(endpoint)
-        if self.pairs is not None and endpoint not in self._frames_only:
-            tag = self.pairs.next_tag(endpoint)
-            head = encode(msgspec.structs.replace(header, pair=self._pair_ids[endpoint], tag=tag))
-            self.submit(lambda: self._send_dist(endpoint, head, payload, tag, header.nbytes))
-            return
-        data = [to_bytes_view(payload.cpu() if payload.device.type != "cpu" else payload)]
+        if not isinstance(payload, list):
+            if self.pairs is not None:
+                self.connect(endpoint)
+            if self.pairs is not None and endpoint not in self._frames_only:
+                tag = self.pairs.next_tag(endpoint)
+                head = encode(msgspec.structs.replace(header, pair=self._pair_ids[endpoint], tag=tag))
+                self.submit(lambda: self._send_dist(endpoint, head, payload, tag, header.nbytes))
+                return
+            payload = [payload]
         head = encode(header)
-        self.submit(lambda: self._send_pages(endpoint, head, data, header.nbytes))
+        if cache is not None and self._cache_frames is not None and not self.stage_frames:
+            self._cache_frames.keep(cache)
+            views = [to_bytes_view(t) for t in payload]
+            self.submit(lambda: self._send_cache_pages(endpoint, head, views, header.nbytes))
+            return
+        frames, ready = self._host_frames(payload)
+        self.submit(lambda: self._send_pages(endpoint, head, frames, header.nbytes, ready))
+
+    def _host_frames(self, payload: list) -> tuple[list, object]:
+        """Byte views for ZeroMQ frames of the payload's parts: CPU memory as it is; GPU tensors (and
+        everything with `stage_frames`) copied into one host buffer per message, page-locked for a
+        GPU (torch's caching host allocator hands the same buffers out again), asynchronously:
+        `ready`, a CUDA event, tells when the copies are done (the I/O thread waits for it, not the
+        caller: a prefill's layer callback never blocks on the GPU)."""
+        gpu = [t for t in payload if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+        if not gpu and not self.stage_frames:
+            return [to_bytes_view(t) for t in payload], None
+        device = gpu[0].device if gpu else torch.device("cpu")
+        parts = [t if isinstance(t, torch.Tensor) else torch.from_numpy(t) for t in payload]
+        buf = host_buffer(sum(t.nbytes for t in parts), device)
+        frames, off = [], 0
+        for t in parts:
+            dst = buf[off:off + t.nbytes]
+            dst.view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
+            frames.append(dst.numpy())  # a view: the frame keeps the buffer alive until libzmq is done
+            off += t.nbytes
+        ready = None
+        if device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
+        self.metrics["messages_staged"] += 1
+        return frames, ready
 
     def abort(self, endpoint: str, request_id: str, attempt: int, reason: str = "") -> None:
         msg = encode(Abort(VERSION, request_id, attempt, reason))
@@ -384,7 +411,9 @@ class KVClient(IOThread):
         self.metrics["frames_sent"] += 1
         self.metrics["bytes_sent"] += nbytes
 
-    def _send_pages(self, endpoint, head, data: list, nbytes):
+    def _send_pages(self, endpoint, head, data: list, nbytes, ready=None):
+        if ready is not None:
+            ready.synchronize()
         self._sock(endpoint).send_multipart([head, *data], copy=False)
         self.metrics["frames_sent"] += 1
         self.metrics["bytes_sent"] += nbytes

@@ -136,11 +136,13 @@ def test_a_message_of_several_layers_lands_each_layer_and_a_short_one_fails(serv
     assert recv.metrics["frames_bad"] == 1
 
 
-@pytest.mark.parametrize("strided", [False, True])
-def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypatch, strided):
+@pytest.mark.parametrize("src_blocks", [[1, 2, 3], [1, 3, 6]])  # runs of whole blocks, or a gather
+@pytest.mark.parametrize("mode", ["cache", "strided", "staged"])
+def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypatch, mode, src_blocks):
     """OutgoingTransfer.send_layers over real sockets: layers coalesce into messages of about
     MESSAGE_BYTES; frames of a contiguous cache go through libzmq directly (`_CacheFrames`), a strided
-    cache's copies through pyzmq; both land bit for bit."""
+    cache's copies through pyzmq; staged (a GPU cache's path: through a host buffer on both sides,
+    forced here for CPU caches) too; all land bit for bit."""
     from kvtransfer import zmq_transport
     from kvtransfer.plan import plan_transfer
     from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
@@ -149,25 +151,32 @@ def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypat
     per_layer = 2 * 3 * PER_BLOCK  # K and V of 3 blocks
     monkeypatch.setattr(zmq_transport, "MESSAGE_BYTES", 2 * per_layer)  # two layers a message
     full = [torch.randn(2, 8, 3, 2, 4) for _ in range(5)]
+    strided, staged = mode == "strided", mode == "staged"
     src = RankCaches([c[:, :, 1:] for c in full] if strided else [c[:, :, :2].clone() for c in full], 0, 0)
     dst = RankCaches([torch.zeros(2, 8, 2, 2, 4) for _ in range(5)], 0, 0)
     done = []
-    recv = RankReceiver(0, layout, dst, lambda *a: done.append(a))
+    recv = RankReceiver(0, layout, dst, lambda *a: done.append(a), stage_frames=staged)
     srv = KVServer("tcp://127.0.0.1:0", recv, None)
-    client = KVClient(0)
+    client = KVClient(0, stage_frames=staged)
     srv.start()
     client.start()
     try:
         recv.expect("r", 0, [5, 6, 7], layout, time.monotonic() + 10)
-        out = OutgoingTransfer(client, src, plan_transfer(layout, layout), 0, "r", 0, [srv.endpoint], [1, 2, 3],
+        out = OutgoingTransfer(client, src, plan_transfer(layout, layout), 0, "r", 0, [srv.endpoint], src_blocks,
                                [5, 6, 7])
         assert out.send_layers([0, 1, 2]) == 2  # layers 0-1, then 2
         assert out.send_all() == 1  # 3-4
         assert _wait(done, 1) == [("r", 0, 0, True, "")]
         assert recv.metrics["messages_ok"] == 3 and recv.metrics["frames_ok"] == 5
         for layer in range(5):
-            assert torch.equal(dst.caches[layer][:, 5:8], src.caches[layer][:, 1:4])
-        assert client.metrics["messages_cache_frames"] == (0 if strided else 3)
+            assert torch.equal(dst.caches[layer][:, 5:8], src.caches[layer][:, src_blocks])
+        runs = src_blocks == [1, 2, 3]
+        assert client.metrics["messages_cache_frames"] == (3 if mode == "cache" and runs else 0)
+        assert client.metrics["messages_staged"] == (3 if staged else 0)
+        if staged:
+            assert recv.metrics["frames_staged"] == 5
+        else:  # a gather lands through ZeroMQ's buffers, whole-block runs straight in the cache
+            assert recv.metrics["frames_in_place"] == (5 if runs else 0)
     finally:
         client.stop()
         srv.stop()
