@@ -22,6 +22,10 @@
 
 #define MAX_G 16 /* query heads per KV head taken together (more: one at a time) */
 
+static inline void prefetch_block(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
 /* query heads [h0, h0 + nh) of one sequence (all in KV group h0 / G) against its first L tokens */
 static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
                    const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
@@ -37,9 +41,14 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
         m[hh] = -INFINITY;
     }
     /* scores, block by block (a block's tokens are D elements apart) */
+    const int64_t block_bytes = bs * D * es;
+    prefetch_block(kc + kv_row(bt[0], KVH, g, bs, 0, D, es), block_bytes);
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const char *kb = kc + kv_row(bt[blk], KVH, g, bs, 0, D, es);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        /* blocks lie wherever the pool put them: fetch the next one while this one is worked on */
+        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, D, es)
+                                         : vc + kv_row(bt[0], KVH, g, bs, 0, D, es), block_bytes);
         for (int64_t i = 0; i < n; i++) {
             for (int64_t j = 0; j < nv; j++) kv[j] = load16(kb + (i * D + j * 16) * es, bf16);
             int64_t t = blk * bs + i;
@@ -73,6 +82,7 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const char *vb = vc + kv_row(bt[blk], KVH, g, bs, 0, D, es);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, D, es), block_bytes);
         for (int64_t i = 0; i < n; i++) {
             for (int64_t j = 0; j < nv; j++) kv[j] = load16(vb + (i * D + j * 16) * es, bf16);
             int64_t t = blk * bs + i;
