@@ -5,7 +5,7 @@
 
 For each dtype and concurrency C: C distinct prompts of ~128 tokens, 128 greedy output tokens each
 (eos ignored), all submitted at once. Reports output tokens/s (C*128 / wall time), prompt tokens/s
-(a prefill-only pass: 1 output token), and at C=1 the decode rate (tokens after the first / time
+(a prefill-only pass: 1 output token; median of 3), and at C=1 the decode rate (tokens after the first / time
 after the first). transformers runs `generate` batched with left padding, same dtype and threads;
 llama.cpp (llama-cpp-python, the same GGUF, n_threads = --threads) runs C=1 only.
 tandem also runs bf16 activations with int8 weight-only quantization at small concurrency.
@@ -57,9 +57,7 @@ def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="n
                                  device=DeviceConfig(device=DEVICE, dtype=dtype, num_threads=threads),
                                  quantization=quantization))
     eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    t0 = time.perf_counter()
-    eng.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
-    prefill_s = time.perf_counter() - t0
+    prefill_s = _median_time(lambda: eng.generate(prompts, SamplingParams(max_tokens=1, temperature=0)))
 
     sp = SamplingParams(max_tokens=out_tokens, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -94,10 +92,7 @@ def bench_hf(model_dir, dtype, threads, prompts, out_tokens):
         model.generate(ids[:1, -16:], attention_mask=mask[:1, -16:], max_new_tokens=4, do_sample=False,
                        pad_token_id=0)  # warm-up
         _sync()
-        t0 = time.perf_counter()
-        model(ids, attention_mask=mask, logits_to_keep=1)
-        _sync()
-        prefill_s = time.perf_counter() - t0
+        prefill_s = _median_time(lambda: (model(ids, attention_mask=mask, logits_to_keep=1), _sync()))
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=out_tokens, min_new_tokens=out_tokens, **kw)
         total = time.perf_counter() - t0
@@ -120,10 +115,7 @@ def bench_llama_cpp(gguf, threads, prompts, out_tokens):
     prompt = prompts[0]
     llm.create_completion(prompt[:16], max_tokens=4, temperature=0.0)  # warm-up
     llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    prefill_s = time.perf_counter() - t0
-    llm.reset()
+    prefill_s = _median_time(lambda: (llm.eval(prompt), llm.reset()))
     t0 = time.perf_counter()
     first, n = None, 0
     for _ in llm.create_completion(prompt, max_tokens=out_tokens, temperature=0.0, stream=True,
@@ -133,6 +125,20 @@ def bench_llama_cpp(gguf, threads, prompts, out_tokens):
             first = time.perf_counter() - t0
     total = time.perf_counter() - t0
     return _result(1, n, total, first, prefill_s, len(prompt))
+
+
+PREFILL_REPEATS = 3
+
+
+def _median_time(fn) -> float:
+    """The median of PREFILL_REPEATS timed calls: a prefill is a second or less, and this VM's speed
+    swings by tens of percent from one second to the next (one shot each made the ratio wander)."""
+    times = []
+    for _ in range(PREFILL_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _result(c, n, total, first, prefill_s, prompt_tokens):

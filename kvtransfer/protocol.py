@@ -170,6 +170,11 @@ def _check_pages(m: Pages) -> None:
         raise ProtocolError(f"pages: shape {m.shape} disagrees with {len(m.block_ids)} blocks and heads {m.heads}")
     if m.runs and (sum(m.runs) != len(m.block_ids) or min(m.runs) <= 0):
         raise ProtocolError(f"pages: runs {m.runs} do not split {len(m.block_ids)} blocks")
+    i = 0
+    for n in m.runs:  # a run lands on consecutive blocks: b, b + 1, ... (never on a block not named)
+        if m.block_ids[i:i + n] != list(range(m.block_ids[i], m.block_ids[i] + n)):
+            raise ProtocolError(f"pages: run of {n} at {i} over blocks {m.block_ids[i:i + n]} that are not consecutive")
+        i += n
     if m.runs and m.pair:
         raise ProtocolError("pages: runs are for ZeroMQ frames, not torch.distributed payloads")
     if not 1 <= m.num_layers <= MAX_LAYERS or (m.pair and m.num_layers != 1):

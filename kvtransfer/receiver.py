@@ -83,13 +83,21 @@ class RankReceiver:
         from there (None: when the cache is not in host memory, i.e. on a GPU; True also for a CPU
         cache, to test that path); otherwise frames of whole blocks land in the cache itself."""
         self.rank = rank
-        self.stage_frames = caches.caches[0].device.type != "cpu" if stage_frames is None else stage_frames
+        on_host = caches.caches[0].device.type == "cpu"
+        self.stage_frames = not on_host if stage_frames is None else stage_frames
+        if not on_host and not self.stage_frames:
+            raise ValueError("frames for a cache off the host go through a staging buffer (stage_frames)")
         self.layout = layout
         self.caches = caches
         self.on_done = on_done
         self.metrics = metrics if metrics is not None else Counter()
         self._lock = threading.Lock()
         self._expected: dict[str, _Expected] = {}
+        # the request whose pages are being written into its blocks right now (by the I/O thread,
+        # between `landing` or the checks of `on_pages` and the end of the write), and by which thread:
+        # `cancel` from another thread waits for it, so blocks are never freed under a write
+        self._writing: tuple[str, int] | None = None
+        self._written = threading.Condition(self._lock)
 
     def expect(self, request_id: str, attempt: int, block_ids: list[int], src_layout: KVLayout,
                deadline: float) -> None:
@@ -103,19 +111,73 @@ class RankReceiver:
         if not frames:  # this rank holds nothing the sender sends (cannot happen with a valid plan)
             self._finish(request_id, attempt, True, "")
 
-    def cancel(self, request_id: str, attempt: int) -> None:
+    def cancel(self, request_id: str, attempt: int, timeout: float = 5.0) -> None:
+        """Forgets the request; once this returns no frame of it is written here any more (a write in
+        progress on the I/O thread is waited for, at most `timeout`), so its blocks may be freed."""
         with self._lock:
             e = self._expected.get(request_id)
             if e is not None and e.attempt == attempt:
                 del self._expected[request_id]
+            if self._writing is not None and self._writing[0] == request_id and \
+                    self._writing[1] != threading.get_ident():
+                if not self._written.wait_for(lambda: self._writing is None or self._writing[0] != request_id,
+                                              timeout):
+                    log.error("a write of %s's pages outlasted %.0f s; its blocks are freed anyway",
+                              request_id, timeout)
+
+    def _done_writing(self) -> None:
+        with self._lock:
+            self._writing = None
+            self._written.notify_all()
+
+    def abandon_landing(self) -> None:
+        """The frames `landing` named places for never reached `on_pages` (the socket failed)."""
+        self._done_writing()
 
     def on_pages(self, msg: Pages, payload) -> None:
-        """Validates a frame against the expectation and writes it; a bad frame fails the request."""
+        """Validates a frame against the expectation and writes it; a bad frame fails the request.
+
+        Locks: the checks hold this receiver's lock; the write does not, but marks the request as
+        being written (`cancel` waits for it). The mark is cleared before `on_done` runs, which may take
+        the reservations' lock, under which another thread may be waiting in `cancel`."""
+        verdict, problem = self._admit(msg, payload)
+        if verdict is None:
+            self._done_writing()
+            if problem is not None:
+                log.warning("request %s attempt %d: %s; transfer failed", msg.request_id, msg.attempt, problem)
+                self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
+            return
+        e, complete = verdict
+        try:
+            if isinstance(payload, Landed) and payload.staged is not None:
+                self._write(msg, e, payload.staged.frames())
+                self._synchronize()  # the pages are in the cache before anyone hears they are
+                self.metrics["frames_staged"] += msg.num_layers
+            elif isinstance(payload, Landed):
+                self.metrics["frames_in_place"] += msg.num_layers  # already in the cache
+            else:
+                self._write(msg, e, payload)
+        except Exception as err:  # out of memory, a device error: that transfer fails, nothing else
+            self._done_writing()
+            log.exception("request %s attempt %d: writing pages failed", msg.request_id, msg.attempt)
+            self.cancel(msg.request_id, msg.attempt)
+            self.on_done(msg.request_id, msg.attempt, self.rank, False, f"writing pages failed: {err}")
+            return
+        self._done_writing()
+        self.metrics["frames_ok"] += msg.num_layers
+        self.metrics["messages_ok"] += 1
+        self.metrics["bytes_received"] += msg.nbytes
+        if complete:
+            self._finish(msg.request_id, msg.attempt, True, "")
+
+    def _admit(self, msg: Pages, payload) -> tuple[tuple[_Expected, bool] | None, str | None]:
+        """on_pages' checks, under the lock: ((expectation, last frame?), None) to write it, marked as
+        being written; (None, None) to drop it (no such request); (None, why) when it fails the request."""
         with self._lock:
             e = self._expected.get(msg.request_id)
             if e is None or e.attempt != msg.attempt:
                 self.metrics["frames_unknown_request"] += msg.num_layers
-                return  # late frames of a failed attempt, or never reserved: dropped
+                return None, None  # late frames of a failed attempt, or never reserved: dropped
             keys = [(msg.src_rank, layer, msg.heads[0], msg.heads[1])
                     for layer in range(msg.layer, msg.layer + msg.num_layers)]
             problem = None
@@ -134,28 +196,13 @@ class RankReceiver:
             if problem is not None:
                 self.metrics["frames_bad"] += 1
                 del self._expected[msg.request_id]
-            else:
-                e.frames.difference_update(keys)
-                complete = not e.frames
-                if complete:
-                    del self._expected[msg.request_id]
-        if problem is not None:
-            log.warning("request %s attempt %d: %s; transfer failed", msg.request_id, msg.attempt, problem)
-            self.on_done(msg.request_id, msg.attempt, self.rank, False, problem)
-            return
-        if isinstance(payload, Landed) and payload.staged is not None:
-            self._write(msg, e, payload.staged.frames())
-            self._synchronize()  # the pages are in the cache before anyone hears they are
-            self.metrics["frames_staged"] += msg.num_layers
-        elif isinstance(payload, Landed):
-            self.metrics["frames_in_place"] += msg.num_layers  # already in the cache
-        else:
-            self._write(msg, e, payload)
-        self.metrics["frames_ok"] += msg.num_layers
-        self.metrics["messages_ok"] += 1
-        self.metrics["bytes_received"] += msg.nbytes
-        if complete:
-            self._finish(msg.request_id, msg.attempt, True, "")
+                return None, problem
+            e.frames.difference_update(keys)
+            complete = not e.frames
+            if complete:
+                del self._expected[msg.request_id]
+            self._writing = (msg.request_id, threading.get_ident())
+            return (e, complete), None
 
     def _synchronize(self) -> None:
         device = self.caches.caches[0].device
@@ -185,8 +232,9 @@ class RankReceiver:
         e = self._expected.get(msg.request_id)
         if e is None or e.attempt != msg.attempt or msg.block_ids != e.block_ids or \
                 not all((msg.src_rank, layer, msg.heads[0], msg.heads[1]) in e.frames for layer in layers) or \
-                msg.dtype != self.layout.dtype or not (self.caches.layer_start <= msg.layer and
-                                                        layers[-1] < self.caches.layer_start + len(self.caches.caches)):
+                msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim] or \
+                not (self.caches.layer_start <= msg.layer and
+                     layers[-1] < self.caches.layer_start + len(self.caches.caches)):
             return None
         return e
 
@@ -199,10 +247,15 @@ class RankReceiver:
         frames are in."""
         if self.stage_frames:
             with self._lock:
-                if self._expected_for(msg) is None:
+                if self._expected_for(msg) is None:  # the sizes are then bounded by the reservation
                     return None
             sizes = _frame_sizes(msg)
-            return Staged(host_buffer(sum(sizes), self.caches.caches[0].device), sizes)
+            try:
+                staged = Staged(host_buffer(sum(sizes), self.caches.caches[0].device), sizes)
+            except RuntimeError as e:  # no page-locked memory to be had: through ZeroMQ's buffers instead
+                log.warning("no staging buffer of %d bytes (%s); frames go the slow way", sum(sizes), e)
+                return None
+            return staged
         if not msg.runs or msg.heads[0] != self.caches.head_start or \
                 msg.heads[1] - msg.heads[0] != self.caches.num_heads or sum(msg.runs) != len(msg.block_ids):
             return None
@@ -211,6 +264,7 @@ class RankReceiver:
             e = self._expected_for(msg)
             if e is None:
                 return None
+            self._writing = (msg.request_id, threading.get_ident())  # recv_into writes into its blocks
             views = []
             for layer in layers:
                 cache = self.caches.byte_view(layer)
@@ -220,7 +274,10 @@ class RankReceiver:
                         b = e.block_ids[i]
                         views.append(cache[kv, b:b + n])
                         i += n
-            return views if all(v.flags.c_contiguous for v in views) else None
+            if all(v.flags.c_contiguous for v in views):
+                return views
+            self._writing = None
+            return None
 
     def expire(self, now: float) -> None:
         with self._lock:

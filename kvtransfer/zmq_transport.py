@@ -9,6 +9,7 @@ maximum message size; a malformed message is counted and dropped.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import threading
 import time
@@ -52,15 +53,14 @@ class _CacheFrames:
     sender's CPU 7.5 -> 5.9 ms).
 
     NOTE: with no free function libzmq does not tell when it is done with a frame, so this is only for
-    memory that outlives every socket: the cache arrays a frame points into are kept alive for the
-    life of the process (`keep`; a worker has one cache). The pages' contents must stay put until the
-    receiver's Ack, as with any zero-copy send; after a failed transfer libzmq may still send queued
-    frames of freed blocks, which the receiver drops (that attempt is over there: its deadline
-    passes before the sender's Ack deadline)."""
-
-    _keep: dict[int, np.ndarray] = {}  # id -> cache byte view (process lifetime)
+    memory that outlives the sockets: the client keeps the cache arrays its frames point into (`keep`)
+    until its ZeroMQ context has terminated (`KVClient.close_sockets`), after which libzmq holds
+    nothing. The pages' contents must stay put until the receiver's Ack, as with any zero-copy send;
+    after a failed transfer libzmq may still send queued frames of freed blocks, which the receiver
+    drops (that attempt is over there: its deadline passes before the sender's Ack deadline)."""
 
     def __init__(self):
+        self.kept: dict[int, np.ndarray] = {}  # id -> cache byte view
         from zmq.backend.cython import _zmq
         lib = ctypes.CDLL(_zmq.__file__)  # dlsym finds libzmq's symbols through the extension's needs
         self._init, self._send, self._close = lib.zmq_msg_init_data, lib.zmq_msg_send, lib.zmq_msg_close
@@ -80,18 +80,20 @@ class _CacheFrames:
 
     def keep(self, owners: list[np.ndarray]) -> None:
         for o in owners:
-            self._keep.setdefault(id(o), o)
+            self.kept.setdefault(id(o), o)
 
     def send(self, sock: zmq.Socket, head: bytes, frames: list[np.ndarray]) -> None:
-        """[head, *frames] as one message (blocking, as pyzmq's send_multipart)."""
+        """[head, *frames] as one message (blocking, as pyzmq's send_multipart; a signal is retried, as
+        pyzmq does). On an error the message is left unfinished: the caller must close the socket."""
         sock.send(head, zmq.SNDMORE)
         handle, msg, last = sock.underlying, self._msg, len(frames) - 1
         for i, f in enumerate(frames):
             self._init(msg, f.ctypes.data, f.nbytes, None, None)
-            if self._send(msg, handle, zmq.SNDMORE if i < last else 0) < 0:
+            while self._send(msg, handle, zmq.SNDMORE if i < last else 0) < 0:
                 err = self._errno()
-                self._close(msg)
-                raise zmq.ZMQError(err)
+                if err != errno.EINTR:
+                    self._close(msg)
+                    raise zmq.ZMQError(err)
 
 
 class KVServer(IOThread):
@@ -163,8 +165,12 @@ class KVServer(IOThread):
         if views is None:
             return [identity, head, *sock.recv_multipart(copy=False)]
         sizes = []
-        for v in views:
-            sizes.append(sock.recv_into(v) if sock.getsockopt(zmq.RCVMORE) else 0)
+        try:
+            for v in views:
+                sizes.append(sock.recv_into(v) if sock.getsockopt(zmq.RCVMORE) else 0)
+        except BaseException:
+            self.receiver.abandon_landing()
+            raise
         self.receiver.on_pages(msg, Landed(sizes, bool(sock.getsockopt(zmq.RCVMORE)),
                                            views if isinstance(views, Staged) else None))
         return None
@@ -283,6 +289,7 @@ class KVClient(IOThread):
         """`dist_backend` ("gloo" | "nccl"): payloads go through torch.distributed pair groups.
         `stage_frames`: copy CPU payloads into a host buffer too, as GPU ones always are (tests)."""
         super().__init__(f"kv-client-{rank}")
+        self.ctx = zmq.Context()  # its own (see close_sockets)
         self.stage_frames = stage_frames
         self.rank = rank
         self.pairs = None
@@ -419,7 +426,14 @@ class KVClient(IOThread):
         self.metrics["bytes_sent"] += nbytes
 
     def _send_cache_pages(self, endpoint, head, data: list, nbytes):
-        self._cache_frames.send(self._sock(endpoint), head, data)
+        sock = self._sock(endpoint)
+        try:
+            self._cache_frames.send(sock, head, data)
+        except zmq.ZMQError:  # a message left half sent would swallow the next one: a fresh socket
+            self.poller.unregister(sock)
+            sock.close(0)
+            del self._socks[endpoint]
+            raise
         self.metrics["frames_sent"] += 1
         self.metrics["messages_cache_frames"] += 1
         self.metrics["bytes_sent"] += nbytes
@@ -459,6 +473,12 @@ class KVClient(IOThread):
     def close_sockets(self) -> None:
         for s in self._socks.values():
             s.close(0)
+        self._socks.clear()
+        # the context is this client's own: once it has terminated, libzmq holds no frame of ours, and
+        # the cache arrays that `_CacheFrames` frames point into may go
+        self.ctx.term()
+        if self._cache_frames is not None:
+            self._cache_frames.kept.clear()
 
     def _expect(self, kind, request_id, attempt) -> Future:
         fut: Future = Future()

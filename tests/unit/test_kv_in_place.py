@@ -172,6 +172,8 @@ def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypat
             assert torch.equal(dst.caches[layer][:, 5:8], src.caches[layer][:, src_blocks])
         runs = src_blocks == [1, 2, 3]
         assert client.metrics["messages_cache_frames"] == (3 if mode == "cache" and runs else 0)
+        kept = client._cache_frames.kept if client._cache_frames is not None else {}
+        assert len(kept) == (5 if mode == "cache" and runs else 0)  # the five layers' cache arrays
         assert client.metrics["messages_staged"] == (3 if staged else 0)
         if staged:
             assert recv.metrics["frames_staged"] == 5
@@ -180,3 +182,46 @@ def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypat
     finally:
         client.stop()
         srv.stop()
+    assert not kept  # the client's context is gone: libzmq holds no frame, the arrays are let go
+
+
+def test_cancel_waits_for_a_write_in_progress_and_a_failed_write_fails_only_its_transfer(monkeypatch):
+    """Blocks are freed after `cancel` returns (Reservations frees them then), so a cancel from another
+    thread waits while the I/O thread still writes that request's pages."""
+    import threading
+
+    caches = RankCaches([torch.zeros(2, 8, 2, 2, 4) for _ in range(2)], 0, 0)
+    done = []
+    recv = RankReceiver(0, LAYOUT, caches, lambda *a: done.append(a))
+    recv.expect("r", 0, [2, 3], LAYOUT, time.monotonic() + 10)
+    header = Pages(VERSION, "r", 0, 0, 0, (0, 2), [2, 3], "float32", [2, 2, 2, 2, 4], 2 * 2 * PER_BLOCK, runs=[2])
+    views = recv.landing(header)  # the I/O thread is about to receive into the blocks
+    assert views is not None
+    cancelled = threading.Event()
+    t = threading.Thread(target=lambda: (recv.cancel("r", 0), cancelled.set()))
+    t.start()
+    assert not cancelled.wait(0.3), "cancel returned while the pages were being written"
+    from kvtransfer.receiver import Landed
+    recv.on_pages(header, Landed([v.nbytes for v in views]))
+    assert cancelled.wait(5)
+    t.join()
+    assert recv.num_pending == 0
+    # a write that raises fails that transfer (on_done not ok) and leaves the receiver working
+    recv.expect("w", 0, [4, 5], LAYOUT, time.monotonic() + 10)
+    monkeypatch.setattr(caches, "insert_runs", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    bad = Pages(VERSION, "w", 0, 0, 0, (0, 2), [4, 5], "float32", [2, 2, 2, 2, 4], 2 * 2 * PER_BLOCK, runs=[2])
+    recv.on_pages(bad, [memoryview(b"\0" * 2 * PER_BLOCK)] * 2)
+    assert done[-1][0] == "w" and done[-1][3] is False and "device lost" in done[-1][4]
+    assert recv.num_pending == 0 and recv._writing is None
+
+
+def test_runs_must_cover_consecutive_blocks_and_a_device_cache_must_stage():
+    from kvtransfer.protocol import ProtocolError, decode
+
+    bad = Pages(VERSION, "r", 0, 0, 0, (0, 2), [2, 5], "float32", [2, 2, 2, 2, 4], 2 * 2 * PER_BLOCK, runs=[2])
+    with pytest.raises(ProtocolError, match="not consecutive"):  # would write block 3, not 5
+        decode(encode(bad))
+    meta = RankCaches([torch.zeros(2, 8, 2, 2, 4, device="meta")], 0, 0)
+    assert RankReceiver(0, LAYOUT, meta, lambda *a: None).stage_frames
+    with pytest.raises(ValueError, match="staging"):
+        RankReceiver(0, LAYOUT, meta, lambda *a: None, stage_frames=False)
