@@ -86,8 +86,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ctx, dtype)
 
     def forward(self, rope, h, kv_cache, meta):
-        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(rope, self.input_layernorm(h), kv_cache,
+                                                                             meta))
+        return h + self.mlp(x)
 
 
 class LlamaForCausalLM(nn.Module):

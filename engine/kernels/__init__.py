@@ -219,6 +219,9 @@ class Elementwise:
         self._write_kv = lib.tandem_write_kv
         self._write_kv.restype = ctypes.c_int
         self._write_kv.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+        self._add_rms_norm = lib.tandem_add_rms_norm_bf16
+        self._add_rms_norm.restype = ctypes.c_int
+        self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
 
     @staticmethod
     def takes(t, width: int) -> bool:
@@ -247,6 +250,21 @@ class Elementwise:
         if rc != 0:
             raise ValueError(f"rope: head size {D} is not supported")
         return out
+
+    def add_rms_norm(self, h, weight, eps: float, num_threads: int, a=None):
+        """bf16 [T, N] rows (strided rows allowed, elements contiguous): RMSNorm(h + a) with transformers'
+        roundings -> (normed, h + a) (h + a is None when `a` is; see elementwise.c for the numerics)."""
+        T, N = h.shape
+        assert h.dtype == weight.dtype == torch.bfloat16 and h.stride(1) == 1 and weight.is_contiguous()
+        assert a is None or (a.shape == h.shape and a.dtype == h.dtype and a.stride(1) == 1)
+        out = torch.empty(T, N, dtype=h.dtype)
+        x = torch.empty(T, N, dtype=h.dtype) if a is not None else None
+        rc = self._add_rms_norm(h.data_ptr(), h.stride(0), a.data_ptr() if a is not None else None,
+                                a.stride(0) if a is not None else 0, x.data_ptr() if x is not None else None,
+                                weight.data_ptr(), T, N, eps, out.data_ptr(), num_threads)
+        if rc != 0:
+            raise ValueError(f"add_rms_norm: width {N} is not a multiple of 16")
+        return out, x
 
     def write_kv(self, k, v, kv_cache, slot_blocks, slot_offsets, num_threads: int) -> bool:
         """k, v [T, KVH, D] into their slots of kv_cache [2, blocks, KVH, bs, D] (contiguous, same

@@ -2,12 +2,15 @@
  *
  *   tandem_silu_mul: out = silu(gate) * up          (the SwiGLU MLP's activation)
  *   tandem_rope:     out = x * cos + rot(x) * sin    (RoPE, "rotate half", for every head of a row)
+ *   tandem_write_kv: the new tokens' K and V into their cache slots
+ *   tandem_add_rms_norm_bf16: the residual add and the RMSNorm after it (bf16)
  *
  * In the tensors' dtype as torch computes them: silu(gate) rounded, then the product rounded (bf16);
  * RoPE as in vec.h. Rows of the inputs may be strided (slices of a fused projection); outputs are
  * contiguous. silu uses vec.h's exp (~1 ulp in fp32, so an fp32 result may differ from torch's in its
  * last bit; after rounding to bf16 practically never).
  */
+#include <math.h>
 #include <stdint.h>
 #include <omp.h>
 
@@ -85,6 +88,41 @@ int tandem_write_kv(const void *k, int64_t ks, const void *v, int64_t vs, int64_
             size_t slot = kv_row(slot_blocks[t], KVH, h, bs, slot_offsets[t], D, es);
             memcpy(kc + slot, (const char *)k + (t * ks + h * D) * es, row);
             memcpy(vc + slot, (const char *)v + (t * vs + h * D) * es, row);
+        }
+    }
+    return 0;
+}
+
+/* RMSNorm of bf16 rows as transformers rounds it, with the residual add before it fused in:
+ *
+ *   x = h + a (rounded to bf16; a may be NULL: x = h), written to x_out when a is given;
+ *   out = w * bf16(x * rsqrt(mean(x * x) + eps)), the product rounded to bf16.
+ *
+ * h, a: [T, N] bf16 with row strides hs, as (elements); x_out, out: [T, N] contiguous; w: [N] bf16.
+ * The sum of squares is in fp32 in this kernel's order (torch's cascade sums in its own), so `out` may
+ * differ from torch's in the last bit of a rare element; x_out is torch's add bit for bit. N % 16 == 0. */
+int tandem_add_rms_norm_bf16(const void *h, int64_t hs, const void *a, int64_t as, void *x_out, const void *w,
+                             int64_t T, int64_t N, float eps, void *out, int num_threads) {
+    if (N % 16 || N > 1 << 16) return -2;
+    int nt = T * N < 65536 ? 1 : num_threads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const char *hr = (const char *)h + t * hs * 2, *ar = a ? (const char *)a + t * as * 2 : 0;
+        char *xr = a ? (char *)x_out + t * N * 2 : 0, *orow = (char *)out + t * N * 2;
+        v16f acc = (v16f){0};
+        for (int64_t j = 0; j < N; j += 16) {
+            v16f x = load16(hr + j * 2, 1);
+            if (ar) {
+                x = round_bf16(x + load16(ar + j * 2, 1));
+                store16(xr + j * 2, x, 1);
+            }
+            acc += x * x;
+        }
+        const float r = 1.0f / sqrtf(hsum(acc) / (float)N + eps);
+        const char *src = ar ? xr : hr; /* x again: from the rounded sum just written, or the input */
+        for (int64_t j = 0; j < N; j += 16) {
+            v16f y = round_bf16(load16(src + j * 2, 1) * r);
+            store16(orow + j * 2, y * load16((const char *)w + j * 2, 1), 1);
         }
     }
     return 0;

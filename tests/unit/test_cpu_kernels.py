@@ -203,3 +203,29 @@ def test_write_kv_puts_every_token_in_its_slot_as_index_put_does(dtype):
     want[0][blocks, :, offsets] = k2
     assert ew.write_kv(k2, v, cache, blocks, offsets, 2)
     assert torch.equal(cache, want)
+
+
+@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+def test_add_rms_norm_bf16_matches_transformers_rounding():
+    """The residual add bit for bit; the norm as transformers rounds it (fp32 inside, rounded to bf16,
+    times the weight), its sum of squares in another order: at most one bf16 step off, and rarely."""
+    from engine.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5, torch.bfloat16)
+    norm.weight.data = torch.randn(576).to(torch.bfloat16)
+    big = torch.randn(300, 2 * 576).to(torch.bfloat16) * 3
+    h, a = big[:, :576], torch.randn(300, 576).to(torch.bfloat16)  # h: strided rows
+    out, x = ew.add_rms_norm(h, norm.weight, 1e-5, 2, a)
+    assert torch.equal(x, h + a)
+    want = norm.torch_forward(h + a)
+    diff = (out.float() - want.float()).abs()
+    ulp = want.float().abs().clamp_min(1e-30) * 2.0 ** -7
+    assert (diff <= ulp).all() and (out != want).float().mean() < 1e-3
+    alone, none = ew.add_rms_norm(h, norm.weight, 1e-5, 2)
+    assert none is None
+    assert ((alone.float() - norm.torch_forward(h).float()).abs() <= norm.torch_forward(h).float().abs() * 2.0 ** -7).all()
+    # the module takes the kernel for bf16 rows on CPU, torch for fp32
+    assert torch.equal(norm(h), alone)
+    h2, normed = norm.add_forward(h, a)
+    assert torch.equal(h2, x) and torch.equal(normed, out)
