@@ -7,7 +7,8 @@ fp32) add up to that many MiB goes from a sender to a receiver over real loopbac
 tcp, or a gloo pair group), through the full protocol: reserve, one frame per layer, ack. Next to it:
 raw pyzmq pushing the same bytes in the same number of messages with no protocol (the sink only looks
 at each frame: `raw_zmq`; or receives each into a buffer of its own, as pages must land in cache blocks:
-`raw_zmq_into`), and numpy.copyto of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV,
+`raw_zmq_into`; or every frame into one buffer that stays in the CPU's caches: `raw_zmq_into_hot`),
+and numpy.copyto of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV,
 and what streaming it adds to TTFT: SmolLM2 prefilling the prompt alone vs while each layer's pages are
 sent as soon as the layer is computed, up to the receiver's ack (`streamed_prompt_run`).
 The receiver (and the raw sink) runs in a second process, as a decode worker would.
@@ -61,10 +62,11 @@ def serve(transport: str, num_blocks: int, device: str = "cpu") -> None:
     print(json.dumps(dict(rank.metrics)), file=sys.stderr, flush=True)
 
 
-def raw_sink(messages: int, into: bool = False) -> None:
+def raw_sink(messages: int, into: bool | str = False) -> None:
     """The raw baseline's receiver process: PULL `messages` frames, then say so; forever. `into`:
     each frame is received into a buffer of its own (as pages land in cache blocks), which costs a
-    copy out of libzmq's receive buffer; otherwise frames are only looked at (no copy)."""
+    copy out of libzmq's receive buffer; "hot": every frame into the same one (the copy alone, its
+    destination in the CPU's caches); otherwise frames are only looked at (no copy)."""
     ctx = zmq.Context.instance()
     pull, done = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
@@ -75,6 +77,9 @@ def raw_sink(messages: int, into: bool = False) -> None:
         for i in range(messages):
             if not into:
                 pull.recv(copy=False)
+                continue
+            if into == "hot" and i and dst[0] is not None:
+                pull.recv_into(dst[0])
                 continue
             if dst[i] is None:
                 dst[i] = np.zeros(len(pull.recv(copy=False)), dtype=np.uint8)  # first round: sizes
@@ -194,11 +199,11 @@ class RawRun:
     """pyzmq pushing the same bytes in the same number of messages to a sink process, no protocol.
     `once()` -> seconds until the sink says it has them all."""
 
-    def __init__(self, nbytes: int, messages: int, into: bool = False):
+    def __init__(self, nbytes: int, messages: int, into: bool | str = False):
         ctx = zmq.Context.instance()
         self.done = ctx.socket(zmq.PULL)
         done_port = self.done.bind_to_random_port("tcp://127.0.0.1")
-        self.child, port = _child("sink", str(messages), "into" if into else "look")
+        self.child, port = _child("sink", str(messages), "hot" if into == "hot" else "into" if into else "look")
         self.child.stdin.write(f"tcp://127.0.0.1:{done_port}\n")
         self.child.stdin.flush()
         self.push = ctx.socket(zmq.PUSH)
@@ -271,7 +276,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         return serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     if len(sys.argv) > 1 and sys.argv[1] == "sink":
-        return raw_sink(int(sys.argv[2]), sys.argv[3] == "into")
+        return raw_sink(int(sys.argv[2]), {"into": True, "hot": "hot"}.get(sys.argv[3], False))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 16, 256])
     ap.add_argument("--transports", nargs="+", default=["zmq", "gloo"])
@@ -289,7 +294,8 @@ def main():
     for mib in args.sizes_mib:
         nblocks = max(1, round(mib * 2**20 / BLOCK_BYTES))
         nbytes = nblocks * BLOCK_BYTES
-        runs = {"raw": RawRun(nbytes, LAYERS), "raw_into": RawRun(nbytes, LAYERS, into=True)}
+        runs = {"raw": RawRun(nbytes, LAYERS), "raw_into": RawRun(nbytes, LAYERS, into=True),
+                "raw_into_hot": RawRun(nbytes, LAYERS, into="hot")}
         runs.update({tr: ProtocolRun(nblocks, tr, args.device) for tr in args.transports})
         if "zmq" in args.transports:  # the message shape of a streaming prefill (gloo: one layer a message anyway)
             runs["zmq_layerwise"] = ProtocolRun(nblocks, "zmq", args.device, layerwise=True)
@@ -298,6 +304,7 @@ def main():
         cp = med(memcpy(nbytes, args.repeats))
         row = {"size_mib": round(nbytes / 2**20, 2), "blocks": nblocks, "device": args.device,
                "raw_zmq_gb_s": round(nbytes / raw / 1e9, 2), "raw_zmq_into_gb_s": round(nbytes / raw_into / 1e9, 2),
+               "raw_zmq_into_hot_gb_s": round(nbytes / med(res["raw_into_hot"]) / 1e9, 2),
                "memcpy_gb_s": round(nbytes / cp / 1e9, 2)}
         if args.device.startswith("cuda"):
             row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
