@@ -140,7 +140,11 @@ class RankReceiver:
         Locks: the checks hold this receiver's lock; the write does not, but marks the request as
         being written (`cancel` waits for it). The mark is cleared before `on_done` runs, which may take
         the reservations' lock, under which another thread may be waiting in `cancel`."""
-        verdict, problem = self._admit(msg, payload)
+        try:
+            verdict, problem = self._admit(msg, payload)
+        except BaseException:
+            self._done_writing()  # (a marker `landing` set must not outlive this message)
+            raise
         if verdict is None:
             self._done_writing()
             if problem is not None:
@@ -264,7 +268,6 @@ class RankReceiver:
             e = self._expected_for(msg)
             if e is None:
                 return None
-            self._writing = (msg.request_id, threading.get_ident())  # recv_into writes into its blocks
             views = []
             for layer in layers:
                 cache = self.caches.byte_view(layer)
@@ -274,10 +277,10 @@ class RankReceiver:
                         b = e.block_ids[i]
                         views.append(cache[kv, b:b + n])
                         i += n
-            if all(v.flags.c_contiguous for v in views):
-                return views
-            self._writing = None
-            return None
+            if not all(v.flags.c_contiguous for v in views):
+                return None
+            self._writing = (msg.request_id, threading.get_ident())  # recv_into writes into its blocks
+            return views
 
     def expire(self, now: float) -> None:
         with self._lock:

@@ -164,15 +164,13 @@ class KVServer(IOThread):
         views = self.receiver.landing(msg) if isinstance(msg, Pages) and not msg.pair else None
         if views is None:
             return [identity, head, *sock.recv_multipart(copy=False)]
-        sizes = []
         try:
-            for v in views:
-                sizes.append(sock.recv_into(v) if sock.getsockopt(zmq.RCVMORE) else 0)
-        except BaseException:
+            sizes = [sock.recv_into(v) if sock.getsockopt(zmq.RCVMORE) else 0 for v in views]
+            landed = Landed(sizes, bool(sock.getsockopt(zmq.RCVMORE)), views if isinstance(views, Staged) else None)
+        except BaseException:  # on_pages is not reached: the request is no longer being written
             self.receiver.abandon_landing()
             raise
-        self.receiver.on_pages(msg, Landed(sizes, bool(sock.getsockopt(zmq.RCVMORE)),
-                                           views if isinstance(views, Staged) else None))
+        self.receiver.on_pages(msg, landed)
         return None
 
     def _handle(self, frames) -> None:

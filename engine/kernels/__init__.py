@@ -204,6 +204,9 @@ def decode_attention() -> DecodeAttention | None:
     return _wrapped("decode_attention", DecodeAttention)
 
 
+MAX_NORM_WIDTH = 1 << 16  # elementwise.c's add_rms_norm_bf16
+
+
 class Elementwise:
     """engine/kernels/elementwise.c: SwiGLU's silu(gate) * up, RoPE and the KV cache write of a step's
     new tokens, one pass each."""
@@ -256,6 +259,7 @@ class Elementwise:
         roundings -> (normed, h + a) (h + a is None when `a` is; see elementwise.c for the numerics)."""
         T, N = h.shape
         assert h.dtype == weight.dtype == torch.bfloat16 and h.stride(1) == 1 and weight.is_contiguous()
+        assert weight.numel() == N
         assert a is None or (a.shape == h.shape and a.dtype == h.dtype and a.stride(1) == 1)
         out = torch.empty(T, N, dtype=h.dtype)
         x = torch.empty(T, N, dtype=h.dtype) if a is not None else None
@@ -263,7 +267,7 @@ class Elementwise:
                                 a.stride(0) if a is not None else 0, x.data_ptr() if x is not None else None,
                                 weight.data_ptr(), T, N, eps, out.data_ptr(), num_threads)
         if rc != 0:
-            raise ValueError(f"add_rms_norm: width {N} is not a multiple of 16")
+            raise ValueError(f"add_rms_norm: width {N} is not a multiple of 16 up to {MAX_NORM_WIDTH}")
         return out, x
 
     def write_kv(self, k, v, kv_cache, slot_blocks, slot_offsets, num_threads: int) -> bool:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import elementwise
+from engine.kernels import MAX_NORM_WIDTH, elementwise
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +49,8 @@ class RMSNorm(nn.Module):
 def _fused_norm(x: torch.Tensor):
     """engine/kernels' elementwise ops where the fused norm takes `x`: [rows, N] bf16 on CPU with
     contiguous rows of a multiple of 16 elements. Else None."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu" or x.stride(1) != 1:
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.device.type != "cpu" or x.stride(1) != 1 or \
+            x.shape[1] > MAX_NORM_WIDTH:
         return None
     kernels = elementwise()
     return kernels if kernels is not None and kernels.takes(x, x.shape[-1]) else None
