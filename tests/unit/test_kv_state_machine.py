@@ -131,6 +131,15 @@ def test_block_runs_are_consecutive_on_both_sides():
     assert block_runs([], [], True) == []
 
 
+def _reserved():
+    """A decode worker and a transfer of request r1 (10 tokens) reserved on it."""
+    net = FakeKVNetwork()
+    d = Decode(net)
+    st = SendTransfer(FakeKVClient(net, 0), "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None)
+    assert st.reserve()
+    return d, st
+
+
 def test_runs_that_do_not_fit_fail_the_transfer():
     import pytest
 
@@ -139,11 +148,7 @@ def test_runs_that_do_not_fit_fail_the_transfer():
                 runs=[2, 2])
     with pytest.raises(ProtocolError, match="runs"):
         decode(encode(bad))
-    net = FakeKVNetwork()
-    d = Decode(net)
-    client = FakeKVClient(net, 0)
-    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None)
-    assert st.reserve()
+    d, st = _reserved()
     blocks = st.dst_block_ids
     hdr = Pages(VERSION, "r1", 0, 0, 0, (0, H), blocks, "float32", [2, 3, H, BS, D], 2 * 3 * H * BS * D * 4,
                 runs=[3])
@@ -167,11 +172,7 @@ def test_a_header_of_several_layers_is_checked_whole():
         with pytest.raises(ProtocolError, match=why):
             decode(encode(bad))
     # a message naming a layer the rank does not expect fails the transfer, not the others
-    net = FakeKVNetwork()
-    d = Decode(net)
-    client = FakeKVClient(net, 0)
-    st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None)
-    assert st.reserve()
+    d, st = _reserved()
     hdr = Pages(VERSION, "r1", 0, 0, L - 1, (0, H), st.dst_block_ids, "float32", [2, 3, H, BS, D],
                 2 * 2 * 3 * H * BS * D * 4, num_layers=2)  # layers L-1 and L: there is no layer L
     d.ranks[0].on_pages(hdr, [memoryview(b"\0" * (hdr.nbytes // 2))] * 2)
