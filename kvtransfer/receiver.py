@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from kvtransfer.frames import Staged, host_buffer
 from kvtransfer.pages import RankCaches, from_buffer
 from kvtransfer.plan import IncompatibleLayouts, KVLayout, items_to, plan_transfer
 from kvtransfer.protocol import VERSION, Ack, Pages, Reserve, Reserved, layout_from_msg
@@ -38,30 +39,6 @@ class Landed:
 
     def __init__(self, sizes: list[int], extra: bool = False, staged: "Staged | None" = None):
         self.sizes, self.extra, self.staged = sizes, extra, staged
-
-
-class Staged(list):
-    """Landing places in one host buffer (page-locked when the cache is on a GPU), one byte view per
-    expected frame; `frames()` gives the same places as tensors, to copy into the cache from."""
-
-    def __init__(self, buffer: torch.Tensor, sizes: list[int]):
-        self.buffer, self.sizes = buffer, sizes
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
-        self.offsets = offsets
-        array = buffer.numpy()
-        super().__init__(array[a:b] for a, b in zip(offsets, offsets[1:]))
-
-    def frames(self) -> list[torch.Tensor]:
-        return [self.buffer[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
-
-
-def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A host byte buffer for frames of a cache on `device`: page-locked for a GPU (its copies then run
-    asynchronously, and torch's caching host allocator hands the same buffers out again), plain for a
-    CPU cache (tests of the staged path)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
 @dataclass

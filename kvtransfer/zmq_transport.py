@@ -8,8 +8,6 @@ maximum message size; a malformed message is counted and dropped.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import threading
 import time
@@ -26,7 +24,8 @@ import zmq
 from cluster import security
 from kvtransfer.io_thread import IOThread
 from kvtransfer.pages import RankCaches, block_runs, to_bytes_view
-from kvtransfer.receiver import Landed, Staged, host_buffer
+from kvtransfer.frames import CacheFrames, Staged, host_frames
+from kvtransfer.receiver import Landed
 from kvtransfer.plan import KVLayout, TransferItem, items_from
 from kvtransfer.protocol import (MAX_LAYERS, VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello,
                                  PairInfo, ProtocolError, RankDone, Reserve, Reserved, decode, encode, layout_from_msg,
@@ -43,57 +42,6 @@ MAX_MSG_BYTES = 1 << 30
 MESSAGE_BYTES = 4 << 20
 MIN_RUN_BLOCKS = 4  # zero-copy frames only when runs average at least this many blocks,
 MAX_SHORT_RUNS = 2  # or when there are this few runs (measured: 1 block 5.8 -> 3.9 ms; 23 runs of 1: 17 -> 31)
-
-
-class _CacheFrames:
-    """Zero-copy frames of KV-cache memory straight through libzmq (`zmq_msg_init_data` with no free
-    function, then `zmq_msg_send`, by ctypes on the symbols pyzmq's own libzmq exports): ~2 us a
-    frame, against ~20-40 us for pyzmq's zero-copy frames, each a Python object whose release hops
-    through pyzmq's garbage-collector thread and the GIL (measured at 16 MiB in 60 frames: the
-    sender's CPU 7.5 -> 5.9 ms).
-
-    NOTE: with no free function libzmq does not tell when it is done with a frame, so this is only for
-    memory that outlives the sockets: the client keeps the cache arrays its frames point into (`keep`)
-    until its ZeroMQ context has terminated (`KVClient.close_sockets`), after which libzmq holds
-    nothing. The pages' contents must stay put until the receiver's Ack, as with any zero-copy send;
-    after a failed transfer libzmq may still send queued frames of freed blocks, which the receiver
-    drops (that attempt is over there: its deadline passes before the sender's Ack deadline)."""
-
-    def __init__(self):
-        self.kept: dict[int, np.ndarray] = {}  # id -> cache byte view
-        from zmq.backend.cython import _zmq
-        lib = ctypes.CDLL(_zmq.__file__)  # dlsym finds libzmq's symbols through the extension's needs
-        self._init, self._send, self._close = lib.zmq_msg_init_data, lib.zmq_msg_send, lib.zmq_msg_close
-        self._init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
-        self._send.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        self._close.argtypes = [ctypes.c_void_p]
-        self._errno = lib.zmq_errno
-        self._msg = ctypes.create_string_buffer(64)  # a zmq_msg_t; zmq_msg_send leaves it empty again
-
-    @classmethod
-    def make(cls) -> "_CacheFrames | None":
-        try:
-            return cls()
-        except (OSError, AttributeError, ImportError) as e:  # a pyzmq without the cython backend's libzmq
-            log.info("KV frames go through pyzmq's zero-copy path: %s", e)
-            return None
-
-    def keep(self, owners: list[np.ndarray]) -> None:
-        for o in owners:
-            self.kept.setdefault(id(o), o)
-
-    def send(self, sock: zmq.Socket, head: bytes, frames: list[np.ndarray]) -> None:
-        """[head, *frames] as one message (blocking, as pyzmq's send_multipart; a signal is retried, as
-        pyzmq does). On an error the message is left unfinished: the caller must close the socket."""
-        sock.send(head, zmq.SNDMORE)
-        handle, msg, last = sock.underlying, self._msg, len(frames) - 1
-        for i, f in enumerate(frames):
-            self._init(msg, f.ctypes.data, f.nbytes, None, None)
-            while self._send(msg, handle, zmq.SNDMORE if i < last else 0) < 0:
-                err = self._errno()
-                if err != errno.EINTR:
-                    self._close(msg)
-                    raise zmq.ZMQError(err)
 
 
 class KVServer(IOThread):
@@ -300,7 +248,7 @@ class KVClient(IOThread):
         self._waiting: dict[tuple[str, str, int], Future] = {}  # (kind, request_id, attempt)
         self._pair_ids: dict[str, str] = {}
         self._frames_only: set[str] = set()  # receivers on another transport: ZeroMQ frames for them
-        self._cache_frames = _CacheFrames.make()
+        self._cache_frames = CacheFrames.make()
         self._lock = threading.Lock()
 
     # -- API (any thread) ------------------------------------------------------------------------
@@ -355,7 +303,7 @@ class KVClient(IOThread):
         """Queues one message of pages. A list payload (runs of blocks, or one gathered tensor per layer
         of a multi-layer message) goes as ZeroMQ frames, zero-copy from CPU memory; a tensor goes
         through the pair group (torch.distributed transport) or as one frame. `cache`: the payload
-        is views into these cache arrays (which then live as long as the process: `_CacheFrames`)."""
+        is views into these cache arrays (kept alive while libzmq may read them: `CacheFrames`)."""
         if not isinstance(payload, list):
             if self.pairs is not None:
                 self.connect(endpoint)
@@ -371,33 +319,10 @@ class KVClient(IOThread):
             views = [to_bytes_view(t) for t in payload]
             self.submit(lambda: self._send_cache_pages(endpoint, head, views, header.nbytes))
             return
-        frames, ready = self._host_frames(payload)
+        staged = self.stage_frames or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in payload)
+        frames, ready = host_frames(payload, staged)
+        self.metrics["messages_staged"] += staged
         self.submit(lambda: self._send_pages(endpoint, head, frames, header.nbytes, ready))
-
-    def _host_frames(self, payload: list) -> tuple[list, object]:
-        """Byte views for ZeroMQ frames of the payload's parts: CPU memory as it is; GPU tensors (and
-        everything with `stage_frames`) copied into one host buffer per message, page-locked for a
-        GPU (torch's caching host allocator hands the same buffers out again), asynchronously:
-        `ready`, a CUDA event, tells when the copies are done (the I/O thread waits for it, not the
-        caller: a prefill's layer callback never blocks on the GPU)."""
-        gpu = [t for t in payload if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
-        if not gpu and not self.stage_frames:
-            return [to_bytes_view(t) for t in payload], None
-        device = gpu[0].device if gpu else torch.device("cpu")
-        parts = [t if isinstance(t, torch.Tensor) else torch.from_numpy(t) for t in payload]
-        buf = host_buffer(sum(t.nbytes for t in parts), device)
-        frames, off = [], 0
-        for t in parts:
-            dst = buf[off:off + t.nbytes]
-            dst.view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
-            frames.append(dst.numpy())  # a view: the frame keeps the buffer alive until libzmq is done
-            off += t.nbytes
-        ready = None
-        if device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(device))
-        self.metrics["messages_staged"] += 1
-        return frames, ready
 
     def abort(self, endpoint: str, request_id: str, attempt: int, reason: str = "") -> None:
         msg = encode(Abort(VERSION, request_id, attempt, reason))
@@ -473,7 +398,7 @@ class KVClient(IOThread):
             s.close(0)
         self._socks.clear()
         # the context is this client's own: once it has terminated, libzmq holds no frame of ours, and
-        # the cache arrays that `_CacheFrames` frames point into may go
+        # the cache arrays that `CacheFrames` frames point into may go
         self.ctx.term()
         if self._cache_frames is not None:
             self._cache_frames.kept.clear()

@@ -43,7 +43,8 @@ def test_cuda_kv_pages_go_through_pinned_host_buffers_over_zeromq(dtype):
 
     from kvtransfer.pages import RankCaches
     from kvtransfer.plan import KVLayout, plan_transfer
-    from kvtransfer.receiver import RankReceiver, host_buffer
+    from kvtransfer.frames import host_buffer
+    from kvtransfer.receiver import RankReceiver
     from kvtransfer.zmq_transport import KVClient, KVServer, OutgoingTransfer
 
     assert host_buffer(64, torch.device("cuda")).is_pinned()

@@ -140,7 +140,7 @@ def test_a_message_of_several_layers_lands_each_layer_and_a_short_one_fails(serv
 @pytest.mark.parametrize("mode", ["cache", "strided", "staged"])
 def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypatch, mode, src_blocks):
     """OutgoingTransfer.send_layers over real sockets: layers coalesce into messages of about
-    MESSAGE_BYTES; frames of a contiguous cache go through libzmq directly (`_CacheFrames`), a strided
+    MESSAGE_BYTES; frames of a contiguous cache go through libzmq directly (`CacheFrames`), a strided
     cache's copies through pyzmq; staged (a GPU cache's path: through a host buffer on both sides,
     forced here for CPU caches) too; all land bit for bit."""
     from kvtransfer import zmq_transport
