@@ -100,7 +100,7 @@ class Staged(list):
     expected frame; `frames()` gives the same places as tensors, to copy into the cache from."""
 
     def __init__(self, buffer: torch.Tensor, sizes: list[int]):
-        self.buffer, self.sizes = buffer, sizes
+        self.buffer = buffer
         offsets = [0]
         for n in sizes:
             offsets.append(offsets[-1] + n)

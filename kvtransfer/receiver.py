@@ -159,21 +159,8 @@ class RankReceiver:
             if e is None or e.attempt != msg.attempt:
                 self.metrics["frames_unknown_request"] += msg.num_layers
                 return None, None  # late frames of a failed attempt, or never reserved: dropped
-            keys = [(msg.src_rank, layer, msg.heads[0], msg.heads[1])
-                    for layer in range(msg.layer, msg.layer + msg.num_layers)]
-            problem = None
-            if not all(key in e.frames for key in keys):
-                problem = f"unexpected frame {next(key for key in keys if key not in e.frames)}"
-            elif msg.block_ids != e.block_ids:
-                problem = "frame names blocks that were not reserved for it"
-            elif msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
-                problem = f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
-            elif isinstance(payload, Landed) and (payload.extra or not _frames_fit(msg, payload.sizes)):
-                problem = "payload frames do not match the header"
-            elif isinstance(payload, list) and not _frames_fit(msg, payload):
-                problem = "payload frames do not match the header"
-            elif not isinstance(payload, (list, Landed)) and _nbytes(payload) != msg.nbytes:
-                problem = f"payload of {_nbytes(payload)} bytes, header says {msg.nbytes}"
+            keys = _keys(msg)
+            problem = self._header_problem(msg, e, keys) or _payload_problem(msg, payload)
             if problem is not None:
                 self.metrics["frames_bad"] += 1
                 del self._expected[msg.request_id]
@@ -207,15 +194,24 @@ class RankReceiver:
                 else:
                     self.caches.insert(msg.layer + i, msg.heads, e.block_t, from_buffer(frames[0], msg.dtype, msg.shape))
 
+    def _header_problem(self, msg: Pages, e: _Expected, keys: list) -> str | None:
+        """Why a Pages header does not fit its request's expectation (frames, blocks, dtype, block shape),
+        or None."""
+        if not all(key in e.frames for key in keys):
+            return f"unexpected frame {next(key for key in keys if key not in e.frames)}"
+        if msg.block_ids != e.block_ids:
+            return "frame names blocks that were not reserved for it"
+        if msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
+            return f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
+        return None
+
     def _expected_for(self, msg: Pages) -> _Expected | None:
-        """The expectation `msg` fits (request, attempt, blocks, layers, dtype), under the lock; else None."""
-        layers = range(msg.layer, msg.layer + msg.num_layers)
+        """The expectation `msg` fits (request, attempt, `_header_problem`'s checks, this rank's
+        layers), under the lock; else None."""
         e = self._expected.get(msg.request_id)
-        if e is None or e.attempt != msg.attempt or msg.block_ids != e.block_ids or \
-                not all((msg.src_rank, layer, msg.heads[0], msg.heads[1]) in e.frames for layer in layers) or \
-                msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim] or \
-                not (self.caches.layer_start <= msg.layer and
-                     layers[-1] < self.caches.layer_start + len(self.caches.caches)):
+        last = msg.layer + msg.num_layers - 1
+        if e is None or e.attempt != msg.attempt or self._header_problem(msg, e, _keys(msg)) is not None or \
+                not self.caches.layer_start <= msg.layer <= last < self.caches.layer_start + len(self.caches.caches):
             return None
         return e
 
@@ -280,6 +276,11 @@ def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+def _keys(msg: Pages) -> list[tuple[int, int, int, int]]:
+    """The (src_rank, layer, h0, h1) frames a Pages message carries, one per layer."""
+    return [(msg.src_rank, layer, msg.heads[0], msg.heads[1]) for layer in range(msg.layer, msg.layer + msg.num_layers)]
+
+
 def _frame_sizes(msg: Pages) -> list[int]:
     """The payload frames' sizes a ZeroMQ Pages message announces. Per layer: K then V of each run
     (`msg.runs`), or one frame of the layer's pages."""
@@ -288,6 +289,18 @@ def _frame_sizes(msg: Pages) -> list[int]:
         per_block = per_layer // (2 * len(msg.block_ids))
         return [n * per_block for n in msg.runs] * (2 * msg.num_layers)
     return [per_layer] * msg.num_layers
+
+
+def _payload_problem(msg: Pages, payload) -> str | None:
+    """Why the payload does not match its header (frames landed, ZeroMQ frames, a tensor), or None."""
+    if isinstance(payload, Landed):
+        return "payload frames do not match the header" if payload.extra or not _frames_fit(msg, payload.sizes) \
+            else None
+    if isinstance(payload, list):
+        return None if _frames_fit(msg, payload) else "payload frames do not match the header"
+    if _nbytes(payload) != msg.nbytes:
+        return f"payload of {_nbytes(payload)} bytes, header says {msg.nbytes}"
+    return None
 
 
 def _frames_fit(msg: Pages, frames: list) -> bool:

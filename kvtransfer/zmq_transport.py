@@ -446,40 +446,47 @@ class OutgoingTransfer:
         Returns messages."""
         n = 0
         for it in self.items:
-            per_layer = self.caches.caches[0][:, :1, :it.heads[1] - it.heads[0]].nbytes * len(self.dst_block_ids)
-            per_message = 1 if self.client.pairs is not None else max(1, min(MAX_LAYERS, MESSAGE_BYTES // per_layer))
+            per_message = 1 if self.client.pairs is not None else \
+                max(1, min(MAX_LAYERS, MESSAGE_BYTES // self._layer_bytes(it)))
             mine = [layer for layer in sorted(layers) if it.layers[0] <= layer < it.layers[1]]
             group: list[int] = []
             for layer in mine:
                 if group and (layer != group[-1] + 1 or len(group) == per_message):
-                    n += self._send(it, group)
+                    self._send(it, group)
+                    n += 1
                     group = []
                 group.append(layer)
             if group:
-                n += self._send(it, group)
+                self._send(it, group)
+                n += 1
         self.layers_sent.update(layers)
         return n
 
-    def _send(self, it: TransferItem, layers: list[int]) -> int:
-        cache = self.caches.caches[layers[0] - self.caches.layer_start]
+    def _layer_bytes(self, it: TransferItem) -> int:
+        """One layer's pages of item `it`: K and V of the request's blocks, the item's heads."""
+        _, _, _, bs, hd = self.caches.caches[0].shape
+        return self.caches.caches[0].element_size() * 2 * len(self.dst_block_ids) * (it.heads[1] - it.heads[0]) * bs * hd
+
+    def _send(self, it: TransferItem, layers: list[int]) -> None:
+        """One Pages message: item `it`'s pages of `layers` (consecutive)."""
+        cache = self.caches.caches[0]
         nh = it.heads[1] - it.heads[0]
         shape = [2, len(self.dst_block_ids), nh, cache.shape[3], cache.shape[4]]
-        nbytes = cache.element_size() * shape[1] * 2 * nh * cache.shape[3] * cache.shape[4] * len(layers)
         dtype = str(cache.dtype).removeprefix("torch.")
         runs = self._runs(nh == self.caches.num_heads) if self.zero_copy else []
-        cache = None
+        owners = None
         if runs:
             payload = [v for layer in layers for v in self.caches.slabs(layer, it.heads, self.src_block_ids, runs)]
             if all(v.base is not None for v in payload):  # views of the cache (a strided cache's are copies)
-                cache = [self.caches.byte_view(layer) for layer in layers]
+                owners = [self.caches.byte_view(layer) for layer in layers]
         elif len(layers) > 1:
             payload = [self.caches.extract(layer, it.heads, self.src_blocks) for layer in layers]
         else:
             payload = self.caches.extract(layers[0], it.heads, self.src_blocks)
         header = Pages(VERSION, self.request_id, self.attempt, self.src_rank, layers[0], it.heads,
-                       self.dst_block_ids, dtype, shape, nbytes, runs=runs, num_layers=len(layers))
-        self.client.send_pages(self.endpoints[it.dst_rank], header, payload, cache)
-        return 1
+                       self.dst_block_ids, dtype, shape, self._layer_bytes(it) * len(layers), runs=runs,
+                       num_layers=len(layers))
+        self.client.send_pages(self.endpoints[it.dst_rank], header, payload, owners)
 
     def _runs(self, whole_blocks: bool) -> list[int]:
         """Zero-copy runs when they are few or long enough to beat one gather (each frame costs a
