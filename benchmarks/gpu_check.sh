@@ -4,7 +4,7 @@
 #   1. CUDA correctness: greedy equals transformers (fp32), bf16 batched sampling (tests -m gpu)
 #   2. offline throughput on CUDA, tandem vs transformers, bf16, on a random-weight model of
 #      SmolLM2's shape (the SmolLM2 wheel is larger than what travels to that machine)
-#   3. KV transfer over ZeroMQ with CUDA caches on both ends (pinned staging buffers), next to raw pyzmq and a pinned
+#   3. KV transfer over ZeroMQ frames and the tcp stream with CUDA caches on both ends (pinned staging buffers), next to raw pyzmq and a pinned
 #      device-to-host copy. NCCL pairs need two GPUs; one is lent, so the NCCL path is not run.
 # Python packages missing there travel as wheels in .whl (see the device tool's README).
 set -uo pipefail
@@ -27,5 +27,5 @@ make_tiny_model(Path("/tmp/smol-shape"), "llama", vocab_size=49152, hidden_size=
 PY
 timeout 240 python3 benchmarks/offline_throughput.py --device cuda --model /tmp/smol-shape --dtypes bfloat16 \
   --concurrency 1 32 --peers transformers --int8-up-to 0 --out "$out/offline_throughput_cuda.json" 2>&1 | tail -12
-timeout 120 python3 benchmarks/kv_transfer.py --device cuda --transports zmq --sizes-mib 16 256 \
+timeout 150 python3 benchmarks/kv_transfer.py --device cuda --transports tcp zmq --sizes-mib 16 256 \
   --out "$out/kv_transfer_cuda.json" 2>&1 | tail -4

@@ -1,14 +1,17 @@
 """KV transfer throughput and latency, next to the raw limits measured in the same run.
 
-    python benchmarks/kv_transfer.py [--sizes-mib 1 16 256] [--transports zmq gloo] [--out ...]
+    python benchmarks/kv_transfer.py [--sizes-mib 1 16 256] [--transports tcp zmq gloo] [--out ...]
 
 For each size: one request whose pages (SmolLM2's shape: 30 layers, 3 KV heads, head_dim 64, block 16,
-fp32) add up to that many MiB goes from a sender to a receiver over real loopback sockets (ZeroMQ
-tcp, or a gloo pair group), through the full protocol: reserve, one frame per layer, ack. Next to it:
+fp32) add up to that many MiB goes from a sender to a receiver over real loopback sockets (the tcp
+transport: ZeroMQ control, pages on a plain stream socket; ZeroMQ frames; or a gloo pair group), through
+the full protocol: reserve, pages, ack. Next to it:
 raw pyzmq pushing the same bytes in the same number of messages with no protocol (the sink only looks
 at each frame: `raw_zmq`; or receives each into a buffer of its own, as pages must land in cache blocks:
 `raw_zmq_into`; or every frame into one buffer that stays in the CPU's caches: `raw_zmq_into_hot`),
-and numpy.copyto of the same bytes (memory bandwidth). Also: the whole transfer of one 512-token prompt's KV,
+a plain TCP socket carrying the same bytes, received with recv_into into buffers of their own
+(`raw_socket_into`: what the tcp transport's stream can reach), and numpy.copyto of the same bytes
+(memory bandwidth). Also: the whole transfer of one 512-token prompt's KV,
 and what streaming it adds to TTFT: SmolLM2 prefilling the prompt alone vs while each layer's pages are
 sent as soon as the layer is computed, up to the receiver's ack (`streamed_prompt_run`).
 The receiver (and the raw sink) runs in a second process, as a decode worker would.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +44,10 @@ LAYERS, HEADS, HEAD_DIM, BS = 30, 3, 64, 16
 BLOCK_BYTES = LAYERS * 2 * HEADS * BS * HEAD_DIM * 4
 
 
+def _backend(transport: str) -> str | None:
+    return None if transport in ("zmq", "tcp") else transport
+
+
 def serve(transport: str, num_blocks: int, device: str = "cpu") -> None:
     """The receiver process: a decode rank's KV server; prints its endpoint, serves until stdin closes."""
     torch.set_num_threads(1)
@@ -53,8 +61,8 @@ def serve(transport: str, num_blocks: int, device: str = "cpu") -> None:
     # a decode worker takes the blocks over once the KV is in; here they go straight back
     res = Reservations(layout, [rank], pool.reserve, pool.release, None,
                        on_ready=lambda rid, attempt, blocks: pool.release(rid), timeout=120)
-    server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=None if transport == "zmq" else transport,
-                      device=device)
+    server = KVServer("tcp://127.0.0.1:0", rank, res, dist_backend=_backend(transport), device=device,
+                      stream=transport == "tcp")
     server.start()
     print(server.endpoint, flush=True)
     sys.stdin.read()
@@ -88,6 +96,30 @@ def raw_sink(messages: int, into: bool | str = False) -> None:
         done.send(b"ok")
 
 
+def raw_socket_sink(messages: int) -> None:
+    """The raw socket baseline's receiver process: accepts one connection; then forever: reads the
+    sizes of `messages` messages once, then each round receives every message into a buffer of its own
+    (recv_into, as pages land in cache blocks) and answers one byte."""
+    from kvtransfer.stream import _tune
+    ls = socket.socket()
+    _tune(ls)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    print(ls.getsockname()[1], flush=True)
+    conn, _ = ls.accept()
+    sizes = np.frombuffer(conn.recv(8 * messages, socket.MSG_WAITALL), dtype=np.int64)
+    dst = [memoryview(np.zeros(int(n), dtype=np.uint8)) for n in sizes]
+    while True:
+        for d in dst:
+            got = 0
+            while got < len(d):
+                k = conn.recv_into(d[got:])
+                if not k:
+                    return
+                got += k
+        conn.sendall(b"k")
+
+
 def _child(*args) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
@@ -107,7 +139,7 @@ class ProtocolRun:
         self.child, self.endpoint = _child("serve", transport, str(nblocks + 1), device)
         self.src = RankCaches([torch.randn(2, nblocks + 1, HEADS, BS, HEAD_DIM, device=device)
                                for _ in range(LAYERS)], 0, 0)
-        self.client = KVClient(0, dist_backend=None if transport == "zmq" else transport, device=device)
+        self.client = KVClient(0, dist_backend=_backend(transport), device=device, stream=transport == "tcp")
         self.client.start()
         self.client.connect(self.endpoint)
         self.n = 0
@@ -146,7 +178,7 @@ def streamed_prompt_run(transport: str, repeats: int, prompt_tokens: int = 512, 
 
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
     child, endpoint = _child("serve", transport, str(2 * prompt_tokens // BS + 1), "cpu")
-    client = KVClient(0, dist_backend=None if transport == "zmq" else transport)
+    client = KVClient(0, dist_backend=_backend(transport), stream=transport == "tcp")
     client.start()
     caches: list = []
 
@@ -228,6 +260,32 @@ class RawRun:
         self.done.close(0)
 
 
+class RawSocketRun:
+    """A plain TCP socket carrying the same bytes in the same number of messages (one sendmsg each) to
+    a sink process that receives each into a buffer of its own. `once()` -> seconds until it says so."""
+
+    def __init__(self, nbytes: int, messages: int):
+        from kvtransfer.stream import _tune
+        self.child, port = _child("socket_sink", str(messages))
+        self.chunks = [np.frombuffer(np.random.bytes(nbytes // messages), dtype=np.uint8) for _ in range(messages)]
+        self.sock = socket.create_connection(("127.0.0.1", int(port)), timeout=120)
+        _tune(self.sock)
+        self.sock.sendall(np.array([len(c) for c in self.chunks], dtype=np.int64).tobytes())
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        for chunk in self.chunks:
+            self.sock.sendall(chunk)
+        if self.sock.recv(1) != b"k":
+            raise RuntimeError("raw socket sink went away")
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.child.kill()
+        self.child.wait(10)
+
+
 def interleaved(runs: dict, repeats: int) -> dict[str, list]:
     """Each run's `once()` in turn, `repeats` rounds after one warm-up round: on a shared VM whose speed
     drifts, every system then sees the same stretches of time, so ratios are fair."""
@@ -275,11 +333,13 @@ def cuda_copy(nbytes: int, repeats: int) -> list[float]:
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         return serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) > 1 and sys.argv[1] == "socket_sink":
+        return raw_socket_sink(int(sys.argv[2]))
     if len(sys.argv) > 1 and sys.argv[1] == "sink":
         return raw_sink(int(sys.argv[2]), {"into": True, "hot": "hot"}.get(sys.argv[3], False))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 16, 256])
-    ap.add_argument("--transports", nargs="+", default=["zmq", "gloo"])
+    ap.add_argument("--transports", nargs="+", default=["tcp", "zmq", "gloo"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu", help="where both ends keep their KV cache (cpu, cuda)")
     ap.add_argument("--out", default="bench_results/kv_transfer.json")
@@ -295,20 +355,23 @@ def main():
         nblocks = max(1, round(mib * 2**20 / BLOCK_BYTES))
         nbytes = nblocks * BLOCK_BYTES
         runs = {"raw": RawRun(nbytes, LAYERS), "raw_into": RawRun(nbytes, LAYERS, into=True),
-                "raw_into_hot": RawRun(nbytes, LAYERS, into="hot")}
+                "raw_into_hot": RawRun(nbytes, LAYERS, into="hot"), "raw_socket": RawSocketRun(nbytes, LAYERS)}
         runs.update({tr: ProtocolRun(nblocks, tr, args.device) for tr in args.transports})
-        if "zmq" in args.transports:  # the message shape of a streaming prefill (gloo: one layer a message anyway)
-            runs["zmq_layerwise"] = ProtocolRun(nblocks, "zmq", args.device, layerwise=True)
+        # the message shape of a streaming prefill (gloo: one layer a message anyway)
+        layerwise = [tr for tr in args.transports if tr in ("tcp", "zmq")]
+        for tr in layerwise:
+            runs[f"{tr}_layerwise"] = ProtocolRun(nblocks, tr, args.device, layerwise=True)
         res = interleaved(runs, args.repeats)
         raw, raw_into = med(res["raw"]), med(res["raw_into"])
         cp = med(memcpy(nbytes, args.repeats))
         row = {"size_mib": round(nbytes / 2**20, 2), "blocks": nblocks, "device": args.device,
                "raw_zmq_gb_s": round(nbytes / raw / 1e9, 2), "raw_zmq_into_gb_s": round(nbytes / raw_into / 1e9, 2),
                "raw_zmq_into_hot_gb_s": round(nbytes / med(res["raw_into_hot"]) / 1e9, 2),
+               "raw_socket_into_gb_s": round(nbytes / med(res["raw_socket"]) / 1e9, 2),
                "memcpy_gb_s": round(nbytes / cp / 1e9, 2)}
         if args.device.startswith("cuda"):
             row["cuda_d2h_pinned_gb_s"] = round(nbytes / med(cuda_copy(nbytes, args.repeats)) / 1e9, 2)
-        for tr in [*args.transports, *(["zmq_layerwise"] if "zmq" in args.transports else [])]:
+        for tr in [*args.transports, *(f"{t}_layerwise" for t in layerwise)]:
             whole, transfer = [w for w, _ in res[tr]], [x for _, x in res[tr]]
             t, x = med(whole), med(transfer)
             row[f"{tr}_gb_s"] = round(nbytes / t / 1e9, 2)

@@ -104,7 +104,7 @@ class Pool(msgspec.Struct, forbid_unknown_fields=True):
     kv_cache_memory: str | None = None
     threads: int = 1
     block_size: int = 16
-    kv_transport: Literal["auto", "zmq", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, else zmq
+    kv_transport: Literal["auto", "tcp", "zmq", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, else tcp
 
 
 class Security(msgspec.Struct, forbid_unknown_fields=True):

@@ -19,8 +19,9 @@ def add_parsers(sub) -> None:
     w.add_argument("--host", default="127.0.0.1", help="interface the worker's sockets bind to")
     w.add_argument("--port", type=int, default=0, help="request socket port (0: any free port)")
     w.add_argument("--kv-port", type=int, default=0, help="decode: KV transfer port (0: any free port)")
-    w.add_argument("--kv-transport", default="auto", choices=["auto", "zmq", "nccl", "gloo"],
-                   help="how KV payloads move between workers: auto = nccl on CUDA, else zmq; gloo = the "
+    w.add_argument("--kv-transport", default="auto", choices=["auto", "tcp", "zmq", "nccl", "gloo"],
+                   help="how KV payloads move between workers: auto = nccl on CUDA, else tcp (pages on a plain "
+                   "stream socket, received straight into the cache); zmq = pages as ZeroMQ frames; gloo = the "
                    "torch.distributed path on CPU (control messages always take ZeroMQ)")
     w.add_argument("--worker-id", default=None)
     w.add_argument("--registry", default=None,

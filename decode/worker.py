@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 
 
 def kv_dist_args(config: EngineConfig) -> dict:
-    """KVServer's torch.distributed settings for this worker's transport (none: ZeroMQ frames)."""
+    """KVServer's transport settings: torch.distributed (none: ZeroMQ), and the tcp page stream."""
     kv = config.kv_transfer
     backend = kv.backend(config.device.device)
     return {"dist_backend": backend, "device": config.device.device if backend == "nccl" else "cpu",
-            "dist_timeout": kv.timeout_s}
+            "dist_timeout": kv.timeout_s, "stream": kv.stream(config.device.device)}
 
 
 def layout_of(cfg, config: EngineConfig) -> KVLayout:

@@ -275,7 +275,7 @@ class ParallelConfig:
             raise ValueError(f"timeout_s = {self.timeout_s!r} must be positive")
 
 
-KV_TRANSPORTS = ("auto", "zmq", "nccl", "gloo")
+KV_TRANSPORTS = ("auto", "tcp", "zmq", "nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,9 @@ class KVTransferConfig:
     """How a disaggregated worker's ranks move KV pages (kvtransfer/; read by prefill/ and decode/,
     carried to every rank with the rest of the config). The engine itself does not use it."""
 
-    transport: str = "auto"  # auto: nccl when the device is CUDA, else zmq; gloo: the same code on CPU
+    # auto: nccl when the device is CUDA, else tcp (ZeroMQ control, pages on a plain stream straight into
+    # the cache); zmq: pages as ZeroMQ frames too; gloo: the nccl code on CPU
+    transport: str = "auto"
     host: str = "127.0.0.1"  # interface every rank's KV endpoint binds to (the worker's --host)
     timeout_s: float = 30.0  # joining a torch.distributed pair group, and each payload on it
 
@@ -291,14 +293,23 @@ class KVTransferConfig:
         if self.transport not in KV_TRANSPORTS:
             raise ValueError(f"kv transport = {self.transport!r} must be one of {KV_TRANSPORTS}")
 
-    def backend(self, device: str) -> str | None:
-        """The torch.distributed backend KV payloads take, or None for ZeroMQ frames."""
+    def resolved(self, device: str) -> str:
+        """The transport `auto` means on `device`; a clear error for nccl without CUDA."""
         t = self.transport
         if t == "auto":
-            t = "nccl" if device.startswith("cuda") else "zmq"
+            t = "nccl" if device.startswith("cuda") else "tcp"
         if t == "nccl" and not device.startswith("cuda"):
-            raise ValueError(f"kv transport nccl needs a CUDA device, not {device!r} (use gloo or zmq on CPU)")
-        return None if t == "zmq" else t
+            raise ValueError(f"kv transport nccl needs a CUDA device, not {device!r} (use gloo, tcp or zmq on CPU)")
+        return t
+
+    def backend(self, device: str) -> str | None:
+        """The torch.distributed backend KV payloads take, or None (ZeroMQ: frames, or the tcp stream)."""
+        t = self.resolved(device)
+        return None if t in ("zmq", "tcp") else t
+
+    def stream(self, device: str) -> bool:
+        """Whether pages take a plain stream socket (the tcp transport: kvtransfer/stream.py)."""
+        return self.resolved(device) == "tcp"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from a failed attempt is recognised and dropped. Decoding is validation: anythin
 
     P driver --Reserve-->  D driver            (D reserves blocks for num_tokens, or says why not)
     P driver <--Reserved-- D driver
-    P rank s --Pages + payload--> D rank d      (per plan item and run of layers: heads [h0, h1), dst blocks)
+    P rank s --Pages + payload--> D rank d      (per plan item and run of layers: heads [h0, h1), dst blocks;
+                                                 the "tcp" transport sends these on a stream: stream.py)
     P driver <--Ack-------- D driver            (every D rank has every frame: ok; or failed + reason)
     either   --Abort----->  the other           (give up; both sides free)
 """
@@ -90,6 +91,19 @@ class PairInfo(msgspec.Struct, tag="pair_info", frozen=True):
     backend: str
 
 
+class StreamHello(msgspec.Struct, tag="stream_hello", frozen=True):
+    """The "tcp" transport: a sender rank asks a receiver rank where its page stream is (kvtransfer/stream.py)."""
+    v: int
+    nonce: str
+
+
+class StreamInfo(msgspec.Struct, tag="stream_info", frozen=True):
+    v: int
+    nonce: str
+    address: str  # tcp://host:port or ipc://path; "" = no stream here, send ZeroMQ frames
+    token: bytes = b""  # the first bytes of a connection
+
+
 class Ack(msgspec.Struct, tag="ack", frozen=True):
     v: int
     request_id: str
@@ -137,7 +151,8 @@ class RankDone(msgspec.Struct, tag="rank_done", frozen=True):
     reason: str = ""
 
 
-Message = Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo | Expect | ExpectOk | Cancel | RankDone
+Message = (Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo | StreamHello | StreamInfo | Expect | ExpectOk
+           | Cancel | RankDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

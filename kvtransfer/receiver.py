@@ -70,10 +70,13 @@ class RankReceiver:
         self.metrics = metrics if metrics is not None else Counter()
         self._lock = threading.Lock()
         self._expected: dict[str, _Expected] = {}
-        # the request whose pages are being written into its blocks right now (by the I/O thread,
-        # between `landing` or the checks of `on_pages` and the end of the write), and by which thread:
-        # `cancel` from another thread waits for it, so blocks are never freed under a write
-        self._writing: tuple[str, int] | None = None
+        # the requests whose pages are being written into their blocks right now, by thread (a
+        # transport thread, between `landing` or the checks of `on_pages` and the end of the write):
+        # `cancel` from another thread waits for them, so blocks are never freed under a write
+        self._writing: dict[int, str] = {}
+        # writers told by `cancel` to stop (a stream's reader receiving pages straight into the cache
+        # checks `may_write` between reads): the wait in `cancel` then lasts one read, not a transfer
+        self._revoked: set[int] = set()
         self._written = threading.Condition(self._lock)
 
     def expect(self, request_id: str, attempt: int, block_ids: list[int], src_layout: KVLayout,
@@ -90,26 +93,39 @@ class RankReceiver:
 
     def cancel(self, request_id: str, attempt: int, timeout: float = 5.0) -> None:
         """Forgets the request; once this returns no frame of it is written here any more (a write in
-        progress on the I/O thread is waited for, at most `timeout`), so its blocks may be freed."""
+        progress on a transport thread is revoked and waited for, at most `timeout`), so its blocks
+        may be freed."""
         with self._lock:
             e = self._expected.get(request_id)
             if e is not None and e.attempt == attempt:
                 del self._expected[request_id]
-            if self._writing is not None and self._writing[0] == request_id and \
-                    self._writing[1] != threading.get_ident():
-                if not self._written.wait_for(lambda: self._writing is None or self._writing[0] != request_id,
-                                              timeout):
+            me = threading.get_ident()
+
+            def others_writing() -> bool:
+                return any(rid == request_id and tid != me for tid, rid in self._writing.items())
+            if others_writing():
+                self._revoked.update(tid for tid, rid in self._writing.items() if rid == request_id and tid != me)
+                if not self._written.wait_for(lambda: not others_writing(), timeout):
                     log.error("a write of %s's pages outlasted %.0f s; its blocks are freed anyway",
                               request_id, timeout)
 
     def _done_writing(self) -> None:
         with self._lock:
-            self._writing = None
-            self._written.notify_all()
+            me = threading.get_ident()
+            self._revoked.discard(me)
+            if self._writing.pop(me, None) is not None:
+                self._written.notify_all()
 
     def abandon_landing(self) -> None:
-        """The frames `landing` named places for never reached `on_pages` (the socket failed)."""
+        """The frames `landing` named places for never reached `on_pages` (the socket failed), or
+        the caller stops writing them (`may_write` said so)."""
         self._done_writing()
+
+    def may_write(self) -> bool:
+        """For a thread receiving into the places `landing` named, between reads: False once `cancel`
+        has revoked the write (the request's blocks are about to be freed): write no more, and call
+        `abandon_landing` at once."""
+        return threading.get_ident() not in self._revoked
 
     def on_pages(self, msg: Pages, payload) -> None:
         """Validates a frame against the expectation and writes it; a bad frame fails the request.
@@ -169,7 +185,7 @@ class RankReceiver:
             complete = not e.frames
             if complete:
                 del self._expected[msg.request_id]
-            self._writing = (msg.request_id, threading.get_ident())
+            self._writing[threading.get_ident()] = msg.request_id
             return (e, complete), None
 
     def _synchronize(self) -> None:
@@ -226,7 +242,7 @@ class RankReceiver:
             with self._lock:
                 if self._expected_for(msg) is None:  # the sizes are then bounded by the reservation
                     return None
-            sizes = _frame_sizes(msg)
+            sizes = frame_sizes(msg)
             try:
                 staged = Staged(host_buffer(sum(sizes), self.caches.caches[0].device), sizes)
             except RuntimeError as e:  # no page-locked memory to be had: through ZeroMQ's buffers instead
@@ -252,7 +268,7 @@ class RankReceiver:
                         i += n
             if not all(v.flags.c_contiguous for v in views):
                 return None
-            self._writing = (msg.request_id, threading.get_ident())  # recv_into writes into its blocks
+            self._writing[threading.get_ident()] = msg.request_id  # recv_into writes into its blocks
             return views
 
     def expire(self, now: float) -> None:
@@ -281,7 +297,7 @@ def _keys(msg: Pages) -> list[tuple[int, int, int, int]]:
     return [(msg.src_rank, layer, msg.heads[0], msg.heads[1]) for layer in range(msg.layer, msg.layer + msg.num_layers)]
 
 
-def _frame_sizes(msg: Pages) -> list[int]:
+def frame_sizes(msg: Pages) -> list[int]:
     """The payload frames' sizes a ZeroMQ Pages message announces. Per layer: K then V of each run
     (`msg.runs`), or one frame of the layer's pages."""
     per_layer = msg.nbytes // msg.num_layers
@@ -305,7 +321,7 @@ def _payload_problem(msg: Pages, payload) -> str | None:
 
 def _frames_fit(msg: Pages, frames: list) -> bool:
     """`frames`: the ZeroMQ payload frames, or their sizes (received in place)."""
-    return [f if isinstance(f, int) else len(f) for f in frames] == _frame_sizes(msg)
+    return [f if isinstance(f, int) else len(f) for f in frames] == frame_sizes(msg)
 
 
 def _nbytes(payload) -> int:

@@ -17,7 +17,8 @@ from typing import Callable
 
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
-from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
+from kvtransfer.outgoing import OutgoingTransfer
+from kvtransfer.zmq_transport import KVClient
 
 
 class TransferState(enum.Enum):

@@ -23,25 +23,19 @@ import zmq
 
 from cluster import security
 from kvtransfer.io_thread import IOThread
-from kvtransfer.pages import RankCaches, block_runs, to_bytes_view
+from kvtransfer.pages import to_bytes_view
 from kvtransfer.frames import CacheFrames, Staged, host_frames
 from kvtransfer.receiver import Landed
-from kvtransfer.plan import KVLayout, TransferItem, items_from
-from kvtransfer.protocol import (MAX_LAYERS, VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello,
-                                 PairInfo, ProtocolError, RankDone, Reserve, Reserved, decode, encode, layout_from_msg,
-                                 layout_msg)
+from kvtransfer.plan import KVLayout
+from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello,
+                                 PairInfo, ProtocolError, RankDone, Reserve, Reserved, StreamHello, StreamInfo, decode,
+                                 encode, layout_from_msg, layout_msg)
 from kvtransfer.receiver import RankReceiver, Reservations
+from kvtransfer.stream import StreamPeers, StreamServer
 
 log = logging.getLogger(__name__)
 
 MAX_MSG_BYTES = 1 << 30
-# layers ready together go as messages of about this many bytes: fewer messages, less per-message work
-# on both sides, while the receiver still lands one message as the next arrives (ZeroMQ hands over a
-# message only once all its frames are in). Measured at 16 MiB (30 layers): 1 layer a message 8.4-9.8
-# ms, 5 layers (2.7 MiB) 7.5-8.2 ms, all 30 in one 9.0 ms.
-MESSAGE_BYTES = 4 << 20
-MIN_RUN_BLOCKS = 4  # zero-copy frames only when runs average at least this many blocks,
-MAX_SHORT_RUNS = 2  # or when there are this few runs (measured: 1 block 5.8 -> 3.9 ms; 23 runs of 1: 17 -> 31)
 
 
 class KVServer(IOThread):
@@ -49,8 +43,12 @@ class KVServer(IOThread):
 
     def __init__(self, endpoint: str, receiver: RankReceiver, reservations: Reservations | None = None,
                  max_msg_bytes: int = MAX_MSG_BYTES, metrics: Counter | None = None,
-                 dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0):
-        """`dist_backend` ("gloo" | "nccl"): payloads come through torch.distributed pair groups."""
+                 dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0,
+                 stream: bool = False):
+        """`dist_backend` ("gloo" | "nccl"): payloads come through torch.distributed pair groups.
+        `stream`: offer senders a page stream (the "tcp" transport, kvtransfer/stream.py; not with
+        CURVE on, whose encryption the stream would bypass); `dist_timeout` bounds a stalled
+        message on it too."""
         super().__init__(f"kv-server-{receiver.rank}")
         self.receiver = receiver
         self.reservations = reservations
@@ -71,6 +69,11 @@ class KVServer(IOThread):
             from kvtransfer.dist_transport import PairHost
             host = endpoint.split("://", 1)[1].rsplit(":", 1)[0] if endpoint.startswith("tcp://") else "127.0.0.1"
             self.pairs = PairHost(host, dist_backend, dist_timeout, device)
+        self.streams = None
+        if stream and security.enabled():
+            log.info("CURVE is on: KV pages stay on ZeroMQ (a page stream would not be encrypted)")
+        elif stream:
+            self.streams = StreamServer(endpoint, receiver, self.metrics, dist_timeout, max_msg_bytes)
         if reservations is not None:
             reservations.send_ack = self.send_ack
 
@@ -141,6 +144,10 @@ class KVServer(IOThread):
             self.sock.send_multipart([identity, encode(PairInfo(VERSION, msg.pair, self.pairs.host, self.pairs.port,
                                                                 self.pairs.backend))])
             self.pairs.accept(msg.pair)
+        elif isinstance(msg, StreamHello):
+            info = StreamInfo(VERSION, msg.nonce, self.streams.address, self.streams.token) if self.streams \
+                else StreamInfo(VERSION, msg.nonce, "")
+            self.sock.send_multipart([identity, encode(info)])
         elif isinstance(msg, Reserve) and self.reservations is not None:
             reply = self.reservations.on_reserve(identity, msg)
             self.sock.send_multipart([identity, encode(reply)])
@@ -177,12 +184,15 @@ class KVServer(IOThread):
             self.reservations.expire(now)
 
     def close_sockets(self) -> None:
+        if self.streams is not None:
+            self.streams.stop()
         self.sock.close(0)
 
 
 class FollowerLink:
     """A non-driver decode rank's line to its driver: RankDone reports go out from the rank's own KV
-    server thread (so `report` must be called there: RankReceiver calls on_done on that thread)."""
+    server thread (RankReceiver calls `report` on that thread, or on a stream's reader thread, whose
+    report is handed over to it)."""
 
     def __init__(self, server: "KVServer", driver_endpoint: str):
         self.server = server
@@ -191,7 +201,11 @@ class FollowerLink:
         self.sock.connect(driver_endpoint)
 
     def report(self, request_id: str, attempt: int, rank: int, ok: bool, reason: str) -> None:
-        self.sock.send(encode(RankDone(VERSION, request_id, attempt, rank, ok, reason)))
+        msg = encode(RankDone(VERSION, request_id, attempt, rank, ok, reason))
+        if self.server.on_io_thread():
+            self.sock.send(msg)
+        else:
+            self.server.submit(lambda: self.sock.send(msg))
 
 
 class RemoteRank:
@@ -231,9 +245,11 @@ class KVClient(IOThread):
 
     def __init__(self, rank: int, metrics: Counter | None = None, sndhwm: int = 0,
                  dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0,
-                 stage_frames: bool = False):
+                 stage_frames: bool = False, stream: bool = False):
         """`dist_backend` ("gloo" | "nccl"): payloads go through torch.distributed pair groups.
-        `stage_frames`: copy CPU payloads into a host buffer too, as GPU ones always are (tests)."""
+        `stage_frames`: copy CPU payloads into a host buffer too, as GPU ones always are (tests).
+        `stream`: pages go on each receiver's page stream when it offers one (the "tcp" transport,
+        kvtransfer/stream.py), else as ZeroMQ frames; `dist_timeout` bounds a stalled write there too."""
         super().__init__(f"kv-client-{rank}")
         self.ctx = zmq.Context()  # its own (see close_sockets)
         self.stage_frames = stage_frames
@@ -250,6 +266,7 @@ class KVClient(IOThread):
         self._frames_only: set[str] = set()  # receivers on another transport: ZeroMQ frames for them
         self._cache_frames = CacheFrames.make()
         self._lock = threading.Lock()
+        self.streams = StreamPeers(self._ask_stream, self.metrics, dist_timeout) if stream else None
 
     # -- API (any thread) ------------------------------------------------------------------------
     def reserve(self, endpoint: str, request_id: str, attempt: int, num_tokens: int, layout: KVLayout,
@@ -314,6 +331,13 @@ class KVClient(IOThread):
                 return
             payload = [payload]
         head = encode(header)
+        stream = self.streams.get(endpoint) if self.streams is not None else None
+        if stream is not None:
+            staged = self.stage_frames or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in payload)
+            frames, ready = host_frames(payload, staged)
+            self.metrics["messages_staged"] += staged
+            stream.send(head, frames, header.nbytes, ready)
+            return
         if cache is not None and self._cache_frames is not None and not self.stage_frames:
             self._cache_frames.keep(cache)
             views = [to_bytes_view(t) for t in payload]
@@ -329,10 +353,25 @@ class KVClient(IOThread):
         self.submit(lambda: self._sock(endpoint).send(msg))
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Returns once every page queued before the call has been handed to ZeroMQ."""
+        """Returns once every page queued before the call has been handed to ZeroMQ (or written to
+        its stream)."""
         done = threading.Event()
         self.submit(done.set)
         done.wait(timeout)
+        if self.streams is not None:
+            self.streams.flush(timeout)
+
+    def _ask_stream(self, endpoint: str, timeout: float) -> StreamInfo | None:
+        """The StreamHello round trip to `endpoint` (for StreamPeers); None: no answer in time."""
+        nonce = uuid.uuid4().hex
+        fut = self._expect("stream", nonce, 0)
+        hello = encode(StreamHello(VERSION, nonce))
+        self.submit(lambda: self._sock(endpoint).send(hello))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            self._forget("stream", nonce, 0)
+            return None
 
     # -- I/O thread ------------------------------------------------------------------------------
     def _send_dist(self, endpoint, head, payload, tag, nbytes):
@@ -385,6 +424,8 @@ class KVClient(IOThread):
                 continue
             if isinstance(msg, PairInfo):
                 fut = self._forget("pair", msg.pair, 0)
+            elif isinstance(msg, StreamInfo):
+                fut = self._forget("stream", msg.nonce, 0)
             else:
                 kind = "reserved" if isinstance(msg, Reserved) else "ack" if isinstance(msg, Ack) else None
                 fut = self._forget(kind, msg.request_id, msg.attempt) if kind else None
@@ -394,6 +435,8 @@ class KVClient(IOThread):
                 fut.set_result(msg)
 
     def close_sockets(self) -> None:
+        if self.streams is not None:  # (what is queued on them is written first, within a bound)
+            self.streams.close()
         for s in self._socks.values():
             s.close(0)
         self._socks.clear()
@@ -412,92 +455,3 @@ class KVClient(IOThread):
     def _forget(self, kind, request_id, attempt) -> Future | None:
         with self._lock:
             return self._waiting.pop((kind, request_id, attempt), None)
-
-
-class OutgoingTransfer:
-    """What one source rank sends for one request, layer by layer (call `send_layer` as each layer's
-    KV is written: the transfer of layer l overlaps the compute of layer l + 1)."""
-
-    def __init__(self, client: KVClient, caches: RankCaches, plan: list[TransferItem], src_rank: int,
-                 request_id: str, attempt: int, endpoints: list[str], src_block_ids: list[int],
-                 dst_block_ids: list[int]):
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(f"{len(src_block_ids)} source blocks vs {len(dst_block_ids)} destination blocks")
-        self.client, self.caches = client, caches
-        self.items = items_from(plan, src_rank)
-        self.src_rank, self.request_id, self.attempt = src_rank, request_id, attempt
-        self.endpoints = endpoints
-        self.src_blocks = torch.tensor(src_block_ids, dtype=torch.long, device=caches.caches[0].device)
-        self.src_block_ids = list(src_block_ids)
-        self.dst_block_ids = list(dst_block_ids)
-        self.layers_sent: set[int] = set()
-        # ZeroMQ from a CPU cache: send views of the cache itself (no gather copy)
-        self.zero_copy = client.pairs is None and caches.caches[0].device.type == "cpu"
-        self._runs_cache: dict[bool, list[int]] = {}
-
-    def send_layer(self, layer: int) -> int:
-        """Sends this rank's pages of `layer` to every destination rank that needs them. Returns messages."""
-        return self.send_layers([layer])
-
-    def send_layers(self, layers: list[int]) -> int:
-        """Sends this rank's pages of `layers` (all computed) to every destination rank that needs them:
-        over ZeroMQ frames, one message per destination rank and run of consecutive layers, so the
-        per-message work (header, wake-ups, bookkeeping on both sides) is paid once, not per layer.
-        Returns messages."""
-        n = 0
-        for it in self.items:
-            per_message = 1 if self.client.pairs is not None else \
-                max(1, min(MAX_LAYERS, MESSAGE_BYTES // self._layer_bytes(it)))
-            mine = [layer for layer in sorted(layers) if it.layers[0] <= layer < it.layers[1]]
-            group: list[int] = []
-            for layer in mine:
-                if group and (layer != group[-1] + 1 or len(group) == per_message):
-                    self._send(it, group)
-                    n += 1
-                    group = []
-                group.append(layer)
-            if group:
-                self._send(it, group)
-                n += 1
-        self.layers_sent.update(layers)
-        return n
-
-    def _layer_bytes(self, it: TransferItem) -> int:
-        """One layer's pages of item `it`: K and V of the request's blocks, the item's heads."""
-        _, _, _, bs, hd = self.caches.caches[0].shape
-        return self.caches.caches[0].element_size() * 2 * len(self.dst_block_ids) * (it.heads[1] - it.heads[0]) * bs * hd
-
-    def _send(self, it: TransferItem, layers: list[int]) -> None:
-        """One Pages message: item `it`'s pages of `layers` (consecutive)."""
-        cache = self.caches.caches[0]
-        nh = it.heads[1] - it.heads[0]
-        shape = [2, len(self.dst_block_ids), nh, cache.shape[3], cache.shape[4]]
-        dtype = str(cache.dtype).removeprefix("torch.")
-        runs = self._runs(nh == self.caches.num_heads) if self.zero_copy else []
-        owners = None
-        if runs:
-            payload = [v for layer in layers for v in self.caches.slabs(layer, it.heads, self.src_block_ids, runs)]
-            if all(v.base is not None for v in payload):  # views of the cache (a strided cache's are copies)
-                owners = [self.caches.byte_view(layer) for layer in layers]
-        elif len(layers) > 1:
-            payload = [self.caches.extract(layer, it.heads, self.src_blocks) for layer in layers]
-        else:
-            payload = self.caches.extract(layers[0], it.heads, self.src_blocks)
-        header = Pages(VERSION, self.request_id, self.attempt, self.src_rank, layers[0], it.heads,
-                       self.dst_block_ids, dtype, shape, self._layer_bytes(it) * len(layers), runs=runs,
-                       num_layers=len(layers))
-        self.client.send_pages(self.endpoints[it.dst_rank], header, payload, owners)
-
-    def _runs(self, whole_blocks: bool) -> list[int]:
-        """Zero-copy runs when they are few or long enough to beat one gather (each frame costs a
-        few us in pyzmq and libzmq); [] means gather into one frame."""
-        key = whole_blocks
-        if key not in self._runs_cache:
-            runs = block_runs(self.src_block_ids, self.dst_block_ids, whole_blocks)
-            few = len(runs) <= MAX_SHORT_RUNS or len(runs) * MIN_RUN_BLOCKS <= len(self.src_block_ids)
-            self._runs_cache[key] = runs if few else []
-        return self._runs_cache[key]
-
-    def send_all(self) -> int:
-        """Sends every layer not sent yet (all computed), as few messages as `send_layers` makes."""
-        return self.send_layers(sorted({layer for it in self.items for layer in range(*it.layers)} - self.layers_sent))

@@ -6,7 +6,8 @@ from __future__ import annotations
 from engine.partition import kv_head_range
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
-from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
+from kvtransfer.outgoing import OutgoingTransfer
+from kvtransfer.zmq_transport import KVClient
 
 
 def src_layout(runner) -> KVLayout:
@@ -18,8 +19,8 @@ def src_layout(runner) -> KVLayout:
 class Shipper:
     """`step_hook(rank, runner, extras, seq_ids)`: extras["ships"] lists the requests whose prompt
     completes in this step (seq_id, request_id, attempt, dst_layout, dst_endpoints, src_block_ids,
-    dst_block_ids); extras["dist"] the torch.distributed transport ({backend, device, timeout_s}, or
-    None for ZeroMQ frames); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
+    dst_block_ids); extras["dist"] the transport ({backend: torch.distributed or None for ZeroMQ,
+    device, timeout_s, stream: pages on the tcp transport's stream}); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
 
     def __init__(self):
         self.client: KVClient | None = None
@@ -33,7 +34,7 @@ class Shipper:
         if self.client is None:  # the transport is the worker's: the same in every step
             dist = extras.get("dist") or {}
             self.client = KVClient(rank, dist_backend=dist.get("backend"), device=dist.get("device", "cpu"),
-                                   dist_timeout=dist.get("timeout_s", 30.0))
+                                   dist_timeout=dist.get("timeout_s", 30.0), stream=dist.get("stream", False))
             self.client.start()
         src = src_layout(runner)
         ctx = runner.model.ctx

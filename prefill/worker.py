@@ -54,7 +54,7 @@ class PrefillWorker:
         kv = config.kv_transfer
         backend = kv.backend(config.device.device)  # every rank's Shipper sends payloads this way
         self.kv_dist = {"backend": backend, "device": config.device.device if backend == "nccl" else "cpu",
-                        "timeout_s": kv.timeout_s} if backend else None
+                        "timeout_s": kv.timeout_s, "stream": kv.stream(config.device.device)}
         self.client = KVClient(0)  # the driver's control path: reserve, ack, abort
         self.ctx = zmq.Context.instance()
         self.sock, self.endpoint = request_socket(self.ctx, host, port)

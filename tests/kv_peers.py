@@ -60,9 +60,10 @@ class DecodeSide:
                                    self._rank_done, self.metrics) for r in range(self.layout.num_ranks)]
         self.res = Reservations(self.layout, self.ranks, self.pool.reserve, self.pool.release, lambda *a: None,
                                 self._on_ready, timeout=spec.get("timeout", 10.0), metrics=self.metrics)
-        backend = None if spec.get("transport", "zmq") == "zmq" else spec["transport"]
-        self.servers = [KVServer(spec.get("endpoint", "tcp://127.0.0.1:0"), r,
-                                 self.res if r.rank == 0 else None, dist_backend=backend) for r in self.ranks]
+        transport = spec.get("transport", "zmq")
+        backend = None if transport in ("zmq", "tcp") else transport
+        self.servers = [KVServer(spec.get("endpoint", "tcp://127.0.0.1:0"), r, self.res if r.rank == 0 else None,
+                                 dist_backend=backend, stream=transport == "tcp") for r in self.ranks]
         for s in self.servers:
             s.start()
         on_pages = self.ranks[0].on_pages
@@ -127,7 +128,7 @@ def send(spec):
                                  device=DeviceConfig(dtype=spec["dtype"])))
     prompt = spec["prompt"]
     endpoints = spec["endpoints"]
-    report = {"acks": {}, "layer_done_at": None}
+    report = {"acks": {}, "layer_done_at": None, "metrics": Counter()}
     tensors = {}
     kill_after = spec.get("kill_after_frames")
     for p_tp, p_pp in spec["prefill"]:
@@ -138,9 +139,10 @@ def send(spec):
             rid = f"p{p_tp}x{p_pp}-d{key}"
             # compute the prompt's KV with the engine: one prefill step; the sequence keeps its blocks
             eng.add_request(rid, prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-            backend = None if spec.get("transport", "zmq") == "zmq" else spec["transport"]
-            clients = [KVClient(r, dist_backend=backend, dist_timeout=spec.get("dist_timeout", 30.0))
-                       for r in range(src.num_ranks)]
+            transport = spec.get("transport", "zmq")
+            backend = None if transport in ("zmq", "tcp") else transport
+            clients = [KVClient(r, dist_backend=backend, dist_timeout=spec.get("dist_timeout", 30.0),
+                                stream=transport == "tcp") for r in range(src.num_ranks)]
             for c in clients:
                 c.start()
             sleep = spec.get("layer_sleep", 0.0)
@@ -196,6 +198,7 @@ def send(spec):
             assert rid not in eng._requests, "SendTransfer must have released the request"
             for c in clients:
                 c.stop()
+                report["metrics"].update(c.metrics)
     report["free_blocks"] = eng.block_manager.num_free_blocks
     report["num_blocks"] = eng.block_manager.num_blocks
     from safetensors.torch import save_file

@@ -35,17 +35,20 @@ def test_cuda_bf16_runs_batched_with_sampling(tiny_llama):
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["zmq", "tcp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kv_pages_go_through_pinned_host_buffers_over_zeromq(dtype):
-    """ZeroMQ transport, CUDA caches on both ends: pages leave through page-locked staging buffers
-    (one per message, copied asynchronously) and land through one, bit for bit, partial heads included."""
+def test_cuda_kv_pages_go_through_pinned_host_buffers_over_zeromq(dtype, stream):
+    """ZeroMQ (frames, or the tcp transport's stream), CUDA caches on both ends: pages leave through
+    page-locked staging buffers (one per message, copied asynchronously) and land through one, bit for
+    bit, partial heads included."""
     import time
 
     from kvtransfer.pages import RankCaches
     from kvtransfer.plan import KVLayout, plan_transfer
     from kvtransfer.frames import host_buffer
     from kvtransfer.receiver import RankReceiver
-    from kvtransfer.zmq_transport import KVClient, KVServer, OutgoingTransfer
+    from kvtransfer.outgoing import OutgoingTransfer
+    from kvtransfer.zmq_transport import KVClient, KVServer
 
     assert host_buffer(64, torch.device("cuda")).is_pinned()
     name = str(dtype).removeprefix("torch.")
@@ -56,10 +59,10 @@ def test_cuda_kv_pages_go_through_pinned_host_buffers_over_zeromq(dtype):
         dst = RankCaches([torch.zeros(2, 16, 1, 4, 8, device="cuda", dtype=dtype) for _ in range(4)], 0, rank)
         recv = RankReceiver(rank, dst_layout, dst, lambda *a: done.append(a))
         assert recv.stage_frames
-        servers.append(KVServer("tcp://127.0.0.1:0", recv, None))
+        servers.append(KVServer("tcp://127.0.0.1:0", recv, None, stream=stream))
         servers[-1].start()
         recv.expect("r", 0, [9, 10, 11], src_layout, time.monotonic() + 10)
-    client = KVClient(0)
+    client = KVClient(0, stream=stream)
     client.start()
     try:
         out = OutgoingTransfer(client, src, plan_transfer(src_layout, dst_layout), 0, "r", 0,
@@ -76,6 +79,7 @@ def test_cuda_kv_pages_go_through_pinned_host_buffers_over_zeromq(dtype):
                 assert torch.equal(s.receiver.caches.caches[layer][:, 9:12], want)
             assert s.receiver.metrics["frames_staged"] == 4
         assert client.metrics["messages_staged"] == 4
+        assert client.metrics["messages_streamed"] == (4 if stream else 0)
     finally:
         client.stop()
         for s in servers:

@@ -1,10 +1,12 @@
-"""KV pages between real processes over ZeroMQ: bit-identical round trips for every TP x PP pair,
-layer-wise streaming, faults (receiver full, timeouts, a peer killed mid-transfer) and fuzzing."""
+"""KV pages between real processes over ZeroMQ (frames, or the tcp transport's page stream) and gloo:
+bit-identical round trips for every TP x PP pair, layer-wise streaming, faults (receiver full,
+timeouts, a peer killed mid-transfer) and fuzzing of both the ZeroMQ endpoint and the stream."""
 
 import itertools
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,8 @@ import torch
 import zmq
 
 from kvtransfer.plan import KVLayout
-from kvtransfer.protocol import VERSION, Pages, Reserve, encode, layout_msg
+from kvtransfer.protocol import VERSION, Pages, Reserve, StreamHello, decode, encode, layout_msg
+from kvtransfer.stream import MAGIC, PREFIX, connect_address
 
 pytestmark = pytest.mark.integration
 PEERS = str(Path(__file__).resolve().parents[1] / "kv_peers.py")
@@ -102,7 +105,7 @@ def check_bit_identical(pair, spec_model, prefill, decode):
     return n
 
 
-@pytest.mark.parametrize("transport", ["zmq", "gloo"])
+@pytest.mark.parametrize("transport", ["zmq", "tcp", "gloo"])
 def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, transport):
     pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES, common={"transport": transport})
     report, sent = pair.run()
@@ -115,10 +118,12 @@ def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, tran
         assert side["pending"] == 0
         via_dist = side["metrics"].get("frames_via_dist", 0)
         assert via_dist == (side["metrics"]["frames_ok"] if transport == "gloo" else 0)
+    if transport == "tcp":
+        assert sent["metrics"].get("messages_streamed", 0) == sent["metrics"]["frames_sent"] > 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["zmq", "gloo"])
+@pytest.mark.parametrize("transport", ["zmq", "tcp", "gloo"])
 def test_smollm2_with_three_kv_heads_over_tp_1_and_3(tmp_path, smollm2_dir, transport):
     shapes = [[1, 1], [3, 1]]
     pair = Pair(tmp_path, smollm2_dir, shapes, shapes, common={"block_size": 16, "num_blocks": 32,
@@ -162,8 +167,9 @@ def test_receiver_full_says_no_room_at_once(tmp_path, tiny_llama):
     assert took < 60
 
 
-def test_sender_killed_mid_transfer_frees_the_reservation(tmp_path, tiny_llama):
-    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 2]], expect_ready=1,
+@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+def test_sender_killed_mid_transfer_frees_the_reservation(tmp_path, tiny_llama, transport):
+    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 2]], expect_ready=1, common={"transport": transport},
                 recv={"timeout": 1.0, "serve_seconds": 4})
     try:
         pair.start_receiver()
@@ -178,9 +184,10 @@ def test_sender_killed_mid_transfer_frees_the_reservation(tmp_path, tiny_llama):
     assert side["metrics"]["transfers_failed"] >= 1
 
 
-def test_receiver_killed_mid_transfer_sender_frees_its_pages(tmp_path, tiny_llama):
-    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], send={"layerwise": True, "layer_sleep": 0.4,
-                                                               "ack_timeout": 2.0})
+@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+def test_receiver_killed_mid_transfer_sender_frees_its_pages(tmp_path, tiny_llama, transport):
+    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], common={"transport": transport},
+                send={"layerwise": True, "layer_sleep": 0.4, "ack_timeout": 2.0})
     pair.start_receiver()
     try:
         spec = {**pair.send_spec, "endpoints": pair.endpoints}
@@ -234,5 +241,69 @@ def test_fuzzed_frames_are_dropped_and_counted_and_transfers_go_on(tmp_path, tin
     assert m.get("messages_bad", 0) >= 200
     assert m.get("reserve_refused", 0) == 2
     # only the delivered request still holds blocks (30 tokens / 4 per block), kept for decoding
+    assert report["1x1"]["free_blocks"] == report["1x1"]["num_blocks"] - 8
+    check_bit_identical(pair, model_spec(tiny_llama), [[1, 1]], [[1, 1]])
+
+
+def _stream_of(endpoint):
+    """(address, token) of a receiver rank's page stream, asked over its ZeroMQ endpoint."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(encode(StreamHello(VERSION, "fuzz")))
+        assert s.poll(10_000), "no StreamInfo"
+        info = decode(s.recv())
+    finally:
+        s.close(0)
+    return connect_address(info.address, endpoint), info.token
+
+
+def test_fuzzed_stream_connections_are_closed_and_counted_and_transfers_go_on(tmp_path, tiny_llama):
+    """The tcp transport's stream: no token, a wrong token, random bytes after the right token, a
+    header that is not Pages, a payload cut off mid-way (its transfer fails at once, its blocks are
+    freed): each connection is closed and counted; the receiver serves a real transfer afterwards."""
+    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], common={"transport": "tcp"},
+                recv={"serve_seconds": 60})
+    try:
+        eps = pair.start_receiver()
+        (family, addr), token = _stream_of(eps["1x1"][0])
+        assert len(token) == 16
+        rng = random.Random(1)
+        layout = KVLayout(4, 2, 16, 4, "float32")
+        ghost = encode(Pages(VERSION, "ghost", 0, 0, 0, (0, 2), [1, 2], "float32", [2, 2, 2, 4, 16],
+                             2 * 2 * 2 * 4 * 16 * 4, runs=[2]))
+        sessions = [
+            b"",  # connects and goes
+            rng.randbytes(16) + PREFIX.pack(MAGIC, len(ghost)) + ghost,  # wrong token
+            token + rng.randbytes(3000),  # random bytes
+            token + PREFIX.pack(b"XXXX", 10) + b"0123456789",  # bad magic
+            token + PREFIX.pack(MAGIC, 1 << 30),  # a header larger than any
+            token + PREFIX.pack(MAGIC, 7) + b"\x00" * 7,  # not msgpack
+            token + PREFIX.pack(MAGIC, len(e := encode(Reserve(VERSION, "r", 0, 8, layout_msg(layout))))) + e,
+            token + PREFIX.pack(MAGIC, len(ghost)) + ghost + b"short",  # unknown request, cut off
+            token + PREFIX.pack(MAGIC, len(ghost)) + ghost + b"\x00" * (2 * 2 * 2 * 4 * 16 * 4),  # unknown, whole
+        ]
+        for data in sessions:
+            c = socket.socket(family, socket.SOCK_STREAM)
+            c.settimeout(10)
+            c.connect(addr)
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            try:
+                assert c.recv(1) == b""  # the receiver closes its end
+            except ConnectionResetError:  # ... with bytes of ours unread
+                pass
+            c.close()
+        pair.run_sender()
+        report = pair.wait_receiver()
+    finally:
+        pair.kill()
+    sent = json.loads((tmp_path / "send.json").read_text())
+    assert sent["acks"]["p1x1-d1x1"]["ok"] is True and sent["metrics"]["messages_streamed"] > 0
+    m = report["1x1"]["metrics"]
+    assert m.get("stream_refused", 0) == 1
+    assert m.get("messages_bad", 0) == 5  # random bytes, bad magic, huge header, not msgpack, a Reserve
+    assert m.get("frames_unknown_request", 0) >= 1  # the whole ghost message, read and dropped
     assert report["1x1"]["free_blocks"] == report["1x1"]["num_blocks"] - 8
     check_bit_identical(pair, model_spec(tiny_llama), [[1, 1]], [[1, 1]])

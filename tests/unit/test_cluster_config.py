@@ -79,5 +79,5 @@ def test_pool_kv_transport_is_checked():
     assert loads(base + 'kv_transport = "gloo"\n').pool[1].kv_transport == "gloo"
     with pytest.raises(ConfigError, match=r"pool\[1\].kv_transport = 'nccl': needs a CUDA device"):
         loads(base + 'kv_transport = "nccl"\n')
-    with pytest.raises(ConfigError, match=r"pool\[1\].kv_transport = 'tcp'"):
-        loads(base + 'kv_transport = "tcp"\n')
+    with pytest.raises(ConfigError, match=r"pool\[1\].kv_transport = 'udp'"):
+        loads(base + 'kv_transport = "udp"\n')

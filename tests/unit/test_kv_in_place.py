@@ -138,26 +138,29 @@ def test_a_message_of_several_layers_lands_each_layer_and_a_short_one_fails(serv
 
 @pytest.mark.parametrize("src_blocks", [[1, 2, 3], [1, 3, 6]])  # runs of whole blocks, or a gather
 @pytest.mark.parametrize("mode", ["cache", "strided", "staged"])
-def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypatch, mode, src_blocks):
+@pytest.mark.parametrize("stream", [False, True], ids=["zmq", "tcp"])
+def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypatch, mode, src_blocks, stream):
     """OutgoingTransfer.send_layers over real sockets: layers coalesce into messages of about
     MESSAGE_BYTES; frames of a contiguous cache go through libzmq directly (`CacheFrames`), a strided
     cache's copies through pyzmq; staged (a GPU cache's path: through a host buffer on both sides,
-    forced here for CPU caches) too; all land bit for bit."""
-    from kvtransfer import zmq_transport
+    forced here for CPU caches) too; all land bit for bit. The same over the "tcp" transport's page
+    stream (kvtransfer/stream.py), which lands whole-block runs with recv_into as well."""
+    from kvtransfer import outgoing
     from kvtransfer.plan import plan_transfer
-    from kvtransfer.zmq_transport import KVClient, OutgoingTransfer
+    from kvtransfer.outgoing import OutgoingTransfer
+    from kvtransfer.zmq_transport import KVClient
 
     layout = KVLayout(5, 2, 4, 2, "float32")
     per_layer = 2 * 3 * PER_BLOCK  # K and V of 3 blocks
-    monkeypatch.setattr(zmq_transport, "MESSAGE_BYTES", 2 * per_layer)  # two layers a message
+    monkeypatch.setattr(outgoing, "MESSAGE_BYTES", 2 * per_layer)  # two layers a message
     full = [torch.randn(2, 8, 3, 2, 4) for _ in range(5)]
     strided, staged = mode == "strided", mode == "staged"
     src = RankCaches([c[:, :, 1:] for c in full] if strided else [c[:, :, :2].clone() for c in full], 0, 0)
     dst = RankCaches([torch.zeros(2, 8, 2, 2, 4) for _ in range(5)], 0, 0)
     done = []
     recv = RankReceiver(0, layout, dst, lambda *a: done.append(a), stage_frames=staged)
-    srv = KVServer("tcp://127.0.0.1:0", recv, None)
-    client = KVClient(0, stage_frames=staged)
+    srv = KVServer("tcp://127.0.0.1:0", recv, None, stream=stream)
+    client = KVClient(0, stage_frames=staged, stream=stream)
     srv.start()
     client.start()
     try:
@@ -171,9 +174,11 @@ def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypat
         for layer in range(5):
             assert torch.equal(dst.caches[layer][:, 5:8], src.caches[layer][:, src_blocks])
         runs = src_blocks == [1, 2, 3]
-        assert client.metrics["messages_cache_frames"] == (3 if mode == "cache" and runs else 0)
+        cache_frames = mode == "cache" and runs and not stream
+        assert client.metrics["messages_cache_frames"] == (3 if cache_frames else 0)
+        assert client.metrics["messages_streamed"] == (3 if stream else 0)
         kept = client._cache_frames.kept if client._cache_frames is not None else {}
-        assert len(kept) == (5 if mode == "cache" and runs else 0)  # the five layers' cache arrays
+        assert len(kept) == (5 if cache_frames else 0)  # the five layers' cache arrays
         assert client.metrics["messages_staged"] == (3 if staged else 0)
         if staged:
             assert recv.metrics["frames_staged"] == 5
@@ -212,7 +217,7 @@ def test_cancel_waits_for_a_write_in_progress_and_a_failed_write_fails_only_its_
     bad = Pages(VERSION, "w", 0, 0, 0, (0, 2), [4, 5], "float32", [2, 2, 2, 2, 4], 2 * 2 * PER_BLOCK, runs=[2])
     recv.on_pages(bad, [memoryview(b"\0" * 2 * PER_BLOCK)] * 2)
     assert done[-1][0] == "w" and done[-1][3] is False and "device lost" in done[-1][4]
-    assert recv.num_pending == 0 and recv._writing is None
+    assert recv.num_pending == 0 and not recv._writing
 
 
 def test_runs_must_cover_consecutive_blocks_and_a_device_cache_must_stage():

@@ -1,0 +1,417 @@
+"""The "tcp" transport's data path: page bytes over a plain stream socket, straight into the cache.
+
+ZeroMQ still carries every control message (reserve, acks, aborts, the handshake below); only `Pages`
+messages (header and payload) take one TCP connection per (sender rank, receiver rank), or a Unix
+socket when the receiver's endpoint is ipc://. The receiver reads each header, asks its
+`RankReceiver` where the payload lands (`landing`: the cache blocks reserved for it, or a staging
+buffer), and the kernel copies the bytes there with `recv_into`: one pass over the bytes. ZeroMQ
+receives every message into buffers of its own first, so pages cost one more pass there; on 2 cores
+that pass competes with both ends' I/O threads (measured at 16 MiB over loopback: raw pyzmq 3.6-4.6
+GB/s when the sink only looks at the frames, 2.0-2.4 when it lands them in buffers; a socket landing
+them 5.6-5.8).
+
+Handshake (over ZeroMQ): the sender rank sends `StreamHello`; the receiver answers `StreamInfo` with
+its stream's address and a random 16-byte token, or an empty address (no stream: send ZeroMQ frames).
+A connection starts with that token, so only a peer that spoke to the ZeroMQ endpoint can write into
+caches. The bytes themselves are not encrypted: with CURVE on (cluster/security.py) the receiver
+offers no stream and pages stay on ZeroMQ.
+
+On a connection: the token once, then messages, each `PREFIX` (magic, header length), the msgspec
+`Pages` header, and exactly `header.nbytes` payload bytes: the frames `frame_sizes` names, back to
+back. A header that cannot be read, a bad token, or a stall mid-message (`timeout`) closes the
+connection; a transfer cut off that way fails at once (its request's blocks are freed and the sender
+hears Ack(not ok)), and the sender opens a new connection for its next message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import queue
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+
+from kvtransfer.frames import Staged
+from kvtransfer.protocol import MAX_HEADER_BYTES, Pages, ProtocolError, decode
+from kvtransfer.receiver import Landed, RankReceiver, frame_sizes
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TKVS"
+PREFIX = struct.Struct("<4sI")  # magic, header length
+TOKEN_BYTES = 16
+# how often a reader or the acceptor, waiting for bytes, looks whether the server stops (and a reader
+# mid-payload whether its write was revoked: `RankReceiver.cancel` waits that long at most)
+POLL_S = 0.2
+SOCKET_BUFFER = 4 << 20  # kernel buffers of a connection: fewer wake-ups per MiB on both ends
+IOV_MAX = 512  # buffers per sendmsg call
+HANDSHAKE_S = 1.0  # a sender's wait for StreamInfo
+RETRY_S = 10.0  # after a failed handshake or a broken stream: ZeroMQ frames to that receiver this long
+
+
+class StreamClosed(ConnectionError):
+    """The peer closed the connection (between messages: the usual end)."""
+
+
+class Revoked(Exception):
+    """The receiver revoked a write in progress (`RankReceiver.may_write`); `got`: bytes read so far."""
+
+    def __init__(self, got: int):
+        super().__init__(f"revoked after {got} bytes")
+        self.got = got
+
+
+def stream_address(endpoint: str) -> tuple[int, object]:
+    """(address family, bind address) of the stream next to a ZeroMQ `endpoint` (tcp:// or ipc://)."""
+    if endpoint.startswith("tcp://"):
+        host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
+        host = "" if host in ("*", "0.0.0.0") else host
+        return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, 0)
+    if endpoint.startswith("ipc://"):
+        return socket.AF_UNIX, endpoint[6:] + ".kvstream"
+    raise ValueError(f"no stream next to {endpoint!r} (tcp:// or ipc:// only)")
+
+
+def connect_address(address: str, endpoint: str) -> tuple[int, object]:
+    """Where a sender connects for `address` (from StreamInfo): a wildcard host is the host of the
+    ZeroMQ `endpoint` it reached the receiver at."""
+    if address.startswith("ipc://"):
+        return socket.AF_UNIX, address[6:]
+    if not address.startswith("tcp://"):
+        raise ValueError(f"unknown stream address {address!r}")
+    host, port = address[6:].rsplit(":", 1)
+    host = host.strip("[]")
+    if host in ("", "*", "0.0.0.0", "::"):
+        host = endpoint.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class StreamServer:
+    """A receiver rank's stream: a listening socket, an acceptor thread, a reader thread per connection
+    (one per sender rank). Readers call into the rank's `RankReceiver` (thread-safe)."""
+
+    def __init__(self, endpoint: str, receiver: RankReceiver, metrics: Counter, timeout: float = 30.0,
+                 max_msg_bytes: int = 1 << 30):
+        family, addr = stream_address(endpoint)
+        self.receiver, self.metrics = receiver, metrics
+        self.timeout, self.max_msg_bytes = timeout, max_msg_bytes
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_UNIX:
+            if os.path.exists(addr):
+                os.unlink(addr)
+            self._path = addr
+        else:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._path = None
+        _tune(self._listener)  # (accepted sockets inherit the buffer sizes, which must precede the handshake)
+        self._listener.bind(addr)
+        self._listener.listen(64)
+        self._listener.settimeout(POLL_S)
+        if family == socket.AF_UNIX:
+            self.address = f"ipc://{addr}"
+        else:
+            host, port = self._listener.getsockname()[:2]
+            self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept, name=f"kv-stream-{receiver.rank}", daemon=True)
+        self._acceptor.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._acceptor.join(5)
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:  # readers blocked in recv wake up with an error and end
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._path is not None and os.path.exists(self._path):
+            os.unlink(self._path)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name=f"kv-stream-{self.receiver.rank}-conn",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(POLL_S)
+        try:
+            token = bytearray(TOKEN_BYTES)
+            _recv_exact(conn, memoryview(token), None, self._stop, self.timeout)
+            if not hmac.compare_digest(bytes(token), self.token):
+                self.metrics["stream_refused"] += 1
+                return
+            while self._message(conn):
+                pass
+        except StreamClosed:
+            pass
+        except (OSError, TimeoutError) as e:
+            if not self._stop.is_set():
+                self.metrics["stream_broken"] += 1
+                log.warning("KV stream connection failed: %s", e)
+        except Exception:  # never let a peer's bytes end the process; the connection goes
+            self.metrics["stream_broken"] += 1
+            log.exception("KV stream connection failed")
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _message(self, conn: socket.socket) -> bool:
+        """Reads and delivers one message; False: the connection is to be closed (a bad header)."""
+        prefix = bytearray(PREFIX.size)
+        _recv_exact(conn, memoryview(prefix), None, self._stop, self.timeout)  # idle: waits for the next one
+        deadline = time.monotonic() + self.timeout  # from here on the rest must come in time
+        magic, n = PREFIX.unpack(prefix)
+        if magic != MAGIC or n > MAX_HEADER_BYTES:
+            return self._bad("not a KV stream message")
+        head = bytearray(n)
+        _recv_exact(conn, memoryview(head), deadline, self._stop, self.timeout)
+        try:
+            msg = decode(head)
+        except ProtocolError as e:
+            return self._bad(str(e))
+        if not isinstance(msg, Pages) or msg.pair or msg.nbytes > self.max_msg_bytes:
+            return self._bad(f"a {type(msg).__name__} message on a KV stream")
+        sizes = frame_sizes(msg)
+        views = self.receiver.landing(msg)
+        if views is not None and [memoryview(v).nbytes for v in views] != sizes:
+            self.receiver.abandon_landing()  # (cannot happen for a header that fits its reservation)
+            views = None
+        if views is None:  # not landing in place: the payload goes to `on_pages` to judge and write
+            payload = memoryview(bytearray(msg.nbytes))
+            try:
+                _recv_exact(conn, payload, deadline, self._stop, self.timeout)
+            except BaseException:  # cut off: an expected transfer fails now, not at its deadline
+                self.receiver.on_pages(msg, [])
+                raise
+            frames, off = [], 0
+            for size in sizes:
+                frames.append(payload[off:off + size])
+                off += size
+            self.receiver.on_pages(msg, frames)
+            return True
+        got = [0] * len(views)
+        try:
+            for i, v in enumerate(views):
+                _recv_exact(conn, memoryview(v).cast("B"), deadline, self._stop, self.timeout, self.receiver.may_write)
+                got[i] = sizes[i]
+        except Revoked as r:  # the request was cancelled mid-payload: its blocks are not ours any more
+            self.receiver.abandon_landing()
+            self._drain(conn, msg.nbytes - sum(got) - r.got, deadline)
+            self.receiver.on_pages(msg, Landed(got, False, None))  # (an unknown request by now: counted)
+            return True
+        except BaseException:  # cut off mid-payload: the transfer fails now, not at its deadline
+            self.receiver.on_pages(msg, Landed(got, False, None))
+            raise
+        self.receiver.on_pages(msg, Landed(got, False, views if isinstance(views, Staged) else None))
+        return True
+
+    def _drain(self, conn: socket.socket, n: int, deadline: float) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20)))
+        while n > 0:
+            k = min(n, len(scratch))
+            _recv_exact(conn, scratch[:k], deadline, self._stop, self.timeout)
+            n -= k
+
+    def _bad(self, why: str) -> bool:
+        self.metrics["messages_bad"] += 1
+        log.warning("KV stream: %s; closing the connection", why)
+        return False
+
+
+def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None, stop: threading.Event,
+                timeout: float, may_write=None) -> None:
+    """Fills `view` from `conn` (whose timeout is POLL_S) by `deadline`; None: wait for the first byte
+    as long as it takes (an idle connection), then the rest within `timeout`. Ends early (StreamClosed)
+    when `stop` is set, or (Revoked) when `may_write()` turns False between reads."""
+    got, n = 0, len(view)
+    while got < n:
+        if may_write is not None and not may_write():
+            raise Revoked(got)
+        try:
+            k = conn.recv_into(view[got:])
+        except socket.timeout:
+            if stop.is_set():
+                raise StreamClosed("server stopping") from None
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"stalled after {got} of {n} bytes") from None
+            continue
+        if k == 0:
+            if got == 0 and deadline is None:
+                raise StreamClosed("peer closed")
+            raise ConnectionError(f"peer closed after {got} of {n} bytes")
+        got += k
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+
+
+class StreamClient:
+    """A sender rank's connection to one receiver's stream, with a thread that writes the queued
+    messages (the model thread never blocks on the network). After a failed write the connection is
+    `broken`: the messages still queued are dropped (their transfers fail on the receiver's side),
+    and the owner opens a new one later."""
+
+    def __init__(self, address: str, endpoint: str, token: bytes, metrics: Counter, timeout: float = 30.0):
+        family, addr = connect_address(address, endpoint)
+        self.metrics, self.timeout = metrics, timeout
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        _tune(self.sock)
+        self.sock.settimeout(timeout)
+        self.sock.connect(addr)
+        self.sock.sendall(token)
+        self.broken = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kv-stream-send", daemon=True)
+        self._thread.start()
+
+    def send(self, head: bytes, frames: list, nbytes: int, ready=None) -> None:
+        """Queues one message: `head` (an encoded Pages), its payload `frames` (CPU buffers, kept
+        referenced until written), `ready`: a CUDA event to wait for first (staged GPU pages)."""
+        self._queue.put((PREFIX.pack(MAGIC, len(head)) + head, frames, nbytes, ready))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            if self.broken:
+                self.metrics["stream_dropped"] += 1
+                continue
+            head, frames, nbytes, ready = item
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                _send_all(self.sock, [head, *frames])
+            except (OSError, TimeoutError) as e:
+                self.broken = True
+                self.metrics["stream_send_failed"] += 1
+                log.warning("KV stream write failed: %s", e)
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+                continue
+            self.metrics["frames_sent"] += 1
+            self.metrics["messages_streamed"] += 1
+            self.metrics["bytes_sent"] += nbytes
+
+
+class StreamPeers:
+    """A sender rank's page streams, one per receiver endpoint, opened on first use: a handshake
+    (`ask(endpoint, timeout)` -> StreamInfo or None: the StreamHello round trip over ZeroMQ), then a
+    connection. The receiver just answered a Reserve, so it answers in well under HANDSHAKE_S."""
+
+    def __init__(self, ask, metrics: Counter, timeout: float = 30.0):
+        self.ask, self.metrics, self.timeout = ask, metrics, timeout
+        self._streams: dict[str, StreamClient] = {}
+        self._not_before: dict[str, float] = {}  # endpoint -> when to ask again (inf: it offers none)
+        self._lock = threading.Lock()
+
+    def get(self, endpoint: str) -> "StreamClient | None":
+        """The live stream to `endpoint`, or None (send ZeroMQ frames): the receiver offers none, did
+        not answer, or the last stream to it broke (its peer died, most likely: frames for the next
+        RETRY_S, then a new handshake; the model thread never waits on a dead peer)."""
+        with self._lock:
+            s = self._streams.get(endpoint)
+            if s is not None and not s.broken:
+                return s
+            if s is not None:  # a write failed
+                del self._streams[endpoint]
+                s.close(0)
+                return self._later(endpoint)
+            if self._not_before.get(endpoint, 0.0) > time.monotonic():
+                return None
+            info = self.ask(endpoint, HANDSHAKE_S)
+            if info is None:
+                log.warning("KV receiver %s did not say within %.0f s where its page stream is; ZeroMQ frames "
+                            "for now", endpoint, HANDSHAKE_S)
+                return self._later(endpoint)
+            if not info.address:
+                self._not_before[endpoint] = math.inf
+                return None
+            try:
+                s = StreamClient(info.address, endpoint, info.token, self.metrics, self.timeout)
+            except (OSError, ValueError) as e:
+                log.warning("cannot open KV page stream %s of %s (%s); ZeroMQ frames for now", info.address,
+                            endpoint, e)
+                return self._later(endpoint)
+            self._streams[endpoint] = s
+            return s
+
+    def _later(self, endpoint: str) -> None:
+        self._not_before[endpoint] = time.monotonic() + RETRY_S
+        return None
+
+    def flush(self, timeout: float = 5.0) -> None:
+        for s in list(self._streams.values()):
+            s.flush(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._streams.values():
+                s.close()
+            self._streams.clear()
+
+
+def _send_all(sock: socket.socket, buffers: list) -> None:
+    """Writes every buffer, in order: scatter-gather writes (sendmsg), resumed after partial ones."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + IOV_MAX])
+        while sent and i < len(views):
+            n = len(views[i])
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+        while i < len(views) and not len(views[i]):
+            i += 1
