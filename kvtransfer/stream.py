@@ -37,6 +37,8 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
+
 from kvtransfer.frames import Staged
 from kvtransfer.protocol import MAX_HEADER_BYTES, Pages, ProtocolError, decode
 from kvtransfer.receiver import Landed, RankReceiver, frame_sizes
@@ -166,11 +168,12 @@ class StreamServer:
         conn.settimeout(POLL_S)
         try:
             token = bytearray(TOKEN_BYTES)
-            _recv_exact(conn, memoryview(token), None, self._stop, self.timeout)
+            _recv_exact(conn, memoryview(token), time.monotonic() + self.timeout, self._stop, self.timeout)
             if not hmac.compare_digest(bytes(token), self.token):
                 self.metrics["stream_refused"] += 1
                 return
-            while self._message(conn):
+            scratch = _Scratch()
+            while self._message(conn, scratch):
                 pass
         except StreamClosed:
             pass
@@ -186,7 +189,7 @@ class StreamServer:
                 self._conns.discard(conn)
             conn.close()
 
-    def _message(self, conn: socket.socket) -> bool:
+    def _message(self, conn: socket.socket, scratch: "_Scratch") -> bool:
         """Reads and delivers one message; False: the connection is to be closed (a bad header)."""
         prefix = bytearray(PREFIX.size)
         _recv_exact(conn, memoryview(prefix), None, self._stop, self.timeout)  # idle: waits for the next one
@@ -208,7 +211,7 @@ class StreamServer:
             self.receiver.abandon_landing()  # (cannot happen for a header that fits its reservation)
             views = None
         if views is None:  # not landing in place: the payload goes to `on_pages` to judge and write
-            payload = memoryview(bytearray(msg.nbytes))
+            payload = scratch.get(msg.nbytes)
             try:
                 _recv_exact(conn, payload, deadline, self._stop, self.timeout)
             except BaseException:  # cut off: an expected transfer fails now, not at its deadline
@@ -247,6 +250,23 @@ class StreamServer:
         self.metrics["messages_bad"] += 1
         log.warning("KV stream: %s; closing the connection", why)
         return False
+
+
+class _Scratch:
+    """A connection's buffer for payloads that do not land in place (`on_pages` copies them out before
+    the next message is read): grown as needed, kept up to KEEP_BYTES, uninitialised."""
+
+    KEEP_BYTES = 64 << 20
+
+    def __init__(self):
+        self.buf = np.empty(0, dtype=np.uint8)
+
+    def get(self, n: int) -> memoryview:
+        if n > len(self.buf):
+            if n > self.KEEP_BYTES:
+                return memoryview(np.empty(n, dtype=np.uint8))
+            self.buf = np.empty(n, dtype=np.uint8)
+        return memoryview(self.buf[:n])
 
 
 def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None, stop: threading.Event,
