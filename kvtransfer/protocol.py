@@ -141,6 +141,13 @@ class Cancel(msgspec.Struct, tag="cancel", frozen=True):
     attempt: int
 
 
+class Cancelled(msgspec.Struct, tag="cancelled", frozen=True):
+    """A decode rank -> its driver: nothing of this request is written into its blocks any more."""
+    v: int
+    request_id: str
+    attempt: int
+
+
 class RankDone(msgspec.Struct, tag="rank_done", frozen=True):
     """A decode rank -> its driver: it has every frame of the request (ok), or gave up (reason)."""
     v: int
@@ -152,7 +159,7 @@ class RankDone(msgspec.Struct, tag="rank_done", frozen=True):
 
 
 Message = (Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo | StreamHello | StreamInfo | Expect | ExpectOk
-           | Cancel | RankDone)
+           | Cancel | Cancelled | RankDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

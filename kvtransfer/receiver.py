@@ -73,7 +73,7 @@ class RankReceiver:
         # the requests whose pages are being written into their blocks right now, by thread (a
         # transport thread, between `landing` or the checks of `on_pages` and the end of the write):
         # `cancel` from another thread waits for them, so blocks are never freed under a write
-        self._writing: dict[int, str] = {}
+        self._writing: dict[int, tuple[str, int]] = {}  # thread -> (request_id, attempt)
         # writers told by `cancel` to stop (a stream's reader receiving pages straight into the cache
         # checks `may_write` between reads): the wait in `cancel` then lasts one read, not a transfer
         self._revoked: set[int] = set()
@@ -102,9 +102,9 @@ class RankReceiver:
             me = threading.get_ident()
 
             def others_writing() -> bool:
-                return any(rid == request_id and tid != me for tid, rid in self._writing.items())
+                return any(w == (request_id, attempt) and tid != me for tid, w in self._writing.items())
             if others_writing():
-                self._revoked.update(tid for tid, rid in self._writing.items() if rid == request_id and tid != me)
+                self._revoked.update(tid for tid, w in self._writing.items() if w == (request_id, attempt) and tid != me)
                 if not self._written.wait_for(lambda: not others_writing(), timeout):
                     log.error("a write of %s's pages outlasted %.0f s; its blocks are freed anyway",
                               request_id, timeout)
@@ -185,7 +185,7 @@ class RankReceiver:
             complete = not e.frames
             if complete:
                 del self._expected[msg.request_id]
-            self._writing[threading.get_ident()] = msg.request_id
+            self._writing[threading.get_ident()] = (msg.request_id, msg.attempt)
             return (e, complete), None
 
     def _synchronize(self) -> None:
@@ -268,7 +268,7 @@ class RankReceiver:
                         i += n
             if not all(v.flags.c_contiguous for v in views):
                 return None
-            self._writing[threading.get_ident()] = msg.request_id  # recv_into writes into its blocks
+            self._writing[threading.get_ident()] = (msg.request_id, msg.attempt)  # recv_into writes into its blocks
             return views
 
     def expire(self, now: float) -> None:

@@ -53,8 +53,10 @@ TOKEN_BYTES = 16
 POLL_S = 0.2
 SOCKET_BUFFER = 4 << 20  # kernel buffers of a connection: fewer wake-ups per MiB on both ends
 IOV_MAX = 512  # buffers per sendmsg call
-HANDSHAKE_S = 1.0  # a sender's wait for StreamInfo
-RETRY_S = 10.0  # after a failed handshake or a broken stream: ZeroMQ frames to that receiver this long
+HANDSHAKE_S = 1.0  # a sender's wait for StreamInfo, and for its connection to be accepted
+MAX_CONNECTIONS = 256  # per receiver rank (one per sender rank in use)
+RETRY_S = 10.0  # after a broken stream or a failed connect: ZeroMQ frames to that receiver this long
+MAX_RETRY_S = 300.0  # a receiver that does not answer StreamHello: asked after 10, 20, 40 ... s, then every 5 min
 
 
 class StreamClosed(ConnectionError):
@@ -132,7 +134,7 @@ class StreamServer:
             host, port = self._listener.getsockname()[:2]
             self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._acceptor = threading.Thread(target=self._accept, name=f"kv-stream-{receiver.rank}", daemon=True)
         self._acceptor.start()
@@ -142,12 +144,15 @@ class StreamServer:
         self._acceptor.join(5)
         self._listener.close()
         with self._lock:
-            conns = list(self._conns)
-        for c in conns:  # readers blocked in recv wake up with an error and end
+            conns = list(self._conns.items())
+        for c, _ in conns:  # readers blocked in recv wake up with an error and end
             try:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        end = time.monotonic() + 2.0  # (they also look at the stop flag every POLL_S)
+        for _, t in conns:
+            t.join(max(0.0, end - time.monotonic()))
         if self._path is not None and os.path.exists(self._path):
             os.unlink(self._path)
 
@@ -160,15 +165,19 @@ class StreamServer:
             except OSError:
                 return
             with self._lock:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name=f"kv-stream-{self.receiver.rank}-conn",
-                             daemon=True).start()
+                if len(self._conns) >= MAX_CONNECTIONS:
+                    self.metrics["stream_refused"] += 1
+                    conn.close()
+                    continue
+                t = self._conns[conn] = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                                         name=f"kv-stream-{self.receiver.rank}-conn")
+            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(POLL_S)
         try:
             token = bytearray(TOKEN_BYTES)
-            _recv_exact(conn, memoryview(token), time.monotonic() + self.timeout, self._stop, self.timeout)
+            _recv_exact(conn, memoryview(token), self._stop, self.timeout)
             if not hmac.compare_digest(bytes(token), self.token):
                 self.metrics["stream_refused"] += 1
                 return
@@ -186,19 +195,18 @@ class StreamServer:
             log.exception("KV stream connection failed")
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
             conn.close()
 
     def _message(self, conn: socket.socket, scratch: "_Scratch") -> bool:
         """Reads and delivers one message; False: the connection is to be closed (a bad header)."""
         prefix = bytearray(PREFIX.size)
-        _recv_exact(conn, memoryview(prefix), None, self._stop, self.timeout)  # idle: waits for the next one
-        deadline = time.monotonic() + self.timeout  # from here on the rest must come in time
+        _recv_exact(conn, memoryview(prefix), self._stop, self.timeout, idle=True)  # waits for the next one
         magic, n = PREFIX.unpack(prefix)
         if magic != MAGIC or n > MAX_HEADER_BYTES:
             return self._bad("not a KV stream message")
         head = bytearray(n)
-        _recv_exact(conn, memoryview(head), deadline, self._stop, self.timeout)
+        _recv_exact(conn, memoryview(head), self._stop, self.timeout)
         try:
             msg = decode(head)
         except ProtocolError as e:
@@ -213,7 +221,7 @@ class StreamServer:
         if views is None:  # not landing in place: the payload goes to `on_pages` to judge and write
             payload = scratch.get(msg.nbytes)
             try:
-                _recv_exact(conn, payload, deadline, self._stop, self.timeout)
+                _recv_exact(conn, payload, self._stop, self.timeout)
             except BaseException:  # cut off: an expected transfer fails now, not at its deadline
                 self.receiver.on_pages(msg, [])
                 raise
@@ -226,11 +234,11 @@ class StreamServer:
         got = [0] * len(views)
         try:
             for i, v in enumerate(views):
-                _recv_exact(conn, memoryview(v).cast("B"), deadline, self._stop, self.timeout, self.receiver.may_write)
+                _recv_exact(conn, memoryview(v).cast("B"), self._stop, self.timeout, may_write=self.receiver.may_write)
                 got[i] = sizes[i]
         except Revoked as r:  # the request was cancelled mid-payload: its blocks are not ours any more
             self.receiver.abandon_landing()
-            self._drain(conn, msg.nbytes - sum(got) - r.got, deadline)
+            self._drain(conn, msg.nbytes - sum(got) - r.got)
             self.receiver.on_pages(msg, Landed(got, False, None))  # (an unknown request by now: counted)
             return True
         except BaseException:  # cut off mid-payload: the transfer fails now, not at its deadline
@@ -239,11 +247,11 @@ class StreamServer:
         self.receiver.on_pages(msg, Landed(got, False, views if isinstance(views, Staged) else None))
         return True
 
-    def _drain(self, conn: socket.socket, n: int, deadline: float) -> None:
+    def _drain(self, conn: socket.socket, n: int) -> None:
         scratch = memoryview(bytearray(min(n, 1 << 20)))
         while n > 0:
             k = min(n, len(scratch))
-            _recv_exact(conn, scratch[:k], deadline, self._stop, self.timeout)
+            _recv_exact(conn, scratch[:k], self._stop, self.timeout)
             n -= k
 
     def _bad(self, why: str) -> bool:
@@ -269,12 +277,15 @@ class _Scratch:
         return memoryview(self.buf[:n])
 
 
-def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None, stop: threading.Event,
-                timeout: float, may_write=None) -> None:
-    """Fills `view` from `conn` (whose timeout is POLL_S) by `deadline`; None: wait for the first byte
-    as long as it takes (an idle connection), then the rest within `timeout`. Ends early (StreamClosed)
-    when `stop` is set, or (Revoked) when `may_write()` turns False between reads."""
+def _recv_exact(conn: socket.socket, view: memoryview, stop: threading.Event, timeout: float, idle: bool = False,
+                may_write=None) -> None:
+    """Fills `view` from `conn` (whose own timeout is POLL_S), failing (TimeoutError) when nothing
+    comes for `timeout` (a stall: a slow link that makes progress is fine); `idle`: the first byte may
+    take as long as it takes (an idle connection between messages), and a close before it is the
+    peer's usual goodbye (StreamClosed). Ends early (StreamClosed) when `stop` is set, or (Revoked)
+    when `may_write()` turns False between reads."""
     got, n = 0, len(view)
+    last = time.monotonic()
     while got < n:
         if may_write is not None and not may_write():
             raise Revoked(got)
@@ -283,16 +294,15 @@ def _recv_exact(conn: socket.socket, view: memoryview, deadline: float | None, s
         except socket.timeout:
             if stop.is_set():
                 raise StreamClosed("server stopping") from None
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"stalled after {got} of {n} bytes") from None
+            if not (idle and got == 0) and time.monotonic() - last > timeout:
+                raise TimeoutError(f"nothing for {timeout:.0f} s after {got} of {n} bytes") from None
             continue
         if k == 0:
-            if got == 0 and deadline is None:
+            if got == 0 and idle:
                 raise StreamClosed("peer closed")
             raise ConnectionError(f"peer closed after {got} of {n} bytes")
         got += k
-        if deadline is None:
-            deadline = time.monotonic() + timeout
+        last = time.monotonic()
 
 
 class StreamClient:
@@ -305,10 +315,15 @@ class StreamClient:
         family, addr = connect_address(address, endpoint)
         self.metrics, self.timeout = metrics, timeout
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        _tune(self.sock)
-        self.sock.settimeout(timeout)
-        self.sock.connect(addr)
-        self.sock.sendall(token)
+        try:
+            _tune(self.sock)
+            self.sock.settimeout(HANDSHAKE_S)  # (the model thread waits for this: the peer just answered)
+            self.sock.connect(addr)
+            self.sock.sendall(token)
+            self.sock.settimeout(timeout)  # each write: the writer thread's
+        except BaseException:
+            self.sock.close()
+            raise
         self.broken = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-stream-send", daemon=True)
@@ -324,13 +339,19 @@ class StreamClient:
         self._queue.put(done)
         done.wait(timeout)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def end(self) -> None:
+        """No more messages: the writer ends after what is queued."""
         self._queue.put(None)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Writes what is queued (within `timeout`), then closes."""
+        self.end()
         self._thread.join(timeout)
         try:
-            self.sock.close()
+            self.sock.shutdown(socket.SHUT_RDWR)  # (a writer still blocked wakes up with an error)
         except OSError:
             pass
+        self.sock.close()
 
     def _run(self) -> None:
         while True:
@@ -348,7 +369,7 @@ class StreamClient:
                 if ready is not None:
                     ready.synchronize()
                 _send_all(self.sock, [head, *frames])
-            except (OSError, TimeoutError) as e:
+            except Exception as e:  # (a device error waiting for `ready` too: the thread must go on)
                 self.broken = True
                 self.metrics["stream_send_failed"] += 1
                 log.warning("KV stream write failed: %s", e)
@@ -371,6 +392,7 @@ class StreamPeers:
         self.ask, self.metrics, self.timeout = ask, metrics, timeout
         self._streams: dict[str, StreamClient] = {}
         self._not_before: dict[str, float] = {}  # endpoint -> when to ask again (inf: it offers none)
+        self._backoff: dict[str, float] = {}  # endpoint -> the next wait after a failed handshake
         self._lock = threading.Lock()
 
     def get(self, endpoint: str) -> "StreamClient | None":
@@ -388,10 +410,13 @@ class StreamPeers:
             if self._not_before.get(endpoint, 0.0) > time.monotonic():
                 return None
             info = self.ask(endpoint, HANDSHAKE_S)
-            if info is None:
+            if info is None:  # (a receiver too old to know the question, or a dead one): ask less and less often
+                wait = self._backoff[endpoint] = min(MAX_RETRY_S, 2 * self._backoff.get(endpoint, RETRY_S / 2))
                 log.warning("KV receiver %s did not say within %.0f s where its page stream is; ZeroMQ frames "
-                            "for now", endpoint, HANDSHAKE_S)
-                return self._later(endpoint)
+                            "for the next %.0f s", endpoint, HANDSHAKE_S, wait)
+                self._not_before[endpoint] = time.monotonic() + wait
+                return None
+            self._backoff.pop(endpoint, None)
             if not info.address:
                 self._not_before[endpoint] = math.inf
                 return None
@@ -412,11 +437,15 @@ class StreamPeers:
         for s in list(self._streams.values()):
             s.flush(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         with self._lock:
-            for s in self._streams.values():
-                s.close()
+            streams = list(self._streams.values())
             self._streams.clear()
+        for s in streams:
+            s.end()
+        end = time.monotonic() + timeout  # one bound for all of them, not one each
+        for s in streams:
+            s.close(max(0.0, end - time.monotonic()))
 
 
 def _send_all(sock: socket.socket, buffers: list) -> None:

@@ -27,7 +27,7 @@ from kvtransfer.pages import to_bytes_view
 from kvtransfer.frames import CacheFrames, Staged, host_frames
 from kvtransfer.receiver import Landed
 from kvtransfer.plan import KVLayout
-from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Expect, ExpectOk, Pages, PairHello,
+from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Cancelled, Expect, ExpectOk, Pages, PairHello,
                                  PairInfo, ProtocolError, RankDone, Reserve, Reserved, StreamHello, StreamInfo, decode,
                                  encode, layout_from_msg, layout_msg)
 from kvtransfer.receiver import RankReceiver, Reservations
@@ -74,6 +74,10 @@ class KVServer(IOThread):
             log.info("CURVE is on: KV pages stay on ZeroMQ (a page stream would not be encrypted)")
         elif stream:
             self.streams = StreamServer(endpoint, receiver, self.metrics, dist_timeout, max_msg_bytes)
+            # stream readers finish transfers too: what follows (reservations, acks, reports to the
+            # driver, the ZeroMQ sockets they use) runs on this I/O thread, as for ZeroMQ frames
+            done = receiver.on_done
+            receiver.on_done = lambda *a: done(*a) if self.on_io_thread() else self.submit(lambda: done(*a))
         if reservations is not None:
             reservations.send_ack = self.send_ack
 
@@ -160,7 +164,8 @@ class KVServer(IOThread):
                                  time.monotonic() + msg.timeout_s)
             self.sock.send_multipart([identity, encode(ExpectOk(VERSION, msg.request_id, msg.attempt))])
         elif isinstance(msg, Cancel) and self.reservations is None:
-            self.receiver.cancel(msg.request_id, msg.attempt)
+            self.receiver.cancel(msg.request_id, msg.attempt)  # (a stream's write in progress: revoked)
+            self.sock.send_multipart([identity, encode(Cancelled(VERSION, msg.request_id, msg.attempt))])
         else:
             self.metrics["messages_unexpected"] += 1
 
@@ -209,9 +214,11 @@ class FollowerLink:
 
 
 class RemoteRank:
-    """The decode driver's stand-in for another rank's RankReceiver (used by Reservations from the
-    driver's KV server thread): `expect` waits (bounded) for the rank's confirmation, so no frame can
-    reach the rank before it knows the request."""
+    """The decode driver's stand-in for another rank's RankReceiver (used by Reservations, from the
+    driver's KV server thread or the engine loop's aborts: one lock for the socket). `expect` waits
+    (bounded) for the rank's confirmation, so no frame can reach the rank before it knows the request;
+    `cancel` waits (bounded) until the rank writes nothing of the request any more, so its blocks may
+    be freed."""
 
     def __init__(self, rank: int, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 5.0):
         self.rank = rank
@@ -219,22 +226,36 @@ class RemoteRank:
         self.sock = security.client((ctx or zmq.Context.instance()).socket(zmq.DEALER))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
+        self._lock = threading.Lock()
 
     def expect(self, request_id, attempt, block_ids, src_layout, deadline) -> None:
         msg = Expect(VERSION, request_id, attempt, list(block_ids), layout_msg(src_layout),
                      max(0.0, deadline - time.monotonic()))
-        self.sock.send(encode(msg))
-        end = time.monotonic() + self.timeout
-        while time.monotonic() < end:
-            if not self.sock.poll(max(1, int((end - time.monotonic()) * 1000))):
-                break
-            reply = decode(self.sock.recv())
-            if isinstance(reply, ExpectOk) and reply.request_id == request_id and reply.attempt == attempt:
-                return
-        raise TimeoutError(f"decode rank {self.rank} did not confirm {request_id} within {self.timeout} s")
+        if not self._round_trip(msg, ExpectOk):
+            raise TimeoutError(f"decode rank {self.rank} did not confirm {request_id} within {self.timeout} s")
 
     def cancel(self, request_id, attempt) -> None:
-        self.sock.send(encode(Cancel(VERSION, request_id, attempt)))
+        if not self._round_trip(Cancel(VERSION, request_id, attempt), Cancelled):
+            log.error("decode rank %d did not confirm the cancel of %s within %.0f s; its blocks are freed anyway",
+                      self.rank, request_id, self.timeout)
+
+    def _round_trip(self, msg, reply_type) -> bool:
+        """Sends `msg`, waits for the `reply_type` of the same (request, attempt); other replies (late
+        ones of earlier round trips) are skipped."""
+        with self._lock:
+            self.sock.send(encode(msg))
+            end = time.monotonic() + self.timeout
+            while time.monotonic() < end:
+                if not self.sock.poll(max(1, int((end - time.monotonic()) * 1000))):
+                    break
+                try:
+                    reply = decode(self.sock.recv())
+                except ProtocolError:
+                    continue
+                if isinstance(reply, reply_type) and reply.request_id == msg.request_id and \
+                        reply.attempt == msg.attempt:
+                    return True
+            return False
 
     def close(self) -> None:
         self.sock.close(0)

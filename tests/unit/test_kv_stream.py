@@ -103,6 +103,33 @@ def test_cancel_revokes_a_write_in_progress_and_the_connection_goes_on(stream):
     assert torch.equal(caches.caches[1][0, 6:8], k) and recv.metrics["frames_unknown_request"] == 1
 
 
+def test_the_driver_frees_a_follower_ranks_blocks_only_after_it_stopped_writing_them():
+    """RemoteRank.cancel (the decode driver, for another rank's blocks) waits for the rank's Cancelled,
+    which the rank sends once a stream write into those blocks in progress has been revoked."""
+    from kvtransfer.zmq_transport import KVServer, RemoteRank
+
+    caches = RankCaches([torch.zeros(2, 8, 2, 2, 4) for _ in range(2)], 0, 0)
+    recv = RankReceiver(0, LAYOUT, caches, lambda *a: None)  # (rank 0 of its own layout: it expects frames)
+    srv = KVServer("tcp://127.0.0.1:0", recv, None, stream=True)  # a follower rank: no reservations
+    srv.start()
+    remote = RemoteRank(1, srv.endpoint)
+    try:
+        remote.expect("r", 0, [2, 3], LAYOUT, time.monotonic() + 30)
+        family, addr = connect_address(srv.streams.address, srv.endpoint)
+        c = socket.create_connection(addr, timeout=10)
+        c.sendall(srv.streams.token)
+        head, payload = _message("r", 0, [2, 3], torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4))
+        c.sendall(head + payload[:PER_BLOCK])
+        assert _wait(lambda: bool(recv._writing))
+        t0 = time.monotonic()
+        remote.cancel("r", 0)  # returns once the rank confirmed (not at its 5 s timeout)
+        assert time.monotonic() - t0 < 2 and not recv._writing and recv.num_pending == 0
+        c.close()
+    finally:
+        remote.close()
+        srv.stop()
+
+
 def test_scatter_gather_writes_resume_after_partial_sends():
     rng = random.Random(0)
     bufs = [np.frombuffer(rng.randbytes(rng.randint(1, 40_000)), dtype=np.uint8) for _ in range(1500)]
