@@ -4,11 +4,12 @@ ZeroMQ still carries every control message (reserve, acks, aborts, the handshake
 messages (header and payload) take one TCP connection per (sender rank, receiver rank), or a Unix
 socket when the receiver's endpoint is ipc://. The receiver reads each header, asks its
 `RankReceiver` where the payload lands (`landing`: the cache blocks reserved for it, or a staging
-buffer), and the kernel copies the bytes there with `recv_into`: one pass over the bytes. ZeroMQ
-receives every message into buffers of its own first, so pages cost one more pass there; on 2 cores
-that pass competes with both ends' I/O threads (measured at 16 MiB over loopback: raw pyzmq 3.6-4.6
-GB/s when the sink only looks at the frames, 2.0-2.4 when it lands them in buffers; a socket landing
-them 5.6-5.8).
+buffer), and receives it there: through a 128 KiB bounce buffer that stays in the CPU's caches
+(`_recv_bounced`), so the only pass over cold memory is one copy into the blocks. ZeroMQ receives
+every message into buffers of its own (allocated per message) and then needs the copy into the blocks
+too; on 2 cores that competes with both ends' I/O threads (measured over loopback: raw pyzmq 3.1-3.6
+GB/s when the sink only looks at the frames, 2.0-2.6 when it lands them in buffers; the tcp transfer,
+protocol included, 3.1 at 16 MiB and 3.4 at 256 MiB).
 
 Handshake (over ZeroMQ): the sender rank sends `StreamHello`; the receiver answers `StreamInfo` with
 its stream's address and a random 16-byte token, or an empty address (no stream: send ZeroMQ frames).
