@@ -440,10 +440,21 @@ class Reservations:
                 r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
         except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
             with self._lock:
-                self._fail_locked(msg.request_id, str(e), ack=False)
+                if self._holds(msg.request_id, msg.attempt):
+                    self._fail_locked(msg.request_id, str(e), ack=False)
             return no(f"decode worker not ready: {e}")
+        with self._lock:
+            held = self._holds(msg.request_id, msg.attempt)
+        if not held:  # aborted (its blocks freed) while the ranks were being told: untell them, refuse
+            for r in self.ranks:
+                r.cancel(msg.request_id, msg.attempt)
+            return no("aborted while reserving")
         self.metrics["reserved"] += 1
         return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids)
+
+    def _holds(self, request_id: str, attempt: int) -> bool:
+        res = self._table.get(request_id)
+        return res is not None and res.attempt == attempt
 
     def on_rank_done(self, request_id: str, attempt: int, rank: int, ok: bool, reason: str) -> None:
         with self._lock:

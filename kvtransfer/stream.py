@@ -57,8 +57,8 @@ SOCKET_BUFFER = 4 << 20  # kernel buffers of a connection: fewer wake-ups per Mi
 IOV_MAX = 512  # buffers per sendmsg call
 HANDSHAKE_S = 1.0  # a sender's wait for StreamInfo, and for its connection to be accepted
 MAX_CONNECTIONS = 256  # per receiver rank (one per sender rank in use)
-RETRY_S = 10.0  # after a broken stream or a failed connect: ZeroMQ frames to that receiver this long
-MAX_RETRY_S = 300.0  # a receiver that does not answer StreamHello: asked after 10, 20, 40 ... s, then every 5 min
+RETRY_S = 10.0  # after a broken stream: ZeroMQ frames to that receiver this long
+MAX_RETRY_S = 300.0  # no StreamInfo, or no connection: asked again after 10, 20, 40 ... s, then every 5 min
 
 
 class StreamClosed(ConnectionError):
@@ -106,6 +106,11 @@ def _tune(sock: socket.socket) -> None:
             pass
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # a peer gone without a word (host down, cable out) is found in ~1 minute, not never
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 class StreamServer:
@@ -291,7 +296,8 @@ def _recv_bounced(conn: socket.socket, dst: np.ndarray, bounce: np.ndarray, stop
     stay in the CPU's caches: the kernel's copy out of the socket into cold memory is slow (measured,
     loopback, 256 MiB landing in 30 buffers: straight in 2.7 GB/s, through 128 KiB 4.4; 16 MiB into
     buffers still warm from the round before: 5.9 vs 4.6), and a KV cache's free blocks are cold.
-    Revoked carries the bytes of `dst` filled so far."""
+    Revoked carries the bytes read from the socket for `dst` so far (the last chunk's maybe only into
+    the bounce buffer: what a drain must skip)."""
     n, got = len(dst), 0
     view = memoryview(bounce)
     while got < n:
@@ -437,31 +443,35 @@ class StreamPeers:
             if self._not_before.get(endpoint, 0.0) > time.monotonic():
                 return None
             info = self.ask(endpoint, HANDSHAKE_S)
-            if info is None:  # (a receiver too old to know the question, or a dead one): ask less and less often
-                wait = self._backoff[endpoint] = min(MAX_RETRY_S, 2 * self._backoff.get(endpoint, RETRY_S / 2))
-                log.warning("KV receiver %s did not say within %.0f s where its page stream is; ZeroMQ frames "
-                            "for the next %.0f s", endpoint, HANDSHAKE_S, wait)
-                self._not_before[endpoint] = time.monotonic() + wait
-                return None
-            self._backoff.pop(endpoint, None)
+            if info is None:  # (a receiver too old to know the question, or a dead one)
+                return self._back_off(endpoint, "did not say where its page stream is")
             if not info.address:
                 self._not_before[endpoint] = math.inf
                 return None
             try:
                 s = StreamClient(info.address, endpoint, info.token, self.metrics, self.timeout)
             except (OSError, ValueError) as e:
-                log.warning("cannot open KV page stream %s of %s (%s); ZeroMQ frames for now", info.address,
-                            endpoint, e)
-                return self._later(endpoint)
+                return self._back_off(endpoint, f"has a page stream {info.address} that does not take a "
+                                                f"connection ({e})")
+            self._backoff.pop(endpoint, None)
             self._streams[endpoint] = s
             return s
+
+    def _back_off(self, endpoint: str, why: str) -> None:
+        """ZeroMQ frames to `endpoint` for a while: 10, 20, 40 ... s after failures in a row, at most 5 min."""
+        wait = self._backoff[endpoint] = min(MAX_RETRY_S, 2 * self._backoff.get(endpoint, RETRY_S / 2))
+        log.warning("KV receiver %s %s; ZeroMQ frames to it for the next %.0f s", endpoint, why, wait)
+        self._not_before[endpoint] = time.monotonic() + wait
+        return None
 
     def _later(self, endpoint: str) -> None:
         self._not_before[endpoint] = time.monotonic() + RETRY_S
         return None
 
     def flush(self, timeout: float = 5.0) -> None:
-        for s in list(self._streams.values()):
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
             s.flush(timeout)
 
     def close(self, timeout: float = 5.0) -> None:

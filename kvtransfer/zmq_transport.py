@@ -221,6 +221,8 @@ class RemoteRank:
     be freed."""
 
     def __init__(self, rank: int, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 5.0):
+        """`timeout` bounds `expect`; `cancel` waits twice that, longer than the rank itself waits for a
+        write in progress (RankReceiver.cancel's 5 s), so the driver never gives up first."""
         self.rank = rank
         self.timeout = timeout
         self.sock = security.client((ctx or zmq.Context.instance()).socket(zmq.DEALER))
@@ -231,20 +233,20 @@ class RemoteRank:
     def expect(self, request_id, attempt, block_ids, src_layout, deadline) -> None:
         msg = Expect(VERSION, request_id, attempt, list(block_ids), layout_msg(src_layout),
                      max(0.0, deadline - time.monotonic()))
-        if not self._round_trip(msg, ExpectOk):
+        if not self._round_trip(msg, ExpectOk, self.timeout):
             raise TimeoutError(f"decode rank {self.rank} did not confirm {request_id} within {self.timeout} s")
 
     def cancel(self, request_id, attempt) -> None:
-        if not self._round_trip(Cancel(VERSION, request_id, attempt), Cancelled):
-            log.error("decode rank %d did not confirm the cancel of %s within %.0f s; its blocks are freed anyway",
-                      self.rank, request_id, self.timeout)
+        if not self._round_trip(Cancel(VERSION, request_id, attempt), Cancelled, 2 * self.timeout):
+            log.error("decode rank %d did not confirm the cancel of %s within %.0f s (is it alive?); its blocks "
+                      "are freed anyway", self.rank, request_id, 2 * self.timeout)
 
-    def _round_trip(self, msg, reply_type) -> bool:
+    def _round_trip(self, msg, reply_type, timeout: float) -> bool:
         """Sends `msg`, waits for the `reply_type` of the same (request, attempt); other replies (late
         ones of earlier round trips) are skipped."""
         with self._lock:
             self.sock.send(encode(msg))
-            end = time.monotonic() + self.timeout
+            end = time.monotonic() + timeout
             while time.monotonic() < end:
                 if not self.sock.poll(max(1, int((end - time.monotonic()) * 1000))):
                     break

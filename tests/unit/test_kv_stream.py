@@ -103,6 +103,52 @@ def test_cancel_revokes_a_write_in_progress_and_the_connection_goes_on(stream):
     assert torch.equal(caches.caches[1][0, 6:8], k) and recv.metrics["frames_unknown_request"] == 1
 
 
+def test_a_revoke_in_the_second_frame_stops_writing_mid_frame_and_the_stream_stays_in_step():
+    """Frames of 512 KiB land through the 128 KiB bounce buffer in chunks: a cancel while V (the second
+    frame) is coming in stops the writes at a chunk boundary; the rest of the message is skipped
+    exactly, so the next message is read from its start."""
+    layout = KVLayout(1, 2, 64, 512, "float32")  # a block's K (or V): 2 x 512 x 64 x 4 = 256 KiB
+    caches = RankCaches([torch.zeros(2, 4, 2, 512, 64)], 0, 0)
+    done = []
+    recv = RankReceiver(0, layout, caches, lambda *a: done.append(a))
+    srv = StreamServer("tcp://127.0.0.1:0", recv, recv.metrics, timeout=5.0)
+    family, addr = connect_address(srv.address, "tcp://127.0.0.1:1")
+    c = socket.socket(family, socket.SOCK_STREAM)
+    c.settimeout(10)
+    try:
+        c.connect(addr)
+        c.sendall(srv.token)
+
+        def message(rid, blocks, k, v):
+            head = encode(Pages(VERSION, rid, 0, 0, 0, (0, 2), blocks, "float32", [2, len(blocks), 2, 512, 64],
+                                k.nbytes + v.nbytes, runs=[len(blocks)]))
+            return PREFIX.pack(MAGIC, len(head)) + head, k.numpy().tobytes() + v.numpy().tobytes()
+        recv.expect("r", 0, [0, 1], layout, time.monotonic() + 30)
+        k, v = torch.randn(2, 2, 512, 64), torch.randn(2, 2, 512, 64)  # 512 KiB each
+        head, payload = message("r", [0, 1], k, v)
+        cut = k.nbytes + 200 * 1024  # all of K, then V into its second bounce chunk
+        c.sendall(head + payload[:cut])
+        assert _wait(lambda: recv.metrics.get("bytes_received", 0) == 0 and bool(recv._writing))
+        time.sleep(0.3)  # (the reader has taken what was sent and waits for more)
+        recv.cancel("r", 0)
+        assert not recv._writing
+        written = caches.caches[0][1, 0:2].clone()  # V as far as it got
+        c.sendall(payload[cut:])
+        recv.expect("next", 0, [2, 3], layout, time.monotonic() + 30)
+        c.sendall(b"".join(message("next", [2, 3], v, k)))
+        assert _wait(lambda: len(done) == 1) and done[0] == ("next", 0, 0, True, "")
+        assert torch.equal(caches.caches[0][0, 2:4], v) and torch.equal(caches.caches[0][1, 2:4], k)
+        assert torch.equal(caches.caches[0][0, 0:2], k)  # K had landed whole before the cancel
+        assert torch.equal(caches.caches[0][1, 0:2], written)  # nothing of V after the cancel
+        got = written.flatten().view(torch.uint8)
+        assert torch.equal(got[:128 * 1024], v.flatten().view(torch.uint8)[:128 * 1024])  # V's first chunk
+        assert not got[128 * 1024:].any()  # the second chunk was still in the bounce buffer: never copied
+        assert recv.metrics["frames_unknown_request"] == 1
+    finally:
+        c.close()
+        srv.stop()
+
+
 def test_the_driver_frees_a_follower_ranks_blocks_only_after_it_stopped_writing_them():
     """RemoteRank.cancel (the decode driver, for another rank's blocks) waits for the rank's Cancelled,
     which the rank sends once a stream write into those blocks in progress has been revoked."""
