@@ -194,3 +194,27 @@ def test_an_asynchronous_reservation_is_polled_and_an_unreachable_receiver_times
     assert st.poll_reserve(now=t0 + 0.1) is None and st.state == TransferState.RESERVING  # not blocking: waiting
     assert st.poll_reserve(now=t0 + 0.3) is False and st.state == TransferState.FAILED
     assert "no answer" in st.reason and released == [1]
+
+
+def test_an_abort_while_the_ranks_are_told_undoes_the_reservation_on_every_rank():
+    """The driver tells its ranks what to expect outside its lock (a follower rank is a round trip
+    away); a request aborted meanwhile has had its blocks freed, so the ranks must not go on expecting
+    pages into them, and the sender is refused."""
+    from kvtransfer.protocol import VERSION, Reserve, layout_msg
+
+    net = FakeKVNetwork()
+    d = Decode(net, tp=2)
+    told = d.ranks[1].expect
+
+    def expect_then_abort(rid, attempt, *a):  # the requester aborts while rank 1 is being told
+        told(rid, attempt, *a)
+        d.res.on_abort(rid, attempt, "client went away")
+    d.ranks[1].expect = expect_then_abort
+    reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout_msg(layout())))
+    assert not reply.ok and reply.reason == "aborted while reserving"
+    assert d.res.num_pending == 0 and d.bm.num_free_blocks == 16
+    assert all(r.num_pending == 0 for r in d.ranks)
+    assert "r1" not in d.ready
+    d.ranks[1].expect = told  # a retry is reserved as usual
+    assert d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 1, 10, layout_msg(layout()))).ok
+    assert d.bm.num_free_blocks == 16 - 3 and all(r.num_pending == 1 for r in d.ranks)
