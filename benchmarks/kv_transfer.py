@@ -99,8 +99,9 @@ def raw_sink(messages: int, into: bool | str = False) -> None:
 def raw_socket_sink(messages: int) -> None:
     """The raw socket baseline's receiver process: accepts one connection; then forever: reads the
     sizes of `messages` messages once, then each round receives every message into a buffer of its own
-    (recv_into, as pages land in cache blocks) and answers one byte."""
-    from kvtransfer.stream import _tune
+    (recv_into, as pages land in cache blocks, RECV_CHUNK a read as the tcp transport reads) and
+    answers one byte."""
+    from kvtransfer.stream import RECV_CHUNK, _tune
     ls = socket.socket()
     _tune(ls)
     ls.bind(("127.0.0.1", 0))
@@ -113,7 +114,7 @@ def raw_socket_sink(messages: int) -> None:
         for d in dst:
             got = 0
             while got < len(d):
-                k = conn.recv_into(d[got:])
+                k = conn.recv_into(d[got:got + RECV_CHUNK])
                 if not k:
                     return
                 got += k
