@@ -435,13 +435,19 @@ class Reservations:
             deadline = time.monotonic() + self.timeout
             self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
                                                        {r.rank for r in self.ranks}, deadline)
+        told = []
         try:
             for r in self.ranks:
                 r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
+                told.append(r)
         except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
             with self._lock:
-                if self._holds(msg.request_id, msg.attempt):
+                held = self._holds(msg.request_id, msg.attempt)
+                if held:
                     self._fail_locked(msg.request_id, str(e), ack=False)
+            if not held:  # an abort freed it meanwhile, maybe before some ranks were told: untell them
+                for r in told:
+                    r.cancel(msg.request_id, msg.attempt)
             return no(f"decode worker not ready: {e}")
         with self._lock:
             held = self._holds(msg.request_id, msg.attempt)

@@ -7,9 +7,9 @@ socket when the receiver's endpoint is ipc://. The receiver reads each header, a
 buffer), and receives it there, 32 KiB a read (`_recv_exact`): the kernel's copy out of the socket
 is the only pass over the bytes on this side. ZeroMQ receives
 every message into buffers of its own (allocated per message) and then needs the copy into the blocks
-too; on 2 cores that competes with both ends' I/O threads (measured over loopback: raw pyzmq 3.1-3.6
-GB/s when the sink only looks at the frames, 2.0-2.6 when it lands them in buffers; the tcp transfer,
-protocol included, 3.1 at 16 MiB and 3.4 at 256 MiB).
+too; on 2 cores that competes with both ends' I/O threads (docs/benchmarks.md: over loopback the tcp
+transfer, protocol included, runs at 0.80-1.00 of raw pyzmq's look-only sink at 16 MiB and ~1.2 at
+256 MiB, ZeroMQ frames at ~0.6 and ~0.8).
 
 Handshake (over ZeroMQ): the sender rank sends `StreamHello`; the receiver answers `StreamInfo` with
 its stream's address and a random 16-byte token, or an empty address (no stream: send ZeroMQ frames).

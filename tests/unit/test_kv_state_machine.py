@@ -218,3 +218,26 @@ def test_an_abort_while_the_ranks_are_told_undoes_the_reservation_on_every_rank(
     d.ranks[1].expect = told  # a retry is reserved as usual
     assert d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 1, 10, layout_msg(layout()))).ok
     assert d.bm.num_free_blocks == 16 - 3 and all(r.num_pending == 1 for r in d.ranks)
+
+
+def test_an_abort_then_a_rank_that_does_not_answer_leaves_no_rank_expecting():
+    """Aborted while rank 0 is told (so the abort cancels the ranks told so far), rank 1 then told
+    of the freed blocks, rank 2 not answering: rank 1 must be untold too, not left expecting pages
+    into blocks that another request may hold by then."""
+    from kvtransfer.protocol import VERSION, Reserve, layout_msg
+
+    net = FakeKVNetwork()
+    d = Decode(net, tp=2, pp=2)
+    told0 = d.ranks[0].expect
+
+    def expect_then_abort(rid, attempt, *a):
+        told0(rid, attempt, *a)
+        d.res.on_abort(rid, attempt, "client went away")
+
+    def no_answer(*a):
+        raise TimeoutError("rank 2 did not answer")
+    d.ranks[0].expect, d.ranks[2].expect = expect_then_abort, no_answer
+    reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout_msg(layout())))
+    assert not reply.ok and "not ready" in reply.reason
+    assert d.res.num_pending == 0 and d.bm.num_free_blocks == 16
+    assert [r.num_pending for r in d.ranks] == [0, 0, 0, 0]
