@@ -95,6 +95,9 @@ class PairClient:
         group = make_pair_group(store, pair, 0, self.backend, self.timeout, self.device)
         self._groups[endpoint] = (store, group)
 
+    def drop(self, endpoint: str) -> None:
+        self._groups.pop(endpoint, None)
+
     def next_tag(self, endpoint: str) -> int:
         self._tags[endpoint] = self._tags.get(endpoint, 0) + 1
         return self._tags[endpoint]

@@ -3,9 +3,11 @@ through a `KVClient` (ZeroMQ frames, the tcp stream, or a torch.distributed pair
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
+import zmq
 
 from kvtransfer.pages import RankCaches, block_runs
 from kvtransfer.plan import TransferItem, items_from
@@ -13,6 +15,8 @@ from kvtransfer.protocol import MAX_LAYERS, VERSION, Pages
 
 if TYPE_CHECKING:
     from kvtransfer.zmq_transport import KVClient
+
+log = logging.getLogger(__name__)
 
 # layers ready together go as messages of about this many bytes: fewer messages, less per-message work
 # on both sides, while the receiver still lands one message as the next arrives (ZeroMQ hands over a
@@ -43,9 +47,13 @@ class OutgoingTransfer:
         # ZeroMQ from a CPU cache: send views of the cache itself (no gather copy)
         self.zero_copy = client.pairs is None and caches.caches[0].device.type == "cpu"
         self._runs_cache: dict[bool, list[int]] = {}
+        self.failed = ""  # why pages could not be handed to the transport (then none go any more)
 
     def send_layer(self, layer: int) -> int:
-        """Sends this rank's pages of `layer` to every destination rank that needs them. Returns messages."""
+        """Sends this rank's pages of `layer` to every destination rank that needs them. Returns messages.
+        Never raises for the transport's sake (it runs inside the prefill's forward, for every request
+        of the batch): a receiver that cannot be reached fails this transfer only (`failed`), and the
+        sender's wait for the Ack tells the rest."""
         return self.send_layers([layer])
 
     def send_layers(self, layers: list[int]) -> int:
@@ -78,6 +86,8 @@ class OutgoingTransfer:
 
     def _send(self, it: TransferItem, layers: list[int]) -> None:
         """One Pages message: item `it`'s pages of `layers` (consecutive)."""
+        if self.failed:
+            return
         cache = self.caches.caches[0]
         nh = it.heads[1] - it.heads[0]
         shape = [2, len(self.dst_block_ids), nh, cache.shape[3], cache.shape[4]]
@@ -95,7 +105,13 @@ class OutgoingTransfer:
         header = Pages(VERSION, self.request_id, self.attempt, self.src_rank, layers[0], it.heads,
                        self.dst_block_ids, dtype, shape, self._layer_bytes(it) * len(layers), runs=runs,
                        num_layers=len(layers))
-        self.client.send_pages(self.endpoints[it.dst_rank], header, payload, owners)
+        try:
+            self.client.send_pages(self.endpoints[it.dst_rank], header, payload, owners)
+        except (OSError, RuntimeError, KeyError, zmq.ZMQError) as e:  # pairing failed, a dead peer's group
+            self.failed = f"{type(e).__name__}: {e}"
+            self.client.metrics["transfers_send_failed"] += 1
+            log.warning("KV pages of %s (attempt %d) to %s not sent: %s", self.request_id, self.attempt,
+                        self.endpoints[it.dst_rank], self.failed)
 
     def _runs(self, whole_blocks: bool) -> list[int]:
         """Zero-copy runs when they are few or long enough to beat one gather (each frame costs a

@@ -36,6 +36,8 @@ from kvtransfer.stream import StreamPeers, StreamServer
 log = logging.getLogger(__name__)
 
 MAX_MSG_BYTES = 1 << 30
+PAIR_HANDSHAKE_S = 5.0  # a sender's wait for PairInfo (a live receiver's I/O thread answers at once)
+PAIR_RETRY_S = 5.0  # after a failed pairing, sends to that receiver fail at once for this long
 
 
 class KVServer(IOThread):
@@ -286,6 +288,7 @@ class KVClient(IOThread):
         self._socks: dict[str, zmq.Socket] = {}
         self._waiting: dict[tuple[str, str, int], Future] = {}  # (kind, request_id, attempt)
         self._pair_ids: dict[str, str] = {}
+        self._pair_failed: dict[str, float] = {}  # endpoint -> when pairing with it last failed
         self._frames_only: set[str] = set()  # receivers on another transport: ZeroMQ frames for them
         self._cache_frames = CacheFrames.make()
         self._lock = threading.Lock()
@@ -316,26 +319,38 @@ class KVClient(IOThread):
         """A future for the receiver's Ack (register before the last frame is sent)."""
         return self._expect("ack", request_id, attempt)
 
-    def connect(self, endpoint: str, timeout: float = 30.0) -> None:
-        """torch.distributed transport: join the pair group with `endpoint` (once; blocking). A
-        receiver without this backend (a ZeroMQ-only or differently configured worker) gets frames."""
+    def connect(self, endpoint: str, timeout: float = PAIR_HANDSHAKE_S) -> None:
+        """torch.distributed transport: join the pair group with `endpoint` (once; blocking: at most
+        `timeout` for the answer, then the group's own timeout). A receiver without this backend (a
+        ZeroMQ-only or differently configured worker) gets frames. Raises TimeoutError or the group's
+        error when pairing fails, and for PAIR_RETRY_S after that at once (a dead receiver must not
+        stall every prefill that ships to it)."""
         if self.pairs is None or self.pairs.has(endpoint) or endpoint in self._frames_only:
             return
+        failed = self._pair_failed.get(endpoint)
+        if failed is not None and time.monotonic() - failed < PAIR_RETRY_S:
+            raise ConnectionError(f"pairing with {endpoint} failed {time.monotonic() - failed:.1f} s ago")
         pair = f"{uuid.uuid4().hex[:12]}-{self.rank}"
         fut = self._expect("pair", pair, 0)
         msg = encode(PairHello(VERSION, pair))
         self.submit(lambda: self._sock(endpoint).send(msg))
         try:
-            info = fut.result(timeout)
+            info = fut.result(min(timeout, self.pairs.timeout))
+            if info.backend == self.pairs.backend:
+                self.pairs.join(endpoint, pair, info.host, info.port)
         except FutureTimeout:
             self._forget("pair", pair, 0)
-            raise TimeoutError(f"no PairInfo from {endpoint} within {timeout} s") from None
+            self._pair_failed[endpoint] = time.monotonic()
+            raise TimeoutError(f"no PairInfo from {endpoint} within {min(timeout, self.pairs.timeout)} s") from None
+        except Exception:
+            self._pair_failed[endpoint] = time.monotonic()
+            raise
         if info.backend != self.pairs.backend:
             log.warning("KV receiver %s uses %s, not %s: sending it ZeroMQ frames", endpoint,
                         info.backend or "ZeroMQ frames", self.pairs.backend)
             self._frames_only.add(endpoint)
             return
-        self.pairs.join(endpoint, pair, info.host, info.port)
+        self._pair_failed.pop(endpoint, None)
         self._pair_ids[endpoint] = pair
 
     def send_pages(self, endpoint: str, header: Pages, payload: torch.Tensor | list,
@@ -399,7 +414,12 @@ class KVClient(IOThread):
     # -- I/O thread ------------------------------------------------------------------------------
     def _send_dist(self, endpoint, head, payload, tag, nbytes):
         self._sock(endpoint).send(head)
-        self.pairs.send(endpoint, payload, tag)
+        try:
+            self.pairs.send(endpoint, payload, tag)
+        except Exception:  # a dead or broken peer: its group is of no more use; pair anew on next use
+            self.pairs.drop(endpoint)
+            self.metrics["dist_send_failed"] += 1
+            raise
         self.metrics["frames_sent"] += 1
         self.metrics["bytes_sent"] += nbytes
 

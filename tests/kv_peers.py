@@ -63,7 +63,8 @@ class DecodeSide:
         transport = spec.get("transport", "zmq")
         backend = None if transport in ("zmq", "tcp") else transport
         self.servers = [KVServer(spec.get("endpoint", "tcp://127.0.0.1:0"), r, self.res if r.rank == 0 else None,
-                                 dist_backend=backend, stream=transport == "tcp") for r in self.ranks]
+                                 dist_backend=backend, dist_timeout=spec.get("dist_timeout", 30.0),
+                                 stream=transport == "tcp") for r in self.ranks]
         for s in self.servers:
             s.start()
         on_pages = self.ranks[0].on_pages

@@ -167,10 +167,11 @@ def test_receiver_full_says_no_room_at_once(tmp_path, tiny_llama):
     assert took < 60
 
 
-@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+@pytest.mark.parametrize("transport", ["zmq", "tcp", "gloo"])
 def test_sender_killed_mid_transfer_frees_the_reservation(tmp_path, tiny_llama, transport):
-    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 2]], expect_ready=1, common={"transport": transport},
-                recv={"timeout": 1.0, "serve_seconds": 4})
+    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 2]], expect_ready=1,
+                common={"transport": transport, "dist_timeout": 2.0},
+                recv={"timeout": 1.0, "serve_seconds": 6})
     try:
         pair.start_receiver()
         r = pair.run_sender(kill_after_frames=2)
@@ -184,9 +185,9 @@ def test_sender_killed_mid_transfer_frees_the_reservation(tmp_path, tiny_llama, 
     assert side["metrics"]["transfers_failed"] >= 1
 
 
-@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+@pytest.mark.parametrize("transport", ["zmq", "tcp", "gloo"])
 def test_receiver_killed_mid_transfer_sender_frees_its_pages(tmp_path, tiny_llama, transport):
-    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], common={"transport": transport},
+    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], common={"transport": transport, "dist_timeout": 2.0},
                 send={"layerwise": True, "layer_sleep": 0.4, "ack_timeout": 2.0})
     pair.start_receiver()
     try:

@@ -1,7 +1,10 @@
-"""The transfer state machine on both sides, over the in-memory transport (no sockets)."""
+"""The transfer state machine on both sides, over the in-memory transport (no sockets; one test of a
+real KVClient's pairing back-off)."""
 
+import socket
 import time
 
+import pytest
 import torch
 
 from engine.block_manager import BlockManager
@@ -241,3 +244,60 @@ def test_an_abort_then_a_rank_that_does_not_answer_leaves_no_rank_expecting():
     assert not reply.ok and "not ready" in reply.reason
     assert d.res.num_pending == 0 and d.bm.num_free_blocks == 16
     assert [r.num_pending for r in d.ranks] == [0, 0, 0, 0]
+
+
+def test_pages_that_cannot_be_handed_over_fail_that_transfer_only():
+    """A send that raises (a torch.distributed pairing that timed out, a dead peer's group) runs inside
+    the prefill's forward: it must fail its own transfer, not the forward or the batch's other ones."""
+    net = FakeKVNetwork()
+    d = Decode(net, timeout=0.05)
+    client = FakeKVClient(net, 0)
+    send = client.send_pages
+
+    def flaky(endpoint, header, payload, cache=None):
+        if header.request_id == "r1":
+            raise TimeoutError("no PairInfo within 5.0 s")
+        send(endpoint, header, payload, cache)
+    client.send_pages = flaky
+    released = []
+    st1 = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: released.append(1),
+                       ack_timeout=0.2)
+    st2 = SendTransfer(client, "r2", 0, 10, layout(), d.layout, d.endpoints, lambda: released.append(2))
+    assert st1.reserve() and st2.reserve()
+    full = RankCaches(src_caches(), 0, 0)
+    t1, t2 = st1.outgoing(0, client, full, [1, 2, 3]), st2.outgoing(0, client, full, [4, 5, 6])
+    for layer in range(L):  # as the forward calls back after each layer
+        t1.send_layer(layer)
+        t2.send_layer(layer)
+    assert "TimeoutError" in t1.failed and not t2.failed
+    assert client.metrics["transfers_send_failed"] == 1  # the first failure; later layers are skipped
+    assert st2.finish() and st2.state == TransferState.DONE
+    time.sleep(0.06)
+    d.res.expire(time.monotonic())
+    for r in d.ranks:
+        r.expire(time.monotonic())
+    assert not st1.finish() and sorted(released) == [1, 2]
+    assert d.bm.num_free_blocks == 16 - 3 and d.res.num_pending == 0  # r2's blocks are held for its decode
+
+
+def test_a_receiver_that_does_not_pair_is_not_asked_again_at_once():
+    """torch.distributed pairing with a receiver that does not answer fails within the handshake's
+    wait, and sends to it fail at once for a while after (no stall of every prefill that ships there)."""
+    from kvtransfer.zmq_transport import KVClient
+
+    with socket.socket() as s:  # a port nobody serves
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    client = KVClient(0, dist_backend="gloo", dist_timeout=5.0)
+    client.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="no PairInfo"):
+            client.connect(endpoint, timeout=0.3)
+        assert 0.25 < time.monotonic() - t0 < 3
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match="failed"):
+            client.connect(endpoint)
+        assert time.monotonic() - t0 < 0.1
+    finally:
+        client.stop()
