@@ -53,10 +53,10 @@ class FakeKVClient:
     def start(self):
         pass
 
-    def stop(self):
+    def stop(self, timeout: float = 5.0):
         pass
 
-    def flush(self, timeout: float = 0.0):
+    def flush(self, timeout: float = 5.0):
         pass
 
     def reserve(self, endpoint, request_id, attempt, num_tokens, layout: KVLayout, timeout=5.0) -> Reserved:

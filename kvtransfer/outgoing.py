@@ -1,5 +1,5 @@
 """What one source rank sends for one request: its pages, layer by layer or packed into few messages,
-through a `KVClient` (ZeroMQ frames, the tcp stream, or a torch.distributed pair group)."""
+through a `KVTransport` (ZeroMQ frames, the tcp stream, or a torch.distributed pair group)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvtransfer.plan import TransferItem, items_from
 from kvtransfer.protocol import MAX_LAYERS, VERSION, Pages
 
 if TYPE_CHECKING:
-    from kvtransfer.zmq_transport import KVClient
+    from kvtransfer.transport import KVTransport
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class OutgoingTransfer:
     """What one source rank sends for one request, layer by layer (call `send_layer` as each layer's
     KV is written: the transfer of layer l overlaps the compute of layer l + 1)."""
 
-    def __init__(self, client: KVClient, caches: RankCaches, plan: list[TransferItem], src_rank: int,
+    def __init__(self, client: KVTransport, caches: RankCaches, plan: list[TransferItem], src_rank: int,
                  request_id: str, attempt: int, endpoints: list[str], src_block_ids: list[int],
                  dst_block_ids: list[int]):
         if len(src_block_ids) != len(dst_block_ids):

@@ -18,7 +18,7 @@ from typing import Callable
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
 from kvtransfer.outgoing import OutgoingTransfer
-from kvtransfer.zmq_transport import KVClient
+from kvtransfer.transport import KVTransport
 
 
 class TransferState(enum.Enum):
@@ -29,7 +29,7 @@ class TransferState(enum.Enum):
 
 
 class SendTransfer:
-    def __init__(self, client: KVClient, request_id: str, attempt: int, num_tokens: int, src: KVLayout,
+    def __init__(self, client: KVTransport, request_id: str, attempt: int, num_tokens: int, src: KVLayout,
                  dst: KVLayout, endpoints: list[str], release: Callable[[], None],
                  reserve_timeout: float = 5.0, ack_timeout: float = 10.0):
         self.client = client
@@ -79,7 +79,7 @@ class SendTransfer:
             return False
         return None
 
-    def outgoing(self, rank: int, client: KVClient, caches: RankCaches,
+    def outgoing(self, rank: int, client: KVTransport, caches: RankCaches,
                  src_block_ids: list[int]) -> OutgoingTransfer:
         """The pages that source rank `rank` sends (layer by layer) for this request."""
         return OutgoingTransfer(client, caches, self.plan, rank, self.request_id, self.attempt, self.endpoints,

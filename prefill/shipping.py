@@ -7,6 +7,7 @@ from engine.partition import kv_head_range
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
 from kvtransfer.outgoing import OutgoingTransfer
+from kvtransfer.transport import KVTransport
 from kvtransfer.zmq_transport import KVClient
 
 
@@ -23,7 +24,7 @@ class Shipper:
     device, timeout_s, stream: pages on the tcp transport's stream}); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
 
     def __init__(self):
-        self.client: KVClient | None = None
+        self.client: KVTransport | None = None
         self._caches: tuple | None = None  # (runner, its RankCaches): byte views made once, not per step
 
     def __call__(self, rank: int, runner, extras: dict, seq_ids: list[int]):
