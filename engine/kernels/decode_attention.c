@@ -13,7 +13,11 @@
  * then their sum rounded: bit for bit, so the cache holds what the torch path writes); scores, softmax
  * and the weighted sum of V in fp32, the output rounded once. Built with -ffp-contract=off so that no
  * product is fused into a sum behind our back. Written with GCC vector extensions: 16 floats a vector,
- * which the compiler maps to AVX-512, AVX2 or plain loops for the CPU at hand.
+ * which the compiler maps to AVX-512, AVX2 or plain loops for the CPU at hand. On CPUs with AVX-512
+ * bf16, bf16 caches with head sizes a multiple of 32 take `attend_bf16` (intrinsics: the bf16 dot
+ * product for q . k, explicit fused multiply-adds for V): the same math within fp32 rounding of the
+ * sums, 16-23% faster over a SmolLM2 step's 30 layers at 32 sequences (measured: 12.0 -> 10.1 ms with
+ * the KV coming from memory, 9.2 -> 7.1 in cache).
  */
 #include <stdlib.h>
 #include <omp.h>
@@ -98,6 +102,120 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_ATTEND_BF16 1
+/* `attend` for bf16 caches and head sizes a multiple of 32, on CPUs with AVX-512 bf16: q . k with
+ * the bf16 dot-product instruction (products exact, summed in fp32 pairwise: the query is bf16 already,
+ * as RoPE rounds it), 16 tokens' sums reduced together (hsum16), and V summed with fused multiply-adds.
+ * The same math as `attend` within fp32 rounding of the sums. */
+static inline __attribute__((always_inline)) void attend_bf16_k(
+    const int64_t nw, int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+    const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L, int64_t KVH,
+    int64_t G, float scale, char *out, int64_t H, float *p, int64_t lp) {
+    const int64_t D = nw * 32, nv = nw * 2, g = h0 / G, nblocks = (L + bs - 1) / bs;
+    const int64_t row_bytes = D * 2, block_bytes = bs * row_bytes;
+    __m512bh qb[MAX_G][MAX_D / 32];
+    v16f o[MAX_G][MAX_D / 16];
+    float m[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        v16f qv[MAX_D / 16];
+        rope((const char *)q + (b * q_stride + (h0 + hh) * D) * 2, (const char *)cos + b * D * 2,
+             (const char *)sin + b * D * 2, D, 1, qv);
+        for (int64_t w = 0; w < nw; w++) qb[hh][w] = _mm512_cvtne2ps_pbh((__m512)qv[2 * w + 1], (__m512)qv[2 * w]);
+        m[hh] = -INFINITY;
+    }
+    /* two blocks ahead: K's, then (as K runs out) V's first ones */
+    for (int64_t i = 0; i < 2 && i < nblocks; i++) prefetch_block(kc + kv_row(bt[i], KVH, g, bs, 0, D, 2), block_bytes);
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const char *kb = kc + kv_row(bt[blk], KVH, g, bs, 0, D, 2);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        const int64_t ahead = blk + 2;
+        if (ahead < nblocks + 2)
+            prefetch_block(ahead < nblocks ? kc + kv_row(bt[ahead], KVH, g, bs, 0, D, 2)
+                                           : vc + kv_row(bt[ahead - nblocks], KVH, g, bs, 0, D, 2), block_bytes);
+        for (int hh = 0; hh < nh; hh++) {
+            float *ph = p + hh * lp + blk * bs;
+            for (int64_t i0 = 0; i0 < n; i0 += 16) {
+                const int c = n - i0 < 16 ? (int)(n - i0) : 16;
+                v16f acc[16];
+                for (int i = 0; i < c; i++) {
+                    const char *row = kb + (i0 + i) * row_bytes;
+                    __m512 a = _mm512_setzero_ps();
+                    for (int64_t w = 0; w < nw; w++)
+                        a = _mm512_dpbf16_ps(a, qb[hh][w], (__m512bh)_mm512_loadu_si512(row + w * 64));
+                    acc[i] = (v16f)a;
+                }
+                for (int i = c; i < 16; i++) acc[i] = (v16f){0};
+                /* lanes past n land where later blocks, or the padding below, overwrite them */
+                v16f sc = hsum16(acc) * scale;
+                memcpy(ph + i0, &sc, sizeof sc);
+                for (int i = 0; i < c; i++)
+                    if (sc[i] > m[hh]) m[hh] = sc[i];
+            }
+        }
+    }
+    float total[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        float *ph = p + hh * lp;
+        for (int64_t t = L; t < L + 16; t++) ph[t] = m[hh];
+        v16f sum = (v16f){0};
+        for (int64_t t = 0; t < L; t += 16) {
+            v16f x;
+            memcpy(&x, ph + t, sizeof x);
+            x = vexp(x - m[hh]);
+            if (t + 16 > L)
+                for (int i = (int)(L - t); i < 16; i++) x[i] = 0.f;
+            memcpy(ph + t, &x, sizeof x);
+            sum += x;
+        }
+        total[hh] = hsum(sum);
+        for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
+    }
+    /* V: 16 rows at a time into fp32 (once for all heads), then each head's sum in registers */
+    __m512 vf[16][MAX_D / 16];
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const char *vb = vc + kv_row(bt[blk], KVH, g, bs, 0, D, 2);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        if (blk + 2 < nblocks) prefetch_block(vc + kv_row(bt[blk + 2], KVH, g, bs, 0, D, 2), block_bytes);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int c = n - i0 < 16 ? (int)(n - i0) : 16;
+            for (int i = 0; i < c; i++)
+                for (int64_t j = 0; j < nv; j++)
+                    vf[i][j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256((const __m256i *)(vb + (i0 + i) * row_bytes + j * 32))), 16));
+            for (int hh = 0; hh < nh; hh++) {
+                __m512 acc[MAX_D / 16];
+                for (int64_t j = 0; j < nv; j++) acc[j] = (__m512)o[hh][j];
+                const float *ph = p + hh * lp + blk * bs + i0;
+                for (int i = 0; i < c; i++) {
+                    __m512 w = _mm512_set1_ps(ph[i]);
+                    for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_fmadd_ps(w, vf[i][j], acc[j]);
+                }
+                for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f)acc[j];
+            }
+        }
+    }
+    for (int hh = 0; hh < nh; hh++) {
+        char *op = out + (b * H + h0 + hh) * D * 2;
+        for (int64_t j = 0; j < nv; j++) store16(op + j * 32, o[hh][j] / total[hh], 1);
+    }
+}
+
+/* head sizes 64 and 128 get copies of their own, with the loops over a row's vectors unrolled */
+static void attend_bf16(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                        const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
+                        int64_t KVH, int64_t G, int64_t D, float scale, char *out, int64_t H, float *p, int64_t lp) {
+#define ATTEND(nw) attend_bf16_k(nw, b, h0, nh, q, q_stride, cos, sin, kc, vc, bs, bt, L, KVH, G, scale, out, H, p, lp)
+    if (D == 64)
+        ATTEND(2);
+    else if (D == 128)
+        ATTEND(4);
+    else
+        ATTEND(D / 32);
+#undef ATTEND
+}
+#endif
+
 int tandem_decode_attention_max_head_dim(void) { return MAX_D; }
 
 /* Returns 0; -1 when a buffer could not be allocated; -2 for a head size it does not take. */
@@ -144,9 +262,18 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * (H / hb); task++) {
-            if (p) attend(task / (H / hb), task % (H / hb) * hb, (int)hb, q, q_stride, cos, sin, kc, vc, bs,
-                          block_tables + task / (H / hb) * nb, lens[task / (H / hb)], KVH, G, D, scale, bf16,
-                          (char *)out, H, p, max_len + 16);
+            if (!p) continue;
+#ifdef HAVE_ATTEND_BF16
+            if (bf16 && D % 32 == 0) {
+                attend_bf16(task / (H / hb), task % (H / hb) * hb, (int)hb, q, q_stride, cos, sin, kc, vc, bs,
+                            block_tables + task / (H / hb) * nb, lens[task / (H / hb)], KVH, G, D, scale,
+                            (char *)out, H, p, max_len + 16);
+                continue;
+            }
+#endif
+            attend(task / (H / hb), task % (H / hb) * hb, (int)hb, q, q_stride, cos, sin, kc, vc, bs,
+                   block_tables + task / (H / hb) * nb, lens[task / (H / hb)], KVH, G, D, scale, bf16,
+                   (char *)out, H, p, max_len + 16);
         }
         free(p);
     }

@@ -64,6 +64,26 @@ def test_fused_decode_attention_equals_the_torch_path(dtype, lens, H, KVH, D):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bs", [8, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sizes_other_than_16_and_partial_blocks(bs, dtype):
+    """The bf16 path reduces 16 tokens' scores at a time: blocks of 8 (two blocks a vector) and 32 (two
+    vectors a block), contexts ending mid-block, one sequence (a task per head) and several."""
+    for lens, H, KVH, D in (([45, 3, 77, 16, 17], 9, 3, 64), ([61], 8, 2, 128)):
+        cache, q, k, v, pos, meta, lens_t, rotary = _case(dtype, lens, H, KVH, D, bs=bs, num_blocks=128)
+        cos, sin = rotary.lookup(pos)
+        ref_cache = cache.clone()
+        B = len(lens)
+        want = paged_attention(rotary((cos, sin), q), rotary((cos, sin), k), v.reshape(B, KVH, D), ref_cache, meta,
+                               D ** -0.5)
+        got = attn(q, k, v, cos.view(B, D), sin.view(B, D), cache, meta.slot_blocks, meta.slot_offsets,
+                   meta.decode_block_tables, lens_t, D ** -0.5, 2)
+        assert torch.equal(cache, ref_cache)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@needs_kernel
 def test_a_long_context_and_large_scores_keep_the_softmax_stable():
     cache, q, k, v, pos, meta, lens_t, rotary = _case(torch.float32, [2000], 2, 1, 64, num_blocks=200)
     q = q * 30  # scores in the hundreds: exp overflows without the max subtracted
