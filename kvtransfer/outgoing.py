@@ -105,13 +105,14 @@ class OutgoingTransfer:
         header = Pages(VERSION, self.request_id, self.attempt, self.src_rank, layers[0], it.heads,
                        self.dst_block_ids, dtype, shape, self._layer_bytes(it) * len(layers), runs=runs,
                        num_layers=len(layers))
+        endpoint = self.endpoints[it.dst_rank]
         try:
-            self.client.send_pages(self.endpoints[it.dst_rank], header, payload, owners)
-        except (OSError, RuntimeError, KeyError, zmq.ZMQError) as e:  # pairing failed, a dead peer's group
+            self.client.send_pages(endpoint, header, payload, owners)
+        except (OSError, RuntimeError, zmq.ZMQError) as e:  # pairing failed; a GPU staging copy failed
             self.failed = f"{type(e).__name__}: {e}"
             self.client.metrics["transfers_send_failed"] += 1
-            log.warning("KV pages of %s (attempt %d) to %s not sent: %s", self.request_id, self.attempt,
-                        self.endpoints[it.dst_rank], self.failed)
+            log.warning("KV pages of %s (attempt %d) to %s not sent: %s", self.request_id, self.attempt, endpoint,
+                        self.failed, exc_info=not isinstance(e, OSError))
 
     def _runs(self, whole_blocks: bool) -> list[int]:
         """Zero-copy runs when they are few or long enough to beat one gather (each frame costs a

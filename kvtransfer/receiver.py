@@ -445,8 +445,8 @@ class Reservations:
                 held = self._holds(msg.request_id, msg.attempt)
                 if held:
                     self._fail_locked(msg.request_id, str(e), ack=False)
-            if not held:  # an abort freed it meanwhile, maybe before some ranks were told: untell them
-                for r in told:
+            if not held:  # an abort freed it meanwhile, maybe before some ranks were told: untell them,
+                for r in told + [self.ranks[len(told)]]:  # and the slow one, which may take its Expect late
                     r.cancel(msg.request_id, msg.attempt)
             return no(f"decode worker not ready: {e}")
         with self._lock:

@@ -320,11 +320,9 @@ class KVClient(IOThread):
         return self._expect("ack", request_id, attempt)
 
     def connect(self, endpoint: str, timeout: float = PAIR_HANDSHAKE_S) -> None:
-        """torch.distributed transport: join the pair group with `endpoint` (once; blocking: at most
-        `timeout` for the answer, then the group's own timeout). A receiver without this backend (a
-        ZeroMQ-only or differently configured worker) gets frames. Raises TimeoutError or the group's
-        error when pairing fails, and for PAIR_RETRY_S after that at once (a dead receiver must not
-        stall every prefill that ships to it)."""
+        """torch.distributed transport: join the pair group with `endpoint` (once; blocking). A receiver
+        without this backend gets frames. Raises when pairing fails, and at once for PAIR_RETRY_S after
+        (a dead receiver must not stall every prefill that ships to it)."""
         if self.pairs is None or self.pairs.has(endpoint) or endpoint in self._frames_only:
             return
         failed = self._pair_failed.get(endpoint)
@@ -363,9 +361,9 @@ class KVClient(IOThread):
             if self.pairs is not None:
                 self.connect(endpoint)
             if self.pairs is not None and endpoint not in self._frames_only:
-                tag = self.pairs.next_tag(endpoint)
-                head = encode(msgspec.structs.replace(header, pair=self._pair_ids[endpoint], tag=tag))
-                self.submit(lambda: self._send_dist(endpoint, head, payload, tag, header.nbytes))
+                tag, pair = self.pairs.next_tag(endpoint), self._pair_ids[endpoint]
+                head = encode(msgspec.structs.replace(header, pair=pair, tag=tag))
+                self.submit(lambda: self._send_dist(endpoint, pair, head, payload, tag, header.nbytes))
                 return
             payload = [payload]
         head = encode(header)
@@ -412,7 +410,10 @@ class KVClient(IOThread):
             return None
 
     # -- I/O thread ------------------------------------------------------------------------------
-    def _send_dist(self, endpoint, head, payload, tag, nbytes):
+    def _send_dist(self, endpoint, pair, head, payload, tag, nbytes):
+        if not self.pairs.has(endpoint) or self._pair_ids.get(endpoint) != pair:  # its group failed since
+            self.metrics["dist_send_dropped"] += 1  # (no header: the receiver would wait for the payload)
+            return
         self._sock(endpoint).send(head)
         try:
             self.pairs.send(endpoint, payload, tag)

@@ -104,6 +104,26 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define HAVE_ATTEND_BF16 1
+
+/* hsum of 16 vectors at once: lane t of the result is hsum(a[t]), the same sums in the same order
+ * (halves, then quarters, ...), with lanes of two vectors paired at each step: 15 vector adds in all */
+static inline v16f hsum16(const v16f a[16]) {
+    const __m512i lo1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                  hi1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31),
+                  lo2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                  hi2 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31),
+                  lo3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                  hi3 = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31),
+                  lo4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                  hi4 = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#define PAIR(x, y, lo, hi) _mm512_add_ps(_mm512_permutex2var_ps(x, lo, y), _mm512_permutex2var_ps(x, hi, y))
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) b[i] = PAIR((__m512)a[2 * i], (__m512)a[2 * i + 1], lo1, hi1);
+    for (int i = 0; i < 4; i++) c[i] = PAIR(b[2 * i], b[2 * i + 1], lo2, hi2);
+    for (int i = 0; i < 2; i++) d[i] = PAIR(c[2 * i], c[2 * i + 1], lo3, hi3);
+    return (v16f)PAIR(d[0], d[1], lo4, hi4);
+#undef PAIR
+}
 /* `attend` for bf16 caches and head sizes a multiple of 32, on CPUs with AVX-512 bf16: q . k with
  * the bf16 dot-product instruction (products exact, summed in fp32 pairwise: the query is bf16 already,
  * as RoPE rounds it), 16 tokens' sums reduced together (hsum16), and V summed with fused multiply-adds.
@@ -130,9 +150,10 @@ static inline __attribute__((always_inline)) void attend_bf16_k(
         const char *kb = kc + kv_row(bt[blk], KVH, g, bs, 0, D, 2);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
         const int64_t ahead = blk + 2;
-        if (ahead < nblocks + 2)
-            prefetch_block(ahead < nblocks ? kc + kv_row(bt[ahead], KVH, g, bs, 0, D, 2)
-                                           : vc + kv_row(bt[ahead - nblocks], KVH, g, bs, 0, D, 2), block_bytes);
+        if (ahead < nblocks)
+            prefetch_block(kc + kv_row(bt[ahead], KVH, g, bs, 0, D, 2), block_bytes);
+        else if (ahead - nblocks < nblocks) /* bt has nblocks entries of this sequence's, maybe no more */
+            prefetch_block(vc + kv_row(bt[ahead - nblocks], KVH, g, bs, 0, D, 2), block_bytes);
         for (int hh = 0; hh < nh; hh++) {
             float *ph = p + hh * lp + blk * bs;
             for (int64_t i0 = 0; i0 < n; i0 += 16) {

@@ -86,27 +86,6 @@ static inline float hsum(v16f v) { /* a tree of halves: 3 vector adds and 3 scal
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* hsum of 16 vectors at once: lane t of the result is hsum(a[t]), the same sums in the same order
- * (halves, then quarters, ...), with lanes of two vectors paired at each step: 15 vector adds in all */
-static inline v16f hsum16(const v16f a[16]) {
-    const v16i lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-               hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-               lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
-               hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
-               lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
-               hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
-               lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-               hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    v16f b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)
-        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo1) + __builtin_shuffle(a[2 * i], a[2 * i + 1], hi1);
-    for (int i = 0; i < 4; i++)
-        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], lo2) + __builtin_shuffle(b[2 * i], b[2 * i + 1], hi2);
-    for (int i = 0; i < 2; i++)
-        d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], lo3) + __builtin_shuffle(c[2 * i], c[2 * i + 1], hi3);
-    return __builtin_shuffle(d[0], d[1], lo4) + __builtin_shuffle(d[0], d[1], hi4);
-}
-
 /* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp) */
 static inline v16f vexp(v16f x) {
     const v16f lo = (v16f){0} - 87.3f;

@@ -225,19 +225,20 @@ def test_an_abort_while_the_ranks_are_told_undoes_the_reservation_on_every_rank(
 
 def test_an_abort_then_a_rank_that_does_not_answer_leaves_no_rank_expecting():
     """Aborted while rank 0 is told (so the abort cancels the ranks told so far), rank 1 then told
-    of the freed blocks, rank 2 not answering: rank 1 must be untold too, not left expecting pages
-    into blocks that another request may hold by then."""
+    of the freed blocks, rank 2 answering too late: ranks 1 and 2 must be untold too, not left
+    expecting pages into blocks that another request may hold by then."""
     from kvtransfer.protocol import VERSION, Reserve, layout_msg
 
     net = FakeKVNetwork()
     d = Decode(net, tp=2, pp=2)
-    told0 = d.ranks[0].expect
+    told0, told2 = d.ranks[0].expect, d.ranks[2].expect
 
     def expect_then_abort(rid, attempt, *a):
         told0(rid, attempt, *a)
         d.res.on_abort(rid, attempt, "client went away")
 
-    def no_answer(*a):
+    def no_answer(*a):  # slow, not dead: it takes the Expect after its driver gave up waiting
+        told2(*a)
         raise TimeoutError("rank 2 did not answer")
     d.ranks[0].expect, d.ranks[2].expect = expect_then_abort, no_answer
     reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout_msg(layout())))
@@ -301,3 +302,44 @@ def test_a_receiver_that_does_not_pair_is_not_asked_again_at_once():
         assert time.monotonic() - t0 < 0.1
     finally:
         client.stop()
+
+
+def test_a_failed_pair_group_is_dropped_and_what_was_queued_for_it_is_not_sent():
+    """A send through a torch.distributed pair group fails (the receiver died): the group is dropped
+    (the next send pairs anew), and payloads still queued for it send no header either (the receiver
+    would block waiting for a payload that never comes)."""
+    from kvtransfer.zmq_transport import KVClient
+
+    class Pairs:
+        def __init__(self):
+            self.groups, self.sent = {"ep"}, []
+
+        def has(self, endpoint):
+            return endpoint in self.groups
+
+        def drop(self, endpoint):
+            self.groups.discard(endpoint)
+
+        def send(self, endpoint, payload, tag):
+            if tag == 2:
+                raise RuntimeError("Connection closed by peer")
+            self.sent.append(tag)
+
+    client = KVClient(0)  # not started: _send_dist is called here as the I/O thread would
+    heads = []
+    client.pairs, client._pair_ids = Pairs(), {"ep": "p1"}
+    client._sock = lambda endpoint: type("Sock", (), {"send": staticmethod(heads.append)})
+    try:
+        client._send_dist("ep", "p1", b"h1", None, 1, 10)
+        with pytest.raises(RuntimeError):
+            client._send_dist("ep", "p1", b"h2", None, 2, 10)
+        client._send_dist("ep", "p1", b"h3", None, 3, 10)  # queued behind the failure: dropped
+        assert heads == [b"h1", b"h2"] and client.pairs.sent == [1] and not client.pairs.has("ep")
+        assert client.metrics["dist_send_failed"] == 1 and client.metrics["dist_send_dropped"] == 1
+        client.pairs.groups.add("ep")
+        client._pair_ids["ep"] = "p2"  # paired anew: a message queued for the old pair still goes nowhere
+        client._send_dist("ep", "p1", b"h4", None, 4, 10)
+        client._send_dist("ep", "p2", b"h5", None, 5, 10)
+        assert heads == [b"h1", b"h2", b"h5"] and client.pairs.sent == [1, 5]
+    finally:
+        client.ctx.term()
