@@ -30,6 +30,22 @@ static inline void prefetch_block(const char *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
 }
 
+/* scores ph[0, L) -> exp(score - m), in place; returns their sum (ph has room for 16 more) */
+static float softmax_row(float *ph, int64_t L, float m) {
+    for (int64_t t = L; t < L + 16; t++) ph[t] = m; /* pad the last vector (zeroed below) */
+    v16f sum = (v16f){0};
+    for (int64_t t = 0; t < L; t += 16) {
+        v16f x;
+        memcpy(&x, ph + t, sizeof x);
+        x = vexp(x - m);
+        if (t + 16 > L)
+            for (int i = (int)(L - t); i < 16; i++) x[i] = 0.f;
+        memcpy(ph + t, &x, sizeof x);
+        sum += x;
+    }
+    return hsum(sum);
+}
+
 /* query heads [h0, h0 + nh) of one sequence (all in KV group h0 / G) against its first L tokens */
 static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
                    const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
@@ -67,19 +83,7 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     }
     float total[MAX_G];
     for (int hh = 0; hh < nh; hh++) {
-        float *ph = p + hh * lp;
-        for (int64_t t = L; t < L + 16; t++) ph[t] = m[hh]; /* pad the last vector (zeroed below) */
-        v16f sum = (v16f){0};
-        for (int64_t t = 0; t < L; t += 16) {
-            v16f x;
-            memcpy(&x, ph + t, sizeof x);
-            x = vexp(x - m[hh]);
-            if (t + 16 > L)
-                for (int i = (int)(L - t); i < 16; i++) x[i] = 0.f;
-            memcpy(ph + t, &x, sizeof x);
-            sum += x;
-        }
-        total[hh] = hsum(sum);
+        total[hh] = softmax_row(p + hh * lp, L, m[hh]);
         for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
     }
     /* the weighted sum of V, each V row read once for the group */
@@ -177,19 +181,7 @@ static inline __attribute__((always_inline)) void attend_bf16_k(
     }
     float total[MAX_G];
     for (int hh = 0; hh < nh; hh++) {
-        float *ph = p + hh * lp;
-        for (int64_t t = L; t < L + 16; t++) ph[t] = m[hh];
-        v16f sum = (v16f){0};
-        for (int64_t t = 0; t < L; t += 16) {
-            v16f x;
-            memcpy(&x, ph + t, sizeof x);
-            x = vexp(x - m[hh]);
-            if (t + 16 > L)
-                for (int i = (int)(L - t); i < 16; i++) x[i] = 0.f;
-            memcpy(ph + t, &x, sizeof x);
-            sum += x;
-        }
-        total[hh] = hsum(sum);
+        total[hh] = softmax_row(p + hh * lp, L, m[hh]);
         for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
     }
     /* V: 16 rows at a time into fp32 (once for all heads), then each head's sum in registers */
