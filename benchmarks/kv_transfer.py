@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.block_manager import BlockManager  # noqa: E402
 from kvtransfer.pages import RankCaches  # noqa: E402
 from kvtransfer.plan import KVLayout  # noqa: E402
-from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations  # noqa: E402
+from kvtransfer.receiver import RankReceiver  # noqa: E402
+from kvtransfer.reservations import BlockPoolReserver, Reservations  # noqa: E402
 from kvtransfer.sender import SendTransfer  # noqa: E402
 from kvtransfer.zmq_transport import KVClient, KVServer  # noqa: E402
 

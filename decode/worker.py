@@ -28,7 +28,8 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout
-from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations
+from kvtransfer.receiver import RankReceiver
+from kvtransfer.reservations import BlockPoolReserver, Reservations
 from kvtransfer.zmq_transport import KVServer, RemoteRank
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ import torch
 from kvtransfer.pages import to_bytes_view
 from kvtransfer.plan import KVLayout
 from kvtransfer.protocol import VERSION, Abort, Ack, Pages, Reserve, Reserved, decode, encode, layout_msg
-from kvtransfer.receiver import RankReceiver, Reservations
+from kvtransfer.receiver import RankReceiver
+from kvtransfer.reservations import Reservations
 
 
 class FakeKVNetwork:

@@ -1,12 +1,6 @@
-"""The receiving side of KV transfers: per-rank frame bookkeeping and the driver's reservations.
-
-State of one request on the decode worker (driver):
-
-    Reserve ──▶ Reserving: blocks allocated, every rank told what to expect (deadline = now + timeout)
-            ──▶ Transferring: frames arrive at each rank; a rank is done when it has every frame the
-                plan routes to it
-            ──▶ Done: all ranks done -> Ack(ok) to the sender, on_ready(request) for the scheduler
-            ──▶ Failed: timeout, bad frame, abort, a rank failing -> blocks freed, Ack(not ok)
+"""The receiving side of KV transfers, one rank's part: which frames it still expects, validation,
+and writing pages into its caches (the driver's reservations and the request's state machine are
+kvtransfer/reservations.py).
 
 No socket here: the transport calls in (from its I/O threads; everything is behind a lock).
 """
@@ -15,18 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from kvtransfer.frames import Staged, host_buffer
 from kvtransfer.pages import RankCaches, from_buffer
-from kvtransfer.plan import IncompatibleLayouts, KVLayout, items_to, plan_transfer
-from kvtransfer.protocol import VERSION, Ack, Pages, Reserve, Reserved, layout_from_msg
+from kvtransfer.plan import KVLayout, items_to, plan_transfer
+from kvtransfer.protocol import Pages
 
 log = logging.getLogger(__name__)
 
@@ -330,177 +323,3 @@ def _nbytes(payload) -> int:
     if isinstance(payload, torch.Tensor):
         return payload.numel() * payload.element_size()
     return len(payload)
-
-
-class BlockPoolReserver:
-    """`reserve_fn`/`release_fn` for `Reservations` over an engine BlockManager.
-
-    Each reservation is a placeholder sequence holding the blocks for `num_tokens`; the decode worker
-    takes it over (`take`) when the transfer is done, so the request starts with its KV in place.
-    """
-
-    def __init__(self, block_manager, lock=None):
-        """`lock`: shared with whoever else changes the block manager (the engine's loop): reservations
-        arrive on the KV thread."""
-        from engine.sampling_params import SamplingParams
-        from engine.sequence import Sequence
-
-        self.bm = block_manager
-        self.lock = lock if lock is not None else threading.RLock()
-        self._seq_cls, self._params = Sequence, SamplingParams()
-        self.held: dict[str, object] = {}
-
-    def reserve(self, request_id: str, num_tokens: int, attempt: int = 0) -> list[int] | None:
-        with self.lock:
-            old = self.held.pop(request_id, None)
-            if old is not None:  # an older attempt's landed KV nobody claimed: the newer attempt supersedes it
-                self.bm.free(old[1])
-            seq = self._seq_cls(request_id, 0, [0] * num_tokens, num_tokens, self._params)
-            if not self.bm.allocate_slots(seq, num_tokens):
-                return None
-            self.held[request_id] = (attempt, seq)
-            return list(seq.block_ids)
-
-    def release(self, request_id: str, attempt: int | None = None) -> None:
-        """Frees the held KV of `request_id` (of that attempt only, when one is named)."""
-        with self.lock:
-            h = self.held.get(request_id)
-            if h is not None and (attempt is None or h[0] == attempt):
-                del self.held[request_id]
-                self.bm.free(h[1])
-
-    def take(self, request_id: str, attempt: int | None = None):
-        """The held placeholder sequence (its blocks now the caller's), or None if that attempt's is gone."""
-        with self.lock:
-            h = self.held.get(request_id)
-            if h is None or (attempt is not None and h[0] != attempt):
-                return None
-            del self.held[request_id]
-            return h[1]
-
-
-@dataclass
-class _Reservation:
-    attempt: int
-    block_ids: list[int]
-    sender: bytes  # the sender driver's connection identity, for the Ack
-    ranks_left: set[int] = field(default_factory=set)
-    deadline: float = 0.0
-
-
-class Reservations:
-    """The decode driver's table of incoming transfers (Reserving -> Transferring -> Done | Failed)."""
-
-    def __init__(self, layout: KVLayout, ranks: list[RankReceiver],
-                 reserve_fn: Callable[[str, int, int], list[int] | None], release_fn: Callable[[str, int], None],
-                 send_ack: Callable[[bytes, Ack], None],
-                 on_ready: Callable[[str, int, list[int]], None] = lambda *a: None,
-                 timeout: float = 10.0, metrics: Counter | None = None,
-                 refuse: Callable[[str, int], str | None] = lambda rid, attempt: None):
-        """`refuse(request_id, attempt)`: a reason to turn a reservation down (e.g. already aborted)."""
-        self.layout = layout
-        self.ranks = ranks
-        self.reserve_fn, self.release_fn = reserve_fn, release_fn
-        self.send_ack, self.on_ready = send_ack, on_ready
-        self.refuse = refuse
-        self.timeout = timeout
-        self.metrics = metrics if metrics is not None else Counter()
-        self._lock = threading.Lock()
-        self._table: dict[str, _Reservation] = {}
-
-    def on_reserve(self, sender: bytes, msg: Reserve) -> Reserved:
-        def no(reason: str) -> Reserved:
-            self.metrics["reserve_refused"] += 1
-            return Reserved(VERSION, msg.request_id, msg.attempt, False, [], reason)
-
-        try:
-            src = layout_from_msg(msg.layout)
-            plan_transfer(src, self.layout)
-        except (IncompatibleLayouts, ValueError) as e:
-            return no(f"incompatible layout: {e}")
-        if msg.num_tokens <= 0:
-            return no(f"num_tokens = {msg.num_tokens} must be positive")
-        reason = self.refuse(msg.request_id, msg.attempt)
-        if reason:
-            return no(reason)
-        with self._lock:
-            old = self._table.get(msg.request_id)
-            if old is not None:
-                if old.attempt >= msg.attempt:
-                    return no(f"duplicate reservation (attempt {old.attempt} is in flight)")
-                self._fail_locked(msg.request_id, "superseded by a newer attempt")
-            block_ids = self.reserve_fn(msg.request_id, msg.num_tokens, msg.attempt)
-            if block_ids is None:
-                return no("no room")
-            deadline = time.monotonic() + self.timeout
-            self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
-                                                       {r.rank for r in self.ranks}, deadline)
-        told = []
-        try:
-            for r in self.ranks:
-                r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
-                told.append(r)
-        except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
-            with self._lock:
-                held = self._holds(msg.request_id, msg.attempt)
-                if held:
-                    self._fail_locked(msg.request_id, str(e), ack=False)
-            if not held:  # an abort freed it meanwhile, maybe before some ranks were told: untell them,
-                for r in told + [self.ranks[len(told)]]:  # and the slow one, which may take its Expect late
-                    r.cancel(msg.request_id, msg.attempt)
-            return no(f"decode worker not ready: {e}")
-        with self._lock:
-            held = self._holds(msg.request_id, msg.attempt)
-        if not held:  # aborted (its blocks freed) while the ranks were being told: untell them, refuse
-            for r in self.ranks:
-                r.cancel(msg.request_id, msg.attempt)
-            return no("aborted while reserving")
-        self.metrics["reserved"] += 1
-        return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids)
-
-    def _holds(self, request_id: str, attempt: int) -> bool:
-        res = self._table.get(request_id)
-        return res is not None and res.attempt == attempt
-
-    def on_rank_done(self, request_id: str, attempt: int, rank: int, ok: bool, reason: str) -> None:
-        with self._lock:
-            res = self._table.get(request_id)
-            if res is None or res.attempt != attempt:
-                return
-            if not ok:
-                self._fail_locked(request_id, f"rank {rank}: {reason}")
-                return
-            res.ranks_left.discard(rank)
-            if res.ranks_left:
-                return
-            del self._table[request_id]
-        self.metrics["transfers_ok"] += 1
-        self.send_ack(res.sender, Ack(VERSION, request_id, attempt, True))
-        self.on_ready(request_id, attempt, res.block_ids)
-
-    def on_abort(self, request_id: str, attempt: int, reason: str, notify_sender: bool = False) -> None:
-        """The sender gave up (no Ack owed), or, with `notify_sender`, someone else aborted the request
-        here (the requester): the sender gets Ack(not ok) and frees its pages at once."""
-        with self._lock:
-            res = self._table.get(request_id)
-            if res is not None and res.attempt == attempt:
-                self._fail_locked(request_id, f"aborted: {reason}", ack=notify_sender)
-
-    def expire(self, now: float) -> None:
-        with self._lock:
-            for rid in [rid for rid, r in self._table.items() if r.deadline <= now]:
-                self._fail_locked(rid, "timed out")
-
-    def _fail_locked(self, request_id: str, reason: str, ack: bool = True) -> None:
-        res = self._table.pop(request_id)
-        for r in self.ranks:
-            r.cancel(request_id, res.attempt)
-        self.release_fn(request_id, res.attempt)
-        self.metrics["transfers_failed"] += 1
-        log.warning("KV transfer of %s (attempt %d) failed: %s", request_id, res.attempt, reason)
-        if ack:
-            self.send_ack(res.sender, Ack(VERSION, request_id, res.attempt, False, reason))
-
-    @property
-    def num_pending(self) -> int:
-        return len(self._table)

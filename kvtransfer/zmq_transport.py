@@ -13,8 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 import msgspec
 import numpy as np
@@ -25,12 +24,12 @@ from cluster import security
 from kvtransfer.io_thread import IOThread
 from kvtransfer.pages import to_bytes_view
 from kvtransfer.frames import CacheFrames, Staged, host_frames
-from kvtransfer.receiver import Landed
 from kvtransfer.plan import KVLayout
 from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Cancelled, Expect, ExpectOk, Pages, PairHello,
                                  PairInfo, ProtocolError, RankDone, Reserve, Reserved, StreamHello, StreamInfo, decode,
                                  encode, layout_from_msg, layout_msg)
-from kvtransfer.receiver import RankReceiver, Reservations
+from kvtransfer.receiver import Landed, RankReceiver
+from kvtransfer.reservations import Reservations
 from kvtransfer.stream import StreamPeers, StreamServer
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from engine.block_manager import BlockManager  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kvtransfer.pages import TORCH_DTYPES, RankCaches  # noqa: E402
 from kvtransfer.plan import KVLayout  # noqa: E402
-from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations  # noqa: E402
+from kvtransfer.receiver import RankReceiver  # noqa: E402
+from kvtransfer.reservations import BlockPoolReserver, Reservations  # noqa: E402
 from kvtransfer.sender import SendTransfer  # noqa: E402
 from kvtransfer.zmq_transport import KVClient, KVServer  # noqa: E402
 

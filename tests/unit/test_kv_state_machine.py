@@ -11,7 +11,8 @@ from engine.block_manager import BlockManager
 from kvtransfer.fake import FakeKVClient, FakeKVNetwork
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout
-from kvtransfer.receiver import BlockPoolReserver, RankReceiver, Reservations
+from kvtransfer.receiver import RankReceiver
+from kvtransfer.reservations import BlockPoolReserver, Reservations
 from kvtransfer.sender import SendTransfer, TransferState
 
 L, H, D, BS = 3, 2, 8, 4
