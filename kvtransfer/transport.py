@@ -22,6 +22,7 @@ import torch
 from kvtransfer.plan import KVLayout
 from kvtransfer.protocol import Pages, Reserved
 
+
 @runtime_checkable
 class KVTransport(Protocol):
     metrics: Counter
@@ -53,4 +54,3 @@ class KVTransport(Protocol):
 
     def flush(self, timeout: float = 5.0) -> None:
         """Returns once every page queued before the call has been handed over."""
-

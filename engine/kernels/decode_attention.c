@@ -128,6 +128,7 @@ static inline v16f hsum16(const v16f a[16]) {
     return (v16f)PAIR(d[0], d[1], lo4, hi4);
 #undef PAIR
 }
+
 /* `attend` for bf16 caches and head sizes a multiple of 32, on CPUs with AVX-512 bf16: q . k with
  * the bf16 dot-product instruction (products exact, summed in fp32 pairwise: the query is bf16 already,
  * as RoPE rounds it), 16 tokens' sums reduced together (hsum16), and V summed with fused multiply-adds.
