@@ -130,25 +130,23 @@ class Reservations:
             deadline = time.monotonic() + self.timeout
             self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
                                                        {r.rank for r in self.ranks}, deadline)
-        told = []
+        told, late = 0, None  # ranks told (one that times out counts: it may take its Expect late)
         try:
             for r in self.ranks:
+                told += 1
                 r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
-                told.append(r)
         except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
-            with self._lock:
-                held = self._holds(msg.request_id, msg.attempt)
-                if held:
-                    self._fail_locked(msg.request_id, str(e), ack=False)
-            if not held:  # an abort freed it meanwhile, maybe before some ranks were told: untell them,
-                for r in told + [self.ranks[len(told)]]:  # and the slow one, which may take its Expect late
-                    r.cancel(msg.request_id, msg.attempt)
-            return no(f"decode worker not ready: {e}")
+            late = e
         with self._lock:
             held = self._holds(msg.request_id, msg.attempt)
-        if not held:  # aborted (its blocks freed) while the ranks were being told: untell them, refuse
-            for r in self.ranks:
+            if held and late is not None:
+                self._fail_locked(msg.request_id, str(late), ack=False)
+        if not held:  # aborted (its blocks freed) while the ranks were being told, maybe before some of
+            for r in self.ranks[:told]:  # them were: the abort's cancels missed those, so untell them here
                 r.cancel(msg.request_id, msg.attempt)
+        if late is not None:
+            return no(f"decode worker not ready: {late}")
+        if not held:
             return no("aborted while reserving")
         self.metrics["reserved"] += 1
         return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids)

@@ -277,16 +277,16 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * (H / hb); task++) {
             if (!p) continue;
+            const int64_t b = task / (H / hb), h0 = task % (H / hb) * hb;
+            const int64_t *bt = block_tables + b * nb;
 #ifdef HAVE_ATTEND_BF16
             if (bf16 && D % 32 == 0) {
-                attend_bf16(task / (H / hb), task % (H / hb) * hb, (int)hb, q, q_stride, cos, sin, kc, vc, bs,
-                            block_tables + task / (H / hb) * nb, lens[task / (H / hb)], KVH, G, D, scale,
+                attend_bf16(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale,
                             (char *)out, H, p, max_len + 16);
                 continue;
             }
 #endif
-            attend(task / (H / hb), task % (H / hb) * hb, (int)hb, q, q_stride, cos, sin, kc, vc, bs,
-                   block_tables + task / (H / hb) * nb, lens[task / (H / hb)], KVH, G, D, scale, bf16,
+            attend(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale, bf16,
                    (char *)out, H, p, max_len + 16);
         }
         free(p);
