@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.messages import MessageError, decode_chunk  # noqa: E402
-from cluster.worker_client import WorkerClient  # noqa: E402
+from common.messages import MessageError, decode_chunk  # noqa: E402
+from common.worker_client import WorkerClient  # noqa: E402
 
 
 def start_worker(role, model, kv, extra=()):

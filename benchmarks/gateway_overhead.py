@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cluster.worker_client import WorkerClient  # noqa: E402
 from live_cluster import LiveCluster, get_json  # noqa: E402
+
+from common.worker_client import WorkerClient  # noqa: E402
 
 
 def pct(xs, q):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.registry import Load, WorkerInfo  # noqa: E402
+from common.registry import Load, WorkerInfo  # noqa: E402
 from coordinator.live_view import LiveView  # noqa: E402
 from coordinator.policy import DecodeCost, PlacementRequest, PrefillCost, Rejection, make_policy  # noqa: E402
 

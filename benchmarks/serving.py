@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cluster import bench, calibrate  # noqa: E402
 from live_cluster import LiveCluster, get_json  # noqa: E402
+
+from cluster import bench, calibrate  # noqa: E402
 
 POLICIES = ("slo", "least-loaded", "round-robin")
 

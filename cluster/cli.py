@@ -13,7 +13,6 @@ import os
 import sys
 import time
 
-
 from cluster.cli_common import apply_security_args, build_engine_config, engine_args, security_args
 
 
@@ -112,7 +111,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from cluster.security import make_keys
+    from common.security import make_keys
     path = make_keys(args.out)
     print(f"wrote {path} (secret: copy it to every host, mode 600) and {path.with_suffix('.key')}")
     print(f"use it: [security] curve_key = \"{path}\" in the cluster file, or --curve-key {path}")

@@ -60,8 +60,8 @@ def apply_security_args(args) -> None:
     process starts) and exported."""
     import dataclasses
 
-    from cluster import security
-    from coordinator.etcd_client import EtcdAuth
+    from common import security
+    from common.etcd.client import EtcdAuth
     if getattr(args, "curve_key", None):
         security.configure(args.curve_key)
     else:

@@ -34,11 +34,11 @@ Torch-free. Errors quote the bad value and where it is in the file:
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+import tomllib
 
 LOCAL = "local"
 
@@ -52,7 +52,7 @@ class Etcd(msgspec.Struct, forbid_unknown_fields=True):
     host: str = LOCAL  # where `cluster up` runs the embedded etcd when no endpoints are given
     client_port: int = 0  # embedded: 0 = any free port (single host); set it for multi-host
     members: int = 1  # embedded: 3 runs a 3-member cluster on the etcd host (fault drills)
-    # TLS and auth (coordinator/etcd_client.py); paths are relative to the cluster file
+    # TLS and auth (common/etcd/client.py); paths are relative to the cluster file
     ca: str | None = None  # CA of the etcd certificates: turns TLS on
     cert: str | None = None  # client certificate (etcd --client-cert-auth) ...
     key: str | None = None  # ... and its key

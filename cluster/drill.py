@@ -273,8 +273,9 @@ async def _run(args, state: dict, state_file: str) -> Report:
 
 
 def drill(args) -> int:
-    from cluster.ops import default_state_dir, read_state
     from pathlib import Path
+
+    from cluster.ops import default_state_dir, read_state
     if args.scenario not in SCENARIOS:
         print(f"error: unknown scenario {args.scenario!r}; one of {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2

@@ -17,11 +17,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import security
 from cluster.config import LOCAL, ClusterSpec, Pool, load, placements
+from cluster.etcd_server import EtcdServer, ServerTLS, free_port, start_cluster
 from cluster.ops import default_state_dir
-from coordinator.etcd_client import EtcdAuth
-from coordinator.etcd_server import EtcdServer, ServerTLS, free_port, start_cluster
+from common import security
+from common.etcd.client import EtcdAuth
 
 
 @dataclass

@@ -90,7 +90,8 @@ def status(args) -> int:
     for w in view["workers"]:
         load = w.get("load") or {}
         used = 1 - load.get("free_blocks", 0) / max(load.get("num_blocks", 1), 1)
-        print(f"{w['worker_id']:<12} {w['role']:<9} {'tp%dpp%d' % (w['tp'], w['pp']):<8} {w['state']:<9} "
+        shape = f"tp{w['tp']}pp{w['pp']}"
+        print(f"{w['worker_id']:<12} {w['role']:<9} {shape:<8} {w['state']:<9} "
               f"{load.get('num_running', 0):>4} {load.get('num_waiting', 0):>5} {used:>7.0%} "
               f"{load.get('step_ms', 0):>8.1f}  {_slo_cell(w.get('slo_attainment') or {})}")
     for g in view.get("gateways", []):

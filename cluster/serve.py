@@ -107,13 +107,13 @@ def cmd_worker(args) -> int:
             "startup_s": round(time.perf_counter() - t0, 2), "pid": os.getpid()}
     registry = None
     if args.registry or args.etcd:
-        from cluster.registry import DirectoryRegistry, WorkerInfo
+        from common.registry import DirectoryRegistry, WorkerInfo
         profile = {}
         if args.profile:
             from engine.profiler import profile as measure
             profile = measure(worker.engine)
         if args.etcd:
-            from cluster.agent import EtcdRegistry
+            from common.agent import EtcdRegistry
             registry = EtcdRegistry(args.etcd.split(","), args.cluster, ttl=args.lease_ttl,
                                     interval=args.heartbeat_interval)
         else:
@@ -196,7 +196,7 @@ def cmd_gateway(args) -> int:
     import json
     import signal
 
-    from cluster.gateway import GatewayConfig, serve
+    from gateway.server import GatewayConfig, serve
     keys_ = [k for k in (args.api_key or []) if k]
     if os.environ.get("TANDEM_API_KEY"):
         keys_.append(os.environ["TANDEM_API_KEY"])

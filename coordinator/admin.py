@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cluster.metrics import CONTENT_TYPE
+from common.metrics import CONTENT_TYPE
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -116,7 +116,8 @@ def build_app(coord) -> web.Application:
         import asyncio
         import json
 
-        from coordinator.planner import PlanError, plan as make_plan
+        from coordinator.planner import PlanError
+        from coordinator.planner import plan as make_plan
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as e:

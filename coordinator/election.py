@@ -13,7 +13,7 @@ import logging
 
 from aetcd import transactions as T
 
-from coordinator.session import Session
+from common.etcd.session import Session
 
 log = logging.getLogger(__name__)
 

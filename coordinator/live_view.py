@@ -21,15 +21,25 @@ build the full lists the policies' reference `place` scans (`place(..., scan=Tru
 
 from __future__ import annotations
 
-import itertools
 import heapq
+import itertools
 import weakref
 from dataclasses import dataclass, field, fields
 
-from cluster.registry import Load, WorkerInfo
+from common.registry import Load, WorkerInfo
 from coordinator.candidates import INF, SIDES, Candidates, SortedIndex, by_heartbeat, in_scan_order
-from coordinator.policy import (DecodeCost, DecodeLoad, DecodeWorkerState, Placement, PlacementRequest, Policy,
-                                PrefillCost, PrefillWorkerState, Rejection, RunningRequest)
+from coordinator.policy import (
+    DecodeCost,
+    DecodeLoad,
+    DecodeWorkerState,
+    Placement,
+    PlacementRequest,
+    Policy,
+    PrefillCost,
+    PrefillWorkerState,
+    Rejection,
+    RunningRequest,
+)
 
 
 @dataclass

@@ -26,22 +26,8 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from cluster import security
-from cluster.metrics import Metrics
-from cluster.registry import WorkerInfo
-from cluster.zmq_loop import Reader
-from coordinator import keys
-from coordinator.costs import CostRefiner
-from coordinator.election import Election
-from coordinator.live_view import LiveView, shape_of
-from coordinator.policy import (
-    DecodeCost,
-    PlacementRequest,
-    PrefillCost,
-    Rejection,
-    make_policy,
-)
-from coordinator.protocol import (
+from common import security
+from common.coordinator_protocol import (
     VERSION,
     CoordinatorInfo,
     Place,
@@ -54,9 +40,23 @@ from coordinator.protocol import (
     decode_place,
     encode,
 )
-from coordinator.session import Session
+from common.etcd import keys
+from common.etcd.session import Session
+from common.etcd.watch import PrefixMirror
+from common.metrics import Metrics
+from common.registry import WorkerInfo
+from common.zmq_loop import Reader
+from coordinator.costs import CostRefiner
+from coordinator.election import Election
+from coordinator.live_view import LiveView, shape_of
+from coordinator.policy import (
+    DecodeCost,
+    PlacementRequest,
+    PrefillCost,
+    Rejection,
+    make_policy,
+)
 from coordinator.status import cluster_status
-from coordinator.watch import PrefixMirror
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Coordinator:
         return self.election is not None and self.election.is_leader
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    async def start(self) -> "Coordinator":
+    async def start(self) -> Coordinator:
         c = self.config
         self.session = await Session(c.etcd, ttl=c.lease_ttl).start()
         self.ctx = zmq.Context()

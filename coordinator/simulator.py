@@ -34,8 +34,16 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from coordinator.policy import (DecodeCost, DecodeWorkerState, Placement, PlacementRequest, PrefillCost,
-                                PrefillWorkerState, RunningRequest, make_policy)
+from coordinator.policy import (
+    DecodeCost,
+    DecodeWorkerState,
+    Placement,
+    PlacementRequest,
+    PrefillCost,
+    PrefillWorkerState,
+    RunningRequest,
+    make_policy,
+)
 
 
 @dataclass

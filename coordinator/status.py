@@ -61,7 +61,7 @@ def _attainment(coord: Coordinator, wid: str, load) -> dict:
 
 def _gateways(coord: Coordinator) -> list[dict]:
     out = []
-    for key, value in sorted(coord.gateway_mirror.items.items()):
+    for _key, value in sorted(coord.gateway_mirror.items.items()):
         try:
             g = msgspec.json.decode(value)
             out.append({k: g.get(k) for k in ("gateway_id", "url", "model", "pid")})

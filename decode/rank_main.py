@@ -7,15 +7,16 @@ from engine.executor import exchange_strings
 from engine.partition import kv_head_range
 from engine.rank_main import main
 from kvtransfer.pages import RankCaches
+from kvtransfer.plan import KVLayout
 from kvtransfer.receiver import RankReceiver
 from kvtransfer.zmq_transport import FollowerLink, KVServer
 
 
 def start_kv_server(rt, config) -> None:
-    from decode.worker import kv_dist_args, layout_of
+    from decode.worker import kv_dist_args
 
     runner = rt.runner
-    layout = layout_of(runner.model_cfg, config)
+    layout = KVLayout.of(runner.model_cfg, config)
     ctx = runner.model.ctx
     caches = RankCaches(runner.kv_caches, runner.model.layer_start,
                         kv_head_range(layout.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0])

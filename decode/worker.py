@@ -19,9 +19,9 @@ from collections import Counter
 
 import zmq
 
-from cluster.messages import Abort, Handoff
-from cluster.heartbeat import Heartbeat
-from cluster.worker_common import ChunkSender, drain_requests, output_chunks, request_socket
+from common.heartbeat import Heartbeat
+from common.messages import Abort, Handoff
+from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket
 from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
@@ -43,22 +43,12 @@ def kv_dist_args(config: EngineConfig) -> dict:
             "dist_timeout": kv.timeout_s, "stream": kv.stream(config.device.device)}
 
 
-def layout_of(cfg, config: EngineConfig) -> KVLayout:
-    par = config.parallel
-    return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, config.cache.block_size,
-                    config.device.dtype, par.tp, par.pp)
-
-
-def kv_layout(engine: LLMEngine) -> KVLayout:
-    return layout_of(engine.model_config, engine.config)
-
-
 class DecodeWorker:
     def __init__(self, config: EngineConfig, worker_id: str = "decode-0", host: str = "127.0.0.1",
                  port: int = 0, kv_port: int = 0, kv_timeout: float = 10.0, handoff_timeout: float = 15.0):
         self.worker_id = worker_id
         self.engine = LLMEngine(config, rank_module="decode.rank_main")
-        self.layout = kv_layout(self.engine)
+        self.layout = KVLayout.of(self.engine.model_config, self.engine.config)
         self.metrics = Counter()
         # the block manager is changed by this loop (steps, admissions, aborts) and by the KV thread
         # (reservations): one lock for both

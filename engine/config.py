@@ -67,7 +67,7 @@ class ModelConfig:
         return self.max_position_embeddings
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_dir(cls, path: str | os.PathLike) -> ModelConfig:
         path = Path(path)
         cfg_file = path / "config.json"
         if not path.is_dir():
@@ -89,7 +89,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", generation: dict | None = None,
-                  path: str | None = None) -> "ModelConfig":
+                  path: str | None = None) -> ModelConfig:
         def need(name: str, typ=int):
             if name not in raw or raw[name] is None:
                 raise ModelConfigError(f"{source}: required field {name!r} is missing")

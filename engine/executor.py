@@ -426,8 +426,7 @@ def config_to_json(config) -> str:
 def config_from_json(text: str):
     import json
 
-    from engine.config import (CacheConfig, DeviceConfig, EngineConfig, KVTransferConfig, ParallelConfig,
-                               SchedulerConfig)
+    from engine.config import CacheConfig, DeviceConfig, EngineConfig, KVTransferConfig, ParallelConfig, SchedulerConfig
     d = json.loads(text)
     return EngineConfig(d["model"], CacheConfig(**d["cache"]), SchedulerConfig(**d["scheduler"]),
                         DeviceConfig(**d["device"]), d["quantization"], ParallelConfig(**d["parallel"]),

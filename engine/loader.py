@@ -72,7 +72,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
                     raise ModelConfigError(f"{file}: tensor {name!r}: {e}") from None
                 loaded.add(f"{pname}:{shard}")
     expected = set()
-    for pname, param in params.items():
+    for pname in params:
         for shard in _shards_of(pname):
             expected.add(f"{pname}:{shard}")
     missing = sorted(expected - loaded)

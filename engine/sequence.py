@@ -46,7 +46,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    parent: "Sequence | None" = None  # n > 1: share the parent's prompt blocks once it has them
+    parent: Sequence | None = None  # n > 1: share the parent's prompt blocks once it has them
     num_preemptions: int = 0
     stop_reason: int | str | None = None
 

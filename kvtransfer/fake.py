@@ -22,7 +22,7 @@ class FakeKVNetwork:
     def __init__(self):
         self.receivers: dict[str, RankReceiver] = {}
         self.reservations: dict[str, Reservations] = {}
-        self.clients: dict[bytes, "FakeKVClient"] = {}
+        self.clients: dict[bytes, FakeKVClient] = {}
         self.dropped = Counter()  # endpoint -> messages sent to a missing endpoint (a dead peer)
 
     def serve(self, endpoint: str, receiver: RankReceiver, reservations: Reservations | None = None) -> None:

@@ -44,7 +44,7 @@ class CacheFrames:
         self._msg = ctypes.create_string_buffer(64)  # a zmq_msg_t; zmq_msg_send leaves it empty again
 
     @classmethod
-    def make(cls) -> "CacheFrames | None":
+    def make(cls) -> CacheFrames | None:
         try:
             return cls()
         except (OSError, AttributeError, ImportError) as e:  # a pyzmq without the cython backend's libzmq

@@ -35,6 +35,13 @@ class KVLayout:
     pp: int = 1
     pp_partition: tuple[int, ...] | None = None
 
+    @classmethod
+    def of(cls, model_cfg, config) -> KVLayout:
+        """The layout of a worker serving `model_cfg` (engine ModelConfig) with `config` (EngineConfig)."""
+        par = config.parallel
+        return cls(model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim,
+                   config.cache.block_size, config.device.dtype, par.tp, par.pp)
+
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp = {self.tp}, pp = {self.pp} must be positive")

@@ -11,8 +11,8 @@ import logging
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -30,7 +30,7 @@ class Landed:
     frames followed than there were places; `staged`: the places were a host staging buffer
     (`Staged`), not the cache itself."""
 
-    def __init__(self, sizes: list[int], extra: bool = False, staged: "Staged | None" = None):
+    def __init__(self, sizes: list[int], extra: bool = False, staged: Staged | None = None):
         self.sizes, self.extra, self.staged = sizes, extra, staged
 
 

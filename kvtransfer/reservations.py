@@ -17,8 +17,8 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kvtransfer.plan import IncompatibleLayouts, KVLayout, plan_transfer
 from kvtransfer.protocol import VERSION, Ack, Reserve, Reserved, layout_from_msg

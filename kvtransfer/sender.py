@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable
 
+from kvtransfer.outgoing import OutgoingTransfer
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
-from kvtransfer.outgoing import OutgoingTransfer
 from kvtransfer.transport import KVTransport
 
 

@@ -14,7 +14,7 @@ transfer, protocol included, runs at 0.80-1.00 of raw pyzmq's look-only sink at 
 Handshake (over ZeroMQ): the sender rank sends `StreamHello`; the receiver answers `StreamInfo` with
 its stream's address and a random 16-byte token, or an empty address (no stream: send ZeroMQ frames).
 A connection starts with that token, so only a peer that spoke to the ZeroMQ endpoint can write into
-caches. The bytes themselves are not encrypted: with CURVE on (cluster/security.py) the receiver
+caches. The bytes themselves are not encrypted: with CURVE on (common/security.py) the receiver
 offers no stream and pages stay on ZeroMQ.
 
 On a connection: the token once, then messages, each `PREFIX` (magic, header length), the msgspec
@@ -167,7 +167,7 @@ class StreamServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -205,7 +205,7 @@ class StreamServer:
                 self._conns.pop(conn, None)
             conn.close()
 
-    def _message(self, conn: socket.socket, scratch: "_Scratch") -> bool:
+    def _message(self, conn: socket.socket, scratch: _Scratch) -> bool:
         """Reads and delivers one message; False: the connection is to be closed (a bad header)."""
         prefix = bytearray(PREFIX.size)
         _recv_exact(conn, memoryview(prefix), self._stop, self.timeout, idle=True)  # waits for the next one
@@ -308,7 +308,7 @@ def _recv_exact(conn: socket.socket, view: memoryview, stop: threading.Event, ti
             raise Revoked(got)
         try:
             k = conn.recv_into(view[got:got + RECV_CHUNK])
-        except socket.timeout:
+        except TimeoutError:
             if stop.is_set():
                 raise StreamClosed("server stopping") from None
             if not (idle and got == 0) and time.monotonic() - last > timeout:
@@ -412,7 +412,7 @@ class StreamPeers:
         self._backoff: dict[str, float] = {}  # endpoint -> the next wait after a failed handshake
         self._lock = threading.Lock()
 
-    def get(self, endpoint: str) -> "StreamClient | None":
+    def get(self, endpoint: str) -> StreamClient | None:
         """The live stream to `endpoint`, or None (send ZeroMQ frames): the receiver offers none, did
         not answer, or the last stream to it broke (its peer died, most likely: frames for the next
         RETRY_S, then a new handshake; the model thread never waits on a dead peer)."""

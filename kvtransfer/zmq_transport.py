@@ -13,21 +13,41 @@ import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import msgspec
 import numpy as np
 import torch
 import zmq
 
-from cluster import security
+from common import security
+from kvtransfer.frames import CacheFrames, Staged, host_frames
 from kvtransfer.io_thread import IOThread
 from kvtransfer.pages import to_bytes_view
-from kvtransfer.frames import CacheFrames, Staged, host_frames
 from kvtransfer.plan import KVLayout
-from kvtransfer.protocol import (VERSION, Abort, Ack, Cancel, Cancelled, Expect, ExpectOk, Pages, PairHello,
-                                 PairInfo, ProtocolError, RankDone, Reserve, Reserved, StreamHello, StreamInfo, decode,
-                                 encode, layout_from_msg, layout_msg)
+from kvtransfer.protocol import (
+    VERSION,
+    Abort,
+    Ack,
+    Cancel,
+    Cancelled,
+    Expect,
+    ExpectOk,
+    Pages,
+    PairHello,
+    PairInfo,
+    ProtocolError,
+    RankDone,
+    Reserve,
+    Reserved,
+    StreamHello,
+    StreamInfo,
+    decode,
+    encode,
+    layout_from_msg,
+    layout_msg,
+)
 from kvtransfer.receiver import Landed, RankReceiver
 from kvtransfer.reservations import Reservations
 from kvtransfer.stream import StreamPeers, StreamServer
@@ -200,7 +220,7 @@ class FollowerLink:
     server thread (RankReceiver calls `report` on that thread, or on a stream's reader thread, whose
     report is handed over to it)."""
 
-    def __init__(self, server: "KVServer", driver_endpoint: str):
+    def __init__(self, server: KVServer, driver_endpoint: str):
         self.server = server
         self.sock = security.client(server.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.LINGER, 0)

@@ -4,9 +4,9 @@ decode ranks as soon as the layer is computed (each rank sends its own shard, pe
 from __future__ import annotations
 
 from engine.partition import kv_head_range
+from kvtransfer.outgoing import OutgoingTransfer
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
-from kvtransfer.outgoing import OutgoingTransfer
 from kvtransfer.transport import KVTransport
 from kvtransfer.zmq_transport import KVClient
 

@@ -17,11 +17,10 @@ from collections import Counter
 
 import zmq
 
-from cluster import security
-from cluster.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
-from cluster.heartbeat import Heartbeat
-from cluster.worker_common import ChunkSender, drain_requests, output_chunks, request_socket
-from decode.worker import kv_layout
+from common import security
+from common.heartbeat import Heartbeat
+from common.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
+from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket
 from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
@@ -50,7 +49,7 @@ class PrefillWorker:
         self.worker_id = worker_id
         self.shipper = Shipper()  # rank 0's; followers run their own (prefill.rank_main)
         self.engine = LLMEngine(config, step_hook=self.shipper, rank_module="prefill.rank_main")
-        self.layout = kv_layout(self.engine)
+        self.layout = KVLayout.of(self.engine.model_config, self.engine.config)
         kv = config.kv_transfer
         backend = kv.backend(config.device.device)  # every rank's Shipper sends payloads this way
         self.kv_dist = {"backend": backend, "device": config.device.device if backend == "nccl" else "cpu",

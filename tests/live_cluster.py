@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from coordinator.etcd_server import EtcdServer
+from cluster.etcd_server import EtcdServer
 
 
 class Proc:

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from live_cluster import pid_alive, post_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -93,7 +92,7 @@ def test_up_request_restart_down(tmp_path, tiny_llama):
 def test_two_hosts_from_one_cluster_file(tmp_path, tiny_llama):
     """Each host runs `cluster up -f FILE --host NAME` and starts only its share; the workers on host b
     (127.0.0.2) find etcd, the coordinator and the gateway on host a (127.0.0.1) through etcd."""
-    from coordinator.etcd_server import free_port
+    from cluster.etcd_server import free_port
     port = free_port()
     (tmp_path / "c.toml").write_text(f"""
 name = "twohosts"

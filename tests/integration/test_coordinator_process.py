@@ -8,10 +8,10 @@ import time
 
 import pytest
 import zmq
-
-from coordinator.etcd_server import start_cluster
-from coordinator.protocol import (VERSION, Place, Placed, Rejected, decode_event, decode_reply, encode)
 from live_cluster import LiveCluster, get_json
+
+from cluster.etcd_server import start_cluster
+from common.coordinator_protocol import VERSION, Place, Placed, Rejected, decode_event, decode_reply, encode
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -332,8 +332,8 @@ def test_drain_stops_new_work_on_every_replica_and_admin_api_errors_are_openai_s
 def test_step_times_in_heartbeats_refine_the_stored_cost_model(live):
     """A worker (the real agent; its load samples synthetic) whose steps run 3x slower than its
     profile predicts: the leader stores the rescaled profile, and placements predict with it."""
-    from cluster.agent import EtcdRegistry
-    from cluster.registry import Load, WorkerInfo
+    from common.agent import EtcdRegistry
+    from common.registry import Load, WorkerInfo
     coord = live.coordinator()
     prof = {"prefill": {"a": 0.01, "b": 1e-4, "c": 0.0}, "decode": {"base": 0.02, "per_seq": 0.001, "per_token": 1e-7}}
     regs = []

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.worker_client import WorkerClient
+from common.worker_client import WorkerClient
 from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -197,7 +197,7 @@ def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_sha
 
 
 def test_workers_register_heartbeat_and_deregister(cluster, tiny_llama, tmp_path):
-    from cluster.registry import DirectoryRegistry
+    from common.registry import DirectoryRegistry
     reg = DirectoryRegistry(tmp_path / "reg", stale_after=2.0)
     d = cluster("decode", "--registry", str(tmp_path / "reg"), "--worker-id", "d0", "--heartbeat-interval", "0.02")
     p = cluster("prefill", "--registry", str(tmp_path / "reg"), "--worker-id", "p0")
@@ -251,7 +251,7 @@ def test_a_dead_rank_takes_its_worker_down_and_out_of_the_registry(cluster, tiny
     import os
     import signal
 
-    from cluster.registry import DirectoryRegistry
+    from common.registry import DirectoryRegistry
     reg = DirectoryRegistry(tmp_path / "reg", stale_after=2.0)
     d = cluster("decode", "--tp", "2", "--registry", str(tmp_path / "reg"), "--worker-id", "d0")
     assert [w.worker_id for w in reg.workers()] == ["d0"]
@@ -338,7 +338,7 @@ def test_stop_strings_that_start_in_the_first_token_match_one_process(cluster, t
     p = cluster("prefill")
     client = WorkerClient()
     cases, n = [], 0
-    for i, prompt in enumerate(prompts(12, seed=9)):
+    for prompt in prompts(12, seed=9):
         text = eng.generate([prompt], SamplingParams(max_tokens=12, **GREEDY))[0]["outputs"][0]["text"]
         for stop in {text[0:2], text[0:3], text[1:4]}:
             if len(stop) < 2 or "\ufffd" in stop:
@@ -362,8 +362,8 @@ def test_an_unreadable_request_is_answered_at_once_not_left_to_time_out(cluster,
     places it elsewhere); the worker goes on serving."""
     import msgspec
 
-    from cluster.messages import VERSION, PrefillRequest, encode
-    from cluster.worker_client import Stream
+    from common.messages import VERSION, PrefillRequest, encode
+    from common.worker_client import Stream
     p = cluster("colocated")
     client = WorkerClient()
     sock = client._sock(p.info["endpoint"])

@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
+from helpers import assert_greedy_equal, hf_greedy, make_tiny_model
 
 from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from engine.errors import CapacityError, InvalidRequestError
-from helpers import assert_greedy_equal, hf_greedy, make_tiny_model
 
 pytestmark = pytest.mark.integration
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -5,8 +5,8 @@ import asyncio
 import aetcd
 import pytest
 
-from coordinator.etcd_server import EtcdServer, start_cluster
-from coordinator.session import Session
+from cluster.etcd_server import EtcdServer, start_cluster
+from common.etcd.session import Session
 
 pytestmark = pytest.mark.integration
 

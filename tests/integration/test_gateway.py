@@ -10,9 +10,9 @@ import urllib.request
 
 import openai
 import pytest
+from live_cluster import LiveCluster, get_json, post_json
 
 from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from live_cluster import LiveCluster, get_json, post_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -209,6 +209,7 @@ def test_schemathesis_finds_no_server_error_and_only_well_formed_errors(live, tm
     conforms to the documented schema and content type."""
     import subprocess
     import sys
+
     import schemathesis  # noqa: F401  (a test dependency: missing, this test fails rather than skips)
     url = live.gw.info["url"]
     r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--url", url, "-n", "60", "--generation-deterministic",

@@ -8,7 +8,6 @@ import time
 
 import aiohttp
 import pytest
-
 from live_cluster import LiveCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,9 +9,9 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
+from live_cluster import LiveCluster, get_json
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from live_cluster import LiveCluster, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import assert_greedy_equal, hf_greedy
 
 from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
-from helpers import assert_greedy_equal, hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -43,11 +43,11 @@ def test_cuda_kv_pages_go_through_pinned_host_buffers_over_zeromq(dtype, stream)
     bit, partial heads included."""
     import time
 
+    from kvtransfer.frames import host_buffer
+    from kvtransfer.outgoing import OutgoingTransfer
     from kvtransfer.pages import RankCaches
     from kvtransfer.plan import KVLayout, plan_transfer
-    from kvtransfer.frames import host_buffer
     from kvtransfer.receiver import RankReceiver
-    from kvtransfer.outgoing import OutgoingTransfer
     from kvtransfer.zmq_transport import KVClient, KVServer
 
     assert host_buffer(64, torch.device("cuda")).is_pinned()

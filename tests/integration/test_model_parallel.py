@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_tiny_model
 
 pytestmark = pytest.mark.integration

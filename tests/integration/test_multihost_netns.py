@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from live_cluster import get_json, post_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,7 +35,7 @@ def netns():
         if r.returncode != 0:
             pytest.skip(f"cannot create a bridge here: {r.stderr.strip()}")
         sh(f"ip addr add {subnet}.254/24 dev {br} && ip link set {br} up")
-        for name, (ns, addr, veth) in hosts.items():
+        for ns, addr, veth in hosts.values():
             sh(f"ip netns add {ns}")
             sh(f"ip link add {veth} type veth peer name eth0 netns {ns}")
             sh(f"ip link set {veth} master {br} up")

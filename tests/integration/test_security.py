@@ -9,14 +9,14 @@ import time
 
 import pytest
 import zmq
-
-from cluster import security
-from coordinator.etcd_client import EtcdAuth
-from coordinator.etcd_server import EtcdServer, ServerTLS, etcd_binary
-from coordinator.protocol import VERSION, Place, Placed, decode_reply, encode
-from coordinator.session import Session
 from live_cluster import LiveCluster, post_json
 from tls_certs import PKI
+
+from cluster.etcd_server import EtcdServer, ServerTLS, etcd_binary
+from common import security
+from common.coordinator_protocol import VERSION, Place, Placed, decode_reply, encode
+from common.etcd.client import EtcdAuth
+from common.etcd.session import Session
 
 pytestmark = [pytest.mark.integration]
 

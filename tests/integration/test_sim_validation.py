@@ -19,9 +19,9 @@ import random
 import types
 
 import pytest
+from live_cluster import LiveCluster, get_json
 
 from cluster import bench, calibrate
-from live_cluster import LiveCluster, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

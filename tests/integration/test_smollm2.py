@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_greedy_equal, hf_greedy
 
 from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from helpers import assert_greedy_equal, hf_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -61,7 +61,7 @@ def test_a_broken_manifest_is_caught():
 def test_container_command_lines_are_accepted_by_the_cli():
     parser = build_parser()
     seen = set()
-    for name, doc in manifests():
+    for _name, doc in manifests():
         if doc["kind"] not in ("Deployment", "StatefulSet") or doc["metadata"]["name"] == "etcd":
             continue
         for c in doc["spec"]["template"]["spec"]["containers"]:
@@ -92,7 +92,8 @@ def test_the_grafana_dashboard_queries_metrics_that_exist():
     dash = json.loads((DEPLOY / "grafana" / "tandem.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"tandem_\w+", e)}
-    src = "".join(p.read_text() for d in ("cluster", "coordinator") for p in (DEPLOY.parent / d).glob("*.py"))
+    src = "".join(p.read_text() for d in ("cluster", "common", "coordinator", "gateway")
+              for p in (DEPLOY.parent / d).glob("*.py"))
     defined = set()
     for kind, name in re.findall(r'\.(counter|gauge|histogram)\(\s*"(\w+)"', src):
         base = "tandem_" + name

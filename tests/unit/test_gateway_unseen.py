@@ -1,11 +1,11 @@
 """What a migrated request hands the next attempt: the text and tokens the client has not seen."""
 
 import pytest
-
-from cluster.gateway import Gateway
-from cluster.generation import Generation
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from helpers import write_byte_tokenizer
+
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from gateway.generation import Generation
+from gateway.server import Gateway
 
 
 class _Gw:

@@ -146,8 +146,8 @@ def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypat
     forced here for CPU caches) too; all land bit for bit. The same over the "tcp" transport's page
     stream (kvtransfer/stream.py), which lands whole-block runs with recv_into as well."""
     from kvtransfer import outgoing
-    from kvtransfer.plan import plan_transfer
     from kvtransfer.outgoing import OutgoingTransfer
+    from kvtransfer.plan import plan_transfer
     from kvtransfer.zmq_transport import KVClient
 
     layout = KVLayout(5, 2, 4, 2, "float32")

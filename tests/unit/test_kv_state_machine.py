@@ -185,6 +185,7 @@ def test_a_header_of_several_layers_is_checked_whole():
 
 def test_an_asynchronous_reservation_is_polled_and_an_unreachable_receiver_times_out():
     import time as _t
+
     from kvtransfer.fake import FakeKVClient, FakeKVNetwork
     from kvtransfer.plan import KVLayout
     from kvtransfer.sender import SendTransfer, TransferState

@@ -201,9 +201,9 @@ def test_scatter_gather_writes_resume_after_partial_sends():
 
 
 def test_with_curve_on_no_stream_is_offered_and_pages_go_as_zeromq_frames(tmp_path, monkeypatch):
-    from cluster import security
-    from kvtransfer.plan import plan_transfer
+    from common import security
     from kvtransfer.outgoing import OutgoingTransfer
+    from kvtransfer.plan import plan_transfer
     from kvtransfer.zmq_transport import KVClient, KVServer
 
     monkeypatch.setenv(security.ENV, "")

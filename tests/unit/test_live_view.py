@@ -1,4 +1,4 @@
-from cluster.registry import Load, WorkerInfo
+from common.registry import Load, WorkerInfo
 from coordinator.live_view import LiveView
 from coordinator.policy import PlacementRequest, make_policy
 

@@ -6,7 +6,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.registry import Load, WorkerInfo
+from common.registry import Load, WorkerInfo
 from coordinator.live_view import LiveView
 from coordinator.policy import Placement, PlacementRequest, make_policy
 

@@ -2,15 +2,29 @@ import random
 
 import pytest
 
-from coordinator.policy import (DecodeCost, DecodeWorkerState, Placement, PlacementRequest, PrefillCost,
-                                PrefillWorkerState, Rejection, RunningRequest, apply, make_policy, predicted_tpot)
+from coordinator.policy import (
+    DecodeCost,
+    DecodeWorkerState,
+    Placement,
+    PlacementRequest,
+    PrefillCost,
+    PrefillWorkerState,
+    Rejection,
+    RunningRequest,
+    apply,
+    make_policy,
+    predicted_tpot,
+)
+
+PREFILL_COST = PrefillCost(0.01, 1e-3, 0.0)
+DECODE_COST = DecodeCost(0.02, 0.002, 1e-5)
 
 
-def prefill(wid, queued=0, healthy=True, cost=PrefillCost(0.01, 1e-3, 0.0)):
+def prefill(wid, queued=0, healthy=True, cost=PREFILL_COST):
     return PrefillWorkerState(wid, cost, queued, healthy)
 
 
-def decode(wid, running=(), free=10_000, cost=DecodeCost(0.02, 0.002, 1e-5), healthy=True):
+def decode(wid, running=(), free=10_000, cost=DECODE_COST, healthy=True):
     return DecodeWorkerState(wid, cost, [RunningRequest(c, s) for c, s in running], free, healthy=healthy)
 
 

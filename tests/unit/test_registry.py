@@ -1,6 +1,6 @@
 import time
 
-from cluster.registry import DirectoryRegistry, Load, WorkerInfo
+from common.registry import DirectoryRegistry, Load, WorkerInfo
 
 
 def info(wid, role="decode"):

@@ -1,13 +1,13 @@
-"""CURVE on ZeroMQ sockets (cluster/security.py) and the etcd TLS/auth settings, on real sockets."""
+"""CURVE on ZeroMQ sockets (common/security.py) and the etcd TLS/auth settings, on real sockets."""
 
 import os
 
 import pytest
 import zmq
 
-from cluster import security
 from cluster.config import ConfigError, load, loads
-from coordinator.etcd_client import EtcdAuth, EtcdConfigError
+from common import security
+from common.etcd.client import EtcdAuth, EtcdConfigError
 
 
 @pytest.fixture

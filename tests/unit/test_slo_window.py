@@ -1,7 +1,7 @@
 """The per-worker SLO attainment window that heartbeats carry."""
 
-from cluster.heartbeat import Heartbeat, SloWindow
-from cluster.registry import Load
+from common.heartbeat import Heartbeat, SloWindow
+from common.registry import Load
 
 
 def test_counts_met_and_missed_within_the_window_only():

@@ -1,8 +1,8 @@
 import pytest
+from helpers import write_byte_tokenizer
 
 from engine.errors import InvalidRequestError
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from helpers import write_byte_tokenizer
 
 
 @pytest.fixture(scope="module")

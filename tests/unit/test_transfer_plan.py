@@ -17,7 +17,7 @@ def coverage_ok(src, dst, items):
     """Every destination rank gets each (layer, head) it holds exactly once, from a rank that has it."""
     for d in range(dst.num_ranks):
         d_tp, d_pp = dst.coords(d)
-        need = {(l, h) for l in range(*dst.layers(d_pp)) for h in range(*dst.heads(d_tp))}
+        need = {(layer, h) for layer in range(*dst.layers(d_pp)) for h in range(*dst.heads(d_tp))}
         got = []
         for it in items:
             if it.dst_rank != d:
@@ -26,7 +26,7 @@ def coverage_ok(src, dst, items):
             sl, sh = src.layers(s_pp), src.heads(s_tp)
             assert sl[0] <= it.layers[0] and it.layers[1] <= sl[1], it
             assert sh[0] <= it.heads[0] and it.heads[1] <= sh[1], it
-            got += [(l, h) for l in range(*it.layers) for h in range(*it.heads)]
+            got += [(layer, h) for layer in range(*it.layers) for h in range(*it.heads)]
         assert sorted(got) == sorted(need), (d, sorted(got), sorted(need))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from cluster.registry import Load, Registry
+from common.registry import Load, Registry
 
 
 class SloWindow:

@@ -40,7 +40,7 @@ class EtcdAuth:
     password_file: str | None = None
 
     @classmethod
-    def from_env(cls) -> "EtcdAuth":
+    def from_env(cls) -> EtcdAuth:
         return cls(**{f: os.environ.get(var) or None for f, var in ENV.items()})
 
     def export(self) -> None:
@@ -52,7 +52,7 @@ class EtcdAuth:
             else:
                 os.environ.pop(var, None)
 
-    def check(self) -> "EtcdAuth":
+    def check(self) -> EtcdAuth:
         for f in ("ca", "cert", "key", "password_file"):
             v = getattr(self, f)
             if v and not Path(v).is_file():

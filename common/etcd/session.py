@@ -16,14 +16,14 @@ from urllib.parse import urlparse
 
 import aetcd
 
-from coordinator.etcd_client import EtcdAuth, make_client
+from common.etcd.client import EtcdAuth, make_client
 
 log = logging.getLogger(__name__)
 
 
 class Session:
     def __init__(self, endpoints: list[str], ttl: int = 2, timeout: float = 2.0, auth: EtcdAuth | None = None):
-        """`auth`: TLS and user settings (default: from the environment, see coordinator/etcd_client.py)."""
+        """`auth`: TLS and user settings (default: from the environment, see common/etcd/client.py)."""
         if ttl < 1:
             raise ValueError(f"ttl = {ttl!r}: etcd leases are whole seconds, at least 1")
         self.endpoints = [urlparse(e if "://" in e else f"http://{e}") for e in endpoints]
@@ -38,7 +38,7 @@ class Session:
         self._ep = 0
         self.num_leases = 0
 
-    async def start(self) -> "Session":
+    async def start(self) -> Session:
         await self._grant()
         self._task = asyncio.create_task(self._keepalive(), name="etcd-session")
         return self

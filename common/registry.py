@@ -44,7 +44,7 @@ class Load(msgspec.Struct, frozen=True):
     queued_tokens: int = 0  # tokens scheduled but not computed yet (prompts waiting or mid-prefill)
     tokens: int = 0  # tokens computed by the steps of the interval (prefill chunks + decode tokens)
     seqs: int = 0  # sequences scheduled, summed over the steps of the interval
-    # SLO attainment seen by this worker over the last minute (cluster/heartbeat.py::SloWindow)
+    # SLO attainment seen by this worker over the last minute (common/heartbeat.py::SloWindow)
     ttft_met: int = 0
     ttft_total: int = 0
     tpot_met: int = 0

@@ -7,8 +7,8 @@ import logging
 import msgspec
 import zmq
 
-from cluster import security
-from cluster.messages import VERSION, MessageError, TokenChunk, decode_worker_message, encode
+from common import security
+from common.messages import VERSION, MessageError, TokenChunk, decode_worker_message, encode
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from cluster import security
-from cluster.messages import VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, decode_chunk, encode
+from common import security
+from common.messages import VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, decode_chunk, encode
 
 
 @dataclass

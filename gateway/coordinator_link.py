@@ -14,15 +14,13 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 import zmq
 
-from cluster import security
-from cluster.zmq_loop import Reader
-from coordinator import keys
-from coordinator.protocol import (
+from common import security
+from common.coordinator_protocol import (
     CoordinatorInfo,
     Place,
     Placed,
@@ -33,8 +31,10 @@ from coordinator.protocol import (
     decode_reply,
     encode,
 )
-from coordinator.session import Session
-from coordinator.watch import PrefixMirror
+from common.etcd import keys
+from common.etcd.session import Session
+from common.etcd.watch import PrefixMirror
+from common.zmq_loop import Reader
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CoordinatorLink:
         self.leader_known = asyncio.Event()
         self.bad_messages = 0
 
-    async def start(self) -> "CoordinatorLink":
+    async def start(self) -> CoordinatorLink:
         self._leader_mirror = PrefixMirror(self.session, keys.leader(self.cluster), self._leader_changed).start()
         self._coord_mirror = PrefixMirror(self.session, keys.coordinators(self.cluster), self._coord_changed).start()
         self._loop = asyncio.get_running_loop()

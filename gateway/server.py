@@ -7,7 +7,7 @@ from the gateway's PULL socket, deduplicated by token index. When P or D fails (
 an error chunk, or no token within a timeout), the generation migrates: it aborts the old attempt,
 asks for a new placement without the failed worker, and re-submits prompt + tokens already
 delivered with max_tokens reduced; the client sees one stream with no gap and no duplicate. After
-`max_migrations` it fails with a clear error. Generations live in cluster/generation.py.
+`max_migrations` it fails with a clear error. Generations live in gateway/generation.py.
 """
 
 from __future__ import annotations
@@ -25,12 +25,19 @@ import msgspec
 import zmq
 from aiohttp import web
 
-from cluster import security
-from cluster.coordinator_link import CoordinatorLink
-from cluster.generation import Delta, Generation
-from cluster.messages import MessageError, decode_chunk, encode
-from cluster.metrics import CONTENT_TYPE, Metrics
-from cluster.openai_api import (
+from common import security
+from common.coordinator_protocol import VERSION as CVERSION
+from common.coordinator_protocol import WorkerEvent
+from common.etcd import keys
+from common.etcd.session import Session
+from common.etcd.watch import PrefixMirror
+from common.messages import MessageError, decode_chunk, encode
+from common.metrics import CONTENT_TYPE, Metrics
+from common.registry import WorkerInfo
+from common.zmq_loop import Reader
+from gateway.coordinator_link import CoordinatorLink
+from gateway.generation import Delta, Generation
+from gateway.openai_api import (
     ApiError,
     ApiRequest,
     chat_logprobs,
@@ -39,13 +46,6 @@ from cluster.openai_api import (
     parse,
     usage,
 )
-from cluster.registry import WorkerInfo
-from cluster.zmq_loop import Reader
-from coordinator import keys
-from coordinator.protocol import VERSION as CVERSION
-from coordinator.protocol import WorkerEvent
-from coordinator.session import Session
-from coordinator.watch import PrefixMirror
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder().encode
@@ -109,7 +109,7 @@ class Gateway:
         self.m_tokens = m.counter("generated_tokens", "tokens streamed to clients")
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    async def start(self) -> "Gateway":
+    async def start(self) -> Gateway:
         c = self.config
         self.session = await Session(c.etcd, ttl=c.lease_ttl).start()
         self.link = await CoordinatorLink(self.session, c.cluster, self._on_event,

@@ -20,12 +20,12 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from cluster import security
-from cluster.registry import Load, Registry, WorkerInfo
-from coordinator import keys
-from coordinator.protocol import VERSION, Beat, CoordinatorInfo, encode
-from coordinator.session import Session
-from coordinator.watch import PrefixMirror
+from common import security
+from common.coordinator_protocol import VERSION, Beat, CoordinatorInfo, encode
+from common.etcd import keys
+from common.etcd.session import Session
+from common.etcd.watch import PrefixMirror
+from common.registry import Load, Registry, WorkerInfo
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 the PrefillRequest to P naming D, the token chunks of the attempt deduplicated by index, and, when P
 or D fails (a coordinator event, an error chunk, a gap, a timeout), the next attempt elsewhere with
 the prompt plus the tokens delivered and what the client has not seen yet. The HTTP side that
-streams a Generation's deltas to the client is cluster/gateway.py."""
+streams a Generation's deltas to the client is gateway/server.py."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.coordinator_link import PlacementUnavailable
-from cluster.messages import VERSION, Abort, DecodeTarget, PrefillRequest, TokenChunk
-from cluster.openai_api import ApiError
-from coordinator.protocol import VERSION as CVERSION
-from coordinator.protocol import Place, Placed, Rejected
+from common.coordinator_protocol import VERSION as CVERSION
+from common.coordinator_protocol import Place, Placed, Rejected
+from common.messages import VERSION, Abort, DecodeTarget, PrefillRequest, TokenChunk
+from gateway.coordinator_link import PlacementUnavailable
+from gateway.openai_api import ApiError
 
 if TYPE_CHECKING:
-    from cluster.gateway import Gateway
+    from gateway.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class _Inbox:
 class Generation:
     """One sample of one prompt: placements, attempts, migration, dedupe."""
 
-    def __init__(self, gw: "Gateway", gid: str, prompt: list[int], params, model: str, slo: tuple):
+    def __init__(self, gw: Gateway, gid: str, prompt: list[int], params, model: str, slo: tuple):
         self.gw, self.id, self.prompt, self.params, self.model, self.slo = gw, gid, prompt, params, model, slo
         self.tokens: list[int] = []
         self.text = ""

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
-from coordinator.session import Session
+from common.etcd.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class PrefixMirror:
         self.synced = asyncio.Event()  # set after the first complete list
         self._task: asyncio.Task | None = None
 
-    def start(self) -> "PrefixMirror":
+    def start(self) -> PrefixMirror:
         self._task = asyncio.create_task(self._run(), name=f"mirror {self.prefix}")
         return self
 

@@ -92,14 +92,14 @@ class EtcdServer:
 
     @classmethod
     def create(cls, base_dir: str | os.PathLike, name: str = "tandem-etcd", host: str = "127.0.0.1",
-               client_port: int = 0, peer_port: int = 0, tls: ServerTLS | None = None) -> "EtcdServer":
+               client_port: int = 0, peer_port: int = 0, tls: ServerTLS | None = None) -> EtcdServer:
         base = Path(base_dir)
         base.mkdir(parents=True, exist_ok=True)
         return cls(name, base / f"{name}.etcd", host, client_port or free_port(host), peer_port or free_port(host),
                    tls=tls)
 
     @classmethod
-    def start(cls, base_dir: str | os.PathLike, timeout: float = 20.0, **kw) -> "EtcdServer":
+    def start(cls, base_dir: str | os.PathLike, timeout: float = 20.0, **kw) -> EtcdServer:
         srv = cls.create(base_dir, **kw)
         srv.launch(initial_cluster=f"{srv.name}={srv.peer_url}")
         srv.wait_healthy(timeout)

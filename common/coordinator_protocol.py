@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-from cluster.registry import Load
+from common.registry import Load
 
 VERSION = 1
 
