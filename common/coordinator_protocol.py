@@ -4,8 +4,8 @@
     gateway --Place (DEALER)--------> the leader's placement ROUTER --> Placed | Rejected
     coordinator --WorkerEvent (PUB)-> gateways (SUB): a worker turned suspect, dead, draining or live
 
-Decoding is validation: a malformed or unknown message raises ProtocolError; the receiver counts and
-drops it. Every message carries the protocol version.
+The envelope is common/wire.py's: decoding is validation, a malformed or unknown message raises
+MessageError, which the receiver counts and drops.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from __future__ import annotations
 import msgspec
 
 from common.registry import Load
+from common.wire import VERSION, Decoder, MessageError, encode
 
-VERSION = 1
-
-
-class ProtocolError(ValueError):
-    pass
+__all__ = ["VERSION", "Beat", "CoordinatorInfo", "MessageError", "Place", "Placed", "PlacementReply", "Rejected",
+           "WorkerAddr", "WorkerEvent", "decode_beat", "decode_event", "decode_place", "decode_reply", "encode"]
 
 
 class Beat(msgspec.Struct, tag="beat", frozen=True):
@@ -88,38 +86,23 @@ class CoordinatorInfo(msgspec.Struct, frozen=True):
 
 PlacementReply = Placed | Rejected
 
-_enc = msgspec.msgpack.Encoder()
-_beat_dec = msgspec.msgpack.Decoder(Beat)
-_place_dec = msgspec.msgpack.Decoder(Place)
-_reply_dec = msgspec.msgpack.Decoder(PlacementReply)
-_event_dec = msgspec.msgpack.Decoder(WorkerEvent)
-
-
-def encode(msg) -> bytes:
-    return _enc.encode(msg)
-
-
-def _decode(dec, data: bytes, what: str):
-    try:
-        msg = dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ProtocolError(f"malformed {what}: {e}") from None
-    if msg.v != VERSION:
-        raise ProtocolError(f"{what}: protocol version {msg.v} (this process speaks {VERSION})")
-    return msg
+_beat_dec: Decoder[Beat] = Decoder(Beat, "heartbeat")
+_place_dec: Decoder[Place] = Decoder(Place, "placement request")
+_reply_dec: Decoder[PlacementReply] = Decoder(PlacementReply, "placement reply")
+_event_dec: Decoder[WorkerEvent] = Decoder(WorkerEvent, "worker event")
 
 
 def decode_beat(data: bytes) -> Beat:
-    return _decode(_beat_dec, data, "heartbeat")
+    return _beat_dec.decode(data)
 
 
 def decode_place(data: bytes) -> Place:
-    return _decode(_place_dec, data, "placement request")
+    return _place_dec.decode(data)
 
 
 def decode_reply(data: bytes) -> Placed | Rejected:
-    return _decode(_reply_dec, data, "placement reply")
+    return _reply_dec.decode(data)
 
 
 def decode_event(data: bytes) -> WorkerEvent:
-    return _decode(_event_dec, data, "worker event")
+    return _event_dec.decode(data)

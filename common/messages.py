@@ -1,6 +1,6 @@
 """Messages between requesters (gateway, tests), prefill workers and decode workers. Torch-free.
 
-MessagePack through typed msgspec structs, a protocol version in each, and (request_id, attempt) on
+The envelope is common/wire.py's (a protocol version in each message); (request_id, attempt) on
 everything that starts or continues work, so a late message of a failed attempt is recognised.
 
     requester --PrefillRequest(prompt, params, decode target, reply_to)--> prefill driver
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import msgspec
 
-VERSION = 1
+from common.wire import VERSION, Decoder, MessageError, encode
+
+__all__ = ["VERSION", "Abort", "DecodeTarget", "Handoff", "MessageError", "PrefillRequest", "TokenChunk",
+           "decode_chunk", "decode_worker_message", "encode"]
 
 
 class DecodeTarget(msgspec.Struct, frozen=True):
@@ -74,33 +77,13 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
 
 WorkerMessage = PrefillRequest | Handoff | Abort
 
-_enc = msgspec.msgpack.Encoder()
-_worker_dec = msgspec.msgpack.Decoder(WorkerMessage)
-_chunk_dec = msgspec.msgpack.Decoder(TokenChunk)
+_worker_dec: Decoder[WorkerMessage] = Decoder(WorkerMessage, "message")
+_chunk_dec: Decoder[TokenChunk] = Decoder(TokenChunk, "chunk")
 
 
-class MessageError(ValueError):
-    pass
-
-
-def encode(msg) -> bytes:
-    return _enc.encode(msg)
-
-
-def _decode(dec, data: bytes, what: str):
-    """Decoding is validation: malformed, unknown or another protocol version -> MessageError."""
-    try:
-        msg = dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise MessageError(f"malformed {what}: {e}") from None
-    if msg.v != VERSION:
-        raise MessageError(f"{what}: protocol version {msg.v} (this process speaks {VERSION})")
-    return msg
-
-
-def decode_worker_message(data: bytes):
-    return _decode(_worker_dec, data, "message")
+def decode_worker_message(data: bytes) -> WorkerMessage:
+    return _worker_dec.decode(data)
 
 
 def decode_chunk(data: bytes) -> TokenChunk:
-    return _decode(_chunk_dec, data, "chunk")
+    return _chunk_dec.decode(data)

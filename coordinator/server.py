@@ -30,9 +30,9 @@ from common import security
 from common.coordinator_protocol import (
     VERSION,
     CoordinatorInfo,
+    MessageError,
     Place,
     Placed,
-    ProtocolError,
     Rejected,
     WorkerAddr,
     WorkerEvent,
@@ -296,7 +296,7 @@ class Coordinator:
         now = time.monotonic()
         try:
             beat = decode_beat(data)
-        except ProtocolError as e:
+        except MessageError as e:
             self.m_bad.inc(socket="heartbeats")
             log.debug("dropped: %s", e)
             return
@@ -323,7 +323,7 @@ class Coordinator:
         t0 = time.perf_counter()
         try:
             req = decode_place(data)
-        except ProtocolError as e:
+        except MessageError as e:
             self.m_bad.inc(socket="placement")
             log.debug("dropped: %s", e)
             return

@@ -22,9 +22,9 @@ import zmq
 from common import security
 from common.coordinator_protocol import (
     CoordinatorInfo,
+    MessageError,
     Place,
     Placed,
-    ProtocolError,
     Rejected,
     WorkerEvent,
     decode_event,
@@ -128,7 +128,7 @@ class CoordinatorLink:
     def _on_event_data(self, data: bytes) -> None:
         try:
             ev = decode_event(data)
-        except ProtocolError:
+        except MessageError:
             self.bad_messages += 1
             return
         self.on_event(ev)
@@ -136,7 +136,7 @@ class CoordinatorLink:
     def _on_reply(self, data: bytes) -> None:
         try:
             reply = decode_reply(data)
-        except ProtocolError:
+        except MessageError:
             self.bad_messages += 1
             return
         fut = self._waiting.pop(reply.request_id, None)

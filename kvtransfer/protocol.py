@@ -3,7 +3,7 @@
 Every ZeroMQ message is `[header]` or `[header, payload]`; the header is one of the tagged structs
 below, each carrying the protocol version and the (request_id, attempt) it belongs to, so a late frame
 from a failed attempt is recognised and dropped. Decoding is validation: anything malformed raises
-`ProtocolError`, which the caller counts and drops. Pickle is never used.
+`MessageError`, which the caller counts and drops. Pickle is never used.
 
     P driver --Reserve-->  D driver            (D reserves blocks for num_tokens, or says why not)
     P driver <--Reserved-- D driver
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import msgspec
 
-VERSION = 1
+from common.wire import VERSION, Decoder, MessageError, encode
+
+__all__ = ["VERSION", "MessageError", "decode", "encode"]  # and the message types below
+
 MAX_HEADER_BYTES = 1 << 20
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_LAYERS = 1024  # layers in one Pages message
-
-
-class ProtocolError(ValueError):
-    pass
 
 
 class Layout(msgspec.Struct, frozen=True):
@@ -161,52 +160,44 @@ class RankDone(msgspec.Struct, tag="rank_done", frozen=True):
 Message = (Reserve | Reserved | Pages | Ack | Abort | PairHello | PairInfo | StreamHello | StreamInfo | Expect | ExpectOk
            | Cancel | Cancelled | RankDone)
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
 
 
-def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
+def _check(msg: Message) -> None:
+    if isinstance(msg, Pages):
+        _check_pages(msg)
+
+
+_decoder: Decoder[Message] = Decoder(Message, "KV message", MAX_HEADER_BYTES, _check)
 
 
 def decode(data: bytes | memoryview) -> Message:
-    if len(data) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        msg = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ProtocolError(f"malformed message: {e}") from None
-    if msg.v != VERSION:
-        raise ProtocolError(f"protocol version {msg.v} (this process speaks {VERSION})")
-    if isinstance(msg, Pages):
-        _check_pages(msg)
-    return msg
+    return _decoder.decode(data)
 
 
 def _check_pages(m: Pages) -> None:
     if m.dtype not in DTYPES:
-        raise ProtocolError(f"pages: unknown dtype {m.dtype!r}")
+        raise MessageError(f"pages: unknown dtype {m.dtype!r}")
     if len(m.shape) != 5 or m.shape[0] != 2 or any(x <= 0 for x in m.shape):
-        raise ProtocolError(f"pages: shape {m.shape} is not [2, blocks, heads, block_size, head_dim]")
+        raise MessageError(f"pages: shape {m.shape} is not [2, blocks, heads, block_size, head_dim]")
     if m.shape[1] != len(m.block_ids) or m.shape[2] != m.heads[1] - m.heads[0]:
-        raise ProtocolError(f"pages: shape {m.shape} disagrees with {len(m.block_ids)} blocks and heads {m.heads}")
+        raise MessageError(f"pages: shape {m.shape} disagrees with {len(m.block_ids)} blocks and heads {m.heads}")
     if m.runs and (sum(m.runs) != len(m.block_ids) or min(m.runs) <= 0):
-        raise ProtocolError(f"pages: runs {m.runs} do not split {len(m.block_ids)} blocks")
+        raise MessageError(f"pages: runs {m.runs} do not split {len(m.block_ids)} blocks")
     i = 0
     for n in m.runs:  # a run lands on consecutive blocks: b, b + 1, ... (never on a block not named)
         if m.block_ids[i:i + n] != list(range(m.block_ids[i], m.block_ids[i] + n)):
-            raise ProtocolError(f"pages: run of {n} at {i} over blocks {m.block_ids[i:i + n]} that are not consecutive")
+            raise MessageError(f"pages: run of {n} at {i} over blocks {m.block_ids[i:i + n]} that are not consecutive")
         i += n
     if m.runs and m.pair:
-        raise ProtocolError("pages: runs are for ZeroMQ frames, not torch.distributed payloads")
+        raise MessageError("pages: runs are for ZeroMQ frames, not torch.distributed payloads")
     if not 1 <= m.num_layers <= MAX_LAYERS or (m.pair and m.num_layers != 1):
-        raise ProtocolError(f"pages: num_layers = {m.num_layers} (1..{MAX_LAYERS}; 1 over torch.distributed)")
+        raise MessageError(f"pages: num_layers = {m.num_layers} (1..{MAX_LAYERS}; 1 over torch.distributed)")
     itemsize = 4 if m.dtype == "float32" else 2
     n = itemsize * m.num_layers
     for x in m.shape:
         n *= x
     if n != m.nbytes:
-        raise ProtocolError(f"pages: {m.num_layers} layer(s) of {m.shape} {m.dtype} are {n} bytes, "
+        raise MessageError(f"pages: {m.num_layers} layer(s) of {m.shape} {m.dtype} are {n} bytes, "
                             f"header says {m.nbytes}")
 
 

@@ -41,7 +41,7 @@ from collections import Counter
 import numpy as np
 
 from kvtransfer.frames import Staged
-from kvtransfer.protocol import MAX_HEADER_BYTES, Pages, ProtocolError, decode
+from kvtransfer.protocol import MAX_HEADER_BYTES, MessageError, Pages, decode
 from kvtransfer.receiver import Landed, RankReceiver, frame_sizes
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class StreamServer:
         _recv_exact(conn, memoryview(head), self._stop, self.timeout)
         try:
             msg = decode(head)
-        except ProtocolError as e:
+        except MessageError as e:
             return self._bad(str(e))
         if not isinstance(msg, Pages) or msg.pair or msg.nbytes > self.max_msg_bytes:
             return self._bad(f"a {type(msg).__name__} message on a KV stream")

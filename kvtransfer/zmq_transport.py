@@ -34,10 +34,10 @@ from kvtransfer.protocol import (
     Cancelled,
     Expect,
     ExpectOk,
+    MessageError,
     Pages,
     PairHello,
     PairInfo,
-    ProtocolError,
     RankDone,
     Reserve,
     Reserved,
@@ -135,7 +135,7 @@ class KVServer(IOThread):
             return [identity, head]
         try:
             msg = decode(head.buffer)
-        except ProtocolError:
+        except MessageError:
             msg = None
         views = self.receiver.landing(msg) if isinstance(msg, Pages) and not msg.pair else None
         if views is None:
@@ -156,7 +156,7 @@ class KVServer(IOThread):
         identity = frames[0].bytes
         try:
             msg = decode(frames[1].buffer)
-        except ProtocolError as e:
+        except MessageError as e:
             self.metrics["messages_bad"] += 1
             log.debug("dropped a malformed KV message: %s", e)
             return
@@ -273,7 +273,7 @@ class RemoteRank:
                     break
                 try:
                     reply = decode(self.sock.recv())
-                except ProtocolError:
+                except MessageError:
                     continue
                 if isinstance(reply, reply_type) and reply.request_id == msg.request_id and \
                         reply.attempt == msg.attempt:
@@ -482,7 +482,7 @@ class KVClient(IOThread):
                 return
             try:
                 msg = decode(data)
-            except ProtocolError:
+            except MessageError:
                 self.metrics["messages_bad"] += 1
                 continue
             if isinstance(msg, PairInfo):

@@ -221,10 +221,10 @@ def test_cancel_waits_for_a_write_in_progress_and_a_failed_write_fails_only_its_
 
 
 def test_runs_must_cover_consecutive_blocks_and_a_device_cache_must_stage():
-    from kvtransfer.protocol import ProtocolError, decode
+    from kvtransfer.protocol import MessageError, decode
 
     bad = Pages(VERSION, "r", 0, 0, 0, (0, 2), [2, 5], "float32", [2, 2, 2, 2, 4], 2 * 2 * PER_BLOCK, runs=[2])
-    with pytest.raises(ProtocolError, match="not consecutive"):  # would write block 3, not 5
+    with pytest.raises(MessageError, match="not consecutive"):  # would write block 3, not 5
         decode(encode(bad))
     meta = RankCaches([torch.zeros(2, 8, 2, 2, 4, device="meta")], 0, 0)
     assert RankReceiver(0, LAYOUT, meta, lambda *a: None).stage_frames

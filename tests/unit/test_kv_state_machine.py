@@ -147,10 +147,10 @@ def _reserved():
 def test_runs_that_do_not_fit_fail_the_transfer():
     import pytest
 
-    from kvtransfer.protocol import VERSION, Pages, ProtocolError, decode, encode
+    from kvtransfer.protocol import VERSION, MessageError, Pages, decode, encode
     bad = Pages(VERSION, "r", 0, 0, 0, (0, 2), [1, 2, 3], "float32", [2, 3, 2, 4, 8], 2 * 3 * 2 * 4 * 8 * 4,
                 runs=[2, 2])
-    with pytest.raises(ProtocolError, match="runs"):
+    with pytest.raises(MessageError, match="runs"):
         decode(encode(bad))
     d, st = _reserved()
     blocks = st.dst_block_ids
@@ -164,7 +164,7 @@ def test_a_header_of_several_layers_is_checked_whole():
     import msgspec
     import pytest
 
-    from kvtransfer.protocol import MAX_LAYERS, VERSION, Pages, ProtocolError, decode, encode
+    from kvtransfer.protocol import MAX_LAYERS, VERSION, MessageError, Pages, decode, encode
     one = 2 * 3 * 2 * 4 * 8 * 4  # one layer's bytes
     good = Pages(VERSION, "r", 0, 0, 0, (0, 2), [1, 2, 3], "float32", [2, 3, 2, 4, 8], 3 * one, runs=[3], num_layers=3)
     assert decode(encode(good)).num_layers == 3
@@ -173,7 +173,7 @@ def test_a_header_of_several_layers_is_checked_whole():
                      (msgspec.structs.replace(good, num_layers=MAX_LAYERS + 1, nbytes=(MAX_LAYERS + 1) * one),
                       "num_layers"),
                      (msgspec.structs.replace(good, runs=[], pair="p"), "num_layers")):
-        with pytest.raises(ProtocolError, match=why):
+        with pytest.raises(MessageError, match=why):
             decode(encode(bad))
     # a message naming a layer the rank does not expect fails the transfer, not the others
     d, st = _reserved()
