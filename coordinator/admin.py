@@ -132,8 +132,7 @@ def build_app(coord) -> web.Application:
             return error(422, str(e), code="invalid_plan_request", param=e.param)
 
     async def metrics(request):
-        coord.cluster_status()  # refreshes the worker gauges
-        return web.Response(text=coord.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=coord.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def health(request):
         return web.json_response({"status": "ok", "is_leader": coord.is_leader,

@@ -56,7 +56,7 @@ from coordinator.policy import (
     Rejection,
     make_policy,
 )
-from coordinator.status import cluster_status
+from coordinator.status import WorkerCollector, cluster_status
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,9 @@ class Coordinator:
         self.m_bad = m.counter("messages_dropped", "malformed messages dropped", ["socket"])
         self.m_beats = m.counter("heartbeats", "heartbeats received")
         self.m_events = m.counter("worker_events", "worker events published", ["state"])
-        self.m_workers = m.gauge("workers", "workers in the live view", ["role", "state"])
-        self.m_worker_slo = m.gauge("worker_slo_attainment", "share of a worker's requests of the last minute "
-                                    "that met their TTFT (prefill) or TPOT (decode) SLO", ["worker", "slo"])
         self.m_leader = m.gauge("coordinator_is_leader", "1 while this replica leads")
         self.m_refinements = m.counter("cost_model_refinements", "cost models rescaled from heartbeats")
+        m.register(WorkerCollector(self))  # per-worker series, read from the live view at each scrape
 
     @property
     def is_leader(self) -> bool:
@@ -215,7 +213,7 @@ class Coordinator:
             info = msgspec.json.decode(new, type=WorkerInfo)
             self.view.registered(info, now)
         except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as e:
-            self.m_bad.inc(socket="registry")
+            self.m_bad.labels(socket="registry").inc()
             log.warning("ignored a malformed registration at %s: %s", key, e)
             return
         if keys.drain(self.config.cluster, wid) in self.drains.items:
@@ -269,7 +267,7 @@ class Coordinator:
                 PrefillCost(**prof.get("prefill", {}))  # validated before any worker uses it
                 DecodeCost(**prof.get("decode", {}))
         except (msgspec.DecodeError, TypeError) as e:
-            self.m_bad.inc(socket="profiles")
+            self.m_bad.labels(socket="profiles").inc()
             log.warning("ignored a malformed profile at %s: %s", key, e)
             return
         self.view.shape_profile(model, shape, prof, time.monotonic())
@@ -284,7 +282,7 @@ class Coordinator:
     def _publish(self, worker_id: str, role: str, state: str, reason: str) -> None:
         ev = WorkerEvent(VERSION, worker_id, role, state, reason, time.time())
         self.state.events.append(ev)
-        self.m_events.inc(state=state)
+        self.m_events.labels(state=state).inc()
         log.warning("worker %s (%s) is %s: %s", worker_id, role, state, reason) if state != "live" else \
             log.info("worker %s (%s) is live again", worker_id, role)
         try:
@@ -297,7 +295,7 @@ class Coordinator:
         try:
             beat = decode_beat(data)
         except MessageError as e:
-            self.m_bad.inc(socket="heartbeats")
+            self.m_bad.labels(socket="heartbeats").inc()
             log.debug("dropped: %s", e)
             return
         wid = beat.load.worker_id
@@ -317,19 +315,19 @@ class Coordinator:
 
     def _on_place(self, frames: list) -> None:
         if len(frames) != 2:
-            self.m_bad.inc(socket="placement")
+            self.m_bad.labels(socket="placement").inc()
             return
         ident, data = frames
         t0 = time.perf_counter()
         try:
             req = decode_place(data)
         except MessageError as e:
-            self.m_bad.inc(socket="placement")
+            self.m_bad.labels(socket="placement").inc()
             log.debug("dropped: %s", e)
             return
         reply = self.place(req)
         self.m_place_latency.observe(time.perf_counter() - t0)
-        self.m_placements.inc(result="placed" if isinstance(reply, Placed) else reply.code)
+        self.m_placements.labels(result="placed" if isinstance(reply, Placed) else reply.code).inc()
         try:
             self.router.send_multipart([ident, encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -430,7 +428,7 @@ class Coordinator:
         return f"http://{self.config.admin_host}:{port}"
 
     def cluster_status(self) -> dict:
-        """What GET /v1/cluster answers (coordinator/status.py); refreshes the worker gauges."""
+        """What GET /v1/cluster answers (coordinator/status.py)."""
         return cluster_status(self)
 
     async def drain(self, worker_id: str) -> bool:

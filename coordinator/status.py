@@ -5,24 +5,36 @@ Torch-free."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import msgspec
+from prometheus_client.core import GaugeMetricFamily
+
+from common.metrics import Collector
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
 
 
+ROLES = ("prefill", "decode", "colocated")
+STATES = ("live", "suspect", "draining", "starting")
+
+
+def worker_state(coord: Coordinator, wid: str, v) -> str:
+    if v.draining:
+        return "draining"
+    if wid in coord.state.suspect:
+        return "suspect"
+    return "starting" if v.load is None else "live"
+
+
 def cluster_status(coord: Coordinator) -> dict:
-    """Workers (role, shape, state, load, SLO attainment), leader, policy, SLOs, gateways, recent events;
-    sets the coordinator's worker gauges as it goes."""
+    """Workers (role, shape, state, load, SLO attainment), leader, policy, SLOs, gateways, recent events."""
     now = time.monotonic()
     workers = []
-    counts: dict[tuple[str, str], int] = {}
     for wid, v in sorted(coord.view.workers.items()):
-        state = "draining" if v.draining else "suspect" if wid in coord.state.suspect else \
-            "starting" if v.load is None else "live"
-        counts[(v.info.role, state)] = counts.get((v.info.role, state), 0) + 1
+        state = worker_state(coord, wid, v)
         i = v.info
         workers.append({
             "worker_id": wid, "role": i.role, "model": i.model, "tp": i.tp, "pp": i.pp, "state": state,
@@ -30,12 +42,8 @@ def cluster_status(coord: Coordinator) -> dict:
             "last_heartbeat_s": round(now - v.heard_at, 3),
             "load": msgspec.to_builtins(v.load) if v.load is not None else None,
             "pending_placements": len(v.pending),
-            "slo_attainment": _attainment(coord, wid, v.load),
+            "slo_attainment": _attainment(v.load),
         })
-    coord.m_workers.values.clear()  # a (role, state) with no worker left reads 0, not its last count
-    for role in ("prefill", "decode", "colocated"):
-        for state in ("live", "suspect", "draining", "starting"):
-            coord.m_workers.set(counts.get((role, state), 0), role=role, state=state)
     c = coord.config
     return {
         "cluster": c.cluster, "coordinator_id": c.coordinator_id, "is_leader": coord.is_leader,
@@ -47,17 +55,22 @@ def cluster_status(coord: Coordinator) -> dict:
         "events": [msgspec.to_builtins(e) for e in list(coord.state.events)[-20:]],
     }
 
-def _attainment(coord: Coordinator, wid: str, load) -> dict:
+
+def _slo_counts(load, kind: str) -> tuple[int, int]:
+    """(met, total) of the worker's requests over the last minute with a `kind` ("ttft" | "tpot") SLO."""
+    return (getattr(load, f"{kind}_met"), getattr(load, f"{kind}_total")) if load else (0, 0)
+
+
+def _attainment(load) -> dict:
     """{ttft, ttft_requests, tpot, tpot_requests}: the worker's own view over the last minute
     (attainment None when none of its requests had that SLO)."""
     out = {}
     for kind in ("ttft", "tpot"):
-        met, total = (getattr(load, f"{kind}_met"), getattr(load, f"{kind}_total")) if load else (0, 0)
+        met, total = _slo_counts(load, kind)
         out[kind] = round(met / total, 4) if total else None
         out[f"{kind}_requests"] = total
-        if total:
-            coord.m_worker_slo.set(met / total, worker=wid, slo=kind)
     return out
+
 
 def _gateways(coord: Coordinator) -> list[dict]:
     out = []
@@ -68,3 +81,28 @@ def _gateways(coord: Coordinator) -> list[dict]:
         except (msgspec.DecodeError, AttributeError):
             continue
     return out
+
+
+class WorkerCollector(Collector):
+    """The coordinator's per-worker series, read from its live view at each scrape: a worker that leaves
+    the view leaves /metrics with it (a gauge set once would keep its last value forever)."""
+
+    def __init__(self, coord: Coordinator):
+        self.coord = coord
+
+    def collect(self):
+        coord = self.coord
+        counts = Counter((v.info.role, worker_state(coord, wid, v)) for wid, v in coord.view.workers.items())
+        workers = GaugeMetricFamily("tandem_workers", "workers in the live view", labels=["role", "state"])
+        for role in ROLES:
+            for state in STATES:
+                workers.add_metric([role, state], counts.get((role, state), 0))
+        slo = GaugeMetricFamily("tandem_worker_slo_attainment", "share of a worker's requests of the last "
+                                "minute that met their TTFT (prefill) or TPOT (decode) SLO", labels=["worker", "slo"])
+        for wid, v in sorted(coord.view.workers.items()):
+            for kind in ("ttft", "tpot"):
+                met, total = _slo_counts(v.load, kind)
+                if total:
+                    slo.add_metric([wid, kind], met / total)
+        yield workers
+        yield slo

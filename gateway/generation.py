@@ -138,7 +138,7 @@ class Generation:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
         if isinstance(reply, Rejected):
-            self.gw.m_rejections.inc(code=reply.code)
+            self.gw.m_rejections.labels(code=reply.code).inc()
             retry = {"Retry-After": str(max(1, round(reply.retry_after_s)))}
             if reply.code == "overloaded":
                 raise ApiError(429, f"overloaded: {reply.reason}", code="overloaded", type_="rate_limit_error",

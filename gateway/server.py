@@ -13,6 +13,7 @@ delivered with max_tokens reduced; the client sees one stream with no gap and no
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
@@ -49,6 +50,16 @@ from gateway.openai_api import (
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder().encode
+
+
+def key_matches(token: str, keys: list[str]) -> bool:
+    """Whether `token` is one of `keys`, in time that does not depend on where they first differ
+    (hmac.compare_digest, over every key: no early exit that would time which key came close)."""
+    given = token.encode()
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(given, k.encode())
+    return found
 
 
 @dataclass
@@ -237,7 +248,7 @@ class Gateway:
         if keys_ and request.path not in self.config.open_paths:
             auth = request.headers.get("Authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-            if token not in keys_:
+            if token is None or not key_matches(token, keys_):
                 raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
         return await handler(request)
 
@@ -253,7 +264,7 @@ class Gateway:
         return web.json_response(body, status=200 if ok else 503)
 
     async def _metrics(self, request):
-        return web.Response(text=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _openapi(self, request):
         return web.json_response(openapi(sorted(self.served_models()), self.max_model_len))
@@ -312,7 +323,7 @@ class Gateway:
                     g.abort_attempt()  # the client went away, or an error: free P and D at once
                 self.generations.pop(g.id, None)
             self.m_running.dec()
-            self.m_requests.inc(endpoint=endpoint, status=status)
+            self.m_requests.labels(endpoint=endpoint, status=status).inc()
             for g in gens:
                 self._observe(g)
 

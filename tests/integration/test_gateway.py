@@ -11,6 +11,7 @@ import urllib.request
 import openai
 import pytest
 from live_cluster import LiveCluster, get_json, post_json
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 
@@ -439,7 +440,9 @@ def test_workers_report_slo_attainment_to_cluster_status(live, tmp_path):
     assert after["p0"]["tpot"] is None and after["d0"]["ttft"] is None  # each phase reports its own SLO
     with urllib.request.urlopen(admin + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    assert 'tandem_worker_slo_attainment{worker="d0",slo="tpot"} 1' in text
+    slo = {tuple(s.labels.values()): s.value for f in text_string_to_metric_families(text)
+           if f.name == "tandem_worker_slo_attainment" for s in f.samples}
+    assert slo[("d0", "tpot")] == 1.0, slo
     (tmp_path / "state.json").write_text(json.dumps({"admin": admin, "url": live.gw.info["url"]}))
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--state-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
