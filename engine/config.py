@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.errors import ModelConfigError
@@ -65,6 +65,13 @@ class ModelConfig:
         if self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+    def identity(self) -> str:
+        """Every field but the path, as canonical JSON: the same checkpoint gives the same string on any
+        host, wherever its directory is (a seed for prefix-block hashes)."""
+        fields = asdict(self)
+        del fields["path"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ModelConfig:

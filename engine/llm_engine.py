@@ -88,8 +88,13 @@ class LLMEngine:
                                                       num_blocks=config.cache.num_blocks,
                                                       quantization=config.quantization), step_hook)
         self.runner = self.executor.runner
+        # NOTE: block hashes are compared between workers, so their seed must name the model the same way
+        # on every host: the checkpoint's config (not its path, which differs between hosts) and what
+        # changes the KV computed from it (dtype, quantization). Two fine-tunes of one base model with the
+        # same config.json would still share hashes; a served model name would tell them apart.
+        hash_seed = f"{self.model_config.identity()}|{config.device.dtype}|{config.quantization}"
         self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching, hash_seed=hash_seed)
         eos = tuple(self.runner.sampler.eos_token_ids)
         self.eos_token_ids = eos
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,

@@ -1,6 +1,11 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, hash_block_tokens, root_hash
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -94,3 +99,59 @@ def test_double_free_is_detected():
     s.block_ids = ids
     with pytest.raises(AssertionError):
         bm.free(s)
+
+
+def chain(seed, blocks):
+    h, out = root_hash(seed), []
+    for tokens in blocks:
+        h = hash_block_tokens(h, tokens)
+        out.append(h)
+    return out
+
+
+BLOCKS = [list(range(16)), [151643, 0, 7, 2**31] * 4, [5] * 16]
+
+
+@pytest.mark.parametrize("hashseed", ["0", "1", "12345"])
+def test_block_hashes_are_equal_in_another_process(hashseed):
+    # a str seed and a first block: the values Python's own hash() salts per process
+    code = ("from engine.block_manager import hash_block_tokens, root_hash\n"
+            "h, out = root_hash('model-a'), []\n"
+            f"for t in {BLOCKS!r}:\n"
+            "    h = hash_block_tokens(h, t); out.append(h)\n"
+            "print(out)")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONHASHSEED": hashseed}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == repr(chain("model-a", BLOCKS))
+
+
+def test_block_hash_is_an_unsigned_64_bit_int():
+    for h in chain(b"", BLOCKS):
+        assert isinstance(h, int) and 0 <= h < 2**64
+
+
+def test_model_identity_separates_block_hashes():
+    assert root_hash("model-a") == root_hash(b"model-a")
+    assert root_hash("model-a") != root_hash("model-b")
+    a, b = chain("model-a", BLOCKS), chain("model-b", BLOCKS)
+    assert not set(a) & set(b)
+    s = seq(range(8))
+    bms = [BlockManager(num_blocks=4, block_size=4, hash_seed=seed) for seed in ("model-a", "model-b")]
+    for bm in bms:
+        assert bm.allocate_slots(s, 8)
+        s.num_computed_tokens = 8
+        bm.cache_full_blocks(s)
+        bm.free(s)
+        s.num_computed_tokens = 0
+    assert not set(bms[0].cached) & set(bms[1].cached)
+
+
+def test_block_hashes_chain_over_the_prefix():
+    a = chain("m", [[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert chain("m", [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]])[:2] == a  # same prefix, same hashes
+    b = chain("m", [[1, 2, 3, 5], [5, 6, 7, 8]])
+    assert a[1] != b[1]  # same tokens after a different parent
+    assert hash_block_tokens(a[0], [5, 6, 7, 8]) == a[1]
+    assert chain("m", [[5, 6, 7, 8]])[0] != a[1]  # the same block first in its sequence

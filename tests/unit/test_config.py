@@ -52,6 +52,15 @@ def test_missing_directory_and_file(tmp_path):
         ModelConfig.from_dir(tmp_path)
 
 
+def test_identity_ignores_the_path_and_names_the_shape(tmp_path):
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    a = ModelConfig.from_dir(write(tmp_path / "a"))
+    b = ModelConfig.from_dir(write(tmp_path / "b"))
+    assert a.path != b.path and a.identity() == b.identity()  # one checkpoint copied to two places
+    assert ModelConfig.from_dir(write(tmp_path / "c", num_hidden_layers=3)).identity() != a.identity()
+
+
 def test_mistral_sliding_window_caps_the_context(tmp_path):
     c = ModelConfig.from_dir(write(tmp_path, architectures=["MistralForCausalLM"], sliding_window=256,
                                    max_position_embeddings=4096))
