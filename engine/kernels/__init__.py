@@ -114,6 +114,30 @@ def load(name: str) -> ctypes.CDLL | None:
 _wrappers: dict[str, object] = {}
 
 
+# Argument checks of the wrappers below: the C code trusts every shape, stride and dtype it is given, so
+# a wrong one would read or write out of bounds. Real exceptions, not `assert` (gone under `python -O`).
+def _check_stride(fn: str, name: str, t, dim: int, expected: int) -> None:
+    if t.stride(dim) != expected:
+        raise ValueError(f"{fn}: {name} needs stride {expected} in dim {dim}, got strides {tuple(t.stride())} "
+                         f"(shape {tuple(t.shape)})")
+
+
+def _check_contiguous(fn: str, name: str, t) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{fn}: {name} must be contiguous, got strides {tuple(t.stride())} "
+                         f"(shape {tuple(t.shape)})")
+
+
+def _check_shape(fn: str, name: str, t, expected) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def _check_dtype(fn: str, name: str, t, expected) -> None:
+    if t.dtype != expected:
+        raise TypeError(f"{fn}: {name} must be {expected}, got {t.dtype}")
+
+
 def _wrapped(name: str, cls):
     """`cls` around library `name`, made once per process; None where it is not built."""
     if name not in _wrappers:
@@ -186,7 +210,13 @@ class DecodeAttention:
         B, H, D = q.shape
         KVH = k.shape[1]
         _, num_blocks, _, bs, _ = kv_cache.shape
-        assert q.stride(1) == D and q.stride(2) == 1 and k.stride() == v.stride() and k.stride(1) == D
+        fn = "decode_attention"
+        _check_stride(fn, "q", q, 1, D)
+        _check_stride(fn, "q", q, 2, 1)
+        if k.stride() != v.stride():
+            raise ValueError(f"{fn}: k and v must have the same strides, got {tuple(k.stride())} and "
+                             f"{tuple(v.stride())}")
+        _check_stride(fn, "k", k, 1, D)
         out = torch.empty(B, H, D, dtype=q.dtype)
         rc = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), cos.data_ptr(),
                       sin.data_ptr(), kv_cache.data_ptr(), num_blocks, bs, slot_blocks.data_ptr(),
@@ -234,7 +264,10 @@ class Elementwise:
     def silu_mul(self, gate, up, num_threads: int):
         """gate, up: [T, I] (rows may be strided, elements contiguous) -> silu(gate) * up, contiguous."""
         T, inter = gate.shape
-        assert gate.stride(1) == 1 and up.stride(1) == 1 and up.shape == gate.shape and up.dtype == gate.dtype
+        _check_stride("silu_mul", "gate", gate, 1, 1)
+        _check_stride("silu_mul", "up", up, 1, 1)
+        _check_shape("silu_mul", "up", up, gate.shape)
+        _check_dtype("silu_mul", "up", up, gate.dtype)
         out = torch.empty(T, inter, dtype=gate.dtype)
         rc = self._silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), T, inter, out.data_ptr(),
                             gate.dtype == torch.bfloat16, num_threads)
@@ -246,7 +279,10 @@ class Elementwise:
         """x: [T, heads, D] (rows may be strided, heads contiguous in a row); cos, sin: [T, D]
         contiguous -> rotated copy [T, heads, D], contiguous."""
         T, heads, D = x.shape
-        assert x.stride(2) == 1 and x.stride(1) == D and cos.is_contiguous() and sin.is_contiguous()
+        _check_stride("rope", "x", x, 2, 1)
+        _check_stride("rope", "x", x, 1, D)
+        _check_contiguous("rope", "cos", cos)
+        _check_contiguous("rope", "sin", sin)
         out = torch.empty(T, heads, D, dtype=x.dtype)
         rc = self._rope(x.data_ptr(), x.stride(0), T, heads, D, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
                         x.dtype == torch.bfloat16, num_threads)
@@ -258,9 +294,17 @@ class Elementwise:
         """bf16 [T, N] rows (strided rows allowed, elements contiguous): RMSNorm(h + a) with transformers'
         roundings -> (normed, h + a) (h + a is None when `a` is; see elementwise.c for the numerics)."""
         T, N = h.shape
-        assert h.dtype == weight.dtype == torch.bfloat16 and h.stride(1) == 1 and weight.is_contiguous()
-        assert weight.numel() == N
-        assert a is None or (a.shape == h.shape and a.dtype == h.dtype and a.stride(1) == 1)
+        fn = "add_rms_norm"
+        _check_dtype(fn, "h", h, torch.bfloat16)
+        _check_dtype(fn, "weight", weight, torch.bfloat16)
+        _check_stride(fn, "h", h, 1, 1)
+        _check_contiguous(fn, "weight", weight)
+        if weight.numel() != N:
+            raise ValueError(f"{fn}: weight must have {N} elements (the width of h), got {weight.numel()}")
+        if a is not None:
+            _check_shape(fn, "a", a, h.shape)
+            _check_dtype(fn, "a", a, h.dtype)
+            _check_stride(fn, "a", a, 1, 1)
         out = torch.empty(T, N, dtype=h.dtype)
         x = torch.empty(T, N, dtype=h.dtype) if a is not None else None
         rc = self._add_rms_norm(h.data_ptr(), h.stride(0), a.data_ptr() if a is not None else None,

@@ -206,6 +206,28 @@ def test_write_kv_puts_every_token_in_its_slot_as_index_put_does(dtype):
 
 
 @pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+def test_bad_arguments_raise_real_exceptions_naming_them():
+    """ValueError for a shape or stride, TypeError for a dtype (an `assert` is gone under `python -O`)."""
+    g = torch.randn(4, 32)
+    with pytest.raises(TypeError, match="silu_mul: up must be torch.float32, got torch.bfloat16"):
+        ew.silu_mul(g, g.to(torch.bfloat16), 1)
+    with pytest.raises(ValueError, match=r"silu_mul: up must have shape \(4, 32\), got \(4, 16\)"):
+        ew.silu_mul(g, g[:, :16], 1)
+    with pytest.raises(ValueError, match="silu_mul: gate needs stride 1 in dim 1"):
+        ew.silu_mul(g.t(), g.t(), 1)
+    x, cs = torch.randn(4, 2, 16), torch.randn(16, 4)
+    with pytest.raises(ValueError, match=r"rope: cos must be contiguous, got strides \(1, 4\)"):
+        ew.rope(x, cs.t(), cs.t().contiguous(), 1)
+    h = torch.randn(4, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="add_rms_norm: h must be torch.bfloat16, got torch.float32"):
+        ew.add_rms_norm(h.float(), torch.ones(32, dtype=torch.bfloat16), 1e-5, 1)
+    with pytest.raises(ValueError, match="add_rms_norm: weight must have 32 elements .*, got 16"):
+        ew.add_rms_norm(h, torch.ones(16, dtype=torch.bfloat16), 1e-5, 1)
+    with pytest.raises(ValueError, match=r"add_rms_norm: a must have shape \(4, 32\), got \(2, 32\)"):
+        ew.add_rms_norm(h, torch.ones(32, dtype=torch.bfloat16), 1e-5, 1, h[:2])
+
+
+@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
 def test_add_rms_norm_bf16_matches_transformers_rounding():
     """The residual add bit for bit; the norm as transformers rounds it (fp32 inside, rounded to bf16,
     times the weight), its sum of squares in another order: at most one bf16 step off, and rarely."""

@@ -104,6 +104,19 @@ def test_head_sizes_it_does_not_take_are_refused():
 
 
 @needs_kernel
+def test_bad_strides_raise_before_the_kernel_runs():
+    """Real exceptions that name the argument and the strides (an `assert` is gone under `python -O`)."""
+    cache, q, k, v, pos, meta, lens, rotary = _case(torch.float32, [5, 9], 4, 2, 16)
+    cos, sin = (t.view(2, 16) for t in rotary.lookup(pos))
+    rest = (cos, sin, cache, meta.slot_blocks, meta.slot_offsets, meta.decode_block_tables, lens, 0.25, 1)
+    heads_last = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, D] with stride 1 between heads
+    with pytest.raises(ValueError, match=r"decode_attention: q needs stride 16 in dim 1, got strides \(64, 1, 4\)"):
+        attn(heads_last, k, v, *rest)
+    with pytest.raises(ValueError, match="k and v must have the same strides"):
+        attn(q, k, v.contiguous(), *rest)
+
+
+@needs_kernel
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_the_narrower_instruction_sets_write_the_same_cache(isa, tmp_path, monkeypatch):
     """decode_attention.c and elementwise.c built without AVX-512 (and its bf16 conversion instruction)
