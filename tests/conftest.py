@@ -14,6 +14,14 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    # in the call phase, not setup, so that a kernel that did not build is a failed test, not an error
+    for mark in item.iter_markers("cpu_kernel"):
+        from helpers import check_cpu_kernel
+        check_cpu_kernel(*mark.args)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     from helpers import make_tiny_model

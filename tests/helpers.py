@@ -109,3 +109,22 @@ def assert_greedy_equal(ours: list[int], ref: Reference, label: str = "") -> int
             print(f"{label}: accepted numerical tie at token {i} (gap {ref.gaps[i]:.2e})")
             return i
     return None
+
+
+def check_cpu_kernel(name: str) -> None:
+    """For a test of CPU kernel `name` (engine/kernels): skip it where the kernel cannot be built for want
+    of a C compiler, or is turned off (TANDEM_CPU_KERNELS); fail it, with the build's error, where a
+    compiler is here and the build failed anyway (a skip would hide a broken kernel)."""
+    import pytest
+
+    from engine import kernels
+
+    if kernels.load(name) is not None:
+        return
+    if not kernels.enabled(name):
+        pytest.skip(f"CPU kernel {name} is turned off (TANDEM_CPU_KERNELS)")
+    cc = kernels.compiler()
+    if cc is None:
+        pytest.skip(f"no C compiler here: CPU kernel {name} is not built")
+    pytest.fail(f"CPU kernel {name} did not build though a C compiler is here ({cc}): "
+                f"{kernels.build_error(name)}", pytrace=False)

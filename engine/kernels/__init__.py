@@ -5,8 +5,8 @@ A kernel is a C file next to this module, built with the system C compiler (`cc`
 hash of the source, the compiler and this CPU's feature flags, so a cache shared between machines
 never hands one CPU another's instructions. It is loaded with ctypes (plain C: no torch headers, a
 build takes about a second) and called on tensors' data pointers. Where no compiler is found or the
-build fails, `load()` returns None once, logs why, and callers keep torch's kernels.
-`TANDEM_CPU_KERNELS=0` turns them off.
+build fails, `load()` returns None once, logs why (`build_error()` keeps it), and callers keep torch's
+kernels. `TANDEM_CPU_KERNELS=0` turns them off.
 
 OpenMP: the library links `libgomp.so.1`, which torch has already loaded, so its parallel regions run
 on torch's own thread pool (no second pool spinning against it).
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_errors: dict[str, str] = {}  # name -> why it did not build
 
 
 def _cpu_flags() -> str:
@@ -69,10 +70,20 @@ def _compiler_version(cc: str) -> str:
     return _versions[cc]
 
 
+def compiler() -> str | None:
+    """The C compiler kernels are built with: `$CC` where set, else `cc` or `gcc` on PATH; None where
+    there is none (then no kernel is built, and that is not an error)."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
 def _build(name: str, src: Path, extra_flags: tuple[str, ...] = ()) -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+        where = f"$CC = {os.environ['CC']!r} is not found" if os.environ.get("CC") else "no cc/gcc on PATH"
+        raise RuntimeError(f"no C compiler ({where})")
     version = _compiler_version(cc)
     flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
     headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what the source may include
@@ -102,13 +113,22 @@ def load(name: str) -> ctypes.CDLL | None:
         if name in _loaded:
             return _loaded[name]
         lib = None
+        _errors.pop(name, None)
         if enabled(name):
             try:
                 lib = ctypes.CDLL(str(_build(name, _HERE / f"{name}.c")))
             except Exception as e:  # no compiler, a compile error, a read-only cache
                 log.warning("CPU kernel %s unavailable, using torch's instead: %s", name, e)
+                _errors[name] = f"{type(e).__name__}: {e}"
         _loaded[name] = lib
         return lib
+
+
+def build_error(name: str) -> str | None:
+    """Why `load(name)` gave None though kernels are on (no compiler, a compile error, a failed load),
+    or None: it loaded, is turned off, or has not been tried in this process."""
+    with _lock:
+        return _errors.get(name) if name in _loaded and _loaded[name] is None else None
 
 
 _wrappers: dict[str, object] = {}

@@ -1,5 +1,7 @@
 """The hand-written CPU kernels (engine/kernels), against torch on the same inputs."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from engine.layers.linear import ColumnParallelLinear
 from engine.layers.quantization import Int8WeightOnly
 
 int8_linear = kernels.int8_linear()
-needs_kernel = pytest.mark.skipif(int8_linear is None, reason="no C compiler here: the kernel is not built")
+needs_kernel = pytest.mark.cpu_kernel("int8_linear")  # skipped without a C compiler, else built
 
 
 @needs_kernel
@@ -122,6 +124,33 @@ def test_kernels_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch, tm
     assert kernels.load("int8_linear") is None  # logged, not raised
 
 
+def test_a_failed_build_fails_the_kernel_tests_and_no_compiler_skips_them(monkeypatch, tmp_path):
+    from helpers import check_cpu_kernel
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "1")
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program to stand in for a broken compiler")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("CC", false)  # a compiler that fails every build
+    assert kernels.compiler() == false
+    with pytest.raises(pytest.fail.Exception, match=f"int8_linear did not build .*{false}.*failed building int8_linear.c"):
+        check_cpu_kernel("int8_linear")
+    assert "failed building" in kernels.build_error("int8_linear")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert kernels.compiler() is None
+    with pytest.raises(pytest.skip.Exception, match="no C compiler here"):
+        check_cpu_kernel("int8_linear")
+    assert "no C compiler" in kernels.build_error("int8_linear")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "0")
+    with pytest.raises(pytest.skip.Exception, match="turned off"):
+        check_cpu_kernel("int8_linear")
+    assert kernels.build_error("int8_linear") is None
+
+
 def test_kernels_can_be_chosen_one_by_one(monkeypatch):
     monkeypatch.setenv("TANDEM_CPU_KERNELS", "int8_linear, elementwise")
     assert kernels.enabled("int8_linear") and kernels.enabled("elementwise")
@@ -145,9 +174,10 @@ def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
 
 
 ew = kernels.elementwise()
+needs_elementwise = pytest.mark.cpu_kernel("elementwise")
 
 
-@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@needs_elementwise
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_elementwise_ops_equal_torch(dtype):
     """RoPE bit for bit (strided rows, as sliced from the fused qkv projection); silu(gate) * up bit
@@ -170,7 +200,7 @@ def test_fused_elementwise_ops_equal_torch(dtype):
         torch.testing.assert_close(got, want, rtol=5e-7, atol=1e-30)  # a few ulps
 
 
-@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@needs_elementwise
 def test_the_model_uses_the_fused_elementwise_ops_only_where_they_apply():
     from engine.layers.rotary import fused_elementwise
 
@@ -181,7 +211,7 @@ def test_the_model_uses_the_fused_elementwise_ops_only_where_they_apply():
     assert fused_elementwise(torch.zeros(2, 64, device="meta")) is None
 
 
-@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@needs_elementwise
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_puts_every_token_in_its_slot_as_index_put_does(dtype):
     torch.manual_seed(0)
@@ -205,7 +235,7 @@ def test_write_kv_puts_every_token_in_its_slot_as_index_put_does(dtype):
     assert torch.equal(cache, want)
 
 
-@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@needs_elementwise
 def test_bad_arguments_raise_real_exceptions_naming_them():
     """ValueError for a shape or stride, TypeError for a dtype (an `assert` is gone under `python -O`)."""
     g = torch.randn(4, 32)
@@ -227,7 +257,7 @@ def test_bad_arguments_raise_real_exceptions_naming_them():
         ew.add_rms_norm(h, torch.ones(32, dtype=torch.bfloat16), 1e-5, 1, h[:2])
 
 
-@pytest.mark.skipif(ew is None, reason="no C compiler here: the kernels are not built")
+@needs_elementwise
 def test_add_rms_norm_bf16_matches_transformers_rounding():
     """The residual add bit for bit; the norm as transformers rounds it (fp32 inside, rounded to bf16,
     times the weight), its sum of squares in another order: at most one bf16 step off, and rarely."""
