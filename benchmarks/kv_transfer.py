@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 import zmq
@@ -176,6 +177,7 @@ def streamed_prompt_run(transport: str, repeats: int, prompt_tokens: int = 512, 
     step hook's path) and the receiver's ack awaited. Tail: from the end of the step to the ack (what no
     compute hides); added: median(streamed) - median(alone)."""
     from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
+    from engine.connector import ForwardHooks, KVConnector
     from engine.model_store import pull_default
 
     layout = KVLayout(LAYERS, HEADS, HEAD_DIM, BS, "float32")
@@ -184,15 +186,30 @@ def streamed_prompt_run(transport: str, repeats: int, prompt_tokens: int = 512, 
     client.start()
     caches: list = []
 
-    def hook(rank, runner, extras, seq_ids):
-        if not caches:
-            caches.append(RankCaches(runner.kv_caches, 0, 0))
-        out = extras["transfer"].outgoing(0, client, caches[0], extras["blocks"])
-        return out.send_layer
+    class Layers(ForwardHooks):
+        def __init__(self, out):
+            self.out = out
+
+        def on_layer_done(self, layer):
+            self.out.send_layer(layer)
+
+        def finish(self):
+            self.out.send_all()
+
+    class Connector(KVConnector):
+        """The step's plan names the prompt's blocks; the transfer is the one the loop below reserved."""
+        transfer = None
+
+        def start_forward(self, rank, runner, plan, seq_ids):
+            if not caches:
+                caches.append(RankCaches(runner.kv_caches, 0, 0))
+            return Layers(self.transfer.outgoing(0, client, caches[0], msgspec.msgpack.decode(plan)))
+
+    connector = Connector()
 
     eng = LLMEngine(EngineConfig(str(pull_default(progress=False)),
                                  cache=CacheConfig(kv_cache_memory=64 * 2**20, enable_prefix_caching=False),
-                                 device=DeviceConfig(dtype="float32", num_threads=threads)), step_hook=hook)
+                                 device=DeviceConfig(dtype="float32", num_threads=threads)), connector=connector)
     rng = np.random.default_rng(0)
     one = SamplingParams(max_tokens=1, temperature=0)
     alone, streamed, tails = [], [], []
@@ -208,7 +225,8 @@ def streamed_prompt_run(transport: str, repeats: int, prompt_tokens: int = 512, 
             assert st.reserve(), st.reason  # a worker reserves before it computes the prompt
             eng.add_request(f"s{i}", rng.integers(100, 20000, prompt_tokens).tolist(), one)
             t0 = time.perf_counter()
-            eng.step(before_execute=lambda out: {"transfer": st, "blocks": list(out.scheduled[0].seq.block_ids)})
+            connector.transfer = st
+            eng.step(plan_kv=lambda out: msgspec.msgpack.encode(list(out.scheduled[0].seq.block_ids)))
             t1 = time.perf_counter()
             assert st.finish(), st.reason
             t2 = time.perf_counter()

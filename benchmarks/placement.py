@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.kv_layout import KVLayoutSpec  # noqa: E402
 from common.registry import Load, WorkerInfo  # noqa: E402
 from coordinator.live_view import LiveView  # noqa: E402
 from coordinator.policy import DecodeCost, PlacementRequest, PrefillCost, Rejection, make_policy  # noqa: E402
@@ -47,7 +48,7 @@ def build(n: int, profiles: str, seed: int = 0) -> LiveView:
         role = "prefill" if i % 2 == 0 else "decode"
         wid = f"{role[0]}{i}"
         profile = own_profile(rng) if profiles == "own" else {}
-        v.registered(WorkerInfo(wid, role, "m", 1, 1, 16, 65536, "tcp://x", [], {}, 1, 0.1, profile), now=0.0)
+        v.registered(WorkerInfo(wid, role, "m", 1, 1, 16, 65536, "tcp://x", [], KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.1, profile), now=0.0)
         v.heartbeat(Load(wid, 0.0, rng.randrange(0, 8), rng.randrange(0, 32), rng.randrange(100, 4096), 4096,
                          20.0, 10, 0, rng.randrange(0, 4000)), now=0.0)
     return v

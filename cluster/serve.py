@@ -102,8 +102,10 @@ def cmd_worker(args) -> int:
     worker.engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
     signal.signal(signal.SIGTERM, lambda *a: worker.stop())
     signal.signal(signal.SIGINT, lambda *a: worker.stop())
+    import msgspec
+
     info = {"ready": True, "role": args.role, "worker_id": worker.worker_id, "endpoint": worker.endpoint,
-            "kv_endpoints": getattr(worker, "kv_endpoints", []), "layout": dataclasses.asdict(worker.layout),
+            "kv_endpoints": getattr(worker, "kv_endpoints", []), "layout": msgspec.to_builtins(worker.layout),
             "startup_s": round(time.perf_counter() - t0, 2), "pid": os.getpid()}
     registry = None
     if args.registry or args.etcd:
@@ -122,7 +124,7 @@ def cmd_worker(args) -> int:
         info["model"], info["profile"] = model_name, profile
         registry.register(WorkerInfo(worker.worker_id, args.role, model_name, args.tp, args.pp,
                                      worker.layout.block_size, worker.engine.kv_capacity_tokens, worker.endpoint,
-                                     info["kv_endpoints"], info["layout"], os.getpid(), info["startup_s"], profile))
+                                     info["kv_endpoints"], worker.layout, os.getpid(), info["startup_s"], profile))
         worker.heartbeat.registry = registry
         worker.heartbeat.interval = min(args.heartbeat_interval, 0.2)
         worker.heartbeat.maybe_beat(worker.engine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common.kv_layout import KVLayoutSpec
 from common.registry import Load
 from common.wire import VERSION, Decoder, MessageError, encode
 
@@ -43,7 +44,7 @@ class WorkerAddr(msgspec.Struct, frozen=True):
     role: str
     endpoint: str  # request socket
     kv_endpoints: list[str]
-    layout: dict
+    layout: KVLayoutSpec
 
 
 class Placed(msgspec.Struct, tag="placed", frozen=True):

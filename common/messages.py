@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common.kv_layout import KVLayoutSpec
 from common.wire import VERSION, Decoder, MessageError, encode
 
 __all__ = ["VERSION", "Abort", "DecodeTarget", "Handoff", "MessageError", "PrefillRequest", "TokenChunk",
@@ -23,7 +24,7 @@ class DecodeTarget(msgspec.Struct, frozen=True):
     worker_id: str
     endpoint: str  # the decode driver's request socket (Handoff, Abort)
     kv_endpoints: list[str]  # one per decode rank; [0] takes reservations
-    layout: dict  # kvtransfer.plan.KVLayout fields
+    layout: KVLayoutSpec
 
 
 class PrefillRequest(msgspec.Struct, tag="prefill", frozen=True):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import msgspec
 
+from common.kv_layout import KVLayoutSpec
+
 
 class WorkerInfo(msgspec.Struct, frozen=True):
     worker_id: str
@@ -25,7 +27,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     kv_capacity_tokens: int
     endpoint: str  # request socket
     kv_endpoints: list[str]  # decode: one per rank
-    layout: dict  # kvtransfer KVLayout fields
+    layout: KVLayoutSpec
     pid: int
     startup_s: float
     profile: dict = {}  # cost model measured at start-up: {"prefill": {a, b, c}, "decode": {base, per_seq, per_token}}

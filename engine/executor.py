@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import CacheConfig, DeviceConfig, ModelConfig
+from engine.connector import KVConnector
 from engine.model_runner import ModelRunner
 from engine.parallel import ParallelContext
 from engine.sampler import TokenLogprobs
@@ -55,7 +56,7 @@ class StepMsg(msgspec.Struct, array_like=True):
     seqs: list[SeqStep]
     finished: list[int] = []
     shutdown: bool = False
-    extras: dict = {}  # for the step hook of the worker that runs this replica (e.g. KV to ship)
+    kv_plan: bytes = b""  # the worker's KV connector plan for this step (engine/connector.py); opaque here
 
 
 class StepResult(msgspec.Struct, array_like=True):
@@ -73,22 +74,28 @@ def _params_dict(p: SamplingParams) -> dict:
     return {k: getattr(p, k) for k in SamplingParams.__dataclass_fields__}
 
 
+def forward_with(connector: KVConnector | None, rank: int, runner: ModelRunner, kv_plan: bytes,
+                 seq_ids: list[int], forward):
+    """Runs `forward(layer_done)` with the connector's hooks for this plan, if it has any."""
+    hooks = connector.start_forward(rank, runner, kv_plan, seq_ids) if connector is not None and kv_plan else None
+    if hooks is None:
+        return forward(None)
+    result = forward(hooks.on_layer_done)
+    hooks.finish()
+    return result
+
+
 class LocalExecutor:
-    """tp = pp = 1: the runner in this process.
+    """tp = pp = 1: the runner in this process, with the worker's KV connector (engine/connector.py)."""
 
-    `step_hook(rank, runner, extras, seq_ids)`, given by the worker that owns the engine, may return a
-    `layer_done(i)` callback for a forward over `seq_ids` (the same hook every rank of a parallel
-    replica runs, once per micro-batch)."""
-
-    def __init__(self, runner: ModelRunner, step_hook=None):
+    def __init__(self, runner: ModelRunner, connector: KVConnector | None = None):
         self.runner = runner
         self.num_blocks = runner.num_blocks
-        self.step_hook = step_hook
+        self.connector = connector
 
-    def execute(self, out: SchedulerOutput, extras: dict | None = None):
-        layer_done = self.step_hook(0, self.runner, extras, [s.seq.seq_id for s in out.scheduled]) \
-            if self.step_hook and extras else None
-        return self.runner.execute(out, layer_done)
+    def execute(self, out: SchedulerOutput, kv_plan: bytes = b""):
+        return forward_with(self.connector, 0, self.runner, kv_plan, [s.seq.seq_id for s in out.scheduled],
+                            lambda layer_done: self.runner.execute(out, layer_done))
 
     def release(self, seq_id: int) -> None:
         self.runner.release(seq_id)
@@ -102,9 +109,9 @@ class RankRuntime:
 
     def __init__(self, rank: int, tp: int, pp: int, model_cfg: ModelConfig, cache_cfg: CacheConfig,
                  device_cfg: DeviceConfig, quantization: str, num_blocks: int | None, timeout: float,
-                 step_hook=None):
+                 connector: KVConnector | None = None):
         self.rank, self.tp, self.pp = rank, tp, pp
-        self.step_hook = step_hook
+        self.connector = connector
         self.num_micro_batches = pp  # set from ParallelConfig.micro_batches by init_rank
         self.tp_rank, self.pp_rank = rank % tp, rank // tp
         self.timeout = timedelta(seconds=timeout)
@@ -132,7 +139,8 @@ class RankRuntime:
         if self.pp > 1:  # only big steps are worth cutting: a micro-batch costs a send/recv round
             k = min(self.num_micro_batches, sum(s.num_new_tokens for s in scheduled) // MIN_MICRO_BATCH_TOKENS)
         for group in micro_batches(scheduled, k):
-            self._run_group(group, msg.extras, sampled, lps)
+            forward_with(self.connector, self.rank, self.runner, msg.kv_plan, [s.seq.seq_id for s in group],
+                         lambda layer_done, g=group: self._run_group(g, layer_done, sampled, lps))
         for seq_id in msg.finished:
             self.runner.release(seq_id)
             self.mirror.pop(seq_id, None)
@@ -142,9 +150,7 @@ class RankRuntime:
         return StepResult(ids_, [sampled[i] for i in ids_],
                           [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_])
 
-    def _run_group(self, group: list[ScheduledSeq], extras: dict, sampled: dict, lps: dict) -> None:
-        layer_done = self.step_hook(self.rank, self.runner, extras, [s.seq.seq_id for s in group]) \
-            if self.step_hook is not None and extras else None
+    def _run_group(self, group: list[ScheduledSeq], layer_done, sampled: dict, lps: dict) -> None:
         ids, pos, meta, rows = self.runner.prepare(group)
         with torch.inference_mode():
             hidden = None
@@ -298,18 +304,18 @@ class ParallelExecutor:
                     self.broken = True
                     self._closed.set()
 
-    def execute(self, out: SchedulerOutput, extras: dict | None = None):
+    def execute(self, out: SchedulerOutput, kv_plan: bytes = b""):
         """One step, start to finish."""
-        return self.collect(self.launch(out, extras))
+        return self.collect(self.launch(out, kv_plan))
 
-    def launch(self, out: SchedulerOutput, extras: dict | None = None):
+    def launch(self, out: SchedulerOutput, kv_plan: bytes = b""):
         """Starts a step: the step message goes to every rank and this rank (stage 0) runs its layers
         and hands the hidden states on; it returns before the later stages are done, so the next
         step's stage 0 can run while they work on this one. `collect` waits for its tokens."""
         with self._lock:
             self._last = time.monotonic()
             try:
-                sampling = self._launch(out, extras or {})
+                sampling = self._launch(out, kv_plan)
             except RuntimeError:
                 self.broken = True
                 raise
@@ -340,7 +346,7 @@ class ParallelExecutor:
                for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
         return sampled, lps
 
-    def _launch(self, out: SchedulerOutput, extras: dict):
+    def _launch(self, out: SchedulerOutput, kv_plan: bytes):
         seqs, driver_seqs = [], {}
         for s in out.scheduled:
             seq = s.seq
@@ -350,7 +356,7 @@ class ParallelExecutor:
             seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:s.start + s.num_new_tokens],
                                 seq.token_ids[:s.start] if new else [], list(seq.block_ids), s.sample,
                                 seq.num_prompt_tokens, _params_dict(seq.params) if new else None))
-        msg = StepMsg(seqs, self._finished, extras=extras)
+        msg = StepMsg(seqs, self._finished, kv_plan=kv_plan)
         self._finished = []
         sends = _Sends()
         send_step(_enc.encode(msg), self.world, sends)
@@ -418,37 +424,32 @@ def _free_port() -> int:
 
 
 def config_to_json(config) -> str:
-    import dataclasses
-    import json
-    return json.dumps(dataclasses.asdict(config))
+    return msgspec.json.encode(config).decode()
 
 
 def config_from_json(text: str):
-    import json
-
-    from engine.config import CacheConfig, DeviceConfig, EngineConfig, KVTransferConfig, ParallelConfig, SchedulerConfig
-    d = json.loads(text)
-    return EngineConfig(d["model"], CacheConfig(**d["cache"]), SchedulerConfig(**d["scheduler"]),
-                        DeviceConfig(**d["device"]), d["quantization"], ParallelConfig(**d["parallel"]),
-                        KVTransferConfig(**d.get("kv_transfer", {})))
+    """The driver's EngineConfig, as a follower rank gets it (msgspec builds the nested dataclasses
+    and runs their checks)."""
+    from engine.config import EngineConfig
+    return msgspec.json.decode(text, type=EngineConfig)
 
 
 def init_rank(config, rank: int, init_method: str, model_cfg: ModelConfig, num_blocks=None,
-              step_hook=None) -> RankRuntime:
+              connector: KVConnector | None = None) -> RankRuntime:
     par = config.parallel
     backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=par.tp * par.pp,
                             timeout=timedelta(seconds=par.timeout_s))
     rt = RankRuntime(rank, par.tp, par.pp, model_cfg, config.cache, config.device, config.quantization,
-                     num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s, step_hook)
+                     num_blocks if num_blocks is not None else config.cache.num_blocks, par.timeout_s, connector)
     rt.num_micro_batches = par.micro_batches or par.pp
     return rt
 
 
-def start_parallel(config, model_cfg: ModelConfig, step_hook=None,
+def start_parallel(config, model_cfg: ModelConfig, connector: KVConnector | None = None,
                    rank_module: str = "engine.rank_main") -> ParallelExecutor:
-    """Spawns ranks 1..tp*pp-1 (`python -m rank_module`, which installs the same step hook) and
-    becomes rank 0."""
+    """Spawns ranks 1..tp*pp-1 (`python -m rank_module`, which installs the worker's KV connector on
+    each) and becomes rank 0."""
     import subprocess
     import sys
 
@@ -458,7 +459,7 @@ def start_parallel(config, model_cfg: ModelConfig, step_hook=None,
     followers = [subprocess.Popen([sys.executable, "-m", rank_module, str(r), init, cfg_json])
                  for r in range(1, par.tp * par.pp)]
     try:
-        rt = init_rank(config, 0, init, model_cfg, step_hook=step_hook)
+        rt = init_rank(config, 0, init, model_cfg, connector=connector)
     except Exception:
         for p in followers:
             p.kill()

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
+from engine.connector import KVConnector
 from engine.errors import CapacityError, InvalidRequestError
 from engine.executor import LocalExecutor, start_parallel
 from engine.model_runner import ModelRunner
@@ -21,7 +23,7 @@ from engine.partition import check_tp
 from engine.platform import setup_process
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -67,9 +69,10 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, step_hook=None, rank_module: str = "engine.rank_main"):
-        """`step_hook(rank, runner, extras)` and `rank_module`: a worker's per-rank plugin (prefill
-        workers ship KV pages from every rank); see engine/executor.py."""
+    def __init__(self, config: EngineConfig, connector: KVConnector | None = None,
+                 rank_module: str = "engine.rank_main"):
+        """`connector` and `rank_module`: a worker's KV connector on every rank (prefill workers ship KV
+        pages from every rank; engine/connector.py), rank 0's here, the others' from `rank_module`."""
         t0 = time.perf_counter()
         setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
         self.config = config
@@ -82,11 +85,11 @@ class LLMEngine:
             check_tp(self.model_config.num_attention_heads, self.model_config.num_key_value_heads, par.tp)
             if par.pp > self.model_config.num_hidden_layers:
                 raise ValueError(f"pp = {par.pp} exceeds the model's {self.model_config.num_hidden_layers} layers")
-            self.executor = start_parallel(config, self.model_config, step_hook, rank_module)
+            self.executor = start_parallel(config, self.model_config, connector, rank_module)
         else:
             self.executor = LocalExecutor(ModelRunner(self.model_config, config.cache, config.device,
                                                       num_blocks=config.cache.num_blocks,
-                                                      quantization=config.quantization), step_hook)
+                                                      quantization=config.quantization), connector)
         self.runner = self.executor.runner
         # NOTE: block hashes are compared between workers, so their seed must name the model the same way
         # on every host: the checkpoint's config (not its path, which differs between hosts) and what
@@ -195,19 +198,19 @@ class LLMEngine:
         return bool(self._requests) or bool(self._in_flight)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def step(self, before_execute=None) -> list[RequestOutput]:
-        """One schedule -> execute -> update round. `before_execute(out)` (for workers) sees the
-        SchedulerOutput first and may return extras for the step hook of every rank (a prefill
-        worker pins the pages it will ship and names them there)."""
+    def step(self, plan_kv: Callable[[SchedulerOutput], bytes] | None = None) -> list[RequestOutput]:
+        """One schedule -> execute -> update round. `plan_kv(out)` (a worker's connector, scheduler side)
+        sees the SchedulerOutput first and returns its plan for every rank's connector, encoded (a
+        prefill worker pins the pages it will ship and names them there), or b"" for none."""
         if self.pipeline_depth > 1:
-            return self._pipelined_step(before_execute)
+            return self._pipelined_step(plan_kv)
         out = self.scheduler.schedule()
         self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
-        extras = before_execute(out) if before_execute is not None else None
-        sampled, logprobs = self.executor.execute(out, extras) if not out.empty else ({}, {})
+        kv_plan = plan_kv(out) if plan_kv is not None else b""
+        sampled, logprobs = self.executor.execute(out, kv_plan) if not out.empty else ({}, {})
         return self._apply(out, sampled, logprobs)
 
-    def _pipelined_step(self, before_execute) -> list[RequestOutput]:
+    def _pipelined_step(self, plan_kv: Callable[[SchedulerOutput], bytes] | None) -> list[RequestOutput]:
         """Pipeline parallelism across steps (vLLM's virtual engines, in one scheduler): a step takes
         about 1/pp of the runnable sequences that are not in flight, is launched (stage 0 runs here,
         then hands on), and the oldest step in flight is collected once pp are in flight or nothing
@@ -221,8 +224,8 @@ class LLMEngine:
                                       max_seqs=share if share >= self.config.parallel.pipeline_min_seqs else None)
         if not out.empty:
             self.last_step = (out.num_batched_tokens, len(out.scheduled))
-            extras = before_execute(out) if before_execute is not None else None
-            self._in_flight.append((out, self.executor.launch(out, extras)))
+            kv_plan = plan_kv(out) if plan_kv is not None else b""
+            self._in_flight.append((out, self.executor.launch(out, kv_plan)))
             self._busy.update(s.seq.seq_id for s in out.scheduled)
         if not self._in_flight or (len(self._in_flight) < depth and not out.empty):
             return []

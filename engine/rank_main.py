@@ -10,8 +10,8 @@ import os
 import sys
 
 
-def main(step_hook=None, on_ready=None) -> int:
-    """`step_hook`: what the owning worker runs on every rank each step (prefill: ship KV).
+def main(connector=None, on_ready=None) -> int:
+    """`connector`: the owning worker's KV connector on this rank (engine/connector.py; prefill: ships KV).
     `on_ready(rt, config)`: the worker's set-up of this rank before the step loop (decode: KV server)."""
     rank, init, cfg_json = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
@@ -21,7 +21,7 @@ def main(step_hook=None, on_ready=None) -> int:
 
     config = config_from_json(cfg_json)
     setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
-    rt = init_rank(config, rank, init, ModelConfig.from_dir(config.model), step_hook=step_hook)
+    rt = init_rank(config, rank, init, ModelConfig.from_dir(config.model), connector=connector)
     parent = os.getppid()
     try:
         if on_ready is not None:

@@ -13,7 +13,7 @@ import torch
 
 from kvtransfer.pages import to_bytes_view
 from kvtransfer.plan import KVLayout
-from kvtransfer.protocol import VERSION, Abort, Ack, Pages, Reserve, Reserved, decode, encode, layout_msg
+from kvtransfer.protocol import VERSION, Abort, Ack, Pages, Reserve, Reserved, decode, encode
 from kvtransfer.receiver import RankReceiver
 from kvtransfer.reservations import Reservations
 
@@ -65,7 +65,7 @@ class FakeKVClient:
         if res is None:
             self.net.dropped[endpoint] += 1
             return Reserved(VERSION, request_id, attempt, False, [], f"no answer within {timeout} s")
-        msg = decode(encode(Reserve(VERSION, request_id, attempt, num_tokens, layout_msg(layout))))
+        msg = decode(encode(Reserve(VERSION, request_id, attempt, num_tokens, layout)))
         return decode(encode(res.on_reserve(self.identity, msg)))
 
     def reserve_async(self, endpoint, request_id, attempt, num_tokens, layout: KVLayout) -> Future:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.kv_layout import KVLayoutSpec
 from engine.partition import check_kv_tp, kv_head_range, stage_layers
 
 
@@ -22,18 +23,15 @@ class IncompatibleLayouts(ValueError):
     """P and D cannot exchange KV (different model shape, block size or dtype). Raised at registration."""
 
 
-@dataclass(frozen=True)
-class KVLayout:
-    """The KV cache shape of one worker (all its ranks)."""
+class KVLayout(KVLayoutSpec, frozen=True):
+    """The KV cache shape of one worker (all its ranks): common.kv_layout's wire schema, checked, with
+    the arithmetic of which rank holds which layers and heads. Decoding into it (KV messages) checks
+    it too: a bad layout is a malformed message."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str  # "float32" | "bfloat16" | "float16"
-    tp: int = 1
-    pp: int = 1
-    pp_partition: tuple[int, ...] | None = None
+    @classmethod
+    def from_spec(cls, spec: KVLayoutSpec) -> KVLayout:
+        """A layout that came in a message typed by the schema alone (raises ValueError if it is bad)."""
+        return spec if isinstance(spec, KVLayout) else cls(*(getattr(spec, f) for f in spec.__struct_fields__))
 
     @classmethod
     def of(cls, model_cfg, config) -> KVLayout:

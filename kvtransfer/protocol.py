@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common.kv_layout import KVLayoutSpec
 from common.wire import VERSION, Decoder, MessageError, encode
 
 __all__ = ["VERSION", "MessageError", "decode", "encode"]  # and the message types below
@@ -26,23 +27,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 MAX_LAYERS = 1024  # layers in one Pages message
 
 
-class Layout(msgspec.Struct, frozen=True):
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str
-    tp: int
-    pp: int
-    pp_partition: list[int] | None = None
-
-
 class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     v: int
     request_id: str
     attempt: int
     num_tokens: int
-    layout: Layout  # the sender's KV layout: the receiver derives the plan and the frames to expect
+    layout: KVLayoutSpec  # the sender's KV layout (checked by the receiver): it derives the plan and the frames to expect
     reply_to: str = ""  # the sender driver's endpoint, for the Ack
 
 
@@ -124,7 +114,7 @@ class Expect(msgspec.Struct, tag="expect", frozen=True):
     request_id: str
     attempt: int
     block_ids: list[int]
-    layout: Layout  # the sender's
+    layout: KVLayoutSpec  # the sender's
     timeout_s: float
 
 
@@ -199,14 +189,3 @@ def _check_pages(m: Pages) -> None:
     if n != m.nbytes:
         raise MessageError(f"pages: {m.num_layers} layer(s) of {m.shape} {m.dtype} are {n} bytes, "
                             f"header says {m.nbytes}")
-
-
-def layout_msg(layout) -> Layout:
-    return Layout(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype,
-                  layout.tp, layout.pp, list(layout.pp_partition) if layout.pp_partition else None)
-
-
-def layout_from_msg(m: Layout):
-    from kvtransfer.plan import KVLayout
-    return KVLayout(m.num_layers, m.num_kv_heads, m.head_dim, m.block_size, m.dtype, m.tp, m.pp,
-                    tuple(m.pp_partition) if m.pp_partition else None)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtransfer.plan import IncompatibleLayouts, KVLayout, plan_transfer
-from kvtransfer.protocol import VERSION, Ack, Reserve, Reserved, layout_from_msg
+from kvtransfer.protocol import VERSION, Ack, Reserve, Reserved
 from kvtransfer.receiver import RankReceiver
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Reservations:
             return Reserved(VERSION, msg.request_id, msg.attempt, False, [], reason)
 
         try:
-            src = layout_from_msg(msg.layout)
+            src = KVLayout.from_spec(msg.layout)
             plan_transfer(src, self.layout)
         except (IncompatibleLayouts, ValueError) as e:
             return no(f"incompatible layout: {e}")

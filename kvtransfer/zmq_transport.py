@@ -45,8 +45,6 @@ from kvtransfer.protocol import (
     StreamInfo,
     decode,
     encode,
-    layout_from_msg,
-    layout_msg,
 )
 from kvtransfer.receiver import Landed, RankReceiver
 from kvtransfer.reservations import Reservations
@@ -181,7 +179,7 @@ class KVServer(IOThread):
         elif isinstance(msg, RankDone) and self.reservations is not None:
             self.reservations.on_rank_done(msg.request_id, msg.attempt, msg.rank, msg.ok, msg.reason)
         elif isinstance(msg, Expect) and self.reservations is None:
-            self.receiver.expect(msg.request_id, msg.attempt, msg.block_ids, layout_from_msg(msg.layout),
+            self.receiver.expect(msg.request_id, msg.attempt, msg.block_ids, KVLayout.from_spec(msg.layout),
                                  time.monotonic() + msg.timeout_s)
             self.sock.send_multipart([identity, encode(ExpectOk(VERSION, msg.request_id, msg.attempt))])
         elif isinstance(msg, Cancel) and self.reservations is None:
@@ -252,7 +250,7 @@ class RemoteRank:
         self._lock = threading.Lock()
 
     def expect(self, request_id, attempt, block_ids, src_layout, deadline) -> None:
-        msg = Expect(VERSION, request_id, attempt, list(block_ids), layout_msg(src_layout),
+        msg = Expect(VERSION, request_id, attempt, list(block_ids), src_layout,
                      max(0.0, deadline - time.monotonic()))
         if not self._round_trip(msg, ExpectOk, self.timeout):
             raise TimeoutError(f"decode rank {self.rank} did not confirm {request_id} within {self.timeout} s")
@@ -327,7 +325,7 @@ class KVClient(IOThread):
                       layout: KVLayout) -> Future:
         """Sends a Reserve; the future gets the Reserved reply (the caller keeps the deadline)."""
         fut = self._expect("reserved", request_id, attempt)
-        msg = Reserve(VERSION, request_id, attempt, num_tokens, layout_msg(layout))
+        msg = Reserve(VERSION, request_id, attempt, num_tokens, layout)
         self.submit(lambda: self._sock(endpoint).send(encode(msg)))
         return fut
 

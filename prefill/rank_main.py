@@ -1,4 +1,5 @@
-"""A follower rank of a TP x PP prefill worker: the engine's follower loop plus KV shipping."""
+"""A follower rank of a TP x PP prefill worker: the engine's follower loop with the KV connector
+(prefill/shipping.py) that ships this rank's pages."""
 
 import sys
 
@@ -6,4 +7,4 @@ from engine.rank_main import main
 from prefill.shipping import Shipper
 
 if __name__ == "__main__":
-    sys.exit(main(step_hook=Shipper()))
+    sys.exit(main(connector=Shipper()))

@@ -1,9 +1,12 @@
-"""The prefill step hook, run by every rank of a prefill worker: ship each layer's KV pages to the
-decode ranks as soon as the layer is computed (each rank sends its own shard, per the transfer plan)."""
+"""The prefill worker's KV connector, on every rank (engine/connector.py): ship each layer's KV pages
+to the decode ranks as soon as the layer is computed, each rank its own shard, per the transfer plan.
+The driver's scheduler side names what to ship in a ShipPlan (kvtransfer/connector.py)."""
 
 from __future__ import annotations
 
+from engine.connector import ForwardHooks, KVConnector
 from engine.partition import kv_head_range
+from kvtransfer.connector import DataPath, decode_plan
 from kvtransfer.outgoing import OutgoingTransfer
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout, plan_transfer
@@ -17,25 +20,41 @@ def src_layout(runner) -> KVLayout:
                     str(runner.dtype).removeprefix("torch."), ctx.tp_size, ctx.pp_size)
 
 
-class Shipper:
-    """`step_hook(rank, runner, extras, seq_ids)`: extras["ships"] lists the requests whose prompt
-    completes in this step (seq_id, request_id, attempt, dst_layout, dst_endpoints, src_block_ids,
-    dst_block_ids); extras["dist"] the transport ({backend: torch.distributed or None for ZeroMQ,
-    device, timeout_s, stream: pages on the tcp transport's stream}); a forward over `seq_ids` (one micro-batch) ships the ones it computes."""
+def make_client(rank: int, path: DataPath) -> KVClient:
+    return KVClient(rank, dist_backend=path.backend, device=path.device, dist_timeout=path.timeout_s,
+                    stream=path.stream)
 
+
+class _LayerShipper(ForwardHooks):
+    """One forward's transfers: a layer's pages leave as soon as it is computed."""
+
+    def __init__(self, transfers: list[OutgoingTransfer], layer_start: int):
+        self.transfers, self.layer_start = transfers, layer_start
+
+    def on_layer_done(self, layer: int) -> None:
+        for t in self.transfers:
+            t.send_layer(self.layer_start + layer)
+
+    def finish(self) -> None:
+        # every layer was reported as it finished; a forward that reports none (no per-layer hooks in
+        # the model) still ships everything here, in as few messages as the transport packs
+        for t in self.transfers:
+            t.send_all()
+
+
+class Shipper(KVConnector):
     def __init__(self):
         self.client: KVTransport | None = None
         self._caches: tuple | None = None  # (runner, its RankCaches): byte views made once, not per step
 
-    def __call__(self, rank: int, runner, extras: dict, seq_ids: list[int]):
+    def start_forward(self, rank: int, runner, plan: bytes, seq_ids: list[int]) -> ForwardHooks | None:
+        ship = decode_plan(plan)
         mine = set(seq_ids)
-        ships = [s for s in extras.get("ships", ()) if s["seq_id"] in mine] if extras else None
-        if not ships:
+        items = [it for it in ship.items if it.seq_id in mine]
+        if not items:
             return None
         if self.client is None:  # the transport is the worker's: the same in every step
-            dist = extras.get("dist") or {}
-            self.client = KVClient(rank, dist_backend=dist.get("backend"), device=dist.get("device", "cpu"),
-                                   dist_timeout=dist.get("timeout_s", 30.0), stream=dist.get("stream", False))
+            self.client = make_client(rank, ship.path)
             self.client.start()
         src = src_layout(runner)
         ctx = runner.model.ctx
@@ -43,15 +62,10 @@ class Shipper:
             self._caches = (runner, RankCaches(runner.kv_caches, runner.model.layer_start,
                                                kv_head_range(src.num_kv_heads, ctx.tp_size, ctx.tp_rank)[0]))
         caches = self._caches[1]
-        transfers = [OutgoingTransfer(self.client, caches, plan_transfer(src, KVLayout(**s["dst_layout"])), rank,
-                                      s["request_id"], s["attempt"], s["dst_endpoints"], s["src_block_ids"],
-                                      s["dst_block_ids"]) for s in ships]
-        start = runner.model.layer_start
-
-        def layer_done(i: int) -> None:
-            for t in transfers:
-                t.send_layer(start + i)
-        return layer_done
+        transfers = [OutgoingTransfer(self.client, caches, plan_transfer(src, KVLayout.from_spec(it.dst_layout)),
+                                      rank, it.request_id, it.attempt, it.dst_endpoints, it.src_block_ids,
+                                      it.dst_block_ids) for it in items]
+        return _LayerShipper(transfers, runner.model.layer_start)
 
     def close(self) -> None:
         if self.client is not None:

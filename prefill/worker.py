@@ -25,6 +25,7 @@ from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from kvtransfer.connector import DataPath, ShipItem, ShipPlan, encode_plan
 from kvtransfer.plan import IncompatibleLayouts, KVLayout
 from kvtransfer.sender import SendTransfer
 from kvtransfer.zmq_transport import KVClient
@@ -48,12 +49,12 @@ class PrefillWorker:
                  reserve_timeout: float = 5.0, ack_timeout: float = 10.0):
         self.worker_id = worker_id
         self.shipper = Shipper()  # rank 0's; followers run their own (prefill.rank_main)
-        self.engine = LLMEngine(config, step_hook=self.shipper, rank_module="prefill.rank_main")
+        self.engine = LLMEngine(config, connector=self.shipper, rank_module="prefill.rank_main")
         self.layout = KVLayout.of(self.engine.model_config, self.engine.config)
         kv = config.kv_transfer
         backend = kv.backend(config.device.device)  # every rank's Shipper sends payloads this way
-        self.kv_dist = {"backend": backend, "device": config.device.device if backend == "nccl" else "cpu",
-                        "timeout_s": kv.timeout_s, "stream": kv.stream(config.device.device)}
+        self.kv_path = DataPath(backend, config.device.device if backend == "nccl" else "cpu", kv.timeout_s,
+                                kv.stream(config.device.device))
         self.client = KVClient(0)  # the driver's control path: reserve, ack, abort
         self.ctx = zmq.Context.instance()
         self.sock, self.endpoint = request_socket(self.ctx, host, port)
@@ -130,7 +131,7 @@ class PrefillWorker:
             try:
                 if not req.decode.kv_endpoints:
                     raise ValueError("no KV endpoints")
-                dst = KVLayout(**req.decode.layout)
+                dst = KVLayout.from_spec(req.decode.layout)
                 transfer = SendTransfer(self.client, rid, req.attempt, len(req.prompt_token_ids), self.layout, dst,
                                         req.decode.kv_endpoints, release=lambda: None,
                                         reserve_timeout=self.reserve_timeout, ack_timeout=self.ack_timeout)
@@ -202,10 +203,10 @@ class PrefillWorker:
             p.transfer.abort("aborted by the requester")  # frees the pinned pages, tells D
 
     # ---- the step ------------------------------------------------------------------------------
-    def _pin_and_stream(self, out) -> dict | None:
-        """Before the step runs: for each prompt it completes, pin its pages (they must outlive the
-        sequence until D acks) and name them for every rank's step hook, which ships each layer as
-        soon as it is computed."""
+    def _pin_and_stream(self, out) -> bytes:
+        """The connector's scheduler side, before the step runs: for each prompt it completes, pin its
+        pages (they must outlive the sequence until D acks) and name them in the step's ShipPlan for
+        every rank's connector, which ships each layer as soon as it is computed."""
         ships = []
         bm = self.engine.block_manager
         for s in out.scheduled:
@@ -215,14 +216,12 @@ class PrefillWorker:
             p.holder = holder = bm.hold(s.seq)
             p.transfer.release_with(lambda h=holder: bm.free(h))
             t = p.transfer
-            ships.append({"seq_id": s.seq.seq_id, "request_id": t.request_id, "attempt": t.attempt,
-                          "dst_layout": p.req.decode.layout,
-                          "dst_endpoints": t.endpoints, "src_block_ids": holder.block_ids[:len(t.dst_block_ids)],
-                          "dst_block_ids": t.dst_block_ids})
-        return {"ships": ships, "dist": self.kv_dist} if ships else None
+            ships.append(ShipItem(s.seq.seq_id, t.request_id, t.attempt, p.req.decode.layout, t.endpoints,
+                                  holder.block_ids[:len(t.dst_block_ids)], t.dst_block_ids))
+        return encode_plan(ShipPlan(self.kv_path, ships)) if ships else b""
 
     def _step(self) -> None:
-        outputs = self.engine.step(before_execute=self._pin_and_stream)
+        outputs = self.engine.step(plan_kv=self._pin_and_stream)
         for ro in outputs:
             p = self._pending.get(ro.request_id)
             if p is None:

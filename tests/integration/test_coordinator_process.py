@@ -333,6 +333,7 @@ def test_step_times_in_heartbeats_refine_the_stored_cost_model(live):
     """A worker (the real agent; its load samples synthetic) whose steps run 3x slower than its
     profile predicts: the leader stores the rescaled profile, and placements predict with it."""
     from common.agent import EtcdRegistry
+    from common.kv_layout import KVLayoutSpec
     from common.registry import Load, WorkerInfo
     coord = live.coordinator()
     prof = {"prefill": {"a": 0.01, "b": 1e-4, "c": 0.0}, "decode": {"base": 0.02, "per_seq": 0.001, "per_token": 1e-7}}
@@ -340,7 +341,7 @@ def test_step_times_in_heartbeats_refine_the_stored_cost_model(live):
     try:
         for wid, role in (("p0", "prefill"), ("d0", "decode")):
             r = EtcdRegistry([live.etcd_endpoints], live.cluster, ttl=2, interval=0.05)
-            r.register(WorkerInfo(wid, role, "m", 1, 1, 16, 65536, f"tcp://127.0.0.1:{9 + len(regs)}", [], {}, 1, 0.1,
+            r.register(WorkerInfo(wid, role, "m", 1, 1, 16, 65536, f"tcp://127.0.0.1:{9 + len(regs)}", [], KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.1,
                                   prof))
             regs.append(r)
         wait_for(lambda: get_json(coord.info["admin"] + "/v1/profiles").get("m/decode-tp1-pp1"), 10, "stored profile")

@@ -440,7 +440,7 @@ def test_workers_report_slo_attainment_to_cluster_status(live, tmp_path):
     assert after["p0"]["tpot"] is None and after["d0"]["ttft"] is None  # each phase reports its own SLO
     with urllib.request.urlopen(admin + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    slo = {tuple(s.labels.values()): s.value for f in text_string_to_metric_families(text)
+    slo = {(s.labels["worker"], s.labels["slo"]): s.value for f in text_string_to_metric_families(text)
            if f.name == "tandem_worker_slo_attainment" for s in f.samples}
     assert slo[("d0", "tpot")] == 1.0, slo
     (tmp_path / "state.json").write_text(json.dumps({"admin": admin, "url": live.gw.info["url"]}))

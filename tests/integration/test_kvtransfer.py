@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from kvtransfer.plan import KVLayout
-from kvtransfer.protocol import VERSION, Pages, Reserve, StreamHello, decode, encode, layout_msg
+from kvtransfer.protocol import VERSION, Pages, Reserve, StreamHello, decode, encode
 from kvtransfer.stream import MAGIC, PREFIX, connect_address
 
 pytestmark = pytest.mark.integration
@@ -224,8 +224,8 @@ def test_fuzzed_frames_are_dropped_and_counted_and_transfers_go_on(tmp_path, tin
             [encode(good), b"short"],  # wrong size
             [encode(good)[:-3], b"x" * 1024],  # truncated header
             [b'\x83\xa4type\xa5bogus\xa1v\x01\xa3foo\x02'],  # unknown message type
-            [encode(Reserve(VERSION, "r-bad", 0, -5, layout_msg(layout)))],  # negative tokens
-            [encode(Reserve(VERSION, "r-bad2", 0, 8, layout_msg(KVLayout(4, 2, 16, 8, "float32"))))],
+            [encode(Reserve(VERSION, "r-bad", 0, -5, layout))],  # negative tokens
+            [encode(Reserve(VERSION, "r-bad2", 0, 8, KVLayout(4, 2, 16, 8, "float32")))],
         ]
         for _ in range(200):
             junk.append([rng.randbytes(rng.randint(1, 300)) for _ in range(rng.randint(1, 3))])
@@ -281,7 +281,7 @@ def test_fuzzed_stream_connections_are_closed_and_counted_and_transfers_go_on(tm
             token + PREFIX.pack(b"XXXX", 10) + b"0123456789",  # bad magic
             token + PREFIX.pack(MAGIC, 1 << 30),  # a header larger than any
             token + PREFIX.pack(MAGIC, 7) + b"\x00" * 7,  # not msgpack
-            token + PREFIX.pack(MAGIC, len(e := encode(Reserve(VERSION, "r", 0, 8, layout_msg(layout))))) + e,
+            token + PREFIX.pack(MAGIC, len(e := encode(Reserve(VERSION, "r", 0, 8, layout)))) + e,
             token + PREFIX.pack(MAGIC, len(ghost)) + ghost + b"short",  # unknown request, cut off
             token + PREFIX.pack(MAGIC, len(ghost)) + ghost + b"\x00" * (2 * 2 * 2 * 4 * 16 * 4),  # unknown, whole
         ]

@@ -205,7 +205,7 @@ def test_an_abort_while_the_ranks_are_told_undoes_the_reservation_on_every_rank(
     """The driver tells its ranks what to expect outside its lock (a follower rank is a round trip
     away); a request aborted meanwhile has had its blocks freed, so the ranks must not go on expecting
     pages into them, and the sender is refused."""
-    from kvtransfer.protocol import VERSION, Reserve, layout_msg
+    from kvtransfer.protocol import VERSION, Reserve
 
     net = FakeKVNetwork()
     d = Decode(net, tp=2)
@@ -215,13 +215,13 @@ def test_an_abort_while_the_ranks_are_told_undoes_the_reservation_on_every_rank(
         told(rid, attempt, *a)
         d.res.on_abort(rid, attempt, "client went away")
     d.ranks[1].expect = expect_then_abort
-    reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout_msg(layout())))
+    reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout()))
     assert not reply.ok and reply.reason == "aborted while reserving"
     assert d.res.num_pending == 0 and d.bm.num_free_blocks == 16
     assert all(r.num_pending == 0 for r in d.ranks)
     assert "r1" not in d.ready
     d.ranks[1].expect = told  # a retry is reserved as usual
-    assert d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 1, 10, layout_msg(layout()))).ok
+    assert d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 1, 10, layout())).ok
     assert d.bm.num_free_blocks == 16 - 3 and all(r.num_pending == 1 for r in d.ranks)
 
 
@@ -229,7 +229,7 @@ def test_an_abort_then_a_rank_that_does_not_answer_leaves_no_rank_expecting():
     """Aborted while rank 0 is told (so the abort cancels the ranks told so far), rank 1 then told
     of the freed blocks, rank 2 answering too late: ranks 1 and 2 must be untold too, not left
     expecting pages into blocks that another request may hold by then."""
-    from kvtransfer.protocol import VERSION, Reserve, layout_msg
+    from kvtransfer.protocol import VERSION, Reserve
 
     net = FakeKVNetwork()
     d = Decode(net, tp=2, pp=2)
@@ -243,7 +243,7 @@ def test_an_abort_then_a_rank_that_does_not_answer_leaves_no_rank_expecting():
         told2(*a)
         raise TimeoutError("rank 2 did not answer")
     d.ranks[0].expect, d.ranks[2].expect = expect_then_abort, no_answer
-    reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout_msg(layout())))
+    reply = d.res.on_reserve(b"sender", Reserve(VERSION, "r1", 0, 10, layout()))
     assert not reply.ok and "not ready" in reply.reason
     assert d.res.num_pending == 0 and d.bm.num_free_blocks == 16
     assert [r.num_pending for r in d.ranks] == [0, 0, 0, 0]

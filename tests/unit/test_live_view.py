@@ -1,10 +1,11 @@
+from common.kv_layout import KVLayoutSpec
 from common.registry import Load, WorkerInfo
 from coordinator.live_view import LiveView
 from coordinator.policy import PlacementRequest, make_policy
 
 
 def info(wid, role):
-    return WorkerInfo(wid, role, "m", 1, 1, 16, 4096, "tcp://x", [], {}, 1, 0.1)
+    return WorkerInfo(wid, role, "m", 1, 1, 16, 4096, "tcp://x", [], KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.1)
 
 
 def load(wid, running=0, free=256, queued=0):
@@ -62,7 +63,7 @@ def test_workers_of_one_shape_share_the_stored_profile_and_colocated_placements_
     fast = {"prefill": {"a": 0.001, "b": 1e-5, "c": 0.0}, "decode": {"base": 0.01, "per_seq": 1e-4, "per_token": 1e-7}}
     slow = {"prefill": {"a": 0.1, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.5, "per_seq": 1e-2, "per_token": 1e-6}}
     for wid, prof in (("d0", fast), ("d1", slow)):
-        v.registered(WorkerInfo(wid, "decode", "m", 1, 1, 16, 4096, "tcp://x", [], {}, 1, 0.1, prof), now=0.0)
+        v.registered(WorkerInfo(wid, "decode", "m", 1, 1, 16, 4096, "tcp://x", [], KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.1, prof), now=0.0)
     assert v.decode_costs["d0"] != v.decode_costs["d1"]  # each its own noisy start-up measurement...
     v.shape_profile("m", "decode-tp1-pp1", slow, now=0.0)
     assert v.decode_costs["d0"] == v.decode_costs["d1"]  # ...until the shape's stored one arrives

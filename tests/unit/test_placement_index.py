@@ -6,6 +6,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.kv_layout import KVLayoutSpec
 from common.registry import Load, WorkerInfo
 from coordinator.live_view import LiveView
 from coordinator.policy import Placement, PlacementRequest, make_policy
@@ -27,7 +28,7 @@ def own_profile(rng: random.Random) -> dict:
 
 
 def info(wid, role, model, profile):
-    return WorkerInfo(wid, role, model, 1, 1, 16, 4096, "tcp://x", [], {}, 1, 0.1, profile)
+    return WorkerInfo(wid, role, model, 1, 1, 16, 4096, "tcp://x", [], KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.1, profile)
 
 
 class Twins:

@@ -1,10 +1,11 @@
 import time
 
+from common.kv_layout import KVLayoutSpec
 from common.registry import DirectoryRegistry, Load, WorkerInfo
 
 
 def info(wid, role="decode"):
-    return WorkerInfo(wid, role, "m", 1, 1, 16, 1024, "tcp://127.0.0.1:1", [], {}, 1, 0.5)
+    return WorkerInfo(wid, role, "m", 1, 1, 16, 1024, "tcp://127.0.0.1:1", [], KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.5)
 
 
 def load(wid, ts=None, running=0):

@@ -1,5 +1,6 @@
 import itertools
 
+import msgspec
 import pytest
 
 from kvtransfer.plan import IncompatibleLayouts, KVLayout, plan_transfer
@@ -57,7 +58,7 @@ def test_the_documented_example():
                                          ("num_layers", 6), ("num_kv_heads", 4)])
 def test_incompatible_layouts_are_refused_with_the_field(field, value):
     a = layout(1, 1)
-    b = KVLayout(**{**a.__dict__, field: value})
+    b = msgspec.structs.replace(a, **{field: value})
     with pytest.raises(IncompatibleLayouts, match=field):
         plan_transfer(a, b)
 
