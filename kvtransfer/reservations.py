@@ -83,6 +83,14 @@ class _Reservation:
     deadline: float = 0.0
 
 
+@dataclass
+class _Undo:
+    request_id: str
+    res: _Reservation
+    ack_reason: str | None  # None: no Ack owed
+    done: threading.Event
+
+
 class Reservations:
     """The decode driver's table of incoming transfers (Reserving -> Transferring -> Done | Failed)."""
 
@@ -102,6 +110,7 @@ class Reservations:
         self.metrics = metrics if metrics is not None else Counter()
         self._lock = threading.Lock()
         self._table: dict[str, _Reservation] = {}
+        self._undoing: dict[str, threading.Event] = {}  # failed reservations whose ranks are being cancelled
 
     def on_reserve(self, sender: bytes, msg: Reserve) -> Reserved:
         def no(reason: str) -> Reserved:
@@ -118,18 +127,28 @@ class Reservations:
         reason = self.refuse(msg.request_id, msg.attempt)
         if reason:
             return no(reason)
-        with self._lock:
-            old = self._table.get(msg.request_id)
-            if old is not None:
-                if old.attempt >= msg.attempt:
-                    return no(f"duplicate reservation (attempt {old.attempt} is in flight)")
-                self._fail_locked(msg.request_id, "superseded by a newer attempt")
-            block_ids = self.reserve_fn(msg.request_id, msg.num_tokens, msg.attempt)
-            if block_ids is None:
-                return no("no room")
-            deadline = time.monotonic() + self.timeout
-            self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
-                                                       {r.rank for r in self.ranks}, deadline)
+        wait_until = time.monotonic() + 2 * self.timeout
+        while True:
+            with self._lock:
+                undoing = self._undoing.get(msg.request_id)
+                if undoing is None:
+                    old = self._table.get(msg.request_id)
+                    if old is not None and old.attempt >= msg.attempt:
+                        return no(f"duplicate reservation (attempt {old.attempt} is in flight)")
+                    if old is None:
+                        block_ids = self.reserve_fn(msg.request_id, msg.num_tokens, msg.attempt)
+                        if block_ids is None:
+                            return no("no room")
+                        deadline = time.monotonic() + self.timeout
+                        self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
+                                                                   {r.rank for r in self.ranks}, deadline)
+                        break
+                    undo = self._drop_locked(msg.request_id, "superseded by a newer attempt")
+            if undoing is not None:  # an older attempt's ranks are being cancelled: its blocks are not
+                if not undoing.wait(max(0.0, wait_until - time.monotonic())):  # free to reuse until then
+                    return no("an earlier attempt of this request is still being cancelled")
+            else:
+                self._undo(undo)
         told, late = 0, None  # ranks told (one that times out counts: it may take its Expect late)
         try:
             for r in self.ranks:
@@ -137,10 +156,13 @@ class Reservations:
                 r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
         except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
             late = e
+        undo = None
         with self._lock:
             held = self._holds(msg.request_id, msg.attempt)
             if held and late is not None:
-                self._fail_locked(msg.request_id, str(late), ack=False)
+                undo = self._drop_locked(msg.request_id, str(late), ack=False)
+        if undo is not None:
+            self._undo(undo)
         if not held:  # aborted (its blocks freed) while the ranks were being told, maybe before some of
             for r in self.ranks[:told]:  # them were: the abort's cancels missed those, so untell them here
                 r.cancel(msg.request_id, msg.attempt)
@@ -160,13 +182,16 @@ class Reservations:
             res = self._table.get(request_id)
             if res is None or res.attempt != attempt:
                 return
-            if not ok:
-                self._fail_locked(request_id, f"rank {rank}: {reason}")
-                return
-            res.ranks_left.discard(rank)
-            if res.ranks_left:
-                return
-            del self._table[request_id]
+            if ok:
+                res.ranks_left.discard(rank)
+                if res.ranks_left:
+                    return
+                del self._table[request_id]
+            else:
+                undo = self._drop_locked(request_id, f"rank {rank}: {reason}")
+        if not ok:
+            self._undo(undo)
+            return
         self.metrics["transfers_ok"] += 1
         self.send_ack(res.sender, Ack(VERSION, request_id, attempt, True))
         self.on_ready(request_id, attempt, res.block_ids)
@@ -174,25 +199,46 @@ class Reservations:
     def on_abort(self, request_id: str, attempt: int, reason: str, notify_sender: bool = False) -> None:
         """The sender gave up (no Ack owed), or, with `notify_sender`, someone else aborted the request
         here (the requester): the sender gets Ack(not ok) and frees its pages at once."""
+        undo = None
         with self._lock:
             res = self._table.get(request_id)
             if res is not None and res.attempt == attempt:
-                self._fail_locked(request_id, f"aborted: {reason}", ack=notify_sender)
+                undo = self._drop_locked(request_id, f"aborted: {reason}", ack=notify_sender)
+        if undo is not None:
+            self._undo(undo)
 
     def expire(self, now: float) -> None:
         with self._lock:
-            for rid in [rid for rid, r in self._table.items() if r.deadline <= now]:
-                self._fail_locked(rid, "timed out")
+            undos = [self._drop_locked(rid, "timed out")
+                     for rid in [rid for rid, r in self._table.items() if r.deadline <= now]]
+        for undo in undos:
+            self._undo(undo)
 
-    def _fail_locked(self, request_id: str, reason: str, ack: bool = True) -> None:
+    def _drop_locked(self, request_id: str, reason: str, ack: bool = True) -> _Undo:
+        """Takes a failed reservation out of the table (under the lock); `_undo` then cancels it at the
+        ranks, frees its blocks and acks the sender, outside the lock: a remote rank's cancel may wait
+        seconds for a dead follower, and nothing else should wait with it. Until `_undo` is done a newer
+        attempt of the request waits (`_undoing`): the old blocks are not free before every rank has
+        stopped writing them."""
         res = self._table.pop(request_id)
-        for r in self.ranks:
-            r.cancel(request_id, res.attempt)
-        self.release_fn(request_id, res.attempt)
         self.metrics["transfers_failed"] += 1
         log.warning("KV transfer of %s (attempt %d) failed: %s", request_id, res.attempt, reason)
-        if ack:
-            self.send_ack(res.sender, Ack(VERSION, request_id, res.attempt, False, reason))
+        done = self._undoing[request_id] = threading.Event()
+        return _Undo(request_id, res, reason if ack else None, done)
+
+    def _undo(self, undo: _Undo) -> None:
+        rid, res = undo.request_id, undo.res
+        try:
+            for r in self.ranks:
+                r.cancel(rid, res.attempt)
+            self.release_fn(rid, res.attempt)
+        finally:
+            with self._lock:
+                if self._undoing.get(rid) is undo.done:
+                    del self._undoing[rid]
+            undo.done.set()
+        if undo.ack_reason is not None:
+            self.send_ack(res.sender, Ack(VERSION, rid, res.attempt, False, undo.ack_reason))
 
     @property
     def num_pending(self) -> int:

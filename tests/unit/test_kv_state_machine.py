@@ -2,15 +2,18 @@
 real KVClient's pairing back-off)."""
 
 import socket
+import threading
 import time
 
 import pytest
 import torch
 
+from common.kv_layout import KVLayoutSpec
 from engine.block_manager import BlockManager
 from kvtransfer.fake import FakeKVClient, FakeKVNetwork
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout
+from kvtransfer.protocol import VERSION, Reserve
 from kvtransfer.receiver import RankReceiver
 from kvtransfer.reservations import BlockPoolReserver, Reservations
 from kvtransfer.sender import SendTransfer, TransferState
@@ -345,3 +348,56 @@ def test_a_failed_pair_group_is_dropped_and_what_was_queued_for_it_is_not_sent()
         assert heads == [b"h1", b"h2", b"h5"] and client.pairs.sent == [1, 5]
     finally:
         client.ctx.term()
+
+
+class _SlowCancelRank:
+    """A follower rank whose cancel blocks until released (a dead follower's bounded wait)."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.cancelling = threading.Event()
+        self.release = threading.Event()
+
+    def expect(self, *a):
+        pass
+
+    def cancel(self, request_id, attempt):
+        self.cancelling.set()
+        assert self.release.wait(10)
+
+
+def _reserve(res, rid, attempt=0):
+    spec = KVLayoutSpec(L, H, D, BS, "float32")
+    return res.on_reserve(b"s", Reserve(VERSION, rid, attempt, 8, spec))
+
+
+def test_a_slow_follower_cancel_holds_no_lock_and_a_newer_attempt_waits_for_it():
+    bm = BlockManager(16, BS, enable_prefix_caching=False)
+    pool = BlockPoolReserver(bm)
+    slow = _SlowCancelRank(0)
+    acks, reserved_at = [], {}
+
+    def reserve(rid, n, attempt):
+        reserved_at[(rid, attempt)] = slow.cancelling.is_set() and not slow.release.is_set()
+        return pool.reserve(rid, n, attempt)
+    res = Reservations(layout(), [slow], reserve, pool.release, lambda s, a: acks.append(a))
+    assert _reserve(res, "a").ok and _reserve(res, "b").ok
+    aborter = threading.Thread(target=res.on_abort, args=("a", 0, "client left", True))
+    aborter.start()
+    assert slow.cancelling.wait(5)
+    # while a's cancel waits on the follower, other requests go on (the lock is free) ...
+    t0 = time.monotonic()
+    res.on_rank_done("b", 0, 0, True, "")
+    assert _reserve(res, "c").ok and time.monotonic() - t0 < 1
+    assert [a.request_id for a in acks] == ["b"]
+    # ... and a newer attempt of a waits until its old blocks are free
+    newer = []
+    t = threading.Thread(target=lambda: newer.append(_reserve(res, "a", 1)))
+    t.start()
+    time.sleep(0.2)
+    assert not newer and ("a", 1) not in reserved_at
+    slow.release.set()
+    aborter.join(5)
+    t.join(5)
+    assert newer[0].ok and reserved_at[("a", 1)] is False
+    assert [(a.request_id, a.ok) for a in acks] == [("b", True), ("a", False)]
