@@ -41,8 +41,12 @@ class FakeKVNetwork:
             client._on_reply(decode(encode(ack)))
 
 
+class FramesOnly:
+    gathers = False
+
+
 class FakeKVClient:
-    pairs = None  # no torch.distributed path
+    path = FramesOnly  # pages as frames: no torch.distributed gather
 
     def __init__(self, network: FakeKVNetwork, rank: int):
         self.net, self.rank = network, rank

@@ -45,7 +45,7 @@ class OutgoingTransfer:
         self.dst_block_ids = list(dst_block_ids)
         self.layers_sent: set[int] = set()
         # ZeroMQ from a CPU cache: send views of the cache itself (no gather copy)
-        self.zero_copy = client.pairs is None and caches.caches[0].device.type == "cpu"
+        self.zero_copy = not client.path.gathers and caches.caches[0].device.type == "cpu"
         self._runs_cache: dict[bool, list[int]] = {}
         self.failed = ""  # why pages could not be handed to the transport (then none go any more)
 
@@ -63,7 +63,7 @@ class OutgoingTransfer:
         Returns messages."""
         n = 0
         for it in self.items:
-            per_message = 1 if self.client.pairs is not None else \
+            per_message = 1 if self.client.path.gathers else \
                 max(1, min(MAX_LAYERS, MESSAGE_BYTES // self._layer_bytes(it)))
             mine = [layer for layer in sorted(layers) if it.layers[0] <= layer < it.layers[1]]
             group: list[int] = []

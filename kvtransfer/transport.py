@@ -26,7 +26,7 @@ from kvtransfer.protocol import Pages, Reserved
 @runtime_checkable
 class KVTransport(Protocol):
     metrics: Counter
-    pairs: object | None  # torch.distributed pair groups, or None: pages go as bytes (frames or stream)
+    path: object  # its data path (kvtransfer/paths.py); `path.gathers`: one gathered tensor per message
 
     def start(self) -> None: ...
 

@@ -16,15 +16,14 @@ from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import msgspec
 import numpy as np
 import torch
 import zmq
 
 from common import security
-from kvtransfer.frames import CacheFrames, Staged, host_frames
+from kvtransfer.frames import Staged
 from kvtransfer.io_thread import IOThread
-from kvtransfer.pages import to_bytes_view
+from kvtransfer.paths import PAIR_HANDSHAKE_S, DistPath, FramesPath, StreamPath
 from kvtransfer.plan import KVLayout
 from kvtransfer.protocol import (
     VERSION,
@@ -48,13 +47,11 @@ from kvtransfer.protocol import (
 )
 from kvtransfer.receiver import Landed, RankReceiver
 from kvtransfer.reservations import Reservations
-from kvtransfer.stream import StreamPeers, StreamServer
+from kvtransfer.stream import StreamServer
 
 log = logging.getLogger(__name__)
 
 MAX_MSG_BYTES = 1 << 30
-PAIR_HANDSHAKE_S = 5.0  # a sender's wait for PairInfo (a live receiver's I/O thread answers at once)
-PAIR_RETRY_S = 5.0  # after a failed pairing, sends to that receiver fail at once for this long
 
 
 class KVServer(IOThread):
@@ -283,7 +280,8 @@ class RemoteRank:
 
 
 class KVClient(IOThread):
-    """The sending side of one source rank: reservations (driver), pages, acknowledgements."""
+    """The sending side of one source rank: reservations (driver), pages, acknowledgements. Pages take
+    the client's data path (kvtransfer/paths.py), frames where that path cannot reach a receiver."""
 
     def __init__(self, rank: int, metrics: Counter | None = None, sndhwm: int = 0,
                  dist_backend: str | None = None, device: str = "cpu", dist_timeout: float = 30.0,
@@ -291,25 +289,24 @@ class KVClient(IOThread):
         """`dist_backend` ("gloo" | "nccl"): payloads go through torch.distributed pair groups.
         `stage_frames`: copy CPU payloads into a host buffer too, as GPU ones always are (tests).
         `stream`: pages go on each receiver's page stream when it offers one (the "tcp" transport,
-        kvtransfer/stream.py), else as ZeroMQ frames; `dist_timeout` bounds a stalled write there too."""
+        kvtransfer/stream.py); `dist_timeout` bounds a stalled pairing or stream write."""
         super().__init__(f"kv-client-{rank}")
+        if dist_backend is not None and stream:
+            raise ValueError("one data path: torch.distributed pair groups or page streams, not both")
         self.ctx = zmq.Context()  # its own (see close_sockets)
-        self.stage_frames = stage_frames
         self.rank = rank
-        self.pairs = None
-        if dist_backend is not None:
-            from kvtransfer.dist_transport import PairClient
-            self.pairs = PairClient(dist_backend, dist_timeout, device)
         self.metrics = metrics if metrics is not None else Counter()
         self.sndhwm = sndhwm
         self._socks: dict[str, zmq.Socket] = {}
         self._waiting: dict[tuple[str, str, int], Future] = {}  # (kind, request_id, attempt)
-        self._pair_ids: dict[str, str] = {}
-        self._pair_failed: dict[str, float] = {}  # endpoint -> when pairing with it last failed
-        self._frames_only: set[str] = set()  # receivers on another transport: ZeroMQ frames for them
-        self._cache_frames = CacheFrames.make()
         self._lock = threading.Lock()
-        self.streams = StreamPeers(self._ask_stream, self.metrics, dist_timeout) if stream else None
+        self.frames = FramesPath(self, stage_frames)
+        self.path = self.frames
+        if dist_backend is not None:
+            from kvtransfer.dist_transport import PairClient
+            self.path = DistPath(self, PairClient(dist_backend, dist_timeout, device))
+        elif stream:
+            self.path = StreamPath(self, dist_timeout, stage_frames)
 
     # -- API (any thread) ------------------------------------------------------------------------
     def reserve(self, endpoint: str, request_id: str, attempt: int, num_tokens: int, layout: KVLayout,
@@ -337,69 +334,28 @@ class KVClient(IOThread):
         return self._expect("ack", request_id, attempt)
 
     def connect(self, endpoint: str, timeout: float = PAIR_HANDSHAKE_S) -> None:
-        """torch.distributed transport: join the pair group with `endpoint` (once; blocking). A receiver
-        without this backend gets frames. Raises when pairing fails, and at once for PAIR_RETRY_S after
-        (a dead receiver must not stall every prefill that ships to it)."""
-        if self.pairs is None or self.pairs.has(endpoint) or endpoint in self._frames_only:
-            return
-        failed = self._pair_failed.get(endpoint)
-        if failed is not None and time.monotonic() - failed < PAIR_RETRY_S:
-            raise ConnectionError(f"pairing with {endpoint} failed {time.monotonic() - failed:.1f} s ago")
-        pair = f"{uuid.uuid4().hex[:12]}-{self.rank}"
-        fut = self._expect("pair", pair, 0)
-        msg = encode(PairHello(VERSION, pair))
-        self.submit(lambda: self._sock(endpoint).send(msg))
-        try:
-            info = fut.result(min(timeout, self.pairs.timeout))
-            if info.backend == self.pairs.backend:
-                self.pairs.join(endpoint, pair, info.host, info.port)
-        except FutureTimeout:
-            self._forget("pair", pair, 0)
-            self._pair_failed[endpoint] = time.monotonic()
-            raise TimeoutError(f"no PairInfo from {endpoint} within {min(timeout, self.pairs.timeout)} s") from None
-        except Exception:
-            self._pair_failed[endpoint] = time.monotonic()
-            raise
-        if info.backend != self.pairs.backend:
-            log.warning("KV receiver %s uses %s, not %s: sending it ZeroMQ frames", endpoint,
-                        info.backend or "ZeroMQ frames", self.pairs.backend)
-            self._frames_only.add(endpoint)
-            return
-        self._pair_failed.pop(endpoint, None)
-        self._pair_ids[endpoint] = pair
+        """Whatever the data path needs before the first page (a torch.distributed pair group: blocking,
+        raises when pairing fails); nothing for the others."""
+        self.path.connect(endpoint, timeout)
 
     def send_pages(self, endpoint: str, header: Pages, payload: torch.Tensor | list,
                    cache: list[np.ndarray] | None = None) -> None:
-        """Queues one message of pages. A list payload (runs of blocks, or one gathered tensor per layer
-        of a multi-layer message) goes as ZeroMQ frames, zero-copy from CPU memory; a tensor goes
-        through the pair group (torch.distributed transport) or as one frame. `cache`: the payload
-        is views into these cache arrays (kept alive while libzmq may read them: `CacheFrames`)."""
-        if not isinstance(payload, list):
-            if self.pairs is not None:
-                self.connect(endpoint)
-            if self.pairs is not None and endpoint not in self._frames_only:
-                tag, pair = self.pairs.next_tag(endpoint), self._pair_ids[endpoint]
-                head = encode(msgspec.structs.replace(header, pair=pair, tag=tag))
-                self.submit(lambda: self._send_dist(endpoint, pair, head, payload, tag, header.nbytes))
-                return
-            payload = [payload]
-        head = encode(header)
-        stream = self.streams.get(endpoint) if self.streams is not None else None
-        if stream is not None:
-            staged = self.stage_frames or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in payload)
-            frames, ready = host_frames(payload, staged)
-            self.metrics["messages_staged"] += staged
-            stream.send(head, frames, header.nbytes, ready)
-            return
-        if cache is not None and self._cache_frames is not None and not self.stage_frames:
-            self._cache_frames.keep(cache)
-            views = [to_bytes_view(t) for t in payload]
-            self.submit(lambda: self._send_cache_pages(endpoint, head, views, header.nbytes))
-            return
-        staged = self.stage_frames or any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in payload)
-        frames, ready = host_frames(payload, staged)
-        self.metrics["messages_staged"] += staged
-        self.submit(lambda: self._send_pages(endpoint, head, frames, header.nbytes, ready))
+        """Queues one message of pages: a list payload (runs of blocks, or one gathered tensor per layer
+        of a multi-layer message) or one gathered tensor (`path.gathers`). `cache`: the payload is views
+        into these cache arrays (kept alive while libzmq may read them: `CacheFrames`)."""
+        if not self.path.send(endpoint, header, payload, cache):
+            self.frames.send(endpoint, header, payload, cache)
+
+    def round_trip(self, endpoint: str, msg: bytes, kind: str, key: str, timeout: float):
+        """Sends an encoded handshake (PairHello, StreamHello) and waits for its `kind` reply keyed by
+        `key` (pair, nonce); None when none came in time."""
+        fut = self._expect(kind, key, 0)
+        self.submit(lambda: self._sock(endpoint).send(msg))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            self._forget(kind, key, 0)
+            return None
 
     def abort(self, endpoint: str, request_id: str, attempt: int, reason: str = "") -> None:
         msg = encode(Abort(VERSION, request_id, attempt, reason))
@@ -411,55 +367,19 @@ class KVClient(IOThread):
         done = threading.Event()
         self.submit(done.set)
         done.wait(timeout)
-        if self.streams is not None:
-            self.streams.flush(timeout)
+        self.path.flush(timeout)
 
-    def _ask_stream(self, endpoint: str, timeout: float) -> StreamInfo | None:
+    def ask_stream(self, endpoint: str, timeout: float) -> StreamInfo | None:
         """The StreamHello round trip to `endpoint` (for StreamPeers); None: no answer in time."""
         nonce = uuid.uuid4().hex
-        fut = self._expect("stream", nonce, 0)
-        hello = encode(StreamHello(VERSION, nonce))
-        self.submit(lambda: self._sock(endpoint).send(hello))
-        try:
-            return fut.result(timeout)
-        except FutureTimeout:
-            self._forget("stream", nonce, 0)
-            return None
+        return self.round_trip(endpoint, encode(StreamHello(VERSION, nonce)), "stream", nonce, timeout)
 
     # -- I/O thread ------------------------------------------------------------------------------
-    def _send_dist(self, endpoint, pair, head, payload, tag, nbytes):
-        if not self.pairs.has(endpoint) or self._pair_ids.get(endpoint) != pair:  # its group failed since
-            self.metrics["dist_send_dropped"] += 1  # (no header: the receiver would wait for the payload)
-            return
-        self._sock(endpoint).send(head)
-        try:
-            self.pairs.send(endpoint, payload, tag)
-        except Exception:  # a dead or broken peer: its group is of no more use; pair anew on next use
-            self.pairs.drop(endpoint)
-            self.metrics["dist_send_failed"] += 1
-            raise
-        self.metrics["frames_sent"] += 1
-        self.metrics["bytes_sent"] += nbytes
-
-    def _send_pages(self, endpoint, head, data: list, nbytes, ready=None):
-        if ready is not None:
-            ready.synchronize()
-        self._sock(endpoint).send_multipart([head, *data], copy=False)
-        self.metrics["frames_sent"] += 1
-        self.metrics["bytes_sent"] += nbytes
-
-    def _send_cache_pages(self, endpoint, head, data: list, nbytes):
-        sock = self._sock(endpoint)
-        try:
-            self._cache_frames.send(sock, head, data)
-        except zmq.ZMQError:  # a message left half sent would swallow the next one: a fresh socket
-            self.poller.unregister(sock)
-            sock.close(0)
-            del self._socks[endpoint]
-            raise
-        self.metrics["frames_sent"] += 1
-        self.metrics["messages_cache_frames"] += 1
-        self.metrics["bytes_sent"] += nbytes
+    def drop_sock(self, endpoint: str) -> None:
+        """Closes `endpoint`'s socket (a message left half sent on it would swallow the next one)."""
+        sock = self._socks.pop(endpoint)
+        self.poller.unregister(sock)
+        sock.close(0)
 
     def _sock(self, endpoint: str) -> zmq.Socket:
         s = self._socks.get(endpoint)
@@ -496,16 +416,15 @@ class KVClient(IOThread):
                 fut.set_result(msg)
 
     def close_sockets(self) -> None:
-        if self.streams is not None:  # (what is queued on them is written first, within a bound)
-            self.streams.close()
+        if self.path is not self.frames:
+            self.path.close()
         for s in self._socks.values():
             s.close(0)
         self._socks.clear()
         # the context is this client's own: once it has terminated, libzmq holds no frame of ours, and
         # the cache arrays that `CacheFrames` frames point into may go
         self.ctx.term()
-        if self._cache_frames is not None:
-            self._cache_frames.kept.clear()
+        self.frames.close()
 
     def _expect(self, kind, request_id, attempt) -> Future:
         fut: Future = Future()

@@ -151,13 +151,15 @@ def test_layerwise_streaming_overlaps_compute(tmp_path, tiny_llama):
 
 
 def test_receiver_full_says_no_room_at_once(tmp_path, tiny_llama):
-    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], expect_ready=1,
-                recv={"num_blocks": 3, "serve_seconds": 3})
+    stop = tmp_path / "stop"  # the receiver serves until the sender is done (not a fixed window a
+    pair = Pair(tmp_path, tiny_llama, [[1, 1]], [[1, 1]], expect_ready=1,  # loaded machine can miss)
+                recv={"num_blocks": 3, "serve_seconds": 120, "stop_file": str(stop)})
     try:
         pair.start_receiver()
         t0 = time.monotonic()
         pair.run_sender()
         took = time.monotonic() - t0
+        stop.touch()
         report = pair.wait_receiver()
     finally:
         pair.kill()

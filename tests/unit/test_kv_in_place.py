@@ -177,7 +177,7 @@ def test_layers_ready_together_go_as_few_messages_and_land_bit_for_bit(monkeypat
         cache_frames = mode == "cache" and runs and not stream
         assert client.metrics["messages_cache_frames"] == (3 if cache_frames else 0)
         assert client.metrics["messages_streamed"] == (3 if stream else 0)
-        kept = client._cache_frames.kept if client._cache_frames is not None else {}
+        kept = client.frames._cache_frames.kept if client.frames._cache_frames is not None else {}
         assert len(kept) == (5 if cache_frames else 0)  # the five layers' cache arrays
         assert client.metrics["messages_staged"] == (3 if staged else 0)
         if staged:

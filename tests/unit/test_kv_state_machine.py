@@ -313,6 +313,7 @@ def test_a_failed_pair_group_is_dropped_and_what_was_queued_for_it_is_not_sent()
     """A send through a torch.distributed pair group fails (the receiver died): the group is dropped
     (the next send pairs anew), and payloads still queued for it send no header either (the receiver
     would block waiting for a payload that never comes)."""
+    from kvtransfer.paths import DistPath
     from kvtransfer.zmq_transport import KVClient
 
     class Pairs:
@@ -330,22 +331,23 @@ def test_a_failed_pair_group_is_dropped_and_what_was_queued_for_it_is_not_sent()
                 raise RuntimeError("Connection closed by peer")
             self.sent.append(tag)
 
-    client = KVClient(0)  # not started: _send_dist is called here as the I/O thread would
+    client = KVClient(0)  # not started: the path's _send is called here as the I/O thread would
     heads = []
-    client.pairs, client._pair_ids = Pairs(), {"ep": "p1"}
+    path = DistPath(client, Pairs())
+    path._pair_ids = {"ep": "p1"}
     client._sock = lambda endpoint: type("Sock", (), {"send": staticmethod(heads.append)})
     try:
-        client._send_dist("ep", "p1", b"h1", None, 1, 10)
+        path._send("ep", "p1", b"h1", None, 1, 10)
         with pytest.raises(RuntimeError):
-            client._send_dist("ep", "p1", b"h2", None, 2, 10)
-        client._send_dist("ep", "p1", b"h3", None, 3, 10)  # queued behind the failure: dropped
-        assert heads == [b"h1", b"h2"] and client.pairs.sent == [1] and not client.pairs.has("ep")
+            path._send("ep", "p1", b"h2", None, 2, 10)
+        path._send("ep", "p1", b"h3", None, 3, 10)  # queued behind the failure: dropped
+        assert heads == [b"h1", b"h2"] and path.pairs.sent == [1] and not path.pairs.has("ep")
         assert client.metrics["dist_send_failed"] == 1 and client.metrics["dist_send_dropped"] == 1
-        client.pairs.groups.add("ep")
-        client._pair_ids["ep"] = "p2"  # paired anew: a message queued for the old pair still goes nowhere
-        client._send_dist("ep", "p1", b"h4", None, 4, 10)
-        client._send_dist("ep", "p2", b"h5", None, 5, 10)
-        assert heads == [b"h1", b"h2", b"h5"] and client.pairs.sent == [1, 5]
+        path.pairs.groups.add("ep")
+        path._pair_ids["ep"] = "p2"  # paired anew: a message queued for the old pair still goes nowhere
+        path._send("ep", "p1", b"h4", None, 4, 10)
+        path._send("ep", "p2", b"h5", None, 5, 10)
+        assert heads == [b"h1", b"h2", b"h5"] and path.pairs.sent == [1, 5]
     finally:
         client.ctx.term()
 

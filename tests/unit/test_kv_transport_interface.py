@@ -29,6 +29,6 @@ def test_instances_are_transports():
     client = KVClient(0)  # not started: no thread, no sockets yet
     try:
         assert isinstance(fake, KVTransport) and isinstance(client, KVTransport)
-        assert fake.pairs is None and client.pairs is None
+        assert not fake.path.gathers and not client.path.gathers and client.path is client.frames
     finally:
         client.ctx.term()
