@@ -4,9 +4,11 @@ description the gateway serves. Every validation failure is an ApiError naming t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+from common.sampling import SamplingSpec
 from engine.errors import InvalidRequestError
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -47,7 +49,7 @@ class ApiRequest:
     chat: bool
     model: str
     prompts: list[list[int]]  # token ids, one per prompt
-    params: SamplingParams  # n = 1; `n` below fans out
+    params: SamplingSpec  # n = 1; `n` below fans out
     n: int
     stream: bool
     include_usage: bool
@@ -205,9 +207,10 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
         params = SamplingParams(n=1, max_tokens=max_tokens, stop=stop or [], logprobs=logprobs, **kw)
     except InvalidRequestError as e:
         raise _bad(str(e), getattr(e, "param", None)) from None
+    spec = SamplingSpec(**{f.name: getattr(params, f.name) for f in dataclasses.fields(params)})
     return_ids = _get(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean", False)
     slo_class = _get(body, "slo_class", lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a short string")
-    return ApiRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, user,
+    return ApiRequest(chat, model, prompts, spec, n, stream, include_usage, logprobs, user,
                       slo["ttft_ms"], slo["tpot_ms"], return_ids, slo_class)
 
 
