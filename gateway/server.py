@@ -38,15 +38,8 @@ from common.registry import WorkerInfo
 from common.zmq_loop import Reader
 from gateway.coordinator_link import CoordinatorLink
 from gateway.generation import Delta, Generation
-from gateway.openai_api import (
-    ApiError,
-    ApiRequest,
-    chat_logprobs,
-    completion_logprobs,
-    openapi,
-    parse,
-    usage,
-)
+from gateway.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
+from gateway.openai_schema import openapi
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder().encode
