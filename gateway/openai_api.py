@@ -72,6 +72,8 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
                        "model_not_found")
     prompts = _chat_prompts(req.messages, tokenizer) if chat else _completion_prompts(req.prompt, tokenizer)
     _check_prompts(prompts, "messages" if chat else "prompt", max_model_len, vocab_size)
+    if req.stop_token_ids and max(req.stop_token_ids) >= vocab_size:  # the sampler indexes logits with them
+        raise _bad(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
     max_tokens = _max_tokens(req, chat, prompts, max_model_len)
     n = req.n or 1
     if len(prompts) * n > MAX_PROMPTS:

@@ -89,6 +89,7 @@ BAD = [
     ({"n": 0}, "n"), ({"n": 17}, "n"), ({"prompt": ["a"] * 40, "n": 2}, "n"), ({"logprobs": 6}, "logprobs"),
     ({"stop": 3}, "stop"), ({"stop": [""]}, "stop[0]"), ({"stop": ["x"] * 17}, "stop"),
     ({"seed": 2**64}, "seed"), ({"seed": "x"}, "seed"), ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
+    ({"stop_token_ids": [3, VOCAB]}, "stop_token_ids"),
     ({"min_tokens": -1}, "min_tokens"), ({"ttft_ms": 0}, "ttft_ms"), ({"tpot_ms": math.inf}, "tpot_ms"),
     ({"slo_class": ""}, "slo_class"),
     ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "z"}, "suffix"),
