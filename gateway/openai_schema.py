@@ -4,7 +4,7 @@
 
 Bounds are OpenAI's documented ranges where it has one (temperature 0..2, top_p 0..1, the penalties
 -2..2, top_logprobs 0..20; completions' logprobs 0..5); the extensions (as vLLM's) take the engine's.
-Every one lies within engine.sampling_params.SamplingParams' checks (tests/unit/test_openai_schema.py),
+Every one lies within engine.sampling_params.SamplingParams' checks (tests/unit/test_sampling_bounds.py),
 so a valid body always makes a valid SamplingParams on the worker. Every float is bounded on both sides,
 which refuses NaN and infinities. `null` means "not given", as with OpenAI.
 """
