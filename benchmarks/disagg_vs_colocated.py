@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.messages import MessageError, decode_chunk  # noqa: E402
+from common.sampling import SamplingSpec  # noqa: E402
 from common.worker_client import WorkerClient  # noqa: E402
 
 
@@ -133,7 +134,7 @@ def main():
                 counter = [0]
 
                 def submit(rid, prompt, max_tokens):
-                    params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+                    params = SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
                     if setup == "disaggregated":
                         client.submit(p, rid, prompt, params, decode=d)
                     else:

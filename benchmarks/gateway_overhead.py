@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from live_cluster import LiveCluster, get_json  # noqa: E402
 
+from common.sampling import SamplingSpec  # noqa: E402
 from common.worker_client import WorkerClient  # noqa: E402
 
 
@@ -40,7 +41,8 @@ def direct_ttft(p: dict, d: dict, n: int) -> list[float]:
     for i in range(n):
         rid = f"direct-{i}"
         t0 = time.perf_counter()
-        c.submit(p, rid, [5, 6, 7, 8, 9, 10, 11, 12], {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}, d)
+        c.submit(p, rid, [5, 6, 7, 8, 9, 10, 11, 12], SamplingSpec(max_tokens=4, temperature=0.0, ignore_eos=True),
+                 d)
         c.collect(timeout=30, until=lambda r=rid: bool(c.streams[r].token_ids))
         out.append(time.perf_counter() - t0)
         c.collect(timeout=30, until=lambda r=rid: c.streams[r].finish_reason is not None)
@@ -59,7 +61,7 @@ def direct_throughput(p: dict, d: dict, concurrency: int, seconds: float) -> flo
             rid = f"tp-{k}"
             k += 1
             c.submit(p, rid, [5, 6, 7, 8, 9, 10, 11, 12, k % 200 + 3],
-                     {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}, d)
+                     SamplingSpec(max_tokens=4, temperature=0.0, ignore_eos=True), d)
             inflight.add(rid)
         c.collect(timeout=1.0, until=lambda: any(c.streams[r].finish_reason for r in inflight))
         finished = {r for r in inflight if c.streams[r].finish_reason}

@@ -3,7 +3,7 @@
 The envelope is common/wire.py's (a protocol version in each message); (request_id, attempt) on
 everything that starts or continues work, so a late message of a failed attempt is recognised.
 
-    requester --PrefillRequest(prompt, params, decode target, reply_to)--> prefill driver
+    requester --PrefillRequest(prompt, SamplingSpec, decode target, reply_to)--> prefill driver
     prefill   --KV pages (kvtransfer)--> decode ranks;  prefill --Handoff(first token)--> decode driver
     prefill   --TokenChunk(index 0)--> requester;        decode  --TokenChunk(index 1..)--> requester
     requester --Abort--> either worker
@@ -14,10 +14,11 @@ from __future__ import annotations
 import msgspec
 
 from common.kv_layout import KVLayoutSpec
+from common.sampling import SamplingSpec
 from common.wire import VERSION, Decoder, MessageError, encode
 
-__all__ = ["VERSION", "Abort", "DecodeTarget", "Handoff", "MessageError", "PrefillRequest", "TokenChunk",
-           "decode_chunk", "decode_worker_message", "encode"]
+__all__ = ["VERSION", "Abort", "DecodeTarget", "Handoff", "MessageError", "PrefillRequest", "SamplingSpec",
+           "TokenChunk", "decode_chunk", "decode_worker_message", "encode"]
 
 
 class DecodeTarget(msgspec.Struct, frozen=True):
@@ -32,7 +33,7 @@ class PrefillRequest(msgspec.Struct, tag="prefill", frozen=True):
     request_id: str
     attempt: int
     prompt_token_ids: list[int]
-    params: dict  # engine.sampling_params.SamplingParams fields
+    params: SamplingSpec
     reply_to: str  # the requester's PULL endpoint for TokenChunks
     decode: DecodeTarget | None = None  # None: this worker decodes too (colocated)
     held_tokens: int = 0  # trailing prompt tokens whose text the client has not seen yet (a migration)
@@ -48,7 +49,7 @@ class Handoff(msgspec.Struct, tag="handoff", frozen=True):
     attempt: int
     prompt_token_ids: list[int]
     first_token: int
-    params: dict
+    params: SamplingSpec
     reply_to: str
     held_tokens: int = 0
     slo_tpot_ms: float | None = None

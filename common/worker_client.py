@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 import zmq
 
 from common import security
-from common.messages import VERSION, Abort, DecodeTarget, MessageError, PrefillRequest, decode_chunk, encode
+from common.messages import (
+    VERSION,
+    Abort,
+    DecodeTarget,
+    MessageError,
+    PrefillRequest,
+    SamplingSpec,
+    decode_chunk,
+    encode,
+)
 
 
 @dataclass
@@ -41,7 +50,7 @@ class WorkerClient:
             self._push[endpoint] = s
         return s
 
-    def submit(self, prefill: dict, request_id: str, prompt_ids: list[int], params: dict,
+    def submit(self, prefill: dict, request_id: str, prompt_ids: list[int], params: SamplingSpec,
                decode: dict | None = None, attempt: int = 0) -> None:
         """`prefill`/`decode`: the ready lines the workers printed (endpoint, kv_endpoints, layout)."""
         target = None if decode is None else DecodeTarget(decode["worker_id"], decode["endpoint"],

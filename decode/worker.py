@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 
+import msgspec
 import zmq
 
 from common.heartbeat import Heartbeat
@@ -172,7 +173,7 @@ class DecodeWorker:
                 self._first_index.pop((rid, 0), None)
                 self._slo.pop(rid, None)
             try:
-                params = SamplingParams(**h.params)
+                params = SamplingParams(**msgspec.structs.asdict(h.params))
                 self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids,
                                           h.held_tokens, h.held_text)
             except (TandemError, TypeError, ValueError) as e:  # a malformed Handoff must not take D down

@@ -1,12 +1,21 @@
-"""Per-request sampling parameters, validated at construction (errors name the field)."""
+"""Per-request sampling parameters, validated at construction (errors name the field).
+
+The checks are the engine's own: what sampling needs to be well defined (finite numbers, temperature
+>= 0, top_p in (0, 1], ...), what keeps the logits finite (temperature and the penalties bounded: a huge
+or tiny divisor overflows in bf16/fp32 and turns a row into NaN) and what the sampler computes (up to
+MAX_LOGPROBS alternatives). Limits of policy (OpenAI's temperature <= 2, n <= 16, at most 16 stop
+strings) are the gateway's (gateway/openai_schema.py); they lie within these
+(tests/unit/test_sampling_bounds.py), so a request the API accepts makes a valid SamplingParams.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # alternatives per token the sampler returns
 
 
 @dataclass
@@ -31,12 +40,12 @@ class SamplingParams:
 
     def __post_init__(self):
         if isinstance(self.stop, str):
-            self.stop = [self.stop]
+            self.stop = [self.stop] if self.stop else []  # "": no stop string
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        _check(_is_int(self.n) and 1 <= self.n <= 128, "n", f"n must be an integer in [1, 128], got {self.n!r}")
+        _check(_is_int(self.n) and self.n >= 1, "n", f"n must be a positive integer, got {self.n!r}")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
                f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
@@ -56,8 +65,7 @@ class SamplingParams:
         _check(_is_num(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
         _check(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer, got {self.seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
-               "stop must be up to 16 non-empty strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
@@ -78,7 +86,7 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check(ok: bool, param: str, msg: str) -> None:

@@ -12,9 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from common.coordinator_protocol import VERSION as CVERSION
 from common.coordinator_protocol import Place, Placed, Rejected
-from common.messages import VERSION, Abort, DecodeTarget, PrefillRequest, TokenChunk
+from common.messages import VERSION, Abort, DecodeTarget, PrefillRequest, SamplingSpec, TokenChunk
 from gateway.coordinator_link import PlacementUnavailable
 from gateway.openai_api import ApiError
 
@@ -69,7 +71,7 @@ class _Inbox:
 class Generation:
     """One sample of one prompt: placements, attempts, migration, dedupe."""
 
-    def __init__(self, gw: Gateway, gid: str, prompt: list[int], params, model: str, slo: tuple):
+    def __init__(self, gw: Gateway, gid: str, prompt: list[int], params: SamplingSpec, model: str, slo: tuple):
         self.gw, self.id, self.prompt, self.params, self.model, self.slo = gw, gid, prompt, params, model, slo
         self.tokens: list[int] = []
         self.text = ""
@@ -152,8 +154,8 @@ class Generation:
         self.placement = reply
         self.decoding = False
         self.base = len(self.tokens)
-        run = dict(self.gw.params_dict(self.params), max_tokens=remaining,
-                   min_tokens=max(0, self.params.min_tokens - len(self.tokens)))
+        run = msgspec.structs.replace(self.params, max_tokens=remaining,
+                                      min_tokens=max(0, self.params.min_tokens - len(self.tokens)))
         d = reply.decode
         target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
         held_tokens, held_text = self._unseen()

@@ -1,14 +1,26 @@
-"""The OpenAI-compatible request surface (torch-free): validation of /v1/completions and
-/v1/chat/completions bodies into a typed request, response and stream-chunk shapes, and the OpenAPI
-description the gateway serves. Every validation failure is an ApiError naming the parameter."""
+"""The OpenAI-compatible request surface (torch-free): a /v1/completions or /v1/chat/completions body
+into a typed request, and the response and stream-chunk shapes. The bodies' types and bounds are
+gateway/openai_schema.py's Structs; what needs the served model (its names, context length, vocabulary,
+tokenizer) is checked here. Every failure is an ApiError naming the parameter."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import msgspec
+
+from common.sampling import SamplingSpec
 from engine.errors import InvalidRequestError
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from gateway.openai_schema import (
+    MAX_PROMPTS,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ErrorDetail,
+    ErrorResponse,
+    Prompt,
+    unsupported,
+)
 
 
 class ApiError(Exception):
@@ -19,27 +31,7 @@ class ApiError(Exception):
             status, message, param, code, type_, headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
-          "frequency_penalty", "repetition_penalty", "user", "stream", "stream_options", "min_tokens",
-          "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "ttft_ms", "tpot_ms",
-          "return_token_ids", "slo_class"}
-COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix", "logit_bias"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "logit_bias", "tools",
-                        "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls",
-                        "store", "metadata", "service_tier", "modalities", "audio", "prediction",
-                        "reasoning_effort"}
-# OpenAI parameters tandem knows but does not implement: a clear 400, not a silent ignore
-UNSUPPORTED = {"echo": lambda v: bool(v), "best_of": lambda v: v not in (None, 1), "suffix": lambda v: bool(v),
-               "logit_bias": lambda v: bool(v), "tools": lambda v: bool(v), "tool_choice": lambda v: v not in (None, "none"),
-               "functions": lambda v: bool(v), "function_call": lambda v: v not in (None, "none"),
-               "response_format": lambda v: v not in (None, {"type": "text"}), "audio": lambda v: v is not None,
-               "modalities": lambda v: v not in (None, ["text"]), "prediction": lambda v: v is not None,
-               "reasoning_effort": lambda v: v is not None}
-MAX_N = 16
-MAX_PROMPTS = 64
+        return msgspec.to_builtins(ErrorResponse(ErrorDetail(self.message, self.type, self.param, self.code)))
 
 
 @dataclass
@@ -47,7 +39,7 @@ class ApiRequest:
     chat: bool
     model: str
     prompts: list[list[int]]  # token ids, one per prompt
-    params: SamplingParams  # n = 1; `n` below fans out
+    params: SamplingSpec  # n = 1; `n` below fans out
     n: int
     stream: bool
     include_usage: bool
@@ -59,156 +51,129 @@ class ApiRequest:
     slo_class: str | None = None  # extension: a named SLO class the coordinator knows
 
 
+# the request fields that go to the engine as they are
+_SAMPLING = ("min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
+             "skip_special_tokens")
+
+
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _get(body: dict, name: str, check, what: str, default=None):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if not check(v):
-        raise _bad(f"'{name}' must be {what}, got {v!r:.80}", name)
-    return v
-
-
 def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: int, vocab_size: int) -> ApiRequest:
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
-    for k in body:
-        if k not in allowed:
-            raise _bad(f"Unrecognized request argument supplied: {k}", k)
-    for k, is_set in UNSUPPORTED.items():
-        if k in body and is_set(body[k]):
-            raise _bad(f"'{k}' is not supported by this server", k, "unsupported_parameter")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' is required (a string)", "model")
-    if model not in served_models:
-        raise ApiError(404, f"The model '{model:.200}' does not exist (served: {', '.join(sorted(served_models))})",
-                       "model", "model_not_found")
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty array", "messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise _bad(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
-            if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
-                raise _bad(f"messages[{i}].role {m['role']!r:.40} is not one of system, developer, user, "
-                           "assistant, tool", f"messages[{i}].role")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: text only
-                parts = []
-                for j, part in enumerate(content):
-                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise _bad(f"messages[{i}].content[{j}]: only text parts are supported",
-                                   f"messages[{i}].content")
-                    parts.append(part["text"])
-                content = "".join(parts)
-            if not isinstance(content, str):
-                raise _bad(f"messages[{i}].content must be a string or text parts", f"messages[{i}].content")
-            clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-        try:
-            text = tokenizer.apply_chat_template(clean)
-        except InvalidRequestError as e:
-            raise _bad(str(e), "messages") from None
-        prompts = [tokenizer.encode(text, add_special_tokens=False)]
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [tokenizer.encode(prompt)]
-        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-            prompts = [list(prompt)]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [tokenizer.encode(p) for p in prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(_is_int(t) for t in p)
-                                                        for p in prompt):
-            prompts = [list(p) for p in prompt]
-        else:
-            raise _bad("'prompt' must be a string, an array of strings, an array of token ids, or an array of "
-                       "token-id arrays (non-empty)", "prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise _bad(f"at most {MAX_PROMPTS} prompts per request", "prompt")
-    vocab = vocab_size
-    for p in prompts:
-        if not p:
-            raise _bad("the prompt is empty after tokenization", "messages" if chat else "prompt")
-        if any(t < 0 or t >= vocab for t in p):
-            raise _bad(f"token ids must be in [0, {vocab})", "prompt")
-        if len(p) >= max_model_len:
-            raise _bad(f"This model's maximum context length is {max_model_len} tokens; the prompt has "
-                       f"{len(p)} tokens (and at least one must be generated)", "messages" if chat else "prompt",
-                       "context_length_exceeded")
-
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _get(body, name, lambda v: _is_int(v) and v >= 1, "a positive integer")
-    longest = max(len(p) for p in prompts)
-    room = max_model_len - longest
-    if max_tokens is None:
-        max_tokens = room if chat else min(16, room)
-    elif max_tokens > room:
-        raise _bad(f"This model's maximum context length is {max_model_len} tokens; {name} = {max_tokens} plus "
-                   f"the prompt's {longest} tokens exceed it", name, "context_length_exceeded")
-    n = _get(body, "n", lambda v: _is_int(v) and 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]", 1)
+    req = _convert(body, ChatCompletionRequest if chat else CompletionRequest)
+    name = unsupported(req)
+    if name is not None:
+        raise _bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    if req.model not in served_models:
+        served = ", ".join(sorted(served_models))
+        raise ApiError(404, f"The model '{req.model:.200}' does not exist (served: {served})", "model",
+                       "model_not_found")
+    prompts = _chat_prompts(req.messages, tokenizer) if chat else _completion_prompts(req.prompt, tokenizer)
+    _check_prompts(prompts, "messages" if chat else "prompt", max_model_len, vocab_size)
+    if req.stop_token_ids and max(req.stop_token_ids) >= vocab_size:  # the sampler indexes logits with them
+        raise _bad(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
+    max_tokens = _max_tokens(req, chat, prompts, max_model_len)
+    n = req.n or 1
     if len(prompts) * n > MAX_PROMPTS:
         raise _bad(f"prompts x n must be at most {MAX_PROMPTS}", "n")
-    stream = _get(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
-    so = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
-    include_usage = so.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise _bad("'stream_options.include_usage' must be a boolean", "stream_options")
-    if so and not stream:
+    if req.stream_options is not None and not req.stream:
         raise _bad("'stream_options' is only allowed with stream: true", "stream_options")
-    if chat:
-        want = _get(body, "logprobs", lambda v: isinstance(v, bool), "a boolean", False)
-        top = _get(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
-                   f"an integer in [0, {MAX_LOGPROBS}]", None)
-        if top is not None and not want:
-            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        logprobs = (top or 0) if want else None
-    else:
-        logprobs = _get(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5, "an integer in [0, 5]", None)
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str)
-                                                                                          for s in stop))):
-        raise _bad("'stop' must be a string or an array of strings", "stop")
-    user = _get(body, "user", lambda v: isinstance(v, str), "a string")
-    slo = {k: _get(body, k, lambda v: _is_num(v) and v > 0, "a positive number") for k in ("ttft_ms", "tpot_ms")}
-    kw = {}
-    for k in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-        if body.get(k) is not None:
-            kw[k] = _get(body, k, _is_num, "a number")
-    for k in ("top_k", "seed", "min_tokens"):
-        if body.get(k) is not None:
-            kw[k] = _get(body, k, _is_int, "an integer")
-    for k in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
-        if body.get(k) is not None:
-            kw[k] = _get(body, k, lambda v: isinstance(v, bool), "a boolean")
-    if body.get("stop_token_ids") is not None:
-        kw["stop_token_ids"] = _get(body, "stop_token_ids", lambda v: isinstance(v, list), "an array of integers")
-    if "seed" in kw and not -(2**63) <= kw["seed"] < 2**64:
-        raise _bad("'seed' is out of range", "seed")
-    if "temperature" in kw and kw["temperature"] > 2.0:
-        raise _bad(f"'temperature' must be in [0, 2], got {kw['temperature']}", "temperature")
+    logprobs = _chat_logprobs(req) if chat else req.logprobs
+    stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
+    given = {k: v for k in _SAMPLING if (v := getattr(req, k)) is not None}
+    params = SamplingSpec(max_tokens=max_tokens, stop=stop, logprobs=logprobs, **given)
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    return ApiRequest(chat, req.model, prompts, params, n, bool(req.stream), include_usage, logprobs, req.user,
+                      req.ttft_ms, req.tpot_ms, bool(req.return_token_ids), req.slo_class)
+
+
+def _convert(body, struct: type[CompletionRequest | ChatCompletionRequest]):
+    """The body as `struct`. Unknown and missing top-level fields are found here, by name: msgspec's
+    errors for them do not name the field as a path."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    fields = msgspec.structs.fields(struct)
+    known = {f.encode_name for f in fields}
+    for k in body:
+        if k not in known:
+            raise _bad(f"Unrecognized request argument supplied: {k:.80}", k)
+    for f in fields:
+        if f.required and body.get(f.encode_name) is None:
+            raise _bad(f"'{f.encode_name}' is required", f.encode_name)
     try:
-        params = SamplingParams(n=1, max_tokens=max_tokens, stop=stop or [], logprobs=logprobs, **kw)
+        return msgspec.convert(body, struct)
+    except msgspec.ValidationError as e:
+        raise _bad(str(e), _error_path(e)) from None
+
+
+def _error_path(e: msgspec.ValidationError) -> str | None:
+    """Where a msgspec error is ("... - at `$.messages[0].role`" -> messages[0].role): msgspec says so
+    only in its message."""
+    _, at, path = str(e).rpartition(" - at `$")
+    return (path.rstrip("`").lstrip(".") or None) if at else None
+
+
+def _completion_prompts(prompt: Prompt, tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    kinds = {type(p) for p in prompt}
+    if kinds == {int}:
+        return [prompt]
+    if len(kinds) > 1:
+        raise _bad("'prompt' must be a string, an array of strings, an array of token ids, or an array of "
+                   "token-id arrays, not a mix", "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise _bad(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    return [tokenizer.encode(p) for p in prompt] if kinds == {str} else prompt
+
+
+def _chat_prompts(messages: list[ChatMessage], tokenizer) -> list[list[int]]:
+    clean = []
+    for i, m in enumerate(messages):
+        content = "".join(p.text for p in m.content) if isinstance(m.content, list) else m.content
+        if content is None:
+            raise _bad(f"messages[{i}].content must be a string or text parts", f"messages[{i}].content")
+        clean.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    try:
+        text = tokenizer.apply_chat_template(clean)
     except InvalidRequestError as e:
-        raise _bad(str(e), getattr(e, "param", None)) from None
-    return_ids = _get(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean", False)
-    slo_class = _get(body, "slo_class", lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a short string")
-    return ApiRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, user,
-                      slo["ttft_ms"], slo["tpot_ms"], return_ids, slo_class)
+        raise _bad(str(e), "messages") from None
+    return [tokenizer.encode(text, add_special_tokens=False)]
+
+
+def _check_prompts(prompts: list[list[int]], param: str, max_model_len: int, vocab_size: int) -> None:
+    for p in prompts:
+        if not p:
+            raise _bad("the prompt is empty after tokenization", param)
+        if any(not 0 <= t < vocab_size for t in p):
+            raise _bad(f"token ids must be in [0, {vocab_size})", "prompt")
+        if len(p) >= max_model_len:
+            raise _bad(f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+                       f"{len(p)} tokens (and at least one must be generated)", param, "context_length_exceeded")
+
+
+def _max_tokens(req: CompletionRequest | ChatCompletionRequest, chat: bool, prompts: list[list[int]],
+                max_model_len: int) -> int:
+    """The request's limit, or the default (16 for completions, the rest of the context for chat)."""
+    name, value = "max_tokens", req.max_tokens
+    if chat and req.max_completion_tokens is not None:
+        name, value = "max_completion_tokens", req.max_completion_tokens
+    longest = max(len(p) for p in prompts)
+    room = max_model_len - longest
+    if value is None:
+        return room if chat else min(16, room)
+    if value > room:
+        raise _bad(f"This model's maximum context length is {max_model_len} tokens; {name} = {value} plus "
+                   f"the prompt's {longest} tokens exceed it", name, "context_length_exceeded")
+    return value
+
+
+def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 # ---- responses ---------------------------------------------------------------------------------------
@@ -243,64 +208,3 @@ def chat_logprobs(tokenizer, token_ids: list[int], lps: list) -> dict:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-# ---- OpenAPI -----------------------------------------------------------------------------------------
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "param", "code"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-_NUM = {"type": "number"}
-_SAMPLING = {
-    "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number"},
-    "top_k": {"type": "integer"}, "min_p": _NUM, "n": {"type": "integer", "minimum": 1, "maximum": MAX_N},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "seed": {"type": "integer"}, "presence_penalty": _NUM, "frequency_penalty": _NUM, "repetition_penalty": _NUM,
-    "user": {"type": "string"}, "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-}
-_ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-           for s, d in ((400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-                        (413, "body too large"), (429, "overloaded or SLO rejection (Retry-After)"),
-                        (503, "no workers or no coordinator (Retry-After)"))}
-def openapi(models: list[str], max_model_len: int) -> dict:
-    """The gateway's OpenAPI 3.1 description, with the served model names and context length filled in."""
-    sampling = dict(_SAMPLING, model={"type": "string", "enum": sorted(models)},
-                    max_tokens={"type": "integer", "minimum": 1, "maximum": max_model_len - 1})
-    body = {"type": "object", "additionalProperties": False}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "tandem gateway (OpenAI-compatible)", "version": "1"},
-        "paths": {
-            "/v1/completions": {"post": {
-                "summary": "Text completion", "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {**body, "required": ["model", "prompt"], "properties": {
-                        **sampling, "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
-                        "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                                             {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                                             {"type": "array", "minItems": 1,
-                                              "items": {"type": "integer", "minimum": 0}}]}}}}}},
-                "responses": {"200": {"description": "completion (JSON) or an SSE stream"}, **_ERRORS}}},
-            "/v1/chat/completions": {"post": {
-                "summary": "Chat completion", "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {**body, "required": ["model", "messages"], "properties": {
-                        **sampling, "max_completion_tokens": {"type": "integer", "minimum": 1},
-                        "logprobs": {"type": "boolean"},
-                        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-                        "messages": {"type": "array", "minItems": 1, "items": {
-                            "type": "object", "required": ["role", "content"],
-                            "properties": {"role": {"type": "string",
-                                                    "enum": ["system", "developer", "user", "assistant"]},
-                                           "content": {"type": "string"}}}}}}}}},
-                "responses": {"200": {"description": "chat completion (JSON) or an SSE stream"}, **_ERRORS}}},
-            "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"},
-                                                                              "401": _ERRORS["401"]}}},
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
-            "/ready": {"get": {"summary": "Readiness: a coordinator leader and workers are known",
-                               "responses": {"200": {"description": "ready"}, "503": _ERRORS["503"]}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
-        },
-        "components": {"schemas": {"Error": _ERROR},
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-    }

@@ -38,15 +38,8 @@ from common.registry import WorkerInfo
 from common.zmq_loop import Reader
 from gateway.coordinator_link import CoordinatorLink
 from gateway.generation import Delta, Generation
-from gateway.openai_api import (
-    ApiError,
-    ApiRequest,
-    chat_logprobs,
-    completion_logprobs,
-    openapi,
-    parse,
-    usage,
-)
+from gateway.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
+from gateway.openai_schema import openapi
 
 log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder().encode
@@ -90,8 +83,6 @@ class GatewayConfig:
 
 
 class Gateway:
-    _param_names: list[str] = []
-
     def __init__(self, config: GatewayConfig):
         from engine.config import ModelConfig
         from engine.model_store import resolve_model
@@ -203,13 +194,6 @@ class Gateway:
             pass
 
     # ---- helpers -----------------------------------------------------------------------------------
-    @staticmethod
-    def params_dict(params) -> dict:
-        import dataclasses
-        names = Gateway._param_names or [f.name for f in dataclasses.fields(params)]
-        Gateway._param_names = names
-        return {n: getattr(params, n) for n in names}  # shallow: asdict deep-copies (hot path)
-
     def text_of(self, context: list[int], new: list[int]) -> str:
         tail = context[-6:]
         return self.tokenizer.decode(tail + new)[len(self.tokenizer.decode(tail)):]
@@ -294,8 +278,7 @@ class Gateway:
             for j in range(api.n):
                 params = api.params
                 if api.n > 1 and params.seed is not None:
-                    import dataclasses
-                    params = dataclasses.replace(params, seed=params.seed + j)
+                    params = msgspec.structs.replace(params, seed=params.seed + j)
                 g = Generation(self, f"{base}-{pi * api.n + j}", prompt, params, api.model,
                                (api.ttft_ms, api.tpot_ms, api.slo_class or ""))
                 gens.append(g)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter
 
+import msgspec
 import zmq
 
 from common import security
@@ -120,7 +121,7 @@ class PrefillWorker:
     def _accept(self, req: PrefillRequest) -> None:
         rid = req.request_id
         try:
-            params = SamplingParams(**req.params)
+            params = SamplingParams(**msgspec.structs.asdict(req.params))
             if req.decode is not None and params.n != 1:
                 raise TandemError("n > 1 is served colocated (send the request without a decode target)")
         except (TandemError, TypeError) as e:

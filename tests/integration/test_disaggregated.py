@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from common.sampling import SamplingSpec
 from common.worker_client import WorkerClient
 from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 
@@ -79,7 +80,7 @@ def test_one_request_equals_the_single_process_engine(cluster, tiny_llama):
     p = cluster("prefill")
     ps = prompts(1, seed=1)
     client = WorkerClient()
-    client.submit(p.info, "r0", ps[0], {"max_tokens": 16, **GREEDY}, decode=d.info)
+    client.submit(p.info, "r0", ps[0], SamplingSpec(max_tokens=16, **GREEDY), decode=d.info)
     client.collect(timeout=60)
     s = client.streams["r0"]
     assert s.error == "" and s.finish_reason == "length"
@@ -97,7 +98,7 @@ def test_many_concurrent_requests_through_prefill_and_decode(cluster, tiny_llama
     ps = prompts(12, seed=2)
     client = WorkerClient()
     for i, prompt in enumerate(ps):
-        client.submit(ps_workers[i % num_prefill].info, f"r{i}", prompt, {"max_tokens": 20, **GREEDY},
+        client.submit(ps_workers[i % num_prefill].info, f"r{i}", prompt, SamplingSpec(max_tokens=20, **GREEDY),
                       decode=d.info)
     client.collect(timeout=120)
     want = reference(tiny_llama, ps, 20)
@@ -115,7 +116,7 @@ def test_decode_full_refuses_at_once_and_nothing_leaks(cluster, tiny_llama):
     d = cluster("decode", "--kv-cache-memory", "64KiB")  # a handful of blocks
     p = cluster("prefill")
     client = WorkerClient()
-    client.submit(p.info, "big", list(range(3, 200)), {"max_tokens": 4, **GREEDY}, decode=d.info)
+    client.submit(p.info, "big", list(range(3, 200)), SamplingSpec(max_tokens=4, **GREEDY), decode=d.info)
     client.collect(timeout=30)
     s = client.streams["big"]
     assert s.finish_reason == "error" and "no room" in s.error
@@ -127,7 +128,7 @@ def test_abort_mid_decode_frees_both_sides(cluster, tiny_llama):
     d = cluster("decode")
     p = cluster("prefill")
     client = WorkerClient()
-    client.submit(p.info, "long", prompts(1, seed=3)[0], {"max_tokens": 400, **GREEDY}, decode=d.info)
+    client.submit(p.info, "long", prompts(1, seed=3)[0], SamplingSpec(max_tokens=400, **GREEDY), decode=d.info)
     client.collect(timeout=30, until=lambda: len(client.streams["long"].token_ids) >= 5)
     assert len(client.streams["long"].token_ids) >= 5
     client.abort(d.info["endpoint"], "long")
@@ -143,7 +144,7 @@ def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
     client = WorkerClient()
     ps = prompts(3, seed=4)
     for i, prompt in enumerate(ps):
-        client.submit(c.info, f"c{i}", prompt, {"max_tokens": 12, **GREEDY})
+        client.submit(c.info, f"c{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY))
     client.collect(timeout=60)
     want = reference(tiny_llama, ps, 12)
     assert [client.streams[f"c{i}"].token_ids for i in range(3)] == want
@@ -163,7 +164,7 @@ def test_smollm2_disaggregated_equals_one_process(spawn, smollm2_dir):
     want = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0))
     client = WorkerClient()
     for i, x in enumerate(ids):
-        client.submit(p.info, f"s{i}", x, {"max_tokens": 24, "temperature": 0.0}, decode=d.info)
+        client.submit(p.info, f"s{i}", x, SamplingSpec(max_tokens=24, temperature=0.0), decode=d.info)
     client.collect(timeout=120)
     for i in range(len(ids)):
         s = client.streams[f"s{i}"]
@@ -186,7 +187,7 @@ def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_sha
     ps = prompts(4, seed=6)
     client = WorkerClient()
     for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, {"max_tokens": 12, **GREEDY}, decode=d.info)
+        client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY), decode=d.info)
     client.collect(timeout=120)
     want = reference(tiny_llama, ps, 12)
     for i in range(len(ps)):
@@ -206,7 +207,7 @@ def test_workers_register_heartbeat_and_deregister(cluster, tiny_llama, tmp_path
     assert live["d0"].kv_endpoints == d.info["kv_endpoints"] and live["p0"].role == "prefill"
     assert live["d0"].kv_capacity_tokens > 0
     client = WorkerClient()
-    client.submit(p.info, "r0", prompts(1)[0], {"max_tokens": 400, **GREEDY}, decode=d.info)
+    client.submit(p.info, "r0", prompts(1)[0], SamplingSpec(max_tokens=400, **GREEDY), decode=d.info)
     seen_running = False
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not seen_running:
@@ -230,7 +231,7 @@ def test_abort_during_prefill_or_transfer_frees_everything(cluster, tiny_llama, 
     p = cluster("prefill", "--max-num-batched-tokens", "2")
     client = WorkerClient()
     prompt = [(7 * i) % 250 + 3 for i in range(400)]
-    client.submit(p.info, "a", prompt, {"max_tokens": 50, **GREEDY}, decode=d.info)
+    client.submit(p.info, "a", prompt, SamplingSpec(max_tokens=50, **GREEDY), decode=d.info)
     if when == "mid-transfer":
         time.sleep(0.05)  # reserved at D, the prompt still being computed and shipped layer by layer
         client.abort(d.info["endpoint"], "a")
@@ -273,7 +274,7 @@ def test_smollm2_tp3_prefill_to_pp2_decode(spawn, smollm2_dir):
     want = eng.generate(ids, SamplingParams(max_tokens=16, temperature=0))
     client = WorkerClient()
     for i, x in enumerate(ids):
-        client.submit(p.info, f"s{i}", x, {"max_tokens": 16, "temperature": 0.0}, decode=d.info)
+        client.submit(p.info, f"s{i}", x, SamplingSpec(max_tokens=16, temperature=0.0), decode=d.info)
     client.collect(timeout=180)
     for i in range(len(ids)):
         assert client.streams[f"s{i}"].token_ids == want[i]["outputs"][0]["token_ids"], client.streams[f"s{i}"].error
@@ -289,7 +290,7 @@ def test_seeded_sampling_is_the_same_disaggregated(cluster, tiny_llama):
     params = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 11, "ignore_eos": True}
     client = WorkerClient()
     for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, params, decode=d.info)
+        client.submit(p.info, f"r{i}", prompt, SamplingSpec(**params), decode=d.info)
     client.collect(timeout=60)
     eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
     want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
@@ -308,7 +309,7 @@ def test_kv_over_torch_distributed_pair_groups(cluster, tiny_llama, p_shape, d_s
     client = WorkerClient()
     t0 = time.monotonic()
     for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, {"max_tokens": 10, **GREEDY}, decode=d.info)
+        client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=10, **GREEDY), decode=d.info)
     client.collect(timeout=120)
     want = reference(tiny_llama, ps, 10)
     for i in range(len(ps)):
@@ -345,7 +346,7 @@ def test_stop_strings_that_start_in_the_first_token_match_one_process(cluster, t
                 continue
             params = {"max_tokens": 12, "stop": [stop], **GREEDY}
             want = eng.generate([prompt], SamplingParams(**params))[0]["outputs"][0]
-            client.submit(p.info, f"r{n}", prompt, params, decode=d.info)
+            client.submit(p.info, f"r{n}", prompt, SamplingSpec(**params), decode=d.info)
             cases.append((f"r{n}", want))
             n += 1
     assert len(cases) >= 6
@@ -368,9 +369,10 @@ def test_an_unreadable_request_is_answered_at_once_not_left_to_time_out(cluster,
     client = WorkerClient()
     sock = client._sock(p.info["endpoint"])
     client.streams["v2"] = Stream()
-    sock.send(encode(PrefillRequest(VERSION + 1, "v2", 0, [5, 6, 7], {"max_tokens": 2}, client.reply_to)))
+    sock.send(encode(PrefillRequest(VERSION + 1, "v2", 0, [5, 6, 7], SamplingSpec(max_tokens=2),
+                                    client.reply_to)))
     client.streams["typo"] = Stream()
-    bad = msgspec.msgpack.decode(encode(PrefillRequest(VERSION, "typo", 3, [5, 6, 7], {}, client.reply_to)))
+    bad = msgspec.msgpack.decode(encode(PrefillRequest(VERSION, "typo", 3, [5, 6, 7], SamplingSpec(), client.reply_to)))
     bad["prompt_token_ids"] = "not a list"
     sock.send(msgspec.msgpack.encode(bad))
     t0 = time.monotonic()
@@ -379,7 +381,7 @@ def test_an_unreadable_request_is_answered_at_once_not_left_to_time_out(cluster,
     for rid in ("v2", "typo"):
         s = client.streams[rid]
         assert s.finish_reason == "error" and "cannot read the request" in s.error, (rid, s)
-    client.submit(p.info, "ok", prompts(1, seed=3)[0], {"max_tokens": 4, **GREEDY})
+    client.submit(p.info, "ok", prompts(1, seed=3)[0], SamplingSpec(max_tokens=4, **GREEDY))
     client.collect(timeout=30)
     assert client.streams["ok"].finish_reason == "length"
     assert p.stop()["metrics"]["messages_bad"] == 2

@@ -1,0 +1,138 @@
+"""parse(): OpenAI request bodies into ApiRequests, or ApiErrors that name the parameter (no server, a
+fake tokenizer). tests/integration/test_gateway.py sends the same bad bodies through HTTP."""
+
+import math
+
+import pytest
+
+from common.sampling import SamplingSpec
+from engine.errors import InvalidRequestError
+from gateway.openai_api import ApiError, parse
+
+MAX_LEN, VOCAB = 64, 1000
+
+
+class Tok:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([1] if add_special_tokens else []) + [100 + ord(c) % 100 for c in text]
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if messages[-1]["role"] == "tool":
+            raise InvalidRequestError("the template has no tool role")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+
+def completion(**kw):
+    return parse({"model": "m", "prompt": "hi", **kw}, False, Tok(), {"m"}, MAX_LEN, VOCAB)
+
+
+def chat(**kw):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    return parse(body, True, Tok(), {"m"}, MAX_LEN, VOCAB)
+
+
+def error(fn, *a, **kw) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        fn(*a, **kw)
+    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"} and e.value.message
+    return e.value
+
+
+def test_a_completion_carries_its_sampling_parameters():
+    r = completion(max_tokens=5, temperature=0.5, top_p=0.9, top_k=-1, seed=3, stop="\n", n=2, logprobs=2,
+                   stop_token_ids=[7], ignore_eos=True, min_tokens=1, user="u", ttft_ms=200, slo_class="gold",
+                   return_token_ids=True)
+    assert r.prompts == [[1, 104, 105]] and r.n == 2 and r.logprobs == 2 and not r.stream
+    assert r.params == SamplingSpec(max_tokens=5, temperature=0.5, top_p=0.9, top_k=-1, seed=3, stop=["\n"],
+                                    logprobs=2, stop_token_ids=[7], ignore_eos=True, min_tokens=1)
+    assert (r.user, r.ttft_ms, r.tpot_ms, r.slo_class, r.return_token_ids) == ("u", 200, None, "gold", True)
+
+
+def test_null_means_not_given_and_defaults_apply():
+    r = completion(temperature=None, n=None, stop=None, stream=None, echo=None, max_tokens=None)
+    assert r.params == SamplingSpec(max_tokens=16) and r.n == 1 and not r.stream
+    assert completion(stop="").params.stop == []
+    assert chat().params.max_tokens == MAX_LEN - len(chat().prompts[0])  # chat: the rest of the context
+
+
+@pytest.mark.parametrize("prompt,want", [
+    ("ab", [[1, 197, 198]]), (["a", "b"], [[1, 197], [1, 198]]), ([5, 6], [[5, 6]]),
+    ([[5], [6, 7]], [[5], [6, 7]]),
+])
+def test_prompt_shapes(prompt, want):
+    assert completion(prompt=prompt).prompts == want
+
+
+def test_chat_messages_text_parts_and_roles():
+    parts = [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]
+    r = chat(messages=[{"role": "developer", "content": parts}, {"role": "user", "content": "hi", "name": "ann"}],
+             stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=3,
+             max_completion_tokens=4, max_tokens=9, tool_choice="none")
+    assert r.prompts == [Tok().encode("<system>be brief<user>hi", add_special_tokens=False)]
+    assert r.stream and r.include_usage and r.logprobs == 3 and r.params.logprobs == 3 and r.params.max_tokens == 4
+    assert chat(logprobs=True).logprobs == 0 and chat(logprobs=False).logprobs is None
+
+
+BAD = [
+    ({"model": None}, "model"), ({"model": ""}, "model"), ({"prompt": None}, "prompt"),
+    ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt[0]"),
+    ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [-1]}, "prompt[0]"), ({"prompt": [VOCAB]}, "prompt"),
+    ({"prompt": ["x"] * 65}, "prompt"), ({"prompt": "x" * MAX_LEN}, "prompt"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "ten"}, "max_tokens"), ({"max_tokens": MAX_LEN}, "max_tokens"),
+    ({"max_tokens": 2.0}, "max_tokens"),
+    ({"temperature": -1}, "temperature"), ({"temperature": 2.5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"), ({"temperature": True}, "temperature"),
+    ({"temperature": math.inf}, "temperature"), ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -math.inf}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": math.nan}, "min_p"), ({"top_k": -2}, "top_k"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"prompt": ["a"] * 40, "n": 2}, "n"), ({"logprobs": 6}, "logprobs"),
+    ({"stop": 3}, "stop"), ({"stop": [""]}, "stop[0]"), ({"stop": ["x"] * 17}, "stop"),
+    ({"seed": 2**64}, "seed"), ({"seed": "x"}, "seed"), ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
+    ({"stop_token_ids": [3, VOCAB]}, "stop_token_ids"),
+    ({"min_tokens": -1}, "min_tokens"), ({"ttft_ms": 0}, "ttft_ms"), ({"tpot_ms": math.inf}, "tpot_ms"),
+    ({"slo_class": ""}, "slo_class"),
+    ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "z"}, "suffix"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD)
+def test_bad_completions_name_the_parameter(body, param):
+    e = error(completion, **body)
+    assert (e.status, e.param) == (400, param), e.message
+
+
+BAD_CHAT = [
+    ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"), ({"messages": [{"content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_completion_tokens": MAX_LEN}, "max_completion_tokens"),
+    ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"prompt": "x"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHAT)
+def test_bad_chats_name_the_parameter(body, param):
+    e = error(chat, **body)
+    assert (e.status, e.param) == (400, param), e.message
+
+
+def test_messages_say_what_is_wrong():
+    assert "2.0" in error(completion, temperature=3).message
+    assert error(completion, frobnicate=1).message == "Unrecognized request argument supplied: frobnicate"
+    assert error(completion, echo=True).code == "unsupported_parameter"
+    assert error(completion, max_tokens=MAX_LEN).code == "context_length_exceeded"
+    e = error(parse, {"model": "x", "prompt": "hi"}, False, Tok(), {"m"}, MAX_LEN, VOCAB)
+    assert (e.status, e.param, e.code) == (404, "model", "model_not_found")
+    for body in ([1], None, "x"):
+        assert error(parse, body, False, Tok(), {"m"}, MAX_LEN, VOCAB).param is None
