@@ -1,7 +1,7 @@
 """The cluster file (DESIGN.md §9): one TOML document describing a cluster, decoded into typed structs.
 Torch-free. Errors quote the bad value and where it is in the file:
 
-    cluster.toml: pool[1].tp = "two": expected `int`, got `str`
+    cluster.toml: pool[1].tp = 'two': expected `int`, got `str`
 
     name = "demo"                       # etcd prefix /tandem/demo/
     [etcd]
@@ -34,8 +34,8 @@ Torch-free. Errors quote the bad value and where it is in the file:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -149,19 +149,28 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True):
         return {o.name: getattr(self.model if o.name in MODEL_WIDE else pool, o.name) for o in engine_options()}
 
 
-def _value_at(raw, path: str):
-    """The value at a msgspec error path like `$.pool[1].tp`."""
+def error_location(e: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's errors carry their place in the text only: "Expected `int`, got `str` - at `$.pool[1].tp`".
+    Returns the message and the place in our spelling, "pool[1].tp" ("" at the top level, where msgspec
+    leaves the suffix out)."""
+    what, sep, where = str(e).rpartition(" - at `$")
+    if not sep:
+        return str(e), ""
+    return what, where.removesuffix("`").removeprefix(".")
+
+
+def value_at(raw: Any, where: str) -> Any:
+    """The value at a place like "pool[1].tp" in the decoded TOML, or KeyError. msgspec names a dict's
+    key `[...]` (hosts[...].address), so there is no value to find past one."""
     cur = raw
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path.removeprefix("$")):
+    for part in where.replace("[", ".[").split("."):
+        if not part:
+            continue
         try:
-            cur = cur[name] if name else cur[int(index)]
-        except (KeyError, IndexError, TypeError):
-            return None
+            cur = cur[int(part[1:-1])] if part.startswith("[") else cur[part]
+        except (IndexError, TypeError, ValueError):
+            raise KeyError(where) from None
     return cur
-
-
-def _where(path: str) -> str:
-    return path.removeprefix("$.").removeprefix("$") or "(top level)"
 
 
 def loads(text: str, source: str = "cluster.toml") -> ClusterSpec:
@@ -172,17 +181,15 @@ def loads(text: str, source: str = "cluster.toml") -> ClusterSpec:
     try:
         spec = msgspec.convert(raw, ClusterSpec)
     except msgspec.ValidationError as e:
-        msg = str(e)
-        m = re.search(r" - at `([^`]+)`$", msg)
-        if m:
-            path = m.group(1)
-            what = msg[:m.start()]
-            if what.startswith("Object contains unknown field"):
-                field = re.search(r"`([^`]+)`", what).group(1)
-                raise ConfigError(f"{source}: {_where(path)}: unknown field {field!r}") from None
-            value = _value_at(raw, path)
-            raise ConfigError(f"{source}: {_where(path)} = {value!r}: {what[0].lower() + what[1:]}") from None
-        raise ConfigError(f"{source}: {msg}") from None
+        what, where = error_location(e)
+        if what.startswith("Object contains unknown field `"):
+            name = what.split("`")[1]
+            raise ConfigError(f"{source}: {where or '(top level)'}: unknown field {name!r}") from None
+        at = where or "(top level)"
+        if where:
+            with contextlib.suppress(KeyError):
+                at = f"{where} = {value_at(raw, where)!r}"
+        raise ConfigError(f"{source}: {at}: {what[0].lower() + what[1:]}") from None
     _check(spec, raw, source)
     return spec
 
