@@ -85,8 +85,8 @@ def add_flags(parser: argparse.ArgumentParser, options: Iterable[Option], overri
     """A flag per option. `override`: flags that set a value over a cluster file's, so not given is None."""
     for o in options:
         if override:
-            given = f", or {o.default}" if o.default is not None else ""
-            helptext = f"{o.help}; sets every pool's (default: the cluster file's{given})"
+            fallback = f", or {o.default}" if o.default is not None else ""
+            helptext = f"{o.help}; sets every pool's (default: the cluster file's{fallback})"
         elif o.switch:
             helptext = f"{o.help}; {'on by default, this turns it off' if o.default else 'off by default'}"
         else:
