@@ -14,6 +14,7 @@ import sys
 import time
 
 from cluster.cli_common import apply_security_args, build_engine_config, engine_args, security_args
+from cluster.config import add_key_flags
 
 
 def _generate_remote(args) -> int:
@@ -152,20 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-f", "--file", default=None, help="cluster TOML file (default: one host, 1 prefill + 1 decode)")
     up.add_argument("--host", dest="node", default=None,
                     help="this host's name in the cluster file: start only what is assigned to it (default: local)")
-    up.add_argument("--cluster", default=None, help="cluster name (default: the file's, or 'default')")
     up.add_argument("--state-dir", default=None, help="logs, etcd data and state.json (default "
                     "$TANDEM_STATE_DIR/NAME or ~/.local/state/tandem/NAME)")
-    up.add_argument("--etcd", default=None, help="use this etcd (comma-separated endpoints) instead of an embedded one")
-    up.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2-135M-Instruct)")
     up.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
     up.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
-    up.add_argument("--threads", type=int, default=None, help="torch threads per worker process (default 1)")
-    up.add_argument("--kv-cache-memory", default=None, help="KV cache per worker, e.g. 256MiB")
-    up.add_argument("--gateway-host", dest="host_ip", default=None, help="gateway interface (default 127.0.0.1)")
-    up.add_argument("--port", type=int, default=None, help="gateway port (default 8000; 0: any free port)")
-    up.add_argument("--admin-port", type=int, default=None, help="coordinator admin API port (default 8001)")
-    up.add_argument("--policy", default=None, choices=["slo", "least-loaded", "round-robin"])
-    up.add_argument("--api-key", action="append", help="require this Bearer key at the gateway")
+    add_key_flags(up)
     up.add_argument("--detach", action="store_true", help="return once serving; the supervisor stays in the background")
     up.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     security_args(up)

@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from cluster.options import add_flags, engine_config, engine_options, given
 
-def engine_args(p: argparse.ArgumentParser) -> None:
+
+def engine_args(p: argparse.ArgumentParser, worker: bool = False) -> None:
+    """--model and a flag per engine option (cluster/options.py); `worker`: with the worker-only ones."""
     p.add_argument("--model", default=None,
                    help="checkpoint directory, or SmolLM2-135M-Instruct (the default; fetched on first use)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--no-packed-linear", dest="packed_linear", action="store_false",
-                   help="CPU: multiply by the checkpoint's weights as loaded, not prepacked for oneDNN")
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 512MiB or 2GiB")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--quantization", default="none", choices=["none", "int8"],
-                   help="weight quantization of linear layers (int8: weight-only, per channel)")
+    add_flags(p, engine_options(worker))
 
 
 def build_engine_config(args):
-    from engine.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, parse_size
     from engine.model_store import resolve_model
 
-    model_dir = resolve_model(args.model)
-    return EngineConfig(
-        model=str(model_dir),
-        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=parse_size(args.kv_cache_memory),
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_model_len=args.max_model_len),
-        device=DeviceConfig(device=args.device, dtype=args.dtype, num_threads=args.threads,
-                            packed_linear=getattr(args, "packed_linear", True)),
-        quantization=args.quantization,
-    )
+    return engine_config(str(resolve_model(args.model)), given(args))
 
 
 def security_args(p: argparse.ArgumentParser) -> None:

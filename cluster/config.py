@@ -1,7 +1,7 @@
 """The cluster file (DESIGN.md §9): one TOML document describing a cluster, decoded into typed structs.
 Torch-free. Errors quote the bad value and where it is in the file:
 
-    cluster.toml: pool[1].tp = "two": expected `int`, got `str`
+    cluster.toml: pool[1].tp = 'two': expected `int`, got `str`
 
     name = "demo"                       # etcd prefix /tandem/demo/
     [etcd]
@@ -33,14 +33,21 @@ Torch-free. Errors quote the bad value and where it is in the file:
 
 from __future__ import annotations
 
-import re
+import argparse
+import contextlib
+import functools
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 import tomllib
 
+from cluster.options import add_flags, by_name, engine_options
+
 LOCAL = "local"
+# engine options that are one per cluster, keys of [model]; every other one is a key of each [[pool]]
+MODEL_WIDE = ("dtype", "quantization")
 
 
 class ConfigError(ValueError):
@@ -62,11 +69,17 @@ class Etcd(msgspec.Struct, forbid_unknown_fields=True):
     server_key: str | None = None
 
 
-class Model(msgspec.Struct, forbid_unknown_fields=True):
-    path: str = "SmolLM2-135M-Instruct"
-    name: str | None = None  # served model name (default: the directory's name)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    quantization: Literal["none", "int8"] = "none"
+def _option_keys(model_wide: bool) -> list[tuple]:
+    """The engine options' keys (cluster/options.py): name, type and default from engine/config.py."""
+    return [(o.name, o.file_type, o.default) for o in engine_options() if (o.name in MODEL_WIDE) == model_wide]
+
+
+# Model and Pool are made with defstruct: their engine keys come from the engine's structs
+Model = msgspec.defstruct("Model", [
+    ("path", str, "SmolLM2-135M-Instruct"),
+    ("name", str | None, None),  # served model name (default: the directory's name)
+    *_option_keys(model_wide=True),  # dtype, quantization
+], module=__name__, forbid_unknown_fields=True)
 
 
 class Slo(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,17 +107,12 @@ class Coordinator(msgspec.Struct, forbid_unknown_fields=True):
     hosts: list[str] = msgspec.field(default_factory=lambda: [LOCAL])
 
 
-class Pool(msgspec.Struct, forbid_unknown_fields=True):
-    role: Literal["prefill", "decode", "colocated"]
-    replicas: int = 1
-    tp: int = 1
-    pp: int = 1
-    device: str = "cpu"
-    hosts: list[str] = msgspec.field(default_factory=lambda: [LOCAL])
-    kv_cache_memory: str | None = None
-    threads: int = 1
-    block_size: int = 16
-    kv_transport: Literal["auto", "tcp", "zmq", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, else tcp
+Pool = msgspec.defstruct("Pool", [
+    ("role", Literal["prefill", "decode", "colocated"]),
+    ("replicas", int, 1),
+    ("hosts", list[str], msgspec.field(default_factory=lambda: [LOCAL])),  # replicas go round-robin over these
+    *_option_keys(model_wide=False),  # tp, pp, device, threads, block_size, kv_cache_memory, kv_transport, ...
+], module=__name__, forbid_unknown_fields=True)
 
 
 class Security(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,20 +144,33 @@ class ClusterSpec(msgspec.Struct, forbid_unknown_fields=True):
             names.update(p.hosts)
         return sorted(names)
 
+    def engine_values(self, pool: Pool) -> dict[str, Any]:
+        """The engine option values of this pool's workers, by name: its keys and [model]'s."""
+        return {o.name: getattr(self.model if o.name in MODEL_WIDE else pool, o.name) for o in engine_options()}
 
-def _value_at(raw, path: str):
-    """The value at a msgspec error path like `$.pool[1].tp`."""
+
+def error_location(e: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's errors carry their place in the text only: "Expected `int`, got `str` - at `$.pool[1].tp`".
+    Returns the message and the place in our spelling, "pool[1].tp" ("" at the top level, where msgspec
+    leaves the suffix out)."""
+    what, sep, where = str(e).rpartition(" - at `$")
+    if not sep:
+        return str(e), ""
+    return what, where.removesuffix("`").removeprefix(".")
+
+
+def value_at(raw: Any, where: str) -> Any:
+    """The value at a place like "pool[1].tp" in the decoded TOML, or KeyError. msgspec names a dict's
+    key `[...]` (hosts[...].address), so there is no value to find past one."""
     cur = raw
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path.removeprefix("$")):
+    for part in where.replace("[", ".[").split("."):
+        if not part:
+            continue
         try:
-            cur = cur[name] if name else cur[int(index)]
-        except (KeyError, IndexError, TypeError):
-            return None
+            cur = cur[int(part[1:-1])] if part.startswith("[") else cur[part]
+        except (IndexError, TypeError, ValueError):
+            raise KeyError(where) from None
     return cur
-
-
-def _where(path: str) -> str:
-    return path.removeprefix("$.").removeprefix("$") or "(top level)"
 
 
 def loads(text: str, source: str = "cluster.toml") -> ClusterSpec:
@@ -160,17 +181,15 @@ def loads(text: str, source: str = "cluster.toml") -> ClusterSpec:
     try:
         spec = msgspec.convert(raw, ClusterSpec)
     except msgspec.ValidationError as e:
-        msg = str(e)
-        m = re.search(r" - at `([^`]+)`$", msg)
-        if m:
-            path = m.group(1)
-            what = msg[:m.start()]
-            if what.startswith("Object contains unknown field"):
-                field = re.search(r"`([^`]+)`", what).group(1)
-                raise ConfigError(f"{source}: {_where(path)}: unknown field {field!r}") from None
-            value = _value_at(raw, path)
-            raise ConfigError(f"{source}: {_where(path)} = {value!r}: {what[0].lower() + what[1:]}") from None
-        raise ConfigError(f"{source}: {msg}") from None
+        what, where = error_location(e)
+        if what.startswith("Object contains unknown field `"):
+            name = what.split("`")[1]
+            raise ConfigError(f"{source}: {where or '(top level)'}: unknown field {name!r}") from None
+        at = where or "(top level)"
+        if where:
+            with contextlib.suppress(KeyError):
+                at = f"{where} = {value_at(raw, where)!r}"
+        raise ConfigError(f"{source}: {at}: {what[0].lower() + what[1:]}") from None
     _check(spec, raw, source)
     return spec
 
@@ -249,6 +268,65 @@ def _check(spec: ClusterSpec, raw: dict, source: str) -> None:
         bad("etcd.user", e.user, "etcd auth needs both user and password_file")
     if len(spec.all_hosts()) > 1 and not spec.etcd.endpoints and not spec.etcd.client_port:
         bad("etcd.client_port", 0, "a multi-host cluster with an embedded etcd needs a fixed port (or etcd.endpoints)")
+
+
+class KeyFlag(NamedTuple):
+    """A `cluster up` flag that sets a key of the cluster file, over the file's value; its type is the key's."""
+
+    flag: str
+    key: str  # "gateway.port"
+    help: str | None = None
+    comma: bool = False  # a list key: comma-separated in one flag (else the flag repeats)
+
+
+KEY_FLAGS = (
+    KeyFlag("--cluster", "name", "cluster name (default: the file's, or 'default')"),
+    KeyFlag("--etcd", "etcd.endpoints", "use this etcd (comma-separated endpoints) instead of an embedded one",
+            comma=True),
+    KeyFlag("--model", "model.path", "checkpoint directory (default: SmolLM2-135M-Instruct)"),
+    KeyFlag("--gateway-host", "gateway.host", "gateway interface (default 127.0.0.1)"),
+    KeyFlag("--port", "gateway.port", "gateway port (default 8000; 0: any free port)"),
+    KeyFlag("--admin-port", "coordinator.admin_port", "coordinator admin API port (default 8001)"),
+    KeyFlag("--policy", "placement.policy"),
+    KeyFlag("--api-key", "gateway.api_keys", "require this Bearer key at the gateway (repeatable)"),
+)
+POOL_FLAGS = ("threads", "kv_cache_memory")  # engine options `cluster up` sets for every pool
+
+
+def _comma_list(text: str) -> list[str]:
+    return text.split(",")
+
+
+def add_key_flags(parser: argparse.ArgumentParser) -> None:
+    """KEY_FLAGS and POOL_FLAGS on `cluster up`: not given, each is None (the file's value stands)."""
+    for f in KEY_FLAGS:
+        *tables, name = f.key.split(".")
+        cls = functools.reduce(lambda c, t: typing.get_type_hints(c)[t], tables, ClusterSpec)
+        typ = typing.get_type_hints(cls)[name]
+        if typing.get_origin(typ) is list:
+            kind = {"type": _comma_list} if f.comma else {"action": "append"}
+        elif typing.get_origin(typ) is Literal:
+            kind = {"choices": typing.get_args(typ)}
+        else:
+            kind = {"type": typ} if typ is not str else {}
+        parser.add_argument(f.flag, default=None, help=f.help, **kind)
+    add_flags(parser, by_name(*POOL_FLAGS), override=True)
+
+
+def apply_key_flags(spec: ClusterSpec, args: argparse.Namespace) -> None:
+    """The values add_key_flags' flags were given, set on the spec (an empty string counts as not given)."""
+    def given(dest: str) -> Any:
+        v = getattr(args, dest)
+        return None if v == "" else v
+
+    for f in KEY_FLAGS:
+        if (v := given(f.flag.removeprefix("--").replace("-", "_"))) is not None:
+            *tables, name = f.key.split(".")
+            setattr(functools.reduce(getattr, tables, spec), name, v)
+    for name in POOL_FLAGS:
+        if (v := given(name)) is not None:
+            for p in spec.pool:
+                setattr(p, name, v)
 
 
 def placements(spec: ClusterSpec) -> list[dict]:

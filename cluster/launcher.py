@@ -17,9 +17,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config import LOCAL, ClusterSpec, Pool, load, placements
+from cluster.config import LOCAL, ClusterSpec, Pool, apply_key_flags, load, placements
 from cluster.etcd_server import EtcdServer, ServerTLS, free_port, start_cluster
 from cluster.ops import default_state_dir
+from cluster.options import to_argv
 from common import security
 from common.etcd.client import EtcdAuth
 
@@ -96,22 +97,6 @@ class Child:
 def spec_from_args(args) -> ClusterSpec:
     """The cluster file (or the single-host default), with command-line flags on top."""
     spec = load(args.file) if args.file else ClusterSpec()
-    if args.cluster:
-        spec.name = args.cluster
-    if args.etcd:
-        spec.etcd.endpoints = args.etcd.split(",")
-    if args.model:
-        spec.model.path = args.model
-    if args.port is not None:
-        spec.gateway.port = args.port
-    if args.host_ip:
-        spec.gateway.host = args.host_ip
-    if args.admin_port is not None:
-        spec.coordinator.admin_port = args.admin_port
-    if args.policy:
-        spec.placement.policy = args.policy
-    if args.api_key:
-        spec.gateway.api_keys = list(args.api_key)
     for role, n in (("prefill", args.prefill), ("decode", args.decode)):
         if n is not None:
             pools = [p for p in spec.pool if p.role == role]
@@ -119,11 +104,7 @@ def spec_from_args(args) -> ClusterSpec:
                 pools[0].replicas = n
             else:
                 spec.pool.append(Pool(role, replicas=n))
-    for p in spec.pool:
-        if args.kv_cache_memory:
-            p.kv_cache_memory = args.kv_cache_memory
-        if args.threads is not None:
-            p.threads = args.threads
+    apply_key_flags(spec, args)  # after the pools are made: --threads and --kv-cache-memory set every one
     return spec
 
 
@@ -194,13 +175,8 @@ class Supervisor:
                 self._child(p["name"], args)
             elif p["kind"] == "worker":
                 pool = p["pool"]
-                args = ["worker", "--role", pool.role, "--worker-id", p["name"], "--model", model, *common, *served,
-                        "--host", addr, "--tp", str(pool.tp), "--pp", str(pool.pp), "--device", pool.device,
-                        "--threads", str(pool.threads), "--block-size", str(pool.block_size),
-                        "--dtype", spec.model.dtype, "--quantization", spec.model.quantization,
-                        "--kv-transport", pool.kv_transport]
-                args += ["--kv-cache-memory", pool.kv_cache_memory] if pool.kv_cache_memory else []
-                self._child(p["name"], args)
+                self._child(p["name"], ["worker", "--role", pool.role, "--worker-id", p["name"], "--model", model,
+                                        *common, *served, "--host", addr, *to_argv(spec.engine_values(pool))])
         coords = [c for c in self.children if c.args[0] == "coordinator"]
         for c in coords:
             c.start()

@@ -12,17 +12,11 @@ from cluster.cli_common import build_engine_config, engine_args, security_args
 
 def add_parsers(sub) -> None:
     w = sub.add_parser("worker", help="run a prefill, decode or colocated worker in the foreground")
-    engine_args(w)
+    engine_args(w, worker=True)
     w.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
-    w.add_argument("--tp", type=int, default=1)
-    w.add_argument("--pp", type=int, default=1)
-    w.add_argument("--host", default="127.0.0.1", help="interface the worker's sockets bind to")
+    w.add_argument("--host", default="127.0.0.1", help="interface the worker's sockets bind to (its KV endpoints too)")
     w.add_argument("--port", type=int, default=0, help="request socket port (0: any free port)")
     w.add_argument("--kv-port", type=int, default=0, help="decode: KV transfer port (0: any free port)")
-    w.add_argument("--kv-transport", default="auto", choices=["auto", "tcp", "zmq", "nccl", "gloo"],
-                   help="how KV payloads move between workers: auto = nccl on CUDA, else tcp (pages on a plain "
-                   "stream socket, received straight into the cache); zmq = pages as ZeroMQ frames; gloo = the "
-                   "torch.distributed path on CPU (control messages always take ZeroMQ)")
     w.add_argument("--worker-id", default=None)
     w.add_argument("--registry", default=None,
                    help="directory registry (JSON files) to announce this worker and its load in")
@@ -85,11 +79,9 @@ def cmd_worker(args) -> int:
     import json
     import signal
 
-    from engine.config import KVTransferConfig, ParallelConfig
     t0 = time.perf_counter()
     config = build_engine_config(args)
-    config = dataclasses.replace(config, parallel=ParallelConfig(tp=args.tp, pp=args.pp),
-                                 kv_transfer=KVTransferConfig(transport=args.kv_transport, host=args.host))
+    config = dataclasses.replace(config, kv_transfer=dataclasses.replace(config.kv_transfer, host=args.host))
     config.kv_transfer.backend(config.device.device)  # nccl without CUDA: a clear error before loading
     if args.role == "decode":
         from decode.worker import DecodeWorker
@@ -122,7 +114,7 @@ def cmd_worker(args) -> int:
             registry = DirectoryRegistry(args.registry)
         model_name = args.served_model_name or os.path.basename(os.path.normpath(config.model))
         info["model"], info["profile"] = model_name, profile
-        registry.register(WorkerInfo(worker.worker_id, args.role, model_name, args.tp, args.pp,
+        registry.register(WorkerInfo(worker.worker_id, args.role, model_name, config.parallel.tp, config.parallel.pp,
                                      worker.layout.block_size, worker.engine.kv_capacity_tokens, worker.endpoint,
                                      info["kv_endpoints"], worker.layout, os.getpid(), info["startup_s"], profile))
         worker.heartbeat.registry = registry

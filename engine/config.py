@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ModelConfigError
 
@@ -186,6 +187,15 @@ def _parse_rope(raw: dict, source: str) -> RopeScaling:
     )
 
 
+def option(default: Any, help: str, *, name: str | None = None, choices: tuple[str, ...] | None = None,
+           parse=None) -> Any:
+    """A field users set. cluster/options.py makes a flag and a cluster-file key of it: `--block-size` and
+    `block_size` (a switch that is on by default is turned off with `--no-NAME`). `name`: the flag's and
+    key's name where it is not the field's; `choices`: the values allowed; `parse`: turns the text a user writes
+    into the field's value (sizes). A field without it is set in code only (tests, tuning)."""
+    return field(default=default, metadata={"help": help, "name": name, "choices": choices, "parse": parse})
+
+
 def parse_size(value: str | int | None) -> int | None:
     """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
     if value is None or isinstance(value, int):
@@ -210,11 +220,13 @@ def parse_size(value: str | int | None) -> int | None:
 class CacheConfig:
     """KV cache: block size and how much memory it takes (bytes, or a fraction of what is free)."""
 
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; wins over the fraction
+    block_size: int = option(16, "tokens per KV block (a power of two)")
+    # bytes; wins over the fraction
+    kv_cache_memory: int | None = option(None, "KV cache size, e.g. 512MiB or 2GiB; unset: a share of the "
+                                         "free memory", parse=parse_size)
     kv_cache_memory_fraction: float = 0.9  # of free device memory (GPU), after weights
     cpu_kv_cache_default: int = 2**30  # CPU default when no size is given (zeroing it costs time)
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = option(True, "reuse the KV of shared prompt prefixes", name="prefix_caching")
     num_blocks: int | None = None  # exact block count: overrides the memory budget (tests, profiling)
 
     def __post_init__(self):
@@ -231,9 +243,9 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill splits longer prompts)
-    max_model_len: int | None = None  # None: the model's
+    max_num_seqs: int = option(256, "running sequences at most")
+    max_num_batched_tokens: int = option(2048, "token budget per step (chunked prefill splits longer prompts)")
+    max_model_len: int | None = option(None, "context limit, prompt + output (default: the model's)")
 
     def __post_init__(self):
         if self.max_num_seqs <= 0:
@@ -244,12 +256,13 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
-    dtype: str = "float32"
-    num_threads: int = 1  # torch intra-op threads (CPU); 2 threads made small models 15-40x slower here
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    dtype: str = option("float32", "dtype of weights, activations and KV cache", choices=DTYPES)
+    # 2 threads made small models 15-40x slower when several processes shared 2 cores
+    num_threads: int = option(1, "torch intra-op threads per process", name="threads")
     seed: int = 0
     tune_malloc: bool = True  # CPU: keep freed memory in the heap (engine/platform.py)
-    packed_linear: bool = True  # CPU: dense weights prepacked for oneDNN where it supports the dtype
+    packed_linear: bool = option(True, "CPU: dense weights prepacked for oneDNN where it supports the dtype")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -265,8 +278,8 @@ QUANTIZATIONS = ("none", "int8")
 class ParallelConfig:
     """Tensor and pipeline parallelism of one model replica (one worker): tp * pp rank processes."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = option(1, "tensor-parallel ranks of the worker")
+    pp: int = option(1, "pipeline stages of the worker")
     timeout_s: float = 60.0  # every collective between the ranks; a dead rank is noticed within this
     micro_batches: int | None = None  # per step through the pipeline stages (None: pp)
     pipeline_steps: bool = True  # pp > 1: up to pp steps in flight, each on its share of the batch
@@ -290,9 +303,10 @@ class KVTransferConfig:
     """How a disaggregated worker's ranks move KV pages (kvtransfer/; read by prefill/ and decode/,
     carried to every rank with the rest of the config). The engine itself does not use it."""
 
-    # auto: nccl when the device is CUDA, else tcp (ZeroMQ control, pages on a plain stream straight into
-    # the cache); zmq: pages as ZeroMQ frames too; gloo: the nccl code on CPU
-    transport: str = "auto"
+    transport: str = option(
+        "auto", "how KV payloads move between workers: auto = nccl on CUDA, else tcp (pages on a plain stream "
+        "socket, received straight into the cache); zmq = pages as ZeroMQ frames; gloo = the torch.distributed "
+        "path on CPU (control messages always take ZeroMQ)", name="kv_transport", choices=KV_TRANSPORTS)
     host: str = "127.0.0.1"  # interface every rank's KV endpoint binds to (the worker's --host)
     timeout_s: float = 30.0  # joining a torch.distributed pair group, and each payload on it
 
@@ -325,7 +339,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    quantization: str = "none"  # weight quantization of linear layers (engine/layers/quantization.py)
+    # engine/layers/quantization.py
+    quantization: str = option("none", "weight quantization of linear layers (int8: weight-only, per channel)",
+                               choices=QUANTIZATIONS)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 

@@ -74,6 +74,22 @@ def test_errors_quote_the_bad_value_and_its_place(text, message):
     assert message in str(e.value) and str(e.value).startswith("c.toml: ")
 
 
+@pytest.mark.parametrize("text, message", [
+    ('[[pool]]\nrole = "prefill"\nthread = 2', "c.toml: pool[0]: unknown field 'thread'"),
+    ('[model]\nthreads = 2', "c.toml: model: unknown field 'threads'"),
+    ('colour = 1', "c.toml: (top level): unknown field 'colour'"),
+    ('[hosts.a]\nadress = "x"', "c.toml: hosts[...]: unknown field 'adress'"),
+    ('[hosts.a]\naddress = 1', "c.toml: hosts[...].address: expected `str`, got `int`"),  # msgspec hides the key
+    ('[[pool]]\nrole = "prefill"\nmax_num_seqs = "many"', "c.toml: pool[0].max_num_seqs = 'many': expected `int`"),
+    ('[[pool]]\nrole = "prefill"\nhosts = ["a", 2]', "c.toml: pool[0].hosts[1] = 2: expected `str`, got `int`"),
+    ('[model]\ndtype = "int4"', "c.toml: model.dtype = 'int4': invalid enum value 'int4'"),
+])
+def test_unknown_keys_and_bad_values_anywhere_are_refused_with_their_place(text, message):
+    with pytest.raises(ConfigError) as e:
+        loads(text, "c.toml")
+    assert str(e.value).startswith(message)
+
+
 def test_pool_kv_transport_is_checked():
     base = '[[pool]]\nrole = "prefill"\n[[pool]]\nrole = "decode"\n'
     assert loads(base + 'kv_transport = "gloo"\n').pool[1].kv_transport == "gloo"
