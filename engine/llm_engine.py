@@ -130,6 +130,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        self._check_vocab(params)
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
@@ -160,6 +161,12 @@ class LLMEngine:
                                                    arrival_time or time.monotonic())
         return ids
 
+    def _check_vocab(self, params: SamplingParams) -> None:
+        """Token ids in the parameters must exist in this model (the sampler indexes the logits by them)."""
+        if any(t >= self.model_config.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size "
+                                      f"({self.model_config.vocab_size})", param="stop_token_ids")
+
     def add_prefilled(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
                       block_ids: list[int], held_tokens: int = 0, held_text: str = "") -> None:
         """A request whose prompt KV is already in `block_ids` (sent by a prefill worker, which also
@@ -170,6 +177,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         if params.n != 1:
             raise InvalidRequestError("n > 1 is served colocated, not disaggregated", param="n")
+        self._check_vocab(params)
         seq = Sequence(request_id, 0, list(prompt_ids) + [first_token], len(prompt_ids), params)
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = len(prompt_ids)

@@ -166,6 +166,9 @@ def test_bad_requests_raise_typed_errors(model_dir):
         eng.add_request("b", [5, -1])
     with pytest.raises(InvalidRequestError, match="empty"):
         eng.add_request("c", "")
+    with pytest.raises(InvalidRequestError, match="vocabulary") as e:  # the sampler indexes logits by them
+        eng.add_request("c2", [5, 6], SamplingParams(stop_token_ids=[eng.model_config.vocab_size], min_tokens=2))
+    assert e.value.param == "stop_token_ids"
     with pytest.raises(CapacityError):
         eng.add_request("d", [5] * 40)
     eng.add_request("e", [5, 6])
