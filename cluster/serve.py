@@ -114,9 +114,11 @@ def cmd_worker(args) -> int:
             registry = DirectoryRegistry(args.registry)
         model_name = args.served_model_name or os.path.basename(os.path.normpath(config.model))
         info["model"], info["profile"] = model_name, profile
+        bm = worker.engine.block_manager
         registry.register(WorkerInfo(worker.worker_id, args.role, model_name, config.parallel.tp, config.parallel.pp,
                                      worker.layout.block_size, worker.engine.kv_capacity_tokens, worker.endpoint,
-                                     info["kv_endpoints"], worker.layout, os.getpid(), info["startup_s"], profile))
+                                     info["kv_endpoints"], worker.layout, os.getpid(), info["startup_s"], profile,
+                                     bm.root_hash if bm.enable_prefix_caching else 0))
         worker.heartbeat.registry = registry
         worker.heartbeat.interval = min(args.heartbeat_interval, 0.2)
         worker.heartbeat.maybe_beat(worker.engine)

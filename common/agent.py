@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from common import security
-from common.coordinator_protocol import VERSION, Beat, CoordinatorInfo, encode
+from common.coordinator_protocol import MAX_KV_EVENTS, VERSION, Beat, CoordinatorInfo, KVEvents, encode
 from common.etcd import keys
 from common.etcd.session import Session
 from common.etcd.watch import PrefixMirror
@@ -32,8 +32,16 @@ log = logging.getLogger(__name__)
 
 class EtcdRegistry(Registry):
     def __init__(self, endpoints: list[str], cluster: str, ttl: int = 3, interval: float = 0.2,
-                 stall_after: float = 30.0, timeout: float = 10.0):
+                 stall_after: float = 30.0, timeout: float = 10.0, kv_snapshot_s: float = 30.0):
+        """`kv_snapshot_s`: how often the worker's whole prefix cache goes to the coordinators anyway
+        (KV events lost on the way cost hits until then)."""
         self.endpoints, self.cluster, self.ttl = endpoints, cluster, ttl
+        self.kv_snapshot_s = kv_snapshot_s
+        self._kv: queue.SimpleQueue = queue.SimpleQueue()  # (stored, removed, snapshot) from the worker
+        self._kv_seq = 0
+        self._kv_snapshot_at = 0.0
+        self._want_snapshot = False
+        self.kv_messages_sent = 0
         self.interval, self.stall_after, self.timeout = interval, stall_after, timeout
         self._latest: Load | None = None
         self._gone: queue.SimpleQueue = queue.SimpleQueue()
@@ -69,6 +77,8 @@ class EtcdRegistry(Registry):
                 sock.close(0)
             return
         try:
+            if cid not in self.coordinators:
+                self._want_snapshot = True  # a new (or restarted) coordinator knows nothing of our cache
             self.coordinators[cid] = msgspec.json.decode(new, type=CoordinatorInfo)
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("ignored a malformed coordinator record at %s", key)
@@ -94,22 +104,51 @@ class EtcdRegistry(Registry):
             if load is None or time.monotonic() - self._latest_at > self.stall_after:
                 continue  # nothing to vouch for (not registered yet, or the worker's loop is stuck)
             seq += 1
-            data = encode(Beat(VERSION, seq, load, self._incarnation))
-            for info in list(self.coordinators.values()):
-                try:
-                    sock = self._socks.get(info.heartbeats)
-                    if sock is None:
-                        sock = security.client(self._ctx.socket(zmq.PUSH))
-                        sock.setsockopt(zmq.LINGER, 0)
-                        sock.setsockopt(zmq.SNDHWM, 4)  # a dead coordinator does not pile beats up here
-                        self._socks[info.heartbeats] = sock
-                        sock.connect(info.heartbeats)
-                    await sock.send(data, zmq.NOBLOCK)
-                    self.beats_sent += 1
-                except zmq.Again:
-                    pass
-                except zmq.ZMQError as e:  # a malformed coordinator record: the others still get beats
-                    log.warning("heartbeats to %s: %s", info.heartbeats, e)
+            self.beats_sent += await self._send_all(encode(Beat(VERSION, seq, load, self._incarnation)))
+            for data in self._kv_messages(load.worker_id):
+                sent = await self._send_all(data)
+                self.kv_messages_sent += sent
+                if sent < len(self.coordinators):
+                    self._want_snapshot = True  # a coordinator missed it: resync it
+
+    async def _send_all(self, data: bytes) -> int:
+        """Sends `data` to every coordinator's heartbeat socket without waiting; returns how many took it."""
+        n = 0
+        for info in list(self.coordinators.values()):
+            try:
+                sock = self._socks.get(info.heartbeats)
+                if sock is None:
+                    sock = security.client(self._ctx.socket(zmq.PUSH))
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.setsockopt(zmq.SNDHWM, 4)  # a dead coordinator does not pile beats up here
+                    self._socks[info.heartbeats] = sock
+                    sock.connect(info.heartbeats)
+                await sock.send(data, zmq.NOBLOCK)
+                n += 1
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as e:  # a malformed coordinator record: the others still get beats
+                log.warning("heartbeats to %s: %s", info.heartbeats, e)
+        return n
+
+    def _kv_messages(self, worker_id: str) -> list[bytes]:
+        """The KV events the worker handed over since the last beat, as KVEvents messages (a snapshot
+        in parts of at most MAX_KV_EVENTS hashes)."""
+        out = []
+        while True:
+            try:
+                stored, removed, snapshot = self._kv.get_nowait()
+            except queue.Empty:
+                return out
+            if snapshot:
+                parts = max(1, -(-len(stored) // MAX_KV_EVENTS))
+                chunks = [(stored[i * MAX_KV_EVENTS:(i + 1) * MAX_KV_EVENTS], [], i, parts) for i in range(parts)]
+            else:  # a delta is bounded by the engine's KVEventLog (it overflows into a snapshot first)
+                chunks = [(stored, removed, 0, 1)]
+            for st, rm, part, parts in chunks:
+                self._kv_seq += 1
+                out.append(encode(KVEvents(VERSION, worker_id, self._incarnation, self._kv_seq, st, rm,
+                                           snapshot, part, parts)))
 
     # ---- Registry ------------------------------------------------------------------------------
     def register(self, info: WorkerInfo) -> None:
@@ -119,6 +158,14 @@ class EtcdRegistry(Registry):
     def heartbeat(self, load: Load) -> None:
         self._latest, self._latest_at = load, time.monotonic()
         self._loop.call_soon_threadsafe(self._wake.set)  # the agent's loop sends it now
+
+    def kv_events(self, stored: list[int], removed: list[int], snapshot: bool) -> None:
+        if snapshot:
+            self._want_snapshot, self._kv_snapshot_at = False, time.monotonic()
+        self._kv.put((stored, removed, snapshot))
+
+    def kv_snapshot_wanted(self) -> bool:
+        return self._want_snapshot or time.monotonic() - self._kv_snapshot_at > self.kv_snapshot_s
 
     def gone_requesters(self) -> list[str]:
         out = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 
 from common.registry import Load, Registry
 
@@ -35,8 +36,14 @@ class SloWindow:
 
 
 class Heartbeat:
-    def __init__(self, registry: Registry | None, worker_id: str, interval: float = 0.5):
+    def __init__(self, registry: Registry | None, worker_id: str, interval: float = 0.5,
+                 kv_lock: AbstractContextManager | None = None):
+        """`kv_lock`: held while the engine's block manager is read for KV events (a decode worker's
+        reservations change it from another thread)."""
         self.registry, self.worker_id, self.interval = registry, worker_id, interval
+        self.kv_lock = kv_lock if kv_lock is not None else nullcontext()
+        self._kv_started = False
+        self.kv_sent_bytes = self.kv_received_bytes = 0  # the worker adds what its transfers moved
         self._next = 0.0
         self._steps, self._step_s = 0, 0.0
         self._tokens = self._seqs = 0
@@ -58,8 +65,26 @@ class Heartbeat:
         load = Load(self.worker_id, time.time(), st["num_waiting"], st["num_running"], st["num_free_blocks"],
                     st["num_blocks"], 1e3 * self._step_s / self._steps if self._steps else 0.0, self._steps,
                     pending_transfers, st["num_queued_tokens"], self._tokens, self._seqs,
-                    *slo["ttft"], *slo["tpot"])
+                    *slo["ttft"], *slo["tpot"], st.get("prompt_tokens_total", 0), st.get("prefix_hit_tokens_total", 0),
+                    self.kv_sent_bytes, self.kv_received_bytes)
         self._steps, self._step_s = 0, 0.0
         self._tokens = self._seqs = 0
         self.registry.heartbeat(load)
+        self._publish_kv(engine)
         return load
+
+    def _publish_kv(self, engine) -> None:
+        """The prefix cache's changes since the last beat, for the coordinators' KV index: a snapshot
+        first, after an overflow, or when the agent asks for one."""
+        bm = getattr(engine, "block_manager", None)
+        if bm is None or not bm.enable_prefix_caching:
+            return
+        with self.kv_lock:
+            stored, removed, overflowed = bm.enable_events().drain()
+            if overflowed or not self._kv_started or self.registry.kv_snapshot_wanted():
+                stored, removed, snapshot = bm.cached_hashes(), [], True
+            else:
+                snapshot = False
+        self._kv_started = True
+        if snapshot or stored or removed:
+            self.registry.kv_events(stored, removed, snapshot)

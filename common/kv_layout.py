@@ -16,3 +16,11 @@ class KVLayoutSpec(msgspec.Struct, frozen=True):
     tp: int = 1
     pp: int = 1
     pp_partition: tuple[int, ...] | None = None  # layers per stage, when not split evenly
+
+    def block_bytes(self) -> int:
+        """Bytes of one block's KV over every layer and head (K and V): what shipping it moves."""
+        item = ITEMSIZE.get(self.dtype, 4)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * item
+
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}

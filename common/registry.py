@@ -31,6 +31,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     pid: int
     startup_s: float
     profile: dict = {}  # cost model measured at start-up: {"prefill": {a, b, c}, "decode": {base, per_seq, per_token}}
+    kv_hash_root: int = 0  # its prefix cache's root block hash (engine/block_manager.py); 0: no prefix cache
 
 
 class Load(msgspec.Struct, frozen=True):
@@ -51,6 +52,12 @@ class Load(msgspec.Struct, frozen=True):
     ttft_total: int = 0
     tpot_met: int = 0
     tpot_total: int = 0
+    # since the worker started (counters): prompt tokens it was asked to prefill, or to receive for
+    # decode; of those, tokens whose KV its prefix cache held; KV page bytes it shipped and received
+    prompt_tokens_total: int = 0
+    prefix_hit_tokens_total: int = 0
+    kv_sent_bytes_total: int = 0
+    kv_received_bytes_total: int = 0
 
 
 class Registry:
@@ -63,6 +70,14 @@ class Registry:
     def workers(self, role: str | None = None) -> list[WorkerInfo]: ...
 
     def load(self, worker_id: str) -> Load | None: ...
+
+    def kv_events(self, stored: list[int], removed: list[int], snapshot: bool) -> None:
+        """The worker's prefix-cache changes (or, `snapshot`, all it holds) for the coordinators' KV
+        index; sent with the next beat."""
+
+    def kv_snapshot_wanted(self) -> bool:
+        """Whether the next kv_events should be a snapshot (a coordinator appeared, or missed some)."""
+        return False
 
     def gone_requesters(self) -> list[str]:
         """Reply endpoints of requesters (gateways) that died since the last call: their requests here

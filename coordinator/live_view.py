@@ -39,6 +39,7 @@ from coordinator.policy import (
     PrefillWorkerState,
     Rejection,
     RunningRequest,
+    to_compute,
 )
 
 
@@ -49,6 +50,7 @@ class _Pending:
     max_tokens: int
     tpot_slo: float
     queued: bool = True  # still counted in P's queue (until its predicted first token)
+    queue_tokens: int = 0  # what P computes of it (the prompt less what P had cached)
     running: bool = True  # still counted in D's batch (until its predicted last token)
 
 
@@ -182,7 +184,8 @@ class LiveView:
                 v.pending.append(pend)
                 if pend.queued:
                     heapq.heappush(self._ends, (first, next(self._seq), v, pend, "queued"))
-                    v.prefill.queued_tokens += req.prompt_tokens
+                    pend.queue_tokens = to_compute(v.prefill, req)
+                    v.prefill.queued_tokens += pend.queue_tokens
                     v.prefill.queued_prompts += 1
                 if pend.running:
                     heapq.heappush(self._ends, (last, next(self._seq), v, pend, "running"))
@@ -258,7 +261,7 @@ class LiveView:
             if self.workers.get(v.info.worker_id) is not v:
                 continue
             if side == "queued":  # what _recount would count less, taken off in place
-                tokens, prompts = (what.tokens, what.prompts) if isinstance(what, _Sampled) else (what.prompt_tokens, 1)
+                tokens, prompts = (what.tokens, what.prompts) if isinstance(what, _Sampled) else (what.queue_tokens, 1)
                 v.prefill.queued_tokens -= tokens
                 v.prefill.queued_prompts -= prompts
             else:
@@ -377,7 +380,7 @@ def _queue(v: WorkerView) -> tuple[int, int]:
     one if only a prompt mid-prefill is left) and the placements counted since."""
     pending = [p for p in v.pending if p.queued]
     tokens, prompts = (v.sampled.tokens, v.sampled.prompts) if v.sampled.queued else (0, 0)
-    return tokens + sum(p.prompt_tokens for p in pending), prompts + len(pending)
+    return tokens + sum(p.queue_tokens for p in pending), prompts + len(pending)
 
 
 def _of_record(key, side: str):

@@ -2,9 +2,12 @@
 
 DESIGN.md §6. Cost models (DistServe's form): prefill time of n prompt tokens a + b*n + c*n^2;
 decode step time base + per_seq*batch + per_token*total_context. For a request the `slo` policy
-predicts, per prefill worker, TTFT = hop + queue wait + prefill + first-layer transfer, and per decode
+predicts, per prefill worker, TTFT = hop + queue wait + prefill of the prompt tokens that worker has not
+cached (the cluster's KV index, coordinator/kv_index.py) + transfer, and per decode
 worker the step time after adding it, which must stay within the TPOT SLO of the new request *and*
-of every request already running there. P and D are chosen independently (TTFT depends on P alone,
+of every request already running there. A worker holding the prompt's prefix wins until its queue
+costs more than computing the prefix elsewhere, so a hot prefix spreads instead of melting one worker.
+P and D are chosen independently (TTFT depends on P alone,
 TPOT on D alone), so a placement is O(P + D). The pair with the most slack wins; none: rejected
 early with a reason (HTTP 429 upstream), as Mooncake does. `least-loaded` and `round-robin` are the
 baselines.
@@ -28,7 +31,7 @@ grow with the number of workers.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -132,6 +135,14 @@ class PlacementRequest:
     max_tokens: int
     ttft_slo: float = float("inf")  # seconds
     tpot_slo: float = float("inf")
+    # prompt tokens each worker already holds in its prefix cache (the KV index's leading blocks)
+    cached: Mapping[str, int] = field(default_factory=dict)
+
+
+def to_compute(p: PrefillWorkerState, req: PlacementRequest) -> int:
+    """The prompt tokens `p` must compute: those it does not hold, and at least one (the step that
+    computes the last token samples the first output token)."""
+    return req.prompt_tokens - min(req.cached.get(p.worker_id, 0), req.prompt_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,9 @@ def queue_wait(p: PrefillWorkerState) -> float:
 
 
 def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest, wait: float | None = None) -> float:
-    """`wait`: queue_wait(p), when the caller has it already."""
-    return (p.cost.hop + (queue_wait(p) if wait is None else wait) + p.cost.seconds(req.prompt_tokens)
+    """`wait`: queue_wait(p), when the caller has it already. Only the tokens `p` has not cached are
+    computed; the whole prompt's KV is shipped."""
+    return (p.cost.hop + (queue_wait(p) if wait is None else wait) + p.cost.seconds(to_compute(p, req))
             + p.transfer_s_per_token * req.prompt_tokens)
 
 
@@ -286,6 +298,12 @@ def _ttft_shortlist(req: PlacementRequest, prefills: Candidates) -> list[Prefill
     stops as soon as the queues alone decide; with a cost model per worker, the second finds the
     cheap-per-token workers that a walk by the first term alone would reach last."""
     n, slo, best, found, seen = req.prompt_tokens, req.ttft_slo, -INF, [], set()
+    for wid in req.cached:  # workers holding a prefix: the walks' bound (every token computed) is not
+        for _, p in prefills.only(wid).ordered(_ttft_rank):  # theirs, so they are met first, by name
+            seen.add(p.worker_id)
+            slack = _slack(predicted_ttft(p, req), slo)
+            found.append((slack, p))
+            best = max(best, slack)
     walks = [prefills.ordered(_ttft_rank), prefills.ordered(_per_token_rank)]
     at = [0.0, 0.0]
     least_c = None
@@ -440,7 +458,7 @@ def apply(placement: Placement, req: PlacementRequest, prefills: dict[str, Prefi
     """Counts a placement in the live view until the workers' next heartbeats confirm it, so a burst
     does not pile onto one worker."""
     p = prefills[placement.prefill]
-    p.queued_tokens += req.prompt_tokens
+    p.queued_tokens += to_compute(p, req)
     p.queued_prompts += 1
     d = decodes[placement.decode]
     d.running.append(RunningRequest(req.prompt_tokens, req.tpot_slo))

@@ -30,6 +30,7 @@ from common import security
 from common.coordinator_protocol import (
     VERSION,
     CoordinatorInfo,
+    KVEvents,
     MessageError,
     Place,
     Placed,
@@ -48,6 +49,7 @@ from common.registry import WorkerInfo
 from common.zmq_loop import Reader
 from coordinator.costs import CostRefiner
 from coordinator.election import Election
+from coordinator.kv_index import KVIndex
 from coordinator.live_view import LiveView, shape_of
 from coordinator.policy import (
     DecodeCost,
@@ -111,6 +113,7 @@ class Coordinator:
         self.info: CoordinatorInfo | None = None
         self.leader_info: CoordinatorInfo | None = None
         self._beat_seq: dict[str, tuple[int, int]] = {}  # worker -> (incarnation, last seq)
+        self.kv_index = KVIndex()  # which worker's prefix cache holds which block (from KVEvents)
         self._tasks: list[asyncio.Task] = []
         self._runner = None
         self._stopped = asyncio.Event()
@@ -120,6 +123,7 @@ class Coordinator:
                                            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1))
         self.m_bad = m.counter("messages_dropped", "malformed messages dropped", ["socket"])
         self.m_beats = m.counter("heartbeats", "heartbeats received")
+        self.m_kv_events = m.counter("kv_events", "workers' KV event messages", ["result"])
         self.m_events = m.counter("worker_events", "worker events published", ["state"])
         self.m_leader = m.gauge("coordinator_is_leader", "1 while this replica leads")
         self.m_refinements = m.counter("cost_model_refinements", "cost models rescaled from heartbeats")
@@ -204,6 +208,7 @@ class Coordinator:
             v = self.view.deregistered(wid)
             self.state.suspect.discard(wid)
             self._beat_seq.pop(wid, None)
+            self.kv_index.forget(wid)
             if v is not None:
                 self._publish(wid, v.info.role, "dead", "its etcd lease is gone")
                 if self.is_leader:
@@ -298,6 +303,10 @@ class Coordinator:
             self.m_bad.labels(socket="heartbeats").inc()
             log.debug("dropped: %s", e)
             return
+        if isinstance(beat, KVEvents):
+            ok = self.kv_index.apply(beat)  # (a worker not registered yet, or gone: see _refine)
+            self.m_kv_events.labels(result="applied" if ok else "stale").inc()
+            return
         wid = beat.load.worker_id
         inc, last = self._beat_seq.get(wid, (None, 0))
         if inc == beat.incarnation and beat.seq <= last:
@@ -353,7 +362,7 @@ class Coordinator:
         ttft = req.ttft_ms if req.ttft_ms is not None else ttft
         tpot = req.tpot_ms if req.tpot_ms is not None else tpot
         preq = PlacementRequest(req.prompt_tokens, req.max_tokens, ttft / 1e3 if ttft else float("inf"),
-                                tpot / 1e3 if tpot else float("inf"))
+                                tpot / 1e3 if tpot else float("inf"), self._cached(req))
         result, colocated = self.view.place(self.policy, preq, time.monotonic(), req.model, req.exclude)
         if isinstance(result, Rejection):
             code = "no_workers" if result.reason.startswith("no healthy") else "overloaded"
@@ -361,6 +370,18 @@ class Coordinator:
         p = self._addr(result.prefill)
         d = None if colocated else self._addr(result.decode)
         return Placed(VERSION, rid, p, d, result.predicted_ttft * 1e3, result.predicted_tpot * 1e3, ttft, tpot)
+
+    def _cached(self, req: Place) -> dict[str, int]:
+        """Prompt tokens each worker holds in its prefix cache, by the KV index (a hint: the worker
+        looks the prefix up itself), counting only workers whose hashes chain the same way."""
+        if not req.block_hashes or req.block_size <= 0:
+            return {}
+        out = {}
+        for wid, blocks in self.kv_index.match(req.block_hashes).items():
+            v = self.view.workers.get(wid)
+            if v is not None and v.info.kv_hash_root == req.hash_root and v.info.block_size == req.block_size:
+                out[wid] = blocks * req.block_size
+        return out
 
     def _addr(self, wid: str) -> WorkerAddr:
         i = self.view.workers[wid].info
@@ -388,6 +409,8 @@ class Coordinator:
         """The leader stores cost models the fleet's step times disagree with, rescaled (costs.py)."""
         while True:
             await asyncio.sleep(period)
+            for wid in self.kv_index.workers() - self.view.workers.keys():  # events of workers that
+                self.kv_index.forget(wid)  # never registered, or came after their deregistration
             if not self.is_leader:
                 continue
             profiles = {k: v for k, v in self.view.shape_profiles.items() if k not in self._measured}

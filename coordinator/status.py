@@ -9,7 +9,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 import msgspec
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.metrics import Collector
 
@@ -42,7 +42,10 @@ def cluster_status(coord: Coordinator) -> dict:
             "last_heartbeat_s": round(now - v.heard_at, 3),
             "load": msgspec.to_builtins(v.load) if v.load is not None else None,
             "pending_placements": len(v.pending),
+            "kv_blocks": coord.kv_index.held_by(wid),  # prefix-cache blocks the KV index has of it
+            "kv_hash_root": i.kv_hash_root, "block_size": i.block_size,
             "slo_attainment": _attainment(v.load),
+            "prefix_cache_hit_rate": _hit_rate(v.load),
         })
     c = coord.config
     return {
@@ -59,6 +62,13 @@ def cluster_status(coord: Coordinator) -> dict:
 def _slo_counts(load, kind: str) -> tuple[int, int]:
     """(met, total) of the worker's requests over the last minute with a `kind` ("ttft" | "tpot") SLO."""
     return (getattr(load, f"{kind}_met"), getattr(load, f"{kind}_total")) if load else (0, 0)
+
+
+def _hit_rate(load) -> float | None:
+    """Of the prompt tokens the worker was asked for since it started, the share its cache held."""
+    if load is None or not load.prompt_tokens_total:
+        return None
+    return round(load.prefix_hit_tokens_total / load.prompt_tokens_total, 4)
 
 
 def _attainment(load) -> dict:
@@ -106,3 +116,18 @@ class WorkerCollector(Collector):
                     slo.add_metric([wid, kind], met / total)
         yield workers
         yield slo
+        counters = {name: CounterMetricFamily(f"tandem_worker_{name}", text, labels=["worker"]) for name, text in (
+            ("prompt_tokens", "prompt tokens a worker was asked to prefill, or to receive or hold for decode"),
+            ("prefix_cache_hit_tokens", "of those, tokens whose KV the worker's prefix cache already held"),
+            ("kv_received_bytes", "KV page bytes a worker received over the network"),
+            ("kv_sent_bytes", "KV page bytes a worker sent over the network"))}
+        for wid, v in sorted(coord.view.workers.items()):
+            ld = v.load
+            if ld is None:
+                continue
+            for name, value in (("prompt_tokens", ld.prompt_tokens_total),
+                                ("prefix_cache_hit_tokens", ld.prefix_hit_tokens_total),
+                                ("kv_received_bytes", ld.kv_received_bytes_total),
+                                ("kv_sent_bytes", ld.kv_sent_bytes_total)):
+                counters[name].add_metric([wid], value)
+        yield from counters.values()

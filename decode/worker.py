@@ -56,12 +56,13 @@ class DecodeWorker:
         self.bm_lock = threading.RLock()
         self.pool = BlockPoolReserver(self.engine.block_manager, self.bm_lock)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, attempt) from the KV thread
+        self._blocks_received = 0  # written by the KV thread only
         runner = self.engine.runner
         caches = RankCaches(runner.kv_caches, runner.model.layer_start, 0)  # rank 0 holds the first heads
         receiver = RankReceiver(0, self.layout, caches, lambda *a: self.reservations.on_rank_done(*a), self.metrics)
         ranks: list = [receiver]
         self.reservations = Reservations(self.layout, ranks, self.pool.reserve, self._release_reservation,
-                                         None, lambda rid, att, blocks: self._ready.put((rid, att)),
+                                         None, self._on_kv_ready,
                                          timeout=kv_timeout, metrics=self.metrics, refuse=self._refuse)
         self.kv_server = KVServer(f"tcp://{host}:{kv_port}", receiver, self.reservations, **kv_dist_args(config))
         self._kv_endpoints = [self.kv_server.endpoint]
@@ -92,6 +93,11 @@ class DecodeWorker:
     def _release_reservation(self, request_id: str, attempt: int | None = None) -> None:
         self.pool.release(request_id, attempt)
 
+    def _on_kv_ready(self, request_id: str, attempt: int, block_ids: list[int]) -> None:
+        """(KV thread) every rank has the request's pages."""
+        self._blocks_received += len(block_ids)
+        self._ready.put((request_id, attempt))
+
     def _refuse(self, request_id: str, attempt: int) -> str | None:
         # called on the KV thread; a dict lookup is atomic enough for a tombstone check
         a = self._aborted.get(request_id)
@@ -111,6 +117,7 @@ class DecodeWorker:
                 t0 = time.monotonic()
                 self._step()
                 self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
+            self.heartbeat.kv_received_bytes = self._blocks_received * self.layout.block_bytes()
             self.heartbeat.maybe_beat(self.engine, len(self._handoffs) + self.reservations.num_pending)
 
     def stop(self) -> None:

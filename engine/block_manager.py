@@ -70,6 +70,44 @@ def hash_block_tokens(parent_hash: int, tokens: TokenIds[int]) -> int:
     return int.from_bytes(blake2b(pack(parent_hash, *tokens), digest_size=8).digest(), "little")
 
 
+class KVEventLog:
+    """Blocks entering and leaving a BlockManager's prefix cache since the last `drain`, for the
+    cluster's KV index. Only each hash's last change is kept (stored, then evicted, is evicted), so
+    the log is bounded by the cache's churn between drains; past `max_events` it gives up and the next
+    publication must be a snapshot (`overflowed`)."""
+
+    def __init__(self, max_events: int = 1 << 16):
+        self.max_events = max_events
+        self._last: dict[int, bool] = {}  # hash -> stored (True) or removed (False)
+        self.overflowed = False
+
+    def stored(self, h: int) -> None:
+        self._note(h, True)
+
+    def removed(self, h: int) -> None:
+        self._note(h, False)
+
+    def _note(self, h: int, stored: bool) -> None:
+        if self.overflowed:
+            return
+        self._last.pop(h, None)
+        self._last[h] = stored
+        if len(self._last) > self.max_events:
+            self._last.clear()
+            self.overflowed = True
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def drain(self) -> tuple[list[int], list[int], bool]:
+        """(stored, removed, overflowed) since the last drain; an overflowed log asks for a snapshot."""
+        stored = [h for h, s in self._last.items() if s]
+        removed = [h for h, s in self._last.items() if not s]
+        overflowed, self.overflowed = self.overflowed, False
+        self._last.clear()
+        return stored, removed, overflowed
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  hash_seed: bytes | str = b""):
@@ -85,6 +123,17 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         self.seq_hashes: dict[int, list[int]] = {}  # seq_id -> hashes of its full computed blocks
         self.stats = PrefixCacheStats()
+        self.events: KVEventLog | None = None  # set by a worker that publishes its cache to the cluster
+
+    def enable_events(self) -> KVEventLog:
+        """Starts logging prefix-cache changes (`events`), for a worker that publishes them."""
+        if self.events is None:
+            self.events = KVEventLog()
+        return self.events
+
+    def cached_hashes(self) -> list[int]:
+        """Every block hash in the prefix cache now (a snapshot for the cluster's KV index)."""
+        return list(self.cached)
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -165,6 +214,8 @@ class BlockManager:
             if block.hash is None and h not in self.cached:
                 block.hash = h
                 self.cached[h] = block.block_id
+                if self.events is not None:
+                    self.events.stored(h)
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references. Tail blocks go to the free queue first, so they are evicted
@@ -194,6 +245,8 @@ class BlockManager:
             if self.blocks[b].ref_count == 0:
                 self.blocks[b].hash = None
                 del self.cached[h]
+                if self.events is not None:
+                    self.events.removed(h)
 
     # ---- internals -----------------------------------------------------------------------------
     def _touch(self, b: int) -> None:
@@ -208,6 +261,8 @@ class BlockManager:
         if block.hash is not None:  # evict from the prefix cache
             if self.cached.get(block.hash) == b:
                 del self.cached[block.hash]
+                if self.events is not None:
+                    self.events.removed(block.hash)
             block.hash = None
         block.ref_count = 1
         return b

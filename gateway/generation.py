@@ -118,13 +118,14 @@ class Generation:
         # wait a little, as a queue would, before answering 503
         give_up = time.monotonic() + self.gw.config.placement_deadline
         delay = 0.05
+        hashes = self.gw.prefix_hashes(self.prompt + self.tokens)  # where the prompt's KV may be cached
         while True:
             for exclude in (self.exclude, set()):  # all excluded workers gone? the cluster may have healed
                 t0 = time.perf_counter()
                 try:
                     reply = await self.gw.link.place(Place(CVERSION, self.id, self.model, prompt_len, remaining,
                                                            self.slo[0], self.slo[1], sorted(exclude),
-                                                           self.slo[2] if len(self.slo) > 2 else ""))
+                                                           self.slo[2] if len(self.slo) > 2 else "", *hashes))
                 except PlacementUnavailable as e:
                     raise ApiError(503, str(e), code="coordinator_unavailable", type_="service_unavailable",
                                    headers={"Retry-After": "2"}) from None

@@ -36,6 +36,7 @@ from common.messages import MessageError, decode_chunk, encode
 from common.metrics import CONTENT_TYPE, Metrics
 from common.registry import WorkerInfo
 from common.zmq_loop import Reader
+from engine.block_manager import hash_block_tokens
 from gateway.coordinator_link import CoordinatorLink
 from gateway.generation import Delta, Generation
 from gateway.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
@@ -200,6 +201,21 @@ class Gateway:
 
     def served_models(self) -> set[str]:
         return {self.model_name}
+
+    def prefix_hashes(self, token_ids: list[int]) -> tuple[list[int], int, int]:
+        """The prompt's full blocks' prefix-cache hashes as this model's workers compute them, with the
+        root and block size they chain from, for cache-aware placement; ([], 0, 0) when no worker
+        caches prefixes. (Workers with another root or block size simply match nothing.)"""
+        info = next((w for w in self.workers.values() if w.kv_hash_root and w.model == self.model_name
+                     and w.role != "decode"), None) or \
+            next((w for w in self.workers.values() if w.kv_hash_root and w.model == self.model_name), None)
+        if info is None:
+            return [], 0, 0
+        h, bs, out = info.kv_hash_root, info.block_size, []
+        for i in range(len(token_ids) // bs):
+            h = hash_block_tokens(h, token_ids[i * bs:(i + 1) * bs])
+            out.append(h)
+        return out, info.kv_hash_root, bs
 
     # ---- HTTP --------------------------------------------------------------------------------------
     def _build_app(self) -> web.Application:

@@ -28,7 +28,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kvtransfer.connector import DataPath, ShipItem, ShipPlan, encode_plan
 from kvtransfer.plan import IncompatibleLayouts, KVLayout
-from kvtransfer.sender import SendTransfer
+from kvtransfer.sender import SendTransfer, TransferState
 from kvtransfer.zmq_transport import KVClient
 from prefill.shipping import Shipper
 
@@ -102,7 +102,13 @@ class PrefillWorker:
                 t0 = time.monotonic()
                 self._step()
                 self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
-            self._shipping = [st for st in self._shipping if not st.poll()]
+            still = []
+            for st in self._shipping:
+                if not st.poll():
+                    still.append(st)
+                elif st.state == TransferState.DONE:
+                    self.heartbeat.kv_sent_bytes += len(st.dst_block_ids) * self.layout.block_bytes()
+            self._shipping = still
             self._drop_refused()
             self.heartbeat.maybe_beat(self.engine, len(self._shipping))
 

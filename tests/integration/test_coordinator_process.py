@@ -370,3 +370,54 @@ def test_step_times_in_heartbeats_refine_the_stored_cost_model(live):
     finally:
         for r in regs:
             r.deregister("x")
+
+
+def test_placement_follows_the_prefix_a_prefill_worker_cached(live):
+    """Workers publish their prefix caches (KVEvents); the coordinator's KV index sends a prompt to the
+    prefill worker that holds it, not to the one the queues alone pick; a coordinator started later
+    gets the worker's snapshot."""
+    from common.sampling import SamplingSpec
+    from common.worker_client import WorkerClient
+    from engine.block_manager import hash_block_tokens
+
+    coord = live.coordinator()
+    procs = {wid: live.worker(role, wid) for role, wid in (("prefill", "p0"), ("prefill", "p1"), ("decode", "d0"))}
+    client = WorkerClient()
+    try:
+        wait_for(lambda: all_live(coord, 3), 20, "three live workers")
+        placer = Placer(coord.info["placement"])
+        blind = placer.place(prompt_tokens=40, max_tokens=2)  # the queues alone (idle: the tie-break)
+        assert isinstance(blind, Placed), blind
+        holder = "p1" if blind.prefill.worker_id == "p0" else "p0"
+        prompt = list(range(5, 45))  # 10 blocks of 4 tokens
+        time.sleep(0.5)  # (the start-up warm-up's blocks, if any, are in by now)
+        before = workers_of(coord)[holder]["kv_blocks"]
+        client.submit(procs[holder].info, "warm", prompt, SamplingSpec(max_tokens=2, temperature=0.0),
+                      procs["d0"].info)
+        client.collect(timeout=60)
+        assert client.streams["warm"].finish_reason, client.streams["warm"].error
+        ws = wait_for(lambda: (lambda w: w if w[holder]["kv_blocks"] >= before + 10 else None)(workers_of(coord)), 5,
+                      "the holder's blocks in the KV index")
+        root, bs = ws[holder]["kv_hash_root"], ws[holder]["block_size"]
+        assert root and bs == 4
+        hashes, h = [], root
+        for i in range(len(prompt) // bs):
+            h = hash_block_tokens(h, prompt[i * bs:(i + 1) * bs])
+            hashes.append(h)
+        time.sleep(0.6)  # heartbeats since: the blind placement no longer counts in a queue
+        cached = placer.place(prompt_tokens=40, max_tokens=2, block_hashes=hashes, hash_root=root, block_size=bs)
+        assert isinstance(cached, Placed) and cached.prefill.worker_id == holder, cached
+        assert cached.predicted_ttft_ms < blind.predicted_ttft_ms
+        time.sleep(0.6)
+        other_model = placer.place(prompt_tokens=40, max_tokens=2, block_hashes=hashes, hash_root=root ^ 1,
+                                   block_size=bs)  # chained from another root: matches nothing
+        assert other_model.prefill.worker_id == blind.prefill.worker_id
+        late = live.coordinator("coord-1")  # a new replica learns the caches from the workers' snapshots
+        wait_for(lambda: workers_of(late).get(holder, {}).get("kv_blocks", 0) >= before + 10, 10,
+                 "a snapshot at coord-1")
+        placer.close()
+    except BaseException:
+        print(live.logs())
+        raise
+    finally:
+        client.close()

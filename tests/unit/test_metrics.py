@@ -33,7 +33,8 @@ def worker(role, load=None, draining=False):
 
 
 def test_worker_series_follow_the_live_view():
-    load = SimpleNamespace(ttft_met=3, ttft_total=4, tpot_met=0, tpot_total=0)
+    load = SimpleNamespace(ttft_met=3, ttft_total=4, tpot_met=0, tpot_total=0, prompt_tokens_total=1000,
+                           prefix_hit_tokens_total=800, kv_sent_bytes_total=4096, kv_received_bytes_total=0)
     coord = SimpleNamespace(view=SimpleNamespace(workers={"p0": worker("prefill", load), "d0": worker("decode")}),
                             state=SimpleNamespace(suspect=set()))
     m = Metrics()
@@ -43,10 +44,17 @@ def test_worker_series_follow_the_live_view():
     assert ("tandem_worker_slo_attainment", (("slo", "tpot"), ("worker", "p0"))) not in got  # no such requests
     assert got[("tandem_workers", (("role", "prefill"), ("state", "live")))] == 1
     assert got[("tandem_workers", (("role", "decode"), ("state", "starting")))] == 1
+    # the KV-aware cluster's counters, carried in heartbeats, under the names the issue fixes
+    assert got[("tandem_worker_prompt_tokens_total", (("worker", "p0"),))] == 1000
+    assert got[("tandem_worker_prefix_cache_hit_tokens_total", (("worker", "p0"),))] == 800
+    assert got[("tandem_worker_kv_sent_bytes_total", (("worker", "p0"),))] == 4096
+    assert got[("tandem_worker_kv_received_bytes_total", (("worker", "p0"),))] == 0
+    assert not any(dict(labels).get("worker") == "d0" for _, labels in got)  # no load heard yet: no series
 
     coord.state.suspect.add("p0")
     assert samples(m)[("tandem_workers", (("role", "prefill"), ("state", "suspect")))] == 1
     del coord.view.workers["p0"]  # it died: its series go with it, its role's counts read 0
     got = samples(m)
     assert not any(name == "tandem_worker_slo_attainment" for name, _ in got)
+    assert not any(dict(labels).get("worker") == "p0" for _, labels in got)
     assert got[("tandem_workers", (("role", "prefill"), ("state", "suspect")))] == 0

@@ -98,8 +98,11 @@ def run(policy: str, n_workers: int, shared: bool, seed: int, steps):
             else:
                 t.register(wid, rng.choice(["prefill", "decode", "colocated"]), "m", profile())
         else:
+            # some workers hold a prefix of the prompt (any worker: excluded, decode-only, dead ones too)
+            cached = {w: rng.choice([16, 96, 280, 300]) for w in rng.sample(t.ids, min(len(t.ids), rng.choice([0, 1, 3])))}
             req = PlacementRequest(rng.choice([1, 16, 100, 300]), rng.choice([0, 50, 400]),
-                                   rng.choice([INF, INF, 0.05, 0.3, 2.0]), rng.choice([INF, INF, 0.03, 0.06, 0.5, 5.0]))
+                                   rng.choice([INF, INF, 0.05, 0.3, 2.0]), rng.choice([INF, INF, 0.03, 0.06, 0.5, 5.0]),
+                                   cached)
             exclude = set(rng.sample(t.ids, min(len(t.ids), rng.choice([0, 0, 1, 2]))))
             placed += isinstance(t.place(req, rng.choice(["", "", "m", "n"]), exclude), Placement)
     return placed
@@ -120,6 +123,27 @@ def test_a_long_burst_on_a_large_cluster_matches_the_reference():
             rng = random.Random(7)
             steps = [(rng.choice(["place"] * 8 + ["beat", "tick"]), rng.randrange(10**9)) for _ in range(400)]
             assert run(policy, 300, shared, 3, steps) > 0, policy
+
+
+def test_a_cached_prefix_wins_until_its_queue_costs_more_than_recomputing():
+    """Two equal prefill workers; p0 holds 2,000 of a 2,048-token prompt. It wins while idle, and keeps
+    winning as requests pile onto it until its queue outweighs computing the prompt elsewhere; then p1
+    gets one; the hot prefix does not melt p0."""
+    v = LiveView(1.0)
+    prof = {"prefill": {"a": 0.01, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.01, "per_seq": 0.0, "per_token": 0.0}}
+    for wid, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+        v.registered(WorkerInfo(wid, role, "m", 1, 1, 16, 10**6, "tcp://x", ["tcp://k"],
+                                KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.0, prof), 0.0)
+        v.heartbeat(Load(wid, 0.0, 0, 0, 10**5, 10**5, 0.0, 0), 0.0)
+    req = PlacementRequest(2048, 1, cached={"p0": 2000})
+    chosen = []
+    for _ in range(100):
+        got, _ = v.place(make_policy("slo"), req, now=0.0)
+        chosen.append(got.prefill)
+    k = chosen.index("p1")
+    # p1 computes 2,048 tokens (~2.06 s), p0 48 (~0.06 s) after its queue of 48 per placement
+    assert chosen[:k] == ["p0"] * k and 30 <= k <= 45, (k, chosen)
+    assert "p0" in chosen[k:] and "p1" in chosen[k:]  # from then on both share the load
 
 
 def test_ties_go_to_the_first_registered_and_suspects_are_skipped():
