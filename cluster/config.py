@@ -99,6 +99,7 @@ class Gateway(msgspec.Struct, forbid_unknown_fields=True):
     replicas: int = 1
     hosts: list[str] = msgspec.field(default_factory=lambda: [LOCAL])
     max_migrations: int = 3
+    migration_wait: float = 30.0  # seconds a moved request waits for a worker (SSE keep-alives meanwhile)
 
 
 class Coordinator(msgspec.Struct, forbid_unknown_fields=True):

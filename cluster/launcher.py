@@ -191,7 +191,8 @@ class Supervisor:
                 n_gw += 1
                 gw = self._child(p["name"], ["gateway", *common, "--model", model, *served, "--port", str(port),
                                              "--host", spec.gateway.host, "--internal-host", addr, "--id", p["name"],
-                                             "--max-migrations", str(spec.gateway.max_migrations)]
+                                             "--max-migrations", str(spec.gateway.max_migrations),
+                                             "--migration-wait", str(spec.gateway.migration_wait)]
                                  + [f"--api-key={k}" for k in spec.gateway.api_keys])
                 gw.start()
         gateways = [c for c in self.children if c.args[0] == "gateway"]

@@ -66,6 +66,8 @@ def add_parsers(sub) -> None:
     gw.add_argument("--max-migrations", type=int, default=3)
     gw.add_argument("--first-token-timeout", type=float, default=60.0)
     gw.add_argument("--token-timeout", type=float, default=30.0)
+    gw.add_argument("--migration-wait", type=float, default=30.0,
+                    help="seconds a moved request waits for a worker that can take it (SSE keep-alives meanwhile)")
     gw.add_argument("--lease-ttl", type=int, default=2)
     gw.add_argument("--id", default="", help="gateway id (default: random)")
     security_args(gw)
@@ -199,7 +201,7 @@ def cmd_gateway(args) -> int:
     config = GatewayConfig(args.etcd.split(","), args.cluster, args.model, args.served_model_name, args.host,
                            args.port, args.internal_host, keys_, max_migrations=args.max_migrations,
                            first_token_timeout=args.first_token_timeout, token_timeout=args.token_timeout,
-                           lease_ttl=args.lease_ttl, gateway_id=args.id)
+                           lease_ttl=args.lease_ttl, gateway_id=args.id, migration_wait=args.migration_wait)
 
     async def main():
         loop = asyncio.get_running_loop()

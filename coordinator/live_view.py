@@ -39,6 +39,8 @@ from coordinator.policy import (
     PrefillWorkerState,
     Rejection,
     RunningRequest,
+    predicted_tpot,
+    predicted_ttft,
     to_compute,
 )
 
@@ -222,6 +224,8 @@ class LiveView:
             cp = Candidates(self, "prefill", ("colocated",), model, now, exclude)
             if cp.exists():
                 ps, ds, colocated = cp, Candidates(self, "decode", ("colocated",), model, now, exclude), True
+            elif ps.exists() or ds.exists():
+                return self._cover(req, now, model, exclude)
         result = policy.place_in(req, ps, ds)
         if colocated and isinstance(result, Placement) and result.decode != result.prefill:
             result = policy.place_in(req, ps.only(result.decode), ds)
@@ -237,6 +241,8 @@ class LiveView:
             cp = self.prefill_states(now, ("colocated",), model, exclude)
             if any(p.healthy for p in cp):
                 prefills, decodes, colocated = cp, self.decode_states(now, ("colocated",), model, exclude), True
+            elif any(p.healthy for p in prefills) or any(d.healthy for d in decodes):
+                return self._cover(req, now, model, exclude)
         if colocated:
             healthy = {d.worker_id for d in decodes if d.healthy}
             prefills = [p for p in prefills if p.worker_id in healthy]
@@ -248,6 +254,25 @@ class LiveView:
         if isinstance(result, Placement):
             self.placed(result, req, now)
         return result, colocated
+
+    def _cover(self, req: PlacementRequest, now: float, model: str, exclude) -> tuple[Placement | Rejection, bool]:
+        """Role cover: no healthy prefill + decode pair and no colocated worker, so one worker of the
+        role that is left serves the whole request: a prefill worker decodes too, or a decode worker
+        prefills too (both run the whole engine). Best effort: no SLO is checked (the alternative is no
+        service); the least loaded such worker takes it."""
+        ps = [p for p in self.prefill_states(now, ("prefill",), model, exclude) if p.healthy]
+        if ps:
+            p = min(ps, key=lambda p: predicted_ttft(p, req))  # the first registered among equals
+            result: Placement | Rejection = Placement(p.worker_id, p.worker_id, predicted_ttft(p, req), 0.0)
+        else:
+            ds = [d for d in self.decode_states(now, ("decode",), model, exclude)
+                  if d.healthy and d.free_tokens >= req.prompt_tokens]
+            if not ds:
+                return Rejection("no healthy prefill worker, and no decode worker has room for the prompt"), True
+            d = min(ds, key=lambda d: (d.num_running, d.total_context))
+            result = Placement(d.worker_id, d.worker_id, 0.0, predicted_tpot(d, req))
+        self.placed(result, req, now)
+        return result, True
 
     def expire(self, now: float) -> None:
         """Stops counting the placements whose predicted first token (at P) or last token (at D) is past,

@@ -4,6 +4,7 @@
     Handoff               -> prompt ids, first token, sampling params, reply address
     both present          -> LLMEngine.add_prefilled(): num_computed_tokens = prompt_len, then decode
     every step            -> TokenChunks (index 1, 2, ...) to the requester; Abort frees at once
+    PrefillRequest        -> (no decode target: role cover, no prefill worker is live) served whole here
 
 A Handoff whose KV never completes is failed after `handoff_timeout` (the reservation itself times
 out in kvtransfer and frees its blocks); KV without a Handoff likewise.
@@ -21,7 +22,7 @@ import msgspec
 import zmq
 
 from common.heartbeat import Heartbeat
-from common.messages import Abort, Handoff
+from common.messages import Abort, Handoff, PrefillRequest
 from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket
 from engine.config import EngineConfig
 from engine.errors import TandemError
@@ -139,8 +140,31 @@ class DecodeWorker:
                 self._handoffs[msg.request_id] = (msg, time.monotonic() + self.handoff_timeout)
         elif isinstance(msg, Abort):
             self._abort(msg.request_id, msg.attempt)
+        elif isinstance(msg, PrefillRequest) and msg.decode is None:
+            self._serve_whole(msg)
         else:
             self.metrics["messages_unexpected"] += 1
+
+    def _serve_whole(self, req: PrefillRequest) -> None:
+        """Role cover: no prefill worker is live, so the coordinator placed the whole request here; this
+        worker prefills it too and streams every token from index 0."""
+        rid = req.request_id
+        live = self._live.get(rid)
+        if self._refuse(rid, req.attempt) or (live is not None and live[1] >= req.attempt):
+            return  # aborted, or a duplicate
+        if live is not None:  # an older attempt still runs here: the newer one replaces it
+            self._abort(rid, live[1])
+        try:
+            params = SamplingParams(**msgspec.structs.asdict(req.params))
+            with self.bm_lock:
+                self.engine.add_request(rid, req.prompt_token_ids, params, held_tokens=req.held_tokens,
+                                        held_text=req.held_text)
+        except (TandemError, TypeError, ValueError) as e:  # bad input fails this request only
+            self.chunks.error(req.reply_to, rid, req.attempt, str(e))
+            return
+        self._live[rid] = (req.reply_to, req.attempt)
+        self._slo[rid] = (time.monotonic(), req.slo_tpot_ms)
+        self.metrics["admitted_whole"] += 1
 
     def _admit(self) -> None:
         with self.bm_lock:
@@ -219,6 +243,8 @@ class DecodeWorker:
                 self.chunks.send(reply_to, chunk)
             if ro.finished:
                 self._live.pop(ro.request_id, None)
+                for co in ro.outputs[1:]:  # n > 1: a whole request served here (role cover)
+                    self._first_index.pop((ro.request_id, co.index), None)
                 n = self._first_index.pop((ro.request_id, 0), 1) - 1  # tokens decoded here
                 admitted, target = self._slo.pop(ro.request_id, (0.0, None))
                 if n > 0 and ro.outputs[0].finish_reason in ("stop", "length"):

@@ -81,6 +81,7 @@ class Generation:
         self.placement: Placed | None = None
         self.base = 0  # tokens delivered when the current attempt started (its index 0)
         self.migrations = 0
+        self.keepalive = None  # async callable: a sign of life for a streaming client while it waits
         self.exclude: set[str] = set()
         self.capacity_retries = 0
         self.capacity_since: float | None = None  # first "no room" of the current run of them
@@ -114,9 +115,12 @@ class Generation:
         """Places the next attempt and sends it to P. Raises ApiError when nothing can take it."""
         remaining = self.params.max_tokens - len(self.tokens)
         prompt_len = len(self.prompt) + len(self.tokens)
-        # no healthy worker right now (just registered, not yet heard from; or all briefly suspect):
-        # wait a little, as a queue would, before answering 503
-        give_up = time.monotonic() + self.gw.config.placement_deadline
+        # no healthy worker right now (just registered, not yet heard from; or all briefly suspect; or a
+        # moved request's last worker just died, and a supervisor restarts it): wait, as a queue would,
+        # before answering 503; a moved request longer, its stream kept alive meanwhile
+        cfg = self.gw.config
+        give_up = time.monotonic() + (cfg.migration_wait if self.migrations else cfg.placement_deadline)
+        last_sign = time.monotonic()
         delay = 0.05
         hashes = self.gw.prefix_hashes(self.prompt + self.tokens)  # where the prompt's KV may be cached
         while True:
@@ -140,6 +144,9 @@ class Generation:
                 break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+            if self.keepalive is not None and time.monotonic() - last_sign >= cfg.keepalive_s:
+                last_sign = time.monotonic()
+                await self.keepalive()
         if isinstance(reply, Rejected):
             self.gw.m_rejections.labels(code=reply.code).inc()
             retry = {"Retry-After": str(max(1, round(reply.retry_after_s)))}

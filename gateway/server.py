@@ -70,7 +70,9 @@ class GatewayConfig:
     max_migrations: int = 3
     first_token_timeout: float = 60.0  # seconds without the first token of an attempt -> migrate
     token_timeout: float = 30.0  # seconds between tokens -> migrate
-    placement_deadline: float = 6.0
+    placement_deadline: float = 6.0  # a new request waits this long for a worker to come (then 503)
+    migration_wait: float = 30.0  # a moved request waits this long for a worker that can take it
+    keepalive_s: float = 5.0  # SSE comment lines while a stream waits so (proxies keep the connection)
     max_body_bytes: int = 4 << 20
     lease_ttl: int = 2
     gateway_id: str = ""
@@ -376,6 +378,11 @@ class Gateway:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": rid})
         await resp.prepare(request)
+
+        async def keepalive() -> None:  # while a moved request waits for a worker (an SSE comment line)
+            await resp.write(b": keep-alive\n\n")
+        for g in gens:
+            g.keepalive = keepalive
         created = int(time.time())
         obj = "chat.completion.chunk" if api.chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()

@@ -306,6 +306,79 @@ def test_kill_9_of_a_decode_worker_mid_stream_loses_and_duplicates_nothing(fresh
         raise
 
 
+def test_on_one_prefill_and_one_decode_worker_kill_9_of_either_loses_nothing(fresh):
+    """Role cover on the default shape (1 P + 1 D): the decode worker dies mid-stream, and the prefill
+    worker, now alone, serves the moved requests whole; then, with a new decode worker up, the prefill
+    worker dies mid-stream, and the decode worker, now alone, prefills new requests itself. Same tokens
+    as undisturbed runs, no request lost."""
+    live = fresh
+
+    def kill_mid_stream(url, victim, want):
+        progress = [0] * len(MANY)
+        threads, got, errors = stream_all(url, live.model, MANY, 200, progress)
+        deadline = time.monotonic() + 30
+        while min(progress) < 10 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert min(progress) >= 10 and max(progress) < 200, progress  # every stream is mid-way
+        os.kill(victim.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert [g[0] for g in got] == [w[0] for w in want]  # nothing lost, nothing duplicated
+        assert [g[1] for g in got] == [w[1] for w in want] and all(g[2] == "length" for g in got)
+
+    try:
+        live.coordinator()
+        p0 = live.worker("prefill", "p0")
+        d0 = live.worker("decode", "d0")
+        gw = live.gateway()
+        live.wait_ready(gw)
+        url = gw.info["url"]
+        threads, want, errors = stream_all(url, live.model, MANY, 200)  # undisturbed
+        for t in threads:
+            t.join(120)
+        assert not errors and all(w[2] == "length" and len(w[0]) == 200 for w in want)
+        kill_mid_stream(url, d0, want)  # p0 alone covers
+        assert metric(url, "tandem_migrations_total") >= 1
+        d1 = live.worker("decode", "d1")
+        kill_mid_stream(url, p0, want)  # P -> D again: the streams were d1's already and go on
+        threads, got, errors = stream_all(url, live.model, MANY, 200)  # no prefill worker: d1 serves them whole
+        for t in threads:
+            t.join(120)
+        assert not errors and [g[0] for g in got] == [w[0] for w in want]
+        assert d1.alive()
+
+        # no worker at all: a moved request waits (bounded) with SSE keep-alives until one comes back
+        lines, ids = [], []
+
+        def raw_stream():
+            body = {"model": live.model, "prompt": MANY[0], "max_tokens": 200, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "return_token_ids": True}
+            req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for raw in r:
+                    line = raw.decode().rstrip("\n")
+                    lines.append(line)
+                    if line.startswith("data: {"):
+                        ids.extend(json.loads(line[6:])["choices"][0].get("token_ids") or [])
+        t = threading.Thread(target=raw_stream)
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(ids) < 10 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert 10 <= len(ids) < 200, len(ids)
+        os.kill(d1.pid, signal.SIGKILL)
+        time.sleep(6)  # longer than the keep-alive period, well within the 30 s wait
+        live.worker("prefill", "p2")
+        t.join(120)
+        assert ids == want[0][0] and lines[-2:] == ["data: [DONE]", ""], lines[-3:]
+        assert ": keep-alive" in lines
+    except BaseException:
+        print(live.logs())
+        raise
+
+
 def test_kill_9_of_a_prefill_worker_during_prefill_loses_nothing(fresh):
     live = fresh
     try:

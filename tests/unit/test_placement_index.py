@@ -146,6 +146,32 @@ def test_a_cached_prefix_wins_until_its_queue_costs_more_than_recomputing():
     assert "p0" in chosen[k:] and "p1" in chosen[k:]  # from then on both share the load
 
 
+def test_a_role_left_alone_covers_for_the_missing_one():
+    """No prefill + decode pair and no colocated worker: a prefill worker serves the whole request (it
+    decodes too), or a decode worker with room does (it prefills too); both paths choose alike."""
+    prof = {"prefill": {"a": 0.01, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.01, "per_seq": 0.0, "per_token": 0.0}}
+
+    def view(*workers):
+        v = LiveView(1.0)
+        for wid, role, free in workers:
+            v.registered(WorkerInfo(wid, role, "m", 1, 1, 16, 10**6, "tcp://x", ["tcp://k"],
+                                    KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.0, prof), 0.0)
+            v.heartbeat(Load(wid, 0.0, 0, 0, free, 10**5, 0.0, 0, queued_tokens=100 if wid == "p0" else 0), 0.0)
+        return v
+
+    req = PlacementRequest(64, 8, ttft_slo=0.001, tpot_slo=0.001)  # SLOs nobody meets: cover is best effort
+    for scan in (False, True):
+        got, colocated = view(("p0", "prefill", 0), ("p1", "prefill", 0)).place(make_policy("slo"), req, 0.0, scan=scan)
+        assert colocated and (got.prefill, got.decode) == ("p1", "p1")  # the shorter queue
+        got, colocated = view(("d0", "decode", 10**4), ("d1", "decode", 10**4)).place(make_policy("least-loaded"), req,
+                                                                                     0.0, scan=scan)
+        assert colocated and (got.prefill, got.decode) == ("d0", "d0")
+        got, _ = view(("d0", "decode", 2)).place(make_policy("slo"), req, 0.0, scan=scan)  # 32 tokens free < 64
+        assert not isinstance(got, Placement) and "room" in got.reason
+        got, _ = view().place(make_policy("slo"), req, 0.0, scan=scan)
+        assert not isinstance(got, Placement)
+
+
 def test_ties_go_to_the_first_registered_and_suspects_are_skipped():
     v = LiveView(suspect_after=1.0)
     for i in range(50):  # identical idle workers
