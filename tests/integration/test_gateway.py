@@ -268,39 +268,51 @@ def fresh(tmp_path, tiny_llama):
     c.close()
 
 
+def undisturbed(url, model, max_tokens):
+    """Every prompt of MANY streamed to the end: [(token_ids, text, finish)]."""
+    threads, want, errors = stream_all(url, model, MANY, max_tokens)
+    for t in threads:
+        t.join(120)
+    assert not errors and all(w[2] == "length" and len(w[0]) == max_tokens for w in want), errors
+    return want
+
+
+def kill_mid_stream(url, model, want, victim):
+    """Streams MANY again, kills victim() (a Proc) with every stream mid-way, and checks each ends with
+    the undisturbed run's tokens and text: nothing lost, nothing duplicated."""
+    max_tokens = len(want[0][0])
+    progress = [0] * len(MANY)
+    threads, got, errors = stream_all(url, model, MANY, max_tokens, progress)
+    deadline = time.monotonic() + 30
+    while min(progress) < 10 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert min(progress) >= 10 and max(progress) < max_tokens, progress  # every stream is mid-way
+    os.kill(victim().pid, signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == [w[1] for w in want] and all(g[2] == "length" for g in got)
+
+
 def test_kill_9_of_a_decode_worker_mid_stream_loses_and_duplicates_nothing(fresh):
     live = fresh
     try:
         coord = live.coordinator()
         live.worker("prefill", "p0")
-        d0 = live.worker("decode", "d0")
-        d1 = live.worker("decode", "d1")
+        d = {"d0": live.worker("decode", "d0"), "d1": live.worker("decode", "d1")}
         gw = live.gateway()
         live.wait_ready(gw)
         url = gw.info["url"]
-        threads, want, errors = stream_all(url, live.model, MANY, 300)  # undisturbed
-        for t in threads:
-            t.join(120)
-        assert not errors and all(w[2] == "length" and len(w[0]) == 300 for w in want)
+        want = undisturbed(url, live.model, 300)
 
-        progress = [0] * len(MANY)
-        threads, got, errors = stream_all(url, live.model, MANY, 300, progress)
-        deadline = time.monotonic() + 30
-        while min(progress) < 10 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert min(progress) >= 10 and max(progress) < 300, progress  # every stream is mid-way
-        running = {w["worker_id"]: (w["load"] or {}).get("num_running", 0)
-                   for w in get_json(coord.info["admin"] + "/v1/cluster")["workers"] if w["role"] == "decode"}
-        victim, survivor = (d0, d1) if running["d0"] >= running["d1"] else (d1, d0)
-        os.kill(victim.pid, signal.SIGKILL)  # the busier one (placement may favour one by its cost model)
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        for w, g in zip(want, got):
-            assert g[0] == w[0]  # same tokens: nothing lost, nothing duplicated
-            assert g[1] == w[1] and g[2] == "length"
+        def busier():  # the busier one (placement may favour one by its cost model)
+            running = {w["worker_id"]: (w["load"] or {}).get("num_running", 0)
+                       for w in get_json(coord.info["admin"] + "/v1/cluster")["workers"] if w["role"] == "decode"}
+            return d["d0"] if running["d0"] >= running["d1"] else d["d1"]
+        kill_mid_stream(url, live.model, want, busier)
         assert metric(url, "tandem_migrations_total") >= 1
-        assert survivor.alive()
+        assert sum(p.alive() for p in d.values()) == 1
     except BaseException:
         print(live.logs())
         raise
@@ -312,21 +324,6 @@ def test_on_one_prefill_and_one_decode_worker_kill_9_of_either_loses_nothing(fre
     worker dies mid-stream, and the decode worker, now alone, prefills new requests itself. Same tokens
     as undisturbed runs, no request lost."""
     live = fresh
-
-    def kill_mid_stream(url, victim, want):
-        progress = [0] * len(MANY)
-        threads, got, errors = stream_all(url, live.model, MANY, 200, progress)
-        deadline = time.monotonic() + 30
-        while min(progress) < 10 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert min(progress) >= 10 and max(progress) < 200, progress  # every stream is mid-way
-        os.kill(victim.pid, signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert [g[0] for g in got] == [w[0] for w in want]  # nothing lost, nothing duplicated
-        assert [g[1] for g in got] == [w[1] for w in want] and all(g[2] == "length" for g in got)
-
     try:
         live.coordinator()
         p0 = live.worker("prefill", "p0")
@@ -334,14 +331,11 @@ def test_on_one_prefill_and_one_decode_worker_kill_9_of_either_loses_nothing(fre
         gw = live.gateway()
         live.wait_ready(gw)
         url = gw.info["url"]
-        threads, want, errors = stream_all(url, live.model, MANY, 200)  # undisturbed
-        for t in threads:
-            t.join(120)
-        assert not errors and all(w[2] == "length" and len(w[0]) == 200 for w in want)
-        kill_mid_stream(url, d0, want)  # p0 alone covers
+        want = undisturbed(url, live.model, 200)
+        kill_mid_stream(url, live.model, want, lambda: d0)  # p0 alone covers
         assert metric(url, "tandem_migrations_total") >= 1
         d1 = live.worker("decode", "d1")
-        kill_mid_stream(url, p0, want)  # P -> D again: the streams were d1's already and go on
+        kill_mid_stream(url, live.model, want, lambda: p0)  # P -> D again: the streams were d1's already
         threads, got, errors = stream_all(url, live.model, MANY, 200)  # no prefill worker: d1 serves them whole
         for t in threads:
             t.join(120)
