@@ -57,7 +57,6 @@ class DecodeWorker:
         self.bm_lock = threading.RLock()
         self.pool = BlockPoolReserver(self.engine.block_manager, self.bm_lock)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, attempt) from the KV thread
-        self._blocks_received = 0  # written by the KV thread only
         runner = self.engine.runner
         caches = RankCaches(runner.kv_caches, runner.model.layer_start, 0)  # rank 0 holds the first heads
         receiver = RankReceiver(0, self.layout, caches, lambda *a: self.reservations.on_rank_done(*a), self.metrics)
@@ -96,7 +95,6 @@ class DecodeWorker:
 
     def _on_kv_ready(self, request_id: str, attempt: int, block_ids: list[int]) -> None:
         """(KV thread) every rank has the request's pages."""
-        self._blocks_received += len(block_ids)
         self._ready.put((request_id, attempt))
 
     def _refuse(self, request_id: str, attempt: int) -> str | None:
@@ -118,7 +116,7 @@ class DecodeWorker:
                 t0 = time.monotonic()
                 self._step()
                 self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
-            self.heartbeat.kv_received_bytes = self._blocks_received * self.layout.block_bytes()
+            self.heartbeat.kv_received_bytes = self.metrics["blocks_received"] * self.layout.block_bytes()
             self.heartbeat.maybe_beat(self.engine, len(self._handoffs) + self.reservations.num_pending)
 
     def stop(self) -> None:

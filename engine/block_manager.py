@@ -70,6 +70,16 @@ def hash_block_tokens(parent_hash: int, tokens: TokenIds[int]) -> int:
     return int.from_bytes(blake2b(pack(parent_hash, *tokens), digest_size=8).digest(), "little")
 
 
+def chain_hashes(root: int, token_ids: TokenIds[int], block_size: int) -> list[int]:
+    """The hashes of `token_ids`' full blocks, chained from `root` (what a BlockManager with that root
+    gives them): for looking a prompt up in other processes' caches."""
+    out, h = [], root
+    for i in range(len(token_ids) // block_size):
+        h = hash_block_tokens(h, token_ids[i * block_size:(i + 1) * block_size])
+        out.append(h)
+    return out
+
+
 class KVEventLog:
     """Blocks entering and leaving a BlockManager's prefix cache since the last `drain`, for the
     cluster's KV index. Only each hash's last change is kept (stored, then evicted, is evicted), so
@@ -172,6 +182,18 @@ class BlockManager:
             if len(hits) > len(best):
                 best = hits
         return best
+
+    def cached_prefix(self, hashes: TokenIds[int], max_blocks: int) -> list[int]:
+        """The blocks holding the leading `hashes` (at most `max_blocks`), as far as this cache has
+        them: a receiver's reuse of a prefix it already holds (the hashes are the sender's, computed
+        the same way; a miss just ends the run)."""
+        out = []
+        for h in hashes[:max_blocks] if self.enable_prefix_caching else ():
+            b = self.cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
 
     # ---- allocation ----------------------------------------------------------------------------
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:

@@ -179,7 +179,6 @@ class LLMEngine:
             raise InvalidRequestError("n > 1 is served colocated, not disaggregated", param="n")
         self._check_vocab(params)
         seq = Sequence(request_id, 0, list(prompt_ids) + [first_token], len(prompt_ids), params)
-        self.block_manager.stats.queries += len(prompt_ids)  # a prompt received, not looked up here
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = len(prompt_ids)
         st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
@@ -293,7 +292,7 @@ class LLMEngine:
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_blocks": self.block_manager.num_blocks,
             "prefix_cache_hit_rate": self.block_manager.stats.hit_rate,
-            "prompt_tokens_total": self.block_manager.stats.queries,  # looked up at admission, or received
+            "prompt_tokens_total": self.block_manager.stats.queries,  # looked up at admission or reservation
             "prefix_hit_tokens_total": self.block_manager.stats.hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_queued_tokens": sum(s.num_tokens - s.num_computed_tokens

@@ -36,7 +36,7 @@ from common.messages import MessageError, decode_chunk, encode
 from common.metrics import CONTENT_TYPE, Metrics
 from common.registry import WorkerInfo
 from common.zmq_loop import Reader
-from engine.block_manager import hash_block_tokens
+from engine.block_manager import chain_hashes
 from gateway.coordinator_link import CoordinatorLink
 from gateway.generation import Delta, Generation
 from gateway.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
@@ -213,11 +213,7 @@ class Gateway:
             next((w for w in self.workers.values() if w.kv_hash_root and w.model == self.model_name), None)
         if info is None:
             return [], 0, 0
-        h, bs, out = info.kv_hash_root, info.block_size, []
-        for i in range(len(token_ids) // bs):
-            h = hash_block_tokens(h, token_ids[i * bs:(i + 1) * bs])
-            out.append(h)
-        return out, info.kv_hash_root, bs
+        return chain_hashes(info.kv_hash_root, token_ids, info.block_size), info.kv_hash_root, info.block_size
 
     # ---- HTTP --------------------------------------------------------------------------------------
     def _build_app(self) -> web.Application:

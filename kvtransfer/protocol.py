@@ -34,6 +34,10 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     num_tokens: int
     layout: KVLayoutSpec  # the sender's KV layout (checked by the receiver): it derives the plan and the frames to expect
     reply_to: str = ""  # the sender driver's endpoint, for the Ack
+    # the prompt's full blocks' prefix-cache hashes, chained from hash_root (engine/block_manager.py):
+    # the receiver links the leading blocks its own cache holds instead of receiving them
+    block_hashes: list[int] = []
+    hash_root: int = 0
 
 
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):
@@ -43,6 +47,7 @@ class Reserved(msgspec.Struct, tag="reserved", frozen=True):
     ok: bool
     block_ids: list[int] = []
     reason: str = ""  # why not: "no room", "incompatible layout: ...", "duplicate"
+    held: int = 0  # the first `held` of block_ids already hold the prompt's KV there: not sent
 
 
 class Pages(msgspec.Struct, tag="pages", frozen=True):

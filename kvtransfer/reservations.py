@@ -45,16 +45,22 @@ class BlockPoolReserver:
         self._seq_cls, self._params = Sequence, SamplingParams()
         self.held: dict[str, object] = {}
 
-    def reserve(self, request_id: str, num_tokens: int, attempt: int = 0) -> list[int] | None:
+    def reserve(self, request_id: str, num_tokens: int, attempt: int = 0, prefix_hashes: list[int] = (),
+                hash_root: int = 0) -> tuple[list[int], int] | None:
+        """Blocks for `num_tokens` and how many of the first already hold the prompt's KV: the leading
+        `prefix_hashes` this cache holds (decode-side reuse across turns; never the whole prompt: the
+        last block is always received), when they chain from this cache's root."""
         with self.lock:
             old = self.held.pop(request_id, None)
             if old is not None:  # an older attempt's landed KV nobody claimed: the newer attempt supersedes it
                 self.bm.free(old[1])
             seq = self._seq_cls(request_id, 0, [0] * num_tokens, num_tokens, self._params)
-            if not self.bm.allocate_slots(seq, num_tokens):
+            cached = self.bm.cached_prefix(prefix_hashes, (num_tokens - 1) // self.bm.block_size) \
+                if hash_root == self.bm.root_hash else []
+            if not self.bm.allocate_slots(seq, num_tokens - len(cached) * self.bm.block_size, cached):
                 return None
             self.held[request_id] = (attempt, seq)
-            return list(seq.block_ids)
+            return list(seq.block_ids), len(cached)
 
     def release(self, request_id: str, attempt: int | None = None) -> None:
         """Frees the held KV of `request_id` (of that attempt only, when one is named)."""
@@ -81,6 +87,7 @@ class _Reservation:
     sender: bytes  # the sender driver's connection identity, for the Ack
     ranks_left: set[int] = field(default_factory=set)
     deadline: float = 0.0
+    held: int = 0  # leading blocks already held here (not sent)
 
 
 @dataclass
@@ -95,7 +102,7 @@ class Reservations:
     """The decode driver's table of incoming transfers (Reserving -> Transferring -> Done | Failed)."""
 
     def __init__(self, layout: KVLayout, ranks: list[RankReceiver],
-                 reserve_fn: Callable[[str, int, int], list[int] | None], release_fn: Callable[[str, int], None],
+                 reserve_fn: Callable[..., tuple[list[int], int] | None], release_fn: Callable[[str, int], None],
                  send_ack: Callable[[bytes, Ack], None],
                  on_ready: Callable[[str, int, list[int]], None] = lambda *a: None,
                  timeout: float = 10.0, metrics: Counter | None = None,
@@ -136,12 +143,14 @@ class Reservations:
                     if old is not None and old.attempt >= msg.attempt:
                         return no(f"duplicate reservation (attempt {old.attempt} is in flight)")
                     if old is None:
-                        block_ids = self.reserve_fn(msg.request_id, msg.num_tokens, msg.attempt)
-                        if block_ids is None:
+                        got = self.reserve_fn(msg.request_id, msg.num_tokens, msg.attempt, msg.block_hashes,
+                                              msg.hash_root)
+                        if got is None:
                             return no("no room")
+                        block_ids, n_held = got
                         deadline = time.monotonic() + self.timeout
                         self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
-                                                                   {r.rank for r in self.ranks}, deadline)
+                                                                   {r.rank for r in self.ranks}, deadline, n_held)
                         break
                     undo = self._drop_locked(msg.request_id, "superseded by a newer attempt")
             if undoing is not None:  # an older attempt's ranks are being cancelled: its blocks are not
@@ -153,7 +162,7 @@ class Reservations:
         try:
             for r in self.ranks:
                 told += 1
-                r.expect(msg.request_id, msg.attempt, block_ids, src, deadline)
+                r.expect(msg.request_id, msg.attempt, block_ids[n_held:], src, deadline)  # only what is sent
         except TimeoutError as e:  # another rank of this worker did not answer: refuse, free
             late = e
         undo = None
@@ -171,7 +180,8 @@ class Reservations:
         if not held:
             return no("aborted while reserving")
         self.metrics["reserved"] += 1
-        return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids)
+        self.metrics["blocks_held"] += n_held
+        return Reserved(VERSION, msg.request_id, msg.attempt, True, block_ids, held=n_held)
 
     def _holds(self, request_id: str, attempt: int) -> bool:
         res = self._table.get(request_id)
@@ -193,6 +203,7 @@ class Reservations:
             self._undo(undo)
             return
         self.metrics["transfers_ok"] += 1
+        self.metrics["blocks_received"] += len(res.block_ids) - res.held
         self.send_ack(res.sender, Ack(VERSION, request_id, attempt, True))
         self.on_ready(request_id, attempt, res.block_ids)
 

@@ -31,7 +31,10 @@ class TransferState(enum.Enum):
 class SendTransfer:
     def __init__(self, client: KVTransport, request_id: str, attempt: int, num_tokens: int, src: KVLayout,
                  dst: KVLayout, endpoints: list[str], release: Callable[[], None],
-                 reserve_timeout: float = 5.0, ack_timeout: float = 10.0):
+                 reserve_timeout: float = 5.0, ack_timeout: float = 10.0, block_hashes: list[int] = (),
+                 hash_root: int = 0):
+        """`block_hashes` (from `hash_root`): the prompt's full blocks; the receiver keeps the leading
+        ones it holds (`held`), and only the rest is sent."""
         self.client = client
         self.request_id, self.attempt, self.num_tokens = request_id, attempt, num_tokens
         self.src, self.dst, self.endpoints = src, dst, endpoints
@@ -42,18 +45,21 @@ class SendTransfer:
         self.state = TransferState.RESERVING
         self.reason = ""
         self.dst_block_ids: list[int] = []
+        self.block_hashes, self.hash_root = list(block_hashes), hash_root
+        self.held = 0  # leading blocks the receiver already holds
         self._ack = None
         self._ack_deadline: float | None = None
 
     def reserve(self) -> bool:
         return self._reserved(self.client.reserve(self.endpoints[0], self.request_id, self.attempt,
-                                                  self.num_tokens, self.src, self.reserve_timeout))
+                                                  self.num_tokens, self.src, self.reserve_timeout,
+                                                  self.block_hashes, self.hash_root))
 
     def _reserved(self, reply) -> bool:
         if not reply.ok:
             self._fail(reply.reason)
             return False
-        self.dst_block_ids = reply.block_ids
+        self.dst_block_ids, self.held = reply.block_ids, reply.held
         self._ack = self.client.expect_ack(self.request_id, self.attempt)
         self.state = TransferState.TRANSFERRING
         return True
@@ -62,7 +68,7 @@ class SendTransfer:
         """Non-blocking `reserve`: sends the Reserve; `poll_reserve` tells how it ended."""
         import time
         self._reserve = self.client.reserve_async(self.endpoints[0], self.request_id, self.attempt, self.num_tokens,
-                                                  self.src)
+                                                  self.src, self.block_hashes, self.hash_root)
         self._reserve_deadline = (time.monotonic() if now is None else now) + self.reserve_timeout
 
     def poll_reserve(self, now: float | None = None) -> bool | None:
@@ -83,7 +89,7 @@ class SendTransfer:
                  src_block_ids: list[int]) -> OutgoingTransfer:
         """The pages that source rank `rank` sends (layer by layer) for this request."""
         return OutgoingTransfer(client, caches, self.plan, rank, self.request_id, self.attempt, self.endpoints,
-                                src_block_ids[:len(self.dst_block_ids)], self.dst_block_ids)
+                                src_block_ids[self.held:len(self.dst_block_ids)], self.dst_block_ids[self.held:])
 
     def finish(self) -> bool:
         """Waits (at most ack_timeout) for the receiver's Ack; frees the pages either way."""

@@ -22,6 +22,7 @@ from common import security
 from common.heartbeat import Heartbeat
 from common.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
 from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket
+from engine.block_manager import chain_hashes
 from engine.config import EngineConfig
 from engine.errors import TandemError
 from engine.llm_engine import LLMEngine
@@ -107,7 +108,7 @@ class PrefillWorker:
                 if not st.poll():
                     still.append(st)
                 elif st.state == TransferState.DONE:
-                    self.heartbeat.kv_sent_bytes += len(st.dst_block_ids) * self.layout.block_bytes()
+                    self.heartbeat.kv_sent_bytes += (len(st.dst_block_ids) - st.held) * self.layout.block_bytes()
             self._shipping = still
             self._drop_refused()
             self.heartbeat.maybe_beat(self.engine, len(self._shipping))
@@ -139,9 +140,12 @@ class PrefillWorker:
                 if not req.decode.kv_endpoints:
                     raise ValueError("no KV endpoints")
                 dst = KVLayout.from_spec(req.decode.layout)
+                bm = self.engine.block_manager  # (the decode worker links what its cache holds of these)
                 transfer = SendTransfer(self.client, rid, req.attempt, len(req.prompt_token_ids), self.layout, dst,
                                         req.decode.kv_endpoints, release=lambda: None,
-                                        reserve_timeout=self.reserve_timeout, ack_timeout=self.ack_timeout)
+                                        reserve_timeout=self.reserve_timeout, ack_timeout=self.ack_timeout,
+                                        block_hashes=chain_hashes(bm.root_hash, req.prompt_token_ids, bm.block_size),
+                                        hash_root=bm.root_hash)
             except (IncompatibleLayouts, ValueError, TypeError) as e:
                 self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}",
                                   blame=req.decode.worker_id)
@@ -224,7 +228,7 @@ class PrefillWorker:
             p.transfer.release_with(lambda h=holder: bm.free(h))
             t = p.transfer
             ships.append(ShipItem(s.seq.seq_id, t.request_id, t.attempt, p.req.decode.layout, t.endpoints,
-                                  holder.block_ids[:len(t.dst_block_ids)], t.dst_block_ids))
+                                  holder.block_ids[t.held:len(t.dst_block_ids)], t.dst_block_ids[t.held:]))
         return encode_plan(ShipPlan(self.kv_path, ships)) if ships else b""
 
     def _step(self) -> None:

@@ -385,3 +385,29 @@ def test_an_unreadable_request_is_answered_at_once_not_left_to_time_out(cluster,
     client.collect(timeout=30)
     assert client.streams["ok"].finish_reason == "length"
     assert p.stop()["metrics"]["messages_bad"] == 2
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_second_turn_ships_only_what_the_decode_worker_lacks_and_changes_no_token(cluster, tiny_llama, reuse):
+    """Decode-side reuse across turns: turn 2 (turn 1's prompt + its answer + a new message) goes to
+    the decode worker that decoded turn 1; it links the leading blocks its prefix cache still holds and
+    receives only the rest. Greedy tokens equal the single-process engine's, reuse on or off."""
+    d = cluster("decode", *([] if reuse else ["--no-prefix-caching"]))
+    p = cluster("prefill")
+    client = WorkerClient()
+    turn1 = prompts(1, seed=7)[0] + list(range(30, 60))  # at least 30 tokens: several full blocks of 4
+    client.submit(p.info, "t1", turn1, SamplingSpec(max_tokens=8, **GREEDY), decode=d.info)
+    client.collect(timeout=60)
+    answer = client.streams["t1"].token_ids
+    turn2 = turn1 + answer + [17, 18, 19, 20, 21]
+    client.submit(p.info, "t2", turn2, SamplingSpec(max_tokens=8, **GREEDY), decode=d.info)
+    client.collect(timeout=60)
+    assert [answer, client.streams["t2"].token_ids] == reference(tiny_llama, [turn1, turn2], 8)
+    m = d.stop()["metrics"]
+    blocks1, blocks2 = -(-len(turn1) // 4), -(-len(turn2) // 4)
+    if reuse:  # every full block of turn 1's prompt + answer that was computed there is linked, not sent
+        assert m["blocks_held"] >= len(turn1) // 4, m
+        assert m["blocks_received"] == blocks1 + blocks2 - m["blocks_held"], m
+    else:
+        assert m.get("blocks_held", 0) == 0 and m["blocks_received"] == blocks1 + blocks2, m
+    p.stop()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from common.kv_layout import KVLayoutSpec
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, chain_hashes
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 from kvtransfer.fake import FakeKVClient, FakeKVNetwork
 from kvtransfer.pages import RankCaches
 from kvtransfer.plan import KVLayout
@@ -26,9 +28,9 @@ def layout(tp=1, pp=1):
 
 
 class Decode:
-    def __init__(self, net, tp=1, pp=1, num_blocks=16, timeout=5.0):
+    def __init__(self, net, tp=1, pp=1, num_blocks=16, timeout=5.0, caching=False):
         self.layout = layout(tp, pp)
-        self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=False)
+        self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=caching)
         self.pool = BlockPoolReserver(self.bm)
         self.ready = {}
         ranks = []
@@ -128,6 +130,45 @@ def test_dead_receiver_sender_times_out_and_releases():
         net.kill(ep)
     st.outgoing(0, client, RankCaches(src_caches(), 0, 0), [1, 2, 3]).send_all()
     assert not st.finish() and released == [1] and st.reason == "no ack (timeout)"
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_a_receiver_links_the_prefix_it_holds_and_receives_only_the_rest(tp, pp):
+    """Decode-side reuse: turn 1's prompt lands and stays in D's prefix cache; turn 2 (turn 1 + more)
+    reserves with its blocks' hashes, D links the 2 leading blocks it holds, and only the third block
+    travels; D's blocks then hold turn 1's pages and turn 2's new one. With another root: nothing held."""
+    net = FakeKVNetwork()
+    d = Decode(net, tp=tp, pp=pp, caching=True)
+    full = src_caches()
+    client = FakeKVClient(net, 0)
+    turn1, turn2 = list(range(10, 18)), list(range(10, 18)) + [40, 41, 42]  # 2 blocks; 2 blocks + 3 tokens
+    root = d.bm.root_hash
+    st = SendTransfer(client, "t1", 0, len(turn1), layout(), d.layout, d.endpoints, lambda: None,
+                      block_hashes=chain_hashes(root, turn1, BS), hash_root=root)
+    assert st.reserve() and st.held == 0
+    st.outgoing(0, client, RankCaches(full, 0, 0), [1, 2]).send_all()
+    assert st.finish()
+    held1 = d.pool.take("t1")  # D decodes turn 1: its full blocks enter the cache, then are freed
+    seq = Sequence("t1", 0, turn1, len(turn1), SamplingParams())
+    first_blocks = list(held1.block_ids)
+    seq.block_ids, seq.num_computed_tokens = list(first_blocks), len(turn1)
+    d.bm.cache_full_blocks(seq)
+    d.bm.free(held1)
+    st2 = SendTransfer(client, "t2", 0, len(turn2), layout(), d.layout, d.endpoints, lambda: None,
+                       block_hashes=chain_hashes(root, turn2, BS), hash_root=root)
+    assert st2.reserve() and st2.held == 2 and st2.dst_block_ids[:2] == first_blocks
+    sent = st2.outgoing(0, client, RankCaches(full, 0, 0), [5, 6, 7]).send_all()
+    assert sent and st2.finish()
+    assert d.res.metrics["blocks_held"] == 2 and d.res.metrics["blocks_received"] == 2 + 1
+    blocks = d.ready["t2"]
+    for r in d.ranks:
+        for i, c in enumerate(r.caches.caches):
+            layer, h0 = r.caches.layer_start + i, r.caches.head_start
+            want = full[layer][:, [1, 2, 7], h0:h0 + c.shape[2]]  # turn 1's two blocks, turn 2's third
+            assert torch.equal(c[:, blocks], want)
+    st3 = SendTransfer(client, "t3", 0, len(turn2), layout(), d.layout, d.endpoints, lambda: None,
+                       block_hashes=chain_hashes(root ^ 1, turn2, BS), hash_root=root ^ 1)
+    assert st3.reserve() and st3.held == 0  # another model's (or dtype's) hashes: nothing to link
 
 
 def test_block_runs_are_consecutive_on_both_sides():
@@ -379,9 +420,9 @@ def test_a_slow_follower_cancel_holds_no_lock_and_a_newer_attempt_waits_for_it()
     slow = _SlowCancelRank(0)
     acks, reserved_at = [], {}
 
-    def reserve(rid, n, attempt):
+    def reserve(rid, n, attempt, *prefix):
         reserved_at[(rid, attempt)] = slow.cancelling.is_set() and not slow.release.is_set()
-        return pool.reserve(rid, n, attempt)
+        return pool.reserve(rid, n, attempt, *prefix)
     res = Reservations(layout(), [slow], reserve, pool.release, lambda s, a: acks.append(a))
     assert _reserve(res, "a").ok and _reserve(res, "b").ok
     aborter = threading.Thread(target=res.on_abort, args=("a", 0, "client left", True))
