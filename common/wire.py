@@ -1,7 +1,7 @@
 """The one envelope of every message on tandem's sockets (DESIGN.md §3): MessagePack through typed
 msgspec structs, tagged where a socket carries several kinds, the protocol version as each message's
 first field `v`. Decoding is validation: a message that is malformed, unknown, too large or of
-another protocol version raises `MessageError`, which the receiver logs, counts and drops. No pickle.
+another protocol version raises `MessageError`, which the receiver logs, counts and drops. Nothing is ever unpickled.
 
 The protocols built on it: common/messages.py (requesters and workers), common/coordinator_protocol.py
 (heartbeats, placement, worker events) and kvtransfer/protocol.py (KV reservations and pages).
