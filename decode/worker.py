@@ -81,7 +81,8 @@ class DecodeWorker:
         self._first_index: dict = {}
         self._aborted: dict[str, tuple[int, float]] = {}  # request_id -> (attempt, forget after)
         self._stop = False
-        self.heartbeat = Heartbeat(None, worker_id)  # `cluster worker --registry` sets the registry
+        # (the KV thread's reservations change the block manager too: its KV events are read under bm_lock)
+        self.heartbeat = Heartbeat(None, worker_id, kv_lock=self.bm_lock)  # `cluster worker --registry` sets the registry
 
     @property
     def kv_endpoints(self) -> list[str]:

@@ -3,6 +3,8 @@ and the engine's event log that feeds it (engine/block_manager.py)."""
 
 import random
 
+import pytest
+
 from common.coordinator_protocol import VERSION, KVEvents, MessageError, decode_beat, encode
 from coordinator.kv_index import KVIndex
 from engine.block_manager import BlockManager, KVEventLog, hash_block_tokens
@@ -121,7 +123,7 @@ def test_event_log_keeps_each_hash_last_change_and_overflows_to_a_snapshot():
     assert log.drain() == ([], [], True) and log.drain() == ([], [], False)
 
 
-def test_heartbeat_publishes_a_snapshot_first_then_deltas_and_a_snapshot_when_asked():
+def test_heartbeat_publishes_a_snapshot_first_then_deltas_and_a_snapshot_when_asked(monkeypatch):
     from types import SimpleNamespace
 
     from common.heartbeat import Heartbeat
@@ -140,8 +142,21 @@ def test_heartbeat_publishes_a_snapshot_first_then_deltas_and_a_snapshot_when_as
     bm = BlockManager(8, 2)
     stats = {"num_waiting": 0, "num_running": 0, "num_free_blocks": 8, "num_blocks": 8, "num_queued_tokens": 0}
     engine = SimpleNamespace(block_manager=bm, stats=lambda: stats)
+    class Lock:  # records that the block manager is read under the worker's lock
+        held = entered = 0
+
+        def __enter__(self):
+            self.held, self.entered = 1, self.entered + 1
+
+        def __exit__(self, *exc):
+            self.held = 0
+
+    lock = Lock()
     reg = Recorder()
-    hb = Heartbeat(reg, "w", interval=0.0)
+    hb = Heartbeat(reg, "w", interval=0.0, kv_lock=lock)
+    drain = KVEventLog.drain
+    monkeypatch.setattr(KVEventLog, "drain",
+                        lambda log: drain(log) if lock.held else pytest.fail("drained without the lock"))
 
     def compute(rid, tokens):
         seq = Sequence(rid, 0, tokens, len(tokens), SamplingParams())
@@ -163,6 +178,7 @@ def test_heartbeat_publishes_a_snapshot_first_then_deltas_and_a_snapshot_when_as
     reg.want = True
     hb.maybe_beat(engine, now=4.0)
     assert reg.sent[-1][2] and len(reg.sent[-1][0]) == 3
+    assert lock.entered == 4
 
 
 def test_a_delta_always_fits_one_kv_events_message():
