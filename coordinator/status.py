@@ -116,18 +116,19 @@ class WorkerCollector(Collector):
                     slo.add_metric([wid, kind], met / total)
         yield workers
         yield slo
-        counters = {name: CounterMetricFamily(f"tandem_worker_{name}", text, labels=["worker"]) for name, text in (
-            ("prompt_tokens", "prompt tokens a worker was asked to prefill, or to receive or hold for decode"),
-            ("prefix_cache_hit_tokens", "of those, tokens whose KV the worker's prefix cache already held"),
-            ("kv_received_bytes", "KV page bytes a worker received over the network"),
-            ("kv_sent_bytes", "KV page bytes a worker sent over the network"))}
-        for wid, v in sorted(coord.view.workers.items()):
-            ld = v.load
-            if ld is None:
-                continue
-            for name, value in (("prompt_tokens", ld.prompt_tokens_total),
-                                ("prefix_cache_hit_tokens", ld.prefix_hit_tokens_total),
-                                ("kv_received_bytes", ld.kv_received_bytes_total),
-                                ("kv_sent_bytes", ld.kv_sent_bytes_total)):
-                counters[name].add_metric([wid], value)
-        yield from counters.values()
+        loads = [(wid, v.load) for wid, v in sorted(coord.view.workers.items()) if v.load is not None]
+        for name, field, text in _WORKER_COUNTERS:
+            family = CounterMetricFamily(f"tandem_worker_{name}", text, labels=["worker"])
+            for wid, load in loads:
+                family.add_metric([wid], getattr(load, field))
+            yield family
+
+
+# per-worker counters carried in heartbeats: (series name, Load field, help)
+_WORKER_COUNTERS = (
+    ("prompt_tokens", "prompt_tokens_total", "prompt tokens a worker was asked to prefill, or to receive or hold "
+     "for decode"),
+    ("prefix_cache_hit_tokens", "prefix_hit_tokens_total", "of those, tokens whose KV the worker's prefix cache "
+     "already held"),
+    ("kv_received_bytes", "kv_received_bytes_total", "KV page bytes a worker received over the network"),
+    ("kv_sent_bytes", "kv_sent_bytes_total", "KV page bytes a worker sent over the network"))

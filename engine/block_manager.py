@@ -106,9 +106,6 @@ class KVEventLog:
             self._last.clear()
             self.overflowed = True
 
-    def __len__(self) -> int:
-        return len(self._last)
-
     def drain(self) -> tuple[list[int], list[int], bool]:
         """(stored, removed, overflowed) since the last drain; an overflowed log asks for a snapshot."""
         stored = [h for h, s in self._last.items() if s]
