@@ -38,7 +38,7 @@ import contextlib
 import functools
 import typing
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import tomllib
@@ -90,6 +90,11 @@ class Slo(msgspec.Struct, forbid_unknown_fields=True):
 class Placement(msgspec.Struct, forbid_unknown_fields=True):
     policy: Literal["slo", "least-loaded", "round-robin"] = "slo"
     suspect_after_s: float = 1.0
+    kv_aware: bool = True  # false: the slo policy ignores the KV index (cache-blind; no local prefill)
+    # conditional disaggregation: a decode worker prefills a request itself iff at most this many of its
+    # tokens are left to compute there (the rest it holds); unset: the cost model decides; 0: never
+    local_prefill_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    kv_bandwidth_gb_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0  # what KV pages move at between workers (placement's transfer time)
 
 
 class Gateway(msgspec.Struct, forbid_unknown_fields=True):

@@ -25,6 +25,16 @@ from common import security
 from common.etcd.client import EtcdAuth
 
 
+def placement_args(spec: ClusterSpec) -> list[str]:
+    """`cluster coordinator` flags for the cluster file's [placement] table."""
+    pl = spec.placement
+    args = ["--policy", pl.policy, "--suspect-after", str(pl.suspect_after_s),
+            "--kv-bandwidth-gb-s", str(pl.kv_bandwidth_gb_s)]
+    args += [] if pl.kv_aware else ["--no-kv-aware"]
+    args += [f"--local-prefill-tokens={pl.local_prefill_tokens}"] if pl.local_prefill_tokens is not None else []
+    return args
+
+
 @dataclass
 class Child:
     name: str
@@ -168,8 +178,7 @@ class Supervisor:
                 port = spec.coordinator.admin_port if n_coord == 0 else 0
                 n_coord += 1
                 args = ["coordinator", *common, "--id", p["name"], "--host", addr, "--admin-host", admin_host,
-                        "--admin-port", str(port), "--policy", spec.placement.policy,
-                        "--suspect-after", str(spec.placement.suspect_after_s)]
+                        "--admin-port", str(port), *placement_args(spec)]
                 args += [f"--ttft-ms={spec.slo.ttft_ms}"] if spec.slo.ttft_ms else []
                 args += [f"--tpot-ms={spec.slo.tpot_ms}"] if spec.slo.tpot_ms else []
                 self._child(p["name"], args)

@@ -44,6 +44,13 @@ def add_parsers(sub) -> None:
     c.add_argument("--admin-port", type=int, default=8001, help="admin HTTP API port (0: any free port)")
     c.add_argument("--policy", default="slo", choices=["slo", "least-loaded", "round-robin"])
     c.add_argument("--suspect-after", type=float, default=1.0, help="seconds without heartbeats -> suspect")
+    c.add_argument("--no-kv-aware", dest="kv_aware", action="store_false",
+                   help="the slo policy ignores the cluster's KV index (cache-blind placement, no local prefill)")
+    c.add_argument("--local-prefill-tokens", type=int, default=None,
+                   help="a decode worker prefills a request itself iff at most this many tokens are left to "
+                   "compute there (default: the cost model decides; 0: never)")
+    c.add_argument("--kv-bandwidth-gb-s", type=float, default=2.0,
+                   help="what KV pages move at between workers, for placement's transfer time (default 2)")
     c.add_argument("--lease-ttl", type=int, default=2)
     c.add_argument("--ttft-ms", type=float, default=None, help="default TTFT SLO")
     c.add_argument("--tpot-ms", type=float, default=None, help="default TPOT SLO")
@@ -155,15 +162,9 @@ def _run_async(main) -> None:
         asyncio.run(main)
 
 
-def cmd_coordinator(args) -> int:
-    """A coordinator replica in the foreground: one JSON line when serving, until SIGTERM/SIGINT."""
-    import asyncio
-    import json
-    import signal
-
-    import msgspec
-
-    from coordinator.server import CoordinatorConfig, serve
+def coordinator_config(args):
+    """The CoordinatorConfig `cluster coordinator`'s arguments ask for."""
+    from coordinator.server import CoordinatorConfig
     classes = {}
     for spec in args.slo_class or []:
         name, _, rest = spec.partition("=")
@@ -172,9 +173,23 @@ def cmd_coordinator(args) -> int:
         except ValueError:
             raise ValueError(f"--slo-class {spec!r}: expected NAME=TTFT_MS:TPOT_MS (either may be empty)") from None
         classes[name] = (ttft, tpot)
-    config = CoordinatorConfig(args.etcd.split(","), args.cluster, args.id, args.host, args.placement_port,
-                               args.heartbeat_port, args.events_port, args.admin_host, args.admin_port,
-                               args.policy, args.suspect_after, args.lease_ttl, args.ttft_ms, args.tpot_ms, classes)
+    return CoordinatorConfig(args.etcd.split(","), args.cluster, args.id, args.host, args.placement_port,
+                             args.heartbeat_port, args.events_port, args.admin_host, args.admin_port,
+                             args.policy, args.suspect_after, args.lease_ttl, args.ttft_ms, args.tpot_ms, classes,
+                             kv_aware=args.kv_aware, local_prefill_tokens=args.local_prefill_tokens,
+                             kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
+
+
+def cmd_coordinator(args) -> int:
+    """A coordinator replica in the foreground: one JSON line when serving, until SIGTERM/SIGINT."""
+    import asyncio
+    import json
+    import signal
+
+    import msgspec
+
+    from coordinator.server import serve
+    config = coordinator_config(args)
 
     async def main():
         loop = asyncio.get_running_loop()

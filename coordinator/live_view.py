@@ -84,8 +84,13 @@ def shape_of(info: WorkerInfo) -> str:
 
 
 class LiveView:
-    def __init__(self, suspect_after: float = 1.0):
+    def __init__(self, suspect_after: float = 1.0, kv_bandwidth_gb_s: float = 2.0):
+        """`kv_bandwidth_gb_s`: what KV pages move at between workers, for the time a prompt's pages take
+        (policy.predicted_ttft's transfer term; ~2 GB/s is the ZeroMQ path on loopback here)."""
+        if kv_bandwidth_gb_s <= 0:
+            raise ValueError(f"kv_bandwidth_gb_s = {kv_bandwidth_gb_s!r}: must be > 0")
         self.suspect_after = suspect_after
+        self.kv_bandwidth = kv_bandwidth_gb_s * 1e9
         self.workers: dict[str, WorkerView] = {}
         self.shape_profiles: dict[tuple[str, str], dict] = {}  # (model, shape) -> stored profile
         # one instance per distinct cost model, so the indexes' keys compare them by identity
@@ -119,10 +124,16 @@ class LiveView:
             self.prefill_costs[wid] = self._cost(PrefillCost(**prof["prefill"]))
         if prof.get("decode"):
             self.decode_costs[wid] = self._cost(DecodeCost(**prof["decode"]))
-        v.prefill = PrefillWorkerState(wid, self.prefill_costs.get(wid) or self._cost(PrefillCost()))
+        v.prefill = PrefillWorkerState(wid, self.prefill_costs.get(wid) or self._cost(PrefillCost()),
+                                       transfer_s_per_token=self._transfer(info))
         v.decode = DecodeLoad(wid, self.decode_costs.get(wid) or self._cost(DecodeCost()))
         self._floors.clear()
         self._recount(v)
+
+    def _transfer(self, info: WorkerInfo) -> float:
+        """Seconds a prompt token's KV (every layer) takes on the wire from this worker."""
+        lay = info.layout
+        return lay.block_bytes() / max(lay.block_size, 1) / self.kv_bandwidth
 
     def _cost(self, c):
         """The one instance of cost model `c` (equal models are the same object)."""
@@ -231,6 +242,7 @@ class LiveView:
             result = policy.place_in(req, ps.only(result.decode), ds)
         if isinstance(result, Placement):
             self.placed(result, req, now)
+            colocated = result.prefill == result.decode  # also: a decode worker prefilling locally
         return result, colocated
 
     def _place_by_scan(self, policy, req, now, model, exclude):
@@ -253,6 +265,7 @@ class LiveView:
             result = policy.place(req, prefills, decodes)
         if isinstance(result, Placement):
             self.placed(result, req, now)
+            colocated = result.prefill == result.decode
         return result, colocated
 
     def _cover(self, req: PlacementRequest, now: float, model: str, exclude) -> tuple[Placement | Rejection, bool]:
@@ -329,7 +342,7 @@ class LiveView:
         wid = v.info.worker_id
         queued, prompts = _queue(v)
         return PrefillWorkerState(wid, self.prefill_costs.get(wid, PrefillCost()), queued, self._healthy(v, now),
-                                  queued_prompts=prompts)
+                                  self._transfer(v.info), queued_prompts=prompts)
 
     def decode_state(self, v: WorkerView, now: float) -> DecodeWorkerState:
         wid, load = v.info.worker_id, v.load

@@ -164,11 +164,24 @@ def queue_wait(p: PrefillWorkerState) -> float:
     return p.cost.queue_seconds(p.queued_tokens, p.queued_prompts, p.step_tokens)
 
 
-def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest, wait: float | None = None) -> float:
+def held(decode_id: str, req: PlacementRequest) -> int:
+    """The prompt tokens decode worker `decode_id` holds in its prefix cache: their KV is linked there at
+    reservation, not shipped (and at least the last token is always computed)."""
+    return min(req.cached.get(decode_id, 0), req.prompt_tokens - 1)
+
+
+def predicted_ttft(p: PrefillWorkerState, req: PlacementRequest, wait: float | None = None, held: int = 0) -> float:
     """`wait`: queue_wait(p), when the caller has it already. Only the tokens `p` has not cached are
-    computed; the whole prompt's KV is shipped."""
+    computed, and only the KV of the tokens the decode worker does not hold (`held`) is shipped."""
     return (p.cost.hop + (queue_wait(p) if wait is None else wait) + p.cost.seconds(to_compute(p, req))
-            + p.transfer_s_per_token * req.prompt_tokens)
+            + p.transfer_s_per_token * (req.prompt_tokens - held))
+
+
+def local_ttft(p: PrefillWorkerState, d: DecodeWorkerState | DecodeLoad, req: PlacementRequest) -> float:
+    """The TTFT of the decode worker prefilling the request itself (conditional disaggregation): the
+    tokens it does not hold, computed at the cost P's model gives (same model; a decode worker's profile
+    times its decode steps only), after the batch step it is in, with no queue and nothing shipped."""
+    return p.cost.hop + predicted_tpot(d, req) + p.cost.seconds(req.prompt_tokens - held(d.worker_id, req))
 
 
 def predicted_tpot(d: DecodeWorkerState | DecodeLoad, req: PlacementRequest) -> float:
@@ -326,28 +339,40 @@ def _ttft_shortlist(req: PlacementRequest, prefills: Candidates) -> list[Prefill
             return [p for slack, p in found if slack == best]
 
 
-def _tpot_shortlist(req: PlacementRequest, decodes: Candidates) -> list[DecodeLoad]:
-    """The decode candidates (of `_candidates`' tier) with the most TPOT slack (ties: all): walked by the
-    step time before the prompt's context until the least TPOT the next one could predict leaves less
-    slack than the best found (or none: then it cannot meet its limit), under the loosest limit any
-    candidate has."""
+def _tpot_shortlist(req: PlacementRequest, decodes: Candidates, gain=lambda d: 0.0) -> list[DecodeLoad]:
+    """The decode candidates (of `_candidates`' tier) with the best score, TPOT slack + gain(record)
+    (ties: all). The workers holding a prefix of the prompt (the only ones with a gain) are met first,
+    by name; then a walk by the step time before the prompt's context goes on until the least TPOT the
+    next one could predict leaves less slack than the best score found (or none: then it cannot meet its
+    limit), under the loosest limit any candidate has."""
     tier = _tier(req, decodes)
     if not isinstance(tier, Room):
         return tier
     n, slo = req.prompt_tokens, req.tpot_slo
     limits = [slo] if slo != INF else [INF] + [t for t in [decodes.loosest_tpot()] if t is not None]
-    least, best, found, first = None, 0.0, [], None
+    best, found, seen = 0.0, [], set()
+
+    def consider(d):
+        nonlocal best
+        seen.add(d.worker_id)
+        tpot, limit = predicted_tpot(d, req), min(slo, d.tightest_tpot)
+        if tpot <= limit:
+            score = _slack(tpot, limit) + gain(d)
+            found.append((score, d))
+            best = max(best, score)
+
+    for wid in req.cached:
+        for _, d in decodes.only(wid).ordered(_tpot_rank, tier):
+            consider(d)
+    least, first = None, None
     for key, d in decodes.ordered(_tpot_rank, tier):
         if first is None:
             first, least = d, decodes.floor().cost.per_token * n
         if max(_slack((key[0] + least) * _SHRINK, limit) for limit in limits) < best:
             break
-        tpot, limit = predicted_tpot(d, req), min(slo, d.tightest_tpot)
-        if tpot <= limit:
-            slack = _slack(tpot, limit)
-            found.append((slack, d))
-            best = max(best, slack)
-    return [d for slack, d in found if slack == best] or [first]  # none can: one of the tier, for the reason
+        if d.worker_id not in seen:
+            consider(d)
+    return [d for score, d in found if score == best] or [first]  # none can: one of the tier, for the reason
 
 
 class Policy:
@@ -405,15 +430,40 @@ class LeastLoaded(Policy):
 
 
 class SloAware(Policy):
+    """The prefill worker with the most TTFT slack (computing what it has not cached, shipping the
+    whole prompt), then the decode worker with the best TPOT slack + what its held prefix saves the
+    request's TTFT slack (the KV it holds is not shipped): a decode worker keeping a conversation's KV
+    wins until its batch costs more than the transfer it saves. Then conditional disaggregation: the
+    decode worker prefills the request itself when that is sooner for this request, even counting the
+    stall its running requests take (the local prefill's time, once for each of them), and keeps every
+    running request's TPOT SLO; `local_prefill_tokens` overrides the cost model (local iff at most that
+    many tokens are left to compute there; 0: never)."""
     name = "slo"
 
+    def __init__(self, local_prefill_tokens: int | None = None):
+        self.local_prefill_tokens = local_prefill_tokens
+
     def place(self, req, prefills, decodes):
-        best_p, p_slack, best_ttft = None, -1.0, float("inf")
+        got = self._prefill(req, prefills)
+        if isinstance(got, Rejection):
+            return got
+        return self._decode(req, *got, decodes)
+
+    def place_in(self, req, prefills, decodes):
+        got = self._prefill(req, prefills.states(_ttft_shortlist(req, prefills)))
+        if isinstance(got, Rejection):
+            return got
+        p, ttft = got
+        return self._decode(req, p, ttft, decodes.states(_tpot_shortlist(req, decodes, self._gain(req, p, ttft))))
+
+    @staticmethod
+    def _prefill(req, prefills) -> tuple[PrefillWorkerState, float] | Rejection:
+        best_p, p_slack, best_ttft = None, -1.0, INF
         for p in prefills:
             if not p.healthy:
                 continue
             ttft = predicted_ttft(p, req)
-            slack = 1.0 - ttft / req.ttft_slo if req.ttft_slo != float("inf") else 1.0 / (1.0 + ttft)
+            slack = _slack(ttft, req.ttft_slo)
             if ttft <= req.ttft_slo and slack > p_slack:
                 best_p, p_slack, best_ttft = p, slack, ttft
         if best_p is None:
@@ -421,36 +471,70 @@ class SloAware(Policy):
             why = "no healthy prefill worker" if fastest is None else \
                 f"no prefill worker can meet TTFT {req.ttft_slo * 1e3:.0f} ms (best predicted {fastest * 1e3:.0f} ms)"
             return Rejection(why, retry_after=max(1.0, fastest or 1.0))
-        best_d, d_slack, best_tpot = None, -1.0, float("inf")
+        return best_p, best_ttft
+
+    def _gain(self, req, p: PrefillWorkerState, ttft: float):
+        """gain(d): what decode worker d's held prefix adds to the request's TTFT slack: the pages it
+        holds are not shipped, and it may prefill the rest itself when that is sooner (`_local`; its
+        running requests' stall counted in). 0.0 exactly for a worker holding none of the prompt."""
+        base = _slack(ttft, req.ttft_slo)
+
+        def gain(d) -> float:
+            h = held(d.worker_id, req)
+            if h <= 0:
+                return 0.0
+            remote = predicted_ttft(p, req, held=h)
+            local = self._local(req, p, d, remote)
+            return _slack(remote if local is None else min(remote, local), req.ttft_slo) - base
+        return gain
+
+    def _decode(self, req, p, ttft, decodes):
+        best_d, best, best_tpot = None, -1.0, INF
         candidates = _candidates(decodes, req)
         if not candidates:
             return Rejection("no healthy decode worker" if not any(d.healthy for d in decodes)
                              else "no decode worker has room for the prompt's KV")
+        gain = self._gain(req, p, ttft)
         for d in candidates:
             tpot = predicted_tpot(d, req)
             limit = min(req.tpot_slo, d.tightest_tpot)  # nobody already running may be pushed over
             if tpot > limit:
                 continue
-            slack = 1.0 - tpot / limit if limit != float("inf") else 1.0 / (1.0 + tpot)
-            if slack > d_slack:
-                best_d, d_slack, best_tpot = d, slack, tpot
+            score = _slack(tpot, limit) + gain(d)
+            if score > best:
+                best_d, best, best_tpot = d, score, tpot
         if best_d is None:
             return Rejection(f"no decode worker can take it within TPOT {req.tpot_slo * 1e3:.0f} ms "
                              "without breaking a running request's SLO")
-        return Placement(best_p.worker_id, best_d.worker_id, best_ttft, best_tpot)
+        ttft = predicted_ttft(p, req, held=held(best_d.worker_id, req))
+        if p.worker_id != best_d.worker_id and self._local(req, p, best_d, ttft) is not None:
+            return Placement(best_d.worker_id, best_d.worker_id, local_ttft(p, best_d, req), best_tpot)
+        return Placement(p.worker_id, best_d.worker_id, ttft, best_tpot)
 
-    def place_in(self, req, prefills, decodes):
-        return self.place(req, prefills.states(_ttft_shortlist(req, prefills)),
-                          decodes.states(_tpot_shortlist(req, decodes)))
+    def _local(self, req, p, d, remote_ttft: float) -> float | None:
+        """Conditional disaggregation: decode worker d prefilling the request itself, if it should: the
+        delay that costs (its TTFT, plus the stall of every request running at d: the prefill's time
+        once each), else None."""
+        left = req.prompt_tokens - held(d.worker_id, req)
+        stall = p.cost.seconds(left)
+        cost = local_ttft(p, d, req) + stall * d.num_running
+        if self.local_prefill_tokens is not None:
+            return cost if left <= self.local_prefill_tokens else None
+        ok = cost <= remote_ttft and predicted_tpot(d, req) + stall <= min(d.tightest_tpot, req.tpot_slo)
+        return cost if ok else None
 
 
 POLICIES = {"slo": SloAware, "least-loaded": LeastLoaded, "round-robin": RoundRobin}
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, local_prefill_tokens: int | None = None) -> Policy:
+    """`local_prefill_tokens`: the slo policy's conditional disaggregation threshold (None: its cost
+    model decides; the other policies never prefill on a decode worker)."""
     if name not in POLICIES:
         raise ValueError(f"placement policy {name!r} is not one of {sorted(POLICIES)}")
-    return POLICIES[name]()
+    if local_prefill_tokens is not None and local_prefill_tokens < 0:
+        raise ValueError(f"local_prefill_tokens = {local_prefill_tokens}: must be >= 0")
+    return SloAware(local_prefill_tokens) if name == "slo" else POLICIES[name]()
 
 
 def apply(placement: Placement, req: PlacementRequest, prefills: dict[str, PrefillWorkerState],

@@ -82,6 +82,9 @@ class CoordinatorConfig:
     ttft_ms: float | None = None  # the cluster's default SLOs (a request may name its own)
     tpot_ms: float | None = None
     slo_classes: dict = None  # name -> (ttft_ms | None, tpot_ms | None); "batch" (no SLOs) is built in
+    kv_aware: bool = True  # False: placement ignores the KV index (and no decode worker prefills locally)
+    local_prefill_tokens: int | None = None  # the slo policy's local prefill threshold (None: cost model)
+    kv_bandwidth_gb_s: float = 2.0
 
     def __post_init__(self):
         if not self.etcd:
@@ -89,7 +92,9 @@ class CoordinatorConfig:
         if self.suspect_after <= 0:
             raise ValueError(f"suspect_after = {self.suspect_after!r}: must be > 0")
         keys.root(self.cluster)
-        make_policy(self.policy)
+        make_policy(self.policy, self.local_prefill_tokens)
+        if not self.kv_bandwidth_gb_s > 0:
+            raise ValueError(f"kv_bandwidth_gb_s = {self.kv_bandwidth_gb_s!r}: must be > 0")
         self.slo_classes = {"batch": (None, None), **(self.slo_classes or {})}
         self.coordinator_id = self.coordinator_id or f"coord-{uuid.uuid4().hex[:8]}"
 
@@ -103,10 +108,10 @@ class _State:
 class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
-        self.view = LiveView(config.suspect_after)
+        self.view = LiveView(config.suspect_after, config.kv_bandwidth_gb_s)
         self.refiner = CostRefiner()
         self._measured: set[tuple[str, str]] = set()  # (model, shape) profiles from `cluster profile`
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config.policy, config.local_prefill_tokens if config.kv_aware else 0)
         self.state = _State()
         self.session: Session | None = None
         self.election: Election | None = None
@@ -374,7 +379,7 @@ class Coordinator:
     def _cached(self, req: Place) -> dict[str, int]:
         """Prompt tokens each worker holds in its prefix cache, by the KV index (a hint: the worker
         looks the prefix up itself), counting only workers whose hashes chain the same way."""
-        if not req.block_hashes or req.block_size <= 0:
+        if not self.config.kv_aware or not req.block_hashes or req.block_size <= 0:
             return {}
         out = {}
         for wid, blocks in self.kv_index.match(req.block_hashes).items():

@@ -54,7 +54,8 @@ def cluster_status(coord: Coordinator) -> dict:
         "policy": coord.policy.name, "slo": {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms,
                                             "classes": {k: {"ttft_ms": v[0], "tpot_ms": v[1]}
                                                         for k, v in c.slo_classes.items()}},
-        "suspect_after_s": c.suspect_after, "workers": workers, "gateways": _gateways(coord),
+        "suspect_after_s": c.suspect_after, "kv_aware": c.kv_aware, "local_prefill_tokens": c.local_prefill_tokens,
+        "kv_bandwidth_gb_s": c.kv_bandwidth_gb_s, "workers": workers, "gateways": _gateways(coord),
         "events": [msgspec.to_builtins(e) for e in list(coord.state.events)[-20:]],
     }
 

@@ -97,3 +97,25 @@ def test_pool_kv_transport_is_checked():
         loads(base + 'kv_transport = "nccl"\n')
     with pytest.raises(ConfigError, match=r"pool\[1\].kv_transport = 'udp'"):
         loads(base + 'kv_transport = "udp"\n')
+
+
+def test_the_placement_table_reaches_the_coordinator():
+    """[placement] keys become `cluster coordinator` flags, and those the coordinator's config; bad
+    values are refused with their place."""
+    from cluster.cli import build_parser
+    from cluster.launcher import placement_args
+    from cluster.serve import coordinator_config
+
+    def config(text):
+        args = build_parser().parse_args(["coordinator", "--etcd", "http://e:2379", *placement_args(loads(text))])
+        return coordinator_config(args)
+
+    c = config("")
+    assert (c.policy, c.kv_aware, c.local_prefill_tokens, c.kv_bandwidth_gb_s) == ("slo", True, None, 2.0)
+    c = config('[placement]\nkv_aware = false\nlocal_prefill_tokens = 256\nkv_bandwidth_gb_s = 12.5\n'
+               'policy = "least-loaded"')
+    assert (c.policy, c.kv_aware, c.local_prefill_tokens, c.kv_bandwidth_gb_s) == ("least-loaded", False, 256, 12.5)
+    for text, where in (("local_prefill_tokens = -1", "placement.local_prefill_tokens = -1"),
+                        ("kv_bandwidth_gb_s = 0", "placement.kv_bandwidth_gb_s = 0")):
+        with pytest.raises(ConfigError, match=where):
+            loads("[placement]\n" + text)

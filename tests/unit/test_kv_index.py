@@ -184,3 +184,22 @@ def test_heartbeat_publishes_a_snapshot_first_then_deltas_and_a_snapshot_when_as
 def test_a_delta_always_fits_one_kv_events_message():
     from common.coordinator_protocol import MAX_KV_EVENTS
     assert KVEventLog().max_events <= MAX_KV_EVENTS
+
+
+def test_a_cache_blind_coordinator_ignores_the_index():
+    """kv_aware = false (the cache-blind baseline): the coordinator keeps the index, for status, but
+    places as if no worker held anything; otherwise only workers whose hashes chain the same way count."""
+    from common.coordinator_protocol import Place
+    from common.kv_layout import KVLayoutSpec
+    from common.registry import WorkerInfo
+    from coordinator.server import Coordinator, CoordinatorConfig
+
+    for aware in (True, False):
+        coord = Coordinator(CoordinatorConfig(["http://e:2379"], kv_aware=aware))
+        for wid, root in (("p0", 5), ("p1", 6)):
+            coord.view.registered(WorkerInfo(wid, "prefill", "m", 1, 1, 16, 4096, "tcp://x", [],
+                                             KVLayoutSpec(30, 3, 64, 16, "float32"), 1, 0.1, kv_hash_root=root), 0.0)
+            assert coord.kv_index.apply(ev(wid, 1, stored=[11, 12, 13], snapshot=True))
+        got = coord._cached(Place(VERSION, "r", "m", 60, 1, block_hashes=[11, 12, 14], hash_root=5, block_size=16))
+        assert got == ({"p0": 32} if aware else {})
+        assert coord.policy.local_prefill_tokens == (None if aware else 0)

@@ -3,6 +3,7 @@ policies' reference `place` chooses on full lists, on random clusters and histor
 
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -188,13 +189,13 @@ def test_ties_go_to_the_first_registered_and_suspects_are_skipped():
 
 def test_equal_slack_goes_to_the_first_registered_whatever_the_cost_models():
     """p0 (queued) and p1 (idle, slower) predict the same TTFT: the walk meets p1 first, the scan p0."""
-    v = LiveView()
+    v = LiveView(kv_bandwidth_gb_s=INF)  # no transfer time: TTFTs in powers of two
     fast, slow = {"a": 2**-6, "b": 2**-12, "c": 0.0}, {"a": 2**-5, "b": 2**-11, "c": 0.0}
     for wid, role, prefill_cost, queued in (("p0", "prefill", fast, 64), ("p1", "prefill", slow, 0),
                                             ("d0", "decode", fast, 0)):
         v.registered(info(wid, role, "m", {"prefill": prefill_cost}), now=0.0)
         v.heartbeat(Load(wid, 0.0, 0, 0, 100, 100, 0.0, 0, 0, queued), now=0.0)
-    got, _ = v.place(make_policy("slo"), PlacementRequest(64, 1, ttft_slo=1.0), now=0.0)
+    got, _ = v.place(make_policy("slo", local_prefill_tokens=0), PlacementRequest(64, 1, ttft_slo=1.0), now=0.0)
     assert got.prefill == "p0" and got.predicted_ttft == 2**-4
 
 
@@ -228,3 +229,77 @@ def test_equally_loaded_decode_workers_differ_by_the_slos_they_run():
     for scan in (False, True):
         got, _ = view().place(make_policy("slo"), PlacementRequest(100, 1), now=0.0, scan=scan)
         assert got.decode == "d1", scan
+
+
+def conversation_view(prefill_queue: int = 0, transfer: float = 1e-3) -> LiveView:
+    """p0 and two equal decode workers; shipping a token's KV costs `transfer` seconds."""
+    layout = KVLayoutSpec(30, 3, 64, 16, "float32")  # 46,080 bytes a token
+    v = LiveView(1.0, kv_bandwidth_gb_s=layout.block_bytes() / 16 / transfer / 1e9)
+    prof = {"prefill": {"a": 0.01, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.02, "per_seq": 0.002, "per_token": 0.0}}
+    for wid, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+        v.registered(WorkerInfo(wid, role, "m", 1, 1, 16, 10**6, "tcp://x", ["tcp://k"], layout, 1, 0.0, prof), 0.0)
+        v.heartbeat(Load(wid, 0.0, 0, 0, 10**5, 10**5, 0.0, 0, queued_tokens=prefill_queue if wid == "p0" else 0), 0.0)
+    return v
+
+
+def test_the_decode_worker_holding_a_conversation_wins_until_its_batch_costs_more_than_the_transfer():
+    """d1 holds 960 of a 1,024-token prompt (the earlier turns it decoded): only 64 tokens' KV would be
+    shipped there, so it wins, and the predicted TTFT counts only that transfer. As requests pile onto
+    d1 its TPOT slack shrinks until the transfer it saves no longer pays: then d0 gets one."""
+    for scan in (False, True):
+        v = conversation_view()
+        req = PlacementRequest(1024, 64, ttft_slo=3.0, tpot_slo=0.1, cached={"d1": 960, "p0": 960})
+        chosen = []
+        for _ in range(20):
+            got, colocated = v.place(make_policy("slo", local_prefill_tokens=0), req, now=0.0, scan=scan)
+            assert not colocated and got.prefill == "p0"
+            chosen.append((got.decode, got.predicted_ttft))
+        # P computes 64 tokens (0.01 + 0.064 s); shipping to d1: 64 tokens, to d0: 1,024
+        assert chosen[0] == ("d1", pytest.approx(0.074 + 0.064))
+        # d1's held prefix saves 0.96 s of the 3 s TTFT SLO (0.32 of slack); each request running there
+        # costs 0.02 of TPOT slack (2 ms of a 100 ms limit): the 17th goes to d0
+        k = [d for d, _ in chosen].index("d0")
+        assert k == 16 and chosen[k][1] == pytest.approx(0.01 + 16 * 0.064 + 0.074 + 1.024), chosen  # 16 prompts queued at p0: one step
+        # an unrelated prompt goes by TPOT alone: to the less loaded d0
+        got, _ = v.place(make_policy("slo", local_prefill_tokens=0), PlacementRequest(1024, 64), now=0.0, scan=scan)
+        assert got.decode == "d0"
+
+
+def test_a_decode_worker_holding_most_of_the_prompt_prefills_it_locally_when_that_is_sooner():
+    """Conditional disaggregation. d1 holds 960 of 1,024 tokens and p0 is busy: d1 computing the last 64
+    itself (one batch step + 0.074 s) beats p0's queue, so the placement is d1 alone (colocated).
+    With an idle p0 shipping 64 tokens' KV is sooner; and the cluster file's threshold overrides the
+    cost model either way (0: never)."""
+    req = PlacementRequest(1024, 64, cached={"d1": 960, "p0": 960})
+    for scan in (False, True):
+        got, colocated = conversation_view(prefill_queue=4000, transfer=1e-5).place(make_policy("slo"), req, now=0.0, scan=scan)
+        assert colocated and (got.prefill, got.decode) == ("d1", "d1")
+        assert got.predicted_ttft == pytest.approx(0.022 + 0.074)  # d1's step, then its prefill of 64
+        got, colocated = conversation_view(transfer=1e-5).place(make_policy("slo"), req, now=0.0, scan=scan)
+        assert not colocated and (got.prefill, got.decode) == ("p0", "d1")
+        got, colocated = conversation_view(transfer=1e-5).place(make_policy("slo", local_prefill_tokens=64), req, now=0.0, scan=scan)
+        assert colocated and (got.prefill, got.decode) == ("d1", "d1")
+        got, colocated = conversation_view(prefill_queue=4000, transfer=1e-5).place(make_policy("slo", local_prefill_tokens=0), req,
+                                                                     now=0.0, scan=scan)
+        assert not colocated and (got.prefill, got.decode) == ("p0", "d1")
+        for name in ("least-loaded", "round-robin"):  # the baselines stay as they were
+            got, colocated = conversation_view(prefill_queue=4000, transfer=1e-5).place(make_policy(name), req, now=0.0, scan=scan)
+            assert not colocated and got.prefill == "p0"
+
+
+def test_a_local_prefill_must_not_stall_a_busy_decode_batch_or_break_its_tpot_slo():
+    """The local prefill stalls every request running at d1 once: with 80 of them running (80 x 74 ms) it
+    costs more than p0's 4 s queue saves, so p0 prefills; a running request's 50 ms TPOT SLO rules a
+    74 ms stall out."""
+    req = PlacementRequest(1024, 64, cached={"d1": 960, "p0": 960})
+    for scan in (False, True):
+        v = conversation_view(prefill_queue=4000, transfer=1e-5)
+        v.heartbeat(Load("d1", 0.0, 0, 80, 10**5, 10**5, 0.0, 0), 0.0)
+        v.heartbeat(Load("d0", 0.0, 0, 80, 10**5, 10**5, 0.0, 0), 0.0)
+        got, colocated = v.place(make_policy("slo"), req, now=0.0, scan=scan)
+        assert not colocated and got.prefill == "p0"
+        v = conversation_view(prefill_queue=4000, transfer=1e-5)
+        got, _ = v.place(make_policy("slo"), PlacementRequest(16, 8, tpot_slo=0.05), now=0.0, scan=scan)
+        got, colocated = v.place(make_policy("slo"), PlacementRequest(1024, 64, cached={"d0": 960, "d1": 960}),
+                                 now=0.0, scan=scan)
+        assert got.decode != "d0" or not colocated  # d0 runs the 50 ms request; d1 does not
