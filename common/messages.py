@@ -69,6 +69,9 @@ class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):
     worker_id: str = ""
     error_code: str = ""  # "invalid" (the request itself) | "capacity" (no room now) | "unavailable" (a peer failed)
     blame: str = ""  # the worker at fault when it is not the sender (e.g. the decode worker P reserved at)
+    # on an attempt's first chunk (index 0), from the worker that prefilled (-1: not known):
+    cached_tokens: int = -1  # prompt tokens its prefix cache held
+    kv_tokens: int = -1  # prompt tokens whose KV it ships to the decode worker (held there: not shipped)
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

@@ -73,8 +73,9 @@ def output_chunks(ro, attempt: int, first_index: dict, worker_id: str) -> list[T
         key = (ro.request_id, co.index)
         idx = first_index.get(key, 0)
         lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
+        first = {"cached_tokens": ro.num_cached_tokens, "kv_tokens": 0} if idx == 0 else {}
         chunks.append(TokenChunk(VERSION, ro.request_id, attempt, idx, co.token_ids, co.text, lps,
-                                 co.finish_reason, "", worker_id))
+                                 co.finish_reason, "", worker_id, **first))
         first_index[key] = idx + len(co.token_ids)
     return chunks
 

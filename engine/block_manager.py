@@ -209,6 +209,7 @@ class BlockManager:
         if computed_blocks or (not seq.block_ids and seq.num_computed_tokens == 0):
             self.stats.queries += seq.num_tokens
             self.stats.hits += len(computed_blocks) * self.block_size
+            seq.num_cached_tokens = len(computed_blocks) * self.block_size
         for b in computed_blocks:
             self._touch(b)
         seq.block_ids.extend(computed_blocks)

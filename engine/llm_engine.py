@@ -46,6 +46,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held at admission (OpenAI's cached_tokens)
 
 
 @dataclass
@@ -342,7 +343,8 @@ class LLMEngine:
         finished = all(st.seq.is_finished for st in req.seqs)
         if finished:
             del self._requests[request_id]
-        return RequestOutput(request_id, req.prompt_token_ids, outs, finished)
+        cached = max((st.seq.num_cached_tokens for st in req.seqs), default=0)
+        return RequestOutput(request_id, req.prompt_token_ids, outs, finished, cached)
 
     def _drop(self, seq: Sequence) -> None:
         self._seq_state.pop(seq.seq_id, None)

@@ -45,6 +45,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
     parent: Sequence | None = None  # n > 1: share the parent's prompt blocks once it has them
     num_preemptions: int = 0

@@ -90,6 +90,8 @@ class Generation:
         self.q = _Inbox()
         self.started = time.monotonic()
         self.first_token_at: float | None = None
+        self.cached_tokens = 0  # prompt tokens the last attempt's prefilling worker had cached
+        self.kv_tokens = 0  # prompt tokens whose KV was shipped between workers, over all attempts
 
     # ---- inputs (from the gateway's reader and event handler) ------------------------------------
     def deliver(self, chunk: TokenChunk) -> None:
@@ -254,6 +256,9 @@ class Generation:
             got_first = True
             if chunk.index >= 1:
                 self.decoding = True
+            else:
+                self.cached_tokens = max(chunk.cached_tokens, 0)
+                self.kv_tokens += max(chunk.kv_tokens, 0)
             if chunk.finish_reason in ("error", "abort"):
                 why = f"worker {chunk.worker_id}: {chunk.error or chunk.finish_reason}"
                 if chunk.error_code == "invalid":  # the request itself: another worker would say the same

@@ -205,6 +205,10 @@ def chat_logprobs(tokenizer, token_ids: list[int], lps: list) -> dict:
     return {"content": content}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, kv_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens whose KV the worker
+    that prefilled found in its prefix cache; `kv_transfer_tokens` (tandem's): prompt tokens whose KV was
+    shipped from a prefill worker to a decode worker (not those the decode worker held)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}, "kv_transfer_tokens": kv_tokens}

@@ -367,7 +367,7 @@ class Gateway:
             choices.append(choice)
         body = {"id": rid, "object": "chat.completion" if api.chat else "text_completion", "created": int(time.time()),
                 "model": api.model, "choices": choices,
-                "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))}
+                "usage": _usage(api, gens)}
         return web.json_response(body, headers={"X-Request-Id": rid})
 
     async def _stream(self, request, api: ApiRequest, gens: list[Generation], rid: str):
@@ -461,7 +461,7 @@ class Gateway:
                     buf.clear()
             if api.include_usage:
                 send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [],
-                      "usage": usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens))})
+                      "usage": _usage(api, gens)})
             buf.append(b"data: [DONE]\n\n")
             await resp.write(b"".join(buf))
             await resp.write_eof()
@@ -482,3 +482,11 @@ async def serve(config: GatewayConfig, ready=None) -> None:
         await stop.wait()
     finally:
         await gw.close()
+
+
+def _usage(api: ApiRequest, gens: list) -> dict:
+    """Usage of a request's generations (api.n samples of each prompt, in order): a prompt counts once,
+    as its first sample's prefill found it."""
+    firsts = gens[::max(api.n, 1)]
+    return usage(sum(len(p) for p in api.prompts), sum(len(g.tokens) for g in gens),
+                 sum(g.cached_tokens for g in firsts), sum(g.kv_tokens for g in gens))

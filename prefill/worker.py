@@ -265,8 +265,12 @@ class PrefillWorker:
         # still start with, as a continuing sequence would; D emits it (or cuts it at the stop)
         hold = 0 if done_here or not p.params.stop else min(len(co.text), max(map(len, p.params.stop)) - 1)
         text, held_text = co.text[:len(co.text) - hold], co.text[len(co.text) - hold:]
+        t = p.transfer
+        shipped = len(p.req.prompt_token_ids) - min(t.held * self.layout.block_size, len(p.req.prompt_token_ids)) \
+            if t.dst_block_ids else -1  # not reserved yet: not known
         self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, text, lps,
-                                                    reason, "", self.worker_id))
+                                                    reason, "", self.worker_id, cached_tokens=ro.num_cached_tokens,
+                                                    kv_tokens=shipped))
         now = time.monotonic()
         self.heartbeat.slo.record("ttft", now - p.arrived, p.req.slo_ttft_ms, now)
         if done_here:  # D holds the prompt's KV (landed, or landing): tell it to free it now

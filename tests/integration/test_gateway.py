@@ -158,6 +158,32 @@ def _check_error(status, body, want_status, want_param, what):
         assert err["param"] == want_param, (what, body)
 
 
+def test_usage_reports_cached_and_shipped_prompt_tokens_across_turns(live, engine):
+    """A two-turn conversation (the second prompt is the first, its reply, and a new message): the first
+    turn's KV goes whole from P to D; the second finds its earlier part cached where it is prefilled
+    (OpenAI's usage.prompt_tokens_details.cached_tokens) and ships at most what D lacks
+    (usage.kv_transfer_tokens; 0 when D prefilled it itself), and its tokens equal one process's."""
+    url = live.gw.info["url"]
+    first = list(range(100, 140))  # a prompt no other test starts with: nothing cached anywhere yet
+
+    def ask(prompt):
+        status, body, _ = post_json(url + "/v1/completions", {
+            "model": live.model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True})
+        assert status == 200, body
+        return body["choices"][0]["token_ids"], body["usage"]
+
+    out1, u1 = ask(first)
+    assert u1["prompt_tokens_details"]["cached_tokens"] == 0 and u1["kv_transfer_tokens"] == 40
+    second = first + out1 + list(range(150, 156))
+    time.sleep(1.0)  # the workers' KV events reach the coordinator with their heartbeats
+    out2, u2 = ask(second)
+    ref = engine.generate([second], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert out2 == ref[0]["outputs"][0]["token_ids"]
+    assert u2["prompt_tokens_details"]["cached_tokens"] >= 40  # block size 4: every full block of turn 1
+    assert u2["kv_transfer_tokens"] <= len(second) - 48, u2  # D holds turn 1's prompt and reply, less the last
+
+
 def test_bad_input_gets_an_openai_error_and_breaks_nothing(live):
     url = live.gw.info["url"]
     for body, status, param in BAD:
