@@ -239,6 +239,9 @@ def bench(args) -> int:
     if any(r <= 0 for r in rates):
         print("error: --rates must be positive", file=sys.stderr)
         return 2
+    if args.workload == "multi-turn":
+        from cluster.multi_turn import bench_conversations
+        return bench_conversations(args, url, model, rates)
     ttft_slo = args.ttft_ms / 1e3 if args.ttft_ms else None
     tpot_slo = args.tpot_ms / 1e3 if args.tpot_ms else None
     rng = random.Random(args.seed)
@@ -307,3 +310,12 @@ def add_arguments(p) -> None:
     p.add_argument("--plots", default=None, help="directory for latency CDF and attainment PNGs")
     p.add_argument("--raw", default=None, help="write every request's timings here (JSON)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workload", choices=["requests", "multi-turn"], default="requests",
+                   help="independent requests (default), or conversations (--rates in conversations/s; "
+                   "--output-tokens: reply lengths)")
+    p.add_argument("--conversations", type=int, default=16, help="multi-turn: conversations a rate")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns a conversation")
+    p.add_argument("--system-tokens", type=int, default=1000, help="multi-turn: the shared system prompt's length")
+    p.add_argument("--system-prompts", type=int, default=1, help="multi-turn: distinct system prompts")
+    p.add_argument("--user-tokens", type=float, default=60, help="multi-turn: mean user message length")
+    p.add_argument("--think-s", type=float, default=1.0, help="multi-turn: pause before a conversation's next turn")
