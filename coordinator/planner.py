@@ -50,7 +50,7 @@ class Shape:
 
 
 def _num(d: dict, key: str, where: str, lo: float = 0.0, required: bool = True, integer: bool = False, default=None):
-    v = d.get(key, default) if isinstance(d, dict) else None
+    v = d.get(key) if isinstance(d, dict) else None
     if v is None:
         if required:
             raise PlanError(f"{where}.{key} is required", f"{where}.{key}")

@@ -48,6 +48,7 @@ def test_what_rate_a_cluster_can_hold():
     ({"slo": {"ttft_ms": 500, "tpot_ms": 50, "attainment": 1.5}}, "slo.attainment"),
     ({"workload": {"rate": "fast", "prompt_tokens": {"mean": 1}, "output_tokens": {"mean": 1}}}, "workload.rate"),
     ({"workload": {"rate": 1}}, "workload.prompt_tokens"),
+    ({"workload": {"prompt_tokens": {"mean": 1}, "output_tokens": {"mean": 1}}}, "workload.rate"),
 ])
 def test_impossible_or_malformed_requests_are_rejected_with_the_field(change, param):
     with pytest.raises(PlanError) as e:
