@@ -67,9 +67,14 @@ class Conversations:
             if name in _COUNTS and (not float(v).is_integer() or v < _COUNTS[name]):
                 raise ValueError(f"Conversations.{name} = {v!r}: must be an integer >= {_COUNTS[name]}")
 
+    @staticmethod
+    def most_tokens(mean: float) -> int:
+        """A message's clamp: MAX_FACTOR × its mean (at least 1)."""
+        return max(1, int(MAX_FACTOR * mean))
+
     def max_prompt_tokens(self) -> int:
         """The longest prompt a script can hold (the last turn, every message at its clamp)."""
-        user, out = int(MAX_FACTOR * self.user_mean), int(MAX_FACTOR * self.output_mean)
+        user, out = self.most_tokens(self.user_mean), self.most_tokens(self.output_mean)
         return self.system_tokens + self.template_tokens * (2 * self.turns) + self.turns * user \
             + (self.turns - 1) * out
 
@@ -102,7 +107,7 @@ def conversation_script(w: Conversations, n: int, seed: int = 0) -> list[Convers
     as 1/rate (what a goodput bisection over the rate wants); conversation i does not depend on n."""
     rng = random.Random(seed)
     out, t = [], 0.0
-    most_user, most_out = max(1, int(MAX_FACTOR * w.user_mean)), max(1, int(MAX_FACTOR * w.output_mean))
+    most_user, most_out = w.most_tokens(w.user_mean), w.most_tokens(w.output_mean)
     for i in range(n):
         t += rng.expovariate(w.rate)
         turns = tuple(Turn(lognormal(rng, w.user_mean, w.user_sigma, most_user),
