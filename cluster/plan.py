@@ -8,9 +8,18 @@ import sys
 
 def add_parser(sub) -> None:
     pl = sub.add_parser("plan", help="capacity planning: how many prefill/decode workers a workload needs")
-    pl.add_argument("--rate", type=float, required=True, help="requests per second")
-    pl.add_argument("--prompt-tokens", type=float, default=512)
-    pl.add_argument("--output-tokens", type=float, default=128)
+    pl.add_argument("--rate", type=float, required=True, help="requests per second (with --turns: conversations "
+                    "per second)")
+    pl.add_argument("--prompt-tokens", type=float, default=None, help="mean prompt length (default 512)")
+    pl.add_argument("--output-tokens", type=float, default=None, help="mean output length (default 128; with "
+                    "--turns, of each reply: default 100)")
+    conv = pl.add_argument_group("multi-turn conversations (prefix reuse; --turns switches the workload to them)")
+    conv.add_argument("--turns", type=int, default=None, help="turns per conversation")
+    conv.add_argument("--system-tokens", type=int, default=None, help="the shared system prompt (default 1300)")
+    conv.add_argument("--system-prompts", type=int, default=None, help="distinct system prompts (default 1)")
+    conv.add_argument("--user-tokens", type=float, default=None, help="mean user message (default 60)")
+    conv.add_argument("--think-s", type=float, default=None, help="pause before the next turn (default 1)")
+    conv.add_argument("--no-prefix-cache", action="store_true", help="model workers without prefix caching")
     pl.add_argument("--ttft-ms", type=float, required=True)
     pl.add_argument("--tpot-ms", type=float, required=True)
     pl.add_argument("--attainment", type=float, default=0.9)
@@ -36,9 +45,26 @@ def cmd_plan(args) -> int:
     import urllib.error
     import urllib.request
 
-    body = {"workload": {"rate": args.rate, "prompt_tokens": {"mean": args.prompt_tokens},
-                         "output_tokens": {"mean": args.output_tokens}},
+    conv = {"turns": args.turns, "system_tokens": args.system_tokens, "system_prompts": args.system_prompts,
+            "user_tokens": None if args.user_tokens is None else {"mean": args.user_tokens},
+            "output_tokens": None if args.output_tokens is None else {"mean": args.output_tokens},
+            "think_s": args.think_s}
+    if args.turns is not None:
+        if args.prompt_tokens is not None:
+            print("error: --prompt-tokens does not go with --turns (a turn's prompt is the conversation so far)",
+                  file=sys.stderr)
+            return 2
+        workload = {"conversations": {"rate": args.rate, **{k: v for k, v in conv.items() if v is not None}}}
+    elif any(v is not None for k, v in conv.items() if k not in ("turns", "output_tokens")):
+        print("error: --system-tokens, --system-prompts, --user-tokens and --think-s need --turns", file=sys.stderr)
+        return 2
+    else:
+        workload = {"rate": args.rate, "prompt_tokens": {"mean": 512 if args.prompt_tokens is None else args.prompt_tokens},
+                    "output_tokens": {"mean": 128 if args.output_tokens is None else args.output_tokens}}
+    body = {"workload": workload,
             "slo": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms, "attainment": args.attainment}}
+    if args.no_prefix_cache:
+        body["prefix_caching"] = False
     if args.prefill or args.decode:
         body["cluster"] = {"prefill": {"replicas": args.prefill or 1}, "decode": {"replicas": args.decode or 1}}
     else:
@@ -82,8 +108,15 @@ def cmd_plan(args) -> int:
     if "budget" in body:
         print(f"plan: {got['prefill']['replicas']} prefill x {_shape(got['prefill'])}, {got['decode']['replicas']} "
               f"decode x {_shape(got['decode'])} ({got['devices']} devices){'' if got['feasible'] else ' (NOT feasible)'}")
-    print(f"predicted: attainment {pr['attainment']:.0%} at {args.rate:g} req/s, goodput {pr['goodput']:.2f} req/s "
+    unit = pr.get("unit", "req/s")
+    print(f"predicted: attainment {pr['attainment']:.0%} at {args.rate:g} {unit}, goodput {pr['goodput']:.2f} {unit} "
           f"({pr['per_device_rate']:.2f} per device)")
+    if "prefix" in pr:
+        x = pr["prefix"]
+        print(f"prefix reuse: later turns hit {x['hit_rate_later_turns']:.0%} of their prompt tokens, ship "
+              f"{x['shipped_per_prompt_token_later_turns']:.2f} KV per prompt token (first turns "
+              f"{x['shipped_per_prompt_token_first_turns']:.2f}); {x['local_prefill_share']:.0%} prefilled on "
+              "their decode worker")
     if got.get("reason"):
         print(got["reason"])
     for a in got.get("alternatives", []):

@@ -50,8 +50,10 @@ ADMIN_OPENAPI = {
                        "(or the rate a given cluster holds)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["workload", "slo"],
-                "properties": {"workload": {"type": "object"}, "slo": {"type": "object"},
-                               "budget": {"type": "object"}, "cluster": {"type": "object"}}}}}},
+                "properties": {"workload": {"type": "object", "description": "single-turn ({rate, prompt_tokens, "
+                                            "output_tokens, ...}) or {conversations: {rate, turns, ...}}"},
+                               "slo": {"type": "object"}, "budget": {"type": "object"}, "cluster": {"type": "object"},
+                               "prefix_caching": {"type": "boolean"}}}}}},
             "responses": {"200": {"description": "the plan"},
                           "400": {"description": "invalid JSON", "content": {"application/json": {"schema": _ERROR}}},
                           "422": {"description": "impossible budget or bad field",

@@ -14,6 +14,17 @@ budget.kv_tokens_per_device, kv_transfer ({"bytes_per_token": n} or the model's 
 (profiles of that model), policy; and instead of a budget, "cluster": {"prefill": {"replicas", "tp",
 "pp"}, "decode": {...}} to ask what rate it can hold.
 
+Multi-turn conversations with prefix reuse (coordinator/conversations.py) instead of single requests:
+    "workload": {"conversations": {"rate": 0.5, "turns": 4, "system_tokens": 1300, "system_prompts": 1,
+                                   "user_tokens": {"mean": 60, "sigma": 0.5},
+                                   "output_tokens": {"mean": 100, "sigma": 0.5},
+                                   "think_s": 1.0, "template_tokens": 6}}
+Only "rate" (new conversations per second) is required, the rest default as shown; rates, goodput
+and per-device rate are then in conversations per second, and "predicted" adds "prefix" (TTFT p90 of
+first and later turns, later turns' hit rate, KV shipped per prompt token, the share prefilled on the
+decode worker). Every worker has a prefix cache of 16-token blocks in its KV room (budget.
+kv_tokens_per_device for prefill workers too); "prefix_caching": false models workers without.
+
 Cost models come from the stored profiles (tp1 shapes; etcd profiles/), scaled for TP k as in
 DistServe's model: the per-token terms divide by k·e(k), e(k) = 0.9^log2(k) (communication), the
 prefill constant stays, and the decode step's base (weight reads) divides by k·e(k) too. PP s: a
@@ -30,8 +41,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from coordinator.conversations import (
+    Conversations,
+    conversation_goodput,
+    conversation_script,
+    conversation_stats,
+    simulate_conversations,
+)
 from coordinator.policy import DecodeCost, PrefillCost
-from coordinator.simulator import SimCluster, Workload, attainment, generate, goodput, simulate
+from coordinator.simulator import SimCluster, Workload, attainment, generate, goodput, percentile, simulate
 
 
 class PlanError(ValueError):
@@ -50,7 +68,7 @@ class Shape:
 
 
 def _num(d: dict, key: str, where: str, lo: float = 0.0, required: bool = True, integer: bool = False, default=None):
-    v = d.get(key, default) if isinstance(d, dict) else None
+    v = d.get(key) if isinstance(d, dict) else None
     if v is None:
         if required:
             raise PlanError(f"{where}.{key} is required", f"{where}.{key}")
@@ -98,7 +116,42 @@ def _costs(profiles: dict, model: str | None) -> tuple[PrefillCost, DecodeCost, 
     return pre or PrefillCost(), dec or DecodeCost(), source
 
 
-def _parse(body) -> tuple[Workload, float, float, float]:
+_CONVERSATION_FIELDS = ("rate", "turns", "system_tokens", "system_prompts", "user_tokens", "output_tokens", "think_s",
+                        "template_tokens")
+
+
+def _conversations(w: dict, rate_required: bool) -> Conversations:
+    """workload.conversations (module docstring): every field but the rate has Conversations' default."""
+    where, c = "workload.conversations", w["conversations"]
+    if not isinstance(c, dict):
+        raise PlanError(f"{where} must be an object", where)
+    for key in ("rate", "prompt_tokens", "output_tokens", "arrival", "burstiness"):
+        if key in w:
+            raise PlanError(f"workload.{key} does not go with {where} (its rate, user_tokens and output_tokens "
+                            "are inside it)", f"workload.{key}")
+    for key in c:
+        if key not in _CONVERSATION_FIELDS:
+            raise PlanError(f"{where}.{key}: unknown (known: {', '.join(_CONVERSATION_FIELDS)})", f"{where}.{key}")
+    d = Conversations(1.0)
+    lengths = []
+    for key, mean, sigma in (("user_tokens", d.user_mean, d.user_sigma), ("output_tokens", d.output_mean, d.output_sigma)):
+        spec = c.get(key, {})
+        if not isinstance(spec, dict):
+            raise PlanError(f"{where}.{key} must be an object ({{\"mean\": n, \"sigma\": s}})", f"{where}.{key}")
+        lengths += [_num(spec, "mean", f"{where}.{key}", required=False, default=mean),
+                    _num(spec, "sigma", f"{where}.{key}", lo=-1e-12, required=False, default=sigma)]
+    return Conversations(
+        _num(c, "rate", where, required=rate_required, default=1.0),
+        _num(c, "turns", where, integer=True, required=False, default=d.turns),
+        _num(c, "system_tokens", where, lo=-1e-12, integer=True, required=False, default=d.system_tokens),
+        _num(c, "system_prompts", where, integer=True, required=False, default=d.system_prompts),
+        *lengths,
+        think_s=_num(c, "think_s", where, lo=-1e-12, required=False, default=d.think_s),
+        template_tokens=_num(c, "template_tokens", where, lo=-1e-12, integer=True, required=False,
+                             default=d.template_tokens))
+
+
+def _parse(body) -> tuple[Workload | Conversations, float, float, float]:
     if not isinstance(body, dict):
         raise PlanError("the body must be a JSON object")
     w, slo = body.get("workload"), body.get("slo")
@@ -106,22 +159,26 @@ def _parse(body) -> tuple[Workload, float, float, float]:
         raise PlanError("workload is required (an object)", "workload")
     if not isinstance(slo, dict):
         raise PlanError("slo is required (an object)", "slo")
-    pt, ot = w.get("prompt_tokens"), w.get("output_tokens")
-    if not isinstance(pt, dict) or not isinstance(ot, dict):
-        raise PlanError("workload.prompt_tokens and workload.output_tokens are required ({\"mean\": n})",
-                        "workload.prompt_tokens")
-    arrival = w.get("arrival", "poisson")
-    if arrival not in ("poisson", "gamma", "uniform"):
-        raise PlanError(f"workload.arrival = {arrival!r}: one of poisson, gamma, uniform", "workload.arrival")
-    rate = _num(w, "rate", "workload", required="cluster" not in body, default=1.0)
-    wl = Workload(rate, _num(pt, "mean", "workload.prompt_tokens"), _num(ot, "mean", "workload.output_tokens"),
-                  _num(pt, "sigma", "workload.prompt_tokens", lo=-1e-12, required=False, default=0.0),
-                  _num(ot, "sigma", "workload.output_tokens", lo=-1e-12, required=False, default=0.0), arrival,
-                  _num(w, "burstiness", "workload", required=False, default=1.0))
+    wl = _conversations(w, "cluster" not in body) if "conversations" in w else _single_turn(w, "cluster" not in body)
     target = _num(slo, "attainment", "slo", required=False, default=0.9)
     if target > 1:
         raise PlanError(f"slo.attainment = {target}: a share in (0, 1]", "slo.attainment")
     return wl, _num(slo, "ttft_ms", "slo") / 1e3, _num(slo, "tpot_ms", "slo") / 1e3, target
+
+
+def _single_turn(w: dict, rate_required: bool) -> Workload:
+    pt, ot = w.get("prompt_tokens"), w.get("output_tokens")
+    if not isinstance(pt, dict) or not isinstance(ot, dict):
+        raise PlanError("workload.prompt_tokens and workload.output_tokens are required ({\"mean\": n}), or "
+                        "workload.conversations", "workload.prompt_tokens")
+    arrival = w.get("arrival", "poisson")
+    if arrival not in ("poisson", "gamma", "uniform"):
+        raise PlanError(f"workload.arrival = {arrival!r}: one of poisson, gamma, uniform", "workload.arrival")
+    rate = _num(w, "rate", "workload", required=rate_required, default=1.0)
+    return Workload(rate, _num(pt, "mean", "workload.prompt_tokens"), _num(ot, "mean", "workload.output_tokens"),
+                    _num(pt, "sigma", "workload.prompt_tokens", lo=-1e-12, required=False, default=0.0),
+                    _num(ot, "sigma", "workload.output_tokens", lo=-1e-12, required=False, default=0.0), arrival,
+                    _num(w, "burstiness", "workload", required=False, default=1.0))
 
 
 def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
@@ -135,27 +192,51 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
     kv = _num(budget, "kv_tokens_per_device", "budget", required=False, default=1 << 30, integer=True)
     stage_hop = _num(budget, "pp_hop_ms", "budget", lo=-1e-12, required=False, default=1.0) / 1e3
     transfer = kv_transfer_s_per_token(body.get("kv_transfer"))
+    caching = body.get("prefix_caching", True)
+    if not isinstance(caching, bool):
+        raise PlanError(f"prefix_caching = {caching!r}: true or false", "prefix_caching")
+    multi = isinstance(wl, Conversations)
+    convs = max(1, -(-n // wl.turns)) if multi else 0  # about `requests` turns in all
+    unit = "conversations/s" if multi else "req/s"
 
     def sim_cluster(p: Shape, d: Shape) -> SimCluster:
         pc, _ = scaled(pre, dec, p.tp, p.pp, stage_hop)
         _, dc = scaled(pre, dec, d.tp, d.pp, stage_hop)
-        return SimCluster([pc] * p.replicas, [dc] * d.replicas, kv * d.tp * d.pp, transfer, 256, policy)
+        return SimCluster([pc] * p.replicas, [dc] * d.replicas, kv * d.tp * d.pp, transfer, 256, policy,
+                          prefix_caching=caching, prefill_kv_capacity_tokens=kv * p.tp * p.pp)
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else x * 1e3
 
     def evaluate(p: Shape, d: Shape, with_goodput: bool) -> dict:
         c = sim_cluster(p, d)
-        reqs = simulate(c, generate(wl, n, 0), ttft, tpot)
+        if multi:
+            reqs = simulate_conversations(c, conversation_script(wl, convs, 0), ttft, tpot)
+        else:
+            reqs = simulate(c, generate(wl, n, 0), ttft, tpot)
         done = [r for r in reqs if r.ttft is not None and r.tpot is not None]
-        q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))] * 1e3 if xs else None  # noqa: E731
         out = {"prefill": {"replicas": p.replicas, "tp": p.tp, "pp": p.pp},
                "decode": {"replicas": d.replicas, "tp": d.tp, "pp": d.pp},
                "devices": p.replicas * p.tp * p.pp + d.replicas * d.tp * d.pp,
                "predicted": {"attainment": attainment(reqs),
-                             "ttft_p90_ms": q([r.ttft for r in done], 0.9),
-                             "tpot_p90_ms": q([r.tpot for r in done], 0.9)}}
+                             "ttft_p90_ms": ms(percentile([r.ttft for r in done], 0.9)),
+                             "tpot_p90_ms": ms(percentile([r.tpot for r in done], 0.9))}}
+        if multi:
+            st = conversation_stats(reqs)
+            out["predicted"]["prefix"] = {
+                "ttft_p90_ms_first_turns": ms(st.ttft_first[1]), "ttft_p90_ms_later_turns": ms(st.ttft_later[1]),
+                "hit_rate_later_turns": st.hit_rate_later,
+                "shipped_per_prompt_token_first_turns": st.shipped_per_prompt_first,
+                "shipped_per_prompt_token_later_turns": st.shipped_per_prompt_later,
+                "local_prefill_share": st.local_share}
         if with_goodput:
-            g = goodput(c, wl, ttft, tpot, target, n=n, hi=max(wl.rate, 0.5))
+            if multi:
+                g = conversation_goodput(c, wl, ttft, tpot, target, n=convs, hi=max(wl.rate, 0.5))
+            else:
+                g = goodput(c, wl, ttft, tpot, target, n=n, hi=max(wl.rate, 0.5))
             out["predicted"]["goodput"] = g
             out["predicted"]["per_device_rate"] = g / out["devices"]
+            out["predicted"]["unit"] = unit
         return out
 
     assumptions = [f"cost models: {source}, TP scaled by k·0.9^log2(k); PP: per-stage steps, "
@@ -163,8 +244,15 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
                    "prefill: batched steps (the step's fixed cost shared); decode: continuous batching, whole KV "
                    "reserved at admission (no preemption)",
                    f"KV transfer: {transfer * 1e6:.3g} µs per prompt token, added to TTFT" if transfer else
-                   "KV transfer time not modelled (no kv_transfer given)",
-                   f"{n} simulated requests per candidate, {wl.arrival} arrivals"]
+                   "KV transfer time not modelled (no kv_transfer given)"]
+    if multi:
+        assumptions += [
+            f"{convs} simulated conversations of {wl.turns} turns per candidate (Poisson starts, closed loop: "
+            f"{wl.think_s:g} s between a reply and the next turn; a rejected turn ends its conversation)",
+            (f"prefix caches of {SimCluster.block_size}-token blocks on every worker, LRU, in the KV room no request holds; placement "
+             f"sees them as the KV index would with perfect events" if caching else "no prefix caching")]
+    else:
+        assumptions.append(f"{n} simulated requests per candidate, {wl.arrival} arrivals")
 
     if "cluster" in body:  # what rate can this cluster hold?
         c = body["cluster"]
@@ -236,7 +324,7 @@ def plan(body: dict, profiles: dict, requests: int = 400) -> dict:
     final["feasible"] = best is not None
     if best is None:
         final["reason"] = (f"no configuration within {devices} devices meets {target:.0%} attainment at "
-                           f"{wl.rate:g} req/s; the best reaches {final['predicted']['attainment']:.0%}")
+                           f"{wl.rate:g} {unit}; the best reaches {final['predicted']['attainment']:.0%}")
     final["alternatives"] = alternatives
     final["assumptions"] = assumptions
     return final

@@ -48,6 +48,7 @@ def test_what_rate_a_cluster_can_hold():
     ({"slo": {"ttft_ms": 500, "tpot_ms": 50, "attainment": 1.5}}, "slo.attainment"),
     ({"workload": {"rate": "fast", "prompt_tokens": {"mean": 1}, "output_tokens": {"mean": 1}}}, "workload.rate"),
     ({"workload": {"rate": 1}}, "workload.prompt_tokens"),
+    ({"workload": {"prompt_tokens": {"mean": 1}, "output_tokens": {"mean": 1}}}, "workload.rate"),
 ])
 def test_impossible_or_malformed_requests_are_rejected_with_the_field(change, param):
     with pytest.raises(PlanError) as e:
@@ -116,3 +117,66 @@ def test_cluster_plan_command_passes_pp_and_kv_transfer(capsys, tmp_path):
     assert main(args + ["--pp", "1,2"]) == 0
     assert "plan:" in capsys.readouterr().out
     assert main(args + ["--pp", "0"]) == 2  # a bad depth is a clear error
+
+
+# unique 1,300-token system prompts (a user's document): a later turn reuses only its own conversation
+CONVERSATIONS = {"workload": {"conversations": {"rate": 0.5, "turns": 3, "system_prompts": 10**6}},
+                 "slo": {"ttft_ms": 800, "tpot_ms": 50, "attainment": 0.9}, "budget": {"devices": 6, "tp": [1]},
+                 "kv_transfer": {"bytes_per_token": 40_000, "bandwidth_gb_s": 2}}
+
+
+def test_the_planner_takes_a_conversation_workload_and_reports_its_prefix_reuse():
+    got = plan(CONVERSATIONS, PROFILES, requests=90)
+    pr = got["predicted"]
+    assert got["feasible"] and pr["unit"] == "conversations/s" and pr["goodput"] >= 0.5
+    x = pr["prefix"]
+    assert x["hit_rate_later_turns"] >= 0.8 and x["shipped_per_prompt_token_first_turns"] >= 0.99
+    assert x["shipped_per_prompt_token_later_turns"] <= 0.3
+    assert any("30 simulated conversations of 3 turns" in a for a in got["assumptions"])
+
+
+def test_planning_with_prefix_reuse_needs_no_more_workers_than_without():
+    reuse = plan(CONVERSATIONS, PROFILES, requests=90)
+    blind = plan({**CONVERSATIONS, "prefix_caching": False}, PROFILES, requests=90)
+    assert blind["feasible"] and blind["predicted"]["prefix"]["hit_rate_later_turns"] == 0.0
+    # every turn recomputes and ships its whole conversation without the caches: more prefill workers
+    assert reuse["devices"] < blind["devices"]
+    assert reuse["prefill"]["replicas"] < blind["prefill"]["replicas"]
+
+
+@pytest.mark.parametrize("conversations, extra, param", [
+    ({"rate": 1, "turns": 0}, {}, "workload.conversations.turns"),
+    ({"rate": 1, "turns": 2.5}, {}, "workload.conversations.turns"),
+    ({"rate": 1, "system_prompts": 0}, {}, "workload.conversations.system_prompts"),
+    ({"rate": 1, "user_tokens": {"mean": -5}}, {}, "workload.conversations.user_tokens.mean"),
+    ({"rate": 1, "output_tokens": 100}, {}, "workload.conversations.output_tokens"),
+    ({"rate": 1, "think_s": "soon"}, {}, "workload.conversations.think_s"),
+    ({"rate": 1, "turn": 3}, {}, "workload.conversations.turn"),
+    ({"turns": 2}, {}, "workload.conversations.rate"),
+    ({"rate": 1}, {"prompt_tokens": {"mean": 5}}, "workload.prompt_tokens"),
+    ([], {}, "workload.conversations"),
+])
+def test_a_malformed_conversation_workload_is_refused_with_the_field(conversations, extra, param):
+    body = {**CONVERSATIONS, "workload": {"conversations": conversations, **extra}}
+    with pytest.raises(PlanError) as e:
+        plan(body, PROFILES, requests=10)
+    assert e.value.param == param and param.rsplit(".", 1)[-1] in str(e.value)
+    with pytest.raises(PlanError) as e:
+        plan({**CONVERSATIONS, "prefix_caching": "yes"}, PROFILES, requests=10)
+    assert e.value.param == "prefix_caching"
+
+
+def test_cluster_plan_command_passes_the_conversation_flags(capsys, tmp_path):
+    import json
+
+    from cluster.cli import main
+    args = ["plan", "--rate", "0.5", "--ttft-ms", "800", "--tpot-ms", "50", "--prefill", "1", "--decode", "1",
+            "--state-dir", str(tmp_path)]
+    conv = ["--turns", "2", "--system-tokens", "300", "--think-s", "0.5", "--output-tokens", "20"]
+    assert main(args + conv + ["--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["predicted"]["unit"] == "conversations/s" and got["predicted"]["prefix"]["hit_rate_later_turns"] > 0.5
+    assert main(args + conv + ["--no-prefix-cache"]) == 0
+    assert "prefix reuse: later turns hit 0% of their prompt tokens" in capsys.readouterr().out
+    assert main(args + ["--think-s", "0.5"]) == 2  # a conversation flag without --turns
+    assert main(args + conv + ["--prompt-tokens", "100"]) == 2
