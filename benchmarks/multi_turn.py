@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +42,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from live_cluster import LiveCluster, get_json  # noqa: E402
 
-from cluster import multi_turn  # noqa: E402
-from coordinator.conversations import Conversations, conversation_script  # noqa: E402
+from cluster import calibrate, multi_turn  # noqa: E402
+from coordinator.conversations import Conversations, conversation_script, conversation_stats, simulate_conversations  # noqa: E402,E501
+from coordinator.planner import _costs  # noqa: E402
+from coordinator.simulator import SimCluster  # noqa: E402
 
 DISAGG = ["prefill", "prefill", "decode", "decode"]
 SYSTEMS = {  # name -> (worker roles, coordinator flags)
@@ -83,6 +86,24 @@ class Setup:
 
 def kv_bytes_per_token(admin: str) -> int:
     return get_json(admin + "/v1/cluster")["workers"][0]["kv_bytes_per_token"]
+
+
+def predicted(s: Setup, roles: list[str], beats: list, scripts, ttft_s: float, tpot_s: float, bpt: int) -> dict:
+    """The simulator's figures for a run (coordinator/conversations.py, the coordinator's own policy
+    code): the workers' stored cost models rescaled to the step times their heartbeats reported during
+    the run (the coordinator's online refinement, applied at once: 4 workers, a gateway and the load
+    generator share 2 cores, so steps run slower than the idle start-up profiles), their KV room, and
+    the coordinator's transfer rate."""
+    view = get_json(s.admin + "/v1/cluster")
+    profiles = calibrate.calibrated(get_json(s.admin + "/v1/profiles"), beats)
+    pre, dec, _ = _costs(profiles, s.model)
+    kv = {w["role"]: w["kv_capacity_tokens"] for w in view["workers"]}
+    cluster = SimCluster([pre] * roles.count("prefill"), [dec] * roles.count("decode"), kv.get("decode", 1 << 20),
+                         bpt / (view["kv_bandwidth_gb_s"] * 1e9), block_size=view["workers"][0]["block_size"],
+                         prefill_kv_capacity_tokens=kv.get("prefill", 1 << 20))
+    st = conversation_stats(simulate_conversations(cluster, scripts, ttft_s, tpot_s, policy="slo"))
+    return {"attainment": st.attainment, "ttft_later_p90_s": st.ttft_later[1], "ttft_first_p50_s": st.ttft_first[0],
+            "hit_rate_later": st.hit_rate_later, "local_share": st.local_share}
 
 
 def machine() -> dict:
@@ -152,7 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny random-weight model (smoke run)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
-    ap.add_argument("--rates", default=None, help="conversations per second, comma-separated")
+    ap.add_argument("--rates", default=None, help="conversations per second, comma-separated (the slo systems' sweep)")
+    ap.add_argument("--baseline-rates", default=None,
+                    help="rates for round-robin, least-loaded and colocated (default: the middle of --rates)")
     ap.add_argument("--conversations", type=int, default=8, help="conversations a rate")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=None)
@@ -180,9 +203,10 @@ def main(argv=None) -> int:
         from engine.model_store import pull_default
         model = Path(a.model) if a.model else pull_default(progress=False)
         flags = ("--kv-cache-memory", "512MiB", "--block-size", "16", "--threads", "1")
-        rates, system, user, output, ttft, tpot = [0.05, 0.1, 0.2], 1000, 60, 24, 3000.0, 400.0
+        rates, system, user, output, ttft, tpot = [0.05, 0.1, 0.2], 1000, 60, 24, 8000.0, 400.0
         id_range = multi_turn.FILLER
     rates = [float(x) for x in a.rates.split(",")] if a.rates else rates
+    baseline_rates = [float(x) for x in a.baseline_rates.split(",")] if a.baseline_rates else [rates[len(rates) // 2]]
     w = Conversations(rate=rates[0], turns=a.turns, system_tokens=a.system_tokens or system,
                       system_prompts=a.system_prompts or a.conversations,
                       user_mean=a.user_tokens or user, output_mean=a.output_tokens or output, think_s=a.think_s)
@@ -210,16 +234,32 @@ def main(argv=None) -> int:
                 s.url, s.model, conversation_script(Conversations(rate=100.0, turns=1, system_tokens=8), 4, 0),
                 8, 1, 0.0, w.template_tokens, seed=10**6, id_range=id_range))
             rows = []
-            for i, rate in enumerate(rates):
+            for i, rate in enumerate(rates if name.startswith("slo") else baseline_rates):
+                i = rates.index(rate) if rate in rates else len(rates) + i  # a rate's scripts: the same everywhere
                 scripts = conversation_script(Conversations(**{**w.__dict__, "rate": rate}), a.conversations, a.seed + i)
-                samples = asyncio.run(multi_turn.run_conversations(
-                    s.url, s.model, scripts, w.system_tokens, w.system_prompts, w.think_s, w.template_tokens,
-                    seed=a.seed * 1000 + i, id_range=id_range))
+                beats: list = []
+                stop = threading.Event()
+                poller = threading.Thread(target=calibrate.heartbeats, args=(s.admin, stop, beats), daemon=True)
+                poller.start()
+                try:
+                    samples = asyncio.run(multi_turn.run_conversations(
+                        s.url, s.model, scripts, w.system_tokens, w.system_prompts, w.think_s, w.template_tokens,
+                        seed=a.seed * 1000 + i, id_range=id_range))
+                finally:
+                    stop.set()
+                    poller.join(10)
                 r = multi_turn.summarize(rate, samples, sum(len(sc.turns) for sc in scripts), ttft_ms / 1e3,
                                          tpot_ms / 1e3, bpt)
+                print(multi_turn.line(name, r), flush=True)
+                if name == "slo cache-aware":
+                    r["simulated"] = predicted(s, roles, beats, scripts, ttft_ms / 1e3, tpot_ms / 1e3, bpt)
+                    r["simulated"]["difference_points"] = 100 * (r["simulated"]["attainment"] - r["attainment"])
+                    print(f"  {'(simulator)':<22} {rate:>5g} conv/s  attain {r['simulated']['attainment']:4.0%} "
+                          f"({r['simulated']['difference_points']:+.0f} points)  later p90 TTFT "
+                          f"{(r['simulated']['ttft_later_p90_s'] or 0) * 1e3:.0f} ms  hits later "
+                          f"{r['simulated']['hit_rate_later']:.0%}", flush=True)
                 r["samples"] = [dataclasses.asdict(x) for x in samples]
                 rows.append(r)
-                print(multi_turn.line(name, r), flush=True)
             report["systems"][name] = {"rates": rows, "goodput": max(
                 (r["rate"] for r in rows if r["attainment"] >= a.attainment), default=0.0),
                 "kv_bytes_per_token": bpt}
