@@ -103,7 +103,8 @@ def predicted(s: Setup, roles: list[str], beats: list, scripts, ttft_s: float, t
                          prefill_kv_capacity_tokens=kv.get("prefill", 1 << 20))
     st = conversation_stats(simulate_conversations(cluster, scripts, ttft_s, tpot_s, policy="slo"))
     return {"attainment": st.attainment, "ttft_later_p90_s": st.ttft_later[1], "ttft_first_p50_s": st.ttft_first[0],
-            "hit_rate_later": st.hit_rate_later, "local_share": st.local_share}
+            "hit_rate_later": st.hit_rate_later, "local_share": st.local_share, "by_turn": st.by_turn,
+            "rejected": st.rejected, "prefill_cost": dataclasses.asdict(pre), "decode_cost": dataclasses.asdict(dec)}
 
 
 def machine() -> dict:

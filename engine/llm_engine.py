@@ -296,9 +296,12 @@ class LLMEngine:
             "prompt_tokens_total": self.block_manager.stats.queries,  # looked up at admission or reservation
             "prefix_hit_tokens_total": self.block_manager.stats.hits,
             "num_preemptions": self.scheduler.num_preemptions,
-            "num_queued_tokens": sum(s.num_tokens - s.num_computed_tokens
-                                     for s in (*self.scheduler.waiting, *self.scheduler.running)),
+            "num_queued_tokens": self.num_queued_tokens(),
         }
+
+    def num_queued_tokens(self) -> int:
+        """Tokens scheduled sequences have still to compute (prompts waiting or mid-prefill)."""
+        return sum(s.num_tokens - s.num_computed_tokens for s in (*self.scheduler.waiting, *self.scheduler.running))
 
     # ---- helpers -------------------------------------------------------------------------------
     def _detokenize(self, st: _SeqState, token: int) -> None:

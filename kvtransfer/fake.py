@@ -65,21 +65,21 @@ class FakeKVClient:
         pass
 
     def reserve(self, endpoint, request_id, attempt, num_tokens, layout: KVLayout, timeout=5.0, block_hashes=(),
-                hash_root=0) -> Reserved:
+                hash_root=0, wait_s=0.0) -> Reserved:
         res = self.net.reservations.get(endpoint)
         if res is None:
             self.net.dropped[endpoint] += 1
             return Reserved(VERSION, request_id, attempt, False, [], f"no answer within {timeout} s")
         msg = decode(encode(Reserve(VERSION, request_id, attempt, num_tokens, layout, block_hashes=list(block_hashes),
-                                    hash_root=hash_root)))
+                                    hash_root=hash_root, wait_s=wait_s)))
         return decode(encode(res.on_reserve(self.identity, msg)))
 
     def reserve_async(self, endpoint, request_id, attempt, num_tokens, layout: KVLayout, block_hashes=(),
-                      hash_root=0) -> Future:
+                      hash_root=0, wait_s=0.0) -> Future:
         fut: Future = Future()
         if endpoint in self.net.reservations:  # an unreachable endpoint never answers
             fut.set_result(self.reserve(endpoint, request_id, attempt, num_tokens, layout, block_hashes=block_hashes,
-                                        hash_root=hash_root))
+                                        hash_root=hash_root, wait_s=wait_s))
         else:
             self.net.dropped[endpoint] += 1
         return fut

@@ -38,6 +38,10 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     # the receiver links the leading blocks its own cache holds instead of receiving them
     block_hashes: list[int] = []
     hash_root: int = 0
+    # how long the receiver should wait for the pages (0: its own timeout): the sender's estimate of the
+    # prompts ahead of this one in its queue, so a long queue at the sender does not time the
+    # reservation out before the first page is computed (the receiver caps it: MAX_WAIT_S)
+    wait_s: float = 0.0
 
 
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):

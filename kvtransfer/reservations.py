@@ -1,7 +1,8 @@
 """The decode driver's reservations: blocks for an incoming transfer, the ranks told what to expect,
 and the request's state until every rank has its pages.
 
-    Reserve ──▶ Reserving: blocks allocated, every rank told what to expect (deadline = now + timeout)
+    Reserve ──▶ Reserving: blocks allocated, every rank told what to expect (deadline = now + timeout,
+                or the sender's `wait_s` when longer: its queue ahead of the prompt, capped at MAX_WAIT_S)
             ──▶ Transferring: frames arrive at each rank; a rank is done when it has every frame the
                 plan routes to it
             ──▶ Done: all ranks done -> Ack(ok) to the sender, on_ready(request) for the scheduler
@@ -25,6 +26,7 @@ from kvtransfer.protocol import VERSION, Ack, Reserve, Reserved
 from kvtransfer.receiver import RankReceiver
 
 log = logging.getLogger(__name__)
+MAX_WAIT_S = 300.0  # the longest a sender may ask a reservation to wait for its pages (Reserve.wait_s)
 
 
 class BlockPoolReserver:
@@ -148,7 +150,7 @@ class Reservations:
                         if got is None:
                             return no("no room")
                         block_ids, n_held = got
-                        deadline = time.monotonic() + self.timeout
+                        deadline = time.monotonic() + max(self.timeout, min(msg.wait_s, MAX_WAIT_S))
                         self._table[msg.request_id] = _Reservation(msg.attempt, block_ids, sender,
                                                                    {r.rank for r in self.ranks}, deadline, n_held)
                         break

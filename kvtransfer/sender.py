@@ -47,13 +47,14 @@ class SendTransfer:
         self.dst_block_ids: list[int] = []
         self.block_hashes, self.hash_root = list(block_hashes), hash_root
         self.held = 0  # leading blocks the receiver already holds
+        self.wait_s = 0.0  # how long the receiver should wait for the pages (0: its default); set before reserving
         self._ack = None
         self._ack_deadline: float | None = None
 
     def reserve(self) -> bool:
         return self._reserved(self.client.reserve(self.endpoints[0], self.request_id, self.attempt,
                                                   self.num_tokens, self.src, self.reserve_timeout,
-                                                  self.block_hashes, self.hash_root))
+                                                  self.block_hashes, self.hash_root, self.wait_s))
 
     def _reserved(self, reply) -> bool:
         if not reply.ok:
@@ -68,7 +69,7 @@ class SendTransfer:
         """Non-blocking `reserve`: sends the Reserve; `poll_reserve` tells how it ended."""
         import time
         self._reserve = self.client.reserve_async(self.endpoints[0], self.request_id, self.attempt, self.num_tokens,
-                                                  self.src, self.block_hashes, self.hash_root)
+                                                  self.src, self.block_hashes, self.hash_root, self.wait_s)
         self._reserve_deadline = (time.monotonic() if now is None else now) + self.reserve_timeout
 
     def poll_reserve(self, now: float | None = None) -> bool | None:

@@ -34,12 +34,15 @@ class KVTransport(Protocol):
         """Stops the I/O (waits at most `timeout` for its thread)."""
 
     def reserve(self, endpoint: str, request_id: str, attempt: int, num_tokens: int, layout: KVLayout,
-                timeout: float = 5.0, block_hashes: list[int] = (), hash_root: int = 0) -> Reserved:
+                timeout: float = 5.0, block_hashes: list[int] = (), hash_root: int = 0,
+                wait_s: float = 0.0) -> Reserved:
         """Asks the receiver's driver for blocks; waits at most `timeout` for its answer. `block_hashes`
-        (chained from `hash_root`): the prompt's full blocks, for the receiver to link what it holds."""
+        (chained from `hash_root`): the prompt's full blocks, for the receiver to link what it holds;
+        `wait_s`: how long the receiver should wait for the pages (Reserve.wait_s)."""
 
     def reserve_async(self, endpoint: str, request_id: str, attempt: int, num_tokens: int,
-                      layout: KVLayout, block_hashes: list[int] = (), hash_root: int = 0) -> Future:
+                      layout: KVLayout, block_hashes: list[int] = (), hash_root: int = 0,
+                      wait_s: float = 0.0) -> Future:
         """The same, answered in a future (the caller keeps the deadline)."""
 
     def forget_reserve(self, request_id: str, attempt: int) -> None: ...

@@ -310,8 +310,9 @@ class KVClient(IOThread):
 
     # -- API (any thread) ------------------------------------------------------------------------
     def reserve(self, endpoint: str, request_id: str, attempt: int, num_tokens: int, layout: KVLayout,
-                timeout: float = 5.0, block_hashes: list[int] = (), hash_root: int = 0) -> Reserved:
-        fut = self.reserve_async(endpoint, request_id, attempt, num_tokens, layout, block_hashes, hash_root)
+                timeout: float = 5.0, block_hashes: list[int] = (), hash_root: int = 0,
+                wait_s: float = 0.0) -> Reserved:
+        fut = self.reserve_async(endpoint, request_id, attempt, num_tokens, layout, block_hashes, hash_root, wait_s)
         try:
             return fut.result(timeout)
         except FutureTimeout:
@@ -319,11 +320,12 @@ class KVClient(IOThread):
             return Reserved(VERSION, request_id, attempt, False, [], f"no answer within {timeout} s")
 
     def reserve_async(self, endpoint: str, request_id: str, attempt: int, num_tokens: int,
-                      layout: KVLayout, block_hashes: list[int] = (), hash_root: int = 0) -> Future:
+                      layout: KVLayout, block_hashes: list[int] = (), hash_root: int = 0,
+                      wait_s: float = 0.0) -> Future:
         """Sends a Reserve; the future gets the Reserved reply (the caller keeps the deadline)."""
         fut = self._expect("reserved", request_id, attempt)
         msg = Reserve(VERSION, request_id, attempt, num_tokens, layout, block_hashes=list(block_hashes),
-                      hash_root=hash_root)
+                      hash_root=hash_root, wait_s=wait_s)
         self.submit(lambda: self._sock(endpoint).send(encode(msg)))
         return fut
 

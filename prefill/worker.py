@@ -67,6 +67,7 @@ class PrefillWorker:
         self._pending: dict[str, _Pending] = {}  # admitted here, first token not out yet (or colocated)
         self._reserving: dict[str, _Pending] = {}  # waiting for the decode worker's Reserved
         self._shipping: list[SendTransfer] = []  # waiting for D's Ack
+        self._s_per_token = 0.01  # prefill seconds per prompt token, measured (EWMA of its steps)
         self._first_index: dict = {}
         self._stop = False
         self.heartbeat = Heartbeat(None, worker_id)  # `cluster worker --registry` sets the registry
@@ -102,7 +103,10 @@ class PrefillWorker:
             if self.engine.has_unfinished_requests():
                 t0 = time.monotonic()
                 self._step()
-                self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
+                dt = time.monotonic() - t0
+                self.heartbeat.step_done(dt, *self.engine.last_step)
+                if self.engine.last_step[0]:
+                    self._s_per_token += 0.2 * (dt / self.engine.last_step[0] - self._s_per_token)
             still = []
             for st in self._shipping:
                 if not st.poll():
@@ -150,11 +154,20 @@ class PrefillWorker:
                 self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}",
                                   blame=req.decode.worker_id)
                 return
+            transfer.wait_s = self._pages_due(len(req.prompt_token_ids))
             # the reservation is asynchronous: an unreachable decode worker must not stall this loop
             transfer.start_reserve()
             self._reserving[rid] = _Pending(req, params, transfer, arrived=time.monotonic())
             return
         self._admit(req, params, None, time.monotonic())
+
+    def _pages_due(self, num_tokens: int) -> float:
+        """How long a decode worker reserving for a new prompt should wait for its pages: the prompts
+        ahead of it here and its own, at twice the measured time per token, and the Ack's timeout.
+        Without it a queue longer than the decode side's timeout failed every reservation behind it
+        ("timed out waiting for KV frames", then a migration that computes the prompt again)."""
+        ahead = self.engine.num_queued_tokens() + sum(len(p.req.prompt_token_ids) for p in self._reserving.values())
+        return self.ack_timeout + 2.0 * self._s_per_token * (ahead + num_tokens)
 
     def _poll_reservations(self) -> None:
         for rid, p in list(self._reserving.items()):

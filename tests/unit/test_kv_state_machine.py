@@ -100,6 +100,33 @@ def test_receiver_times_out_frees_and_nacks():
     assert not st.finish() and "timed out" in st.reason
 
 
+def test_a_sender_with_a_queue_asks_the_receiver_to_wait_longer_within_a_cap():
+    """Reserve.wait_s: a prefill worker whose queue will take a while before this prompt is computed asks
+    the decode worker to hold the reservation that long; past it (or past MAX_WAIT_S, whatever it asks)
+    the reservation times out as before, on the driver and on every rank."""
+    from kvtransfer import reservations
+
+    for asked, alive_at, dead_at in ((0.3, 0.1, 0.35), (10**6, 0.1, 0.35)):
+        net = FakeKVNetwork()
+        d = Decode(net, tp=2, timeout=0.05)
+        client = FakeKVClient(net, 0)
+        st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None, ack_timeout=1.0)
+        st.wait_s = asked
+        old_cap = reservations.MAX_WAIT_S
+        reservations.MAX_WAIT_S = 0.3  # the cap, made short for the test
+        try:
+            t0 = time.monotonic()
+            assert st.reserve()
+        finally:
+            reservations.MAX_WAIT_S = old_cap
+        for at, pending in ((alive_at, 1), (dead_at, 0)):
+            d.res.expire(t0 + at)
+            for r in d.ranks:
+                r.expire(t0 + at)
+            assert d.res.num_pending == pending, (asked, at)
+        assert d.bm.num_free_blocks == 16 and not st.finish() and "timed out" in st.reason
+
+
 def test_sender_abort_frees_the_receiver_and_late_frames_are_ignored():
     net = FakeKVNetwork()
     d = Decode(net)
