@@ -6,7 +6,8 @@ the interval's steps, their mean time, the tokens computed and the sequences sch
 coordinator can compare what the model predicted with what happened:
 
     prefill shapes:  observed step time vs a + b·n + c·n²  at n = tokens per step
-    decode shapes:   observed step time vs base + per_seq·B at B = sequences per step
+    decode shapes:   observed step time vs base + per_seq·B at B = sequences per step (intervals in which
+                     a decode worker also computed prompt tokens, prefilling locally, are left out)
 
 The ratio observed / predicted is averaged per (model, shape) with weights by steps (an exponential
 moving average over about `window` steps). Once `min_steps` steps are in and the ratio is off by more
@@ -46,8 +47,8 @@ class CostRefiner:
             side, predicted = "prefill", prefill.seconds(int(round(n)))
         else:
             b = seqs / steps
-            if b < 1:
-                return
+            if b < 1 or tokens > seqs:  # tokens beyond one a sequence: a prompt was computed in these steps
+                return  # (a decode worker prefilling locally, or covering for the prefill role): mixed
             side, predicted = "decode", decode.base + decode.per_seq * b
         if predicted <= 0:
             return

@@ -40,3 +40,19 @@ def test_agreement_within_tolerance_or_too_few_steps_proposes_nothing():
     assert r.proposals({("m", "decode-tp1-pp1"): STORED}) == []
     r.observe("m", "x", "colocated", 5, 10.0, 5, 5, PrefillCost(), DecodeCost())  # mixed steps: ignored
     assert ("m", "x", "decode") not in r.tracks
+
+
+def test_decode_intervals_that_also_prefilled_do_not_skew_the_decode_model():
+    """A decode worker prefilling locally (conditional disaggregation) has intervals whose steps computed
+    prompt tokens too (tokens > sequences): slow, but not because decoding is. They are left out, so
+    a fleet that decodes as profiled and sometimes prefills keeps its profile."""
+    r = CostRefiner(min_steps=50)
+    p, d = PrefillCost(**STORED["prefill"]), DecodeCost(**STORED["decode"])
+    for i in range(200):
+        b = 1 + i % 16
+        if i % 3 == 0:  # 5 steps with a 500-token prompt among them: far slower than decoding alone
+            r.observe("m", "decode-tp1-pp1", "decode", 5, 1e3 * (0.02 + 0.001 * b + 0.05), 5 * b + 500, 5 * b, p, d)
+        else:
+            r.observe("m", "decode-tp1-pp1", "decode", 5, 1e3 * (0.02 + 0.001 * b), 5 * b, 5 * b, p, d)
+    assert r.tracks[("m", "decode-tp1-pp1", "decode")].steps == 5 * 133
+    assert r.proposals({("m", "decode-tp1-pp1"): STORED}) == []
