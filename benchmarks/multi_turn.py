@@ -93,7 +93,8 @@ def predicted(s: Setup, roles: list[str], beats: list, scripts, ttft_s: float, t
     code): the workers' stored cost models rescaled to the step times their heartbeats reported during
     the run (the coordinator's online refinement, applied at once: 4 workers, a gateway and the load
     generator share 2 cores, so steps run slower than the idle start-up profiles), their KV room, and
-    the coordinator's transfer rate."""
+    the coordinator's transfer rate; placed without SLOs, as the run's requests are, and judged
+    against them."""
     view = get_json(s.admin + "/v1/cluster")
     profiles = calibrate.calibrated(get_json(s.admin + "/v1/profiles"), beats)
     pre, dec, _ = _costs(profiles, s.model)
@@ -101,8 +102,12 @@ def predicted(s: Setup, roles: list[str], beats: list, scripts, ttft_s: float, t
     cluster = SimCluster([pre] * roles.count("prefill"), [dec] * roles.count("decode"), kv.get("decode", 1 << 20),
                          bpt / (view["kv_bandwidth_gb_s"] * 1e9), block_size=view["workers"][0]["block_size"],
                          prefill_kv_capacity_tokens=kv.get("prefill", 1 << 20))
-    st = conversation_stats(simulate_conversations(cluster, scripts, ttft_s, tpot_s, policy="slo"))
-    return {"attainment": st.attainment, "ttft_later_p90_s": st.ttft_later[1], "ttft_first_p50_s": st.ttft_first[0],
+    # placed as the live coordinator places them (the SLOs are not sent: nothing is rejected), judged
+    # against the SLOs as the live turns are
+    reqs = simulate_conversations(cluster, scripts, policy="slo")
+    st = conversation_stats(reqs)
+    met = sum(r.ttft is not None and r.tpot is not None and r.ttft <= ttft_s and r.tpot <= tpot_s for r in reqs)
+    return {"attainment": met / len(reqs) if reqs else 0.0, "ttft_later_p90_s": st.ttft_later[1], "ttft_first_p50_s": st.ttft_first[0],
             "hit_rate_later": st.hit_rate_later, "local_share": st.local_share, "by_turn": st.by_turn,
             "rejected": st.rejected, "prefill_cost": dataclasses.asdict(pre), "decode_cost": dataclasses.asdict(dec)}
 

@@ -434,10 +434,11 @@ class SloAware(Policy):
     whole prompt), then the decode worker with the best TPOT slack + what its held prefix saves the
     request's TTFT slack (the KV it holds is not shipped): a decode worker keeping a conversation's KV
     wins until its batch costs more than the transfer it saves. Then conditional disaggregation: the
-    decode worker prefills the request itself when that is sooner for this request, even counting the
-    stall its running requests take (the local prefill's time, once for each of them), and keeps every
-    running request's TPOT SLO; `local_prefill_tokens` overrides the cost model (local iff at most that
-    many tokens are left to compute there; 0: never)."""
+    decode worker prefills the request itself when the part it lacks is short (no longer to compute
+    than one of its decode steps) or it holds most of the prompt, and that is sooner for this request
+    even counting the stall its running requests take (the local prefill's time, once for each of
+    them), and keeps every running request's TPOT SLO; `local_prefill_tokens` overrides the cost model
+    (local iff at most that many tokens are left to compute there; 0: never)."""
     name = "slo"
 
     def __init__(self, local_prefill_tokens: int | None = None):
@@ -514,14 +515,18 @@ class SloAware(Policy):
     def _local(self, req, p, d, remote_ttft: float) -> float | None:
         """Conditional disaggregation: decode worker d prefilling the request itself, if it should: the
         delay that costs (its TTFT, plus the stall of every request running at d: the prefill's time
-        once each), else None."""
+        once each), else None. Only for what a decode worker should prefill at all: a short uncached
+        part (its prefill costs no more than one of d's decode steps) or a prompt d holds most of (at
+        least as many tokens as are left); a long prompt stays with the prefill workers, whatever
+        their queues, as disaggregation is for."""
         left = req.prompt_tokens - held(d.worker_id, req)
-        stall = p.cost.seconds(left)
-        cost = local_ttft(p, d, req) + stall * d.num_running
         if self.local_prefill_tokens is not None:
-            return cost if left <= self.local_prefill_tokens else None
-        ok = cost <= remote_ttft and predicted_tpot(d, req) + stall <= min(d.tightest_tpot, req.tpot_slo)
-        return cost if ok else None
+            return local_ttft(p, d, req) if left <= self.local_prefill_tokens else None
+        stall, step = p.cost.seconds(left), predicted_tpot(d, req)
+        if not (stall <= step or held(d.worker_id, req) >= left):
+            return None
+        cost = local_ttft(p, d, req) + stall * d.num_running
+        return cost if cost <= remote_ttft and step + stall <= min(d.tightest_tpot, req.tpot_slo) else None
 
 
 POLICIES = {"slo": SloAware, "least-loaded": LeastLoaded, "round-robin": RoundRobin}

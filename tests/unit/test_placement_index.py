@@ -303,3 +303,17 @@ def test_a_local_prefill_must_not_stall_a_busy_decode_batch_or_break_its_tpot_sl
         got, colocated = v.place(make_policy("slo"), PlacementRequest(1024, 64, cached={"d0": 960, "d1": 960}),
                                  now=0.0, scan=scan)
         assert got.decode != "d0" or not colocated  # d0 runs the 50 ms request; d1 does not
+
+
+def test_a_long_new_prompt_stays_with_the_prefill_workers_however_long_their_queue():
+    """Local prefill is for what a decode worker should prefill at all: a short uncached part (here 8
+    tokens: 18 ms, under one 22 ms decode step) or a prompt it holds most of. A 1,024-token prompt it
+    holds none of goes to the prefill worker even behind a 4 s queue, although an idle decode worker
+    would start it sooner."""
+    for scan in (False, True):
+        got, colocated = conversation_view(prefill_queue=4000, transfer=1e-5).place(
+            make_policy("slo"), PlacementRequest(1024, 64), now=0.0, scan=scan)
+        assert not colocated and got.prefill == "p0"
+        got, colocated = conversation_view(prefill_queue=4000, transfer=1e-5).place(
+            make_policy("slo"), PlacementRequest(8, 64), now=0.0, scan=scan)
+        assert colocated and got.prefill == got.decode
