@@ -546,3 +546,25 @@ def test_workers_report_slo_attainment_to_cluster_status(live, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.split()}
     assert "SLO MET" in out.stdout and "TTFT 100% of" in rows["p0"] and "TPOT 100% of" in rows["d0"], out.stdout
+
+
+def test_the_multi_turn_load_generator_reuses_each_conversations_kv(live):
+    """`cluster bench --workload multi-turn`'s driver against the live cluster: two conversations of
+    three turns, each resending its history; every turn completes, and later turns find most of their
+    prompt cached where they are prefilled (block size 4)."""
+    import asyncio
+
+    from cluster.multi_turn import run_conversations, summarize
+    from coordinator.conversations import Conversations, conversation_script
+
+    w = Conversations(rate=50.0, turns=3, system_tokens=40, system_prompts=2, user_mean=8, output_mean=6,
+                      think_s=0.0, template_tokens=2)
+    scripts = conversation_script(w, 2, seed=1)
+    turns = asyncio.run(run_conversations(live.gw.info["url"], live.model, scripts, w.system_tokens,
+                                          w.system_prompts, w.think_s, w.template_tokens, seed=7,
+                                          timeout=120, id_range=(10, 250)))
+    assert [t.prompt_tokens for t in sorted(turns, key=lambda t: (t.conversation, t.turn))] == \
+        [s.prompt_tokens(k) for s in scripts for k in range(3)]
+    r = summarize(1.0, turns, 6, None, None, 1)
+    assert r["failed"] == 0 and r["later"]["completed"] == 4
+    assert r["later"]["hit_rate"] > 0.5, r["later"]  # no cache: 0; P holds the last prompt, D the reply too

@@ -57,3 +57,22 @@ def test_predicted_attainment_adds_the_warm_up_residual_to_the_simulated_ttft():
     three = [Sample(float(t), 10, 3, ttft=0.01, e2e=0.012, tokens=3) for t in range(2, 6)]
     assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + three, 2.0, 0.05, 0.002) == 1.0
     assert predicted_attainment(profiles, "m", 1, 1, 10_000, "least-loaded", warm + three, 2.0, 0.05, 0.0005) == 0.0
+
+
+def test_multi_turn_summaries_split_first_and_later_turns():
+    """cluster/multi_turn.summarize: first and later turns apart, hits and KV bytes from usage, turns
+    never sent (a conversation cut short by a failure) counted as missed."""
+    from cluster.multi_turn import Turn
+    from cluster.multi_turn import summarize as summarize_turns
+
+    first = Turn(0, 0, 0.0, 1000, 10, ttft=2.0, e2e=3.0, tokens=10, cached_tokens=0, kv_tokens=1000)
+    later = Turn(0, 1, 5.0, 1100, 10, ttft=0.2, e2e=1.1, tokens=10, cached_tokens=1000, kv_tokens=100)
+    local = Turn(1, 1, 6.0, 1100, 10, ttft=0.3, e2e=1.2, tokens=10, cached_tokens=1050, kv_tokens=0)
+    failed = Turn(2, 0, 1.0, 1000, 10, error="HTTP 503")
+    r = summarize_turns(0.1, [first, later, local, failed], expected=6, ttft_slo=1.0, tpot_slo=0.2,
+                        kv_bytes_per_token=2)
+    assert r["failed"] == 1 and r["attainment"] == pytest.approx(2 / 6)  # the first turn misses TTFT
+    assert r["first"]["completed"] == 1 and r["first"]["kv_bytes_per_prompt_token"] == pytest.approx(2.0)
+    assert r["later"]["hit_rate"] == pytest.approx(2050 / 2200) and r["later"]["unshipped"] == 1
+    assert r["later"]["kv_bytes_per_request"] == pytest.approx(100.0)  # 100 tokens x 2 bytes over 2 turns
+    assert r["later"]["ttft_s"]["p50"] == pytest.approx(0.25)
