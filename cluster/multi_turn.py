@@ -25,30 +25,19 @@ import random
 import time
 from dataclasses import dataclass
 
-from cluster.bench import pct
+from cluster.bench import Sample, pct
 
 FILLER = (1000, 40000)  # token ids SmolLM2 (49,152) has as ordinary text: the default
 
 
 @dataclass
-class Turn:
-    conversation: int
-    turn: int
-    arrival: float  # seconds since the run's start
-    prompt_tokens: int
-    output_tokens: int
-    ttft: float | None = None
-    e2e: float | None = None
-    tokens: int = 0
+class Turn(Sample):
+    """One turn's timings (cluster.bench.Sample, `arrival` in seconds since the run's start) and where its
+    KV came from."""
+    conversation: int = 0
+    turn: int = 0
     cached_tokens: int = 0
     kv_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def tpot(self) -> float | None:
-        if self.ttft is None or self.e2e is None or self.tokens < 2:
-            return None
-        return (self.e2e - self.ttft) / (self.tokens - 1)
 
     def met(self, ttft_slo: float | None, tpot_slo: float | None) -> bool:
         return (self.error is None and self.e2e is not None and (ttft_slo is None or self.ttft <= ttft_slo)
@@ -117,7 +106,7 @@ async def run_conversations(url: str, model: str, scripts, system_tokens: int, s
             history = systems[script.system % len(systems)] + template  # as script.prompt_tokens counts
             for k, t in enumerate(script.turns):
                 prompt = history + ids(crng, t.user_tokens, id_range) + template
-                s = Turn(i, k, 0.0, len(prompt), t.output_tokens)
+                s = Turn(0.0, len(prompt), t.output_tokens, conversation=i, turn=k)
                 samples.append(s)
                 reply = await _turn(session, url, model, prompt, s, t0, slos)
                 if progress is not None:

@@ -65,10 +65,10 @@ def test_multi_turn_summaries_split_first_and_later_turns():
     from cluster.multi_turn import Turn
     from cluster.multi_turn import summarize as summarize_turns
 
-    first = Turn(0, 0, 0.0, 1000, 10, ttft=2.0, e2e=3.0, tokens=10, cached_tokens=0, kv_tokens=1000)
-    later = Turn(0, 1, 5.0, 1100, 10, ttft=0.2, e2e=1.1, tokens=10, cached_tokens=1000, kv_tokens=100)
-    local = Turn(1, 1, 6.0, 1100, 10, ttft=0.3, e2e=1.2, tokens=10, cached_tokens=1050, kv_tokens=0)
-    failed = Turn(2, 0, 1.0, 1000, 10, error="HTTP 503")
+    first = Turn(0.0, 1000, 10, ttft=2.0, e2e=3.0, tokens=10, conversation=0, turn=0, kv_tokens=1000)
+    later = Turn(5.0, 1100, 10, ttft=0.2, e2e=1.1, tokens=10, turn=1, cached_tokens=1000, kv_tokens=100)
+    local = Turn(6.0, 1100, 10, ttft=0.3, e2e=1.2, tokens=10, conversation=1, turn=1, cached_tokens=1050)
+    failed = Turn(1.0, 1000, 10, error="HTTP 503", conversation=2)
     r = summarize_turns(0.1, [first, later, local, failed], expected=6, ttft_slo=1.0, tpot_slo=0.2,
                         kv_bytes_per_token=2)
     assert r["failed"] == 1 and r["attainment"] == pytest.approx(2 / 6)  # the first turn misses TTFT
