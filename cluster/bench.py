@@ -96,33 +96,41 @@ def workload(args, rng: random.Random, n: int) -> list[tuple[object, int, int]]:
     return out
 
 
+async def events(session, url: str, body: dict, s: Sample):
+    """The JSON events of one streamed completion; an HTTP error or an error event ends them with
+    `s.error` set (connection errors propagate)."""
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            s.error = f"HTTP {r.status}"
+            return
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                s.error = ev["error"].get("code") or "error"
+                return
+            yield ev
+
+
 async def one(session, url: str, model: str, prompt, max_tokens: int, s: Sample, t0: float,
               slos: dict | None = None) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "return_token_ids": True, **(slos or {})}
     last = None
     try:
-        async with session.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                s.error = f"HTTP {r.status}"
-                return
-            async for line in r.content:
-                if not line.startswith(b"data: {"):
-                    continue
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    s.error = ev["error"].get("code") or "error"
-                    return
-                now = time.perf_counter()
-                n = len(ev["choices"][0].get("token_ids") or []) if ev["choices"] else 0
-                if n:
-                    s.tokens += n
-                    if s.ttft is None:
-                        s.ttft = now - t0 - s.arrival
-                    elif last is not None:
-                        s.itl.append(now - last)
-                    last = now
-        s.e2e = time.perf_counter() - t0 - s.arrival
+        async for ev in events(session, url, body, s):
+            now = time.perf_counter()
+            n = len(ev["choices"][0].get("token_ids") or []) if ev["choices"] else 0
+            if n:
+                s.tokens += n
+                if s.ttft is None:
+                    s.ttft = now - t0 - s.arrival
+                elif last is not None:
+                    s.itl.append(now - last)
+                last = now
+        if s.error is None:
+            s.e2e = time.perf_counter() - t0 - s.arrival
     except Exception as e:  # connection errors count as failed requests
         s.error = type(e).__name__
 

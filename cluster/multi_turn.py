@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from cluster.bench import Sample, pct
+from cluster.bench import Sample, events, pct
 
 FILLER = (1000, 40000)  # token ids SmolLM2 (49,152) has as ordinary text: the default
 
@@ -57,26 +57,18 @@ async def _turn(session, url: str, model: str, prompt: list[int], s: Turn, t0: f
     start = time.perf_counter()
     s.arrival = start - t0
     try:
-        async with session.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                s.error = f"HTTP {r.status}"
-                return out
-            async for line in r.content:
-                if not line.startswith(b"data: {"):
-                    continue
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    s.error = ev["error"].get("code") or "error"
-                    return out
-                if ev.get("usage"):
-                    u = ev["usage"]
-                    s.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                    s.kv_tokens = u.get("kv_transfer_tokens") or 0
-                new = (ev["choices"][0].get("token_ids") or []) if ev["choices"] else []
-                if new:
-                    if s.ttft is None:
-                        s.ttft = time.perf_counter() - start
-                    out += new
+        async for ev in events(session, url, body, s):
+            if ev.get("usage"):
+                u = ev["usage"]
+                s.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                s.kv_tokens = u.get("kv_transfer_tokens") or 0
+            new = (ev["choices"][0].get("token_ids") or []) if ev["choices"] else []
+            if new:
+                if s.ttft is None:
+                    s.ttft = time.perf_counter() - start
+                out += new
+        if s.error is not None:
+            return out
         s.tokens = len(out)
         s.e2e = time.perf_counter() - start
     except Exception as e:  # connection errors count as failed requests
