@@ -70,7 +70,7 @@ def run_llguidance(hf_tok, ids_of: dict, reps: int) -> dict:
     for name, (grammar, _, _) in CASES.items():
         kind, text = grammar()
         compile_s, times = [], []
-        for rep in range(reps):
+        for _ in range(reps):
             t0 = time.perf_counter()
             m = llguidance.LLMatcher(tok, llguidance.grammar_from(kind, text))
             compile_s.append(time.perf_counter() - t0)
@@ -95,7 +95,7 @@ def run_xgrammar(hf_tok, ids_of: dict, reps: int, vocab_size: int) -> dict:
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
     for name, (_, compile_fn, _) in CASES.items():
         compile_s, times = [], []
-        for rep in range(reps):
+        for _ in range(reps):
             t0 = time.perf_counter()
             compiled = compile_fn(compiler)  # the compiler caches: reps after the first are lookups
             m = xgr.GrammarMatcher(compiled)
