@@ -52,6 +52,52 @@ CASES = {  # name -> (llguidance grammar, xgrammar compile, valid output)
 }
 
 
+def _nested(depth: int) -> dict:
+    s: dict = {"type": "integer"}
+    for _ in range(depth):
+        s = {"type": "object", "properties": {"x": s}, "required": ["x"]}
+    return s
+
+
+PATHOLOGICAL = {  # name -> (kind, text): what a hostile or careless client may send
+    "regex a{1,5000}": ("regex", "a{1,5000}"),
+    "regex ((a|b){1,50}c){1,50}": ("regex", "((a|b){1,50}c){1,50}"),
+    "string maxLength 100000": ("json", json.dumps({"type": "string", "maxLength": 100000})),
+    "array minItems 1000": ("json", json.dumps({"type": "array", "items": {"type": "integer"}, "minItems": 1000,
+                                                "maxItems": 5000})),
+    "object of 500 required properties": ("json", json.dumps({
+        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(500)},
+        "required": [f"p{i}" for i in range(500)]})),
+    "objects nested 60 deep": ("json", json.dumps(_nested(60))),
+    "integer in [12345, 987654321987]": ("json", json.dumps({"type": "integer", "minimum": 12345,
+                                                             "maximum": 987654321987})),
+}
+
+
+def pathological(hf_tok, vocab_size: int) -> dict:
+    """First compile (and llguidance's first mask) of each hostile grammar, per engine (ms)."""
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch
+    import xgrammar as xgr
+
+    tok = llguidance.hf.from_tokenizer(hf_tok)
+    mask = llguidance.torch.allocate_token_bitmask(1, tok.vocab_size)
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(hf_tok, vocab_size=vocab_size), max_threads=1)
+    out = {}
+    for name, (kind, text) in PATHOLOGICAL.items():
+        t0 = time.perf_counter()
+        m = llguidance.LLMatcher(tok, llguidance.grammar_from(kind, text))
+        if not m.is_error():
+            llguidance.torch.fill_next_token_bitmask(m, mask, 0)
+        llg = 1e3 * (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        (compiler.compile_regex if kind == "regex" else compiler.compile_json_schema)(text)
+        out[name] = {"llguidance_ms": llg, "xgrammar_ms": 1e3 * (time.perf_counter() - t0),
+                     "llguidance_error": m.get_error() if m.is_error() else ""}
+    return out
+
+
 def stats(xs: list[float]) -> dict:
     xs = sorted(xs)
     return {"p50_us": 1e6 * xs[len(xs) // 2], "p99_us": 1e6 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
@@ -128,7 +174,8 @@ def main(argv=None) -> int:
     ids_of = {name: hf_tok.encode(text, add_special_tokens=False) for name, (_, _, text) in CASES.items()}
     from benchmarks.multi_turn import machine
     report = {"machine": machine(), "vocab_size": vocab_size, "tokens": {k: len(v) for k, v in ids_of.items()},
-              "llguidance": run_llguidance(hf_tok, ids_of, a.reps), "xgrammar": run_xgrammar(hf_tok, ids_of, a.reps, vocab_size)}
+              "llguidance": run_llguidance(hf_tok, ids_of, a.reps), "xgrammar": run_xgrammar(hf_tok, ids_of, a.reps, vocab_size),
+              "pathological": pathological(hf_tok, vocab_size)}
     import importlib.metadata as md
     report["versions"] = {p: md.version(p) for p in ("llguidance", "xgrammar")}
     print(f"machine: {report['machine']}; vocabulary {vocab_size}; {report['versions']}")
@@ -140,6 +187,10 @@ def main(argv=None) -> int:
             print(f"  {name:<12} mask p50 {c['mask']['p50_us']:7.1f} us  p99 {c['mask']['p99_us']:8.1f} us  mean "
                   f"{c['mask']['mean_us']:7.1f} us ({c['mask']['n']} tokens)  compile {c['compile_first_ms']:7.1f} ms, "
                   f"again {c['compile_again_ms']:6.2f} ms")
+    print("pathological grammars, first compile (ms):")
+    for name, r in report["pathological"].items():
+        print(f"  {name:<36} llguidance {r['llguidance_ms']:7.1f}  xgrammar {r['xgrammar_ms']:7.1f}"
+              + (f"  (llguidance refused: {r['llguidance_error'][:60]})" if r["llguidance_error"] else ""))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
     return 0
