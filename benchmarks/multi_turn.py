@@ -84,10 +84,6 @@ class Setup:
         self.c.close()
 
 
-def kv_bytes_per_token(admin: str) -> int:
-    return get_json(admin + "/v1/cluster")["workers"][0]["kv_bytes_per_token"]
-
-
 def predicted(s: Setup, roles: list[str], beats: list, scripts, ttft_s: float, tpot_s: float, bpt: int) -> dict:
     """The simulator's figures for a run (coordinator/conversations.py, the coordinator's own policy
     code): the workers' stored cost models rescaled to the step times their heartbeats reported during
@@ -277,7 +273,7 @@ def main(argv=None) -> int:
         roles, coord_flags = SYSTEMS[name]
         s = Setup(tmp / name.replace(" ", "-"), model, roles, coord_flags, flags)
         try:
-            bpt = kv_bytes_per_token(s.admin)
+            bpt = multi_turn.kv_bytes_per_token(s.admin)
             asyncio.run(multi_turn.run_conversations(  # warm-up: every worker's first steps, not counted
                 s.url, s.model, conversation_script(Conversations(rate=100.0, turns=1, system_tokens=8), 4, 0),
                 8, 1, 0.0, w.template_tokens, seed=10**6, id_range=id_range))

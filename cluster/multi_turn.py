@@ -161,7 +161,7 @@ def bench_conversations(args, url: str, model: str, rates: list[float]) -> int:
     ttft_slo = args.ttft_ms / 1e3 if args.ttft_ms else None
     tpot_slo = args.tpot_ms / 1e3 if args.tpot_ms else None
     slos = {k: v for k, v in (("ttft_ms", args.ttft_ms), ("tpot_ms", args.tpot_ms)) if v} if args.send_slos else None
-    bytes_per_token = _kv_bytes_per_token(url, args)
+    bytes_per_token = _kv_bytes_per_token(args)
     results = []
     for i, rate in enumerate(rates):
         w = Conversations(rate=rate, turns=args.turns, system_tokens=args.system_tokens,
@@ -184,14 +184,18 @@ def bench_conversations(args, url: str, model: str, rates: list[float]) -> int:
     return 0
 
 
-def _kv_bytes_per_token(url: str, args) -> int:
-    """A worker's KV bytes per token, from the running cluster's coordinator (0 if none is found)."""
+def kv_bytes_per_token(admin: str) -> int:
+    """A worker's KV bytes per token, from the coordinator's admin API at `admin`."""
     import urllib.request
 
+    with urllib.request.urlopen(admin + "/v1/cluster", timeout=5) as r:
+        return json.loads(r.read())["workers"][0]["kv_bytes_per_token"]
+
+
+def _kv_bytes_per_token(args) -> int:
+    """kv_bytes_per_token of the running `cluster up`'s coordinator (0 if none is found)."""
     from cluster.ops import read_state
     try:
-        admin = read_state(args)["admins"][0]
-        with urllib.request.urlopen(admin + "/v1/cluster", timeout=5) as r:
-            return json.loads(r.read())["workers"][0]["kv_bytes_per_token"]
+        return kv_bytes_per_token(read_state(args)["admins"][0])
     except (RuntimeError, OSError, KeyError, IndexError, ValueError):
         return 0

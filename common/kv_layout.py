@@ -17,10 +17,13 @@ class KVLayoutSpec(msgspec.Struct, frozen=True):
     pp: int = 1
     pp_partition: tuple[int, ...] | None = None  # layers per stage, when not split evenly
 
+    def token_bytes(self) -> int:
+        """Bytes of one token's KV over every layer and head (K and V)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * ITEMSIZE.get(self.dtype, 4)
+
     def block_bytes(self) -> int:
         """Bytes of one block's KV over every layer and head (K and V): what shipping it moves."""
-        item = ITEMSIZE.get(self.dtype, 4)
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.block_size * item
+        return self.token_bytes() * self.block_size
 
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}

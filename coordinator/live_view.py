@@ -132,8 +132,7 @@ class LiveView:
 
     def _transfer(self, info: WorkerInfo) -> float:
         """Seconds a prompt token's KV (every layer) takes on the wire from this worker."""
-        lay = info.layout
-        return lay.block_bytes() / max(lay.block_size, 1) / self.kv_bandwidth
+        return info.layout.token_bytes() / self.kv_bandwidth
 
     def _cost(self, c):
         """The one instance of cost model `c` (equal models are the same object)."""

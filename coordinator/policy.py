@@ -415,11 +415,12 @@ class SloAware(Policy):
         part (its prefill costs no more than one of d's decode steps) or a prompt d holds most of (at
         least as many tokens as are left); a long prompt stays with the prefill workers, whatever
         their queues, as disaggregation is for."""
-        left = req.prompt_tokens - held(d.worker_id, req)
+        h = held(d.worker_id, req)
+        left = req.prompt_tokens - h
         if self.local_prefill_tokens is not None:
             return local_ttft(p, d, req) if left <= self.local_prefill_tokens else None
         stall, step = p.cost.seconds(left), predicted_tpot(d, req)
-        if not (stall <= step or held(d.worker_id, req) >= left):
+        if not (stall <= step or h >= left):
             return None
         cost = local_ttft(p, d, req) + stall * d.num_running
         return cost if cost <= remote_ttft and step + stall <= min(d.tightest_tpot, req.tpot_slo) else None

@@ -32,9 +32,10 @@ class SendTransfer:
     def __init__(self, client: KVTransport, request_id: str, attempt: int, num_tokens: int, src: KVLayout,
                  dst: KVLayout, endpoints: list[str], release: Callable[[], None],
                  reserve_timeout: float = 5.0, ack_timeout: float = 10.0, block_hashes: list[int] = (),
-                 hash_root: int = 0):
+                 hash_root: int = 0, wait_s: float = 0.0):
         """`block_hashes` (from `hash_root`): the prompt's full blocks; the receiver keeps the leading
-        ones it holds (`held`), and only the rest is sent."""
+        ones it holds (`held`), and only the rest is sent. `wait_s`: how long the receiver should wait
+        for the pages (Reserve.wait_s; 0: its own timeout)."""
         self.client = client
         self.request_id, self.attempt, self.num_tokens = request_id, attempt, num_tokens
         self.src, self.dst, self.endpoints = src, dst, endpoints
@@ -47,7 +48,7 @@ class SendTransfer:
         self.dst_block_ids: list[int] = []
         self.block_hashes, self.hash_root = list(block_hashes), hash_root
         self.held = 0  # leading blocks the receiver already holds
-        self.wait_s = 0.0  # how long the receiver should wait for the pages (0: its default); set before reserving
+        self.wait_s = wait_s
         self._ack = None
         self._ack_deadline: float | None = None
 

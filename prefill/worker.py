@@ -149,12 +149,11 @@ class PrefillWorker:
                                         req.decode.kv_endpoints, release=lambda: None,
                                         reserve_timeout=self.reserve_timeout, ack_timeout=self.ack_timeout,
                                         block_hashes=chain_hashes(bm.root_hash, req.prompt_token_ids, bm.block_size),
-                                        hash_root=bm.root_hash)
+                                        hash_root=bm.root_hash, wait_s=self._pages_due(len(req.prompt_token_ids)))
             except (IncompatibleLayouts, ValueError, TypeError) as e:
                 self.chunks.error(req.reply_to, rid, req.attempt, f"decode worker {req.decode.worker_id}: {e}",
                                   blame=req.decode.worker_id)
                 return
-            transfer.wait_s = self._pages_due(len(req.prompt_token_ids))
             # the reservation is asynchronous: an unreachable decode worker must not stall this loop
             transfer.start_reserve()
             self._reserving[rid] = _Pending(req, params, transfer, arrived=time.monotonic())

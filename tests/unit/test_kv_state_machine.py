@@ -110,8 +110,8 @@ def test_a_sender_with_a_queue_asks_the_receiver_to_wait_longer_within_a_cap():
         net = FakeKVNetwork()
         d = Decode(net, tp=2, timeout=0.05)
         client = FakeKVClient(net, 0)
-        st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None, ack_timeout=1.0)
-        st.wait_s = asked
+        st = SendTransfer(client, "r1", 0, 10, layout(), d.layout, d.endpoints, lambda: None, ack_timeout=1.0,
+                          wait_s=asked)
         old_cap = reservations.MAX_WAIT_S
         reservations.MAX_WAIT_S = 0.3  # the cap, made short for the test
         try:
