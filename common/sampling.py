@@ -30,3 +30,6 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token only; k: plus top-k alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    guided: str | None = None  # an llguidance grammar (engine/grammar.py) the output must follow
+    guided_start: int = 0  # trailing prompt tokens that are earlier output under `guided` (a resumed request)

@@ -152,6 +152,7 @@ class RankRuntime:
 
     def _run_group(self, group: list[ScheduledSeq], layer_done, sampled: dict, lps: dict) -> None:
         ids, pos, meta, rows = self.runner.prepare(group)
+        masks = self.runner.begin_masks([s for s, _ in rows]) if self.rank == self.sampler_rank else None
         with torch.inference_mode():
             hidden = None
             if self.pp_rank > 0:
@@ -165,7 +166,7 @@ class RankRuntime:
                 idx = torch.tensor([r for _, r in rows], device=self.runner.device)
                 logits = self.runner.model.compute_logits(h[idx])  # TP ranks all-gather together
                 if self.rank == self.sampler_rank:
-                    got, got_lps = self.runner.sample(logits, [s for s, _ in rows])
+                    got, got_lps = self.runner.sample(logits, [s for s, _ in rows], masks)
                     sampled.update(got)
                     lps.update(got_lps)
 

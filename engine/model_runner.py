@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import CacheConfig, DeviceConfig, ModelConfig
+from engine.guided import GuidedDecoder
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, kv_cache_budget
 from engine.layers.quantization import get_linear_method, quantize_model
 from engine.loader import build_model
@@ -51,6 +53,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(self.kv_spec, num_blocks, self.device)
         self.sampler = Sampler(eos_token_ids(model_cfg, model_cfg.path), device_cfg.seed, self.device)
         self.generators: dict[int, torch.Generator] = {}
+        self._guided: GuidedDecoder | None = None  # built on the first guided request
 
     # ---- inputs --------------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq]):
@@ -120,17 +123,33 @@ class ModelRunner:
         if out.empty:
             return {}, {}
         input_ids, positions, meta, sample_rows = self.prepare(out.scheduled)
+        masks = self.begin_masks([s for s, _ in sample_rows])  # computed while the forward runs
         hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done=layer_done)
         if not sample_rows:
             return {}, {}
         idx = torch.tensor([r for _, r in sample_rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[idx])
-        return self.sample(logits, [s for s, _ in sample_rows])
+        return self.sample(logits, [s for s, _ in sample_rows], masks)
 
-    def sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]):
+    def guided(self) -> GuidedDecoder:
+        if self._guided is None:
+            path = Path(self.model_cfg.path) / "tokenizer.json"
+            self._guided = GuidedDecoder(path.read_text(), self.model_cfg.vocab_size,
+                                         tuple(self.sampler.eos_token_ids))
+        return self._guided
+
+    def begin_masks(self, seqs: list[ScheduledSeq]):
+        """Starts the grammar masks of the guided sequences among `seqs` (the rows to sample, in order);
+        None when there are none. sample() waits for them."""
+        if not any(s.seq.params.guided for s in seqs):
+            return None
+        return self.guided().begin([s.seq for s in seqs])
+
+    def sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq], masks=None):
         rows = [SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, self._generator(s.seq))
                 for s in seqs]
-        tokens, lps = self.sampler(logits, rows)
+        mask = None if masks is None else (lambda lg: self._guided.apply(masks, lg))
+        tokens, lps = self.sampler(logits, rows, mask)
         sampled = {s.seq.seq_id: t for s, t in zip(seqs, tokens)}
         logprobs: dict[int, TokenLogprobs] = {s.seq.seq_id: lp for s, lp in zip(seqs, lps) if lp is not None}
         return sampled, logprobs
@@ -152,3 +171,5 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        if self._guided is not None:
+            self._guided.release(seq_id)

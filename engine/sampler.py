@@ -1,4 +1,5 @@
-"""Batched sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds, logprobs.
+"""Batched sampling: grammar masks, logit bias, penalties, temperature, top-k / top-p / min-p,
+per-request seeds, logprobs.
 
 Logprobs are those of the model's raw distribution (before penalties and temperature), like vLLM's
 default. Random draws use the exponential-race trick (argmax of p / Exp(1) noise), with the noise of
@@ -33,12 +34,17 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]):
-        """logits [N, V] -> (token ids [N] as a list, per-row TokenLogprobs or None)."""
-        logits = logits.float()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], mask=None):
+        """logits [N, V] -> (token ids [N] as a list, per-row TokenLogprobs or None). `mask(logits)`:
+        sets what guided rows may not sample to -inf, in place (engine/guided.py)."""
+        src, logits = logits, logits.float()
         n = logits.shape[0]
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        if mask is not None:
+            if logits is src:
+                logits = logits.clone()  # .float() made no copy: the caller's tensor stays as it was
+            mask(logits)
 
         logits = self._apply_penalties_and_bans(logits, rows)
         greedy = [r.params.greedy for r in rows]
@@ -72,11 +78,14 @@ class Sampler:
             p = r.params
             n_out = len(r.token_ids) - r.num_prompt_tokens
             ban = n_out < p.min_tokens
-            if not (p.has_penalties or ban):
+            if not (p.adjusts_logits or ban):
                 continue
             if not cloned:
                 logits, cloned = logits.clone(), True
             row = logits[i]
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+                row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
             if p.has_penalties:
                 out_ids = torch.tensor(r.token_ids[r.num_prompt_tokens:], dtype=torch.long, device=row.device)
                 if p.repetition_penalty != 1.0:
@@ -89,7 +98,10 @@ class Sampler:
             if ban:
                 stop_ids = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
                 if stop_ids:
+                    kept = row[stop_ids].clone()
                     row[stop_ids] = float("-inf")
+                    if p.guided and bool((row == float("-inf")).all()):  # its grammar allows only the end
+                        row[stop_ids] = kept
         return logits
 
     @staticmethod

@@ -37,6 +37,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token only; k: plus top-k alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    guided: str | None = None  # an llguidance grammar (engine/grammar.py) the output must follow
+    guided_start: int = 0  # trailing prompt tokens that are earlier output under `guided` (a resumed request)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +71,13 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")
+        _check(isinstance(self.logit_bias, dict) and all(
+            _is_int(t) and t >= 0 and _is_num(b) and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+            "logit_bias", "logit_bias must map token ids to numbers in [-100, 100]")
+        _check(self.guided is None or (isinstance(self.guided, str) and self.guided != ""), "guided",
+               "guided must be a grammar (a non-empty string)")
+        _check(_is_int(self.guided_start) and self.guided_start >= 0, "guided_start",
+               f"guided_start must be a non-negative integer, got {self.guided_start!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
@@ -79,6 +89,11 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias change this request's logits before sampling."""
+        return self.has_penalties or bool(self.logit_bias)
 
 
 def _is_int(v) -> bool:

@@ -164,8 +164,10 @@ class Generation:
         self.placement = reply
         self.decoding = False
         self.base = len(self.tokens)
+        # a resumed attempt's prompt ends with the output delivered so far: its grammar replays it
         run = msgspec.structs.replace(self.params, max_tokens=remaining,
-                                      min_tokens=max(0, self.params.min_tokens - len(self.tokens)))
+                                      min_tokens=max(0, self.params.min_tokens - len(self.tokens)),
+                                      guided_start=len(self.tokens) if self.params.guided else 0)
         d = reply.decode
         target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
         held_tokens, held_text = self._unseen()

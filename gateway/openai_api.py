@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import msgspec
 
 from common.sampling import SamplingSpec
+from engine import grammar
 from engine.errors import InvalidRequestError
 from gateway.openai_schema import (
     MAX_PROMPTS,
@@ -19,6 +20,8 @@ from gateway.openai_schema import (
     ErrorDetail,
     ErrorResponse,
     Prompt,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
     unsupported,
 )
 
@@ -83,10 +86,61 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
     logprobs = _chat_logprobs(req) if chat else req.logprobs
     stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
     given = {k: v for k in _SAMPLING if (v := getattr(req, k)) is not None}
+    if req.logit_bias:
+        given["logit_bias"] = _logit_bias(req.logit_bias, vocab_size)
+    guided = _guided(req)
+    if guided is not None:
+        given["guided"] = guided
     params = SamplingSpec(max_tokens=max_tokens, stop=stop, logprobs=logprobs, **given)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     return ApiRequest(chat, req.model, prompts, params, n, bool(req.stream), include_usage, logprobs, req.user,
                       req.ttft_ms, req.tpot_ms, bool(req.return_token_ids), req.slo_class)
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    out = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise _bad(f"logit_bias keys must be token ids, got {k[:40]!r}", "logit_bias") from None
+        if not 0 <= t < vocab_size:
+            raise _bad(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})", "logit_bias")
+        out[t] = float(v)
+    return out
+
+
+def _guided(req) -> str | None:
+    """The one grammar the request's output must follow (engine/grammar.py), validated; None: free."""
+    rf = req.response_format
+    given = [(name, v) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+             if (v := getattr(req, name)) is not None]
+    if isinstance(rf, (ResponseFormatJsonObject, ResponseFormatJsonSchema)):
+        given.insert(0, ("response_format", rf))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise _bad(f"'{given[1][0]}' cannot be combined with '{given[0][0]}': one output constraint per request",
+                   given[1][0])
+    name, v = given[0]
+    try:
+        if name == "response_format":
+            if isinstance(v, ResponseFormatJsonObject) or v.json_schema.schema_ is None:
+                g, name = grammar.json_schema(grammar.ANY_OBJECT, name), "response_format"
+            else:
+                name = "response_format.json_schema.schema"
+                g = grammar.json_schema(v.json_schema.schema_, name)
+        elif name == "guided_json":
+            g = grammar.json_schema(v, name)
+        elif name == "guided_regex":
+            g = grammar.regex(v, name)
+        elif name == "guided_choice":
+            g = grammar.choice(v, name)
+        else:
+            g = grammar.grammar(v, name)
+        return grammar.check(g, name)
+    except InvalidRequestError as e:
+        raise _bad(str(e), e.param or name) from None
 
 
 def _convert(body, struct: type[CompletionRequest | ChatCompletionRequest]):
@@ -112,7 +166,7 @@ def _error_path(e: msgspec.ValidationError) -> str | None:
     """Where a msgspec error is ("... - at `$.messages[0].role`" -> messages[0].role): msgspec says so
     only in its message."""
     _, at, path = str(e).rpartition(" - at `$")
-    return (path.rstrip("`").lstrip(".") or None) if at else None
+    return (path.rstrip("`").lstrip(".").replace("[...]", "") or None) if at else None  # [...]: a dict's value
 
 
 def _completion_prompts(prompt: Prompt, tokenizer) -> list[list[int]]:

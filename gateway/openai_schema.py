@@ -47,6 +47,30 @@ class ChatMessage(msgspec.Struct):
     content: str | list[TextPart] | None = None  # None is refused (parse): no tool calls to carry instead
 
 
+class ResponseFormatText(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class ResponseFormatJsonObject(msgspec.Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern="^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    schema_: Annotated[dict | bool, Meta(description="the JSON schema the output follows")] | None = \
+        msgspec.field(default=None, name="schema")  # None: any JSON
+    strict: bool | None = None  # the output always follows the schema here, strict or not
+
+
+class ResponseFormatJsonSchema(msgspec.Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema
+MAX_LOGIT_BIAS = 1024  # entries
+
+
 class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: NonEmptyStr
     max_tokens: PositiveInt | None = None
@@ -60,7 +84,14 @@ class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream: bool | None = None
     stream_options: StreamOptions | None = None  # only with stream: true
     user: str | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None  # not supported: {} only
+    logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-100, le=100)]],
+                          Meta(max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit")] | None = None
+    response_format: ResponseFormat | None = None
+    # structured outputs, extensions (as vLLM's): at most one of these and response_format
+    guided_json: Annotated[dict | bool | str, Meta(description="a JSON schema the output follows")] | None = None
+    guided_regex: Annotated[str, Meta(min_length=1)] | None = None
+    guided_choice: Annotated[list[str], Meta(min_length=1, max_length=1024)] | None = None
+    guided_grammar: Annotated[str, Meta(min_length=1, description="Lark, or GBNF (llama.cpp's EBNF)")] | None = None
     # extensions (as vLLM's)
     top_k: Annotated[int, Meta(ge=-1, description="0 or -1: disabled")] | None = None
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
@@ -80,7 +111,7 @@ class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class CompletionRequest(_Request, kw_only=True):
     prompt: Prompt
     logprobs: Annotated[int, Meta(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
-    echo: bool | None = None  # not supported: false only
+    echo: bool | None = None  # the prompt leads each choice's text (and its logprobs, with logprobs)
     best_of: int | None = None  # not supported: 1 only
     suffix: str | None = None  # not supported: "" only
 
@@ -100,7 +131,6 @@ class ChatCompletionRequest(_Request, kw_only=True):
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
-    response_format: dict | None = None
     modalities: list[str] | None = None
     audio: dict | None = None
     prediction: dict | None = None
@@ -110,8 +140,8 @@ class ChatCompletionRequest(_Request, kw_only=True):
 # OpenAI parameters tandem knows but does not implement, with the values that ask for nothing of them:
 # any other value is a clear 400 (code unsupported_parameter), not a silent ignore
 UNSUPPORTED: dict[str, tuple] = {
-    "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "tools": ([],),
-    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},),
+    "best_of": (1,), "suffix": ("",), "tools": ([],),
+    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
     "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
 }
 

@@ -55,6 +55,23 @@ def test_null_means_not_given_and_defaults_apply():
     assert chat().params.max_tokens == MAX_LEN - len(chat().prompts[0])  # chat: the rest of the context
 
 
+def test_structured_outputs_become_one_grammar():
+    from engine import grammar
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    rf = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    assert chat(response_format=rf).params.guided == grammar.json_schema(schema, "x")
+    assert completion(guided_json=schema).params.guided == grammar.json_schema(schema, "x")
+    assert completion(guided_json='{"type": "integer"}').params.guided == grammar.json_schema({"type": "integer"}, "x")
+    anything = grammar.json_schema(grammar.ANY_OBJECT, "x")
+    assert chat(response_format={"type": "json_object"}).params.guided == anything
+    assert chat(response_format={"type": "json_schema", "json_schema": {"name": "any"}}).params.guided == anything
+    assert chat(response_format={"type": "text"}).params.guided is None
+    assert completion(guided_regex="[ab]+").params.guided == grammar.regex("[ab]+", "x")
+    assert completion(guided_choice=["yes", "no"]).params.guided == grammar.choice(["yes", "no"], "x")
+    assert completion(guided_grammar='root ::= "a"').params.guided == grammar.grammar('root ::= "a"', "x")
+    assert completion(logit_bias={"5": 100, "7": -1.5}).params.logit_bias == {5: 100.0, 7: -1.5}
+
+
 @pytest.mark.parametrize("prompt,want", [
     ("ab", [[1, 197, 198]]), (["a", "b"], [[1, 197], [1, 198]]), ([5, 6], [[5, 6]]),
     ([[5], [6, 7]], [[5], [6, 7]]),
@@ -92,8 +109,21 @@ BAD = [
     ({"stop_token_ids": [3, VOCAB]}, "stop_token_ids"),
     ({"min_tokens": -1}, "min_tokens"), ({"ttft_ms": 0}, "ttft_ms"), ({"tpot_ms": math.inf}, "tpot_ms"),
     ({"slo_class": ""}, "slo_class"),
-    ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "z"}, "suffix"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"),
+    ({"best_of": 3}, "best_of"), ({"suffix": "z"}, "suffix"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_json": {"type": "object", "properties": 3}}, "guided_json"), ({"guided_json": "{"}, "guided_json"),
+    ({"guided_regex": "a(b"}, "guided_regex"), ({"guided_regex": ""}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"), ({"guided_grammar": "root ::= ("}, "guided_grammar"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
 ]
@@ -117,7 +147,7 @@ BAD_CHAT = [
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_completion_tokens": MAX_LEN}, "max_completion_tokens"),
     ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"prompt": "x"}, "prompt"),
+    ({"prompt": "x"}, "prompt"),
 ]
 
 
@@ -130,7 +160,8 @@ def test_bad_chats_name_the_parameter(body, param):
 def test_messages_say_what_is_wrong():
     assert "2.0" in error(completion, temperature=3).message
     assert error(completion, frobnicate=1).message == "Unrecognized request argument supplied: frobnicate"
-    assert error(completion, echo=True).code == "unsupported_parameter"
+    assert error(completion, best_of=2).code == "unsupported_parameter"
+    assert "regex" in error(completion, guided_regex="a(b").message
     assert error(completion, max_tokens=MAX_LEN).code == "context_length_exceeded"
     e = error(parse, {"model": "x", "prompt": "hi"}, False, Tok(), {"m"}, MAX_LEN, VOCAB)
     assert (e.status, e.param, e.code) == (404, "model", "model_not_found")

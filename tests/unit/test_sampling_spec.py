@@ -23,10 +23,11 @@ def test_the_spec_has_the_engine_fields_and_defaults():
 
 def test_a_spec_on_the_wire_builds_the_same_sampling_params():
     spec = SamplingSpec(max_tokens=7, temperature=0.5, top_k=-1, seed=3, stop=["\n\n"], stop_token_ids=[2],
-                        logprobs=2, ignore_eos=True)
+                        logprobs=2, ignore_eos=True, logit_bias={5: -2.5}, guided='{"grammars": []}', guided_start=3)
     msg = decode_worker_message(encode(PrefillRequest(VERSION, "r", 0, [1, 2], spec, "tcp://x:1")))
     assert msg.params == spec
     params = SamplingParams(**msgspec.structs.asdict(msg.params))
     assert params == SamplingParams(max_tokens=7, temperature=0.5, top_k=0, seed=3, stop=["\n\n"],
-                                    stop_token_ids=[2], logprobs=2, ignore_eos=True)
+                                    stop_token_ids=[2], logprobs=2, ignore_eos=True, logit_bias={5: -2.5},
+                                    guided='{"grammars": []}', guided_start=3)
     assert SamplingParams(**msgspec.structs.asdict(SamplingSpec())) == SamplingParams()
