@@ -65,7 +65,9 @@ class Tokenizer:
     def token_to_id(self, t: str) -> int | None:
         return self._tok.token_to_id(t)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's tool objects, for a template that renders them (Hugging Face's convention)."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use the completions API",
                                       param="messages")
@@ -83,8 +85,9 @@ class Tokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
         try:
+            extra = {"tools": tools} if tools else {}
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except InvalidRequestError:
             raise
         except Exception as e:  # a template error is the request's fault (bad roles, order)

@@ -12,18 +12,25 @@ import msgspec
 from common.sampling import SamplingSpec
 from engine import grammar
 from engine.errors import InvalidRequestError
+from gateway import tools as toolcalls
 from gateway.openai_schema import (
     MAX_PROMPTS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorDetail,
     ErrorResponse,
+    NamedToolChoice,
     Prompt,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     unsupported,
 )
+from gateway.tools import ToolFormat
 
 
 class ApiError(Exception):
@@ -52,6 +59,9 @@ class ApiRequest:
     tpot_ms: float | None = None
     return_token_ids: bool = False  # extension (as vLLM's): each choice also carries its token ids
     slo_class: str | None = None  # extension: a named SLO class the coordinator knows
+    tool_format: ToolFormat | None = None  # chat with tools (tool_choice not "none"): read calls from the output
+    tool_names: set[str] | None = None
+    echo: list[str] | None = None  # completions with echo: each prompt's text, to lead its choices' text
 
 
 # the request fields that go to the engine as they are
@@ -73,7 +83,10 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
         served = ", ".join(sorted(served_models))
         raise ApiError(404, f"The model '{req.model:.200}' does not exist (served: {served})", "model",
                        "model_not_found")
-    prompts = _chat_prompts(req.messages, tokenizer) if chat else _completion_prompts(req.prompt, tokenizer)
+    tools = _tools(req, tokenizer) if chat else None
+    guided = _tool_grammar(req, tools) if tools is not None and tools.mode != "none" else None
+    guided = guided or _guided(req)
+    prompts = _chat_prompts(req.messages, tokenizer, tools) if chat else _completion_prompts(req.prompt, tokenizer)
     _check_prompts(prompts, "messages" if chat else "prompt", max_model_len, vocab_size)
     if req.stop_token_ids and max(req.stop_token_ids) >= vocab_size:  # the sampler indexes logits with them
         raise _bad(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
@@ -88,13 +101,17 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
     given = {k: v for k in _SAMPLING if (v := getattr(req, k)) is not None}
     if req.logit_bias:
         given["logit_bias"] = _logit_bias(req.logit_bias, vocab_size)
-    guided = _guided(req)
     if guided is not None:
         given["guided"] = guided
+    parsing = tools is not None and tools.mode != "none"
+    if parsing and tools.format is toolcalls.MISTRAL:
+        given["skip_special_tokens"] = False  # its [TOOL_CALLS] marker is a special token
     params = SamplingSpec(max_tokens=max_tokens, stop=stop, logprobs=logprobs, **given)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     return ApiRequest(chat, req.model, prompts, params, n, bool(req.stream), include_usage, logprobs, req.user,
-                      req.ttft_ms, req.tpot_ms, bool(req.return_token_ids), req.slo_class)
+                      req.ttft_ms, req.tpot_ms, bool(req.return_token_ids), req.slo_class,
+                      tools.format if parsing else None, tools.names if parsing else None,
+                      _echo(req.prompt, prompts, tokenizer) if not chat and req.echo else None)
 
 
 def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
@@ -169,6 +186,15 @@ def _error_path(e: msgspec.ValidationError) -> str | None:
     return (path.rstrip("`").lstrip(".").replace("[...]", "") or None) if at else None  # [...]: a dict's value
 
 
+def _echo(prompt: Prompt, ids: list[list[int]], tokenizer) -> list[str]:
+    """The prompts' text as echo returns it: as given, or decoded from token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt[0], str):
+        return list(prompt)
+    return [tokenizer.decode(p, skip_special_tokens=False) for p in ids]
+
+
 def _completion_prompts(prompt: Prompt, tokenizer) -> list[list[int]]:
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)]
@@ -183,18 +209,129 @@ def _completion_prompts(prompt: Prompt, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) for p in prompt] if kinds == {str} else prompt
 
 
-def _chat_prompts(messages: list[ChatMessage], tokenizer) -> list[list[int]]:
+@dataclass
+class _Tools:
+    mode: str  # "none" | "auto" | "required" | "named"
+    format: ToolFormat
+    native: bool  # the chat template renders tools itself
+    defs: list[dict]  # the functions: name, description, parameters
+    openai: list[dict]  # the tools as given (for a template that renders them)
+    names: set[str]
+    named: str | None = None
+
+
+def _tools(req: ChatCompletionRequest | TokenizeChatRequest, tokenizer) -> _Tools | None:
+    choice = getattr(req, "tool_choice", None)
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise _bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    defs = []
+    for i, t in enumerate(req.tools):
+        f = t.function
+        if f.parameters is not None:  # a bad schema is the request's fault, named where it is
+            param = f"tools[{i}].function.parameters"
+            try:
+                grammar.check(grammar.json_schema(f.parameters, param), param)
+            except InvalidRequestError as e:
+                raise _bad(str(e), param) from None
+        defs.append({k: v for k, v in (("name", f.name), ("description", f.description),
+                                        ("parameters", f.parameters)) if v is not None})
+    names = [d["name"] for d in defs]
+    if len(set(names)) != len(names):
+        raise _bad("tool names must be unique", "tools")
+    named = None
+    if isinstance(choice, NamedToolChoice):
+        named = choice.function.name
+        if named not in names:
+            raise _bad(f"tool_choice names '{named[:64]}', which is not in 'tools'", "tool_choice")
+    mode = "named" if named else (choice or "auto")
+    template = getattr(tokenizer, "chat_template", None)
+    openai = [{"type": "function", "function": d} for d in defs]
+    return _Tools(mode, toolcalls.detect(template), toolcalls.renders_tools(template), defs, openai, set(names),
+                  named)
+
+
+def _tool_grammar(req: ChatCompletionRequest, tools: _Tools) -> str | None:
+    """required / a named function: the format's calls, arguments per schema. auto with a JSON
+    response_format: those calls or a JSON answer. Otherwise free (None)."""
+    rf = req.response_format
+    answer = None
+    if isinstance(rf, ResponseFormatJsonObject):
+        answer = grammar.ANY_OBJECT
+    elif isinstance(rf, ResponseFormatJsonSchema):
+        answer = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else grammar.ANY_OBJECT
+    others = [n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if getattr(req, n) is not None]
+    if others:
+        raise _bad(f"'{others[0]}' cannot be combined with 'tools' (use response_format)", others[0])
+    if tools.mode == "auto" and answer is None:
+        return None
+    if tools.mode in ("required", "named"):
+        answer = None  # this turn is a call; the answer's format applies to a later one
+    chosen = [d for d in tools.defs if d["name"] == tools.named] if tools.named else tools.defs
+    lark = tools.format.lark(chosen, req.parallel_tool_calls is not False and tools.mode != "named", answer)
+    return grammar.check(grammar.lark(lark), "tools")
+
+
+def _chat_prompts(messages: list[ChatMessage], tokenizer, tools: _Tools | None = None,
+                  add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[list[int]]:
     clean = []
     for i, m in enumerate(messages):
         content = "".join(p.text for p in m.content) if isinstance(m.content, list) else m.content
-        if content is None:
+        if content is None and not (m.role == "assistant" and m.tool_calls):
             raise _bad(f"messages[{i}].content must be a string or text parts", f"messages[{i}].content")
-        clean.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        if m.tool_calls and m.role != "assistant":
+            raise _bad("only assistant messages carry tool_calls", f"messages[{i}].tool_calls")
+        if m.role == "tool" and not m.tool_call_id:
+            raise _bad("a tool message needs the 'tool_call_id' of the call it answers", f"messages[{i}].tool_call_id")
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name:
+            msg["name"] = m.name
+        clean.append(msg)
+    native = tools.native if tools is not None else toolcalls.renders_tools(getattr(tokenizer, "chat_template", None))
+    fmt = tools.format if tools is not None else toolcalls.detect(getattr(tokenizer, "chat_template", None))
+    rendered = toolcalls.render(clean, tools.defs if tools else None, fmt, native)
     try:
-        text = tokenizer.apply_chat_template(clean)
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                             tools=tools.openai if tools and native else None)
     except InvalidRequestError as e:
         raise _bad(str(e), "messages") from None
-    return [tokenizer.encode(text, add_special_tokens=False)]
+    return [tokenizer.encode(text, add_special_tokens=add_special_tokens)]
+
+
+def _served(model: str | None, served_models: set[str]) -> None:
+    if model is not None and model not in served_models:
+        served = ", ".join(sorted(served_models))
+        raise ApiError(404, f"The model '{model:.200}' does not exist (served: {served})", "model", "model_not_found")
+
+
+def tokenize(body, tokenizer, served_models: set[str], max_model_len: int) -> dict:
+    """POST /tokenize: {"prompt"} or {"messages"} (vLLM's shapes) -> {"tokens", "count", "max_model_len"}."""
+    chat = isinstance(body, dict) and "messages" in body
+    req = _convert(body, TokenizeChatRequest if chat else TokenizeCompletionRequest)
+    _served(req.model, served_models)
+    if chat:
+        tools = _tools(req, tokenizer) if req.tools else None
+        ids = _chat_prompts(req.messages, tokenizer, tools, req.add_generation_prompt, req.add_special_tokens)[0]
+    else:
+        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    strs = [tokenizer.id_to_token(t) or "" for t in ids] if req.return_token_strs else None
+    return msgspec.to_builtins(TokenizeResponse(ids, len(ids), max_model_len, strs))
+
+
+def detokenize(body, tokenizer, served_models: set[str], vocab_size: int) -> dict:
+    """POST /detokenize: {"tokens"} -> {"prompt"} (vLLM's shapes)."""
+    req = _convert(body, DetokenizeRequest)
+    _served(req.model, served_models)
+    if any(t >= vocab_size for t in req.tokens):
+        raise _bad(f"token ids must be in [0, {vocab_size})", "tokens")
+    return {"prompt": tokenizer.decode(req.tokens)}
 
 
 def _check_prompts(prompts: list[list[int]], param: str, max_model_len: int, vocab_size: int) -> None:

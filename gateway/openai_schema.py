@@ -41,10 +41,49 @@ class TextPart(msgspec.Struct):
     text: str
 
 
+class FunctionCall(msgspec.Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    arguments: str  # JSON text
+
+
+class ToolCall(msgspec.Struct):
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(msgspec.Struct):
-    """Other keys of a message (name, tool_calls, ...) are ignored; content is text only."""
+    """Other keys of a message are ignored; content is text only. `tool_calls`: an assistant's earlier
+    calls; `tool_call_id`: which call a `tool` message answers."""
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None  # None is refused (parse): no tool calls to carry instead
+    content: str | list[TextPart] | None = None  # None only for an assistant message with tool_calls
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern="^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    parameters: Annotated[dict, Meta(description="a JSON schema of the arguments object")] | None = None
+    strict: bool | None = None  # calls required or named always follow `parameters` here
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+MAX_TOOLS = 128
 
 
 class ResponseFormatText(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
@@ -121,14 +160,14 @@ class ChatCompletionRequest(_Request, kw_only=True):
     max_completion_tokens: PositiveInt | None = None  # wins over max_tokens
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None  # needs logprobs: true
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool | None = None  # default: true
     # accepted and ignored
-    parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     # not supported: only the values in UNSUPPORTED
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     modalities: list[str] | None = None
@@ -137,11 +176,45 @@ class ChatCompletionRequest(_Request, kw_only=True):
     reasoning_effort: str | None = None
 
 
+class TokenizeCompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /tokenize with a prompt (vLLM's shape)."""
+    model: NonEmptyStr | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = None
+
+
+class TokenizeChatRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /tokenize with chat messages (vLLM's shape): the prompt the chat template makes of them."""
+    model: NonEmptyStr | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /detokenize (vLLM's shape)."""
+    model: NonEmptyStr | None = None
+    tokens: list[TokenId]
+
+
+class TokenizeResponse(msgspec.Struct, omit_defaults=True):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str
+
+
 # OpenAI parameters tandem knows but does not implement, with the values that ask for nothing of them:
 # any other value is a clear 400 (code unsupported_parameter), not a silent ignore
 UNSUPPORTED: dict[str, tuple] = {
-    "best_of": (1,), "suffix": ("",), "tools": ([],),
-    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "best_of": (1,), "suffix": ("",), "functions": ([],), "function_call": ("none",),
     "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
 }
 
@@ -185,16 +258,21 @@ def _serving(schema: dict, models: list[str], max_model_len: int) -> None:
 def openapi(models: list[str], max_model_len: int) -> dict:
     """The gateway's OpenAPI 3.1 description: the request and error schemas generated from the Structs
     above, with the served model names and context length filled in."""
-    (completion, chat, error), schemas = msgspec.json.schema_components(
-        (CompletionRequest, ChatCompletionRequest, ErrorResponse), ref_template="#/components/schemas/{name}")
+    (completion, chat, error, tok_prompt, tok_chat, detok, tok_out, detok_out), schemas = \
+        msgspec.json.schema_components(
+            (CompletionRequest, ChatCompletionRequest, ErrorResponse, TokenizeCompletionRequest, TokenizeChatRequest,
+             DetokenizeRequest, TokenizeResponse, DetokenizeResponse), ref_template="#/components/schemas/{name}")
     for struct in (CompletionRequest, ChatCompletionRequest):
         _serving(schemas[struct.__name__], models, max_model_len)
     errors = {str(s): {"description": d, "content": {"application/json": {"schema": error}}} for s, d in _ERRORS}
 
-    def post(summary: str, body: dict, ok: str) -> dict:
+    def post(summary: str, body: dict, ok: str, out: dict | None = None) -> dict:
+        result = {"description": ok}
+        if out is not None:
+            result["content"] = {"application/json": {"schema": out}}
         return {"post": {"summary": summary,
                          "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-                         "responses": {"200": {"description": ok}, **errors}}}
+                         "responses": {"200": result, **errors}}}
 
     def get(summary: str, ok: str, *statuses: int) -> dict:
         return {"get": {"summary": summary,
@@ -206,6 +284,9 @@ def openapi(models: list[str], max_model_len: int) -> dict:
         "paths": {
             "/v1/completions": post("Text completion", completion, "completion (JSON) or an SSE stream"),
             "/v1/chat/completions": post("Chat completion", chat, "chat completion (JSON) or an SSE stream"),
+            "/tokenize": post("A prompt's or chat's token ids (vLLM's shape)", {"anyOf": [tok_prompt, tok_chat]},
+                              "token ids", tok_out),
+            "/detokenize": post("Token ids' text (vLLM's shape)", detok, "text", detok_out),
             "/v1/models": get("Served models", "model list", 401),
             "/health": get("Liveness", "ok"),
             "/ready": get("Readiness: a coordinator leader and workers are known", "ready", 503),

@@ -37,9 +37,19 @@ from common.metrics import CONTENT_TYPE, Metrics
 from common.registry import WorkerInfo
 from common.zmq_loop import Reader
 from engine.block_manager import chain_hashes
+from gateway import tools as toolcalls
 from gateway.coordinator_link import CoordinatorLink
 from gateway.generation import Delta, Generation
-from gateway.openai_api import ApiError, ApiRequest, chat_logprobs, completion_logprobs, parse, usage
+from gateway.openai_api import (
+    ApiError,
+    ApiRequest,
+    chat_logprobs,
+    completion_logprobs,
+    detokenize,
+    parse,
+    tokenize,
+    usage,
+)
 from gateway.openai_schema import openapi
 
 log = logging.getLogger(__name__)
@@ -220,6 +230,8 @@ class Gateway:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors, self._auth])
         app.router.add_post("/v1/completions", lambda r: self._generate(r, chat=False))
         app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, chat=True))
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
@@ -272,6 +284,21 @@ class Gateway:
             {"id": m, "object": "model", "created": 0, "owned_by": "tandem", "max_model_len": self.max_model_len}
             for m in sorted(self.served_models())]})
 
+    async def _json_body(self, request: web.Request):
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+    async def _tokenize(self, request: web.Request):
+        body = await self._json_body(request)
+        return web.json_response(tokenize(body, self.tokenizer, self.served_models(), self.max_model_len))
+
+    async def _detokenize(self, request: web.Request):
+        body = await self._json_body(request)
+        return web.json_response(detokenize(body, self.tokenizer, self.served_models(), self.vocab_size))
+
     async def _generate(self, request: web.Request, chat: bool):
         if self._draining:
             raise ApiError(503, "the gateway is shutting down", code="shutting_down", type_="service_unavailable",
@@ -279,11 +306,7 @@ class Gateway:
         rid = request.headers.get("X-Request-Id", "")
         if not (0 < len(rid) <= 128 and rid.isprintable() and rid.isascii()):
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        body = await self._json_body(request)
         api = parse(body, chat, self.tokenizer, self.served_models(), self.max_model_len, self.vocab_size)
         endpoint = "chat" if chat else "completions"
         gens = []
@@ -358,10 +381,16 @@ class Gateway:
                 lp = chat_logprobs(self.tokenizer, g.tokens, g.logprobs) if api.chat else \
                     completion_logprobs(self.tokenizer, g.tokens, g.logprobs)
             if api.chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
-                          "finish_reason": self._finish(g.finish_reason)}
+                message, reason = {"role": "assistant", "content": g.text}, self._finish(g.finish_reason)
+                if api.tool_format is not None:
+                    content, calls = toolcalls.parse(api.tool_format, g.text, api.tool_names)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"], reason = calls, "tool_calls"
+                choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": i, "text": g.text, "logprobs": lp, "finish_reason": self._finish(g.finish_reason)}
+                text = g.text if api.echo is None else api.echo[i // api.n] + g.text
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": self._finish(g.finish_reason)}
             if api.return_token_ids:
                 choice["token_ids"] = g.tokens
             choices.append(choice)
@@ -415,19 +444,36 @@ class Gateway:
             buf.append(b"data: " + _json(payload) + b"\n\n")
 
         offsets = [0] * len(gens)
+        calls = [toolcalls.ToolStream(api.tool_format, api.tool_names) for _ in gens] \
+            if api.chat and api.tool_format is not None else None
+        echoed = [api.echo is None] * len(gens)
 
         def event(i: int, d: Delta) -> None:
             lp = None
+            text = d.text
+            if not echoed[i]:  # echo: the prompt leads the choice's first event
+                echoed[i] = True
+                text = api.echo[i // api.n] + text
             if api.logprobs is not None and d.logprobs:
                 lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs) if api.chat else \
-                    completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i])
-            offsets[i] += len(d.text)
+                    completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i] + len(text) - len(d.text))
+            offsets[i] += len(text)
             fin = self._finish(d.finish_reason) if d.finish_reason else None
-            if api.chat:
-                delta = {"content": d.text} if d.text or not fin else {}
+            if calls is not None:
+                content, tool_deltas = calls[i].feed(d.text, final=fin is not None)
+                delta = {"content": content} if content else {}
+                if tool_deltas:
+                    delta["tool_calls"] = tool_deltas
+                if fin is not None and calls[i].calls:
+                    fin = "tool_calls"
+                if not delta and fin is None and lp is None:
+                    return  # held back (a possible call marker): nothing to say yet
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
+            elif api.chat:
+                delta = {"content": text} if text or not fin else {}
                 choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
             else:
-                choice = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": fin}
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": fin}
             if api.return_token_ids:
                 choice["token_ids"] = d.token_ids
             send({"id": rid, "object": obj, "created": created, "model": api.model, "choices": [choice]})

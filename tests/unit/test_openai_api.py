@@ -16,10 +16,19 @@ class Tok:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([1] if add_special_tokens else []) + [100 + ord(c) % 100 for c in text]
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    chat_template = None  # no template of its own for tools: SmolLM2's layout
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None) -> str:
+        assert tools is None
         if messages[-1]["role"] == "tool":
             raise InvalidRequestError("the template has no tool role")
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" * add_generation_prompt)
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(chr(t) for t in ids)
+
+    def id_to_token(self, t):
+        return chr(t)
 
 
 def completion(**kw):
@@ -85,7 +94,7 @@ def test_chat_messages_text_parts_and_roles():
     r = chat(messages=[{"role": "developer", "content": parts}, {"role": "user", "content": "hi", "name": "ann"}],
              stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=3,
              max_completion_tokens=4, max_tokens=9, tool_choice="none")
-    assert r.prompts == [Tok().encode("<system>be brief<user>hi", add_special_tokens=False)]
+    assert r.prompts == [Tok().encode("<system>be brief<user>hi<assistant>", add_special_tokens=False)]
     assert r.stream and r.include_usage and r.logprobs == 3 and r.params.logprobs == 3 and r.params.max_tokens == 4
     assert chat(logprobs=True).logprobs == 0 and chat(logprobs=False).logprobs is None
 
@@ -141,12 +150,23 @@ BAD_CHAT = [
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": None, "tool_calls": []}]}, "messages[0].content"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": 1}, "logprobs"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_completion_tokens": MAX_LEN}, "max_completion_tokens"),
-    ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+     "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "guided_regex": "a"},
+     "guided_regex"),
     ({"prompt": "x"}, "prompt"),
 ]
 
@@ -155,6 +175,59 @@ BAD_CHAT = [
 def test_bad_chats_name_the_parameter(body, param):
     e = error(chat, **body)
     assert (e.status, e.param) == (400, param), e.message
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_render_into_the_prompt_and_required_calls_are_guided():
+    from engine import grammar
+    from gateway import tools
+    msgs = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                          "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "content": "rain", "tool_call_id": "c1"}, {"role": "user", "content": "So?"}]
+    big = 4096
+    r = parse({"model": "m", "messages": msgs, "tools": [WEATHER]}, True, Tok(), {"m"}, big, VOCAB)
+    assert r.tool_format is tools.SMOLLM2 and r.tool_names == {"get_weather"} and r.params.guided is None  # auto
+    assert r.prompts == [Tok().encode(Tok().apply_chat_template(tools.render(
+        [{"role": m["role"], "content": m["content"], **({"tool_calls": m["tool_calls"]} if "tool_calls" in m else {})}
+         for m in msgs], [WEATHER["function"]], tools.SMOLLM2, False)), add_special_tokens=False)]
+    req = parse({"model": "m", "messages": msgs[:1], "tools": [WEATHER], "tool_choice": "required"}, True, Tok(),
+                {"m"}, big, VOCAB)
+    assert req.params.guided == grammar.lark(tools.SMOLLM2.lark([WEATHER["function"]], True))
+    named = parse({"model": "m", "messages": msgs[:1], "tools": [WEATHER], "parallel_tool_calls": True,
+                   "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, True, Tok(), {"m"}, big,
+                  VOCAB)
+    assert named.params.guided == grammar.lark(tools.SMOLLM2.lark([WEATHER["function"]], False))  # one call
+    none = parse({"model": "m", "messages": msgs[:1], "tools": [WEATHER], "tool_choice": "none"}, True, Tok(), {"m"},
+                 big, VOCAB)
+    assert none.tool_format is None and none.params.guided is None
+
+
+def test_tokenize_and_detokenize_take_vllms_shapes():
+    from gateway.openai_api import detokenize, tokenize
+    assert tokenize({"model": "m", "prompt": "ab"}, Tok(), {"m"}, MAX_LEN) == \
+        {"tokens": [1, 197, 198], "count": 3, "max_model_len": MAX_LEN}
+    assert tokenize({"prompt": "ab", "add_special_tokens": False, "return_token_strs": True}, Tok(), {"m"}, MAX_LEN) \
+        == {"tokens": [197, 198], "count": 2, "max_model_len": MAX_LEN, "token_strs": [chr(197), chr(198)]}
+    msgs = [{"role": "user", "content": "x"}]
+    assert tokenize({"messages": msgs}, Tok(), {"m"}, MAX_LEN)["tokens"] == Tok().encode("<user>x<assistant>", False)
+    assert tokenize({"messages": msgs, "add_generation_prompt": False}, Tok(), {"m"}, MAX_LEN)["tokens"] == \
+        Tok().encode("<user>x", False)
+    assert detokenize({"model": "m", "tokens": [104, 105]}, Tok(), {"m"}, VOCAB) == {"prompt": "hi"}
+    assert error(detokenize, {"tokens": [VOCAB]}, Tok(), {"m"}, VOCAB).param == "tokens"
+    assert error(detokenize, {"tokens": [-1]}, Tok(), {"m"}, VOCAB).param == "tokens[0]"
+    assert error(tokenize, {"model": "zz", "prompt": "a"}, Tok(), {"m"}, MAX_LEN).status == 404
+    assert error(tokenize, {"prompt": "a", "messages": msgs}, Tok(), {"m"}, MAX_LEN).param == "prompt"
+
+
+def test_echo_keeps_each_prompts_text():
+    assert completion(echo=True, prompt=["a", "b"]).echo == ["a", "b"]
+    assert completion(echo=True, prompt=[104, 105]).echo == ["hi"]
+    assert completion().echo is None
 
 
 def test_messages_say_what_is_wrong():
