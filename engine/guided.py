@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from engine import grammar as grammars
@@ -54,6 +57,9 @@ class GuidedDecoder:
         self._pool: ThreadPoolExecutor | None = None
         self._executor = None
         self._bitmask: torch.Tensor | None = None
+        self.overlap = True  # False: masks computed when sampling needs them (benchmarks/guided_decoding.py)
+        self.fill_s = 0.0  # time spent computing masks (matchers fed, masks filled)
+        self.wait_s = 0.0  # time sampling waited for them (what the overlap did not hide)
 
     # ---- matchers --------------------------------------------------------------------------------
     def tokenizer(self):
@@ -108,7 +114,7 @@ class GuidedDecoder:
         self.states.pop(seq_id, None)
 
     # ---- masks -----------------------------------------------------------------------------------
-    def begin(self, seqs: list) -> tuple[Future | None, list[int]]:
+    def begin(self, seqs: list) -> tuple[Callable[[], torch.Tensor] | None, list[int]]:
         """Starts the masks of this step's guided sequences (`seqs`: the sampled Sequences, in row
         order). Returns a handle for apply()."""
         rows = [i for i, s in enumerate(seqs) if s.params.guided]
@@ -120,9 +126,20 @@ class GuidedDecoder:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="guided-mask")
             self._executor = llguidance.LLExecutor()
         guided = [seqs[i] for i in rows]
-        return self._pool.submit(self._fill, guided), rows
+        if not self.overlap:
+            return (lambda: self._fill(guided)), rows
+        return self._pool.submit(self._fill, guided).result, rows
 
     def _fill(self, seqs: list) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._fill_masks(seqs)
+        finally:
+            self.fill_s += time.perf_counter() - t0
+
+    def _fill_masks(self, seqs: list) -> torch.Tensor:
+        """The disallowed tokens of each of `seqs` (bool [len(seqs), vocab]), unpacked here, off the
+        sampling path, so that sampling only applies them."""
         words = (self.vocab_size + 31) // 32
         if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
             self._bitmask = torch.empty(max(len(seqs), 8), words, dtype=torch.int32)
@@ -143,20 +160,22 @@ class GuidedDecoder:
                 if st.matcher.is_error():
                     self._fail(st, seq, st.matcher.get_error())
                     self._only_eos(mask[j])
-        return mask
+        return unpack(mask, self.vocab_size)
 
     def _only_eos(self, row: torch.Tensor) -> None:
         row.zero_()
         for t in self.eos:
             row[t // 32] |= _bit(t % 32)
 
-    def apply(self, handle: tuple[Future | None, list[int]], logits: torch.Tensor) -> None:
+    def apply(self, handle: tuple[Callable[[], torch.Tensor] | None, list[int]], logits: torch.Tensor) -> None:
         """Disallowed tokens of the guided rows get -inf, in place."""
         future, rows = handle
         if future is None:
             return
-        mask = future.result()
-        apply_bitmask(logits, mask, rows)
+        t0 = time.perf_counter()
+        disallowed = future()
+        self.wait_s += time.perf_counter() - t0
+        apply_disallowed(logits, disallowed, rows)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -168,21 +187,30 @@ def _bit(i: int) -> int:
     return -(1 << 31) if i == 31 else 1 << i
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+def unpack(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """llguidance's bitmask (int32 words; token t is bit t % 32 of word t // 32) as the tokens it does
+    not allow: bool [rows, width] (tokens past the mask's end are not allowed)."""
+    bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")
+    if bits.shape[1] < width:
+        bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
+    return torch.from_numpy(bits[:, :width] == 0)
+
+
+def apply_disallowed(logits: torch.Tensor, disallowed: torch.Tensor, rows: list[int]) -> None:
+    """logits[rows[j], t] = -inf where disallowed[j, t], in place, on the logits' device."""
+    dev = logits.device
+    v = logits.shape[1]
+    if disallowed.shape[1] != v:  # logits wider (or narrower) than the mask: what it does not cover is out
+        pad = torch.ones(disallowed.shape[0], max(v - disallowed.shape[1], 0), dtype=torch.bool)
+        disallowed = torch.cat([disallowed, pad], dim=1)[:, :v]
+    d = disallowed.to(dev, non_blocking=True)
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        logits.masked_fill_(d, float("-inf"))
+        return
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    logits[idx] = logits[idx].masked_fill(d, float("-inf"))
 
 
 def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> None:
-    """logits[rows[j], t] = -inf where bit t of mask[j] is 0 (bit t: word t // 32, bit t % 32, as
-    llguidance writes it). Any device: the bits are unpacked there."""
-    dev = logits.device
-    shifts = _SHIFTS.get(dev)
-    if shifts is None:
-        shifts = _SHIFTS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
-    m = mask.to(dev, non_blocking=True)
-    allowed = ((m.unsqueeze(-1) >> shifts) & 1).view(m.shape[0], -1).bool()
-    v = logits.shape[1]
-    if allowed.shape[1] < v:  # logits wider than the tokenizer's vocabulary: the rest is never allowed
-        allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], v - allowed.shape[1])], dim=1)
-    allowed = allowed[:, :v]
-    idx = torch.tensor(rows, dtype=torch.long, device=dev)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    """logits[rows[j], t] = -inf where bit t of mask[j] (a CPU llguidance bitmask) is 0."""
+    apply_disallowed(logits, unpack(mask, logits.shape[1]), rows)

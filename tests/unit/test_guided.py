@@ -10,7 +10,7 @@ import torch
 
 from engine import grammar
 from engine.errors import InvalidRequestError
-from engine.guided import GuidedDecoder, apply_bitmask
+from engine.guided import GuidedDecoder, apply_bitmask, apply_disallowed
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -32,9 +32,9 @@ def decoder(smollm2_dir, tok):
 
 
 def allowed(decoder, seq) -> set[int]:
-    mask = decoder.begin([seq])[0].result()
+    disallowed = decoder.begin([seq])[0]()
     logits = torch.zeros(1, decoder.vocab_size)
-    apply_bitmask(logits, mask, [0])
+    apply_disallowed(logits, disallowed, [0])
     return set(torch.nonzero(logits[0] == 0).flatten().tolist())
 
 
@@ -117,6 +117,18 @@ def test_a_matcher_catches_up_and_replays_a_resumed_requests_output(tok, decoder
     assert a == b == c
     assert tok.encode("a", add_special_tokens=False)[0] in a
     assert tok.eos_token_id not in a  # the string is still open
+
+
+def test_masks_computed_after_the_forward_are_the_same(tok, decoder):
+    g = grammar.check(grammar.json_schema(SCHEMA, "s"))
+    seq = seq_of(tok.encode("?"), tok.encode('{"name": "A', add_special_tokens=False), g)
+    overlapped = allowed(decoder, seq)
+    decoder.release(seq.seq_id)
+    decoder.overlap = False
+    try:
+        assert allowed(decoder, seq) == overlapped
+    finally:
+        decoder.overlap = True
 
 
 def test_a_refused_token_leaves_only_the_end(tok, decoder):
