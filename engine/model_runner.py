@@ -54,6 +54,8 @@ def step_order(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
 def prompt_rows(scheduled: list[ScheduledSeq]) -> list[PromptRows]:
     """The rows whose logits score prompt tokens, of the sequences that report prompt logprobs in this
     step. Position p scores token p + 1; the last prompt position samples the first output token."""
+    if not any(s.prompt_logprobs for s in scheduled):
+        return []
     out, row = [], 0
     for s in step_order(scheduled):
         if s.prompt_logprobs:
