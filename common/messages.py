@@ -72,6 +72,8 @@ class TokenChunk(msgspec.Struct, tag="tokens", frozen=True):
     # on an attempt's first chunk (index 0), from the worker that prefilled (-1: not known):
     cached_tokens: int = -1  # prompt tokens its prefix cache held
     kv_tokens: int = -1  # prompt tokens whose KV it ships to the decode worker (held there: not shipped)
+    # when the request asked for them (SamplingSpec.prompt_logprobs): one per prompt token, the first None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

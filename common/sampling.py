@@ -33,3 +33,4 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     logit_bias: dict[int, float] = {}  # token id -> added to its logit
     guided: str | None = None  # an llguidance grammar (engine/grammar.py) the output must follow
     guided_start: int = 0  # trailing prompt tokens that are earlier output under `guided` (a resumed request)
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (but the first's) and top-k

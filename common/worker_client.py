@@ -30,6 +30,7 @@ class Stream:
     error: str = ""
     duplicates: int = 0
     workers: list[str] = field(default_factory=list)
+    prompt_logprobs: list | None = None  # from the first chunk, when asked for
 
 
 class WorkerClient:
@@ -80,6 +81,8 @@ class WorkerClient:
             if st is None:
                 continue
             st.workers.append(chunk.worker_id)
+            if chunk.index == 0 and chunk.prompt_logprobs is not None:
+                st.prompt_logprobs = chunk.prompt_logprobs
             skip = len(st.token_ids) - chunk.index  # tokens of this chunk already delivered
             if skip > 0:
                 st.duplicates += min(skip, len(chunk.token_ids))

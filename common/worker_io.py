@@ -66,14 +66,22 @@ class ChunkSender:
             s.close(0)
 
 
+def wire_logprobs(lps) -> list[tuple[float, list[tuple[int, float]]] | None] | None:
+    """An engine output's TokenLogprobs (None entries kept) as TokenChunk carries them."""
+    return None if lps is None else [None if lp is None else (lp.logprob, lp.top) for lp in lps]
+
+
 def output_chunks(ro, attempt: int, first_index: dict, worker_id: str) -> list[TokenChunk]:
-    """TokenChunks for an engine RequestOutput (one per sample index; the index dedupes)."""
+    """TokenChunks for an engine RequestOutput (one per sample index; the index dedupes). The prompt's
+    logprobs go on sample 0's first chunk (index 0), where the engine reports them."""
     chunks = []
     for co in ro.outputs:
         key = (ro.request_id, co.index)
         idx = first_index.get(key, 0)
-        lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
+        lps = wire_logprobs(co.logprobs)
         first = {"cached_tokens": ro.num_cached_tokens, "kv_tokens": 0} if idx == 0 else {}
+        if idx == 0 and co.index == 0 and ro.prompt_logprobs is not None:
+            first["prompt_logprobs"] = wire_logprobs(ro.prompt_logprobs)
         chunks.append(TokenChunk(VERSION, ro.request_id, attempt, idx, co.token_ids, co.text, lps,
                                  co.finish_reason, "", worker_id, **first))
         first_index[key] = idx + len(co.token_ids)

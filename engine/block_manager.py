@@ -158,8 +158,12 @@ class BlockManager:
         """Blocks that already hold KV for a prefix of `seq` (prefix cache hit or the n-parent's).
 
         At most `(num_tokens - 1) // block_size` blocks, so at least one token is left to compute and
-        the step that computes it yields logits to sample from. No side effects.
+        the step that computes it yields logits to sample from. None for the sequence that reports a
+        request's prompt logprobs until it has its first token: those need every prompt position's
+        logits, so it computes the whole prompt. No side effects.
         """
+        if seq.computes_prompt_logprobs:
+            return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         best: list[int] = []
         parent = seq.parent

@@ -4,12 +4,13 @@
       schedule() -> StepMsg ──broadcast──▶        decode StepMsg, mirror sequences
       forward (stage 0, TP shard 0)               forward (their stage, their TP shard)
            │ hidden ──send──▶ stage 1 ... ──▶ last stage: logits (TP all-gather), TP rank 0 samples
-      ◀── StepResult (tokens, logprobs) ─────────┘ (unless the driver is the last stage itself)
+      ◀── StepResult (tokens, logprobs, prompt logprobs) ──┘ (unless the driver is the last stage itself)
 
 One broadcast per step carries everything the followers need: for each scheduled sequence the tokens
 being computed, its block table, whether it samples, and (first time only) its prompt length and
 sampling parameters. It is msgspec-encoded into a uint8 tensor: no pickle crosses a process.
-Followers mirror each sequence's token ids, so the sampling rank has the history penalties need.
+Followers mirror each sequence's token ids, so the sampling rank has the history penalties need, and
+the last stage's TP ranks all know which rows score prompt tokens (their logits are one collective).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch.distributed as dist
 
 from engine.config import CacheConfig, DeviceConfig, ModelConfig
 from engine.connector import KVConnector
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepOutput, prompt_rows
 from engine.parallel import ParallelContext
-from engine.sampler import TokenLogprobs
+from engine.sampler import PromptLogprobs, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
@@ -50,6 +51,10 @@ class SeqStep(msgspec.Struct, array_like=True):
     sample: bool
     num_prompt_tokens: int = 0
     params: dict | None = None  # SamplingParams fields; only the first time a rank sees the sequence
+    prompt_logprobs: bool = False  # ScheduledSeq.prompt_logprobs
+    # with prompt_logprobs, the token after the step's when the step ends inside the prompt: the score
+    # of its last position
+    next_token: int = -1
 
 
 class StepMsg(msgspec.Struct, array_like=True):
@@ -59,10 +64,17 @@ class StepMsg(msgspec.Struct, array_like=True):
     kv_plan: bytes = b""  # the worker's KV connector plan for this step (engine/connector.py); opaque here
 
 
+class PromptLogprobsMsg(msgspec.Struct, array_like=True):
+    seq_id: int
+    start: int  # PromptLogprobs.start
+    logprobs: list[tuple[float, list[tuple[int, float]]]]
+
+
 class StepResult(msgspec.Struct, array_like=True):
     seq_ids: list[int]
     tokens: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    prompt_logprobs: list[PromptLogprobsMsg] = []
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -72,6 +84,10 @@ _result_dec = msgspec.msgpack.Decoder(StepResult)
 
 def _params_dict(p: SamplingParams) -> dict:
     return {k: getattr(p, k) for k in SamplingParams.__dataclass_fields__}
+
+
+def _token_logprobs(lp: tuple[float, list]) -> TokenLogprobs:
+    return TokenLogprobs(lp[0], [tuple(x) for x in lp[1]])
 
 
 def forward_with(connector: KVConnector | None, rank: int, runner: ModelRunner, kv_plan: bytes,
@@ -133,24 +149,26 @@ class RankRuntime:
         scheduled = []
         for s in msg.seqs:
             seq = driver_seqs[s.seq_id] if driver_seqs is not None else self._mirror(s)
-            scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens), s.sample))
-        sampled, lps = {}, {}
+            scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens), s.sample, s.prompt_logprobs))
+        sampled, lps, plps = {}, {}, {}
         k = 1
         if self.pp > 1:  # only big steps are worth cutting: a micro-batch costs a send/recv round
             k = min(self.num_micro_batches, sum(s.num_new_tokens for s in scheduled) // MIN_MICRO_BATCH_TOKENS)
         for group in micro_batches(scheduled, k):
             forward_with(self.connector, self.rank, self.runner, msg.kv_plan, [s.seq.seq_id for s in group],
-                         lambda layer_done, g=group: self._run_group(g, layer_done, sampled, lps))
+                         lambda layer_done, g=group: self._run_group(g, layer_done, sampled, lps, plps))
         for seq_id in msg.finished:
             self.runner.release(seq_id)
             self.mirror.pop(seq_id, None)
-        if self.rank != self.sampler_rank or not sampled:
+        if self.rank != self.sampler_rank or not any(s.has_output for s in scheduled):
             return None
         ids_ = list(sampled)
         return StepResult(ids_, [sampled[i] for i in ids_],
-                          [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_])
+                          [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_],
+                          [PromptLogprobsMsg(i, p.start, [(lp.logprob, lp.top) for lp in p.logprobs])
+                           for i, p in plps.items()])
 
-    def _run_group(self, group: list[ScheduledSeq], layer_done, sampled: dict, lps: dict) -> None:
+    def _run_group(self, group: list[ScheduledSeq], layer_done, sampled: dict, lps: dict, plps: dict) -> None:
         ids, pos, meta, rows = self.runner.prepare(group)
         masks = self.runner.begin_masks([s for s, _ in rows]) if self.rank == self.sampler_rank else None
         with torch.inference_mode():
@@ -162,13 +180,17 @@ class RankRuntime:
                                   hidden=hidden, layer_done=layer_done)
             if self.pp_rank < self.pp - 1:
                 dist.send(h.contiguous(), dst=self.rank + self.tp)
-            elif rows:
+                return
+            sampling = self.rank == self.sampler_rank
+            if rows:
                 idx = torch.tensor([r for _, r in rows], device=self.runner.device)
                 logits = self.runner.model.compute_logits(h[idx])  # TP ranks all-gather together
-                if self.rank == self.sampler_rank:
+                if sampling:
                     got, got_lps = self.runner.sample(logits, [s for s, _ in rows], masks)
                     sampled.update(got)
                     lps.update(got_lps)
+            # every TP rank derives the same rows from the step (and calls compute_logits alike)
+            plps.update(self.runner.prompt_logprobs(h, prompt_rows(group), keep=sampling))
 
     def _mirror(self, s: SeqStep) -> Sequence:
         seq = self.mirror.get(s.seq_id)
@@ -178,6 +200,8 @@ class RankRuntime:
             self.mirror[s.seq_id] = seq
         del seq.token_ids[s.start:]
         seq.token_ids.extend(s.tokens)
+        if s.next_token >= 0:
+            seq.token_ids.append(s.next_token)  # replaced by the next step's tokens
         seq.block_ids = s.block_ids
         return seq
 
@@ -324,8 +348,8 @@ class ParallelExecutor:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return sampling
 
-    def collect(self, launched):
-        """The sampled tokens (seq_id -> token) and logprobs of a launched step, in launch order."""
+    def collect(self, launched) -> StepOutput:
+        """The sampled tokens, their logprobs and prompt logprobs of a launched step, in launch order."""
         with self._lock:
             try:
                 return self._collect(launched)
@@ -341,11 +365,12 @@ class ParallelExecutor:
             result = _result_dec.decode(recv_bytes(self.rt.sampler_rank))
         sends.wait()  # every rank has taken this step's message (the last stage's result says so)
         if result is None:
-            return {}, {}
+            return StepOutput()
         sampled = dict(zip(result.seq_ids, result.tokens))
-        lps = {sid: TokenLogprobs(lp[0], [tuple(x) for x in lp[1]])
-               for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
-        return sampled, lps
+        lps = {sid: _token_logprobs(lp) for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
+        plps = {p.seq_id: PromptLogprobs(p.start, [_token_logprobs(lp) for lp in p.logprobs])
+                for p in result.prompt_logprobs}
+        return StepOutput(sampled, lps, plps)
 
     def _launch(self, out: SchedulerOutput, kv_plan: bytes):
         seqs, driver_seqs = [], {}
@@ -354,15 +379,18 @@ class ParallelExecutor:
             new = seq.seq_id not in self._known
             self._known.add(seq.seq_id)
             driver_seqs[seq.seq_id] = seq
-            seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:s.start + s.num_new_tokens],
+            end = s.start + s.num_new_tokens
+            seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:end],
                                 seq.token_ids[:s.start] if new else [], list(seq.block_ids), s.sample,
-                                seq.num_prompt_tokens, _params_dict(seq.params) if new else None))
+                                seq.num_prompt_tokens, _params_dict(seq.params) if new else None,
+                                s.prompt_logprobs,
+                                seq.token_ids[end] if s.prompt_logprobs and end < seq.num_tokens else -1))
         msg = StepMsg(seqs, self._finished, kv_plan=kv_plan)
         self._finished = []
         sends = _Sends()
         send_step(_enc.encode(msg), self.world, sends)
         result = self.rt.run(msg, driver_seqs)
-        return result, any(s.sample for s in out.scheduled), sends
+        return result, any(s.has_output for s in out.scheduled), sends
 
     def release(self, seq_id: int) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.connector import KVConnector
 from engine.errors import CapacityError, InvalidRequestError
 from engine.executor import LocalExecutor, start_parallel
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepOutput
 from engine.partition import check_tp
 from engine.platform import setup_process
 from engine.sampler import TokenLogprobs
@@ -47,6 +47,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held at admission (OpenAI's cached_tokens)
+    # SamplingParams.prompt_logprobs: one per prompt token (the first's None), on the output that carries
+    # sample 0's first token; None on every other
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ class _SeqState:
     emitted_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reported: bool = False
+    # by prompt position, as the steps computing the prompt score them (a recomputation writes over)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -155,6 +160,8 @@ class LLMEngine:
             first = first or seq
             st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, held_tokens))
             st.text = held_text
+            if seq.computes_prompt_logprobs:
+                st.prompt_logprobs = [None] * len(ids)
             seqs.append(st)
             self._seq_state[seq.seq_id] = st
             self.scheduler.add(seq)
@@ -216,8 +223,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
         kv_plan = plan_kv(out) if plan_kv is not None else b""
-        sampled, logprobs = self.executor.execute(out, kv_plan) if not out.empty else ({}, {})
-        return self._apply(out, sampled, logprobs)
+        return self._apply(out, self.executor.execute(out, kv_plan) if not out.empty else StepOutput())
 
     def _pipelined_step(self, plan_kv: Callable[[SchedulerOutput], bytes] | None) -> list[RequestOutput]:
         """Pipeline parallelism across steps (vLLM's virtual engines, in one scheduler): a step takes
@@ -239,7 +245,7 @@ class LLMEngine:
         if not self._in_flight or (len(self._in_flight) < depth and not out.empty):
             return []
         done, launched = self._in_flight.popleft()
-        sampled, logprobs = self.executor.collect(launched)
+        result = self.executor.collect(launched)
         self._busy.difference_update(s.seq.seq_id for s in done.scheduled)
         later = []
         for seq in self._finish_later:
@@ -248,16 +254,22 @@ class LLMEngine:
             else:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
         self._finish_later = later
-        return self._apply(done, sampled, logprobs)
+        return self._apply(done, result)
 
-    def _apply(self, out, sampled: dict, logprobs: dict) -> list[RequestOutput]:
+    def _apply(self, out, result: StepOutput) -> list[RequestOutput]:
         """A step's tokens into the scheduler, the detokenizers and the outputs."""
+        sampled, logprobs = result.sampled, result.logprobs
         self.scheduler.update(out, sampled)
         touched: dict[str, list[_SeqState]] = {}
         for s in out.scheduled:
             seq = s.seq
             st = self._seq_state.get(seq.seq_id)
-            if st is None or seq.seq_id not in sampled:
+            if st is None:
+                continue
+            plp = result.prompt_logprobs.get(seq.seq_id)
+            if plp is not None and st.prompt_logprobs is not None:
+                st.prompt_logprobs[plp.start:plp.start + len(plp.logprobs)] = plp.logprobs
+            if seq.seq_id not in sampled:
                 continue
             token = sampled[seq.seq_id]
             if seq.seq_id in logprobs:
@@ -267,16 +279,19 @@ class LLMEngine:
         return [self._make_output(rid, sts) for rid, sts in touched.items()]
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]):
-        """Runs prompts to completion; returns one dict per prompt: token_ids/text/logprobs per sample."""
+        """Runs prompts to completion; returns one dict per prompt: token_ids/text/logprobs per sample, and
+        the prompt's logprobs (None unless asked for)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
         results: dict[str, dict] = {}
         for rid, p, sp in zip(ids, prompts, plist):
             self.add_request(rid, p, sp)
             results[rid] = {"outputs": [{"token_ids": [], "text": "", "logprobs": [], "finish_reason": None}
-                                        for _ in range(sp.n)]}
+                                        for _ in range(sp.n)], "prompt_logprobs": None}
         while self.has_unfinished_requests():
             for ro in self.step():
+                if ro.prompt_logprobs is not None:
+                    results[ro.request_id]["prompt_logprobs"] = ro.prompt_logprobs
                 for co in ro.outputs:
                     o = results[ro.request_id]["outputs"][co.index]
                     o["token_ids"] += co.token_ids
@@ -325,8 +340,11 @@ class LLMEngine:
     def _make_output(self, request_id: str, sts: list[_SeqState]) -> RequestOutput:
         req = self._requests[request_id]
         outs = []
+        prompt_lps = None
         for st in sts:
             seq = st.seq
+            if st.prompt_logprobs is not None and st.emitted_tokens == 0:  # its first token goes out now
+                prompt_lps, st.prompt_logprobs = st.prompt_logprobs, None
             done = seq.is_finished
             hold = 0 if done or not seq.params.stop else max(map(len, seq.params.stop)) - 1
             upto = max(st.emitted_chars, len(st.text) - hold)
@@ -347,7 +365,7 @@ class LLMEngine:
         if finished:
             del self._requests[request_id]
         cached = max((st.seq.num_cached_tokens for st in req.seqs), default=0)
-        return RequestOutput(request_id, req.prompt_token_ids, outs, finished, cached)
+        return RequestOutput(request_id, req.prompt_token_ids, outs, finished, cached, prompt_lps)
 
     def _drop(self, seq: Sequence) -> None:
         self._seq_state.pop(seq.seq_id, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,13 +16,54 @@ from engine.kv_cache import KVCacheSpec, allocate_kv_cache, kv_cache_budget
 from engine.layers.quantization import get_linear_method, quantize_model
 from engine.loader import build_model
 from engine.parallel import SINGLE, ParallelContext
-from engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from engine.sampler import PromptLogprobs, Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Sequence
 from engine.tokenizer import eos_token_ids
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# prompt logprobs take the logits of this many positions at a time: a long prefill chunk's
+# [tokens, vocab] floats never exist at once
+PROMPT_LOGPROBS_ROWS = 64
+
+
+@dataclass
+class StepOutput:
+    """What a step gives back, by seq_id."""
+    sampled: dict[int, int] = field(default_factory=dict)  # the next token
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # of that token, where asked for
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # of the prompt tokens scored
+
+
+@dataclass
+class PromptRows:
+    """Hidden-state rows of a step whose logits score a sequence's next prompt tokens."""
+    seq: Sequence
+    row: int  # the row of position `start`
+    start: int  # a prompt position: its logits score prompt token start + 1
+    count: int
+
+
+def step_order(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """The order of a step's rows: decodes first, then prefills, each sequence's new tokens together."""
+    return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens > 1]
+
+
+def prompt_rows(scheduled: list[ScheduledSeq]) -> list[PromptRows]:
+    """The rows whose logits score prompt tokens, of the sequences that report prompt logprobs in this
+    step. Position p scores token p + 1; the last prompt position samples the first output token."""
+    if not any(s.prompt_logprobs for s in scheduled):
+        return []
+    out, row = [], 0
+    for s in step_order(scheduled):
+        if s.prompt_logprobs:
+            count = min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1) - s.start
+            if count > 0:
+                out.append(PromptRows(s.seq, row, s.start, count))
+        row += s.num_new_tokens
+    return out
 
 
 class ModelRunner:
@@ -59,9 +101,9 @@ class ModelRunner:
     def prepare(self, scheduled: list[ScheduledSeq]):
         """Token ids, positions and attention metadata for a step (decodes first, then prefills)."""
         bs = self.block_size
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        order = decodes + prefills
+        order = step_order(scheduled)
+        decodes = [s for s in order if s.num_new_tokens == 1]
+        prefills = order[len(decodes):]
         ids: list[int] = []
         pos: list[int] = []
         slot_b: list[int] = []
@@ -116,20 +158,51 @@ class ModelRunner:
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, layer_done=None):
-        """Runs one step. Returns ({seq_id: token}, {seq_id: TokenLogprobs}).
+    def execute(self, out: SchedulerOutput, layer_done=None) -> StepOutput:
+        """Runs one step.
 
         `layer_done(i)`: called once local layer i's KV for this step is in the cache (KV streaming)."""
+        result = StepOutput()
         if out.empty:
-            return {}, {}
+            return result
         input_ids, positions, meta, sample_rows = self.prepare(out.scheduled)
         masks = self.begin_masks([s for s, _ in sample_rows])  # computed while the forward runs
         hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done=layer_done)
-        if not sample_rows:
-            return {}, {}
-        idx = torch.tensor([r for _, r in sample_rows], dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[idx])
-        return self.sample(logits, [s for s, _ in sample_rows], masks)
+        if sample_rows:
+            idx = torch.tensor([r for _, r in sample_rows], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[idx])
+            result.sampled, result.logprobs = self.sample(logits, [s for s, _ in sample_rows], masks)
+        result.prompt_logprobs = self.prompt_logprobs(hidden, prompt_rows(out.scheduled))
+        return result
+
+    def prompt_logprobs(self, hidden: torch.Tensor, spans: list[PromptRows], keep: bool = True):
+        """{seq_id: PromptLogprobs} of the prompt tokens `spans` score, under the raw logits (before
+        penalties, bias and grammar, as the sampler's logprobs), PROMPT_LOGPROBS_ROWS rows at a time.
+
+        compute_logits is a collective of the last stage's TP ranks: each of them calls this with the
+        same spans, and only the one with `keep` (the sampling rank) builds the result."""
+        rows = [r for sp in spans for r in range(sp.row, sp.row + sp.count)]
+        targets: list[int] = []
+        ks: list[int | None] = []
+        owners: list[int] = []
+        out: dict[int, PromptLogprobs] = {}
+        for sp in spans if keep else ():
+            seq = sp.seq
+            targets.extend(seq.token_ids[sp.start + 1:sp.start + sp.count + 1])
+            ks.extend([seq.params.prompt_logprobs] * sp.count)
+            owners.extend([seq.seq_id] * sp.count)
+            out[seq.seq_id] = PromptLogprobs(sp.start + 1, [])
+        for i in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            sl = slice(i, i + PROMPT_LOGPROBS_ROWS)
+            idx = torch.tensor(rows[sl], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[idx])  # [<= PROMPT_LOGPROBS_ROWS, vocab]
+            if not keep:
+                continue
+            lps = torch.log_softmax(logits.float(), dim=-1)
+            got = token_logprobs(lps, torch.tensor(targets[sl], dtype=torch.long, device=self.device), ks[sl])
+            for seq_id, lp in zip(owners[sl], got):
+                out[seq_id].logprobs.append(lp)
+        return out
 
     def guided(self) -> GuidedDecoder:
         if self._guided is None:

@@ -29,6 +29,29 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # (token id, logprob), best first; empty unless asked for
 
 
+@dataclass
+class PromptLogprobs:
+    """Logprobs of a run of prompt tokens, each under the logits of the position before it."""
+    start: int  # prompt index of logprobs[0] (>= 1: the first prompt token has none)
+    logprobs: list[TokenLogprobs]
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int | None]) -> list[TokenLogprobs | None]:
+    """logprobs [N, V] (log_softmax of raw logits), tokens [N] -> each row's TokenLogprobs of its token,
+    with its top-k alternatives (k = ks[i]; None: no logprobs for that row)."""
+    kmax = max((k or 0) for k in ks)
+    top_v, top_i = logprobs.topk(kmax, dim=-1) if kmax else (None, None)
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+    out: list[TokenLogprobs | None] = []
+    for i, k in enumerate(ks):
+        if k is None:
+            out.append(None)
+            continue
+        top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist())) if k else []
+        out.append(TokenLogprobs(chosen[i], top))
+    return out
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int = 0, device="cpu"):
         self.eos_token_ids = list(eos_token_ids)
@@ -61,15 +84,7 @@ class Sampler:
 
         lps: list[TokenLogprobs | None] = [None] * n
         if raw_lp is not None:
-            kmax = max((r.params.logprobs or 0) for r in rows)
-            top_v, top_i = raw_lp.topk(kmax, dim=-1) if kmax else (None, None)
-            chosen = raw_lp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
-            for i, r in enumerate(rows):
-                if not want_lp[i]:
-                    continue
-                k = r.params.logprobs
-                top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist())) if k else []
-                lps[i] = TokenLogprobs(chosen[i], top)
+            lps = token_logprobs(raw_lp, tokens, [r.params.logprobs for r in rows])
         return token_list, lps
 
     def _apply_penalties_and_bans(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

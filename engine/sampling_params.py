@@ -40,6 +40,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     guided: str | None = None  # an llguidance grammar (engine/grammar.py) the output must follow
     guided_start: int = 0  # trailing prompt tokens that are earlier output under `guided` (a resumed request)
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (but the first's) and top-k
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -80,6 +81,9 @@ class SamplingParams:
                f"guided_start must be a non-negative integer, got {self.guided_start!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), "prompt_logprobs",
+               f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -23,6 +23,12 @@ class ScheduledSeq:
     start: int  # first position computed this step (= num_computed_tokens before the step)
     num_new_tokens: int
     sample: bool  # this step reaches the end of the sequence's tokens: sample the next one
+    prompt_logprobs: bool = False  # report the logprobs of the prompt tokens after these positions
+
+    @property
+    def has_output(self) -> bool:
+        """The step gives something back for this sequence: a token, or prompt logprobs."""
+        return self.sample or self.prompt_logprobs
 
 
 @dataclass
@@ -152,7 +158,8 @@ class Scheduler:
     # ---- helpers -------------------------------------------------------------------------------
     def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens
-        out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new == seq.num_tokens))
+        out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new == seq.num_tokens,
+                                          seq.computes_prompt_logprobs))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

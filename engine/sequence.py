@@ -64,6 +64,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def computes_prompt_logprobs(self) -> bool:
+        """This is the sequence that reports its request's prompt logprobs (the first sample; n > 1
+        children wait for it), and it has not yet: it has no output token."""
+        return self.params.prompt_logprobs is not None and self.parent is None and self.num_output_tokens == 0
+
+    @property
     def is_finished(self) -> bool:
         return self.status.finished
 

@@ -21,7 +21,7 @@ import zmq
 from common import security
 from common.heartbeat import Heartbeat
 from common.messages import VERSION, Abort, Handoff, PrefillRequest, TokenChunk, encode
-from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket
+from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket, wire_logprobs
 from engine.block_manager import chain_hashes
 from engine.config import EngineConfig
 from engine.errors import TandemError
@@ -272,7 +272,7 @@ class PrefillWorker:
         # finished at the first token by the request's own terms (not P's max_tokens = 1)?
         done_here = co.finish_reason == "stop" or (p.params.max_tokens is not None and p.params.max_tokens <= 1)
         reason = co.finish_reason if done_here else None
-        lps = [(lp.logprob, lp.top) for lp in co.logprobs] if co.logprobs is not None else None
+        lps = wire_logprobs(co.logprobs)
         # P's run ends at the first token, the request does not: hold back what a stop string could
         # still start with, as a continuing sequence would; D emits it (or cuts it at the stop)
         hold = 0 if done_here or not p.params.stop else min(len(co.text), max(map(len, p.params.stop)) - 1)
@@ -282,7 +282,8 @@ class PrefillWorker:
             if t.dst_block_ids else -1  # not reserved yet: not known
         self.chunks.send(p.req.reply_to, TokenChunk(VERSION, rid, p.req.attempt, 0, co.token_ids, text, lps,
                                                     reason, "", self.worker_id, cached_tokens=ro.num_cached_tokens,
-                                                    kv_tokens=shipped))
+                                                    kv_tokens=shipped,
+                                                    prompt_logprobs=wire_logprobs(ro.prompt_logprobs)))
         now = time.monotonic()
         self.heartbeat.slo.record("ttft", now - p.arrived, p.req.slo_ttft_ms, now)
         if done_here:  # D holds the prompt's KV (landed, or landing): tell it to free it now

@@ -176,8 +176,7 @@ def send(spec):
                         eng.runner.model(ids, pos, eng.runner.kv_caches, meta, layer_done=layer_done)
                     report["layer_done_at"] = time.monotonic()
                 else:
-                    sampled, _ = eng.runner.execute(out)
-                    eng.scheduler.update(out, sampled)
+                    eng.scheduler.update(out, eng.runner.execute(out).sampled)
                     if kill_after is not None:
                         sent = 0
                         for layer in range(spec["model"]["num_layers"]):

@@ -91,6 +91,28 @@ def test_one_request_equals_the_single_process_engine(cluster, tiny_llama):
     assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
 
 
+def test_prompt_logprobs_come_with_the_first_chunk_disaggregated_and_colocated(cluster, tiny_llama):
+    d = cluster("decode")
+    p = cluster("prefill")
+    ps = prompts(2, seed=11)
+    spec = SamplingSpec(max_tokens=6, prompt_logprobs=2, **GREEDY)
+    client = WorkerClient()
+    client.submit(p.info, "disagg", ps[0], spec, decode=d.info)
+    client.submit(p.info, "coloc", ps[1], spec)
+    client.collect(timeout=60)
+    eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+    want = eng.generate(ps, SamplingParams(max_tokens=6, prompt_logprobs=2, **GREEDY))
+    for rid, w in zip(["disagg", "coloc"], want):
+        s = client.streams[rid]
+        assert s.error == "" and s.token_ids == w["outputs"][0]["token_ids"]
+        got = s.prompt_logprobs
+        assert got[0] is None and len(got) == len(w["prompt_logprobs"])
+        for (lp, top), ref in zip(got[1:], w["prompt_logprobs"][1:]):
+            assert abs(lp - ref.logprob) < 1e-4 and [t for t, _ in top] == [t for t, _ in ref.top]
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
+
+
 @pytest.mark.parametrize("num_prefill", [1, 2])
 def test_many_concurrent_requests_through_prefill_and_decode(cluster, tiny_llama, num_prefill):
     d = cluster("decode", "--worker-id", "decode-0")

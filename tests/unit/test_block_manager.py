@@ -90,6 +90,25 @@ def test_n_children_fork_parent_blocks():
     assert bm.num_free_blocks == 16
 
 
+def test_the_sequence_reporting_prompt_logprobs_computes_the_whole_prompt():
+    """Prompt logprobs need every prompt position's logits: no prefix-cache hit for the first sample
+    until it has its first token; its n > 1 siblings still share its blocks."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq(range(10))
+    assert bm.allocate_slots(a, 10)
+    a.num_computed_tokens = 10
+    bm.cache_full_blocks(a)
+    params = SamplingParams(n=2, prompt_logprobs=1)
+    p = Sequence("r", 0, list(range(10)), 10, params)
+    assert bm.get_computed_blocks(p) == []
+    assert bm.allocate_slots(p, 10)
+    p.num_computed_tokens = 10
+    child = Sequence("r", 1, list(range(10)), 10, params, parent=p)
+    assert bm.get_computed_blocks(child) == p.block_ids[:2]
+    p.token_ids.append(5)  # preempted after its first token: its prompt logprobs are out, hits are fine
+    assert bm.get_computed_blocks(p) == a.block_ids[:2]
+
+
 def test_double_free_is_detected():
     bm = BlockManager(num_blocks=4, block_size=4)
     s = seq(range(3))

@@ -21,8 +21,8 @@ RENAMED = {(ChatCompletionRequest, "max_completion_tokens"): "max_tokens",
            (ChatCompletionRequest, "logprobs"): None}  # a flag: the count is top_logprobs
 FAR = 2**62  # "unbounded" probed this far out
 # engine fields no API field maps to: the gateway builds them (a grammar from response_format or the
-# guided_* fields; where a resumed request's output starts)
-BUILT = {"guided", "guided_start"}
+# guided_* fields; where a resumed request's output starts; prompt logprobs from echo and logprobs)
+BUILT = {"guided", "guided_start", "prompt_logprobs"}
 
 
 def _extremes(t) -> list:

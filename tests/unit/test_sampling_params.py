@@ -12,7 +12,7 @@ from engine.sampling_params import SamplingParams
     ("top_k", -2), ("min_p", 2.0), ("repetition_penalty", 0.0), ("repetition_penalty", math.inf),
     ("presence_penalty", 3.0), ("presence_penalty", -math.inf), ("frequency_penalty", -2.5),
     ("frequency_penalty", math.nan), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]), ("logprobs", 21),
-    ("logprobs", True),
+    ("logprobs", True), ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", 1.0),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(InvalidRequestError) as e:

@@ -194,3 +194,30 @@ def test_steps_in_flight_share_the_batch_and_are_never_preempted():
         s.update(out, {x.seq.seq_id: 7 for x in out.scheduled})
     assert preempted and not in_flight & {q.seq_id for q in preempted}
     assert all(q.status == SequenceStatus.RUNNING for q in seqs[2:])
+
+
+def test_only_the_first_sample_scores_the_prompt_and_only_before_its_first_token():
+    s, _ = make(budget=8)
+    parent, child = add(s, 12, n=2, prompt_logprobs=2)
+    flags = []
+    while parent.num_output_tokens == 0:
+        out = s.schedule()
+        flags += [(x.seq.index, x.start, x.num_new_tokens, x.prompt_logprobs) for x in out.scheduled]
+        s.update(out, {x.seq.seq_id: 5 for x in out.scheduled if x.sample})
+    assert flags == [(0, 0, 8, True), (0, 8, 4, True)]  # chunks of 8; the child waits for the prompt
+    out = s.schedule()
+    assert [(x.seq.index, x.prompt_logprobs) for x in out.scheduled] == [(0, False), (1, False)]
+
+
+def test_prompt_rows_follow_the_step_order_and_stop_before_the_last_prompt_position():
+    from engine.model_runner import prompt_rows
+    from engine.scheduler import ScheduledSeq
+    p = SamplingParams(prompt_logprobs=1)
+    long_, short, last, plain = (Sequence("r", 0, [1] * n, n, p) for n in (20, 10, 7, 6))
+    step = [ScheduledSeq(long_, 4, 8, False, True),  # mid-prompt: its last position scores token 12
+            ScheduledSeq(short, 0, 10, True, True),  # the whole prompt: positions 0..8 score tokens 1..9
+            ScheduledSeq(last, 6, 1, True, True),  # the last prompt position alone: it only samples
+            ScheduledSeq(plain, 0, 6, True, False)]
+    rows = prompt_rows(step)
+    # rows: `last` first (a one-token step), then long_ from row 1, short from row 9
+    assert [(r.seq, r.row, r.start, r.count) for r in rows] == [(long_, 1, 4, 8), (short, 9, 0, 9)]
