@@ -92,6 +92,7 @@ class Generation:
         self.first_token_at: float | None = None
         self.cached_tokens = 0  # prompt tokens the last attempt's prefilling worker had cached
         self.kv_tokens = 0  # prompt tokens whose KV was shipped between workers, over all attempts
+        self.prompt_logprobs: list | None = None  # echo with logprobs: the prompt's, from the first chunk
 
     # ---- inputs (from the gateway's reader and event handler) ------------------------------------
     def deliver(self, chunk: TokenChunk) -> None:
@@ -167,7 +168,10 @@ class Generation:
         # a resumed attempt's prompt ends with the output delivered so far: its grammar replays it
         run = msgspec.structs.replace(self.params, max_tokens=remaining,
                                       min_tokens=max(0, self.params.min_tokens - len(self.tokens)),
-                                      guided_start=len(self.tokens) if self.params.guided else 0)
+                                      guided_start=len(self.tokens) if self.params.guided else 0,
+                                      # the prompt's logprobs come once: a resumed prompt is longer
+                                      prompt_logprobs=None if self.prompt_logprobs is not None or self.tokens
+                                      else self.params.prompt_logprobs)
         d = reply.decode
         target = None if d is None else DecodeTarget(d.worker_id, d.endpoint, d.kv_endpoints, d.layout)
         held_tokens, held_text = self._unseen()
@@ -261,6 +265,8 @@ class Generation:
             else:
                 self.cached_tokens = max(chunk.cached_tokens, 0)
                 self.kv_tokens += max(chunk.kv_tokens, 0)
+                if chunk.prompt_logprobs is not None and self.prompt_logprobs is None:
+                    self.prompt_logprobs = chunk.prompt_logprobs
             if chunk.finish_reason in ("error", "abort"):
                 why = f"worker {chunk.worker_id}: {chunk.error or chunk.finish_reason}"
                 if chunk.error_code == "invalid":  # the request itself: another worker would say the same

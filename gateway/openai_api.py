@@ -103,6 +103,8 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
         given["logit_bias"] = _logit_bias(req.logit_bias, vocab_size)
     if guided is not None:
         given["guided"] = guided
+    if not chat and req.echo and logprobs is not None:
+        given["prompt_logprobs"] = logprobs  # the echoed prompt's tokens get logprobs too
     parsing = tools is not None and tools.mode != "none"
     if parsing and tools.format is toolcalls.MISTRAL:
         given["skip_special_tokens"] = False  # its [TOOL_CALLS] marker is a special token
@@ -380,7 +382,8 @@ def completion_logprobs(tokenizer, token_ids: list[int], lps: list, offset0: int
             s = tokenizer.decode([i], skip_special_tokens=False)
             out[s if s not in out else (tokenizer.id_to_token(i) or f"<{i}>")] = v
         return out
-    return {"tokens": tokens, "token_logprobs": [lp[0] for lp in lps], "top_logprobs": [top(lp[1]) for lp in lps],
+    return {"tokens": tokens, "token_logprobs": [lp[0] if lp is not None else None for lp in lps],
+            "top_logprobs": [top(lp[1]) if lp is not None else None for lp in lps],  # None: a prompt's first token
             "text_offset": offsets}
 
 

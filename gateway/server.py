@@ -357,6 +357,15 @@ class Gateway:
             self.m_e2e.observe(now - g.started)
         self.m_tokens.inc(len(g.tokens))
 
+    @staticmethod
+    def _echoed(api: ApiRequest, g: Generation, token_ids: list[int], lps: list) -> tuple[list[int], list, int]:
+        """(token ids, logprobs, first offset) of a completion's logprobs: with echo, the prompt's lead
+        (its first token has none)."""
+        if api.echo is None:
+            return token_ids, lps, 0
+        prompt_lps = g.prompt_logprobs or [None] * len(g.prompt)
+        return g.prompt + token_ids, list(prompt_lps) + list(lps), 0
+
     def _finish(self, reason: str | None) -> str:
         return reason if reason in ("stop", "length") else "stop"
 
@@ -379,7 +388,7 @@ class Gateway:
             lp = None
             if api.logprobs is not None:
                 lp = chat_logprobs(self.tokenizer, g.tokens, g.logprobs) if api.chat else \
-                    completion_logprobs(self.tokenizer, g.tokens, g.logprobs)
+                    completion_logprobs(self.tokenizer, *self._echoed(api, g, g.tokens, g.logprobs))
             if api.chat:
                 message, reason = {"role": "assistant", "content": g.text}, self._finish(g.finish_reason)
                 if api.tool_format is not None:
@@ -451,12 +460,17 @@ class Gateway:
         def event(i: int, d: Delta) -> None:
             lp = None
             text = d.text
-            if not echoed[i]:  # echo: the prompt leads the choice's first event
+            lead = not echoed[i]  # echo: the prompt leads the choice's first event
+            if lead:
                 echoed[i] = True
                 text = api.echo[i // api.n] + text
             if api.logprobs is not None and d.logprobs:
-                lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs) if api.chat else \
-                    completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i] + len(text) - len(d.text))
+                if api.chat:
+                    lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs)
+                elif lead:  # the first event of an echo: the prompt's logprobs lead
+                    lp = completion_logprobs(self.tokenizer, *self._echoed(api, gens[i], d.token_ids, d.logprobs))
+                else:
+                    lp = completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i])
             offsets[i] += len(text)
             fin = self._finish(d.finish_reason) if d.finish_reason else None
             if calls is not None:

@@ -207,6 +207,16 @@ def test_echo_returns_the_prompt_then_the_completion(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=NAME, prompt="The capital of France is", max_tokens=5, temperature=0, echo=True, stream=True))
     assert streamed == got.choices[0].text
+    lp = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                   echo=True, logprobs=2).choices[0].logprobs
+    n_prompt = len(lp.tokens) - 5
+    assert "".join(lp.tokens[:n_prompt]) == "The capital of France is"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    plain_lp = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5,
+                                         temperature=0, logprobs=2).choices[0].logprobs
+    assert lp.token_logprobs[n_prompt:] == plain_lp.token_logprobs
 
 
 def test_tokenize_and_detokenize(live, engine):
