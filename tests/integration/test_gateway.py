@@ -135,7 +135,8 @@ BAD = [
     ({"model": "M", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "M", "prompt": "x", "logprobs": 99}, 400, "logprobs"),
     ({"model": "M", "prompt": "x", "stop": 3}, 400, "stop"),
-    ({"model": "M", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "M", "prompt": "x", "guided_regex": "a(b"}, 400, "guided_regex"),
+    ({"model": "M", "prompt": "x", "logit_bias": {"10000000": 1}}, 400, "logit_bias"),
     ({"model": "M", "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": "M", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
     ({"model": "M", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
@@ -145,7 +146,9 @@ BAD_CHAT = [
     ({"model": "M", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
     ({"model": "M", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"model": "M", "messages": "hi"}, 400, "messages"),
-    ({"model": "M", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": "M", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ({"model": "M", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
+      "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format.json_schema.schema"),
     ({"model": "M", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
 ]
 
