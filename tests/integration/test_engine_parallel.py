@@ -1,12 +1,13 @@
 """LLMEngine over TP x PP rank processes (gloo): the same tokens as one process, ranks cleaned up."""
 
 import os
+import re
 import signal
 import time
 
 import pytest
 
-from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams, grammar
 from engine.config import ParallelConfig
 
 pytestmark = pytest.mark.integration
@@ -24,13 +25,21 @@ def run(eng, params):
     return [[o["token_ids"] for o in r["outputs"]] for r in eng.generate(PROMPTS, params)]
 
 
+# guided decoding on the sampling rank (a follower when pp > 1), from its mirror of the sequences
+GUIDED = grammar.check(grammar.regex("[a-z]{3,8}( [a-z]{2,6}){1,3}\\.", "guided_regex"))
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
     eng = engine(tiny_llama)
     greedy = run(eng, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1))
     sampled = run(eng, SamplingParams(n=2, max_tokens=10, temperature=0.9, seed=7, ignore_eos=True,
                                       repetition_penalty=1.3))
-    return greedy, sampled
+    guided = run(eng, SamplingParams(max_tokens=40, temperature=0, guided=GUIDED))
+    for r in guided:  # each output is a full match (the grammar then allowed only the end)
+        assert re.fullmatch(r"[a-z]{3,8}( [a-z]{2,6}){1,3}\.", eng.tokenizer.decode(r[0])), r
+    eng.shutdown()
+    return greedy, sampled, guided
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
@@ -44,6 +53,7 @@ def test_parallel_engine_equals_single_process(tiny_llama, reference, tp, pp):
                                           repetition_penalty=1.3))
         assert greedy == reference[0]
         assert sampled == reference[1]  # seeds, n > 1 and penalties on the sampling rank's mirror
+        assert run(eng, SamplingParams(max_tokens=40, temperature=0, guided=GUIDED)) == reference[2]
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
         assert eng.executor.max_in_flight == pp  # pp > 1: steps were in flight side by side
     finally:

@@ -159,3 +159,33 @@ def test_auto_with_a_json_answer_admits_a_call_or_the_answer(lltok):
     assert accepts(lltok, g, output(SMOLLM2, [("get_weather", {"city": "Oslo"})]))
     assert accepts(lltok, g, '{"reply": "hello"}')
     assert not accepts(lltok, g, "hello")
+
+
+QWEN_LIKE = (  # a Hermes-style template that renders tools itself (as Qwen2.5's does), abridged
+    "{%- if tools %}<|im_start|>system\nTools:\n{%- for t in tools %}\n{{ t.function | tojson }}{%- endfor %}\n"
+    "Reply with <tool_call>{...}</tool_call>.<|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{%- if m.tool_calls %}{%- for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{%- endfor %}"
+    "{%- endif %}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def test_a_template_that_renders_tools_gets_them_and_reads_back_hermes(tmp_path):
+    from helpers import write_byte_tokenizer
+
+    from engine.tokenizer import Tokenizer
+    from gateway.openai_api import parse
+    write_byte_tokenizer(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": QWEN_LIKE}))
+    tok = Tokenizer(tmp_path)
+    tool = {"type": "function", "function": WEATHER}
+    msgs = [{"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    r = parse({"model": "m", "messages": msgs, "tools": [tool]}, True, tok, {"m"}, 100_000, 10**6)
+    text = tok.decode(r.prompts[0], skip_special_tokens=False)
+    assert json.dumps(WEATHER) in text  # the template's own rendering of the tools
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+    assert "You can call functions" not in text  # not SmolLM2's layout
+    assert r.tool_format is HERMES
