@@ -91,16 +91,25 @@ class LiveCluster:
         return self._start(name, ["coordinator", "--etcd", self.etcd_endpoints, "--cluster", self.cluster, "--id", name,
                                   "--admin-port", "0", *extra])
 
-    def worker(self, role: str, worker_id: str, *extra: str) -> Proc:
+    def worker(self, role: str, worker_id: str, *extra: str, wait: bool = True) -> Proc:
+        """`wait=False`: return at once; ready() (or wait_ready) waits for it. Processes started so
+        start side by side (model loads overlap: several seconds a cluster on 2 cores)."""
         return self._start(worker_id, ["worker", "--role", role, "--model", str(self.model_dir), "--etcd",
                                        self.etcd_endpoints, "--cluster", self.cluster, "--worker-id", worker_id,
-                                       "--lease-ttl", "2", *self.worker_flags, *extra])
+                                       "--lease-ttl", "2", *self.worker_flags, *extra], ready=wait)
 
-    def gateway(self, name: str = "gw-0", *extra: str) -> Proc:
+    def gateway(self, name: str = "gw-0", *extra: str, wait: bool = True) -> Proc:
         return self._start(name, ["gateway", "--etcd", self.etcd_endpoints, "--cluster", self.cluster, "--model",
-                                  str(self.model_dir), "--port", "0", "--id", name, *extra])
+                                  str(self.model_dir), "--port", "0", "--id", name, *extra], ready=wait)
+
+    def ready(self, timeout: float = 120.0) -> None:
+        """Waits for every process started with wait=False to report ready."""
+        for p in self.procs:
+            if not p.info:
+                p.wait_ready(timeout)
 
     def wait_ready(self, gateway: Proc, timeout: float = 30.0) -> None:
+        self.ready()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

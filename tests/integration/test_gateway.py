@@ -23,10 +23,10 @@ def live(tmp_path_factory, tiny_llama):
     c = LiveCluster(tmp_path_factory.mktemp("gw"), tiny_llama)
     try:
         c.coordinator()
-        c.worker("prefill", "p0")
-        c.worker("decode", "d0")
-        c.gw = c.gateway()
-        c.gw_auth = c.gateway("gw-auth", "--api-key", "sekret")
+        c.worker("prefill", "p0", wait=False)  # these start side by side; wait_ready waits for them
+        c.worker("decode", "d0", wait=False)
+        c.gw = c.gateway(wait=False)
+        c.gw_auth = c.gateway("gw-auth", "--api-key", "sekret", wait=False)
         c.wait_ready(c.gw)
         c.wait_ready(c.gw_auth)
         c.model = os.path.basename(str(tiny_llama))
@@ -328,9 +328,9 @@ def test_kill_9_of_a_decode_worker_mid_stream_loses_and_duplicates_nothing(fresh
     live = fresh
     try:
         coord = live.coordinator()
-        live.worker("prefill", "p0")
-        d = {"d0": live.worker("decode", "d0"), "d1": live.worker("decode", "d1")}
-        gw = live.gateway()
+        live.worker("prefill", "p0", wait=False)
+        d = {"d0": live.worker("decode", "d0", wait=False), "d1": live.worker("decode", "d1", wait=False)}
+        gw = live.gateway(wait=False)
         live.wait_ready(gw)
         url = gw.info["url"]
         want = undisturbed(url, live.model, 300)
@@ -355,9 +355,9 @@ def test_on_one_prefill_and_one_decode_worker_kill_9_of_either_loses_nothing(fre
     live = fresh
     try:
         live.coordinator()
-        p0 = live.worker("prefill", "p0")
-        d0 = live.worker("decode", "d0")
-        gw = live.gateway()
+        p0 = live.worker("prefill", "p0", wait=False)
+        d0 = live.worker("decode", "d0", wait=False)
+        gw = live.gateway(wait=False)
         live.wait_ready(gw)
         url = gw.info["url"]
         want = undisturbed(url, live.model, 200)
@@ -406,10 +406,10 @@ def test_kill_9_of_a_prefill_worker_during_prefill_loses_nothing(fresh):
     live = fresh
     try:
         live.coordinator()
-        p0 = live.worker("prefill", "p0")
-        live.worker("prefill", "p1")
-        live.worker("decode", "d0")
-        gw = live.gateway()
+        p0 = live.worker("prefill", "p0", wait=False)
+        live.worker("prefill", "p1", wait=False)
+        live.worker("decode", "d0", wait=False)
+        gw = live.gateway(wait=False)
         live.wait_ready(gw)
         url = gw.info["url"]
         threads, want, errors = stream_all(url, live.model, MANY, 40)
@@ -458,9 +458,9 @@ def test_beyond_the_migration_limit_the_client_gets_a_clear_error(fresh):
     live = fresh
     try:
         live.coordinator()
-        live.worker("prefill", "p0")
-        d0 = live.worker("decode", "d0")
-        gw = live.gateway("gw-0", "--max-migrations", "0")
+        live.worker("prefill", "p0", wait=False)
+        d0 = live.worker("decode", "d0", wait=False)
+        gw = live.gateway("gw-0", "--max-migrations", "0", wait=False)
         live.wait_ready(gw)
         frozen = []
 
@@ -484,9 +484,9 @@ def test_sigterm_lets_in_flight_streams_finish_then_the_gateway_exits(fresh):
     live = fresh
     try:
         live.coordinator()
-        live.worker("prefill", "p0")
-        live.worker("decode", "d0")
-        gw = live.gateway()
+        live.worker("prefill", "p0", wait=False)
+        live.worker("decode", "d0", wait=False)
+        gw = live.gateway(wait=False)
         live.wait_ready(gw)
         signalled = []
 

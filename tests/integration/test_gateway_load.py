@@ -28,9 +28,9 @@ def test_200_streaming_clients_for_60_s_no_failures_and_flat_gateway_memory(tmp_
     live = LiveCluster(tmp_path, tiny_llama, worker_flags=("--kv-cache-memory", "16MiB", "--block-size", "16"))
     try:
         live.coordinator()
-        live.worker("prefill", "p0")
-        live.worker("decode", "d0")
-        gw = live.gateway()
+        live.worker("prefill", "p0", wait=False)
+        live.worker("decode", "d0", wait=False)
+        gw = live.gateway(wait=False)
         live.wait_ready(gw)
         url = gw.info["url"] + "/v1/completions"
         model = os.path.basename(str(tiny_llama))

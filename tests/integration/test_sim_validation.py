@@ -49,9 +49,9 @@ def live(tmp_path_factory):
     c = LiveCluster(tmp, model, worker_flags=("--kv-cache-memory", "8MiB", "--block-size", "4"))
     try:
         c.admin = c.coordinator("coord-0", "--policy", "slo").info["admin"]
-        c.worker("prefill", "p0")
-        c.worker("decode", "d0")
-        c.gw = c.gateway()
+        c.worker("prefill", "p0", wait=False)
+        c.worker("decode", "d0", wait=False)
+        c.gw = c.gateway(wait=False)
         c.wait_ready(c.gw)
         c.url, c.model = c.gw.info["url"], os.path.basename(str(model))
         args = types.SimpleNamespace(url=c.url, admin=c.admin, cluster="test", state_dir=None, reps=3)
