@@ -1,7 +1,9 @@
 """Prefill and decode workers as real processes on loopback: disaggregated output equals the
 single-process engine's, concurrent requests all complete, aborts and refusals free everything."""
 
+import functools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -18,7 +20,9 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 class Worker:
-    def __init__(self, model_dir, role, *extra):
+    def __init__(self, model_dir, role, *extra, wait: bool = True):
+        """`wait=False`: return at once (workers started so load side by side); `info` waits for the
+        ready line."""
         # stderr goes to a file, not a pipe: nobody reads it while the worker runs, and a full pipe
         # would block the worker (and its rank processes, which inherit it)
         import tempfile
@@ -26,10 +30,18 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--model",
                                       str(model_dir), "--block-size", "4", *extra],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(self.stderr())
-        self.info = json.loads(line)
+        self._info: dict | None = None
+        if wait:
+            _ = self.info
+
+    @property
+    def info(self) -> dict:
+        if self._info is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(self.stderr())
+            self._info = json.loads(line)
+        return self._info
 
     def stderr(self) -> str:
         with open(self.log.name, errors="replace") as f:
@@ -49,8 +61,8 @@ def spawn():
     """start(model_dir, role, *flags) -> Worker; every worker still running afterwards is killed."""
     started = []
 
-    def start(model_dir, role, *extra):
-        w = Worker(model_dir, role, *extra)
+    def start(model_dir, role, *extra, wait=True):
+        w = Worker(model_dir, role, *extra, wait=wait)
         started.append(w)
         return w
     yield start
@@ -58,11 +70,13 @@ def spawn():
         if w.proc.poll() is None:
             w.proc.kill()
             w.proc.wait(10)
+        w.log.close()
+        os.unlink(w.log.name)
 
 
 @pytest.fixture
 def cluster(spawn, tiny_llama):
-    return lambda role, *extra: spawn(tiny_llama, role, "--kv-cache-memory", "2MiB", *extra)
+    return lambda role, *extra, wait=True: spawn(tiny_llama, role, "--kv-cache-memory", "2MiB", *extra, wait=wait)
 
 
 def prompts(n, seed=0):
@@ -71,8 +85,14 @@ def prompts(n, seed=0):
 
 
 def reference(model_dir, ps, max_tokens):
-    eng = LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
-    return [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(max_tokens=max_tokens, **GREEDY))]
+    return [list(t) for t in _reference(str(model_dir), tuple(tuple(p) for p in ps), max_tokens)]
+
+
+@functools.lru_cache(maxsize=16)
+def _reference(model_dir, ps, max_tokens):  # the one-process run, once per prompts (parametrized tests share it)
+    eng = LLMEngine(EngineConfig(model_dir, cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+    out = eng.generate([list(p) for p in ps], SamplingParams(max_tokens=max_tokens, **GREEDY))
+    return tuple(tuple(r["outputs"][0]["token_ids"]) for r in out)
 
 
 def test_one_request_equals_the_single_process_engine(cluster, tiny_llama):
@@ -176,8 +196,8 @@ def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
 
 @pytest.mark.slow
 def test_smollm2_disaggregated_equals_one_process(spawn, smollm2_dir):
-    d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "32MiB")
-    p = spawn(smollm2_dir, "prefill", "--kv-cache-memory", "32MiB")
+    d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "32MiB", wait=False)  # they load while the
+    p = spawn(smollm2_dir, "prefill", "--kv-cache-memory", "32MiB", wait=False)  # reference runs
     eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=32 * 2**20)))
     tok = eng.tokenizer
     chats = ["What is the capital of France?", "Name three colors."]
@@ -203,15 +223,15 @@ def test_smollm2_disaggregated_equals_one_process(spawn, smollm2_dir):
                                              ((1, 1), (2, 1)), ((1, 1), (1, 2)), ((2, 1), (2, 2)),
                                              ((2, 2), (1, 2))])
 def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_shape, d_shape):
-    d = cluster("decode", "--tp", str(d_shape[0]), "--pp", str(d_shape[1]))
-    p = cluster("prefill", "--tp", str(p_shape[0]), "--pp", str(p_shape[1]))
-    assert len(d.info["kv_endpoints"]) == d_shape[0] * d_shape[1]
+    d = cluster("decode", "--tp", str(d_shape[0]), "--pp", str(d_shape[1]), wait=False)  # both load at once
+    p = cluster("prefill", "--tp", str(p_shape[0]), "--pp", str(p_shape[1]), wait=False)
     ps = prompts(4, seed=6)
+    want = reference(tiny_llama, ps, 12)
+    assert len(d.info["kv_endpoints"]) == d_shape[0] * d_shape[1]
     client = WorkerClient()
     for i, prompt in enumerate(ps):
         client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY), decode=d.info)
     client.collect(timeout=120)
-    want = reference(tiny_llama, ps, 12)
     for i in range(len(ps)):
         s = client.streams[f"r{i}"]
         assert s.error == "" and s.token_ids == want[i], (i, s.error, d.stderr(), p.stderr())
@@ -287,8 +307,8 @@ def test_a_dead_rank_takes_its_worker_down_and_out_of_the_registry(cluster, tiny
 
 @pytest.mark.slow
 def test_smollm2_tp3_prefill_to_pp2_decode(spawn, smollm2_dir):
-    d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "16MiB", "--pp", "2")
-    p = spawn(smollm2_dir, "prefill", "--kv-cache-memory", "16MiB", "--tp", "3")
+    d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "16MiB", "--pp", "2", wait=False)  # they load while
+    p = spawn(smollm2_dir, "prefill", "--kv-cache-memory", "16MiB", "--tp", "3", wait=False)  # the reference runs
     eng = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(block_size=4, kv_cache_memory=16 * 2**20)))
     tok = eng.tokenizer
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
