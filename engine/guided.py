@@ -203,7 +203,7 @@ def apply_disallowed(logits: torch.Tensor, disallowed: torch.Tensor, rows: list[
     if disallowed.shape[1] != v:  # logits wider (or narrower) than the mask: what it does not cover is out
         pad = torch.ones(disallowed.shape[0], max(v - disallowed.shape[1], 0), dtype=torch.bool)
         disallowed = torch.cat([disallowed, pad], dim=1)[:, :v]
-    d = disallowed.to(dev, non_blocking=True)
+    d = disallowed.to(dev)
     if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
         logits.masked_fill_(d, float("-inf"))
         return

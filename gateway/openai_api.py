@@ -79,10 +79,7 @@ def parse(body, chat: bool, tokenizer, served_models: set[str], max_model_len: i
     name = unsupported(req)
     if name is not None:
         raise _bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    if req.model not in served_models:
-        served = ", ".join(sorted(served_models))
-        raise ApiError(404, f"The model '{req.model:.200}' does not exist (served: {served})", "model",
-                       "model_not_found")
+    _served(req.model, served_models)
     tools = _tools(req, tokenizer) if chat else None
     guided = _tool_grammar(req, tools) if tools is not None and tools.mode != "none" else None
     guided = guided or _guided(req)
@@ -129,11 +126,27 @@ def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     return out
 
 
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's extensions
+
+
+def _response_schema(rf) -> dict | bool | None:
+    """The JSON schema a JSON response_format asks for (any object when it names none); None: text."""
+    if isinstance(rf, ResponseFormatJsonObject):
+        return grammar.ANY_OBJECT
+    if isinstance(rf, ResponseFormatJsonSchema):
+        return rf.json_schema.schema_ if rf.json_schema.schema_ is not None else grammar.ANY_OBJECT
+    return None
+
+
+def _response_param(rf) -> str:
+    named = isinstance(rf, ResponseFormatJsonSchema) and rf.json_schema.schema_ is not None
+    return "response_format.json_schema.schema" if named else "response_format"
+
+
 def _guided(req) -> str | None:
     """The one grammar the request's output must follow (engine/grammar.py), validated; None: free."""
     rf = req.response_format
-    given = [(name, v) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-             if (v := getattr(req, name)) is not None]
+    given = [(name, v) for name in GUIDED_FIELDS if (v := getattr(req, name)) is not None]
     if isinstance(rf, (ResponseFormatJsonObject, ResponseFormatJsonSchema)):
         given.insert(0, ("response_format", rf))
     if not given:
@@ -144,11 +157,8 @@ def _guided(req) -> str | None:
     name, v = given[0]
     try:
         if name == "response_format":
-            if isinstance(v, ResponseFormatJsonObject) or v.json_schema.schema_ is None:
-                g, name = grammar.json_schema(grammar.ANY_OBJECT, name), "response_format"
-            else:
-                name = "response_format.json_schema.schema"
-                g = grammar.json_schema(v.json_schema.schema_, name)
+            name = _response_param(v)
+            g = grammar.json_schema(_response_schema(v), name)
         elif name == "guided_json":
             g = grammar.json_schema(v, name)
         elif name == "guided_regex":
@@ -237,8 +247,7 @@ def _tools(req: ChatCompletionRequest | TokenizeChatRequest, tokenizer) -> _Tool
                 grammar.check(grammar.json_schema(f.parameters, param), param)
             except InvalidRequestError as e:
                 raise _bad(str(e), param) from None
-        defs.append({k: v for k, v in (("name", f.name), ("description", f.description),
-                                        ("parameters", f.parameters)) if v is not None})
+        defs.append({"name": f.name, "description": f.description, "parameters": f.parameters})
     names = [d["name"] for d in defs]
     if len(set(names)) != len(names):
         raise _bad("tool names must be unique", "tools")
@@ -249,6 +258,7 @@ def _tools(req: ChatCompletionRequest | TokenizeChatRequest, tokenizer) -> _Tool
             raise _bad(f"tool_choice names '{named[:64]}', which is not in 'tools'", "tool_choice")
     mode = "named" if named else (choice or "auto")
     template = getattr(tokenizer, "chat_template", None)
+    defs = toolcalls.function_list(defs)  # without the fields not given
     openai = [{"type": "function", "function": d} for d in defs]
     return _Tools(mode, toolcalls.detect(template), toolcalls.renders_tools(template), defs, openai, set(names),
                   named)
@@ -257,19 +267,16 @@ def _tools(req: ChatCompletionRequest | TokenizeChatRequest, tokenizer) -> _Tool
 def _tool_grammar(req: ChatCompletionRequest, tools: _Tools) -> str | None:
     """required / a named function: the format's calls, arguments per schema. auto with a JSON
     response_format: those calls or a JSON answer. Otherwise free (None)."""
-    rf = req.response_format
-    answer = None
-    if isinstance(rf, ResponseFormatJsonObject):
-        answer = grammar.ANY_OBJECT
-    elif isinstance(rf, ResponseFormatJsonSchema):
-        answer = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else grammar.ANY_OBJECT
-    others = [n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if getattr(req, n) is not None]
+    answer = _response_schema(req.response_format)
+    others = [n for n in GUIDED_FIELDS if getattr(req, n) is not None]
     if others:
         raise _bad(f"'{others[0]}' cannot be combined with 'tools' (use response_format)", others[0])
     if tools.mode == "auto" and answer is None:
         return None
     if tools.mode in ("required", "named"):
         answer = None  # this turn is a call; the answer's format applies to a later one
+    elif answer is not None:  # a bad answer schema is the response_format's fault, named so
+        _guided(req)
     chosen = [d for d in tools.defs if d["name"] == tools.named] if tools.named else tools.defs
     lark = tools.format.lark(chosen, req.parallel_tool_calls is not False and tools.mode != "named", answer)
     return grammar.check(grammar.lark(lark), "tools")

@@ -288,12 +288,13 @@ class Gateway:
         raw = await request.read()
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
 
     async def _tokenize(self, request: web.Request):
         body = await self._json_body(request)
-        return web.json_response(tokenize(body, self.tokenizer, self.served_models(), self.max_model_len))
+        return web.json_response(await asyncio.to_thread(tokenize, body, self.tokenizer, self.served_models(),
+                                                         self.max_model_len))
 
     async def _detokenize(self, request: web.Request):
         body = await self._json_body(request)
@@ -307,7 +308,9 @@ class Gateway:
         if not (0 < len(rid) <= 128 and rid.isprintable() and rid.isascii()):
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         body = await self._json_body(request)
-        api = parse(body, chat, self.tokenizer, self.served_models(), self.max_model_len, self.vocab_size)
+        # off the event loop: templates, tokenization and grammar checks (bounded, but milliseconds each)
+        api = await asyncio.to_thread(parse, body, chat, self.tokenizer, self.served_models(), self.max_model_len,
+                                      self.vocab_size)
         endpoint = "chat" if chat else "completions"
         gens = []
         base = f"{self.config.gateway_id}-{next(self._ids)}"
@@ -316,6 +319,8 @@ class Gateway:
                 params = api.params
                 if api.n > 1 and params.seed is not None:
                     params = msgspec.structs.replace(params, seed=params.seed + j)
+                if j > 0 and params.prompt_logprobs is not None and not api.stream:  # the first sample's serve
+                    params = msgspec.structs.replace(params, prompt_logprobs=None)
                 g = Generation(self, f"{base}-{pi * api.n + j}", prompt, params, api.model,
                                (api.ttft_ms, api.tpot_ms, api.slo_class or ""))
                 gens.append(g)
@@ -358,13 +363,15 @@ class Gateway:
         self.m_tokens.inc(len(g.tokens))
 
     @staticmethod
-    def _echoed(api: ApiRequest, g: Generation, token_ids: list[int], lps: list) -> tuple[list[int], list, int]:
-        """(token ids, logprobs, first offset) of a completion's logprobs: with echo, the prompt's lead
-        (its first token has none)."""
+    def _echoed(api: ApiRequest, gens: list[Generation], i: int, token_ids: list[int],
+                lps: list) -> tuple[list[int], list]:
+        """(token ids, logprobs) of choice i's completion logprobs: with echo, the prompt's lead (its
+        first token has none; a prompt's samples share its first sample's)."""
         if api.echo is None:
-            return token_ids, lps, 0
-        prompt_lps = g.prompt_logprobs or [None] * len(g.prompt)
-        return g.prompt + token_ids, list(prompt_lps) + list(lps), 0
+            return token_ids, lps
+        first = gens[i] if gens[i].prompt_logprobs is not None else gens[i - i % api.n]
+        prompt_lps = first.prompt_logprobs or [None] * len(first.prompt)
+        return first.prompt + token_ids, list(prompt_lps) + list(lps)
 
     def _finish(self, reason: str | None) -> str:
         return reason if reason in ("stop", "length") else "stop"
@@ -388,14 +395,15 @@ class Gateway:
             lp = None
             if api.logprobs is not None:
                 lp = chat_logprobs(self.tokenizer, g.tokens, g.logprobs) if api.chat else \
-                    completion_logprobs(self.tokenizer, *self._echoed(api, g, g.tokens, g.logprobs))
+                    completion_logprobs(self.tokenizer, *self._echoed(api, gens, i, g.tokens, g.logprobs))
             if api.chat:
                 message, reason = {"role": "assistant", "content": g.text}, self._finish(g.finish_reason)
                 if api.tool_format is not None:
                     content, calls = toolcalls.parse(api.tool_format, g.text, api.tool_names)
                     message["content"] = content
                     if calls:
-                        message["tool_calls"], reason = calls, "tool_calls"
+                        message["tool_calls"] = calls
+                        reason = "tool_calls" if reason == "stop" else reason
                 choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": reason}
             else:
                 text = g.text if api.echo is None else api.echo[i // api.n] + g.text
@@ -468,7 +476,7 @@ class Gateway:
                 if api.chat:
                     lp = chat_logprobs(self.tokenizer, d.token_ids, d.logprobs)
                 elif lead:  # the first event of an echo: the prompt's logprobs lead
-                    lp = completion_logprobs(self.tokenizer, *self._echoed(api, gens[i], d.token_ids, d.logprobs))
+                    lp = completion_logprobs(self.tokenizer, *self._echoed(api, gens, i, d.token_ids, d.logprobs))
                 else:
                     lp = completion_logprobs(self.tokenizer, d.token_ids, d.logprobs, offsets[i])
             offsets[i] += len(text)
@@ -478,7 +486,7 @@ class Gateway:
                 delta = {"content": content} if content else {}
                 if tool_deltas:
                     delta["tool_calls"] = tool_deltas
-                if fin is not None and calls[i].calls:
+                if fin == "stop" and calls[i].calls:
                     fin = "tool_calls"
                 if not delta and fin is None and lp is None:
                     return  # held back (a possible call marker): nothing to say yet

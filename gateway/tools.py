@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 from engine import grammar
 
-NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-
 
 @dataclass(frozen=True)
 class ToolFormat:
@@ -49,10 +47,15 @@ class ToolFormat:
                     "required": ["name", self.args_key], "additionalProperties": False} for t in tools]
         call = {"anyOf": options} if len(options) > 1 else options[0]
         call["x-guidance"] = grammar.JSON_OPTIONS
-        more = f" ({json.dumps(self.sep)} call)*" if parallel and self.parallel else ""
+        parts = [json.dumps(self.open)] if self.open else []
+        parts.append("call")
+        if parallel and self.parallel:
+            parts.append(f"({json.dumps(self.sep)} call)*")
+        if self.close:
+            parts.append(json.dumps(self.close))
         text = (f"start: calls{' | answer' if answer is not None else ''}\n"
-                f"calls: {json.dumps(self.open)} call{more} {json.dumps(self.close)}\n"
-                f"call: %json {json.dumps(call)}\n").replace('"" ', "").replace(' ""', "")
+                f"calls: {' '.join(parts)}\n"
+                f"call: %json {json.dumps(call)}\n")
         if answer is not None:
             schema = {**answer, "x-guidance": grammar.JSON_OPTIONS} if isinstance(answer, dict) else answer
             text += f"answer: %json {json.dumps(schema)}\n"
@@ -64,7 +67,6 @@ HERMES = ToolFormat("hermes", "<tool_call>", "arguments", "<tool_call>\n", "\n</
                     "\n</tool_call>")
 MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", "arguments", "[TOOL_CALLS][", ", ", "]")
 LLAMA3 = ToolFormat("llama3", "", "parameters", "", "; ", "")
-FORMATS = {f.name: f for f in (SMOLLM2, HERMES, MISTRAL, LLAMA3)}
 
 
 def detect(template: str | None) -> ToolFormat:
@@ -92,12 +94,13 @@ If no function fits, answer in plain text."""
 
 
 def function_list(tools: list[dict]) -> list[dict]:
+    """Functions as the prompt shows them: name, description and parameters, those given."""
     return [{k: v for k, v in (("name", t["name"]), ("description", t.get("description")),
                                 ("parameters", t.get("parameters"))) if v is not None} for t in tools]
 
 
 def render(messages: list[dict], tools: list[dict] | None, fmt: ToolFormat, native: bool) -> list[dict]:
-    """Chat messages (OpenAI's, checked) as the chat template takes them. `native`: the template renders
+    """`tools`: function_list()'s. Chat messages (OpenAI's, checked) as the chat template takes them. `native`: the template renders
     tools, tool calls and tool results itself (Hugging Face's conventions: a call's arguments as an
     object). Otherwise they are written into the messages in SmolLM2's layout."""
     out = []
@@ -120,7 +123,7 @@ def render(messages: list[dict], tools: list[dict] | None, fmt: ToolFormat, nati
             content = (content + "\n" if content else "") + f"<tool_call>{json.dumps(listed)}</tool_call>"
         out.append({"role": m["role"], "content": content})
     if tools and not native:
-        text = SYSTEM.format(tools=json.dumps(function_list(tools)))
+        text = SYSTEM.format(tools=json.dumps(tools))
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
         else:
@@ -136,18 +139,15 @@ def _args_object(arguments: str):
 
 
 # ---- reading calls back ------------------------------------------------------------------------------
+_STRING_END = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # a string's rest after its opening quote
+_STRUCTURE = re.compile(r'["{}\[\]]')  # what a nested value's depth can change at
+
+
 def _skip_string(s: str, i: int) -> int | None:
-    """s[i] is '"': the index after the closing quote, or None if the string is not closed yet."""
-    i += 1
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            return i + 1
-        i += 1
-    return None
+    """s[i] is '"': the index after the closing quote, or None if the string is not closed yet.
+    (Regular expressions walk the text: a streamed call's text is scanned again at every delta.)"""
+    m = _STRING_END.match(s, i + 1)
+    return m.end() if m else None
 
 
 def _skip_value(s: str, i: int) -> int | None:
@@ -162,7 +162,11 @@ def _skip_value(s: str, i: int) -> int | None:
         return _skip_string(s, i)
     if c in "{[":
         depth = 0
-        while i < n:
+        while True:
+            m = _STRUCTURE.search(s, i)
+            if m is None:
+                return None
+            i = m.start()
             c = s[i]
             if c == '"':
                 j = _skip_string(s, i)
@@ -170,18 +174,42 @@ def _skip_value(s: str, i: int) -> int | None:
                     return None
                 i = j
                 continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return i + 1
+            depth += 1 if c in "{[" else -1
+            if depth == 0:
+                return i + 1
             i += 1
-        return None
     j = i
     while j < n and s[j] not in ",}] \t\r\n":
         j += 1
     return j if j < n else None  # a number or literal may go on until something follows it
+
+
+def _depth(text: str, state) -> tuple[int, bool, bool]:
+    """The nesting of an object or array value after `text` more of it: (depth, in a string, the next
+    character escaped), from `state` (None: its start). Depth 0 after its first bracket: it closed."""
+    depth, in_str, esc = state or (0, False, False)
+    escaped_at = 0 if esc else -1  # the one position a backslash escapes
+    for m in _TOKEN.finditer(text):
+        p, c = m.start(), m.group()
+        if in_str:
+            if p == escaped_at:
+                continue
+            if c == "\\":
+                escaped_at = p + 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return (0, False, False)
+    return (depth, in_str, escaped_at == len(text))
+
+
+_TOKEN = re.compile(r'["\\{}\[\]]')
 
 
 @dataclass
@@ -191,6 +219,7 @@ class _Call:
     done: bool  # the call object is complete
     start: int
     end: int | None
+    args_at: int | None = None  # where an object or array argument value starts, while it is open
 
 
 def _scan_object(s: str, i: int, args_key: str) -> _Call:
@@ -236,6 +265,8 @@ def _scan_object(s: str, i: int, args_key: str) -> _Call:
                 call.args = _args_text(raw) if end is not None else ""
             else:
                 call.args = raw
+                if end is None and raw[:1] in ("{", "["):
+                    call.args_at = k
         if end is None:
             return call
         j = end
@@ -249,10 +280,10 @@ def _args_text(raw: str) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def scan(region: str, args_key: str) -> list[_Call]:
-    """The call objects in the text after the format's start marker, complete or not: each top-level
-    JSON object in turn, whatever separates them (list brackets, commas, tags, newlines)."""
-    calls, i = [], 0
+def scan(region: str, args_key: str, i: int = 0) -> list[_Call]:
+    """The call objects in the text after the format's start marker (from `i` on), complete or not:
+    each top-level JSON object in turn, whatever separates them (list brackets, commas, tags, newlines)."""
+    calls = []
     while True:
         i = region.find("{", i)
         if i == -1:
@@ -319,6 +350,9 @@ class ToolStream:
         self.emitted = 0  # characters of text sent as content
         self.region: int | None = None  # where the calls' text starts
         self.sent: list[list] = []  # per call: [id, name, arguments sent]
+        self.done_calls = 0  # calls complete and sent in full
+        self.scan_from = 0  # where in the region the first call not complete starts
+        self._open: tuple[int, int, tuple] | None = None  # (call, where its open arguments start, depth)
 
     @property
     def calls(self) -> int:
@@ -327,7 +361,7 @@ class ToolStream:
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict]]:
         self.text += delta
         if self.region is None:
-            self.region = self._find()
+            self.region = _region_start(self.fmt, self.text)
             if self.region is None:
                 upto = len(self.text) if final else len(self.text) - self._held()
                 out, self.emitted = self.text[self.emitted:upto], max(self.emitted, upto)
@@ -337,8 +371,20 @@ class ToolStream:
         if marker_at > self.emitted:
             content, self.emitted = self.text[self.emitted:marker_at].rstrip() if not self.sent else "", marker_at
         deltas = []
-        found = scan(self.text[self.region:], self.fmt.args_key)
-        for idx, c in enumerate(found):
+        if self._open is not None:  # a call's arguments are still open: follow only the new text
+            idx, at, depth = self._open
+            depth = _depth(delta, depth)
+            if depth[0] > 0:
+                self._open = (idx, at, depth)
+                args = self.text[self.region + at:]
+                sent = self.sent[idx][2]
+                if len(args) > sent:
+                    deltas.append({"index": idx, "function": {"arguments": args[sent:]}})
+                    self.sent[idx][2] = len(args)
+                return content, deltas
+            self._open = None  # closed: read the call whole once more
+        found = scan(self.text[self.region:], self.fmt.args_key, self.scan_from)
+        for idx, c in enumerate(found, start=self.done_calls):
             if c.name is None or (self.names is not None and c.name not in self.names):
                 break
             if idx == len(self.sent):
@@ -352,19 +398,14 @@ class ToolStream:
             if len(args) > sent:
                 deltas.append({"index": idx, "function": {"arguments": args[sent:]}})
                 self.sent[idx][2] = len(args)
+            if c.done:  # never read again
+                self.done_calls, self.scan_from = idx + 1, c.end
+            elif c.args_at is not None and not final:
+                self._open = (idx, c.args_at, _depth(self.text[self.region + c.args_at:], None))
         if final and not self.sent:  # no call could be read: it was text after all
             content += self.text[self.emitted:]
             self.emitted = len(self.text)
         return content, deltas
-
-    def _find(self) -> int | None:
-        if self.fmt.start:
-            k = self.text.find(self.fmt.start)
-            return None if k == -1 else k + len(self.fmt.start)
-        stripped = self.text.lstrip()
-        if not stripped:
-            return None
-        return _region_start(self.fmt, self.text)
 
     def _held(self) -> int:
         """Trailing characters that could still begin the marker."""

@@ -195,8 +195,9 @@ def test_bad_input_gets_an_openai_error_and_breaks_nothing(live):
     for body, status, param in BAD_CHAT:
         body = {k: (live.model if v == "M" else v) for k, v in body.items()}
         _check_error(*post_json(url + "/v1/chat/completions", body)[:2], status, param, body)
-    for raw in (b"{not json", b'{"model": "\xff\xfe"}', b"[1, 2]", b"null", b""):
-        _check_error(*post_json(url + "/v1/completions", raw)[:2], 400, None, raw)
+    for raw in (b"{not json", b'{"model": "\xff\xfe"}', b"[1, 2]", b"null", b"", b"[" * 100_000 + b"]" * 100_000):
+        for path in ("/v1/completions", "/tokenize"):
+            _check_error(*post_json(url + path, raw)[:2], 400, None, raw[:20])
     status, body, _ = post_json(url + "/v1/completions", b'{"prompt": "' + b"x" * (5 << 20) + b'"}')
     _check_error(status, body, 413, None, "huge body")
     status, body, _ = post_json(url + "/v1/nothing-here", {})

@@ -240,3 +240,16 @@ def test_messages_say_what_is_wrong():
     assert (e.status, e.param, e.code) == (404, "model", "model_not_found")
     for body in ([1], None, "x"):
         assert error(parse, body, False, Tok(), {"m"}, MAX_LEN, VOCAB).param is None
+
+
+def test_tool_schemas_with_empty_strings_and_bad_answer_schemas():
+    tool = {"type": "function", "function": {"name": "f", "description": "", "parameters": {
+        "type": "object", "properties": {"mode": {"enum": ["a", ""], "default": ""}}, "required": ["mode"]}}}
+    msgs = [{"role": "user", "content": "x"}]
+    r = parse({"model": "m", "messages": msgs, "tools": [tool], "tool_choice": "required"}, True, Tok(), {"m"},
+              4096, VOCAB)
+    assert r.params.guided  # the empty strings stay in the embedded schema: it compiles
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    e = error(parse, {"model": "m", "messages": msgs, "tools": [tool], "response_format": bad}, True, Tok(), {"m"},
+              4096, VOCAB)
+    assert e.param == "response_format.json_schema.schema"

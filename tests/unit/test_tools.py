@@ -189,3 +189,14 @@ def test_a_template_that_renders_tools_gets_them_and_reads_back_hermes(tmp_path)
     assert '<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>' in text
     assert "You can call functions" not in text  # not SmolLM2's layout
     assert r.tool_format is HERMES
+
+
+@pytest.mark.parametrize("fmt", [SMOLLM2, HERMES])
+@pytest.mark.parametrize("step", [1, 5, 17])
+def test_long_arguments_with_escapes_and_brackets_in_strings_stream_whole(fmt, step):
+    """A call's open arguments are followed through the new text only (not read again per delta): their
+    brackets inside strings, escaped quotes and backslashes split across deltas must not end them."""
+    args = {"text": 'wo\\"rd{[ ' * 200, "nested": {"a": [1, 2, {"b": 'x"y\\'}]}}
+    calls = [("get_weather", args), ("get_time", {"z": "}"})]
+    content, deltas = stream(fmt, output(fmt, calls), step)
+    assert [(c["name"], json.loads(c["arguments"])) for c in assemble(deltas)] == calls and content == ""
