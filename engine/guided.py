@@ -177,10 +177,6 @@ class GuidedDecoder:
         self.wait_s += time.perf_counter() - t0
         apply_disallowed(logits, disallowed, rows)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-
 
 def _bit(i: int) -> int:
     """Bit i of an int32 word, as a Python int that fits int32 (bit 31 is the sign)."""
@@ -209,8 +205,3 @@ def apply_disallowed(logits: torch.Tensor, disallowed: torch.Tensor, rows: list[
         return
     idx = torch.tensor(rows, dtype=torch.long, device=dev)
     logits[idx] = logits[idx].masked_fill(d, float("-inf"))
-
-
-def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> None:
-    """logits[rows[j], t] = -inf where bit t of mask[j] (a CPU llguidance bitmask) is 0."""
-    apply_disallowed(logits, unpack(mask, logits.shape[1]), rows)

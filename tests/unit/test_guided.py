@@ -10,7 +10,7 @@ import torch
 
 from engine import grammar
 from engine.errors import InvalidRequestError
-from engine.guided import GuidedDecoder, apply_bitmask, apply_disallowed
+from engine.guided import GuidedDecoder, apply_disallowed, unpack
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -137,7 +137,7 @@ def test_a_refused_token_leaves_only_the_end(tok, decoder):
     assert allowed(decoder, seq) == {tok.eos_token_id}
 
 
-def test_apply_bitmask_matches_the_bits_and_blocks_logits_past_the_vocabulary():
+def test_unpacked_masks_match_the_bits_and_block_logits_past_the_vocabulary():
     torch.manual_seed(0)
     vocab, width = 70, 75  # logits wider than the tokenizer's vocabulary
     bits = torch.rand(2, vocab) < 0.5
@@ -148,7 +148,7 @@ def test_apply_bitmask_matches_the_bits_and_blocks_logits_past_the_vocabulary():
                 mask[r, t // 32] |= (-(1 << 31) if t % 32 == 31 else 1 << (t % 32))
     logits = torch.randn(3, width)
     before = logits.clone()
-    apply_bitmask(logits, mask, [0, 2])
+    apply_disallowed(logits, unpack(mask, width), [0, 2])
     assert torch.equal(logits[1], before[1])
     for j, r in ((0, 0), (1, 2)):
         for t in range(width):
