@@ -271,7 +271,7 @@ class DeviceConfig:
             raise ValueError(f"num_threads = {self.num_threads!r} must be positive")
 
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     # engine/layers/quantization.py
-    quantization: str = option("none", "weight quantization of linear layers (int8: weight-only, per channel)",
+    quantization: str = option("none", "weight quantization of linear layers at load (int8: weight-only, per "
+                               "channel; q8_0, q4_0: GGUF's block formats); a GGUF model's weights stay as stored",
                                choices=QUANTIZATIONS)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
@@ -348,3 +349,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization = {self.quantization!r} must be one of {QUANTIZATIONS}")
+        from engine.gguf import gguf_file
+        if self.quantization != "none" and gguf_file(self.model) is not None:
+            raise ValueError(f"quantization = {self.quantization!r}: model {self.model!r} is a GGUF file, whose "
+                             f"weights are served in the formats it stores (quantization = 'none')")

@@ -1,8 +1,10 @@
-"""Load a Hugging Face checkpoint directory's safetensors into a (possibly sharded) model.
+"""Load a model directory's weights into a (possibly sharded) model: a Hugging Face checkpoint's
+safetensors, or the GGUF file a GGUF model directory links (engine/gguf.py).
 
-Files are memory-mapped (`safe_open`); each parameter's `weight_loader` reads only this rank's slice
-through a lazy slice, so a TP rank never materialises the whole tensor and a PP stage skips the
-layers it does not hold.
+Safetensors files are memory-mapped (`safe_open`); each parameter's `weight_loader` reads only this
+rank's slice through a lazy slice, so a TP rank never materialises the whole tensor and a PP stage
+skips the layers it does not hold. GGUF weights keep their block formats (`place_gguf`: this rank's
+rows, or its columns where they are whole blocks).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ModelConfigError
+from engine.gguf import gguf_file, open_gguf, tensors
 from engine.layers.linear import materialize
+from engine.layers.quantization import finish_gguf, gguf_placeable, place_gguf
 from engine.model import LlamaForCausalLM
 
 # checkpoint name suffix -> (our parameter suffix, shard id)
@@ -50,6 +54,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     model_dir = Path(model_dir)
+    if (gguf := gguf_file(model_dir)) is not None:
+        return load_gguf_weights(model, gguf)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for file in safetensors_files(model_dir):
@@ -57,7 +63,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
             for name in f.keys():
                 if _IGNORED.search(name):
                     continue
-                target = _map_name(model, name)
+                target = map_name(model, name)
                 if target is None:
                     continue  # another pipeline stage's tensor
                 pname, shard = target
@@ -71,13 +77,50 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
                 except ValueError as e:
                     raise ModelConfigError(f"{file}: tensor {name!r}: {e}") from None
                 loaded.add(f"{pname}:{shard}")
-    expected = set()
-    for pname in params:
-        for shard in _shards_of(pname):
-            expected.add(f"{pname}:{shard}")
+    check_all_loaded(model, loaded, model_dir)
+
+
+def load_gguf_weights(model, gguf_path: str | Path) -> None:
+    """The GGUF file's tensors into `model` (this rank's part): weights of linear layers, the embedding
+    and the LM head kept in their block formats where the CPU kernel takes them, the rest dequantized
+    into the parameters' dtype."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    gguf_path = Path(gguf_path)
+    reader = open_gguf(gguf_path)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    for name, qtype, data, shape in tensors(reader):
+        target = map_name(model, name)
+        if target is None:
+            continue  # another pipeline stage's tensor
+        pname, shard = target
+        param = params.get(pname)
+        if param is None:
+            raise ModelConfigError(f"{gguf_path}: tensor {name!r} has no place in the model ({model.cfg.architecture})")
+        owner = modules[pname.rsplit(".", 1)[0]]
+        try:
+            if len(shape) == 2 and gguf_placeable(owner, param, shard, qtype.name, shape[1]):
+                raw = np.array(data).view(np.uint8).reshape(shape[0], -1)  # F16 / BF16 rows as bytes too
+                place_gguf(owner, shard, qtype.name, torch.from_numpy(raw), shape)
+            else:
+                dense = dequantize(data, qtype).astype(np.float32).reshape(shape)
+                getattr(param, "weight_loader", default_weight_loader)(param, torch.from_numpy(dense), shard)
+        except ValueError as e:
+            raise ModelConfigError(f"{gguf_path}: tensor {name!r}: {e}") from None
+        loaded.add(f"{pname}:{shard}")
+    check_all_loaded(model, loaded, gguf_path)
+    finish_gguf(model)
+
+
+def check_all_loaded(model, loaded: set[str], source) -> None:
+    """Raises ModelConfigError naming the parameters (`name:shard`) that `loaded` lacks."""
+    expected = {f"{pname}:{shard}" for pname, _ in model.named_parameters() for shard in _shards_of(pname)}
     missing = sorted(expected - loaded)
     if missing:
-        raise ModelConfigError(f"{model_dir}: checkpoint lacks tensors for {missing[:8]}"
+        raise ModelConfigError(f"{source}: checkpoint lacks tensors for {missing[:8]}"
                                f"{' ...' if len(missing) > 8 else ''}")
 
 
@@ -96,7 +139,9 @@ def _shards_of(pname: str):
     return (None,)
 
 
-def _map_name(model: LlamaForCausalLM, name: str):
+def map_name(model: LlamaForCausalLM, name: str):
+    """(our parameter name, shard id) of checkpoint tensor `name`; None where this stage does not hold
+    it; (name, None) for a name we do not know (the caller reports it)."""
     cfg = model.cfg
     if name == "model.embed_tokens.weight":
         if model.embed_tokens is not None:

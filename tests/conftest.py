@@ -36,6 +36,14 @@ def tiny_qwen2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The default model, fetched and converted once (cached under TANDEM_CACHE_DIR)."""
+    """The default model as it is served: its GGUF, fetched once (cached under TANDEM_CACHE_DIR)."""
     from engine.model_store import pull_default
     return pull_default(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_dir):
+    """The default model converted to a plain fp32 Hugging Face checkpoint (the same numbers), for
+    transformers."""
+    from engine.model_store import hf_copy
+    return hf_copy(progress=False)

@@ -128,3 +128,100 @@ def check_cpu_kernel(name: str) -> None:
         pytest.skip(f"no C compiler here: CPU kernel {name} is not built")
     pytest.fail(f"CPU kernel {name} did not build though a C compiler is here ({cc}): "
                 f"{kernels.build_error(name)}", pytrace=False)
+
+
+def random_gguf_rows(qtype: str, n: int, k: int, rng, std: float = 0.15):
+    """n rows of k random weights in ggml type `qtype`, as raw blocks ([n, row bytes] uint8): Q8_0, Q4_0
+    and Q4_1 quantized from normal weights by gguf's quantizer; the K-quants (which it cannot make)
+    random blocks with scales that give weights of about `std`."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
+
+    t = GGMLQuantizationType[qtype]
+    if qtype in ("Q8_0", "Q4_0", "Q4_1", "F16", "BF16"):
+        raw = quantize(rng.normal(0, std, size=(n, k)).astype(np.float32), t)
+        return raw.view(np.uint8).reshape(n, -1)  # F16 / BF16 come as 16-bit numbers
+    bs, tb = GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, size=(n, k // bs, tb), dtype=np.uint8)
+
+    def put(offset, lo, hi):
+        raw[:, :, offset:offset + 2] = rng.uniform(lo, hi, size=raw.shape[:2] + (1,)).astype(np.float16) \
+            .view(np.uint8).reshape(*raw.shape[:2], 2)
+
+    if qtype == "Q6_K":
+        put(208, std / 1500, std / 500)  # d * int8 scale * (q - 32)
+    else:  # Q4_K, Q5_K: d * 6-bit scale * q - dmin * 6-bit min
+        big = 2 if qtype == "Q4_K" else 1
+        put(0, big * std / 400, big * std / 200)
+        put(2, std / 100, std / 50)
+    return raw.reshape(n, -1)
+
+
+def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int = 256, intermediate: int = 512,
+                   layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = False) -> Path:
+    """A random-weight Llama as a llama.cpp GGUF file, with the byte tokenizer; `types` maps GGUF tensor
+    kinds (`attn_q`, `attn_k`, `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`, `token_embd`,
+    `output`) to ggml types (default Q8_0). Q and K rows are permuted as llama.cpp's converter does."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from tokenizers import Tokenizer
+
+    tdir = path.parent / (path.stem + "-tokenizer")
+    write_byte_tokenizer(tdir)
+    tj = json.loads((tdir / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert len(tokens) == len(Tokenizer.from_file(str(tdir / "tokenizer.json")).get_vocab())
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_chat_template(CHAT_TEMPLATE)
+    head_dim = hidden // heads
+
+    def permute(rows, n_head):  # llama.cpp's convert-time permutation of Q/K rows
+        return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, -1).swapaxes(1, 2).reshape(rows.shape)
+
+    def tensor(name, kind, n, k):
+        qtype = types.get(kind, "Q8_0")
+        rows = random_gguf_rows(qtype, n, k, rng)
+        if kind == "attn_q":
+            rows = permute(rows, heads)
+        elif kind == "attn_k":
+            rows = permute(rows, kv_heads)
+        w.add_tensor(name, np.ascontiguousarray(rows), raw_dtype=GGMLQuantizationType[qtype])
+
+    tensor("token_embd.weight", "token_embd", len(tokens), hidden)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.uniform(0.8, 1.2, hidden).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", rng.uniform(0.8, 1.2, hidden).astype(np.float32))
+        tensor(f"blk.{i}.attn_q.weight", "attn_q", heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_k.weight", "attn_k", kv_heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_v.weight", "attn_v", kv_heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_output.weight", "attn_output", hidden, heads * head_dim)
+        tensor(f"blk.{i}.ffn_gate.weight", "ffn_gate", intermediate, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", "ffn_up", intermediate, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", "ffn_down", hidden, intermediate)
+    w.add_tensor("output_norm.weight", rng.uniform(0.8, 1.2, hidden).astype(np.float32))
+    if not tie:
+        tensor("output.weight", "output", len(tokens), hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

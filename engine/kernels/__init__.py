@@ -79,16 +79,35 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(name: str, src: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+# x86 levels a kernel may be built for besides the CPU at hand (`-march=native`): kernels whose source
+# is ISA-neutral are built once per level this CPU runs and picked at run time (`isa_levels`)
+_X86_LEVELS = {
+    "avx512": ("x86-64-v4", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c")),
+    "avx2": ("x86-64-v3", ("avx2", "fma", "f16c", "bmi2")),
+    "generic": ("x86-64", ()),
+}
+
+
+def isa_levels() -> list[str]:
+    """The ISA levels this CPU runs, best first: `avx512`, `avx2`, `generic` on x86-64; `native`
+    elsewhere (the compiler's own target)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["native"]
+    have = set(_cpu_flags().split())
+    return [name for name, (_, need) in _X86_LEVELS.items() if all(f in have for f in need)]
+
+
+def _build(name: str, src: Path, isa: str = "native") -> Path:
     cc = compiler()
     if cc is None:
         where = f"$CC = {os.environ['CC']!r} is not found" if os.environ.get("CC") else "no cc/gcc on PATH"
         raise RuntimeError(f"no C compiler ({where})")
     version = _compiler_version(cc)
-    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    march = ["-march=native"] if isa == "native" else [f"-march={_X86_LEVELS[isa][0]}", "-mtune=generic"]
+    flags = ["-O3", *march, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
     headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what the source may include
     key = hashlib.sha256("\0".join([src.read_text(), *headers, version, " ".join(flags), _cpu_flags()]).encode())
-    out = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    out = _cache_dir() / f"{name}{'' if isa == 'native' else '-' + isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,21 +125,22 @@ def _build(name: str, src: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     return out
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The built library `name` (from `name.c` here), or None where kernels are off or cannot be
-    built. Built and loaded once per process."""
+def load(name: str, isa: str = "native") -> ctypes.CDLL | None:
+    """The built library `name` (from `name.c` here) for ISA level `isa` (`native`: the CPU at hand),
+    or None where kernels are off or cannot be built. Built and loaded once per process."""
+    key = name if isa == "native" else f"{name}:{isa}"
     with _lock:
-        if name in _loaded:
-            return _loaded[name]
+        if key in _loaded:
+            return _loaded[key]
         lib = None
-        _errors.pop(name, None)
+        _errors.pop(key, None)
         if enabled(name):
             try:
-                lib = ctypes.CDLL(str(_build(name, _HERE / f"{name}.c")))
+                lib = ctypes.CDLL(str(_build(name, _HERE / f"{name}.c", isa)))
             except Exception as e:  # no compiler, a compile error, a read-only cache
-                log.warning("CPU kernel %s unavailable, using torch's instead: %s", name, e)
-                _errors[name] = f"{type(e).__name__}: {e}"
-        _loaded[name] = lib
+                log.warning("CPU kernel %s unavailable, using torch's instead: %s", key, e)
+                _errors[key] = f"{type(e).__name__}: {e}"
+        _loaded[key] = lib
         return lib
 
 
@@ -205,6 +225,92 @@ class Int8Linear:
 def int8_linear() -> Int8Linear | None:
     """The int8 linear kernel, or None where kernels are off or cannot be built here."""
     return _wrapped("int8_linear", Int8Linear)
+
+
+# ggml's type numbers of the formats engine/kernels/gguf_linear.c multiplies
+GGUF_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
+
+
+class GGUFLinear:
+    """engine/kernels/gguf_linear.c: y = x @ w.T for fp32 rows x and a weight kept in a GGUF block format
+    ([N, row_bytes] uint8, rows as the file stores them); `dequantize` gives the fp32 weight."""
+
+    def __init__(self, lib: ctypes.CDLL, isa: str):
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self.isa = isa
+        self._fn = lib.tandem_gguf_linear
+        self._fn.restype = c_int
+        self._fn.argtypes = [c_int, ptr, i64, i64, i64, ptr, i64, ptr, i64, c_int]
+        self._dequant = lib.tandem_gguf_dequant
+        self._dequant.restype = c_int
+        self._dequant.argtypes = [c_int, ptr, i64, i64, ptr, c_int]
+        self._row_bytes = lib.tandem_gguf_row_bytes
+        self._row_bytes.restype = i64
+        self._row_bytes.argtypes = [c_int, i64]
+        self.max_rows = lib.tandem_gguf_max_rows()  # input rows that share one decode of a weight block
+
+    def row_bytes(self, qtype: int, k: int) -> int:
+        """Bytes of a row of k weights of ggml type `qtype`; 0 where the kernel does not take them."""
+        return self._row_bytes(qtype, k)
+
+    def _check(self, fn: str, qtype: int, w, k: int) -> int:
+        rb = self._row_bytes(qtype, k)
+        if rb == 0:
+            raise ValueError(f"{fn}: ggml type {qtype} with {k} columns is not supported")
+        _check_dtype(fn, "w", w, torch.uint8)
+        _check_contiguous(fn, "w", w)
+        if w.dim() != 2 or w.shape[1] != rb:
+            raise ValueError(f"{fn}: w must be [N, {rb}] bytes, got {tuple(w.shape)}")
+        return w.shape[0]
+
+    def __call__(self, qtype: int, x, w, num_threads: int, out=None):
+        """x: fp32 [M, K] (rows may be strided, elements contiguous); w: [N, row_bytes] -> fp32 [M, N]
+        (into `out`, an fp32 [M, N] view with contiguous rows, where given)."""
+        M, K = x.shape
+        n = self._check("gguf_linear", qtype, w, K)
+        _check_dtype("gguf_linear", "x", x, torch.float32)
+        _check_stride("gguf_linear", "x", x, 1, 1)
+        if out is None:
+            out = torch.empty(M, n, dtype=torch.float32)
+        else:
+            _check_shape("gguf_linear", "out", out, (M, n))
+            _check_dtype("gguf_linear", "out", out, torch.float32)
+            _check_stride("gguf_linear", "out", out, 1, 1)
+        rc = self._fn(qtype, x.data_ptr(), M, K, x.stride(0), w.data_ptr(), n, out.data_ptr(), out.stride(0),
+                      num_threads)
+        if rc == -1:
+            raise MemoryError("gguf_linear: out of memory")
+        return out
+
+    def dequantize(self, qtype: int, w, k: int, num_threads: int = 1, out=None):
+        """w: [N, row_bytes] -> fp32 [N, k], the numbers gguf's numpy dequantizer gives."""
+        n = self._check("gguf_dequant", qtype, w, k)
+        if out is None:
+            out = torch.empty(n, k, dtype=torch.float32)
+        else:
+            _check_shape("gguf_dequant", "out", out, (n, k))
+            _check_dtype("gguf_dequant", "out", out, torch.float32)
+            _check_contiguous("gguf_dequant", "out", out)
+        self._dequant(qtype, w.data_ptr(), n, k, out.data_ptr(), num_threads)
+        return out
+
+
+def gguf_linear(isa: str | None = None) -> GGUFLinear | None:
+    """The GGUF linear kernel built for `isa` (default: `TANDEM_GGUF_ISA` where set, else the best level
+    this CPU runs), or None where kernels are off or cannot be built here."""
+    if isa is None:
+        if (kern := _wrappers.get("gguf_linear")) is not None or "gguf_linear" in _wrappers:
+            return kern  # the default, decided once per process
+        isa = os.environ.get("TANDEM_GGUF_ISA") or isa_levels()[0]
+        _wrappers["gguf_linear"] = kern = gguf_linear(isa)
+        return kern
+    if isa != "native" and isa not in _X86_LEVELS:
+        raise ValueError(f"ISA level {isa!r} is not one of {['native', *_X86_LEVELS]}")
+    key = f"gguf_linear:{isa}"
+    if key not in _wrappers:
+        lib = load("gguf_linear", isa)
+        _wrappers[key] = GGUFLinear(lib, isa) if lib is not None else None
+    return _wrappers[key]
 
 
 class DecodeAttention:
@@ -361,3 +467,4 @@ def load_all() -> None:
     int8_linear()
     decode_attention()
     elementwise()
+    gguf_linear()

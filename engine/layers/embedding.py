@@ -18,9 +18,11 @@ class VocabParallelEmbedding(nn.Module):
         self.ctx = ctx
         self.vocab_size = vocab_size
         self.vocab_start, self.vocab_end = split_evenly(vocab_size, ctx.tp_size, ctx.tp_rank)
+        self.compute_dtype = dtype
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, hidden_size, dtype=dtype),
                                    requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.gguf = None  # the rows in a GGUF block format (engine/layers/quantization.py), weight then None
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         t = narrow(loaded, 0, self.vocab_start, self.vocab_end - self.vocab_start)
@@ -28,12 +30,17 @@ class VocabParallelEmbedding(nn.Module):
             raise ValueError(f"embedding: checkpoint shape {tuple(t.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(t)
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.gguf is None:
+            return F.embedding(ids, self.weight)
+        return self.gguf.take(ids).to(self.compute_dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         mask = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(mask, 0)
-        y = F.embedding(local, self.weight).masked_fill(mask.unsqueeze(-1), 0)
+        y = self._lookup(local).masked_fill(mask.unsqueeze(-1), 0)
         return self.ctx.all_reduce(y)
 
     def quantize_lm_head(self, method) -> None:
@@ -49,7 +56,11 @@ class VocabParallelEmbedding(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = getattr(self, "quantized_head", None)
-        logits = head(hidden) if head is not None else F.linear(hidden, self.weight)  # [N, vocab_local]
+        if self.gguf is not None:
+            from engine.layers.quantization import GGUF_METHOD
+            logits = GGUF_METHOD.apply(self, hidden, None)
+        else:
+            logits = head(hidden) if head is not None else F.linear(hidden, self.weight)  # [N, vocab_local]
         if self.ctx.tp_size == 1:
             return logits
         # uneven splits: pad each shard to the largest, gather, then drop the padding

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.quantization import DENSE as _DENSE
 from engine.layers.quantization import LinearMethod
 from engine.parallel import SINGLE, ParallelContext
 from engine.partition import check_tp, kv_head_range
-
-_DENSE = LinearMethod()
 
 
 def narrow(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -59,10 +58,20 @@ class LinearBase(nn.Module):
     def apply_linear(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias if with_bias else None)
 
+    def placement(self, shard_id=None) -> tuple[int, int, int, int]:
+        """Where this rank's part of checkpoint tensor `shard_id` goes: (dim, start, size, offset), `size`
+        rows (dim 0) or columns (dim 1) of the tensor from `start`, at `offset` in the same dim of the
+        weight. (The same for a bias, except a dim-1 split: a row-parallel bias is whole on every rank.)"""
+        return 0, 0, self.out_features, 0
+
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        t = materialize(loaded)
-        _check_shape(param, t, type(self).__name__)
-        param.data.copy_(t)
+        dim, start, size, offset = self.placement(shard_id)
+        if dim >= param.dim():
+            t, dst = materialize(loaded), param.data
+        else:
+            t, dst = narrow(loaded, dim, start, size), param.data.narrow(dim, offset, size)
+        _check_shape(dst, t, type(self).__name__ if shard_id is None else f"{type(self).__name__}[{shard_id}]")
+        dst.copy_(t)
 
 
 class ReplicatedLinear(LinearBase):
@@ -77,11 +86,8 @@ class ColumnParallelLinear(LinearBase):
             raise ValueError(f"output size {out_features} is not divisible by tp_size {ctx.tp_size}")
         super().__init__(in_features, out_features // ctx.tp_size, bias, ctx, dtype)
 
-    def weight_loader(self, param, loaded, shard_id=None) -> None:
-        size = param.shape[0]
-        t = narrow(loaded, 0, self.ctx.tp_rank * size, size)
-        _check_shape(param, t, type(self).__name__)
-        param.data.copy_(t)
+    def placement(self, shard_id=None) -> tuple[int, int, int, int]:
+        return 0, self.ctx.tp_rank * self.out_features, self.out_features, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply_linear(x)
@@ -116,14 +122,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return outs
         return list(self(x).split(self.local_sizes, dim=-1))
 
-    def weight_loader(self, param, loaded, shard_id: int = 0) -> None:
+    def placement(self, shard_id: int = 0) -> tuple[int, int, int, int]:
         tp = self.ctx.tp_size
         size = self.output_sizes[shard_id] // tp
-        offset = sum(self.output_sizes[:shard_id]) // tp
-        t = narrow(loaded, 0, self.ctx.tp_rank * size, size)
-        dst = param.data.narrow(0, offset, size)
-        _check_shape(dst, t, f"{type(self).__name__}[{shard_id}]")
-        dst.copy_(t)
+        return 0, self.ctx.tp_rank * size, size, sum(self.output_sizes[:shard_id]) // tp
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -144,18 +146,12 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         """First global KV head held by this rank (replicas share it when tp > num_kv_heads)."""
         return kv_head_range(self.total_kv_heads, self.ctx.tp_size, self.ctx.tp_rank)[0]
 
-    def weight_loader(self, param, loaded, shard_id: str = "q") -> None:
+    def placement(self, shard_id: str = "q") -> tuple[int, int, int, int]:
         hd = self.head_dim
         if shard_id == "q":
-            size, offset, start = self.num_heads * hd, 0, self.ctx.tp_rank * self.num_heads * hd
-        else:
-            size = self.num_kv_heads * hd
-            offset = self.num_heads * hd + (size if shard_id == "v" else 0)
-            start = self.kv_head_start() * hd
-        t = narrow(loaded, 0, start, size)
-        dst = param.data.narrow(0, offset, size)
-        _check_shape(dst, t, f"QKVParallelLinear[{shard_id}]")
-        dst.copy_(t)
+            return 0, self.ctx.tp_rank * self.num_heads * hd, self.num_heads * hd, 0
+        size = self.num_kv_heads * hd
+        return 0, self.kv_head_start() * hd, size, self.num_heads * hd + (size if shard_id == "v" else 0)
 
 
 class RowParallelLinear(LinearBase):
@@ -165,14 +161,9 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"input size {in_features} is not divisible by tp_size {ctx.tp_size}")
         super().__init__(in_features // ctx.tp_size, out_features, bias, ctx, dtype)
 
-    def weight_loader(self, param, loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # bias: added once, after the reduction
-            t = materialize(loaded)
-        else:
-            size = param.shape[1]
-            t = narrow(loaded, 1, self.ctx.tp_rank * size, size)
-        _check_shape(param, t, type(self).__name__)
-        param.data.copy_(t)
+    def placement(self, shard_id=None) -> tuple[int, int, int, int]:
+        # the bias is whole on every rank: added once, after the reduction
+        return 1, self.ctx.tp_rank * self.in_features, self.in_features, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:

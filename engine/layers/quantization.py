@@ -1,7 +1,9 @@
 """Weight quantization behind one interface: a `LinearMethod` owns how a linear layer's weight is
 stored and multiplied. Today: `none` (dense: plain `F.linear`, or on CPU weights prepacked for
-oneDNN), and `int8` (weight-only, symmetric per output channel, quantized at load time from the
-checkpoint's weights). FP8 and pre-quantized checkpoints plug in here.
+oneDNN), `int8` (weight-only, symmetric per output channel, quantized at load time from the
+checkpoint's weights), and GGUF's block formats (`GGUFWeight`): a GGUF file's weights as stored
+(Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16), or an HF checkpoint's quantized at load into
+`q8_0` / `q4_0`.
 
 `int8` halves the bytes read per decode step versus bf16; it pays off where decoding is bound by
 memory bandwidth (small batches on CPU). On CPU, batches of up to 16 rows go through a hand-written
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import QUANTIZATIONS
-from engine.kernels import int8_linear
+from engine.kernels import GGUF_TYPES, gguf_linear, int8_linear
 
 
 class LinearMethod:
@@ -163,6 +165,180 @@ def needs_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not packable(dtype, device)
 
 
+# ---- GGUF block formats ---------------------------------------------------------------------------
+_SUPER_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # weights per block; the others: 32
+GEMV_ROWS = 32  # inputs of up to this many rows go through the kernel; more: dequantized tiles into oneDNN
+_TILE_BYTES = 8 << 20  # fp32 weights dequantized at a time for the large-batch path
+_scratch = torch.empty(0)  # their buffer: the forward runs on one thread per process
+
+
+def block_elems(qtype: str) -> int:
+    return _SUPER_BLOCK.get(qtype, 32)
+
+
+class GGUFWeight:
+    """A [n, k] weight kept in GGUF block formats, as the file stores it: runs of output rows, each of one
+    ggml type (a merged projection may mix them: Q4_K_M files store v as Q6_K beside Q4_K q and k).
+    Multiplied by engine/kernels/gguf_linear.c: fp32 activations, fp32 accumulation."""
+
+    def __init__(self, k: int, segments: list[tuple[int, str, torch.Tensor]]):
+        merged: list[list] = []
+        for offset, qtype, rows in sorted(segments, key=lambda s: s[0]):
+            if merged and merged[-1][1] == qtype and merged[-1][0] + merged[-1][2].shape[0] == offset:
+                merged[-1][2] = torch.cat([merged[-1][2], rows])
+            else:
+                merged.append([offset, qtype, rows])
+        self.k = k
+        self.n = sum(rows.shape[0] for _, _, rows in merged)
+        if [m[0] for m in merged] != [sum(r.shape[0] for _, _, r in merged[:i]) for i in range(len(merged))]:
+            raise ValueError("GGUF rows do not cover the weight once each")
+        self.segments = [(offset, GGUF_TYPES[qtype], qtype, rows.contiguous()) for offset, qtype, rows in merged]
+        self.types = sorted({qtype for _, qtype, _ in merged})
+        self.nbytes = sum(rows.numel() for _, _, _, rows in self.segments)
+
+    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
+        """The fp32 weight (or the rows `rows` of a single-type weight), as gguf's numpy dequantizer gives it."""
+        kern = gguf_linear()
+        if rows is not None:
+            (_, qt, _, data), = self.segments
+            return kern.dequantize(qt, data[rows], self.k, torch.get_num_threads())
+        out = torch.empty(self.n, self.k)
+        for offset, qt, _, data in self.segments:
+            kern.dequantize(qt, data, self.k, torch.get_num_threads(), out=out[offset:offset + data.shape[0]])
+        return out
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `ids` (an embedding lookup; a single-type weight)."""
+        (_, qt, _, data), = self.segments
+        return gguf_linear().dequantize(qt, data.index_select(0, ids.reshape(-1)), self.k, 1).view(*ids.shape, self.k)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: fp32 [M, k], elements contiguous -> fp32 [M, n]."""
+        global _scratch
+        kern, threads, M = gguf_linear(), torch.get_num_threads(), x.shape[0]
+        if M > GEMV_ROWS and len(self.segments) == 1 and self.n * self.k * 4 <= _TILE_BYTES:
+            _, qt, _, data = self.segments[0]  # one tile: the product is the output
+            if _scratch.numel() < self.n * self.k:
+                _scratch = torch.empty(self.n * self.k)
+            return F.linear(x, kern.dequantize(qt, data, self.k, threads, out=_scratch[:self.n * self.k].view(self.n, self.k)))
+        y = torch.empty(M, self.n)
+        for offset, qt, _, data in self.segments:
+            n = data.shape[0]
+            if M <= GEMV_ROWS:
+                kern(qt, x, data, threads, out=y[:, offset:offset + n])
+                continue
+            step = max(1, _TILE_BYTES // (4 * self.k))
+            if _scratch.numel() < min(n, step) * self.k:
+                _scratch = torch.empty(min(n, step) * self.k)
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                w = kern.dequantize(qt, data[a:b], self.k, threads, out=_scratch[:(b - a) * self.k].view(b - a, self.k))
+                y[:, offset + a:offset + b] = F.linear(x, w)
+        return y
+
+
+def gguf_takes(qtype: str, k: int, device: torch.device) -> bool:
+    """Whether a weight of ggml type `qtype` with k columns can stay in its format here (a CPU whose
+    kernel builds; whole blocks)."""
+    if qtype not in GGUF_TYPES or device.type != "cpu":
+        return False
+    kern = gguf_linear()
+    return kern is not None and kern.row_bytes(GGUF_TYPES[qtype], k) > 0
+
+
+def gguf_placeable(owner, param, shard, qtype: str, k: int) -> bool:
+    """Whether GGUF tensor data (shard `shard`) for `param` of module `owner` can be kept in its format:
+    the weight of a linear layer or of an embedding (LM head), this rank's columns whole blocks."""
+    from engine.layers.embedding import VocabParallelEmbedding
+    from engine.layers.linear import LinearBase
+
+    if param is not getattr(owner, "weight", None) or not gguf_takes(qtype, k, param.device):
+        return False
+    if isinstance(owner, VocabParallelEmbedding):
+        return True
+    if not isinstance(owner, LinearBase):
+        return False
+    dim, start, size, _ = owner.placement(shard)
+    return dim == 0 or (start % block_elems(qtype) == 0 and size % block_elems(qtype) == 0)
+
+
+def place_gguf(owner, shard, qtype: str, raw: torch.Tensor, shape: list[int]) -> None:
+    """This rank's part of a GGUF tensor ([rows, row bytes], the whole [out, in] weight) into `owner`,
+    kept in its format; `finish_gguf` assembles each layer once every tensor is placed."""
+    from engine.layers.embedding import VocabParallelEmbedding
+
+    if isinstance(owner, VocabParallelEmbedding):
+        owner.gguf = GGUFWeight(shape[1], [(0, qtype, raw[owner.vocab_start:owner.vocab_end])])
+        return
+    dim, start, size, offset = owner.placement(shard)
+    if dim == 0:
+        part, k = raw[start:start + size], shape[1]
+    else:  # a row-parallel split of the columns, on block boundaries
+        per = raw.shape[1] // (shape[1] // block_elems(qtype))
+        part, k = raw[:, start // block_elems(qtype) * per:(start + size) // block_elems(qtype) * per], size
+    if not hasattr(owner, "_gguf_parts"):
+        owner._gguf_parts = []
+    owner._gguf_parts.append((offset, qtype, part.contiguous(), k))
+
+
+def finish_gguf(model: torch.nn.Module) -> None:
+    """Every layer given GGUF parts gets its `GGUFWeight` (and drops its dense weight), or, where some
+    of its tensors were loaded dense, the parts dequantized into that weight."""
+    from engine.layers.linear import LinearBase
+
+    for module in model.modules():
+        parts = module.__dict__.pop("_gguf_parts", None)
+        if parts is not None and isinstance(module, LinearBase):
+            if sum(p[2].shape[0] for p in parts) == module.out_features:
+                module.gguf = GGUFWeight(module.in_features, [p[:3] for p in parts])
+                module.linear_method = GGUF_METHOD
+                module.register_parameter("weight", None)
+            else:
+                for offset, qtype, rows, k in parts:
+                    w = GGUFWeight(k, [(0, qtype, rows)]).dequantize()
+                    module.weight.data[offset:offset + rows.shape[0]] = w
+        elif getattr(module, "gguf", None) is not None and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            module.register_parameter("weight", None)  # an embedding kept in its format
+
+
+class GGUFMethod(LinearMethod):
+    """Linear layers on `layer.gguf` (a GGUFWeight). With `qtype` (q8_0 or q4_0), a dense checkpoint's
+    weights are quantized into it at load (gguf's quantizer: llama.cpp's numbers), where its width is
+    whole blocks; other layers stay dense."""
+
+    def __init__(self, qtype: str | None = None):
+        self.qtype = qtype
+        self.name = qtype.lower() if qtype else "gguf"
+
+    def process_weights_after_loading(self, layer) -> None:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+
+        w = layer.weight.data
+        if self.qtype is None or not gguf_takes(self.qtype, w.shape[1], w.device):
+            layer.linear_method = DENSE
+            return
+        raw = quantize(w.float().numpy(), GGMLQuantizationType[self.qtype])
+        layer.gguf = GGUFWeight(w.shape[1], [(0, self.qtype, torch.from_numpy(raw))])
+        layer.register_parameter("weight", None)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype is not torch.float32 or x2.stride(-1) != 1:
+            x2 = x2.float().contiguous()
+        y = layer.gguf.matmul(x2)
+        if bias is not None:
+            y += bias
+        if x.dtype is not torch.float32:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+GGUF_METHOD = GGUFMethod()
+DENSE = LinearMethod()  # every layer's method until it is quantized
+
+
 def get_linear_method(name: str | None, dtype: torch.dtype | None = None, device: torch.device | None = None,
                       pack: bool = False) -> LinearMethod:
     """The method for `quantization = name`; dense weights are packed for oneDNN when `pack` and this
@@ -176,6 +352,8 @@ def get_linear_method(name: str | None, dtype: torch.dtype | None = None, device
         return LinearMethod()
     if name == "int8":
         return Int8WeightOnly()
+    if name in ("q8_0", "q4_0"):
+        return GGUFMethod(name.upper())
     raise ValueError(f"quantization = {name!r} is not supported (supported: {QUANTIZATIONS})")
 
 
@@ -187,9 +365,9 @@ def quantize_model(model: torch.nn.Module, method: LinearMethod) -> None:
     from engine.layers.linear import LinearBase
 
     for module in model.modules():
-        if isinstance(module, LinearBase):
+        if isinstance(module, LinearBase) and type(module.linear_method) is LinearMethod:  # not loaded quantized
             module.linear_method = method
             method.process_weights_after_loading(module)
     head = model.lm_head if model.lm_head is not None else model.embed_tokens
-    if isinstance(head, VocabParallelEmbedding):
+    if isinstance(head, VocabParallelEmbedding) and getattr(head, "gguf", None) is None:
         head.quantize_lm_head(method)

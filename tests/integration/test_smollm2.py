@@ -1,5 +1,7 @@
-"""SmolLM2-135M-Instruct (the default model, converted from its GGUF) against Hugging Face transformers."""
+"""SmolLM2-135M-Instruct (the default model, served from its Q4_1 GGUF as stored) against Hugging Face
+transformers on the same weights (the GGUF dequantized to an fp32 checkpoint)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,9 @@ def eng(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_dir):
+def hf_model(smollm2_hf_dir):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_hf_dir), dtype=torch.float32).eval()
 
 
 def test_greedy_equals_transformers_batched(eng, hf_model):
@@ -53,7 +55,7 @@ def test_chat_answer_and_eos(eng):
     assert out["finish_reason"] == "stop"  # <|im_end|> ends the turn
 
 
-def test_conversion_matches_transformers_gguf_loader(smollm2_dir):
+def test_conversion_matches_transformers_gguf_loader(smollm2_dir, smollm2_hf_dir):
     pytest.importorskip("accelerate")  # transformers needs it to read GGUF
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,7 +64,7 @@ def test_conversion_matches_transformers_gguf_loader(smollm2_dir):
 
     gguf = next((cache_dir() / "downloads").glob("*.gguf"))
     theirs = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    ours = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(str(smollm2_hf_dir), dtype=torch.float32)
     sd_theirs, sd_ours = theirs.state_dict(), ours.state_dict()
     for name, t in sd_ours.items():
         assert torch.equal(t, sd_theirs[name]), name
@@ -72,16 +74,35 @@ def test_conversion_matches_transformers_gguf_loader(smollm2_dir):
         assert tok.encode(s) == hf_tok.encode(s), s
 
 
-def test_model_dir_is_a_plain_hf_checkpoint(smollm2_dir):
-    names = sorted(p.name for p in Path(smollm2_dir).iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+def test_model_dirs(smollm2_dir, smollm2_hf_dir):
+    """The served directory: the GGUF's metadata beside a link to it; the converted copy: a plain
+    Hugging Face checkpoint."""
+    meta = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in Path(smollm2_dir).iterdir()) == sorted([*meta, "model.gguf"])
+    assert sorted(p.name for p in Path(smollm2_hf_dir).iterdir()) == sorted([*meta, "model.safetensors"])
+    for name in meta:
+        a, b = (json.loads((Path(d) / name).read_text()) for d in (smollm2_dir, smollm2_hf_dir))
+        assert a == b or name == "config.json" and {**a, "torch_dtype": None} == {**b, "torch_dtype": None}
+    eng_mem = sum(p.stat().st_size for p in Path(smollm2_hf_dir).glob("*.safetensors"))
+    assert (Path(smollm2_dir) / "model.gguf").stat().st_size < eng_mem / 4  # 4.5 bits a weight, not 32
 
 
-def test_int8_weight_only_bf16_still_answers(smollm2_dir):
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", "int8"), ("float32", "q8_0"), ("bfloat16", "q4_0")])
+def test_quantized_at_load_still_answers(smollm2_hf_dir, dtype, quantization):
+    from engine import DeviceConfig
+    e = LLMEngine(EngineConfig(str(smollm2_hf_dir), cache=CacheConfig(kv_cache_memory=32 * 2**20),
+                               device=DeviceConfig(dtype=dtype), quantization=quantization))
+    tok = e.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = e.generate([tok.encode(prompt, add_special_tokens=False)],
+                     SamplingParams(max_tokens=32, temperature=0))[0]["outputs"][0]
+    assert "Paris" in out["text"]
+
+
+def test_gguf_with_bf16_activations_answers(smollm2_dir):
     from engine import DeviceConfig
     e = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=32 * 2**20),
-                               device=DeviceConfig(dtype="bfloat16"), quantization="int8"))
+                               device=DeviceConfig(dtype="bfloat16")))
     tok = e.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = e.generate([tok.encode(prompt, add_special_tokens=False)],

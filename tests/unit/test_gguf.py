@@ -1,6 +1,6 @@
 import numpy as np
 
-from engine.gguf_convert import _hf_name, unpermute_rope_rows
+from engine.gguf import _hf_name, unpermute_rope_rows
 
 
 def llama_cpp_permute(w, n_head):

@@ -1,8 +1,19 @@
-"""Convert a llama.cpp GGUF file (Llama architecture, BPE tokenizer) into a Hugging Face directory.
+"""llama.cpp GGUF files (Llama architecture, byte-level BPE tokenizer): served as they are, or converted.
 
-Weights are dequantized to fp32 with `gguf.quants.dequantize`. llama.cpp stores the rows of the Q and
-K projections permuted for its RoPE kernel (interleaved pairs instead of HF's two halves); we undo
-that permutation. The tokenizer is rebuilt from the GGUF vocabulary and merges as a `tokenizers`
+A GGUF file is a model directory's worth in one file: `metadata_dir` writes what its metadata holds
+(config.json, generation_config.json, tokenizer.json, tokenizer_config.json with the chat template)
+into a small directory beside a link to the file, `model.gguf`. Every part of tandem that reads a
+model directory reads that one; the engine's loader (engine/loader.py, through `tensors`) keeps the
+weights in their block formats (engine/layers/quantization.py's `GGUFWeight`, engine/kernels/
+gguf_linear.c) and converts only the small F32 tensors (norms). This module imports no torch: the
+gateway reads models through it.
+
+`convert_gguf` writes a plain Hugging Face checkpoint instead, dequantized to fp32 with
+`gguf.quants.dequantize`: the same numbers, for transformers and other peers.
+
+llama.cpp stores the rows of the Q and K projections permuted for its RoPE kernel (interleaved pairs
+instead of HF's two halves); both paths undo that permutation (on whole rows, so quantized rows move
+as they are). The tokenizer is rebuilt from the GGUF vocabulary and merges as a `tokenizers`
 byte-level BPE. transformers is not needed.
 """
 
@@ -45,26 +56,28 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+def open_gguf(gguf_path: Path):
     from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.numpy import save_file
-    from tqdm import tqdm
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     try:
         reader = GGUFReader(str(gguf_path))
     except Exception as e:
         raise ModelFetchError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ModelFetchError(f"{gguf_path}: field 'general.architecture' = {arch!r}: only 'llama' converts")
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    n_head = int(g("attention.head_count"))
-    n_kv = int(g("attention.head_count_kv", n_head))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+        raise ModelFetchError(f"{gguf_path}: field 'general.architecture' = {arch!r}: only 'llama' loads")
+    return reader
+
+
+def _heads(reader) -> tuple[int, int]:
+    n_head = int(_field(reader, "llama.attention.head_count"))
+    return n_head, int(_field(reader, "llama.attention.head_count_kv", n_head))
+
+
+def _config(reader, gguf_path: Path, torch_dtype: str) -> dict:
+    g = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    n_head, n_kv = _heads(reader)
     names = {t.name for t in reader.tensors}
-    config = {
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": int(g("embedding_length")),
@@ -75,43 +88,101 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         "max_position_embeddings": int(g("context_length", 2048)),
         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "vocab_size": len(tokens),
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+def _write_dir(reader, gguf_path: Path, out_dir: Path, torch_dtype: str, fill) -> Path:
+    """config, generation config and tokenizer files from the metadata into out_dir, plus what `fill(tmp)`
+    writes, atomically (built beside it, then renamed)."""
+    import shutil
+
+    config = _config(reader, gguf_path, torch_dtype)
     tok_json, tok_cfg, eos_ids, bos_id = _tokenizer_files(reader, gguf_path)
     config["bos_token_id"] = bos_id
     config["eos_token_id"] = eos_ids[0]
-
-    tensors = {}
-    for t in tqdm(reader.tensors, desc="converting weights", unit="tensor", disable=not progress):
-        name = _hf_name(t.name)
-        if name is None:
-            raise ModelFetchError(f"{gguf_path}: tensor {t.name!r} has no Hugging Face name")
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(x) for x in reversed(t.shape)])  # ggml lists dims innermost first
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rope_rows(w, n_head)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rope_rows(w, n_kv)
-        tensors[name] = np.ascontiguousarray(w)
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fill(tmp)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": bos_id, "eos_token_id": eos_ids}, indent=2))
     (tmp / "tokenizer.json").write_text(tok_json)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     if out_dir.exists():
-        import shutil
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+GGUF_LINK = "model.gguf"  # in a metadata directory: the link to the file
+
+
+def metadata_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """A model directory for the GGUF file: its metadata as Hugging Face files, and `model.gguf`, a link
+    to the file (its weights load from there, as they are stored)."""
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    reader = open_gguf(gguf_path)
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    dtype = "bfloat16" if kinds <= {"BF16", "F32"} else "float16" if kinds <= {"F16", "F32"} else "float32"
+    return _write_dir(reader, gguf_path, out_dir, dtype, lambda tmp: (tmp / GGUF_LINK).symlink_to(gguf_path))
+
+
+def gguf_file(model_dir: str | Path) -> Path | None:
+    """The GGUF file a model directory serves (its `model.gguf` link, or its only *.gguf file when it
+    has no safetensors), or None."""
+    model_dir = Path(model_dir)
+    if (model_dir / GGUF_LINK).exists():
+        return model_dir / GGUF_LINK
+    files = sorted(model_dir.glob("*.gguf"))
+    if len(files) == 1 and not any(model_dir.glob("*.safetensors")):
+        return files[0]
+    return None
+
+
+def tensors(reader):
+    """(Hugging Face name, ggml type name, [rows, row bytes] raw data or dense array, [out, in] shape) of
+    each tensor, Q and K rows unpermuted."""
+    n_head, n_kv = _heads(reader)
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            raise ModelFetchError(f"tensor {t.name!r} has no Hugging Face name")
+        shape = [int(x) for x in reversed(t.shape)]  # ggml lists dims innermost first
+        data = t.data
+        if len(shape) == 2:
+            data = data.reshape(shape[0], -1)
+            if name.endswith("q_proj.weight"):
+                data = unpermute_rope_rows(data, n_head)
+            elif name.endswith("k_proj.weight"):
+                data = unpermute_rope_rows(data, n_kv)
+        yield name, t.tensor_type, data, shape
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """A Hugging Face checkpoint directory of the GGUF file, its weights dequantized to fp32."""
+    from gguf.quants import dequantize
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    reader = open_gguf(gguf_path)
+
+    def weights(tmp: Path) -> None:
+        tensors = {}
+        for name, qtype, data, shape in tqdm(tensors(reader), total=len(reader.tensors), desc="converting weights",
+                                             unit="tensor", disable=not progress):
+            tensors[name] = np.ascontiguousarray(dequantize(data, qtype).astype(np.float32).reshape(shape))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    return _write_dir(reader, gguf_path, out_dir, "float32", weights)
 
 
 def _hf_name(name: str) -> str | None:
