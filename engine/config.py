@@ -57,6 +57,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     sliding_window: int | None = None
+    weights: str = ""  # how the weights are stored where not plain tensors: "gguf:Q4_1,Q8_0,..." (engine/gguf.py)
     path: str | None = None
 
     @property
@@ -163,6 +164,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
             sliding_window=sliding,
+            weights=str(raw.get("tandem_weights", "")),
             path=path,
         )
 

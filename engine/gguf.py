@@ -97,12 +97,12 @@ def _config(reader, gguf_path: Path, torch_dtype: str) -> dict:
     }
 
 
-def _write_dir(reader, gguf_path: Path, out_dir: Path, torch_dtype: str, fill) -> Path:
+def _write_dir(reader, gguf_path: Path, out_dir: Path, torch_dtype: str, fill, extra: dict | None = None) -> Path:
     """config, generation config and tokenizer files from the metadata into out_dir, plus what `fill(tmp)`
     writes, atomically (built beside it, then renamed)."""
     import shutil
 
-    config = _config(reader, gguf_path, torch_dtype)
+    config = {**_config(reader, gguf_path, torch_dtype), **(extra or {})}
     tok_json, tok_cfg, eos_ids, bos_id = _tokenizer_files(reader, gguf_path)
     config["bos_token_id"] = bos_id
     config["eos_token_id"] = eos_ids[0]
@@ -132,7 +132,9 @@ def metadata_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
     reader = open_gguf(gguf_path)
     kinds = {t.tensor_type.name for t in reader.tensors}
     dtype = "bfloat16" if kinds <= {"BF16", "F32"} else "float16" if kinds <= {"F16", "F32"} else "float32"
-    return _write_dir(reader, gguf_path, out_dir, dtype, lambda tmp: (tmp / GGUF_LINK).symlink_to(gguf_path))
+    # the formats, in the model's identity: a Q4_1 and a Q8_0 file of one model share no KV
+    extra = {"tandem_weights": "gguf:" + ",".join(sorted(kinds))}
+    return _write_dir(reader, gguf_path, out_dir, dtype, lambda tmp: (tmp / GGUF_LINK).symlink_to(gguf_path), extra)
 
 
 def gguf_file(model_dir: str | Path) -> Path | None:
@@ -176,11 +178,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     reader = open_gguf(gguf_path)
 
     def weights(tmp: Path) -> None:
-        tensors = {}
+        dense = {}
         for name, qtype, data, shape in tqdm(tensors(reader), total=len(reader.tensors), desc="converting weights",
                                              unit="tensor", disable=not progress):
-            tensors[name] = np.ascontiguousarray(dequantize(data, qtype).astype(np.float32).reshape(shape))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            dense[name] = np.ascontiguousarray(dequantize(data, qtype).astype(np.float32).reshape(shape))
+        save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
     return _write_dir(reader, gguf_path, out_dir, "float32", weights)
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import deque
@@ -117,6 +118,10 @@ class LLMEngine:
         self._finish_later: list[Sequence] = []  # aborted while in flight: freed when their step is back
         self._seq_state: dict[int, _SeqState] = {}
         bs = config.cache.block_size
+        # what exists now lives as long as the engine: out of the collector's sight, so that the collections
+        # a step's garbage triggers scan only the young (they took ~5% of a decode step)
+        gc.collect()
+        gc.freeze()
         log.info("engine ready in %.1fs (weights %.1fs): KV cache %d blocks x %d tokens = %d tokens "
                  "(%.1f MiB), max model len %d", time.perf_counter() - t0, self.runner.load_seconds,
                  self.executor.num_blocks, bs, self.executor.num_blocks * bs,

@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, fused_decode_attention, fused_decode_kernel, paged_attention
 from engine.config import ModelConfig
+from engine.kernels import decode_step
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -126,11 +127,47 @@ class LlamaForCausalLM(nn.Module):
         """
         h = self.embed_tokens(input_ids) if self.is_first else hidden
         rope = self.rotary.lookup(positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(rope, h, kv_caches[i], meta)
-            if layer_done is not None:
-                layer_done(i)
+        if layer_done is None and meta.num_decode == h.shape[0] and meta.decode_lens is not None \
+                and (plan := self._decode_plan(h, kv_caches)) is not None:
+            # decodes only: every layer in one kernel call (engine/kernels/decode_step.c)
+            cos, sin = rope
+            B = h.shape[0]
+            h = h.contiguous() if self.is_first else h.clone()  # updated in place
+            plan[0](plan[1], h, cos.view(B, -1), sin.view(B, -1), meta.slot_blocks, meta.slot_offsets,
+                    meta.decode_block_tables, meta.decode_lens, torch.get_num_threads())
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(rope, h, kv_caches[i], meta)
+                if layer_done is not None:
+                    layer_done(i)
         return self.norm(h) if self.is_last else h
+
+    def _decode_plan(self, h: torch.Tensor, kv_caches: list[torch.Tensor]):
+        """(kernel, plan) of the fused decode step where it takes this model and these caches: CPU, fp32,
+        one TP rank, GGUF weights without biases in every layer, a head size it takes. Else None. Bound
+        once per set of caches."""
+        key = kv_caches[0].data_ptr() if kv_caches else None
+        cached = getattr(self, "_decode_step", (None, None))
+        if cached[0] == key:
+            return cached[1]
+        plan = None
+        layers = list(self.layers)
+        projections = [(L.self_attn.qkv_proj, L.self_attn.o_proj, L.mlp.gate_up_proj, L.mlp.down_proj) for L in layers]
+        if layers and h.device.type == "cpu" and h.dtype == torch.float32 and self.ctx.tp_size == 1 \
+                and all(p.bias is None and getattr(p, "gguf", None) is not None
+                        and len(p.gguf.segments) <= 4 for ps in projections for p in ps) \
+                and all(c.dtype == torch.float32 and c.is_contiguous() for c in kv_caches) \
+                and fused_decode_kernel(h.dtype, h.device, self.cfg.head_dim) is not None \
+                and (kernel := decode_step()) is not None:
+            attn = layers[0].self_attn
+            desc = [{"input_norm": L.input_layernorm.weight, "post_norm": L.post_attention_layernorm.weight,
+                     "qkv": qkv.gguf, "o": o.gguf, "gate_up": gu.gguf, "down": d.gguf}
+                    for L, (qkv, o, gu, d) in zip(layers, projections)]
+            plan = kernel, kernel.plan(desc, kv_caches[:len(layers)], self.cfg.hidden_size,
+                                       layers[0].mlp.gate_up_proj.local_sizes[0], attn.num_heads,
+                                       attn.num_kv_heads, attn.head_dim, layers[0].input_layernorm.eps, attn.scale)
+        self._decode_step = (key, plan)
+        return plan
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens

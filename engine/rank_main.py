@@ -5,6 +5,7 @@ says shutdown, or exits when the driver is gone (its collective fails or times o
 runs half-alive.
 """
 
+import gc
 import logging
 import os
 import sys
@@ -26,6 +27,8 @@ def main(connector=None, on_ready=None) -> int:
     try:
         if on_ready is not None:
             on_ready(rt, config)
+        gc.collect()
+        gc.freeze()  # as the driver does (engine/llm_engine.py)
         follower_loop(rt)
     except RuntimeError as e:  # the driver or another rank died: go down with the worker
         logging.getLogger(__name__).error("leaving: %s (driver pid %d)", e, parent)

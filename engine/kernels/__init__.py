@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -105,7 +106,9 @@ def _build(name: str, src: Path, isa: str = "native") -> Path:
     version = _compiler_version(cc)
     march = ["-march=native"] if isa == "native" else [f"-march={_X86_LEVELS[isa][0]}", "-mtune=generic"]
     flags = ["-O3", *march, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]  # what the source may include
+    # what the source may include: the headers here, and sources it includes whole (decode_step.c)
+    headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
+    headers += [(src.parent / f).read_text() for f in re.findall(r'^#include "(\w+\.c)"', src.read_text(), re.M)]
     key = hashlib.sha256("\0".join([src.read_text(), *headers, version, " ".join(flags), _cpu_flags()]).encode())
     out = _cache_dir() / f"{name}{'' if isa == 'native' else '-' + isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -313,6 +316,83 @@ def gguf_linear(isa: str | None = None) -> GGUFLinear | None:
     return _wrappers[key]
 
 
+class _Weight(ctypes.Structure):  # decode_step.c's tandem_weight
+    _fields_ = [("n", ctypes.c_int32), ("type", ctypes.c_int32 * 4), ("offset", ctypes.c_int64 * 4),
+                ("rows", ctypes.c_int64 * 4), ("data", ctypes.c_void_p * 4)]
+
+
+class _Layer(ctypes.Structure):  # tandem_layer
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", _Weight), ("o", _Weight),
+                ("gate_up", _Weight), ("down", _Weight), ("kv_cache", ctypes.c_void_p)]
+
+
+class _Shape(ctypes.Structure):  # tandem_shape
+    _fields_ = [(f, ctypes.c_int64) for f in ("hidden", "inter", "heads", "kv_heads", "head_dim", "num_blocks",
+                                               "block_size")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class DecodeStep:
+    """engine/kernels/decode_step.c: a decode step's decoder layers (fp32, GGUF weights, one TP rank) in
+    one call. `plan` binds the layers' weights and caches once; a call passes the step's inputs."""
+
+    MAX_SEGMENTS = 4
+
+    def __init__(self, lib: ctypes.CDLL):
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._fn = lib.tandem_decode_step
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+        self.max_head_dim = lib.tandem_decode_attention_max_head_dim()
+
+    @staticmethod
+    def _weight(w) -> _Weight:
+        """A GGUFWeight's segments (offset, ggml type, name, [rows, bytes] tensor)."""
+        out = _Weight()
+        out.n = len(w.segments)
+        for i, (offset, qtype, _, data) in enumerate(w.segments):
+            out.type[i], out.offset[i], out.rows[i], out.data[i] = qtype, offset, data.shape[0], data.data_ptr()
+        return out
+
+    def plan(self, layers: list[dict], kv_caches: list, hidden: int, inter: int, heads: int, kv_heads: int,
+             head_dim: int, eps: float, scale: float):
+        """layers: per layer {input_norm, post_norm: fp32 [hidden] tensors; qkv, o, gate_up, down: GGUFWeights
+        of at most MAX_SEGMENTS runs}; kv_caches: fp32 [2, blocks, KVH, bs, D] each. The tensors must stay
+        where they are while the plan is used (weights and caches are allocated once)."""
+        arr = (_Layer * len(layers))()
+        for i, (desc, cache) in enumerate(zip(layers, kv_caches)):
+            arr[i].input_norm, arr[i].post_norm = desc["input_norm"].data_ptr(), desc["post_norm"].data_ptr()
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(arr[i], name, self._weight(desc[name]))
+            arr[i].kv_cache = cache.data_ptr()
+        _, num_blocks, _, bs, _ = kv_caches[0].shape
+        shape = _Shape(hidden, inter, heads, kv_heads, head_dim, num_blocks, bs, eps, scale)
+        return arr, shape, (layers, kv_caches)  # the last keeps what the pointers point at alive
+
+    def __call__(self, plan, h, cos, sin, slot_blocks, slot_offsets, block_tables, lens, num_threads: int):
+        """h: fp32 [B, hidden] contiguous, updated in place; cos, sin: [B, D]; int64 slots, lens [B] and block
+        tables [B, nb], as DecodeAttention takes them."""
+        arr, shape, _ = plan
+        B = h.shape[0]
+        rc = self._fn(arr, len(arr), ctypes.byref(shape), h.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
+                      slot_blocks.data_ptr(), slot_offsets.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+                      lens.data_ptr(), num_threads)
+        if rc == -1:
+            raise MemoryError("decode_step: out of memory")
+        if rc != 0:
+            raise ValueError(f"decode_step: a shape or weight type it does not take (code {rc})")
+        return h
+
+
+def decode_step() -> DecodeStep | None:
+    """The fused decode step, built for the ISA level gguf_linear uses, or None where it cannot be built
+    (or kernels are off)."""
+    if "decode_step" not in _wrappers:
+        isa = gguf_linear().isa if gguf_linear() is not None else None
+        lib = load("decode_step", isa) if isa is not None else None
+        _wrappers["decode_step"] = DecodeStep(lib) if lib is not None else None
+    return _wrappers["decode_step"]
+
+
 class DecodeAttention:
     """engine/kernels/decode_attention.c: RoPE, the KV cache write and paged attention of a step in
     which every sequence adds one token, in one call per layer (see `engine.attention`)."""
@@ -360,7 +440,7 @@ def decode_attention() -> DecodeAttention | None:
     return _wrapped("decode_attention", DecodeAttention)
 
 
-MAX_NORM_WIDTH = 1 << 16  # elementwise.c's add_rms_norm_bf16
+MAX_NORM_WIDTH = 1 << 16  # elementwise.c's add_rms_norm
 
 
 class Elementwise:
@@ -378,9 +458,10 @@ class Elementwise:
         self._write_kv = lib.tandem_write_kv
         self._write_kv.restype = ctypes.c_int
         self._write_kv.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
-        self._add_rms_norm = lib.tandem_add_rms_norm_bf16
+        self._add_rms_norm = lib.tandem_add_rms_norm
         self._add_rms_norm.restype = ctypes.c_int
-        self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+        self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int,
+                                       ctypes.c_int]
 
     @staticmethod
     def takes(t, width: int) -> bool:
@@ -417,12 +498,14 @@ class Elementwise:
         return out
 
     def add_rms_norm(self, h, weight, eps: float, num_threads: int, a=None):
-        """bf16 [T, N] rows (strided rows allowed, elements contiguous): RMSNorm(h + a) with transformers'
-        roundings -> (normed, h + a) (h + a is None when `a` is; see elementwise.c for the numerics)."""
+        """bf16 or fp32 [T, N] rows (strided rows allowed, elements contiguous): RMSNorm(h + a) with
+        transformers' roundings -> (normed, h + a) (h + a is None when `a` is; see elementwise.c for the
+        numerics)."""
         T, N = h.shape
         fn = "add_rms_norm"
-        _check_dtype(fn, "h", h, torch.bfloat16)
-        _check_dtype(fn, "weight", weight, torch.bfloat16)
+        if h.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"{fn}: h must be bfloat16 or float32, got {h.dtype}")
+        _check_dtype(fn, "weight", weight, h.dtype)
         _check_stride(fn, "h", h, 1, 1)
         _check_contiguous(fn, "weight", weight)
         if weight.numel() != N:
@@ -435,7 +518,7 @@ class Elementwise:
         x = torch.empty(T, N, dtype=h.dtype) if a is not None else None
         rc = self._add_rms_norm(h.data_ptr(), h.stride(0), a.data_ptr() if a is not None else None,
                                 a.stride(0) if a is not None else 0, x.data_ptr() if x is not None else None,
-                                weight.data_ptr(), T, N, eps, out.data_ptr(), num_threads)
+                                weight.data_ptr(), T, N, eps, out.data_ptr(), h.dtype == torch.bfloat16, num_threads)
         if rc != 0:
             raise ValueError(f"add_rms_norm: width {N} is not a multiple of 16 up to {MAX_NORM_WIDTH}")
         return out, x
@@ -468,3 +551,4 @@ def load_all() -> None:
     decode_attention()
     elementwise()
     gguf_linear()
+    decode_step()

@@ -106,6 +106,77 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_ATTEND_F32_AVX2 1
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* `attend` for fp32 caches on AVX2 (without AVX-512): GCC keeps 16-float vectors in halves spilled
+ * through the stack there (store-forwarding stalls: ~250 cycles a token and head, 0.75 us a token for
+ * SmolLM2's 9 heads); native 8-float vectors and explicit fused multiply-adds instead, ~10x faster.
+ * The same math within fp32 rounding (products fused into the sums). */
+static void attend_f32_avx2(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                            const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt,
+                            int64_t L, int64_t KVH, int64_t G, int64_t D, float scale, char *out, int64_t H,
+                            float *p, int64_t lp) {
+    const int64_t g = h0 / G, nblocks = (L + bs - 1) / bs;
+    float qf[MAX_G][MAX_D] __attribute__((aligned(32)));
+    float m[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        v16f r[MAX_D / 16];
+        rope((const char *)q + (b * q_stride + (h0 + hh) * D) * 4, (const char *)cos + b * D * 4,
+             (const char *)sin + b * D * 4, D, 0, r);
+        memcpy(qf[hh], r, (size_t)D * 4);
+        m[hh] = -INFINITY;
+    }
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const float *kb = (const float *)(kc + kv_row(bt[blk], KVH, g, bs, 0, D, 4));
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        if (blk + 1 < nblocks) prefetch_block(kc + kv_row(bt[blk + 1], KVH, g, bs, 0, D, 4), bs * D * 4);
+        for (int64_t i = 0; i < n; i++) {
+            const float *k = kb + i * D;
+            for (int hh = 0; hh < nh; hh++) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                for (int64_t j = 0; j < D; j += 16) {
+                    a0 = _mm256_fmadd_ps(_mm256_load_ps(qf[hh] + j), _mm256_loadu_ps(k + j), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_load_ps(qf[hh] + j + 8), _mm256_loadu_ps(k + j + 8), a1);
+                }
+                float sc = hsum8(_mm256_add_ps(a0, a1)) * scale;
+                p[hh * lp + blk * bs + i] = sc;
+                if (sc > m[hh]) m[hh] = sc;
+            }
+        }
+    }
+    for (int hh = 0; hh < nh; hh++) {
+        const float total = softmax_row(p + hh * lp, L, m[hh]);
+        float *op = (float *)out + (b * H + h0 + hh) * D;
+        /* the weighted sum of V, 64 columns at a time in 8 accumulators */
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+            const int nv = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
+            __m256 acc[8];
+            for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t blk = 0; blk < nblocks; blk++) {
+                const float *vb = (const float *)(vc + kv_row(bt[blk], KVH, g, bs, 0, D, 4)) + d0;
+                int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+                const float *ph = p + hh * lp + blk * bs;
+                for (int64_t i = 0; i < n; i++) {
+                    __m256 w = _mm256_set1_ps(ph[i]);
+                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vb + i * D + 8 * j), acc[j]);
+                }
+            }
+            /* o / total, as the generic path divides */
+            for (int j = 0; j < nv; j++) _mm256_storeu_ps(op + d0 + 8 * j, _mm256_div_ps(acc[j], _mm256_set1_ps(total)));
+        }
+    }
+}
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define HAVE_ATTEND_BF16 1
 
@@ -283,6 +354,13 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
             if (bf16 && D % 32 == 0) {
                 attend_bf16(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale,
                             (char *)out, H, p, max_len + 16);
+                continue;
+            }
+#endif
+#ifdef HAVE_ATTEND_F32_AVX2
+            if (!bf16) {
+                attend_f32_avx2(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale,
+                                (char *)out, H, p, max_len + 16);
                 continue;
             }
 #endif

@@ -3,7 +3,7 @@
  *   tandem_silu_mul: out = silu(gate) * up          (the SwiGLU MLP's activation)
  *   tandem_rope:     out = x * cos + rot(x) * sin    (RoPE, "rotate half", for every head of a row)
  *   tandem_write_kv: the new tokens' K and V into their cache slots
- *   tandem_add_rms_norm_bf16: the residual add and the RMSNorm after it (bf16)
+ *   tandem_add_rms_norm: the residual add and the RMSNorm after it
  *
  * In the tensors' dtype as torch computes them: silu(gate) rounded, then the product rounded (bf16);
  * RoPE as in vec.h. Rows of the inputs may be strided (slices of a fused projection); outputs are
@@ -15,6 +15,18 @@
 #include <omp.h>
 
 #include "vec.h"
+
+/* for (t = 0; t < T; t++) BODY, over nt threads; on the calling thread alone when nt is 1 (an OpenMP
+ * region costs microseconds even for one thread: a decode step makes hundreds of these calls) */
+#define FOR_ROWS(nt, t, T, ...)                                                                            \
+    do {                                                                                                   \
+        if ((nt) <= 1) {                                                                                   \
+            for (int64_t t = 0; t < (T); t++) __VA_ARGS__                                                   \
+        } else {                                                                                           \
+            _Pragma("omp parallel for num_threads(nt) schedule(static)")                                   \
+            for (int64_t t = 0; t < (T); t++) __VA_ARGS__                                                   \
+        }                                                                                                  \
+    } while (0)
 
 static inline v16f silu16(v16f g) { /* g * sigmoid(g), with exp of -|g| only (no overflow) */
     v16f a = (v16f)((v16i)g & 0x7fffffff); /* |g| */
@@ -40,15 +52,14 @@ int tandem_silu_mul(const void *gate, int64_t gs, const void *up, int64_t us, in
     if (I % 16) return -2;
     const size_t es = bf16 ? 2 : 4;
     int nt = T * I < 65536 ? 1 : num_threads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
+    FOR_ROWS(nt, t, T, {
         const char *g = (const char *)gate + t * gs * es, *u = (const char *)up + t * us * es;
         char *o = (char *)out + t * I * es;
         if (bf16) /* the dtype as a constant: no per-vector branches */
             silu_mul_row(g, u, o, I, 1);
         else
             silu_mul_row(g, u, o, I, 0);
-    }
+    });
     return 0;
 }
 
@@ -59,8 +70,7 @@ int tandem_rope(const void *x, int64_t xs, int64_t T, int64_t heads, int64_t D, 
     if (D % 16 || D > MAX_D) return -2;
     const size_t es = bf16 ? 2 : 4;
     int nt = T * heads * D < 65536 ? 1 : num_threads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
+    FOR_ROWS(nt, t, T, {
         for (int64_t h = 0; h < heads; h++) {
             v16f r[MAX_D / 16];
             rope((const char *)x + (t * xs + h * D) * es, (const char *)cos + t * D * es,
@@ -68,7 +78,7 @@ int tandem_rope(const void *x, int64_t xs, int64_t T, int64_t heads, int64_t D, 
             char *o = (char *)out + (t * heads + h) * D * es;
             for (int64_t j = 0; j < D / 16; j++) store16(o + j * 16 * es, r[j], bf16);
         }
-    }
+    });
     return 0;
 }
 
@@ -82,48 +92,61 @@ int tandem_write_kv(const void *k, int64_t ks, const void *v, int64_t vs, int64_
     char *kc = (char *)cache, *vc = (char *)cache + (size_t)num_blocks * KVH * bs * D * es;
     const size_t row = (size_t)D * es;
     int nt = T * KVH * D < 65536 ? 1 : num_threads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
+    FOR_ROWS(nt, t, T, {
         for (int64_t h = 0; h < KVH; h++) {
             size_t slot = kv_row(slot_blocks[t], KVH, h, bs, slot_offsets[t], D, es);
             memcpy(kc + slot, (const char *)k + (t * ks + h * D) * es, row);
             memcpy(vc + slot, (const char *)v + (t * vs + h * D) * es, row);
         }
-    }
+    });
     return 0;
 }
 
-/* RMSNorm of bf16 rows as transformers rounds it, with the residual add before it fused in:
+/* RMSNorm with the residual add before it fused in, rounded as transformers rounds it:
  *
- *   x = h + a (rounded to bf16; a may be NULL: x = h), written to x_out when a is given;
- *   out = w * bf16(x * rsqrt(mean(x * x) + eps)), the product rounded to bf16.
+ *   x = h + a (rounded to the dtype; a may be NULL: x = h), written to x_out when a is given;
+ *   bf16: out = w * bf16(x * rsqrt(mean(x * x) + eps)), the product rounded to bf16;
+ *   fp32: out = (x * rsqrt(mean(x * x) + eps)) * w.
  *
- * h, a: [T, N] bf16 with row strides hs, as (elements); x_out, out: [T, N] contiguous; w: [N] bf16.
- * The sum of squares is in fp32 in this kernel's order (torch's cascade sums in its own), so `out` may
- * differ from torch's in the last bit of a rare element; x_out is torch's add bit for bit. N % 16 == 0. */
-int tandem_add_rms_norm_bf16(const void *h, int64_t hs, const void *a, int64_t as, void *x_out, const void *w,
-                             int64_t T, int64_t N, float eps, void *out, int num_threads) {
-    if (N % 16 || N > 1 << 16) return -2;
-    int nt = T * N < 65536 ? 1 : num_threads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const char *hr = (const char *)h + t * hs * 2, *ar = a ? (const char *)a + t * as * 2 : 0;
-        char *xr = a ? (char *)x_out + t * N * 2 : 0, *orow = (char *)out + t * N * 2;
-        v16f acc = (v16f){0};
-        for (int64_t j = 0; j < N; j += 16) {
-            v16f x = load16(hr + j * 2, 1);
-            if (ar) {
-                x = round_bf16(x + load16(ar + j * 2, 1));
-                store16(xr + j * 2, x, 1);
-            }
-            acc += x * x;
+ * h, a: [T, N] with row strides hs, as (elements); x_out, out: [T, N] contiguous; w: [N], all in the
+ * same dtype. The sum of squares is in fp32 in this kernel's order (torch's cascade sums in its own), so
+ * `out` may differ from torch's in the last bit of a rare element; x_out is torch's add bit for bit.
+ * N % 16 == 0. */
+static inline __attribute__((always_inline)) void add_rms_norm_row(const char *hr, const char *ar, char *xr,
+                                                                   const char *w, int64_t N, float eps, char *orow,
+                                                                   const int bf16) {
+    const size_t es = bf16 ? 2 : 4;
+    v16f acc = (v16f){0};
+    for (int64_t j = 0; j < N; j += 16) {
+        v16f x = load16(hr + j * es, bf16);
+        if (ar) {
+            x = x + load16(ar + j * es, bf16);
+            if (bf16) x = round_bf16(x);
+            store16(xr + j * es, x, bf16);
         }
-        const float r = 1.0f / sqrtf(hsum(acc) / (float)N + eps);
-        const char *src = ar ? xr : hr; /* x again: from the rounded sum just written, or the input */
-        for (int64_t j = 0; j < N; j += 16) {
-            v16f y = round_bf16(load16(src + j * 2, 1) * r);
-            store16(orow + j * 2, y * load16((const char *)w + j * 2, 1), 1);
-        }
+        acc += x * x;
     }
+    const float r = 1.0f / sqrtf(hsum(acc) / (float)N + eps);
+    const char *src = ar ? xr : hr; /* x again: from the rounded sum just written, or the input */
+    for (int64_t j = 0; j < N; j += 16) {
+        v16f y = load16(src + j * es, bf16) * r;
+        if (bf16) y = round_bf16(y);
+        store16(orow + j * es, y * load16(w + j * es, bf16), bf16);
+    }
+}
+
+int tandem_add_rms_norm(const void *h, int64_t hs, const void *a, int64_t as, void *x_out, const void *w,
+                        int64_t T, int64_t N, float eps, void *out, int bf16, int num_threads) {
+    if (N % 16 || N > 1 << 16) return -2;
+    const size_t es = bf16 ? 2 : 4;
+    int nt = T * N < 65536 ? 1 : num_threads;
+    FOR_ROWS(nt, t, T, {
+        const char *hr = (const char *)h + t * hs * es, *ar = a ? (const char *)a + t * as * es : 0;
+        char *xr = a ? (char *)x_out + t * N * es : 0, *orow = (char *)out + t * N * es;
+        if (bf16)
+            add_rms_norm_row(hr, ar, xr, (const char *)w, N, eps, orow, 1);
+        else
+            add_rms_norm_row(hr, ar, xr, (const char *)w, N, eps, orow, 0);
+    });
     return 0;
 }

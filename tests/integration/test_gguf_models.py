@@ -140,3 +140,29 @@ def test_default_model_is_served_from_its_gguf(smollm2_dir):
 
     assert gguf_file(smollm2_dir) is not None and Path(smollm2_dir).name == "SmolLM2-135M-Instruct"
     assert not list(Path(smollm2_dir).glob("*.safetensors"))
+
+
+def test_the_fused_decode_step_equals_the_layer_by_layer_path(gguf_model, single, monkeypatch):
+    """Decode-only steps run every layer in one call (engine/kernels/decode_step.c); the layer-by-layer
+    path, the same kernels called from Python, gives the same tokens and logprobs within rounding (its
+    silu is torch's)."""
+    from engine import kernels
+
+    calls = []
+    real = kernels.DecodeStep.__call__
+    monkeypatch.setattr(kernels.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    eng = engine(gguf_model[1])
+    try:
+        fused = greedy(eng)
+    finally:
+        eng.shutdown()
+    assert len(calls) >= 15  # every decode step (all prompts decode together) went through it
+    monkeypatch.setattr("engine.model.decode_step", lambda: None)
+    eng = engine(gguf_model[1])
+    try:
+        layered = greedy(eng)
+    finally:
+        eng.shutdown()
+    for a, b in zip(fused, layered):
+        assert a["token_ids"] == b["token_ids"]
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-5

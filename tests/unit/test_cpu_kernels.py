@@ -250,7 +250,9 @@ def test_bad_arguments_raise_real_exceptions_naming_them():
     with pytest.raises(ValueError, match=r"rope: cos must be contiguous, got strides \(1, 4\)"):
         ew.rope(x, cs.t(), cs.t().contiguous(), 1)
     h = torch.randn(4, 32, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="add_rms_norm: h must be torch.bfloat16, got torch.float32"):
+    with pytest.raises(TypeError, match="add_rms_norm: h must be bfloat16 or float32, got torch.float16"):
+        ew.add_rms_norm(h.half(), torch.ones(32, dtype=torch.float16), 1e-5, 1)
+    with pytest.raises(TypeError, match="add_rms_norm: weight must be torch.float32, got torch.bfloat16"):
         ew.add_rms_norm(h.float(), torch.ones(32, dtype=torch.bfloat16), 1e-5, 1)
     with pytest.raises(ValueError, match="add_rms_norm: weight must have 32 elements .*, got 16"):
         ew.add_rms_norm(h, torch.ones(16, dtype=torch.bfloat16), 1e-5, 1)
@@ -278,7 +280,26 @@ def test_add_rms_norm_bf16_matches_transformers_rounding():
     alone, none = ew.add_rms_norm(h, norm.weight, 1e-5, 2)
     assert none is None
     assert ((alone.float() - norm.torch_forward(h).float()).abs() <= norm.torch_forward(h).float().abs() * 2.0 ** -7).all()
-    # the module takes the kernel for bf16 rows on CPU, torch for fp32
+    # the module takes the kernel for bf16 rows on CPU
     assert torch.equal(norm(h), alone)
     h2, normed = norm.add_forward(h, a)
     assert torch.equal(h2, x) and torch.equal(normed, out)
+
+
+@needs_elementwise
+def test_add_rms_norm_fp32_matches_torch_within_rounding():
+    """fp32: the residual add bit for bit, the norm within a few fp32 ulps of torch's (the sum of
+    squares in another order), for one row (a decode step) and for many."""
+    from engine.layers.norm import RMSNorm
+
+    torch.manual_seed(1)
+    norm = RMSNorm(576, 1e-5, torch.float32)
+    norm.weight.data = torch.randn(576)
+    for rows in (1, 300):
+        big = torch.randn(rows, 2 * 576) * 3
+        h, a = big[:, :576], torch.randn(rows, 576)
+        h2, normed = norm.add_forward(h, a)
+        assert torch.equal(h2, h + a)
+        want = norm.torch_forward(h + a)
+        torch.testing.assert_close(normed, want, rtol=4e-7, atol=1e-6)
+        torch.testing.assert_close(norm(h), norm.torch_forward(h), rtol=4e-7, atol=1e-6)

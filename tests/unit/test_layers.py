@@ -16,4 +16,8 @@ def test_rms_norm_rounds_as_transformers_does(dtype):
     theirs.weight.data = ours.weight.data.clone()
     for rows in (1, 7, 300):
         x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
-        assert torch.equal(ours(x), theirs(x)), (dtype, rows)
+        if dtype == torch.float32:  # the module takes engine/kernels' fused norm (its own sum order)
+            assert torch.equal(ours.torch_forward(x), theirs(x)), (dtype, rows)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=4e-7, atol=1e-6)
+        else:
+            assert torch.equal(ours(x), theirs(x)), (dtype, rows)
