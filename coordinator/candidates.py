@@ -206,6 +206,14 @@ class _One(Candidates):
         filed = v.filed.get(self._roster) if v is not None else None
         self.v = v if filed is not None and filed[0] in self.groups and self._ok(v) else None
 
+    def only(self, worker_id: str) -> Candidates:
+        """Narrowed, never widened: this worker if it is the one asked for, else none (the TTFT walk asks
+        for each worker holding a prefix, which must not escape a colocated placement's restriction)."""
+        one = _One(self, worker_id)
+        if one.v is not self.v:
+            one.v = None
+        return one
+
     def _views(self, room: Room | None) -> list:
         return [self.v] if self.v is not None and (room is None or _has_room(self.v, room)) else []
 

@@ -173,6 +173,27 @@ def test_a_role_left_alone_covers_for_the_missing_one():
         assert not isinstance(got, Placement)
 
 
+def test_a_cached_prefix_does_not_split_a_colocated_placement():
+    """Colocated workers only: c0 holds 280 of the 300-token prompt but has no room for its KV, so c1
+    (room, nothing cached) must both prefill and decode it, computing every token; c0's prefix must not
+    make it the prefill worker of c1's request, and c1 alone misses a 200 ms TTFT SLO."""
+    prof = {"prefill": {"a": 0.01, "b": 1e-3, "c": 0.0}, "decode": {"base": 0.01, "per_seq": 0.0, "per_token": 0.0}}
+
+    def view():
+        v = LiveView(1.0)
+        for wid, free_blocks in (("c0", 0), ("c1", 100)):
+            v.registered(info(wid, "colocated", "m", prof), now=0.0)
+            v.heartbeat(Load(wid, 0.0, 0, 0, free_blocks, 100, 0.0, 0), now=0.0)
+        return v
+
+    for scan in (False, True):
+        got, colocated = view().place(make_policy("slo"), PlacementRequest(300, 1, cached={"c0": 280}), 0.0, scan=scan)
+        assert colocated and (got.prefill, got.decode) == ("c1", "c1") and got.predicted_ttft > 0.3, scan
+        got, _ = view().place(make_policy("slo"), PlacementRequest(300, 1, ttft_slo=0.2, cached={"c0": 280}), 0.0,
+                              scan=scan)
+        assert not isinstance(got, Placement) and "TTFT" in got.reason, scan
+
+
 def test_ties_go_to_the_first_registered_and_suspects_are_skipped():
     v = LiveView(suspect_after=1.0)
     for i in range(50):  # identical idle workers
