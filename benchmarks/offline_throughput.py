@@ -1,14 +1,19 @@
-"""Offline throughput: tandem vs Hugging Face transformers (and llama.cpp when installed) on SmolLM2.
+"""Offline throughput: tandem vs Hugging Face transformers and llama.cpp on SmolLM2, with each step's bytes
+over the machine's memory bandwidth (the roofline of a memory-bound decode).
 
-    python benchmarks/offline_throughput.py [--concurrency 1 8 32] [--dtypes float32 bfloat16]
-                                            [--threads 2] [--out bench_results/offline_throughput.json]
+    python benchmarks/offline_throughput.py [--concurrency 1 8 32] [--dtypes float32] [--threads 2]
+                                            [--out bench_results/offline_throughput.json]
 
-For each dtype and concurrency C: C distinct prompts of ~128 tokens, 128 greedy output tokens each
-(eos ignored), all submitted at once. Reports output tokens/s (C*128 / wall time), prompt tokens/s
-(a prefill-only pass: 1 output token; median of 3), and at C=1 the decode rate (tokens after the first / time
-after the first). transformers runs `generate` batched with left padding, same dtype and threads;
-llama.cpp (llama-cpp-python, the same GGUF, n_threads = --threads) runs C=1 only.
-tandem also runs bf16 activations with int8 weight-only quantization at small concurrency.
+For each concurrency C: C distinct prompts of ~128 tokens, 128 greedy output tokens each (eos ignored),
+all submitted at once. Reports output tokens/s (C*128 / wall time), prompt tokens/s (a prefill-only
+pass: 1 output token; median of 3), and at C=1 the decode rate (tokens after the first / time after the
+first). Systems:
+  - `tandem gguf`: the default model as served, its Q4_1 GGUF kept as stored (fp32 activations);
+  - `tandem`: the same weights converted to an fp32 checkpoint (`engine.model_store.hf_copy`), dense;
+  - `transformers`: `generate` batched with left padding on that fp32 checkpoint, same threads;
+  - `llama.cpp` (llama-cpp-python, the same GGUF, n_threads = --threads): C=1 only.
+At C=1, tandem's lines also give the bytes a decode step reads (weights + KV) and that rate over the
+memory bandwidth measured here (a 1 GiB read with --threads threads), the roofline fraction.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +55,52 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def step_bytes(eng, context: float) -> int:
+    """Bytes a decode step of one sequence reads: every weight once (an untied embedding but a row), and
+    the KV of `context` tokens."""
+    model = eng.runner.model
+    total = 0
+    for name, module in model.named_modules():
+        if getattr(module, "gguf", None) is not None:
+            total += module.gguf.nbytes
+        for p in module.parameters(recurse=False):
+            if not (name == "embed_tokens" and model.lm_head is not None):
+                total += p.numel() * p.element_size()
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            total += module.in_features * module.out_features * packed.element_size()
+    spec = eng.runner.kv_spec
+    kv = context * spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+    return int(total + kv)
+
+
+def memory_bandwidth(threads: int) -> float:
+    """Bytes/s of a 1 GiB read with `threads` threads (best of 5)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(2**28)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_info() -> dict:
+    info = {"cpus": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        info["model"] = fields.get("Model name", "").strip()
+        flags = set(fields.get("Flags", "").split())
+        info["flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="none"):
     from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 
@@ -56,6 +108,7 @@ def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="n
                                                                    enable_prefix_caching=False),
                                  device=DeviceConfig(device=DEVICE, dtype=dtype, num_threads=threads),
                                  quantization=quantization))
+    bytes_per_step = step_bytes(eng, len(prompts[0]) + out_tokens / 2)
     eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     prefill_s = _median_time(lambda: eng.generate(prompts, SamplingParams(max_tokens=1, temperature=0)))
 
@@ -71,7 +124,12 @@ def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="n
         if first is None:
             first = time.perf_counter() - t0
     total = time.perf_counter() - t0
-    return _result(len(prompts), n, total, first, prefill_s, sum(map(len, prompts)))
+    eng.shutdown()
+    r = _result(len(prompts), n, total, first, prefill_s, sum(map(len, prompts)))
+    if "decode_tok_s" in r:
+        r["step_mb"] = round(bytes_per_step / 1e6, 1)
+        r["read_gb_s"] = round(bytes_per_step * r["decode_tok_s"] / 1e9, 2)
+    return r
 
 
 def bench_hf(model_dir, dtype, threads, prompts, out_tokens):
@@ -152,12 +210,13 @@ def _result(c, n, total, first, prefill_s, prompt_tokens):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=None,
+                    help="activation dtypes (default: float32, and bfloat16 where the CPU computes it natively)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--peers", nargs="+", default=["transformers", "llama.cpp"])
-    ap.add_argument("--int8-up-to", type=int, default=8,
+    ap.add_argument("--int8-up-to", type=int, default=0,
                     help="also run tandem bf16 with int8 weights at concurrency <= this (0: never)")
     ap.add_argument("--out", default="bench_results/offline_throughput.json")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp runs on the CPU only)")
@@ -166,12 +225,19 @@ def main():
     global DEVICE
     DEVICE = args.device
 
-    from engine.model_store import cache_dir, pull_default
+    from engine.model_store import cache_dir, hf_copy, pull_default
     from engine.tokenizer import Tokenizer
 
-    model_dir = Path(args.model) if args.model else pull_default()
+    machine = cpu_info()
+    if args.dtypes is None:
+        native_bf16 = {"avx512_bf16", "amx_bf16"} & set(machine.get("flags", []))
+        args.dtypes = ["float32", "bfloat16"] if native_bf16 or args.device != "cpu" else ["float32"]
+    gguf_dir = None if args.model else pull_default()
+    model_dir = Path(args.model) if args.model else hf_copy()
     tok = Tokenizer(model_dir)
     results = []
+    machine["read_gb_s"] = round(memory_bandwidth(args.threads) / 1e9, 1)
+    print(f"machine: {machine}", flush=True)
 
     def record(system, dtype, r):
         r = {"system": system, "dtype": dtype, "threads": args.threads, "device": args.device, **r}
@@ -181,6 +247,8 @@ def main():
     for c in args.concurrency:
         prompts = make_prompts(tok, c, args.prompt_tokens)
         for dtype in args.dtypes:
+            if gguf_dir is not None and args.device == "cpu":
+                record("tandem gguf", dtype, bench_tandem(gguf_dir, dtype, args.threads, prompts, args.output_tokens))
             record("tandem", dtype, bench_tandem(model_dir, dtype, args.threads, prompts, args.output_tokens))
             if dtype == "bfloat16" and c <= args.int8_up_to:
                 record("tandem", "bf16+int8", bench_tandem(model_dir, dtype, args.threads, prompts,
@@ -197,36 +265,43 @@ def main():
                 record("llama.cpp", "Q4_1", bench_llama_cpp(gguf, args.threads, prompts, args.output_tokens))
 
     print()
-    print(f"{'system':<13}{'dtype':<11}{'C':>4}{'out tok/s':>11}{'prompt tok/s':>14}{'decode tok/s':>14}")
+    print(f"{'system':<13}{'dtype':<11}{'C':>4}{'out tok/s':>11}{'prompt tok/s':>14}{'decode tok/s':>14}"
+          f"{'step MB':>9}{'GB/s':>7}{'roofline':>10}")
+    bw = machine["read_gb_s"]
     for r in results:
+        roof = f"{r['read_gb_s'] / bw:.0%}" if "read_gb_s" in r else ""
+        if roof:
+            r["roofline"] = round(r["read_gb_s"] / bw, 3)
         print(f"{r['system']:<13}{r['dtype']:<11}{r['concurrency']:>4}{r['output_tok_s']:>11}"
-              f"{r['prompt_tok_s']:>14}{r.get('decode_tok_s', ''):>14}")
+              f"{r['prompt_tok_s']:>14}{r.get('decode_tok_s', ''):>14}{r.get('step_mb', ''):>9}"
+              f"{r.get('read_gb_s', ''):>7}{roof:>10}")
+    print(f"(roofline: the bytes a decode step reads times the decode rate, over {bw} GB/s measured here)")
     print()
     ratios = {}
     for r in results:
-        if r["system"] != "tandem":
+        if not r["system"].startswith("tandem"):
             continue
         for peer in results:
             same = peer["dtype"] == r["dtype"] or (r["dtype"] == "bf16+int8" and peer["dtype"] == "bfloat16")
-            if peer["system"] != "tandem" and peer["concurrency"] == r["concurrency"] and \
+            if not peer["system"].startswith("tandem") and peer["concurrency"] == r["concurrency"] and \
                     (same or peer["system"] == "llama.cpp"):
-                key = f"tandem {r['dtype']} / {peer['system']} {peer['dtype']} C={r['concurrency']}"
+                key = f"{r['system']} {r['dtype']} / {peer['system']} {peer['dtype']} C={r['concurrency']}"
                 ratios[key] = {"output": round(r["output_tok_s"] / peer["output_tok_s"], 2),
                                "prompt": round(r["prompt_tok_s"] / peer["prompt_tok_s"], 2)}
                 if "decode_tok_s" in r and "decode_tok_s" in peer:
                     ratios[key]["decode"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
-                print(f"{key:<52} " + "  ".join(f"{k} x{v}" for k, v in ratios[key].items()))
+                print(f"{key:<62} " + "  ".join(f"{k} x{v}" for k, v in ratios[key].items()))
     for c in args.concurrency:
-        ours = [r for r in results if r["system"] == "tandem" and r["concurrency"] == c]
+        ours = [r for r in results if r["system"].startswith("tandem") and r["concurrency"] == c]
         theirs = [r for r in results if r["system"] == "transformers" and r["concurrency"] == c]
         if ours and theirs:
             a, b = max(ours, key=lambda r: r["output_tok_s"]), max(theirs, key=lambda r: r["output_tok_s"])
-            key = f"best tandem ({a['dtype']}) / best transformers ({b['dtype']}) C={c}"
+            key = f"best tandem ({a['system']} {a['dtype']}) / best transformers ({b['dtype']}) C={c}"
             ratios[key] = {"output": round(a["output_tok_s"] / b["output_tok_s"], 2)}
             print(f"{key:<60} output x{ratios[key]['output']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"results": results, "ratios": ratios,
-                                          "machine": {"cpus": os.cpu_count()}}, indent=2))
+                                          "machine": machine}, indent=2))
     print(f"\nwrote {args.out}")
 
 
