@@ -251,6 +251,8 @@ class GGUFLinear:
         self._row_bytes.restype = i64
         self._row_bytes.argtypes = [c_int, i64]
         self.max_rows = lib.tandem_gguf_max_rows()  # input rows that share one decode of a weight block
+        # the panel GEMM takes batches from this many rows on (0: this build has none, as plain C)
+        self.gemm_min_rows = lib.tandem_gguf_gemm_min_rows()
 
     def row_bytes(self, qtype: int, k: int) -> int:
         """Bytes of a row of k weights of ggml type `qtype`; 0 where the kernel does not take them."""

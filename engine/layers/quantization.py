@@ -167,7 +167,9 @@ def needs_fp32(dtype: torch.dtype, device: torch.device) -> bool:
 
 # ---- GGUF block formats ---------------------------------------------------------------------------
 _SUPER_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # weights per block; the others: 32
-GEMV_ROWS = 32  # inputs of up to this many rows go through the kernel; more: dequantized tiles into oneDNN
+# without the kernel's panel GEMM (its plain-C build), inputs of more rows than this go to oneDNN as
+# dequantized tiles
+GEMV_ROWS = 32
 _TILE_BYTES = 8 << 20  # fp32 weights dequantized at a time for the large-batch path
 _scratch = torch.empty(0)  # their buffer: the forward runs on one thread per process
 
@@ -216,7 +218,8 @@ class GGUFWeight:
         """x: fp32 [M, k], elements contiguous -> fp32 [M, n]."""
         global _scratch
         kern, threads, M = gguf_linear(), torch.get_num_threads(), x.shape[0]
-        if M > GEMV_ROWS and len(self.segments) == 1 and self.n * self.k * 4 <= _TILE_BYTES:
+        tiles = M > GEMV_ROWS and not kern.gemm_min_rows
+        if tiles and len(self.segments) == 1 and self.n * self.k * 4 <= _TILE_BYTES:
             _, qt, _, data = self.segments[0]  # one tile: the product is the output
             if _scratch.numel() < self.n * self.k:
                 _scratch = torch.empty(self.n * self.k)
@@ -224,7 +227,7 @@ class GGUFWeight:
         y = torch.empty(M, self.n)
         for offset, qt, _, data in self.segments:
             n = data.shape[0]
-            if M <= GEMV_ROWS:
+            if not tiles:
                 kern(qt, x, data, threads, out=y[:, offset:offset + n])
                 continue
             step = max(1, _TILE_BYTES // (4 * self.k))

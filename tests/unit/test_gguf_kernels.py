@@ -44,7 +44,7 @@ def test_dequantize_is_numpys_exactly_and_products_match(kern, qtype):
     t = torch.from_numpy(raw)
     qt = kernels.GGUF_TYPES[qtype]
     assert torch.equal(kern.dequantize(qt, t, k, 2), torch.from_numpy(w))
-    for m in (1, 2, 3, 5, 8, 9, 17):  # every row-tile size, and tails past them
+    for m in (1, 2, 3, 5, 8, 9, 15, 16, 17, 34):  # the row kernel's tile sizes and tails; the panel GEMM's
         x = torch.randn(m, k)
         close(kern(qt, x, t, 2).numpy(), x.numpy(), w)
 
@@ -92,7 +92,7 @@ def test_mixed_types_tiles_and_rows():
     assert [s[2] for s in w.segments] == ["Q4_K", "Q6_K", "Q8_0"]  # runs of one type merged
     full = np.concatenate(dense)
     assert torch.equal(w.dequantize(), torch.from_numpy(full))
-    for m in (1, 7, q.GEMV_ROWS + 1, 70):  # the kernel, then dequantized tiles into oneDNN
+    for m in (1, 7, q.GEMV_ROWS + 1, 70):  # the row kernel, then the panel GEMM (or oneDNN tiles)
         x = torch.randn(m, k)
         close(w.matmul(x).numpy(), x.numpy(), full)
     emb = q.GGUFWeight(k, [(0, "Q8_0", segments[3][2])])
@@ -103,7 +103,9 @@ def test_mixed_types_tiles_and_rows():
 
 
 def test_large_batch_path_in_several_tiles(monkeypatch):
+    """Where the kernel has no panel GEMM (its plain-C build): dequantized tiles into oneDNN."""
     check_cpu_kernel("gguf_linear")
+    monkeypatch.setattr(kernels.gguf_linear(), "gemm_min_rows", 0)
     monkeypatch.setattr(q, "_TILE_BYTES", 64 * 96 * 4)  # 64-row tiles of a 150-row weight
     raw = random_gguf_rows("Q4_0", 150, 96, np.random.default_rng(4))
     w = q.GGUFWeight(96, [(0, "Q4_0", torch.from_numpy(raw))])
