@@ -265,6 +265,9 @@ class DeviceConfig:
     seed: int = 0
     tune_malloc: bool = True  # CPU: keep freed memory in the heap (engine/platform.py)
     packed_linear: bool = option(True, "CPU: dense weights prepacked for oneDNN where it supports the dtype")
+    # engine/kernels/gguf_linear.c
+    int8_activations: bool = option(False, "CPU, GGUF Q4_0/Q4_1/Q8_0 weights: round a small batch's activations to "
+                                           "int8 per 32 values for the matmul, as llama.cpp does (faster, lossy)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -13,7 +13,7 @@ from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import CacheConfig, DeviceConfig, ModelConfig
 from engine.guided import GuidedDecoder
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, kv_cache_budget
-from engine.layers.quantization import get_linear_method, quantize_model
+from engine.layers.quantization import get_linear_method, quantize_model, set_int8_activations
 from engine.loader import build_model
 from engine.parallel import SINGLE, ParallelContext
 from engine.sampler import PromptLogprobs, Sampler, SamplingRow, TokenLogprobs, token_logprobs
@@ -81,6 +81,8 @@ class ModelRunner:
             load_all()  # before any timed step (the start-up profile); torch's ops where they cannot be built
         quantize_model(self.model, get_linear_method(quantization, self.dtype, self.device,
                                                      pack=device_cfg.packed_linear))
+        if device_cfg.int8_activations and not set_int8_activations(self.model, True):
+            log.warning("int8_activations: the model has no GGUF weights (the option applies to those only)")
         self.load_seconds = time.perf_counter() - t0
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         self.kv_spec = KVCacheSpec(

@@ -253,6 +253,14 @@ class GGUFLinear:
         self.max_rows = lib.tandem_gguf_max_rows()  # input rows that share one decode of a weight block
         # the panel GEMM takes batches from this many rows on (0: this build has none, as plain C)
         self.gemm_min_rows = lib.tandem_gguf_gemm_min_rows()
+        self._q8 = lib.tandem_gguf_linear_q8
+        self._q8.restype = c_int
+        self._q8.argtypes = self._fn.argtypes
+        self._q8_takes = lib.tandem_gguf_q8_takes
+
+    def q8_takes(self, qtype: int) -> bool:
+        """Whether ggml type `qtype` has the int8-activation path (`int8=True`)."""
+        return bool(self._q8_takes(qtype))
 
     def row_bytes(self, qtype: int, k: int) -> int:
         """Bytes of a row of k weights of ggml type `qtype`; 0 where the kernel does not take them."""
@@ -268,9 +276,10 @@ class GGUFLinear:
             raise ValueError(f"{fn}: w must be [N, {rb}] bytes, got {tuple(w.shape)}")
         return w.shape[0]
 
-    def __call__(self, qtype: int, x, w, num_threads: int, out=None):
+    def __call__(self, qtype: int, x, w, num_threads: int, out=None, int8: bool = False):
         """x: fp32 [M, K] (rows may be strided, elements contiguous); w: [N, row_bytes] -> fp32 [M, N]
-        (into `out`, an fp32 [M, N] view with contiguous rows, where given)."""
+        (into `out`, an fp32 [M, N] view with contiguous rows, where given). `int8`: x rounded to int8 per
+        32 values first, as llama.cpp does (lossy; Q4_0, Q4_1, Q8_0)."""
         M, K = x.shape
         n = self._check("gguf_linear", qtype, w, K)
         _check_dtype("gguf_linear", "x", x, torch.float32)
@@ -281,10 +290,12 @@ class GGUFLinear:
             _check_shape("gguf_linear", "out", out, (M, n))
             _check_dtype("gguf_linear", "out", out, torch.float32)
             _check_stride("gguf_linear", "out", out, 1, 1)
-        rc = self._fn(qtype, x.data_ptr(), M, K, x.stride(0), w.data_ptr(), n, out.data_ptr(), out.stride(0),
-                      num_threads)
+        rc = (self._q8 if int8 else self._fn)(qtype, x.data_ptr(), M, K, x.stride(0), w.data_ptr(), n,
+                                              out.data_ptr(), out.stride(0), num_threads)
         if rc == -1:
             raise MemoryError("gguf_linear: out of memory")
+        if rc == -2:
+            raise ValueError(f"gguf_linear: ggml type {qtype} has no int8-activation path")
         return out
 
     def dequantize(self, qtype: int, w, k: int, num_threads: int = 1, out=None):
@@ -319,8 +330,8 @@ def gguf_linear(isa: str | None = None) -> GGUFLinear | None:
 
 
 class _Weight(ctypes.Structure):  # decode_step.c's tandem_weight
-    _fields_ = [("n", ctypes.c_int32), ("type", ctypes.c_int32 * 4), ("offset", ctypes.c_int64 * 4),
-                ("rows", ctypes.c_int64 * 4), ("data", ctypes.c_void_p * 4)]
+    _fields_ = [("n", ctypes.c_int32), ("int8", ctypes.c_int32), ("type", ctypes.c_int32 * 4),
+                ("offset", ctypes.c_int64 * 4), ("rows", ctypes.c_int64 * 4), ("data", ctypes.c_void_p * 4)]
 
 
 class _Layer(ctypes.Structure):  # tandem_layer
@@ -350,7 +361,7 @@ class DecodeStep:
     def _weight(w) -> _Weight:
         """A GGUFWeight's segments (offset, ggml type, name, [rows, bytes] tensor)."""
         out = _Weight()
-        out.n = len(w.segments)
+        out.n, out.int8 = len(w.segments), w.int8_activations
         for i, (offset, qtype, _, data) in enumerate(w.segments):
             out.type[i], out.offset[i], out.rows[i], out.data[i] = qtype, offset, data.shape[0], data.data_ptr()
         return out

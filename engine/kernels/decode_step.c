@@ -16,7 +16,8 @@
 
 /* a projection's weight: runs of output rows, each of one ggml type */
 typedef struct {
-    int32_t n; /* segments */
+    int32_t n;    /* segments */
+    int32_t int8; /* activations rounded to int8 (tandem_gguf_linear_q8) where the type has that path */
     int32_t type[MAX_SEGMENTS];
     int64_t offset[MAX_SEGMENTS], rows[MAX_SEGMENTS];
     const uint8_t *data[MAX_SEGMENTS];
@@ -35,7 +36,9 @@ typedef struct {
 
 static int project(const tandem_weight *w, const float *x, int64_t M, int64_t K, float *y, int64_t N, int nt) {
     for (int s = 0; s < w->n; s++) {
-        int rc = tandem_gguf_linear(w->type[s], x, M, K, K, w->data[s], w->rows[s], y + w->offset[s], N, nt);
+        const int q8 = w->int8 && M < (GEMM_MIN_ROWS ? GEMM_MIN_ROWS : 1 << 30) && tandem_gguf_q8_takes(w->type[s]);
+        int rc = (q8 ? tandem_gguf_linear_q8 : tandem_gguf_linear)(w->type[s], x, M, K, K, w->data[s], w->rows[s],
+                                                                  y + w->offset[s], N, nt);
         if (rc) return rc;
     }
     return 0;

@@ -17,6 +17,7 @@
  * (x86-64-v4, x86-64-v3, x86-64) and picks the best at run time; tests run every level the machine
  * can. Built with -ffp-contract=off: the only fused multiply-adds are the explicit ones.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -530,3 +531,153 @@ static int gemm(int t, const float *x, int64_t M, int64_t K, int64_t ldx, const 
     return failed ? -1 : 0;
 }
 #endif
+
+/* ---- int8 activations (opt-in, lossy, as llama.cpp computes): each 32 values of an input row become
+ * int8 with one fp32 scale (round(x / d), d = max |x| / 127), and a block's dot product is an integer
+ * one, scaled once: d_w * d_x * sum(q_w q_x) (+ m_w * d_x * sum(q_x) for Q4_1). Q4_0, Q4_1 and Q8_0;
+ * other types keep the exact path. AVX2 (and AVX-512 machines, through the same instructions); plain C
+ * elsewhere. */
+typedef struct {
+    float d, s;   /* scale, and d * sum(q) */
+    int8_t q[32];
+} q8_block;
+
+static void quantize_row_q8(const float *x, int64_t K, q8_block *out) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.f;
+        for (int l = 0; l < 32; l++) amax = fabsf(xb[l]) > amax ? fabsf(xb[l]) : amax;
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        for (int l = 0; l < 32; l++) {
+            int v = (int)nearbyintf(xb[l] * id);
+            out[b].q[l] = (int8_t)v;
+            sum += v;
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+#if defined(__AVX2__)
+static inline float hsum8f(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 dot_i8(__m256i w, __m256i x, int w_signed) { /* 8 lanes of int32 sums, as floats */
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p = w_signed ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+                         : _mm256_maddubs_epi16(w, x);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+}
+#endif
+
+/* out[m] = dot(x[m], row) over nb blocks, x as q8 blocks (nb a row) */
+static inline __attribute__((always_inline)) void row_dot_q8(const int t, const uint8_t *row, int64_t nb,
+                                                             const q8_block *xq, const int mb, float *out) {
+    const int bb = block_bytes(t);
+#if defined(__AVX2__)
+    __m256 acc[MT];
+    float off[MT];
+    for (int m = 0; m < mb; m++) {
+        acc[m] = _mm256_setzero_ps();
+        off[m] = 0.f;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        __m256i w;
+        if (t == Q8_0) {
+            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        } else {
+            __m128i v = _mm_loadu_si128((const __m128i *)(blk + (t == Q4_0 ? 2 : 4)));
+            w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0xF));
+            if (t == Q4_0) w = _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+        }
+        const float dw = f16(blk), mw = t == Q4_1 ? f16(blk + 2) : 0.f;
+        for (int m = 0; m < mb; m++) {
+            const q8_block *xb = xq + m * nb + b;
+            __m256 s = dot_i8(w, _mm256_loadu_si256((const __m256i *)xb->q), t != Q4_1);
+            acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), s, acc[m]);
+            if (t == Q4_1) off[m] += mw * xb->s;
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m] = hsum8f(acc[m]) + off[m];
+#else
+    for (int m = 0; m < mb; m++) {
+        float sum = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * bb;
+            const q8_block *xb = xq + m * nb + b;
+            int dot = 0;
+            for (int l = 0; l < 32; l++) {
+                int q = t == Q8_0 ? (int8_t)blk[2 + l]
+                                  : (l < 16 ? blk[(t == Q4_0 ? 2 : 4) + l] & 0xF : blk[(t == Q4_0 ? 2 : 4) + l - 16] >> 4);
+                if (t == Q4_0) q -= 8;
+                dot += q * xb->q[l];
+            }
+            sum += f16(blk) * xb->d * (float)dot + (t == Q4_1 ? f16(blk + 2) * xb->s : 0.f);
+        }
+        out[m] = sum;
+    }
+#endif
+}
+
+#define Q8_CASE(T, n) case n: row_dot_q8(T, row, nb, xm, n, out); break;
+#define ROWS_Q8(T)                                                                                        \
+    static void rows_q8_##T(const uint8_t *w, int64_t rb, int64_t n0, int64_t n1, int64_t nb,               \
+                            const q8_block *xq, int64_t M, float *y, int64_t ldy) {                       \
+        float out[MT];                                                                                    \
+        for (int64_t n = n0; n < n1; n++) {                                                               \
+            const uint8_t *row = w + n * rb;                                                              \
+            for (int64_t m0 = 0; m0 < M; m0 += MT) {                                                      \
+                int mb = (int)(M - m0 < MT ? M - m0 : MT);                                                \
+                const q8_block *xm = xq + m0 * nb;                                                        \
+                switch (mb) {                                                                             \
+                ROW_Q8_CASES(T)                                                                           \
+                default: row_dot_q8(T, row, nb, xm, 1, out); break;                                       \
+                }                                                                                         \
+                for (int m = 0; m < mb; m++) y[(m0 + m) * ldy + n] = out[m];                              \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+#if MT == 8
+#define ROW_Q8_CASES(T) Q8_CASE(T, 2) Q8_CASE(T, 3) Q8_CASE(T, 4) Q8_CASE(T, 5) Q8_CASE(T, 6) Q8_CASE(T, 7) Q8_CASE(T, 8)
+#else
+#define ROW_Q8_CASES(T) Q8_CASE(T, 2) Q8_CASE(T, 3) Q8_CASE(T, 4)
+#endif
+ROWS_Q8(Q4_0)
+ROWS_Q8(Q4_1)
+ROWS_Q8(Q8_0)
+
+/* Whether type t has the int8-activation path. */
+int tandem_gguf_q8_takes(int t) { return t == Q4_0 || t == Q4_1 || t == Q8_0; }
+
+/* y = x w^T with x rounded to int8 blocks first (see above). Returns 0, -1 out of memory, -2 a type or
+ * K it does not take. */
+int tandem_gguf_linear_q8(int t, const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
+                          float *y, int64_t ldy, int num_threads) {
+    int64_t rb = tandem_gguf_row_bytes(t, K);
+    if (!tandem_gguf_q8_takes(t) || !rb) return -2;
+    const int64_t nb = K / 32;
+    q8_block *xq = (q8_block *)malloc(sizeof(q8_block) * (size_t)(M * nb));
+    if (!xq) return -1;
+    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb);
+    void (*fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const q8_block *, int64_t, float *, int64_t) =
+        t == Q4_0 ? rows_q8_Q4_0 : t == Q4_1 ? rows_q8_Q4_1 : rows_q8_Q8_0;
+    int nt = num_threads < N ? num_threads : (int)N;
+    if (N * rb * ((M + MT - 1) / MT) < (1 << 14)) nt = 1;
+    if (nt <= 1) {
+        fn(w, rb, 0, N, nb, xq, M, y, ldy);
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+            int i = omp_get_thread_num(), T = omp_get_num_threads();
+            fn(w, rb, N * i / T, N * (i + 1) / T, nb, xq, M, y, ldy);
+        }
+    }
+    free(xq);
+    return 0;
+}

@@ -197,6 +197,9 @@ class GGUFWeight:
         self.segments = [(offset, GGUF_TYPES[qtype], qtype, rows.contiguous()) for offset, qtype, rows in merged]
         self.types = sorted({qtype for _, qtype, _ in merged})
         self.nbytes = sum(rows.numel() for _, _, _, rows in self.segments)
+        # small batches' activations rounded to int8 per 32 values, as llama.cpp does (lossy; opt-in:
+        # DeviceConfig.int8_activations), for the types that have that path
+        self.int8_activations = False
 
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """The fp32 weight (or the rows `rows` of a single-type weight), as gguf's numpy dequantizer gives it."""
@@ -225,10 +228,12 @@ class GGUFWeight:
                 _scratch = torch.empty(self.n * self.k)
             return F.linear(x, kern.dequantize(qt, data, self.k, threads, out=_scratch[:self.n * self.k].view(self.n, self.k)))
         y = torch.empty(M, self.n)
+        small = M < (kern.gemm_min_rows or GEMV_ROWS + 1)
         for offset, qt, _, data in self.segments:
             n = data.shape[0]
             if not tiles:
-                kern(qt, x, data, threads, out=y[:, offset:offset + n])
+                int8 = self.int8_activations and small and kern.q8_takes(qt)
+                kern(qt, x, data, threads, out=y[:, offset:offset + n], int8=int8)
                 continue
             step = max(1, _TILE_BYTES // (4 * self.k))
             if _scratch.numel() < min(n, step) * self.k:
@@ -302,6 +307,14 @@ def finish_gguf(model: torch.nn.Module) -> None:
                     module.weight.data[offset:offset + rows.shape[0]] = w
         elif getattr(module, "gguf", None) is not None and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
             module.register_parameter("weight", None)  # an embedding kept in its format
+
+
+def set_int8_activations(model: torch.nn.Module, on: bool) -> int:
+    """Every GGUF weight's `int8_activations`; returns how many weights there are."""
+    weights = [m.gguf for m in model.modules() if getattr(m, "gguf", None) is not None]
+    for w in weights:
+        w.int8_activations = on
+    return len(weights)
 
 
 class GGUFMethod(LinearMethod):

@@ -138,3 +138,29 @@ def test_quantization_at_load_is_ggufs(name):
     odd.linear_method = method
     method.process_weights_after_loading(odd)
     assert odd.weight is not None and type(odd.linear_method) is q.LinearMethod
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_int8_activations_compute_llama_cpps_integer_dot(kern, qtype):
+    """The opt-in int8 path: x rounded per 32 values to int8 with scale max|x| / 127 (numpy here), then
+    integer block dots scaled once; equal to that reference within fp32 rounding, and within the
+    rounding of x (lossy) of the exact product."""
+    rng = np.random.default_rng(5)
+    k, n = 96, 37
+    raw = random_gguf_rows(qtype, n, k, rng)
+    qt = kernels.GGUF_TYPES[qtype]
+    assert kern.q8_takes(qt) and not kern.q8_takes(kernels.GGUF_TYPES["Q4_K"])
+    blocks = dequantize(raw, GGMLQuantizationType[qtype]).reshape(n, k // 32, 32).astype(np.float64)
+    for m in (1, 3, 9):
+        x = torch.randn(m, k)
+        xb = x.numpy().reshape(m, k // 32, 32).astype(np.float32)
+        d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+        q = np.rint(xb * np.where(d > 0, 1 / d, 0)).astype(np.float64)
+        want = np.einsum("mbl,nbl->mn", q * d.astype(np.float64), blocks)
+        got = kern(qt, x, torch.from_numpy(raw), 2, int8=True).numpy()
+        bound = np.einsum("mbl,nbl->mn", np.abs(q * d), np.abs(blocks)) * 1e-5 + 1e-30
+        assert (np.abs(got - want) <= bound).all(), float((np.abs(got - want) / bound).max())
+        exact = x.numpy().astype(np.float64) @ blocks.reshape(n, k).T
+        assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()  # lossy, but close
+    with pytest.raises(ValueError, match="int8"):
+        kern(kernels.GGUF_TYPES["Q6_K"], torch.zeros(1, 256), torch.zeros(1, 210, dtype=torch.uint8), 1, int8=True)
