@@ -11,6 +11,7 @@ first). Systems:
   - `tandem gguf`: the default model as served, its Q4_1 GGUF kept as stored (fp32 activations);
   - `tandem`: the same weights converted to an fp32 checkpoint (`engine.model_store.hf_copy`), dense;
   - `transformers`: `generate` batched with left padding on that fp32 checkpoint, same threads;
+  - `tandem gguf int8-act`: the same with int8 activations (opt-in, lossy: llama.cpp's arithmetic), C <= 8;
   - `llama.cpp` (llama-cpp-python, the same GGUF, n_threads = --threads): C=1 only.
 At C=1, tandem's lines also give the bytes a decode step reads (weights + KV) and that rate over the
 memory bandwidth measured here (a 1 GiB read with --threads threads), the roofline fraction.
@@ -101,12 +102,13 @@ def cpu_info() -> dict:
     return info
 
 
-def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="none"):
+def bench_tandem(model_dir, dtype, threads, prompts, out_tokens, quantization="none", int8_activations=False):
     from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(kv_cache_memory=512 * 2**20,
                                                                    enable_prefix_caching=False),
-                                 device=DeviceConfig(device=DEVICE, dtype=dtype, num_threads=threads),
+                                 device=DeviceConfig(device=DEVICE, dtype=dtype, num_threads=threads,
+                                                     int8_activations=int8_activations),
                                  quantization=quantization))
     bytes_per_step = step_bytes(eng, len(prompts[0]) + out_tokens / 2)
     eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
@@ -218,6 +220,8 @@ def main():
     ap.add_argument("--peers", nargs="+", default=["transformers", "llama.cpp"])
     ap.add_argument("--int8-up-to", type=int, default=0,
                     help="also run tandem bf16 with int8 weights at concurrency <= this (0: never)")
+    ap.add_argument("--int8-activations-up-to", type=int, default=8,
+                    help="also run the GGUF with int8 activations (opt-in, lossy, as llama.cpp) at concurrency <= this")
     ap.add_argument("--out", default="bench_results/offline_throughput.json")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp runs on the CPU only)")
     ap.add_argument("--model", default=None, help="a checkpoint directory instead of SmolLM2 (no llama.cpp then)")
@@ -249,6 +253,9 @@ def main():
         for dtype in args.dtypes:
             if gguf_dir is not None and args.device == "cpu":
                 record("tandem gguf", dtype, bench_tandem(gguf_dir, dtype, args.threads, prompts, args.output_tokens))
+                if c <= args.int8_activations_up_to:
+                    record("tandem gguf", "int8-act", bench_tandem(gguf_dir, dtype, args.threads, prompts,
+                                                                   args.output_tokens, int8_activations=True))
             record("tandem", dtype, bench_tandem(model_dir, dtype, args.threads, prompts, args.output_tokens))
             if dtype == "bfloat16" and c <= args.int8_up_to:
                 record("tandem", "bf16+int8", bench_tandem(model_dir, dtype, args.threads, prompts,
