@@ -395,7 +395,15 @@ int tandem_gguf_linear(int t, const float *x, int64_t M, int64_t K, int64_t ldx,
     return 0;
 }
 
-#define DEQUANT_CASE(T) case T: chunk(T, blk, c, v); break;
+#define CHUNK_CASE(T) case T: chunk(T, blk, c, v); break;
+/* chunk() for a type known at run time: each case inlines one format */
+static void chunk_any(int t, const uint8_t *blk, int c, vf *v) {
+    switch (t) {
+    CHUNK_CASE(Q4_0) CHUNK_CASE(Q4_1) CHUNK_CASE(Q8_0) CHUNK_CASE(Q4_K)
+    CHUNK_CASE(Q5_K) CHUNK_CASE(Q6_K) CHUNK_CASE(F16) CHUNK_CASE(BF16)
+    }
+}
+
 /* rows [n0, n1) as fp32 [n1 - n0, K] at out */
 static void dequant_rows(int t, const uint8_t *w, int64_t rb, int64_t n0, int64_t n1, int64_t K, float *out) {
     const int bb = block_bytes(t), cpb = block_elems(t) / 32;
@@ -406,10 +414,7 @@ static void dequant_rows(int t, const uint8_t *w, int64_t rb, int64_t n0, int64_
             const uint8_t *blk = row + (c0 / cpb) * bb;
             for (int c = 0; c < cpb; c++) {
                 vf v[NV];
-                switch (t) { /* constant types: chunk() inlines to one format */
-                DEQUANT_CASE(Q4_0) DEQUANT_CASE(Q4_1) DEQUANT_CASE(Q8_0) DEQUANT_CASE(Q4_K)
-                DEQUANT_CASE(Q5_K) DEQUANT_CASE(Q6_K) DEQUANT_CASE(F16) DEQUANT_CASE(BF16)
-                }
+                chunk_any(t, blk, c, v);
                 memcpy(o + 32 * (c0 + c), v, sizeof v);
             }
         }
@@ -442,31 +447,6 @@ int tandem_gguf_dequant(int t, const uint8_t *w, int64_t N, int64_t K, float *ou
 #define TN 3 /* 12 accumulators, 4 operands of 16 ymm */
 #endif
 #define PN (8 * TN) /* weight rows a panel */
-
-/* weight rows [n0, n0 + nr) as fp32 [nr][K] at wt */
-static void panel(int t, const uint8_t *w, int64_t rb, int64_t n0, int nr, int64_t K, float *wt) {
-    const int bb = block_bytes(t), cpb = block_elems(t) / 32;
-    for (int r = 0; r < nr; r++) {
-        const uint8_t *row = w + (n0 + r) * rb;
-        for (int64_t c0 = 0; c0 < K / 32; c0 += cpb) {
-            const uint8_t *blk = row + (c0 / cpb) * bb;
-            for (int c = 0; c < cpb; c++) {
-                vf v[NV];
-                switch (t) { /* constant types: chunk() inlines to one format */
-                case Q4_0: chunk(Q4_0, blk, c, v); break;
-                case Q4_1: chunk(Q4_1, blk, c, v); break;
-                case Q8_0: chunk(Q8_0, blk, c, v); break;
-                case Q4_K: chunk(Q4_K, blk, c, v); break;
-                case Q5_K: chunk(Q5_K, blk, c, v); break;
-                case Q6_K: chunk(Q6_K, blk, c, v); break;
-                case F16: chunk(F16, blk, c, v); break;
-                default: chunk(BF16, blk, c, v); break;
-                }
-                memcpy(wt + r * K + (c0 + c) * 32, v, sizeof v);
-            }
-        }
-    }
-}
 
 /* y[i][j] = dot(x[i], wt[j]) for i < tm, j < tn (constants after inlining) */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const float *wt, int64_t K,
@@ -519,7 +499,7 @@ static int gemm(int t, const float *x, int64_t M, int64_t K, int64_t ldx, const 
             for (int64_t p = np * i / T; p < np * (i + 1) / T; p++) {
                 const int64_t n0 = p * PN;
                 const int nr = (int)(N - n0 < PN ? N - n0 : PN);
-                panel(t, w, rb, n0, nr, K, wt);
+                dequant_rows(t, w, rb, n0, n0 + nr, K, wt);
                 panel_rows(x, M, K, ldx, wt, nr, y, ldy, n0);
             }
         } else {
