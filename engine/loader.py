@@ -63,14 +63,9 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
             for name in f.keys():
                 if _IGNORED.search(name):
                     continue
-                target = map_name(model, name)
-                if target is None:
+                if (target := _place(model, params, file, name)) is None:
                     continue  # another pipeline stage's tensor
-                pname, shard = target
-                param = params.get(pname)
-                if param is None:
-                    raise ModelConfigError(f"{file}: tensor {name!r} has no place in the model "
-                                           f"({model.cfg.architecture})")
+                pname, shard, param = target
                 try:
                     loader = getattr(param, "weight_loader", default_weight_loader)
                     loader(param, f.get_slice(name), shard)
@@ -93,13 +88,9 @@ def load_gguf_weights(model, gguf_path: str | Path) -> None:
     modules = dict(model.named_modules())
     loaded: set[str] = set()
     for name, qtype, data, shape in tensors(reader):
-        target = map_name(model, name)
-        if target is None:
+        if (target := _place(model, params, gguf_path, name)) is None:
             continue  # another pipeline stage's tensor
-        pname, shard = target
-        param = params.get(pname)
-        if param is None:
-            raise ModelConfigError(f"{gguf_path}: tensor {name!r} has no place in the model ({model.cfg.architecture})")
+        pname, shard, param = target
         owner = modules[pname.rsplit(".", 1)[0]]
         try:
             if len(shape) == 2 and gguf_placeable(owner, param, shard, qtype.name, shape[1]):
@@ -113,6 +104,19 @@ def load_gguf_weights(model, gguf_path: str | Path) -> None:
         loaded.add(f"{pname}:{shard}")
     check_all_loaded(model, loaded, gguf_path)
     finish_gguf(model)
+
+
+def _place(model, params: dict, source, name: str):
+    """(parameter name, shard id, parameter) of checkpoint tensor `name`, or None where this stage does
+    not hold it; ModelConfigError where the model has no place for it."""
+    target = map_name(model, name)
+    if target is None:
+        return None
+    pname, shard = target
+    param = params.get(pname)
+    if param is None:
+        raise ModelConfigError(f"{source}: tensor {name!r} has no place in the model ({model.cfg.architecture})")
+    return pname, shard, param
 
 
 def check_all_loaded(model, loaded: set[str], source) -> None:
