@@ -73,7 +73,7 @@ def _heads(reader) -> tuple[int, int]:
     return n_head, int(_field(reader, "llama.attention.head_count_kv", n_head))
 
 
-def _config(reader, gguf_path: Path, torch_dtype: str) -> dict:
+def _config(reader, torch_dtype: str) -> dict:
     g = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
     n_head, n_kv = _heads(reader)
     names = {t.name for t in reader.tensors}
@@ -102,7 +102,7 @@ def _write_dir(reader, gguf_path: Path, out_dir: Path, torch_dtype: str, fill, e
     writes, atomically (built beside it, then renamed)."""
     import shutil
 
-    config = {**_config(reader, gguf_path, torch_dtype), **(extra or {})}
+    config = {**_config(reader, torch_dtype), **(extra or {})}
     tok_json, tok_cfg, eos_ids, bos_id = _tokenizer_files(reader, gguf_path)
     config["bos_token_id"] = bos_id
     config["eos_token_id"] = eos_ids[0]

@@ -80,9 +80,11 @@ class _lock:
 
 def pull_default(progress: bool = True, force: bool = False) -> Path:
     """The default model's directory: its GGUF, served as stored."""
+    from engine.gguf import gguf_file
+
     root = cache_dir()
     out = root / "models" / DEFAULT_MODEL
-    if not force and (out / "config.json").is_file() and (out / "model.gguf").exists():
+    if not force and (out / "config.json").is_file() and gguf_file(out) is not None:
         return out
     with _lock():
         gguf_path = _fetch_gguf(root / "downloads", progress)

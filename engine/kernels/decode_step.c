@@ -36,7 +36,7 @@ typedef struct {
 
 static int project(const tandem_weight *w, const float *x, int64_t M, int64_t K, float *y, int64_t N, int nt) {
     for (int s = 0; s < w->n; s++) {
-        const int q8 = w->int8 && M < (GEMM_MIN_ROWS ? GEMM_MIN_ROWS : 1 << 30) && tandem_gguf_q8_takes(w->type[s]);
+        const int q8 = w->int8 && tandem_gguf_q8_takes(w->type[s]);
         int rc = (q8 ? tandem_gguf_linear_q8 : tandem_gguf_linear)(w->type[s], x, M, K, K, w->data[s], w->rows[s],
                                                                   y + w->offset[s], N, nt);
         if (rc) return rc;

@@ -361,6 +361,13 @@ int64_t tandem_gguf_row_bytes(int t, int64_t K) {
 
 int tandem_gguf_max_rows(void) { return MT; }
 
+/* Threads for the row kernels over N rows of rb bytes and M inputs: one where there is too little work
+ * to be worth waking another. */
+static int row_threads(int64_t N, int64_t rb, int64_t M, int num_threads) {
+    if (N * rb * ((M + MT - 1) / MT) < (1 << 14)) return 1;
+    return num_threads < N ? num_threads : (int)N;
+}
+
 /* Returns 0, or -2 for a type or K it does not take. */
 #ifndef SCALAR
 static int gemm(int t, const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t rb, int64_t N,
@@ -380,9 +387,7 @@ int tandem_gguf_linear(int t, const float *x, int64_t M, int64_t K, int64_t ldx,
 #ifndef SCALAR
     if (M >= GEMM_MIN_ROWS) return gemm(t, x, M, K, ldx, w, rb, N, y, ldy, num_threads);
 #endif
-    int nt = num_threads;
-    if (nt > N) nt = (int)N;
-    if (N * rb * ((M + MT - 1) / MT) < (1 << 14)) nt = 1; /* not worth waking a thread */
+    int nt = row_threads(N, rb, M, num_threads);
     if (nt <= 1) {
         fn(w, rb, 0, N, K, x, ldx, M, y, ldy);
     } else {
@@ -635,20 +640,21 @@ ROWS_Q8(Q8_0)
 /* Whether type t has the int8-activation path. */
 int tandem_gguf_q8_takes(int t) { return t == Q4_0 || t == Q4_1 || t == Q8_0; }
 
-/* y = x w^T with x rounded to int8 blocks first (see above). Returns 0, -1 out of memory, -2 a type or
- * K it does not take. */
+/* y = x w^T with x rounded to int8 blocks first (see above); from GEMM_MIN_ROWS rows on, the exact panel
+ * GEMM instead (the int8 path is for small batches). Returns 0, -1 out of memory, -2 a type or K it does
+ * not take. */
 int tandem_gguf_linear_q8(int t, const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
                           float *y, int64_t ldy, int num_threads) {
     int64_t rb = tandem_gguf_row_bytes(t, K);
     if (!tandem_gguf_q8_takes(t) || !rb) return -2;
+    if (GEMM_MIN_ROWS && M >= GEMM_MIN_ROWS) return tandem_gguf_linear(t, x, M, K, ldx, w, N, y, ldy, num_threads);
     const int64_t nb = K / 32;
     q8_block *xq = (q8_block *)malloc(sizeof(q8_block) * (size_t)(M * nb));
     if (!xq) return -1;
     for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * ldx, K, xq + m * nb);
     void (*fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const q8_block *, int64_t, float *, int64_t) =
         t == Q4_0 ? rows_q8_Q4_0 : t == Q4_1 ? rows_q8_Q4_1 : rows_q8_Q8_0;
-    int nt = num_threads < N ? num_threads : (int)N;
-    if (N * rb * ((M + MT - 1) / MT) < (1 << 14)) nt = 1;
+    int nt = row_threads(N, rb, M, num_threads);
     if (nt <= 1) {
         fn(w, rb, 0, N, nb, xq, M, y, ldy);
     } else {

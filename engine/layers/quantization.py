@@ -174,6 +174,14 @@ _TILE_BYTES = 8 << 20  # fp32 weights dequantized at a time for the large-batch 
 _scratch = torch.empty(0)  # their buffer: the forward runs on one thread per process
 
 
+def _scratch_rows(rows: int, k: int) -> torch.Tensor:
+    """An fp32 [rows, k] view of the tile buffer, grown as needed."""
+    global _scratch
+    if _scratch.numel() < rows * k:
+        _scratch = torch.empty(rows * k)
+    return _scratch[:rows * k].view(rows, k)
+
+
 def block_elems(qtype: str) -> int:
     return _SUPER_BLOCK.get(qtype, 32)
 
@@ -201,12 +209,9 @@ class GGUFWeight:
         # DeviceConfig.int8_activations), for the types that have that path
         self.int8_activations = False
 
-    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
-        """The fp32 weight (or the rows `rows` of a single-type weight), as gguf's numpy dequantizer gives it."""
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight, as gguf's numpy dequantizer gives it."""
         kern = gguf_linear()
-        if rows is not None:
-            (_, qt, _, data), = self.segments
-            return kern.dequantize(qt, data[rows], self.k, torch.get_num_threads())
         out = torch.empty(self.n, self.k)
         for offset, qt, _, data in self.segments:
             kern.dequantize(qt, data, self.k, torch.get_num_threads(), out=out[offset:offset + data.shape[0]])
@@ -219,28 +224,22 @@ class GGUFWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x: fp32 [M, k], elements contiguous -> fp32 [M, n]."""
-        global _scratch
         kern, threads, M = gguf_linear(), torch.get_num_threads(), x.shape[0]
         tiles = M > GEMV_ROWS and not kern.gemm_min_rows
         if tiles and len(self.segments) == 1 and self.n * self.k * 4 <= _TILE_BYTES:
             _, qt, _, data = self.segments[0]  # one tile: the product is the output
-            if _scratch.numel() < self.n * self.k:
-                _scratch = torch.empty(self.n * self.k)
-            return F.linear(x, kern.dequantize(qt, data, self.k, threads, out=_scratch[:self.n * self.k].view(self.n, self.k)))
+            return F.linear(x, kern.dequantize(qt, data, self.k, threads, out=_scratch_rows(self.n, self.k)))
         y = torch.empty(M, self.n)
-        small = M < (kern.gemm_min_rows or GEMV_ROWS + 1)
         for offset, qt, _, data in self.segments:
             n = data.shape[0]
-            if not tiles:
-                int8 = self.int8_activations and small and kern.q8_takes(qt)
+            if not tiles:  # the kernel keeps large batches exact even with int8 activations on
+                int8 = self.int8_activations and kern.q8_takes(qt)
                 kern(qt, x, data, threads, out=y[:, offset:offset + n], int8=int8)
                 continue
             step = max(1, _TILE_BYTES // (4 * self.k))
-            if _scratch.numel() < min(n, step) * self.k:
-                _scratch = torch.empty(min(n, step) * self.k)
             for a in range(0, n, step):
                 b = min(n, a + step)
-                w = kern.dequantize(qt, data[a:b], self.k, threads, out=_scratch[:(b - a) * self.k].view(b - a, self.k))
+                w = kern.dequantize(qt, data[a:b], self.k, threads, out=_scratch_rows(b - a, self.k))
                 y[:, offset + a:offset + b] = F.linear(x, w)
         return y
 
