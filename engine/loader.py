@@ -83,7 +83,7 @@ def load_gguf_weights(model, gguf_path: str | Path) -> None:
     from gguf.quants import dequantize
 
     gguf_path = Path(gguf_path)
-    reader = open_gguf(gguf_path)
+    reader = open_gguf(gguf_path, metadata=False)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     loaded: set[str] = set()

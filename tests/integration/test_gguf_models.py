@@ -51,6 +51,22 @@ def single(gguf_model):
         eng.shutdown()
 
 
+def test_conversion_matches_transformers_gguf_loader(gguf_model):
+    """Our fp32 conversion (the reference every test compares with) against transformers' own GGUF
+    loader, tensor for tensor: block formats, Q/K row order, tied and untied heads. (The default
+    model's tokenizer: tests/integration/test_smollm2.py.)"""
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    from transformers import AutoModelForCausalLM
+
+    path, _, converted = gguf_model
+    theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
+    sd_theirs, sd_ours = theirs.state_dict(), ours.state_dict()
+    assert sd_ours.keys() == sd_theirs.keys()
+    for name, t in sd_ours.items():
+        assert torch.equal(t, sd_theirs[name]), name
+
+
 def test_a_gguf_path_is_a_model_directory(gguf_model):
     path, model_dir, _ = gguf_model
     assert model_dir.name == "tiny-mix"  # the name it is served as

@@ -21,3 +21,39 @@ def test_tensor_names():
     assert _hf_name("blk.7.attn_k.weight") == "model.layers.7.self_attn.k_proj.weight"
     assert _hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
     assert _hf_name("blk.0.mystery.weight") is None
+
+
+def test_tensor_index_reads_what_gguf_reader_reads(tmp_path):
+    """The loader's header walk (scalars and tensors, arrays stepped over) against gguf's own reader, on
+    a file mixing every weight format, with alignment 64 and string/int arrays in the metadata."""
+    from gguf import GGUFReader, GGUFWriter
+    from helpers import make_tiny_gguf
+
+    from engine.gguf import TensorIndex, open_gguf, tensors
+
+    types = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q4_1",
+             "ffn_up": "F16", "ffn_down": "BF16", "token_embd": "Q8_0", "output": "F32"}
+    f = make_tiny_gguf(tmp_path / "m.gguf", types, hidden=256, intermediate=256, layers=1)
+    ours, theirs = open_gguf(f, metadata=False), GGUFReader(str(f))
+    assert isinstance(ours, TensorIndex) and len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(tensors(ours), tensors(theirs)):
+        assert (a[0], a[1], a[3]) == (b[0], b[1], b[3])
+        assert a[2].dtype == b[2].dtype and a[2].shape == b[2].shape and np.array_equal(a[2], b[2]), a[0]
+    assert ours.scalars["llama.block_count"] == 1
+    assert ours.scalars == {k: v.contents() for k, v in theirs.fields.items()
+                            if not k.startswith("GGUF.") and not isinstance(v.contents(), list)}
+
+    w = GGUFWriter(str(tmp_path / "a.gguf"), "llama")
+    w.add_uint32("general.alignment", 64)
+    w.add_array("some.ints", [1, 2, 3])
+    w.add_array("some.strings", ["x", "yy", ""])
+    w.add_float64("some.f64", 0.25)
+    w.add_tensor("t", np.arange(10, dtype=np.float32))
+    w.add_tensor("u", np.arange(7, dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    idx = TensorIndex(tmp_path / "a.gguf")
+    assert idx.scalars["some.f64"] == 0.25 and "some.ints" not in idx.scalars
+    assert np.array_equal(idx.tensors[0].data, np.arange(10)) and np.array_equal(idx.tensors[1].data, np.arange(7))
