@@ -303,6 +303,46 @@ static inline __attribute__((always_inline)) void row_dot(const int t, const uin
     }
 }
 
+/* out = dot(x, row) for one input row (decode at batch 1): the integers are multiplied in and each
+ * chunk's sums scaled once, a * (x . q) (+ b * sum(x), from xs, x's chunk sums), instead of scaling
+ * every weight first: a third fewer operations per weight, where one row gets no reuse of a decoded
+ * chunk to pay for them. fp32 throughout; the rounding differs from dequantize-then-dot by summation
+ * order only (tests/unit/test_gguf_kernels.py bounds both the same way). */
+static inline __attribute__((always_inline)) float row_dot1(const int t, const uint8_t *row, int64_t K,
+                                                            const float *x, const float *xs) {
+    const int bb = block_bytes(t), cpb = block_elems(t) / 32;
+    vf acc0 = vzero(), acc1 = vzero();
+    float off = 0.f;
+    for (int64_t c0 = 0; c0 < K / 32; c0 += cpb) {
+        const uint8_t *blk = row + (c0 / cpb) * bb;
+        for (int c = 0; c < cpb; c++) {
+            vf w[NV];
+            chunk_ints(t, blk, c, w);
+            float alo, ahi, b;
+            chunk_scales(t, blk, c, &alo, &ahi, &b);
+            const float *xc = x + 32 * (c0 + c);
+            vf lo = vmul(vload(xc), w[0]), hi = vmul(vload(xc + 16), w[NV / 2]);
+            for (int j = 1; j < NV / 2; j++) {
+                lo = vfma(vload(xc + j * VL), w[j], lo);
+                hi = vfma(vload(xc + 16 + j * VL), w[NV / 2 + j], hi);
+            }
+            acc0 = vfma(vset1(alo), lo, acc0);
+            acc1 = vfma(vset1(ahi), hi, acc1);
+            if (has_offset(t)) off += b * xs[c0 + c];
+        }
+    }
+    return vhsum(vadd(acc0, acc1)) + off;
+}
+
+/* the sums of x's 32-value chunks (the offsets' factor in row_dot1) */
+static void chunk_sums(const float *x, int64_t K, float *xs) {
+    for (int64_t c = 0; c < K / 32; c++) {
+        vf s = vzero();
+        for (int j = 0; j < NV; j++) s = vadd(s, vload(x + 32 * c + j * VL));
+        xs[c] = vhsum(s);
+    }
+}
+
 #define ROW_CASE(T, n) case n: row_dot(T, row, K, xm, ldx, n, out); break;
 #if MT == 8
 #define ROW_CASES(T) ROW_CASE(T, 2) ROW_CASE(T, 3) ROW_CASE(T, 4) ROW_CASE(T, 5) ROW_CASE(T, 6) ROW_CASE(T, 7) ROW_CASE(T, 8)
@@ -314,6 +354,12 @@ static inline __attribute__((always_inline)) void row_dot(const int t, const uin
     static void rows_##T(const uint8_t *w, int64_t rb, int64_t n0, int64_t n1, int64_t K, const float *x,  \
                          int64_t ldx, int64_t M, float *y, int64_t ldy) {                                 \
         float out[MT];                                                                                    \
+        if (M == 1 && T != F16 && T != BF16) { /* no scales to factor out of those */                     \
+            float xs[K / 32 + 1];                                                                         \
+            chunk_sums(x, K, xs);                                                                         \
+            for (int64_t n = n0; n < n1; n++) y[n] = row_dot1(T, w + n * rb, K, x, xs);                   \
+            return;                                                                                       \
+        }                                                                                                 \
         for (int64_t n = n0; n < n1; n++) {                                                               \
             const uint8_t *row = w + n * rb;                                                              \
             for (int64_t m0 = 0; m0 < M; m0 += MT) {                                                      \
