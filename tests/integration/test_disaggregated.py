@@ -379,8 +379,8 @@ def test_a_bf16_prefill_worker_ships_to_an_fp32_decode_worker(cluster, tiny_llam
     """Hosts that resolve `--dtype auto` differently (bf16 with AMX, fp32 on AVX2) pair up: the pages
     leave in bf16 and the decode worker casts them into its fp32 cache (the cast itself, bit for bit:
     tests/unit/test_kv_dtypes.py). The first token is the bf16 prefill's, the rest fp32 decode steps over
-    bf16-rounded prompt KV, which is neither one-process run (on this tiny model it differs from both
-    at a near tie), so the reference is that mixed computation in one process."""
+    bf16-rounded prompt KV, which need not equal either one-process run (on an AVX2 CPU, one prompt here
+    leaves both at a near tie), so the reference is that mixed computation in one process."""
     d = cluster("decode", "--dtype", "float32", wait=False)
     p = cluster("prefill", "--dtype", "bfloat16", wait=False)
     ps = prompts(3, seed=12)
