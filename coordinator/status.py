@@ -45,6 +45,7 @@ def cluster_status(coord: Coordinator) -> dict:
             "kv_blocks": coord.kv_index.held_by(wid),  # prefix-cache blocks the KV index has of it
             "kv_hash_root": i.kv_hash_root, "block_size": i.block_size,
             "kv_bytes_per_token": i.layout.token_bytes(),  # every layer, K and V
+            "dtype": i.layout.dtype,  # what `--dtype auto` resolved to on the worker's host
             "slo_attainment": _attainment(v.load),
             "prefix_cache_hit_rate": _hit_rate(v.load),
         })

@@ -23,6 +23,8 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
 DTYPES = ("float32", "bfloat16", "float16")
+# what a user may ask for: a dtype, or `auto` (engine/platform.py: resolve_dtype, on the worker's own host)
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class DeviceConfig:
     device: str = option("cpu", "cpu, cuda or cuda:N")
-    dtype: str = option("float32", "dtype of weights, activations and KV cache", choices=DTYPES)
+    dtype: str = option("auto", "dtype of weights, activations and KV cache; auto = bfloat16 on a GPU that computes "
+                               "it (else float16) and on a CPU with AVX-512 bf16 or AMX, else float32",
+                        choices=DTYPE_CHOICES)
     # 2 threads made small models 15-40x slower when several processes shared 2 cores
     num_threads: int = option(1, "torch intra-op threads per process", name="threads")
     seed: int = 0
@@ -270,8 +274,8 @@ class DeviceConfig:
                                            "int8 per 32 values for the matmul, as llama.cpp does (faster, lossy)")
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype = {self.dtype!r} must be one of {DTYPES}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype = {self.dtype!r} must be one of {DTYPE_CHOICES}")
         if self.num_threads <= 0:
             raise ValueError(f"num_threads = {self.num_threads!r} must be positive")
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
@@ -21,7 +21,7 @@ from engine.errors import CapacityError, InvalidRequestError
 from engine.executor import LocalExecutor, start_parallel
 from engine.model_runner import ModelRunner, StepOutput
 from engine.partition import check_tp
-from engine.platform import setup_process
+from engine.platform import resolve_device, setup_process
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -82,6 +82,11 @@ class LLMEngine:
         pages from every rank; engine/connector.py), rank 0's here, the others' from `rank_module`."""
         t0 = time.perf_counter()
         setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
+        # `auto` becomes this host's dtype here, once: the ranks, the KV cache, the layout a worker
+        # registers and the prefix hashes all get the resolved config
+        asked, device = config.device.dtype, resolve_device(config.device)
+        if device is not config.device:
+            config = replace(config, device=device)
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
@@ -122,8 +127,9 @@ class LLMEngine:
         # a step's garbage triggers scan only the young (they took ~5% of a decode step)
         gc.collect()
         gc.freeze()
-        log.info("engine ready in %.1fs (weights %.1fs): KV cache %d blocks x %d tokens = %d tokens "
+        log.info("engine ready in %.1fs (weights %.1fs): dtype %s%s, KV cache %d blocks x %d tokens = %d tokens "
                  "(%.1f MiB), max model len %d", time.perf_counter() - t0, self.runner.load_seconds,
+                 config.device.dtype, " (auto)" if asked == "auto" else "",
                  self.executor.num_blocks, bs, self.executor.num_blocks * bs,
                  self.executor.num_blocks * self.runner.kv_spec.block_bytes / 2**20, self.max_model_len)
 

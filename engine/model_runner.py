@@ -16,6 +16,7 @@ from engine.kv_cache import KVCacheSpec, allocate_kv_cache, kv_cache_budget
 from engine.layers.quantization import get_linear_method, quantize_model, set_int8_activations
 from engine.loader import build_model
 from engine.parallel import SINGLE, ParallelContext
+from engine.platform import resolve_dtype
 from engine.sampler import PromptLogprobs, Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
@@ -71,7 +72,7 @@ class ModelRunner:
                  ctx: ParallelContext = SINGLE, num_blocks: int | None = None, quantization: str = "none"):
         self.model_cfg = model_cfg
         self.device = torch.device(device_cfg.device)
-        self.dtype = TORCH_DTYPES[device_cfg.dtype]
+        self.dtype = TORCH_DTYPES[resolve_dtype(device_cfg.dtype, device_cfg.device)]  # (without an engine: tests)
         self.block_size = cache_cfg.block_size
         t0 = time.perf_counter()
         self.model = build_model(model_cfg, model_cfg.path, ctx, self.dtype, self.device)

@@ -50,7 +50,8 @@ class RankCaches:
         cache = self.caches[layer - self.layer_start]
         h0, h1 = heads[0] - self.head_start, heads[1] - self.head_start
         target = cache if (h0 == 0 and h1 == self.num_heads) else cache[:, :, h0:h1]
-        target.index_copy_(1, block_ids, payload.to(cache.device, non_blocking=True))
+        # (pages of another float dtype are cast here, as `insert_runs`' copy_ casts them)
+        target.index_copy_(1, block_ids, payload.to(cache.device, cache.dtype, non_blocking=True))
 
 
     def slabs(self, layer: int, heads: tuple[int, int], src_block_ids: list[int], runs: list[int]) -> list[np.ndarray]:

@@ -20,7 +20,19 @@ from engine.partition import check_kv_tp, kv_head_range, stage_layers
 
 
 class IncompatibleLayouts(ValueError):
-    """P and D cannot exchange KV (different model shape, block size or dtype). Raised at registration."""
+    """P and D cannot exchange KV (different model shape, block size, or dtypes that do not convert).
+    Raised before any page moves: by the sender's plan and by the receiver's reservation."""
+
+
+# KV dtypes that interoperate: pages travel in the sender's cache dtype and the receiver casts them into
+# its own on insert (round to nearest even), so workers that resolved `--dtype auto` differently on their
+# hosts (bf16 with AMX, fp32 on AVX2; engine/platform.py) still pair up
+FLOAT_KV_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def kv_dtypes_compatible(src: str, dst: str) -> bool:
+    """Whether pages of cache dtype `src` can go into a cache of dtype `dst`."""
+    return src == dst or (src in FLOAT_KV_DTYPES and dst in FLOAT_KV_DTYPES)
 
 
 class KVLayout(KVLayoutSpec, frozen=True):
@@ -74,12 +86,15 @@ class TransferItem:
 
 
 def check_compatible(src: KVLayout, dst: KVLayout) -> None:
-    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype"):
+    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
         a, b = getattr(src, name), getattr(dst, name)
         if a != b:
             raise IncompatibleLayouts(f"KV layouts differ in {name}: prefill has {a!r}, decode has {b!r}"
                                       + (" (block sizes must match; configure both workers alike)"
                                          if name == "block_size" else ""))
+    if not kv_dtypes_compatible(src.dtype, dst.dtype):
+        raise IncompatibleLayouts(f"KV layouts differ in dtype: prefill has {src.dtype!r}, decode has {dst.dtype!r} "
+                                  f"(only the float dtypes {FLOAT_KV_DTYPES} convert into each other)")
 
 
 def plan_transfer(src: KVLayout, dst: KVLayout) -> list[TransferItem]:

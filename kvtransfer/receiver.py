@@ -18,7 +18,7 @@ import torch
 
 from kvtransfer.frames import Staged, host_buffer
 from kvtransfer.pages import RankCaches, from_buffer
-from kvtransfer.plan import KVLayout, items_to, plan_transfer
+from kvtransfer.plan import KVLayout, items_to, kv_dtypes_compatible, plan_transfer
 from kvtransfer.protocol import Pages
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,9 @@ class RankReceiver:
             return f"unexpected frame {next(key for key in keys if key not in e.frames)}"
         if msg.block_ids != e.block_ids:
             return "frame names blocks that were not reserved for it"
-        if msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
-            return f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
+        if not kv_dtypes_compatible(msg.dtype, self.layout.dtype) or \
+                msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
+            return f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache ({self.layout.dtype})"
         return None
 
     def _expected_for(self, msg: Pages) -> _Expected | None:
@@ -242,7 +243,8 @@ class RankReceiver:
                 log.warning("no staging buffer of %d bytes (%s); frames go the slow way", sum(sizes), e)
                 return None
             return staged
-        if not msg.runs or msg.heads[0] != self.caches.head_start or \
+        # pages of another dtype are cast as `on_pages` writes them, so they cannot land as they come
+        if not msg.runs or msg.heads[0] != self.caches.head_start or msg.dtype != self.layout.dtype or \
                 msg.heads[1] - msg.heads[0] != self.caches.num_heads or sum(msg.runs) != len(msg.block_ids):
             return None
         layers = range(msg.layer, msg.layer + msg.num_layers)

@@ -28,22 +28,14 @@ from pathlib import Path
 
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link
 
+from engine.platform import cpu_flags
+
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _errors: dict[str, str] = {}  # name -> why it did not build
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cache_dir() -> Path:
@@ -94,7 +86,7 @@ def isa_levels() -> list[str]:
     elsewhere (the compiler's own target)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["native"]
-    have = set(_cpu_flags().split())
+    have = set(cpu_flags().split())
     return [name for name, (_, need) in _X86_LEVELS.items() if all(f in have for f in need)]
 
 
@@ -109,7 +101,7 @@ def _build(name: str, src: Path, isa: str = "native") -> Path:
     # what the source may include: the headers here, and sources it includes whole (decode_step.c)
     headers = [h.read_text() for h in sorted(src.parent.glob("*.h"))]
     headers += [(src.parent / f).read_text() for f in re.findall(r'^#include "(\w+\.c)"', src.read_text(), re.M)]
-    key = hashlib.sha256("\0".join([src.read_text(), *headers, version, " ".join(flags), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, version, " ".join(flags), cpu_flags()]).encode())
     out = _cache_dir() / f"{name}{'' if isa == 'native' else '-' + isa}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out

@@ -138,6 +138,8 @@ address = "127.0.0.2"
         from live_cluster import get_json
         ws = get_json(st_a["admin"] + "/v1/cluster")["workers"]
         assert {w["endpoint"].split(":")[1] for w in ws} == {"//127.0.0.2"}
+        from engine.platform import resolve_dtype
+        assert {w["dtype"] for w in ws} == {resolve_dtype("auto", "cpu")}  # the default, resolved where they run
     finally:
         cli("down", "--state-dir", str(sb))
         cli("down", "--state-dir", str(sa))

@@ -13,7 +13,7 @@ import pytest
 
 from common.sampling import SamplingSpec
 from common.worker_client import WorkerClient
-from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.integration
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -84,13 +84,14 @@ def prompts(n, seed=0):
     return [[rng.randrange(3, 250) for _ in range(rng.randint(3, 60))] for _ in range(n)]
 
 
-def reference(model_dir, ps, max_tokens):
-    return [list(t) for t in _reference(str(model_dir), tuple(tuple(p) for p in ps), max_tokens)]
+def reference(model_dir, ps, max_tokens, dtype="auto"):
+    return [list(t) for t in _reference(str(model_dir), tuple(tuple(p) for p in ps), max_tokens, dtype)]
 
 
 @functools.lru_cache(maxsize=16)
-def _reference(model_dir, ps, max_tokens):  # the one-process run, once per prompts (parametrized tests share it)
-    eng = LLMEngine(EngineConfig(model_dir, cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+def _reference(model_dir, ps, max_tokens, dtype):  # the one-process run, once per prompts (parametrized tests share it)
+    eng = LLMEngine(EngineConfig(model_dir, cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20),
+                                 device=DeviceConfig(dtype=dtype)))
     out = eng.generate([list(p) for p in ps], SamplingParams(max_tokens=max_tokens, **GREEDY))
     return tuple(tuple(r["outputs"][0]["token_ids"]) for r in out)
 
@@ -337,6 +338,63 @@ def test_seeded_sampling_is_the_same_disaggregated(cluster, tiny_llama):
     eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
     want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
     assert [client.streams[f"r{i}"].token_ids for i in range(3)] == want
+
+
+def mixed_reference(model_dir, ps, max_tokens, prefill_dtype, decode_dtype):
+    """What a `prefill_dtype` prefill worker and a `decode_dtype` decode worker compute, in one process: each
+    prompt's KV and first token from an engine in the one dtype, the KV cast into the other engine's cache
+    (as the decode worker's receiver casts it), the rest decoded there, all prompts in one batch."""
+    import torch
+
+    from kvtransfer.reservations import BlockPoolReserver
+
+    def engine(dtype):
+        return LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20),
+                                      device=DeviceConfig(dtype=dtype)))
+    pre, dec = engine(prefill_dtype), engine(decode_dtype)
+    pool = BlockPoolReserver(dec.block_manager)
+    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
+    out = {}
+    for i, p in enumerate(ps):
+        pre.add_request(f"r{i}", p, params)
+        step = pre.scheduler.schedule()  # the prompt's one prefill step, as in tests/kv_peers.py
+        seq = step.scheduled[0].seq
+        pre.scheduler.update(step, pre.runner.execute(step).sampled)
+        blocks, _ = pool.reserve(f"r{i}", len(p))
+        src, dst = torch.tensor(seq.block_ids[:len(blocks)]), torch.tensor(blocks)
+        for a, b in zip(pre.runner.kv_caches, dec.runner.kv_caches):
+            b.index_copy_(1, dst, a.index_select(1, src).to(b.dtype))
+        out[f"r{i}"] = [seq.token_ids[len(p)]]
+        pre.abort_request(f"r{i}")
+        dec.add_prefilled(f"r{i}", p, out[f"r{i}"][0], params, pool.take(f"r{i}").block_ids)
+    while dec.has_unfinished_requests():
+        for r in dec.step():
+            out[r.request_id] += r.outputs[0].token_ids
+    pre.shutdown()
+    dec.shutdown()
+    return [out[f"r{i}"] for i in range(len(ps))]
+
+
+def test_a_bf16_prefill_worker_ships_to_an_fp32_decode_worker(cluster, tiny_llama):
+    """Hosts that resolve `--dtype auto` differently (bf16 with AMX, fp32 on AVX2) pair up: the pages
+    leave in bf16 and the decode worker casts them into its fp32 cache (the cast itself, bit for bit:
+    tests/unit/test_kv_dtypes.py). The first token is the bf16 prefill's, the rest fp32 decode steps over
+    bf16-rounded prompt KV, which need not equal either one-process run (on an AVX2 CPU, one prompt here
+    leaves both at a near tie), so the reference is that mixed computation in one process."""
+    d = cluster("decode", "--dtype", "float32", wait=False)
+    p = cluster("prefill", "--dtype", "bfloat16", wait=False)
+    ps = prompts(3, seed=12)
+    want = mixed_reference(tiny_llama, ps, 12, "bfloat16", "float32")
+    assert (p.info["layout"]["dtype"], d.info["layout"]["dtype"]) == ("bfloat16", "float32")
+    client = WorkerClient()
+    for i, prompt in enumerate(ps):
+        client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY), decode=d.info)
+    client.collect(timeout=60)
+    for i in range(len(ps)):
+        s = client.streams[f"r{i}"]
+        assert s.error == "" and s.token_ids == want[i] and set(s.workers[1:]) == {"decode-0"}, (i, s.error)
+    ds, pst = d.stop(), p.stop()
+    assert ds["free_blocks"] == ds["num_blocks"] and pst["free_blocks"] == pst["num_blocks"]
 
 
 @pytest.mark.parametrize("p_shape,d_shape,d_transport", [((1, 1), (2, 1), "gloo"), ((2, 1), (1, 2), "gloo"),

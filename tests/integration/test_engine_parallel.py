@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams, grammar
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams, grammar
 from engine.config import ParallelConfig
 
 pytestmark = pytest.mark.integration
@@ -16,8 +16,10 @@ PROMPTS = [[5, 17, 42, 99, 123, 7, 8], [200, 31, 64] * 9, list(range(3, 40)), [9
 
 
 def engine(model_dir, tp=1, pp=1, num_blocks=64):
-    # pipeline_min_seqs=1: this test's few sequences are shared among steps in flight too
+    # pipeline_min_seqs=1: this test's few sequences are shared among steps in flight too; fp32, where TP's
+    # split sums change no sampled token (in bf16 they could, on a CPU where `auto` means it)
     return LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, num_blocks=num_blocks),
+                                  device=DeviceConfig(dtype="float32"),
                                   parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1)))
 
 

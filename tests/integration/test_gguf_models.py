@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_greedy_equal, check_cpu_kernel, hf_greedy, make_tiny_gguf
 
-from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 from engine.config import ParallelConfig
 from engine.errors import ModelFetchError
 from engine.gguf import convert_gguf, metadata_dir
@@ -31,7 +31,9 @@ def gguf_model(tmp_path_factory):
 
 
 def engine(model_dir, tp=1, pp=1, **kw):
+    # fp32, as the transformers reference computes (`auto` would be bf16 on a CPU with AMX)
     return LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, num_blocks=96),
+                                  device=DeviceConfig(dtype="float32"),
                                   parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1), **kw))
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from engine.config import ParallelConfig
 
 pytestmark = pytest.mark.integration
@@ -15,9 +15,9 @@ K = 3
 
 
 def engine(model_dir, num_blocks=256, budget=2048, tp=1, pp=1):
-    return LLMEngine(EngineConfig(
+    return LLMEngine(EngineConfig(  # fp32, as the transformers reference computes
         str(model_dir), cache=CacheConfig(block_size=4, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16), device=DeviceConfig(dtype="float32"),
         parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1)))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_greedy_equal, hf_greedy_batch
 
-from engine import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -22,7 +22,9 @@ CHAT = [{"role": "user", "content": "Write a haiku about the sea."}]
 
 @pytest.fixture(scope="module")
 def eng(smollm2_dir):
-    return LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=64 * 2**20)))
+    # fp32, as the reference computes: `auto` would be bf16 on a CPU with AMX
+    return LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=64 * 2**20),
+                                  device=DeviceConfig(dtype="float32")))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,6 @@ def test_model_dirs(smollm2_dir, smollm2_hf_dir):
 
 @pytest.mark.parametrize("dtype,quantization", [("bfloat16", "int8"), ("bfloat16", "q4_0")])  # q8_0: test_gguf_models
 def test_quantized_at_load_still_answers(smollm2_hf_dir, dtype, quantization):
-    from engine import DeviceConfig
     e = LLMEngine(EngineConfig(str(smollm2_hf_dir), cache=CacheConfig(kv_cache_memory=32 * 2**20),
                                device=DeviceConfig(dtype=dtype), quantization=quantization))
     tok = e.tokenizer
@@ -96,7 +97,6 @@ def test_quantized_at_load_still_answers(smollm2_hf_dir, dtype, quantization):
 
 
 def test_gguf_with_bf16_activations_answers(smollm2_dir):
-    from engine import DeviceConfig
     e = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=32 * 2**20),
                                device=DeviceConfig(dtype="bfloat16")))
     tok = e.tokenizer
@@ -148,9 +148,8 @@ def test_int8_activations_are_opt_in_and_close(smollm2_dir):
     """`int8_activations` (llama.cpp's lossy int8 rounding of a small batch's activations) on the default
     model: every GGUF weight takes it, and plain prompts keep their answers. (The chat question's first
     token is a near tie, -1.88 vs -1.96 nats: there both this mode and llama.cpp itself answer otherwise.)"""
-    from engine import DeviceConfig
     e = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=32 * 2**20),
-                               device=DeviceConfig(int8_activations=True)))
+                               device=DeviceConfig(dtype="float32", int8_activations=True)))
     model = e.executor.runner.model
     assert all(m.gguf.int8_activations for m in model.modules() if getattr(m, "gguf", None) is not None)
     tok = e.tokenizer

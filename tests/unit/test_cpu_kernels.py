@@ -170,7 +170,7 @@ def test_the_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     first = kernels._build("int8_linear", kernels._HERE / "int8_linear.c")
     assert first.parent == tmp_path / "kernels" and first.exists()
     assert kernels._build("int8_linear", kernels._HERE / "int8_linear.c") == first
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags : some other cpu")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: "flags : some other cpu")
     assert kernels._build("int8_linear", kernels._HERE / "int8_linear.c") != first
 
 
