@@ -120,8 +120,7 @@ def bench_vllm(args, client: str, processor: str, work: Path) -> list[dict]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", processor, "--served-model-name",
-           NAME, "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048",
-           "--disable-log-requests"]
+           NAME, "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048"]
     log = open(work / "vllm.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url, rows = f"http://127.0.0.1:{port}", []

@@ -6,6 +6,12 @@
     every step            -> TokenChunks (index 1, 2, ...) to the requester; Abort frees at once
     PrefillRequest        -> (no decode target: role cover, no prefill worker is live) served whole here
 
+Outputs: the loop thread runs the engine's core (LLMEngine.step_core: token ids) and hands each step
+to the output thread (common/output_thread.py), which detokenizes, matches stop strings (reported
+back to the engine, which finishes the sequence before its next schedule), builds and sends the
+TokenChunks. The loop tells it, in the same queue, where each request's chunks go (_Route) and
+which were aborted (_Unroute); chunk indexes and routes live on that thread alone.
+
 A Handoff whose KV never completes is failed after `handoff_timeout` (the reservation itself times
 out in kvtransfer and frees its blocks); KV without a Handoff likewise.
 """
@@ -17,12 +23,14 @@ import queue
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import msgspec
 import zmq
 
 from common.heartbeat import Heartbeat
 from common.messages import Abort, Handoff, PrefillRequest
+from common.output_thread import OutputThread
 from common.worker_io import ChunkSender, drain_requests, output_chunks, request_socket
 from engine.config import EngineConfig
 from engine.errors import TandemError
@@ -35,6 +43,28 @@ from kvtransfer.reservations import BlockPoolReserver, Reservations
 from kvtransfer.zmq_transport import KVServer, RemoteRank
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Route:
+    """(output thread) Where a request's chunks go, from which index."""
+    request_id: str
+    reply_to: str
+    attempt: int
+    first_index: int  # 1 after a Handoff (the prefill worker sent index 0), 0 served whole
+    n: int
+    admitted: float  # monotonic: its TPOT starts here
+    slo_tpot_ms: float | None
+
+
+@dataclass
+class _Unroute:
+    request_id: str  # aborted: nothing more of it goes out
+
+
+@dataclass
+class _Forget:
+    reply_to: str  # the requester is gone: close the output thread's socket to it
 
 
 def kv_dist_args(config: EngineConfig) -> dict:
@@ -71,18 +101,21 @@ class DecodeWorker:
             ranks += [RemoteRank(r, ep) for r, ep in enumerate(self._kv_endpoints) if r > 0]
         self.ctx = zmq.Context.instance()
         self.sock, self.endpoint = request_socket(self.ctx, host, port)
-        self.chunks = ChunkSender(self.ctx, worker_id)
+        self.chunks = ChunkSender(self.ctx, worker_id)  # the loop thread's (error chunks)
+        self._stream = ChunkSender(self.ctx, worker_id)  # the output thread's (token chunks)
         self.handoff_timeout = handoff_timeout
         self._handoffs: dict[str, tuple[Handoff, float]] = {}  # request_id -> (handoff, deadline)
-        self._slo: dict[str, tuple[float, float | None]] = {}  # request_id -> (admitted at, TPOT SLO ms)
         self._kv_done: dict[str, int] = {}  # request_id -> attempt whose KV is in
         self._kv_deadline: dict[str, float] = {}  # request_id -> when KV without a Handoff is dropped
         self._live: dict[str, tuple[str, int]] = {}  # request_id -> (reply_to, attempt)
-        self._first_index: dict = {}
+        self._routes: dict[str, _Route] = {}  # (output thread)
+        self._first_index: dict = {}  # (output thread) (request_id, sample index) -> next chunk index
+        self._tpot: queue.SimpleQueue = queue.SimpleQueue()  # (seconds, target ms, at) from the output thread
         self._aborted: dict[str, tuple[int, float]] = {}  # request_id -> (attempt, forget after)
         self._stop = False
         # (the KV thread's reservations change the block manager too: its KV events are read under bm_lock)
         self.heartbeat = Heartbeat(None, worker_id, kv_lock=self.bm_lock)  # `cluster worker --registry` sets the registry
+        self.outputs = OutputThread(self._on_output, name=f"{worker_id}-outputs")
 
     @property
     def kv_endpoints(self) -> list[str]:
@@ -109,6 +142,7 @@ class DecodeWorker:
         while not self._stop and not (until and until()):
             if getattr(self.engine.executor, "broken", False):
                 raise RuntimeError("a rank of this worker died; the worker goes down with it")
+            self.outputs.check()
             self.poll(0 if self.engine.has_unfinished_requests() else 20)
             self._admit()
             self._expire()
@@ -117,6 +151,7 @@ class DecodeWorker:
                 t0 = time.monotonic()
                 self._step()
                 self.heartbeat.step_done(time.monotonic() - t0, *self.engine.last_step)
+            self._record_tpot()
             self.heartbeat.kv_received_bytes = self.metrics["blocks_received"] * self.layout.block_bytes()
             self.heartbeat.maybe_beat(self.engine, len(self._handoffs) + self.reservations.num_pending)
 
@@ -125,6 +160,8 @@ class DecodeWorker:
 
     def close(self) -> None:
         self.kv_server.stop()
+        self.outputs.close()
+        self._stream.close()
         self.chunks.close()
         self.sock.close(0)
         self.engine.shutdown()
@@ -162,7 +199,8 @@ class DecodeWorker:
             self.chunks.error(req.reply_to, rid, req.attempt, str(e))
             return
         self._live[rid] = (req.reply_to, req.attempt)
-        self._slo[rid] = (time.monotonic(), req.slo_tpot_ms)
+        self.outputs.submit(_Route(rid, req.reply_to, req.attempt, 0, params.n, time.monotonic(), req.slo_tpot_ms),
+                            wait=False)
         self.metrics["admitted_whole"] += 1
 
     def _admit(self) -> None:
@@ -200,8 +238,7 @@ class DecodeWorker:
             if live is not None and live[1] < attempt:  # an older attempt of it still decodes here: it moved
                 self.engine.abort_request(rid)
                 self._live.pop(rid)
-                self._first_index.pop((rid, 0), None)
-                self._slo.pop(rid, None)
+                self.outputs.submit(_Unroute(rid), wait=False)
             try:
                 params = SamplingParams(**msgspec.structs.asdict(h.params))
                 self.engine.add_prefilled(rid, h.prompt_token_ids, h.first_token, params, holder.block_ids,
@@ -211,8 +248,7 @@ class DecodeWorker:
                 self.chunks.error(h.reply_to, rid, h.attempt, str(e), index=1)
                 continue
             self._live[rid] = (h.reply_to, h.attempt)
-            self._first_index[(rid, 0)] = 1
-            self._slo[rid] = (time.monotonic(), h.slo_tpot_ms)
+            self.outputs.submit(_Route(rid, h.reply_to, h.attempt, 1, 1, time.monotonic(), h.slo_tpot_ms), wait=False)
             self.metrics["admitted"] += 1
 
     def _expire(self) -> None:
@@ -233,22 +269,52 @@ class DecodeWorker:
 
     def _step(self) -> None:
         with self.bm_lock:
-            outputs = self.engine.step()
-        for ro in outputs:
-            reply_to, attempt = self._live.get(ro.request_id, (None, 0))
-            if reply_to is None:
-                continue
-            for chunk in output_chunks(ro, attempt, self._first_index, self.worker_id):
-                self.chunks.send(reply_to, chunk)
-            if ro.finished:
-                self._live.pop(ro.request_id, None)
-                for co in ro.outputs[1:]:  # n > 1: a whole request served here (role cover)
-                    self._first_index.pop((ro.request_id, co.index), None)
-                n = self._first_index.pop((ro.request_id, 0), 1) - 1  # tokens decoded here
-                admitted, target = self._slo.pop(ro.request_id, (0.0, None))
-                if n > 0 and ro.outputs[0].finish_reason in ("stop", "length"):
-                    now = time.monotonic()
-                    self.heartbeat.slo.record("tpot", (now - admitted) / n, target, now)
+            core = self.engine.step_core()
+        for rid in core.finished:  # its last chunks are the output thread's to send
+            self._live.pop(rid, None)
+        self.outputs.submit(core)
+
+    def _record_tpot(self) -> None:
+        while True:
+            try:
+                seconds, target, at = self._tpot.get_nowait()
+            except queue.Empty:
+                return
+            self.heartbeat.slo.record("tpot", seconds, target, at)
+
+    # ---- the output thread -------------------------------------------------------------------------
+    def _on_output(self, item) -> None:
+        if isinstance(item, _Route):
+            self._routes[item.request_id] = item
+            self._first_index[(item.request_id, 0)] = item.first_index
+        elif isinstance(item, _Unroute):
+            self._unroute(item.request_id)
+        elif isinstance(item, _Forget):
+            self._stream.forget(item.reply_to)
+        else:
+            outputs, stops = self.engine.outputs.process(item)
+            for hit in stops:
+                self.engine.report_stop(hit)
+            for ro in outputs:
+                self._send(ro)
+
+    def _send(self, ro) -> None:
+        route = self._routes.get(ro.request_id)
+        if route is None:
+            return
+        for chunk in output_chunks(ro, route.attempt, self._first_index, self.worker_id):
+            self._stream.send(route.reply_to, chunk)
+        if ro.finished:
+            n = self._first_index.get((ro.request_id, 0), 1) - 1  # tokens decoded here
+            self._unroute(ro.request_id)
+            if n > 0 and ro.outputs[0].finish_reason in ("stop", "length"):
+                now = time.monotonic()
+                self._tpot.put(((now - route.admitted) / n, route.slo_tpot_ms, now))
+
+    def _unroute(self, request_id: str) -> None:
+        route = self._routes.pop(request_id, None)
+        for i in range(route.n if route is not None else 1):
+            self._first_index.pop((request_id, i), None)
 
     def _drop_orphans(self) -> None:
         """Requests of a gateway that died (its etcd lease is gone) have nobody to stream to."""
@@ -260,6 +326,7 @@ class DecodeWorker:
                 self._abort(rid, att)
                 self.metrics["aborted_orphans"] += 1
             self.chunks.forget(reply_to)
+            self.outputs.submit(_Forget(reply_to), wait=False)
 
     def _abort(self, request_id: str, attempt: int) -> None:
         # a tombstone, so a Reserve or Handoff of this attempt (or an older one) still on its way is
@@ -276,8 +343,7 @@ class DecodeWorker:
             if live is not None and live[1] <= attempt:
                 self.engine.abort_request(request_id)
                 self._live.pop(request_id)
-                self._first_index.pop((request_id, 0), None)
-                self._slo.pop(request_id, None)
+                self.outputs.submit(_Unroute(request_id), wait=False)
             self._admit_locked()  # KV that landed but is still queued for the loop: release it too
             kv = self._kv_done.get(request_id)
             if kv is not None and kv <= attempt:

@@ -1,18 +1,24 @@
 """LLMEngine: one process, the whole loop. add_request / step / abort.
 
     add_request -> Scheduler.waiting
-    step():  scheduler.schedule() -> runner.execute() -> scheduler.update() -> detokenize, stop strings
-             -> RequestOutput deltas (new tokens and text per sequence; finish reasons)
+    step_core(): stop strings reported since the last step finish their sequences -> scheduler.schedule()
+                 -> runner.execute() -> scheduler.update() -> CoreStep (token ids, logprobs, finishes)
+    step():      step_core() -> OutputProcessor.process() (detokenize, stop strings, held text)
+                 -> RequestOutput deltas (new tokens and text per sequence; finish reasons)
+
+A worker runs step_core() on its loop thread and the OutputProcessor (`self.outputs`) on an output
+thread, which reports stop strings back through report_stop(); step() runs both inline.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import queue
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
@@ -20,58 +26,32 @@ from engine.connector import KVConnector
 from engine.errors import CapacityError, InvalidRequestError
 from engine.executor import LocalExecutor, start_parallel
 from engine.model_runner import ModelRunner, StepOutput
+from engine.output_processor import (
+    CompletionOutput,
+    CoreStep,
+    OutputProcessor,
+    RequestAborted,
+    RequestAdded,
+    RequestOutput,
+    SeqUpdate,
+    StopHit,
+)
 from engine.partition import check_tp
 from engine.platform import resolve_device, setup_process
-from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str  # new text since the last output of this sequence
-    token_ids: list[int]  # new token ids since the last output
-    logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+__all__ = ["CompletionOutput", "LLMEngine", "RequestOutput"]
 
 
 @dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0  # prompt tokens the prefix cache held at admission (OpenAI's cached_tokens)
-    # SamplingParams.prompt_logprobs: one per prompt token (the first's None), on the output that carries
-    # sample 0's first token; None on every other
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-
-
-@dataclass
-class _SeqState:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    text: str = ""  # full (possibly truncated at a stop string) text
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reported: bool = False
-    # by prompt position, as the steps computing the prompt score them (a recomputation writes over)
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-
-
-@dataclass
-class _RequestState:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[_SeqState]
+class _Request:
+    seqs: list[Sequence]
     arrival_time: float
 
 
@@ -114,14 +94,17 @@ class LLMEngine:
         self.eos_token_ids = eos
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, self.max_model_len, eos)
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, _Request] = {}  # unfinished, as the core sees them
+        self._seqs: dict[int, Sequence] = {}  # their unfinished sequences
+        self.outputs = OutputProcessor(self.tokenizer)  # step() runs it; a worker's output thread may instead
+        self._events: list[RequestAdded | RequestAborted] = []  # for the next CoreStep
+        self._stops: queue.SimpleQueue[StopHit] = queue.SimpleQueue()  # from whichever thread processes outputs
         self.last_step = (0, 0)  # (tokens, sequences) of the last step
         # pipeline parallelism: up to pp steps in flight, each on its own share of the running batch
         self.pipeline_depth = par.pp if par.pp > 1 and par.pipeline_steps else 1
         self._in_flight: deque = deque()  # (SchedulerOutput, launched) in launch order
         self._busy: set[int] = set()  # ids of the sequences in those steps
         self._finish_later: list[Sequence] = []  # aborted while in flight: freed when their step is back
-        self._seq_state: dict[int, _SeqState] = {}
         bs = config.cache.block_size
         # what exists now lives as long as the engine: out of the collector's sight, so that the collections
         # a step's garbage triggers scan only the young (they took ~5% of a decode step)
@@ -164,20 +147,16 @@ class LLMEngine:
         if self.block_manager.blocks_needed(len(ids) + 1) > self.block_manager.num_blocks:
             raise CapacityError(f"prompt of {len(ids)} tokens does not fit the KV cache "
                                 f"({self.kv_capacity_tokens} tokens)")
-        seqs: list[_SeqState] = []
+        seqs: list[Sequence] = []
         first = None
         for i in range(params.n):
             seq = Sequence(request_id, i, list(ids), len(ids), params, parent=first)
             first = first or seq
-            st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, held_tokens))
-            st.text = held_text
-            if seq.computes_prompt_logprobs:
-                st.prompt_logprobs = [None] * len(ids)
-            seqs.append(st)
-            self._seq_state[seq.seq_id] = st
+            seqs.append(seq)
+            self._seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
-        self._requests[request_id] = _RequestState(request_id, ids, params, seqs,
-                                                   arrival_time or time.monotonic())
+        self._requests[request_id] = _Request(seqs, arrival_time or time.monotonic())
+        self._events.append(RequestAdded(request_id, ids, params, [s.seq_id for s in seqs], held_tokens, held_text))
         return ids
 
     def _check_vocab(self, params: SamplingParams) -> None:
@@ -200,43 +179,56 @@ class LLMEngine:
         seq = Sequence(request_id, 0, list(prompt_ids) + [first_token], len(prompt_ids), params)
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = len(prompt_ids)
-        st = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
-                                                   held_tokens))
-        st.detok.add(first_token)  # its text is in what P emitted plus `held_text`
-        st.text = held_text
-        st.emitted_chars, st.emitted_tokens = 0, 1  # the prefill worker reported the token
-        self._seq_state[seq.seq_id] = st
-        self._requests[request_id] = _RequestState(request_id, list(prompt_ids), params, [st], time.monotonic())
+        self._seqs[seq.seq_id] = seq
+        self._requests[request_id] = _Request([seq], time.monotonic())
+        self._events.append(RequestAdded(request_id, list(prompt_ids), params, [seq.seq_id], held_tokens, held_text,
+                                         first_token))
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
-        for st in req.seqs:
-            if st.seq.seq_id in self._busy:  # a step in flight still writes its KV: free its blocks after
-                self._finish_later.append(st.seq)
-            else:
-                self.scheduler.finish(st.seq, SequenceStatus.FINISHED_ABORTED)
-            self._drop(st.seq)
+        for seq in req.seqs:
+            if seq.seq_id in self._seqs:
+                self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self._events.append(RequestAborted(request_id))
         return True
+
+    def report_stop(self, hit: StopHit) -> None:
+        """(any thread) A stop string ended a sequence: the loop finishes it before its next schedule()."""
+        self._stops.put(hit)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._in_flight)
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self, plan_kv: Callable[[SchedulerOutput], bytes] | None = None) -> list[RequestOutput]:
-        """One schedule -> execute -> update round. `plan_kv(out)` (a worker's connector, scheduler side)
-        sees the SchedulerOutput first and returns its plan for every rank's connector, encoded (a
-        prefill worker pins the pages it will ship and names them there), or b"" for none."""
-        if self.pipeline_depth > 1:
-            return self._pipelined_step(plan_kv)
-        out = self.scheduler.schedule()
-        self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
-        kv_plan = plan_kv(out) if plan_kv is not None else b""
-        return self._apply(out, self.executor.execute(out, kv_plan) if not out.empty else StepOutput())
+        """One schedule -> execute -> update round, and its outputs. `plan_kv(out)` (a worker's
+        connector, scheduler side) sees the SchedulerOutput first and returns its plan for every rank's
+        connector, encoded (a prefill worker pins the pages it will ship and names them there), or b""
+        for none."""
+        outputs, stops = self.outputs.process(self.step_core(plan_kv))
+        for hit in stops:
+            self.report_stop(hit)
+        self._apply_stops()  # as if found in the step itself: nothing more is computed for them
+        return outputs
 
-    def _pipelined_step(self, plan_kv: Callable[[SchedulerOutput], bytes] | None) -> list[RequestOutput]:
+    def step_core(self, plan_kv: Callable[[SchedulerOutput], bytes] | None = None) -> CoreStep:
+        """step() without the output processing: the token ids, logprobs and finishes the step computed,
+        for `self.outputs.process()`, inline or on another thread (which reports stop strings back)."""
+        finished = self._apply_stops()
+        if self.pipeline_depth > 1:
+            core = self._pipelined_step(plan_kv)
+        else:
+            out = self.scheduler.schedule()
+            self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
+            kv_plan = plan_kv(out) if plan_kv is not None else b""
+            core = self._update(out, self.executor.execute(out, kv_plan) if not out.empty else StepOutput())
+        core.finished[:0] = finished
+        return core
+
+    def _pipelined_step(self, plan_kv: Callable[[SchedulerOutput], bytes] | None) -> CoreStep:
         """Pipeline parallelism across steps (vLLM's virtual engines, in one scheduler): a step takes
         about 1/pp of the runnable sequences that are not in flight, is launched (stage 0 runs here,
         then hands on), and the oldest step in flight is collected once pp are in flight or nothing
@@ -254,7 +246,7 @@ class LLMEngine:
             self._in_flight.append((out, self.executor.launch(out, kv_plan)))
             self._busy.update(s.seq.seq_id for s in out.scheduled)
         if not self._in_flight or (len(self._in_flight) < depth and not out.empty):
-            return []
+            return self._take_events(CoreStep())
         done, launched = self._in_flight.popleft()
         result = self.executor.collect(launched)
         self._busy.difference_update(s.seq.seq_id for s in done.scheduled)
@@ -265,29 +257,57 @@ class LLMEngine:
             else:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
         self._finish_later = later
-        return self._apply(done, result)
+        return self._update(done, result)
 
-    def _apply(self, out, result: StepOutput) -> list[RequestOutput]:
-        """A step's tokens into the scheduler, the detokenizers and the outputs."""
+    def _update(self, out: SchedulerOutput, result: StepOutput) -> CoreStep:
+        """A step's tokens into the scheduler; what each sequence got, for the output processor."""
         sampled, logprobs = result.sampled, result.logprobs
+        # the sequences that take this step's tokens: not aborted or finished while it ran
+        live = [s.seq for s in out.scheduled if s.seq.seq_id in self._seqs]
         self.scheduler.update(out, sampled)
-        touched: dict[str, list[_SeqState]] = {}
-        for s in out.scheduled:
-            seq = s.seq
-            st = self._seq_state.get(seq.seq_id)
-            if st is None:
-                continue
-            plp = result.prompt_logprobs.get(seq.seq_id)
-            if plp is not None and st.prompt_logprobs is not None:
-                st.prompt_logprobs[plp.start:plp.start + len(plp.logprobs)] = plp.logprobs
-            if seq.seq_id not in sampled:
-                continue
-            token = sampled[seq.seq_id]
-            if seq.seq_id in logprobs:
-                st.logprobs.append(logprobs[seq.seq_id])
-            self._detokenize(st, token)
-            touched.setdefault(seq.request_id, []).append(st)
-        return [self._make_output(rid, sts) for rid, sts in touched.items()]
+        core = self._take_events(CoreStep())
+        for seq in live:
+            sid = seq.seq_id
+            fin = seq.status.value if seq.is_finished else None
+            core.updates.append(SeqUpdate(sid, seq.request_id, sampled.get(sid), logprobs.get(sid),
+                                          result.prompt_logprobs.get(sid), fin, seq.stop_reason if fin else None,
+                                          seq.num_cached_tokens))
+            if fin is not None:
+                self._finish(seq, seq.status, core.finished)
+        return core
+
+    def _take_events(self, core: CoreStep) -> CoreStep:
+        core.events, self._events = self._events, []
+        return core
+
+    def _apply_stops(self) -> list[str]:
+        """Finishes the sequences whose stop strings the output processor found; returns the requests
+        that finished with them."""
+        done: list[str] = []
+        while True:
+            try:
+                hit = self._stops.get_nowait()
+            except queue.Empty:
+                return done
+            seq = self._seqs.get(hit.seq_id)
+            if seq is not None:  # (not aborted, nor finished by the scheduler since)
+                seq.stop_reason = hit.stop
+                self._finish(seq, SequenceStatus.FINISHED_STOPPED, done)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, done: list[str] | None = None) -> None:
+        """The core is done with `seq` (the scheduler may have finished it already); a request whose
+        sequences are all done leaves (and is named in `done`)."""
+        if seq.seq_id in self._busy:  # a step in flight still writes its KV: free its blocks after
+            self._finish_later.append(seq)
+        else:
+            self.scheduler.finish(seq, status)
+        del self._seqs[seq.seq_id]
+        self.executor.release(seq.seq_id)
+        req = self._requests.get(seq.request_id)
+        if req is not None and not any(s.seq_id in self._seqs for s in req.seqs):
+            del self._requests[seq.request_id]
+            if done is not None:
+                done.append(seq.request_id)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]):
         """Runs prompts to completion; returns one dict per prompt: token_ids/text/logprobs per sample, and
@@ -328,59 +348,6 @@ class LLMEngine:
     def num_queued_tokens(self) -> int:
         """Tokens scheduled sequences have still to compute (prompts waiting or mid-prefill)."""
         return sum(s.num_tokens - s.num_computed_tokens for s in (*self.scheduler.waiting, *self.scheduler.running))
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _detokenize(self, st: _SeqState, token: int) -> None:
-        seq = st.seq
-        delta = st.detok.add(token)
-        st.text += delta
-        stops = seq.params.stop
-        if stops and delta and not seq.is_finished:
-            search_from = max(0, len(st.text) - len(delta) - max(map(len, stops)) + 1)
-            hit = None
-            for s in stops:
-                k = st.text.find(s, search_from)
-                if k != -1 and (hit is None or k < hit[0]):
-                    hit = (k, s)
-            if hit is not None:
-                k, s = hit
-                st.text = st.text[:k + len(s)] if seq.params.include_stop_str_in_output else st.text[:k]
-                seq.stop_reason = s
-                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
-
-    def _make_output(self, request_id: str, sts: list[_SeqState]) -> RequestOutput:
-        req = self._requests[request_id]
-        outs = []
-        prompt_lps = None
-        for st in sts:
-            seq = st.seq
-            if st.prompt_logprobs is not None and st.emitted_tokens == 0:  # its first token goes out now
-                prompt_lps, st.prompt_logprobs = st.prompt_logprobs, None
-            done = seq.is_finished
-            hold = 0 if done or not seq.params.stop else max(map(len, seq.params.stop)) - 1
-            upto = max(st.emitted_chars, len(st.text) - hold)
-            text = st.text[st.emitted_chars:upto]
-            st.emitted_chars = upto
-            new_ids = seq.output_token_ids[st.emitted_tokens:]
-            st.emitted_tokens = seq.num_output_tokens
-            lps = None
-            if seq.params.logprobs is not None:
-                lps, st.logprobs = st.logprobs, []
-            reason = None
-            if done and not st.finish_reported:
-                reason = seq.status.value
-                st.finish_reported = True
-                self._drop(seq)
-            outs.append(CompletionOutput(seq.index, text, new_ids, lps, reason, seq.stop_reason))
-        finished = all(st.seq.is_finished for st in req.seqs)
-        if finished:
-            del self._requests[request_id]
-        cached = max((st.seq.num_cached_tokens for st in req.seqs), default=0)
-        return RequestOutput(request_id, req.prompt_token_ids, outs, finished, cached, prompt_lps)
-
-    def _drop(self, seq: Sequence) -> None:
-        self._seq_state.pop(seq.seq_id, None)
-        self.executor.release(seq.seq_id)
 
     def shutdown(self) -> None:
         """Stops the other ranks of a TP x PP replica (no-op in one process). Idempotent."""

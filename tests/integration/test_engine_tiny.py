@@ -144,6 +144,40 @@ def test_streamed_text_never_exposes_a_stop_string(model_dir):
     assert stop not in streamed and streamed == text[:text.find(stop)]
 
 
+def test_outputs_processed_a_step_late_are_the_same(model_dir):
+    """A worker's output thread processes step k while step k + 1 runs: the stop strings it finds
+    reach the core a step late, and the tokens computed meanwhile are dropped, not streamed."""
+    eng = engine(model_dir)
+    ps = prompts(3, seed=11)
+    texts = [o["outputs"][0]["text"] for o in eng.generate(ps, SamplingParams(max_tokens=24, **GREEDY))]
+    params = [SamplingParams(max_tokens=24, stop=[t[6:9]], **GREEDY) for t in texts[:2]]
+    params.append(SamplingParams(n=2, max_tokens=24, stop=[texts[2][12:14]], logprobs=2, **GREEDY))
+    inline = eng.generate(ps, params)
+    got = {}
+    for i, (p, sp) in enumerate(zip(ps, params)):
+        eng.add_request(f"late{i}", p, sp)
+        got[f"late{i}"] = [{"token_ids": [], "text": "", "logprobs": [], "finish_reason": None} for _ in range(sp.n)]
+    behind = None
+    while eng.has_unfinished_requests() or behind is not None:
+        core = eng.step_core() if eng.has_unfinished_requests() else None
+        if behind is not None:
+            outputs, stops = eng.outputs.process(behind)
+            for hit in stops:
+                eng.report_stop(hit)
+            for ro in outputs:
+                for co in ro.outputs:
+                    o = got[ro.request_id][co.index]
+                    o["token_ids"] += co.token_ids
+                    o["text"] += co.text
+                    o["logprobs"] += co.logprobs or []
+                    o["finish_reason"] = co.finish_reason or o["finish_reason"]
+        behind = core
+    assert [got[f"late{i}"] for i in range(3)] == [r["outputs"] for r in inline]
+    assert [o["finish_reason"] for r in inline for o in r["outputs"]].count("stop") >= 2
+    assert eng.outputs.num_requests == 0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
 def test_abort_frees_everything(model_dir):
     eng = engine(model_dir)
     for i, p in enumerate(prompts(4)):
