@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.kv_layout import KVLayoutSpec
+from common.kv_layout import QUANTIZED_KV, KVLayoutSpec
 from engine.partition import check_kv_tp, kv_head_range, stage_layers
 
 
 class IncompatibleLayouts(ValueError):
-    """P and D cannot exchange KV (different model shape, block size or dtype). Raised at registration."""
+    """P and D cannot exchange KV (different model shape, block size, dtype or KV cache dtype). Raised at
+    registration."""
 
 
 class KVLayout(KVLayoutSpec, frozen=True):
@@ -38,11 +39,14 @@ class KVLayout(KVLayoutSpec, frozen=True):
         """The layout of a worker serving `model_cfg` (engine ModelConfig) with `config` (EngineConfig)."""
         par = config.parallel
         return cls(model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim,
-                   config.cache.block_size, config.device.dtype, par.tp, par.pp)
+                   config.cache.block_size, config.device.dtype, par.tp, par.pp,
+                   kv_cache_dtype=config.cache.kv_cache_dtype)
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp = {self.tp}, pp = {self.pp} must be positive")
+        if self.kv_cache_dtype not in ("auto", *QUANTIZED_KV):
+            raise ValueError(f"kv_cache_dtype = {self.kv_cache_dtype!r} must be 'auto' or one of {QUANTIZED_KV}")
         if self.pp > self.num_layers:
             raise ValueError(f"pp = {self.pp} exceeds num_layers = {self.num_layers}")
         check_kv_tp(self.num_kv_heads, self.tp)
@@ -74,6 +78,13 @@ class TransferItem:
 
 
 def check_compatible(src: KVLayout, dst: KVLayout) -> None:
+    # a quantized page is codes and scales: only a cache of the same format can take it, and a float cache's
+    # pages cannot land in a quantized one (nothing here quantizes or dequantizes pages in flight)
+    if src.kv_cache_dtype != dst.kv_cache_dtype:
+        raise IncompatibleLayouts(f"KV cache dtypes differ: prefill stores {src.page_dtype!r} "
+                                  f"(--kv-cache-dtype {src.kv_cache_dtype}), decode stores {dst.page_dtype!r} "
+                                  f"(--kv-cache-dtype {dst.kv_cache_dtype}); a quantized KV cache pairs only with "
+                                  "the same --kv-cache-dtype")
     for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype"):
         a, b = getattr(src, name), getattr(dst, name)
         if a != b:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.kv_layout import ITEMSIZE
 from kvtransfer.frames import Staged, host_buffer
 from kvtransfer.pages import RankCaches, from_buffer
 from kvtransfer.plan import KVLayout, items_to, plan_transfer
@@ -210,7 +211,7 @@ class RankReceiver:
             return f"unexpected frame {next(key for key in keys if key not in e.frames)}"
         if msg.block_ids != e.block_ids:
             return "frame names blocks that were not reserved for it"
-        if msg.dtype != self.layout.dtype or msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
+        if msg.dtype != self.layout.page_dtype or msg.shape[3:] != [self.layout.block_size, self.layout.row_width]:
             return f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache"
         return None
 
@@ -282,7 +283,7 @@ class RankReceiver:
 
 
 def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+    return ITEMSIZE[dtype]
 
 
 def _keys(msg: Pages) -> list[tuple[int, int, int, int]]:
