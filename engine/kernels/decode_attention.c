@@ -242,33 +242,31 @@ static void attend_f32_avx2(int64_t b, int64_t h0, int nh, const void *q, int64_
     }
 }
 
+#if defined(__F16C__)
 #define HAVE_ATTEND_QUANT_AVX2 1
 
-/* 8 codes -> their values (not yet scaled), as kv_codes16 converts them */
+/* 8 codes -> their values (not yet scaled), as kv_codes16 converts them. fp8 by way of fp16: e4m3's
+ * bits moved into an fp16's (the exponent field lands 8 below e4m3's bias, subnormals included: fp16's
+ * are exact, and F16C converts them whatever the denormal modes), converted, times 2^8. */
 static inline __m256 codes8(const uint8_t *p, int fmt) {
     const __m128i raw = _mm_loadl_epi64((const __m128i *)p);
     if (fmt == KV_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-    const __m256i c = _mm256_cvtepu8_epi32(raw);
-    const __m256i e = _mm256_and_si256(_mm256_srli_epi32(c, 3), _mm256_set1_epi32(15));
-    const __m256i m = _mm256_and_si256(c, _mm256_set1_epi32(7));
-    const __m256i normal = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(120)), 23),
-                                           _mm256_slli_epi32(m, 20));
-    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(0x1p-9f));
-    const __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub,
-                                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_setzero_si256())));
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-    return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+    const __m128i c = _mm_cvtepu8_epi16(raw);
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7f)), 7));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
 }
 
 /* `attend_quant` on AVX2 (without AVX-512), for the reason `attend_f32_avx2` exists: native 8-float
  * vectors and fused multiply-adds; the activations fp32 or bf16. A K row's codes are converted once for
- * the group's heads; V's once per head (its 64-column accumulators stay in registers). */
+ * the group's heads; V's rows 16 at a time into fp32 values (code * scale, as torch dequantizes), once
+ * for the group, then summed into each head's output. */
 static void attend_quant_avx2(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
                               const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt,
                               int64_t L, int64_t KVH, int64_t G, int64_t D, float scale, int bf16, int fmt, char *out,
                               int64_t H, float *p, int64_t lp) {
     const size_t es = bf16 ? 2 : 4;
-    const int64_t g = h0 / G, nblocks = (L + bs - 1) / bs, rb = D + KV_SCALE_BYTES;
+    const int64_t g = h0 / G, nblocks = (L + bs - 1) / bs, rb = D + KV_SCALE_BYTES, nv = D / 8;
     float qf[MAX_G][MAX_D] __attribute__((aligned(32)));
     float m[MAX_G];
     for (int hh = 0; hh < nh; hh++) {
@@ -282,14 +280,15 @@ static void attend_quant_avx2(int64_t b, int64_t h0, int nh, const void *q, int6
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const uint8_t *kb = (const uint8_t *)kc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
-        if (blk + 1 < nblocks) prefetch_block(kc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1), bs * rb);
+        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1)
+                                         : vc + kv_row(bt[0], KVH, g, bs, 0, rb, 1), bs * rb);
         for (int64_t i = 0; i < n; i++) {
             const uint8_t *row = kb + i * rb;
-            for (int64_t j = 0; j < D / 8; j++) kf[j] = codes8(row + 8 * j, fmt);
+            for (int64_t j = 0; j < nv; j++) kf[j] = codes8(row + 8 * j, fmt);
             const float ks = kv_row_scale(row, D) * scale;
             for (int hh = 0; hh < nh; hh++) {
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                for (int64_t j = 0; j < D / 8; j += 2) {
+                for (int64_t j = 0; j < nv; j += 2) {
                     a0 = _mm256_fmadd_ps(_mm256_load_ps(qf[hh] + 8 * j), kf[j], a0);
                     a1 = _mm256_fmadd_ps(_mm256_load_ps(qf[hh] + 8 * j + 8), kf[j + 1], a1);
                 }
@@ -299,33 +298,50 @@ static void attend_quant_avx2(int64_t b, int64_t h0, int nh, const void *q, int6
             }
         }
     }
+    float total[MAX_G];
+    float o[MAX_G][MAX_D] __attribute__((aligned(32)));
     for (int hh = 0; hh < nh; hh++) {
-        const float total = softmax_row(p + hh * lp, L, m[hh]);
-        float o[MAX_D] __attribute__((aligned(32)));
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {
-            const int nv = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
-            __m256 acc[8];
-            for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t blk = 0; blk < nblocks; blk++) {
-                const uint8_t *vb = (const uint8_t *)vc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
-                int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
-                const float *ph = p + hh * lp + blk * bs;
-                for (int64_t i = 0; i < n; i++) {
-                    const uint8_t *row = vb + i * rb;
-                    __m256 w = _mm256_set1_ps(ph[i] * kv_row_scale(row, D));
-                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, codes8(row + d0 + 8 * j, fmt), acc[j]);
+        total[hh] = softmax_row(p + hh * lp, L, m[hh]);
+        memset(o[hh], 0, (size_t)D * 4);
+    }
+    float vf[16][MAX_D] __attribute__((aligned(32)));
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const uint8_t *vb = (const uint8_t *)vc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1), bs * rb);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int c = n - i0 < 16 ? (int)(n - i0) : 16;
+            for (int i = 0; i < c; i++) {
+                const uint8_t *row = vb + (i0 + i) * rb;
+                const __m256 sv = _mm256_set1_ps(kv_row_scale(row, D));
+                for (int64_t j = 0; j < nv; j++) _mm256_store_ps(vf[i] + 8 * j, _mm256_mul_ps(codes8(row + 8 * j, fmt), sv));
+            }
+            for (int hh = 0; hh < nh; hh++) {
+                const float *ph = p + hh * lp + blk * bs + i0;
+                /* 64 columns at a time in 8 accumulators */
+                for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                    const int nc = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
+                    __m256 acc[8];
+                    for (int j = 0; j < nc; j++) acc[j] = _mm256_load_ps(o[hh] + d0 + 8 * j);
+                    for (int i = 0; i < c; i++) {
+                        const __m256 w = _mm256_set1_ps(ph[i]);
+                        for (int j = 0; j < nc; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_load_ps(vf[i] + d0 + 8 * j), acc[j]);
+                    }
+                    for (int j = 0; j < nc; j++) _mm256_store_ps(o[hh] + d0 + 8 * j, acc[j]);
                 }
             }
-            for (int j = 0; j < nv; j++) _mm256_store_ps(o + d0 + 8 * j, _mm256_div_ps(acc[j], _mm256_set1_ps(total)));
         }
+    }
+    for (int hh = 0; hh < nh; hh++) {
         char *op = out + (b * H + h0 + hh) * D * es;
         for (int64_t j = 0; j < D / 16; j++) {
             v16f x;
-            memcpy(&x, o + 16 * j, sizeof x);
-            store16(op + j * 16 * es, x, bf16);
+            memcpy(&x, o[hh] + 16 * j, sizeof x);
+            store16(op + j * 16 * es, x / total[hh], bf16); /* o / total, as the generic path divides */
         }
     }
 }
+#endif
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)

@@ -104,7 +104,9 @@ def test_the_c_write_quantizes_bit_for_bit_as_torch(fmt):
 
 def _quantized_case(fmt, dtype, lens, H, KVH, D, bs=16, num_blocks=64):
     cache, q, k, v, pos, meta, lens_t, rotary = _case(dtype, lens, H, KVH, D, bs=bs, num_blocks=num_blocks)
-    return quantize(cache, fmt), q, k, v, pos, meta, lens_t, rotary
+    # magnitudes spread over 6 decades: every fp8 code comes up, subnormal ones included
+    spread = 10 ** (-6 * torch.rand(cache.shape, generator=torch.Generator().manual_seed(7)))
+    return quantize(cache * spread, fmt), q, k, v, pos, meta, lens_t, rotary
 
 
 def _check_decode(attn, fmt, dtype, lens, H, KVH, D, bs=16, threads=(1, 2)):
@@ -133,6 +135,29 @@ def _check_decode(attn, fmt, dtype, lens, H, KVH, D, bs=16, threads=(1, 2)):
                                           ([300, 7], 8, 8, 128), ([129] * 3, 6, 1, 16)])
 def test_fused_decode_attention_on_a_quantized_cache_equals_the_torch_path(fmt, dtype, lens, H, KVH, D):
     _check_decode(kernels.decode_attention(), fmt, dtype, lens, H, KVH, D)
+
+
+@needs_attention
+@pytest.mark.parametrize("flush", [False, True])
+def test_fp8_subnormal_codes_read_right_even_with_denormals_flushed(flush):
+    """One token: the output is its V row as the cache holds it. A row of scale 1 (amax 448) holding every
+    subnormal code: the AVX2 path converts fp8 by way of fp16, whose subnormals F16C reads in any mode."""
+    cache, q, k, v, pos, meta, lens_t, rotary = _case(torch.float32, [1], 1, 1, 64)
+    sub = torch.arange(1, 8) * 2.0 ** -9  # e4m3's subnormals
+    row = torch.cat([torch.tensor([448.0]), sub, -sub, torch.linspace(-400, 400, 49)])
+    v[0, 0] = row  # (a view of the projection, as k is)
+    cache = quantize(cache, "fp8_e4m3")
+    cos, sin = rotary.lookup(pos)
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        out = kernels.decode_attention()(q, k, v, cos.view(1, 64), sin.view(1, 64), cache, meta.slot_blocks,
+                                         meta.slot_offsets, meta.decode_block_tables, lens_t, 0.125, 1)
+    finally:
+        torch.set_flush_denormal(False)
+    want = dequantize(quantize(row, "fp8_e4m3"), "fp8_e4m3")
+    assert torch.equal(want[1:15], torch.cat([sub, -sub]))
+    torch.testing.assert_close(out[0, 0], want, rtol=1e-6, atol=1e-7)
 
 
 @needs_attention
