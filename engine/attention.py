@@ -19,7 +19,7 @@ A quantized cache (engine/kv_quant.py: rows of head_dim one-byte codes and an fp
 layout with rows of head_dim + 4 bytes, so a page's scales sit inside its slabs. Every attention
 then reads K and V as the cache holds them, dequantized: a fresh prefill too, which reads its new
 tokens' rows back after writing them. A prefix hit, a later chunk, a recomputed preemption or a
-decode worker that received the pages sees the same numbers as the single run that computed them.
+decode worker that received the pages reads exactly the numbers the run that computed them attended to.
 """
 
 from __future__ import annotations
