@@ -47,7 +47,7 @@ from cluster.options import add_flags, by_name, engine_options
 
 LOCAL = "local"
 # engine options that are one per cluster, keys of [model]; every other one is a key of each [[pool]]
-MODEL_WIDE = ("dtype", "quantization")
+MODEL_WIDE = ("dtype", "quantization", "kv_cache_dtype")
 
 
 class ConfigError(ValueError):
@@ -78,7 +78,7 @@ def _option_keys(model_wide: bool) -> list[tuple]:
 Model = msgspec.defstruct("Model", [
     ("path", str, "SmolLM2-135M-Instruct"),
     ("name", str | None, None),  # served model name (default: the directory's name)
-    *_option_keys(model_wide=True),  # dtype, quantization
+    *_option_keys(model_wide=True),  # dtype, quantization, kv_cache_dtype
 ], module=__name__, forbid_unknown_fields=True)
 
 

@@ -14,6 +14,12 @@ A step's tokens are laid out decode-first:
 Decodes are attended together, block by block (see `_decode_attention`); prefill sequences that
 start at position 0 are attended against their own fresh K/V (equal lengths batched together), and
 those with cached context (chunked prefill, prefix hit) against the gathered context.
+
+A quantized cache (engine/kv_quant.py: rows of head_dim one-byte codes and an fp32 scale) keeps this
+layout with rows of head_dim + 4 bytes, so a page's scales sit inside its slabs. Every attention
+then reads K and V as the cache holds them, dequantized: a fresh prefill too, which reads its new
+tokens' rows back after writing them. A prefix hit, a later chunk, a recomputed preemption or a
+decode worker that received the pages reads exactly the numbers the run that computed them attended to.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import decode_attention, elementwise
+from engine.kv_quant import cache_format, dequantize, quantize
 from engine.layers.quantization import needs_fp32
 
 
@@ -49,28 +56,40 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    # on CPU one copy per token and head (a prefill's index_put is 2-4x slower)
+    # on CPU one copy (or one row's quantization) per token and head (a prefill's index_put is 2-4x slower)
     if kv_cache.device.type == "cpu" and (kernels := elementwise()) is not None and \
             kernels.write_kv(k, v, kv_cache, meta.slot_blocks, meta.slot_offsets, torch.get_num_threads()):
         return
-    # advanced indices around a slice: the indexed shape is [T, KVH, D], matching k and v
+    if (fmt := cache_format(kv_cache)) is not None:
+        k, v = quantize(k, fmt), quantize(v, fmt)
+    # advanced indices around a slice: the indexed shape is [T, KVH, row], matching k and v
     kv_cache[0][meta.slot_blocks, :, meta.slot_offsets] = k
     kv_cache[1][meta.slot_blocks, :, meta.slot_offsets] = v
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
-    """K, V of one sequence's first `length` tokens: [num_kv_heads, length, head_dim] each."""
-    pages = kv_cache.index_select(1, block_table)  # [2, nb, KVH, bs, D]
-    _, nb, kvh, bs, d = pages.shape
-    kv = pages.transpose(1, 2).reshape(2, kvh, nb * bs, d)[:, :, :length]
+def read_kv(kv_cache: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype):
+    """The step's new tokens' K, V as a quantized cache holds them: [T, KVH, D] each, in `dtype`."""
+    fmt = cache_format(kv_cache)
+    return tuple(dequantize(kv_cache[i][meta.slot_blocks, :, meta.slot_offsets], fmt, dtype) for i in (0, 1))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype):
+    """K, V of one sequence's first `length` tokens: [num_kv_heads, length, head_dim] each (a quantized
+    cache's dequantized to `dtype`)."""
+    pages = kv_cache.index_select(1, block_table)  # [2, nb, KVH, bs, row]
+    _, nb, kvh, bs, row = pages.shape
+    kv = pages.transpose(1, 2).reshape(2, kvh, nb * bs, row)[:, :, :length]
+    if (fmt := cache_format(kv_cache)) is not None:
+        kv = dequantize(kv, fmt, dtype)
     return kv[0], kv[1]
 
 
-def fused_decode_kernel(dtype: torch.dtype, device: torch.device, head_dim: int):
+def fused_decode_kernel(dtype: torch.dtype, device: torch.device, head_dim: int, kv_cache: torch.Tensor):
     """engine/kernels' decode attention (RoPE + cache write + paged attention in one call) where it
-    applies: CPU, fp32 or bf16, a head size it takes, and the kernel built here. Else None."""
+    applies: CPU, fp32 or bf16, a head size it takes, a cache of that dtype or a quantized one, and the
+    kernel built here. Else None."""
     kernel = decode_attention() if device.type == "cpu" else None
-    return kernel if kernel is not None and kernel.supports(head_dim, dtype) else None
+    return kernel if kernel is not None and kernel.supports(head_dim, dtype, cache_format(kv_cache)) else None
 
 
 def fused_decode_attention(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, kv_cache: torch.Tensor,
@@ -94,6 +113,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     nd = meta.num_decode
     if nd == T:
         return _decode_attention(q, kv_cache, meta, scale)
+    if meta.prefill_groups and cache_format(kv_cache) is not None:
+        k, v = read_kv(kv_cache, meta, q.dtype)  # fresh prefills attend to what the cache holds
     out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
@@ -118,7 +139,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             continue  # done above
         qp = q[p.q_start:p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         ctx_len = p.start + p.q_len
-        kp, vp = gather_kv(kv_cache, p.block_table, ctx_len)
+        kp, vp = gather_kv(kv_cache, p.block_table, ctx_len, q.dtype)
         qpos = torch.arange(p.start, ctx_len, device=q.device).unsqueeze(1)
         mask = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= qpos  # [q_len, ctx_len]
         op = F.scaled_dot_product_attention(qp, kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=mask, scale=scale,
@@ -144,6 +165,8 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     flat = bt.view(-1)
     k = kv_cache[0].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])  # [B, nb, KVH, bs, D]
     v = kv_cache[1].index_select(0, flat).view(B, nb, *kv_cache.shape[2:])
+    if (fmt := cache_format(kv_cache)) is not None:  # rows of D + 4 bytes
+        k, v = dequantize(k, fmt, q.dtype), dequantize(v, fmt, q.dtype)
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         if not needs_fp32(q.dtype, q.device):

@@ -85,9 +85,12 @@ class LLMEngine:
         self.runner = self.executor.runner
         # NOTE: block hashes are compared between workers, so their seed must name the model the same way
         # on every host: the checkpoint's config (not its path, which differs between hosts) and what
-        # changes the KV computed from it (dtype, quantization). Two fine-tunes of one base model with the
-        # same config.json would still share hashes; a served model name would tell them apart.
+        # changes the KV computed from it (dtype, quantization, a quantized KV cache: its blocks hold other
+        # numbers). Two fine-tunes of one base model with the same config.json would still share hashes; a
+        # served model name would tell them apart. ("auto" adds nothing: the seeds of before stay valid.)
         hash_seed = f"{self.model_config.identity()}|{config.device.dtype}|{config.quantization}"
+        if config.cache.kv_cache_dtype != "auto":
+            hash_seed += f"|kv:{config.cache.kv_cache_dtype}"
         self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching, hash_seed=hash_seed)
         eos = tuple(self.runner.sampler.eos_token_ids)

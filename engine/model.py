@@ -14,6 +14,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, fused_decode_attention, fused_decode_kernel, paged_attention
 from engine.config import ModelConfig
 from engine.kernels import decode_step
+from engine.kv_quant import cache_format
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -48,7 +49,7 @@ class Attention(nn.Module):
             qk = qkv[:, :(nq + nkv) * d]
         v = v.view(T, nkv, d)
         if meta.num_decode == T and meta.decode_lens is not None \
-                and (kernel := fused_decode_kernel(x.dtype, x.device, d)) is not None:
+                and (kernel := fused_decode_kernel(x.dtype, x.device, d, kv_cache)) is not None:
             # decodes only: RoPE, the cache write and attention in one kernel call
             o = fused_decode_attention(kernel, q.view(T, nq, d), k.view(T, nkv, d), v, rope, kv_cache, meta,
                                        self.scale)
@@ -144,8 +145,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _decode_plan(self, h: torch.Tensor, kv_caches: list[torch.Tensor]):
         """(kernel, plan) of the fused decode step where it takes this model and these caches: CPU, fp32,
-        one TP rank, GGUF weights without biases in every layer, a head size it takes. Else None. Bound
-        once per set of caches."""
+        one TP rank, GGUF weights without biases in every layer, a head size it takes, fp32 or quantized
+        caches (all alike). Else None. Bound once per set of caches."""
         key = kv_caches[0].data_ptr() if kv_caches else None
         cached = getattr(self, "_decode_step", (None, None))
         if cached[0] == key:
@@ -156,8 +157,9 @@ class LlamaForCausalLM(nn.Module):
         if layers and h.device.type == "cpu" and h.dtype == torch.float32 and self.ctx.tp_size == 1 \
                 and all(p.bias is None and getattr(p, "gguf", None) is not None
                         and len(p.gguf.segments) <= 4 for ps in projections for p in ps) \
-                and all(c.dtype == torch.float32 and c.is_contiguous() for c in kv_caches) \
-                and fused_decode_kernel(h.dtype, h.device, self.cfg.head_dim) is not None \
+                and all(c.dtype == kv_caches[0].dtype and c.is_contiguous() for c in kv_caches) \
+                and (kv_caches[0].dtype == torch.float32 or cache_format(kv_caches[0]) is not None) \
+                and fused_decode_kernel(h.dtype, h.device, self.cfg.head_dim, kv_caches[0]) is not None \
                 and (kernel := decode_step()) is not None:
             attn = layers[0].self_attn
             desc = [{"input_norm": L.input_layernorm.weight, "post_norm": L.post_attention_layernorm.weight,

@@ -89,7 +89,8 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(
             num_layers=self.model.num_local_layers,
             num_kv_heads=attn.num_kv_heads if attn else model_cfg.num_key_value_heads,
-            head_dim=model_cfg.head_dim, block_size=cache_cfg.block_size, dtype=self.dtype)
+            head_dim=model_cfg.head_dim, block_size=cache_cfg.block_size, dtype=self.dtype,
+            kv_cache_dtype=cache_cfg.kv_cache_dtype)
         if num_blocks is None:
             num_blocks = kv_cache_budget(cache_cfg, self.device) // self.kv_spec.block_bytes
         if num_blocks < 1:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import zmq
 
-from kvtransfer.pages import RankCaches, block_runs
+from kvtransfer.pages import RankCaches, block_runs, page_dtype
 from kvtransfer.plan import TransferItem, items_from
 from kvtransfer.protocol import MAX_LAYERS, VERSION, Pages
 
@@ -91,7 +91,7 @@ class OutgoingTransfer:
         cache = self.caches.caches[0]
         nh = it.heads[1] - it.heads[0]
         shape = [2, len(self.dst_block_ids), nh, cache.shape[3], cache.shape[4]]
-        dtype = str(cache.dtype).removeprefix("torch.")
+        dtype = page_dtype(cache)
         runs = self._runs(nh == self.caches.num_heads) if self.zero_copy else []
         owners = None
         if runs:

@@ -1,8 +1,9 @@
 """Pages in and out of one rank's KV caches.
 
 A rank holds layers [layer_start, layer_end) and KV heads [head_start, head_end); each layer's cache is
-`[2, num_blocks, local_heads, block_size, head_dim]` (engine/attention.py). A frame carries one layer's
-pages for a list of blocks and a head range: `[2, num_blocks, h1 - h0, block_size, head_dim]`.
+`[2, num_blocks, local_heads, block_size, row]` (engine/attention.py; row = head_dim, or head_dim + 4
+bytes in a quantized cache, whose scales thus travel inside the pages). A frame carries one layer's pages
+for a list of blocks and a head range: `[2, num_blocks, h1 - h0, block_size, row]`, in the cache's dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from engine.kv_quant import STORAGE, cache_format
+
+# a page dtype's name on the wire -> the cache tensor's dtype (a quantized format's storage: engine/kv_quant.py)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, **STORAGE}
+
+
+def page_dtype(cache: torch.Tensor) -> str:
+    """The name pages of this cache ship under: its float dtype, or its quantized format."""
+    return cache_format(cache) or str(cache.dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -23,7 +32,7 @@ class RankCaches:
     _bytes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def byte_view(self, layer: int) -> np.ndarray:
-        """The layer's CPU cache as bytes, `[2, num_blocks, heads, block_size, head_dim * itemsize]`
+        """The layer's CPU cache as bytes, `[2, num_blocks, heads, block_size, row * itemsize]`
         (made once: slicing a numpy array costs ~0.2 us, a torch view ~10 us, per frame)."""
         v = self._bytes.get(layer)
         if v is None:
@@ -39,7 +48,7 @@ class RankCaches:
         return self.caches[0].shape[1]
 
     def extract(self, layer: int, heads: tuple[int, int], block_ids: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of the pages: [2, len(block_ids), h1 - h0, block_size, head_dim]."""
+        """A contiguous copy of the pages: [2, len(block_ids), h1 - h0, block_size, row]."""
         pages = self.caches[layer - self.layer_start].index_select(1, block_ids)
         h0, h1 = heads[0] - self.head_start, heads[1] - self.head_start
         if h0 == 0 and h1 == self.num_heads:

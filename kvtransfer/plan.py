@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.kv_layout import KVLayoutSpec
+from common.kv_layout import QUANTIZED_KV, KVLayoutSpec
 from engine.partition import check_kv_tp, kv_head_range, stage_layers
 
 
 class IncompatibleLayouts(ValueError):
-    """P and D cannot exchange KV (different model shape, block size, or dtypes that do not convert).
-    Raised before any page moves: by the sender's plan and by the receiver's reservation."""
+    """P and D cannot exchange KV (different model shape, block size, KV cache dtype, or dtypes that do not
+    convert). Raised before any page moves: by the sender's plan and by the receiver's reservation."""
 
 
 # KV dtypes that interoperate: pages travel in the sender's cache dtype and the receiver casts them into
@@ -50,11 +50,14 @@ class KVLayout(KVLayoutSpec, frozen=True):
         """The layout of a worker serving `model_cfg` (engine ModelConfig) with `config` (EngineConfig)."""
         par = config.parallel
         return cls(model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim,
-                   config.cache.block_size, config.device.dtype, par.tp, par.pp)
+                   config.cache.block_size, config.device.dtype, par.tp, par.pp,
+                   kv_cache_dtype=config.cache.kv_cache_dtype)
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp = {self.tp}, pp = {self.pp} must be positive")
+        if self.kv_cache_dtype not in ("auto", *QUANTIZED_KV):
+            raise ValueError(f"kv_cache_dtype = {self.kv_cache_dtype!r} must be 'auto' or one of {QUANTIZED_KV}")
         if self.pp > self.num_layers:
             raise ValueError(f"pp = {self.pp} exceeds num_layers = {self.num_layers}")
         check_kv_tp(self.num_kv_heads, self.tp)
@@ -86,6 +89,13 @@ class TransferItem:
 
 
 def check_compatible(src: KVLayout, dst: KVLayout) -> None:
+    # a quantized page is codes and scales: only a cache of the same format can take it, and a float cache's
+    # pages cannot land in a quantized one (nothing here quantizes or dequantizes pages in flight)
+    if src.kv_cache_dtype != dst.kv_cache_dtype:
+        raise IncompatibleLayouts(f"KV cache dtypes differ: prefill stores {src.page_dtype!r} "
+                                  f"(--kv-cache-dtype {src.kv_cache_dtype}), decode stores {dst.page_dtype!r} "
+                                  f"(--kv-cache-dtype {dst.kv_cache_dtype}); a quantized KV cache pairs only with "
+                                  "the same --kv-cache-dtype")
     for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
         a, b = getattr(src, name), getattr(dst, name)
         if a != b:

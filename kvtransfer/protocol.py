@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import msgspec
 
-from common.kv_layout import KVLayoutSpec
+from common.kv_layout import ITEMSIZE, KVLayoutSpec
 from common.wire import VERSION, Decoder, MessageError, encode
 
 __all__ = ["VERSION", "MessageError", "decode", "encode"]  # and the message types below
 
 MAX_HEADER_BYTES = 1 << 20
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(ITEMSIZE)  # of pages: the float dtypes, and the quantized formats (one-byte elements)
 MAX_LAYERS = 1024  # layers in one Pages message
 
 
@@ -63,7 +63,9 @@ class Pages(msgspec.Struct, tag="pages", frozen=True):
     heads: tuple[int, int]  # global KV heads [h0, h1)
     block_ids: list[int]  # destination blocks, in token order
     dtype: str
-    shape: list[int]  # one layer's pages: [2, num_blocks, h1 - h0, block_size, head_dim]
+    # one layer's pages: [2, num_blocks, h1 - h0, block_size, row]; row = head_dim, or for a quantized dtype
+    # head_dim + 4 one-byte elements (the codes, then the fp32 scale: KVLayoutSpec.row_width)
+    shape: list[int]
     nbytes: int  # all layers' bytes
     pair: str = ""  # torch.distributed transport: the pair group the payload comes through
     tag: int = 0  # ... and its send/recv tag; "" means the payload is the next ZeroMQ frame
@@ -177,7 +179,7 @@ def _check_pages(m: Pages) -> None:
     if m.dtype not in DTYPES:
         raise MessageError(f"pages: unknown dtype {m.dtype!r}")
     if len(m.shape) != 5 or m.shape[0] != 2 or any(x <= 0 for x in m.shape):
-        raise MessageError(f"pages: shape {m.shape} is not [2, blocks, heads, block_size, head_dim]")
+        raise MessageError(f"pages: shape {m.shape} is not [2, blocks, heads, block_size, row]")
     if m.shape[1] != len(m.block_ids) or m.shape[2] != m.heads[1] - m.heads[0]:
         raise MessageError(f"pages: shape {m.shape} disagrees with {len(m.block_ids)} blocks and heads {m.heads}")
     if m.runs and (sum(m.runs) != len(m.block_ids) or min(m.runs) <= 0):
@@ -191,7 +193,7 @@ def _check_pages(m: Pages) -> None:
         raise MessageError("pages: runs are for ZeroMQ frames, not torch.distributed payloads")
     if not 1 <= m.num_layers <= MAX_LAYERS or (m.pair and m.num_layers != 1):
         raise MessageError(f"pages: num_layers = {m.num_layers} (1..{MAX_LAYERS}; 1 over torch.distributed)")
-    itemsize = 4 if m.dtype == "float32" else 2
+    itemsize = ITEMSIZE[m.dtype]
     n = itemsize * m.num_layers
     for x in m.shape:
         n *= x

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.kv_layout import ITEMSIZE
 from kvtransfer.frames import Staged, host_buffer
 from kvtransfer.pages import RankCaches, from_buffer
 from kvtransfer.plan import KVLayout, items_to, kv_dtypes_compatible, plan_transfer
@@ -210,9 +211,11 @@ class RankReceiver:
             return f"unexpected frame {next(key for key in keys if key not in e.frames)}"
         if msg.block_ids != e.block_ids:
             return "frame names blocks that were not reserved for it"
-        if not kv_dtypes_compatible(msg.dtype, self.layout.dtype) or \
-                msg.shape[3:] != [self.layout.block_size, self.layout.head_dim]:
-            return f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache ({self.layout.dtype})"
+        # float pages of another float dtype are cast on insert; quantized pages only into the same format
+        takes = msg.dtype == self.layout.page_dtype or \
+            (self.layout.kv_cache_dtype == "auto" and kv_dtypes_compatible(msg.dtype, self.layout.dtype))
+        if not takes or msg.shape[3:] != [self.layout.block_size, self.layout.row_width]:
+            return f"frame dtype/shape {msg.dtype} {msg.shape} does not match this cache ({self.layout.page_dtype})"
         return None
 
     def _expected_for(self, msg: Pages) -> _Expected | None:
@@ -244,7 +247,7 @@ class RankReceiver:
                 return None
             return staged
         # pages of another dtype are cast as `on_pages` writes them, so they cannot land as they come
-        if not msg.runs or msg.heads[0] != self.caches.head_start or msg.dtype != self.layout.dtype or \
+        if not msg.runs or msg.heads[0] != self.caches.head_start or msg.dtype != self.layout.page_dtype or \
                 msg.heads[1] - msg.heads[0] != self.caches.num_heads or sum(msg.runs) != len(msg.block_ids):
             return None
         layers = range(msg.layer, msg.layer + msg.num_layers)
@@ -284,7 +287,7 @@ class RankReceiver:
 
 
 def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+    return ITEMSIZE[dtype]
 
 
 def _keys(msg: Pages) -> list[tuple[int, int, int, int]]:

@@ -17,7 +17,8 @@ from kvtransfer.zmq_transport import KVClient
 def src_layout(runner) -> KVLayout:
     cfg, ctx = runner.model_cfg, runner.model.ctx
     return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, runner.block_size,
-                    str(runner.dtype).removeprefix("torch."), ctx.tp_size, ctx.pp_size)
+                    str(runner.dtype).removeprefix("torch."), ctx.tp_size, ctx.pp_size,
+                    kv_cache_dtype=runner.kv_spec.kv_cache_dtype)
 
 
 def make_client(rank: int, path: DataPath) -> KVClient:

@@ -32,7 +32,8 @@ from kvtransfer.zmq_transport import KVClient, KVServer  # noqa: E402
 
 def layout_of(spec, tp, pp):
     m = spec["model"]
-    return KVLayout(m["num_layers"], m["num_kv_heads"], m["head_dim"], spec["block_size"], spec["dtype"], tp, pp)
+    return KVLayout(m["num_layers"], m["num_kv_heads"], m["head_dim"], spec["block_size"], spec["dtype"], tp, pp,
+                    kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
 
 
 def rank_caches(full: list[torch.Tensor] | None, layout: KVLayout, rank: int, num_blocks: int) -> RankCaches:
@@ -42,8 +43,8 @@ def rank_caches(full: list[torch.Tensor] | None, layout: KVLayout, rank: int, nu
     if full is not None:  # the sender: views of the engine's caches
         caches = [full[layer][:, :, h0:h1] for layer in range(l0, l1)]
     else:
-        caches = [torch.zeros(2, num_blocks, h1 - h0, layout.block_size, layout.head_dim,
-                              dtype=TORCH_DTYPES[layout.dtype]) for _ in range(l0, l1)]
+        caches = [torch.zeros(2, num_blocks, h1 - h0, layout.block_size, layout.row_width,
+                              dtype=TORCH_DTYPES[layout.page_dtype]) for _ in range(l0, l1)]
     return RankCaches(caches, l0, h0)
 
 
@@ -126,7 +127,8 @@ def send(spec):
     from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine
 
     eng = LLMEngine(EngineConfig(spec["model_dir"], cache=CacheConfig(block_size=spec["block_size"],
-                                                                      num_blocks=spec["num_blocks"]),
+                                                                      num_blocks=spec["num_blocks"],
+                                                                      kv_cache_dtype=spec.get("kv_cache_dtype", "auto")),
                                  device=DeviceConfig(dtype=spec["dtype"])))
     prompt = spec["prompt"]
     endpoints = spec["endpoints"]

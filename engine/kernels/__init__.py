@@ -28,9 +28,13 @@ from pathlib import Path
 
 import torch  # first: its libgomp.so.1 is the OpenMP runtime the kernels link
 
+from engine.kv_quant import cache_format, row_width
 from engine.platform import cpu_flags
 
 log = logging.getLogger(__name__)
+
+# a cache's format (engine/kv_quant.py; None: the activations' dtype) -> kvquant.h's number for it
+KV_FORMATS = {None: 0, "int8": 1, "fp8_e4m3": 2}
 
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
@@ -231,21 +235,29 @@ class DecodeAttention:
         fn.restype = ctypes.c_int
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
-                       i64, ctypes.c_float, ctypes.c_int, ptr, ctypes.c_int]
+                       i64, ctypes.c_float, ctypes.c_int, ctypes.c_int, ptr, ctypes.c_int]
         self.max_head_dim = lib.tandem_decode_attention_max_head_dim()
 
-    def supports(self, head_dim: int, dtype) -> bool:
-        return head_dim % 16 == 0 and head_dim <= self.max_head_dim and dtype in (torch.float32, torch.bfloat16)
+    def supports(self, head_dim: int, dtype, kv_format: str | None = None) -> bool:
+        """Activations of `dtype`; a cache of that dtype, or quantized (`kv_format`: engine/kv_quant.py)."""
+        return head_dim % 16 == 0 and head_dim <= self.max_head_dim and dtype in (torch.float32, torch.bfloat16) \
+            and kv_format in KV_FORMATS
 
     def __call__(self, q, k, v, cos, sin, kv_cache, slot_blocks, slot_offsets, block_tables, lens, scale: float,
                  num_threads: int):
         """q [B, H, D], k/v [B, KVH, D] (rows may be strided slices), cos/sin [B, D] contiguous, kv_cache
-        [2, blocks, KVH, bs, D] contiguous, int64 slot_blocks/slot_offsets/lens [B], block_tables
-        [B, nb] -> out [B, H, D]. Writes the rotated k and v into the cache."""
+        [2, blocks, KVH, bs, D] contiguous (rows of D + 4 bytes quantized), int64 slot_blocks/slot_offsets/lens
+        [B], block_tables [B, nb] -> out [B, H, D]. Writes the rotated k and v into the cache."""
         B, H, D = q.shape
         KVH = k.shape[1]
-        _, num_blocks, _, bs, _ = kv_cache.shape
+        _, num_blocks, _, bs, row = kv_cache.shape
         fn = "decode_attention"
+        fmt = cache_format(kv_cache)
+        if kv_cache.dtype != q.dtype and fmt is None:
+            raise TypeError(f"{fn}: kv_cache must be {q.dtype} or quantized, got {kv_cache.dtype}")
+        _check_contiguous(fn, "kv_cache", kv_cache)
+        if row != row_width(fmt, D):
+            raise ValueError(f"{fn}: kv_cache rows of {row} elements, expected {row_width(fmt, D)} for head size {D}")
         _check_stride(fn, "q", q, 1, D)
         _check_stride(fn, "q", q, 2, 1)
         if k.stride() != v.stride():
@@ -256,7 +268,7 @@ class DecodeAttention:
         rc = self._fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), cos.data_ptr(),
                       sin.data_ptr(), kv_cache.data_ptr(), num_blocks, bs, slot_blocks.data_ptr(),
                       slot_offsets.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], lens.data_ptr(), B,
-                      H, KVH, D, scale, q.dtype == torch.bfloat16, out.data_ptr(), num_threads)
+                      H, KVH, D, scale, q.dtype == torch.bfloat16, KV_FORMATS[fmt], out.data_ptr(), num_threads)
         if rc == -1:
             raise MemoryError("decode_attention: out of memory")
         if rc != 0:
@@ -287,6 +299,10 @@ class Elementwise:
         self._write_kv = lib.tandem_write_kv
         self._write_kv.restype = ctypes.c_int
         self._write_kv.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+        self._write_kv_quant = lib.tandem_write_kv_quant
+        self._write_kv_quant.restype = ctypes.c_int
+        self._write_kv_quant.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int]
         self._add_rms_norm = lib.tandem_add_rms_norm
         self._add_rms_norm.restype = ctypes.c_int
         self._add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int,
@@ -354,15 +370,23 @@ class Elementwise:
 
     def write_kv(self, k, v, kv_cache, slot_blocks, slot_offsets, num_threads: int) -> bool:
         """k, v [T, KVH, D] into their slots of kv_cache [2, blocks, KVH, bs, D] (contiguous, same
-        dtype, CPU; int64 slots). False (nothing written) where the tensors do not fit that."""
+        dtype, CPU; int64 slots), or quantized into a quantized cache's rows of D + 4 bytes (k, v fp32
+        or bf16, D a multiple of 16). False (nothing written) where the tensors do not fit that."""
         T, KVH, D = k.shape
-        if not (kv_cache.is_contiguous() and kv_cache.dtype == k.dtype == v.dtype and k.shape == v.shape
+        fmt = cache_format(kv_cache)
+        if not (kv_cache.is_contiguous() and k.dtype == v.dtype and k.shape == v.shape
+                and (kv_cache.dtype == k.dtype if fmt is None else self.takes(k, D))
                 and k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == D
-                and kv_cache.shape[2] == KVH and kv_cache.shape[4] == D
+                and kv_cache.shape[2] == KVH and kv_cache.shape[4] == row_width(fmt, D)
                 and slot_blocks.dtype == slot_offsets.dtype == torch.long and slot_blocks.is_contiguous()
                 and slot_offsets.is_contiguous() and kv_cache.device.type == k.device.type == "cpu"):
             return False
         _, num_blocks, _, bs, _ = kv_cache.shape
+        if fmt is not None:
+            return self._write_kv_quant(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), T, KVH, D,
+                                        kv_cache.data_ptr(), num_blocks, bs, slot_blocks.data_ptr(),
+                                        slot_offsets.data_ptr(), k.dtype == torch.bfloat16, KV_FORMATS[fmt],
+                                        num_threads) == 0
         self._write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), T, KVH, D, kv_cache.data_ptr(), num_blocks, bs,
                        slot_blocks.data_ptr(), slot_offsets.data_ptr(), k.element_size(), num_threads)
         return True

@@ -18,10 +18,16 @@
  * product for q . k, explicit fused multiply-adds for V): the same math within fp32 rounding of the
  * sums, 16-23% faster over a SmolLM2 step's 30 layers at 32 sequences (measured: 12.0 -> 10.1 ms with
  * the KV coming from memory, 9.2 -> 7.1 in cache).
+ *
+ * A quantized cache (`kv_fmt` KV_INT8 or KV_FP8, kvquant.h) has rows of D one-byte codes and an fp32
+ * scale: the new k (rotated) and v are quantized into their slots bit for bit as torch quantizes them,
+ * and `attend_quant` reads the codes, converting them to fp32 as it goes: scores are (q . codes) *
+ * scale_k, the weights of V p * scale_v, so the same math as dequantizing first within fp32 rounding.
  */
 #include <stdlib.h>
 #include <omp.h>
 
+#include "kvquant.h"
 #include "vec.h"
 
 #define MAX_G 16 /* query heads per KV head taken together (more: one at a time) */
@@ -106,6 +112,66 @@ static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_strid
     }
 }
 
+/* `attend` for a quantized cache: rows of D codes and a scale (kvquant.h), the activations fp32 or bf16 */
+static void attend_quant(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                         const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
+                         int64_t KVH, int64_t G, int64_t D, float scale, int bf16, int fmt, char *out, int64_t H,
+                         float *p, int64_t lp) {
+    const size_t es = bf16 ? 2 : 4;
+    const int64_t nv = D / 16, g = h0 / G, nblocks = (L + bs - 1) / bs, rb = D + KV_SCALE_BYTES;
+    v16f qv[MAX_G][MAX_D / 16], o[MAX_G][MAX_D / 16], kv[MAX_D / 16];
+    float m[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        rope((const char *)q + (b * q_stride + (h0 + hh) * D) * es, (const char *)cos + b * D * es,
+             (const char *)sin + b * D * es, D, bf16, qv[hh]);
+        m[hh] = -INFINITY;
+    }
+    const int64_t block_bytes = bs * rb;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const uint8_t *kb = (const uint8_t *)kc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1)
+                                         : vc + kv_row(bt[0], KVH, g, bs, 0, rb, 1), block_bytes);
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *row = kb + i * rb;
+            for (int64_t j = 0; j < nv; j++) kv[j] = kv_codes16(row + j * 16, fmt);
+            const float ks = kv_row_scale(row, D) * scale;
+            int64_t t = blk * bs + i;
+            for (int hh = 0; hh < nh; hh++) {
+                v16f acc = qv[hh][0] * kv[0];
+                for (int64_t j = 1; j < nv; j++) acc += qv[hh][j] * kv[j];
+                float s = hsum(acc) * ks;
+                p[hh * lp + t] = s;
+                if (s > m[hh]) m[hh] = s;
+            }
+        }
+    }
+    float total[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        total[hh] = softmax_row(p + hh * lp, L, m[hh]);
+        for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
+    }
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const uint8_t *vb = (const uint8_t *)vc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1), block_bytes);
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *row = vb + i * rb;
+            for (int64_t j = 0; j < nv; j++) kv[j] = kv_codes16(row + j * 16, fmt);
+            const float vs = kv_row_scale(row, D);
+            int64_t t = blk * bs + i;
+            for (int hh = 0; hh < nh; hh++) {
+                v16f w = (v16f){0} + p[hh * lp + t] * vs;
+                for (int64_t j = 0; j < nv; j++) o[hh][j] += w * kv[j];
+            }
+        }
+    }
+    for (int hh = 0; hh < nh; hh++) {
+        char *op = out + (b * H + h0 + hh) * D * es;
+        for (int64_t j = 0; j < nv; j++) store16(op + j * 16 * es, o[hh][j] / total[hh], bf16);
+    }
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_ATTEND_F32_AVX2 1
@@ -175,6 +241,107 @@ static void attend_f32_avx2(int64_t b, int64_t h0, int nh, const void *q, int64_
         }
     }
 }
+
+#if defined(__F16C__)
+#define HAVE_ATTEND_QUANT_AVX2 1
+
+/* 8 codes -> their values (not yet scaled), as kv_codes16 converts them. fp8 by way of fp16: e4m3's
+ * bits moved into an fp16's (the exponent field lands 8 below e4m3's bias, subnormals included: fp16's
+ * are exact, and F16C converts them whatever the denormal modes), converted, times 2^8. */
+static inline __m256 codes8(const uint8_t *p, int fmt) {
+    const __m128i raw = _mm_loadl_epi64((const __m128i *)p);
+    if (fmt == KV_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    const __m128i c = _mm_cvtepu8_epi16(raw);
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7f)), 7));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+}
+
+/* `attend_quant` on AVX2 (without AVX-512), for the reason `attend_f32_avx2` exists: native 8-float
+ * vectors and fused multiply-adds; the activations fp32 or bf16. A K row's codes are converted once for
+ * the group's heads; V's rows 16 at a time into fp32 values (code * scale, as torch dequantizes), once
+ * for the group, then summed into each head's output. */
+static void attend_quant_avx2(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                              const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt,
+                              int64_t L, int64_t KVH, int64_t G, int64_t D, float scale, int bf16, int fmt, char *out,
+                              int64_t H, float *p, int64_t lp) {
+    const size_t es = bf16 ? 2 : 4;
+    const int64_t g = h0 / G, nblocks = (L + bs - 1) / bs, rb = D + KV_SCALE_BYTES, nv = D / 8;
+    float qf[MAX_G][MAX_D] __attribute__((aligned(32)));
+    float m[MAX_G];
+    for (int hh = 0; hh < nh; hh++) {
+        v16f r[MAX_D / 16];
+        rope((const char *)q + (b * q_stride + (h0 + hh) * D) * es, (const char *)cos + b * D * es,
+             (const char *)sin + b * D * es, D, bf16, r);
+        memcpy(qf[hh], r, (size_t)D * 4);
+        m[hh] = -INFINITY;
+    }
+    __m256 kf[MAX_D / 8];
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const uint8_t *kb = (const uint8_t *)kc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1)
+                                         : vc + kv_row(bt[0], KVH, g, bs, 0, rb, 1), bs * rb);
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *row = kb + i * rb;
+            for (int64_t j = 0; j < nv; j++) kf[j] = codes8(row + 8 * j, fmt);
+            const float ks = kv_row_scale(row, D) * scale;
+            for (int hh = 0; hh < nh; hh++) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                for (int64_t j = 0; j < nv; j += 2) {
+                    a0 = _mm256_fmadd_ps(_mm256_load_ps(qf[hh] + 8 * j), kf[j], a0);
+                    a1 = _mm256_fmadd_ps(_mm256_load_ps(qf[hh] + 8 * j + 8), kf[j + 1], a1);
+                }
+                float sc = hsum8(_mm256_add_ps(a0, a1)) * ks;
+                p[hh * lp + blk * bs + i] = sc;
+                if (sc > m[hh]) m[hh] = sc;
+            }
+        }
+    }
+    float total[MAX_G];
+    float o[MAX_G][MAX_D] __attribute__((aligned(32)));
+    for (int hh = 0; hh < nh; hh++) {
+        total[hh] = softmax_row(p + hh * lp, L, m[hh]);
+        memset(o[hh], 0, (size_t)D * 4);
+    }
+    float vf[16][MAX_D] __attribute__((aligned(32)));
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const uint8_t *vb = (const uint8_t *)vc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1), bs * rb);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int c = n - i0 < 16 ? (int)(n - i0) : 16;
+            for (int i = 0; i < c; i++) {
+                const uint8_t *row = vb + (i0 + i) * rb;
+                const __m256 sv = _mm256_set1_ps(kv_row_scale(row, D));
+                for (int64_t j = 0; j < nv; j++) _mm256_store_ps(vf[i] + 8 * j, _mm256_mul_ps(codes8(row + 8 * j, fmt), sv));
+            }
+            for (int hh = 0; hh < nh; hh++) {
+                const float *ph = p + hh * lp + blk * bs + i0;
+                /* 64 columns at a time in 8 accumulators */
+                for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                    const int nc = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
+                    __m256 acc[8];
+                    for (int j = 0; j < nc; j++) acc[j] = _mm256_load_ps(o[hh] + d0 + 8 * j);
+                    for (int i = 0; i < c; i++) {
+                        const __m256 w = _mm256_set1_ps(ph[i]);
+                        for (int j = 0; j < nc; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_load_ps(vf[i] + d0 + 8 * j), acc[j]);
+                    }
+                    for (int j = 0; j < nc; j++) _mm256_store_ps(o[hh] + d0 + 8 * j, acc[j]);
+                }
+            }
+        }
+    }
+    for (int hh = 0; hh < nh; hh++) {
+        char *op = out + (b * H + h0 + hh) * D * es;
+        for (int64_t j = 0; j < D / 16; j++) {
+            v16f x;
+            memcpy(&x, o[hh] + 16 * j, sizeof x);
+            store16(op + j * 16 * es, x / total[hh], bf16); /* o / total, as the generic path divides */
+        }
+    }
+}
+#endif
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -303,16 +470,18 @@ static void attend_bf16(int64_t b, int64_t h0, int nh, const void *q, int64_t q_
 
 int tandem_decode_attention_max_head_dim(void) { return MAX_D; }
 
-/* Returns 0; -1 when a buffer could not be allocated; -2 for a head size it does not take. */
+/* kv_fmt: KV_FLOAT (the cache in the activations' dtype), KV_INT8 or KV_FP8 (kvquant.h). Returns 0; -1
+ * when a buffer could not be allocated; -2 for a head size or format it does not take. */
 int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t q_stride, int64_t kv_stride,
                             const void *cos, const void *sin, void *cache, int64_t num_blocks, int64_t bs,
                             const int64_t *slot_blocks, const int64_t *slot_offsets, const int64_t *block_tables,
                             int64_t nb, const int64_t *lens, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                            float scale, int bf16, void *out, int num_threads) {
-    if (D % 16 || D > MAX_D || H % KVH) return -2;
+                            float scale, int bf16, int kv_fmt, void *out, int num_threads) {
+    if (D % 16 || D > MAX_D || H % KVH || kv_fmt < KV_FLOAT || kv_fmt > KV_FP8) return -2;
     const size_t es = bf16 ? 2 : 4;
     const int64_t nv = D / 16, G = H / KVH;
-    char *kc = (char *)cache, *vc = (char *)cache + (size_t)num_blocks * KVH * bs * D * es;
+    const int64_t rb = kv_fmt ? D + KV_SCALE_BYTES : D * (int64_t)es; /* bytes of a cache row */
+    char *kc = (char *)cache, *vc = (char *)cache + (size_t)num_blocks * KVH * bs * rb;
     int64_t max_len = 0, work = 0;
     for (int64_t b = 0; b < B; b++) {
         if (lens[b] > max_len) max_len = lens[b];
@@ -330,12 +499,20 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             for (int64_t g = 0; g < KVH; g++) {
-                size_t slot = kv_row(slot_blocks[b], KVH, g, bs, slot_offsets[b], D, es);
+                size_t slot = kv_row(slot_blocks[b], KVH, g, bs, slot_offsets[b], rb, 1);
                 v16f kr[MAX_D / 16];
                 rope((const char *)k + (b * kv_stride + g * D) * es, (const char *)cos + b * D * es,
                      (const char *)sin + b * D * es, D, bf16, kr);
+                const char *vrow = (const char *)v + (b * kv_stride + g * D) * es;
+                if (kv_fmt) { /* the rotated k as torch rounds it (bf16: rope's bf16 values), then quantized */
+                    v16f vr[MAX_D / 16];
+                    for (int64_t j = 0; j < nv; j++) vr[j] = load16(vrow + j * 16 * es, bf16);
+                    kv_quantize_row((const float *)kr, D, kv_fmt, (uint8_t *)kc + slot);
+                    kv_quantize_row((const float *)vr, D, kv_fmt, (uint8_t *)vc + slot);
+                    continue;
+                }
                 for (int64_t j = 0; j < nv; j++) store16(kc + slot + j * 16 * es, kr[j], bf16);
-                memcpy(vc + slot, (const char *)v + (b * kv_stride + g * D) * es, D * es);
+                memcpy(vc + slot, vrow, D * es);
             }
         }
         /* 2. one task: a sequence's query heads [h0, h0 + nh) of one KV head (all G of them when
@@ -350,6 +527,16 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, int64_t
             if (!p) continue;
             const int64_t b = task / (H / hb), h0 = task % (H / hb) * hb;
             const int64_t *bt = block_tables + b * nb;
+            if (kv_fmt) {
+#ifdef HAVE_ATTEND_QUANT_AVX2
+                attend_quant_avx2(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale,
+                                  bf16, kv_fmt, (char *)out, H, p, max_len + 16);
+#else
+                attend_quant(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale, bf16,
+                             kv_fmt, (char *)out, H, p, max_len + 16);
+#endif
+                continue;
+            }
 #ifdef HAVE_ATTEND_BF16
             if (bf16 && D % 32 == 0) {
                 attend_bf16(b, h0, (int)hb, q, q_stride, cos, sin, kc, vc, bs, bt, lens[b], KVH, G, D, scale,

@@ -1,4 +1,5 @@
-/* A decode step's decoder layers in one call (CPU, fp32 activations, GGUF weights, one TP rank):
+/* A decode step's decoder layers in one call (CPU, fp32 activations, GGUF weights, one TP rank, an fp32
+ * or quantized KV cache):
  *
  *   for each layer: x = RMSNorm(h); qkv = x Wqkv; o = attention(RoPE(q), RoPE(k), v) over the paged
  *   cache (the new k, v written into it); h += o Wo; x = RMSNorm(h); h += (silu(x Wg) * (x Wu)) Wd
@@ -26,12 +27,13 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_norm; /* [hidden] */
     tandem_weight qkv, o, gate_up, down;
-    float *kv_cache; /* [2][num_blocks][KVH][bs][D] */
+    void *kv_cache; /* [2][num_blocks][KVH][bs][D] fp32, or rows of D + 4 bytes quantized (kvquant.h) */
 } tandem_layer;
 
 typedef struct {
     int64_t hidden, inter, heads, kv_heads, head_dim, num_blocks, block_size;
     float eps, scale;
+    int32_t kv_fmt; /* KV_FLOAT, KV_INT8, KV_FP8 */
 } tandem_shape;
 
 static int project(const tandem_weight *w, const float *x, int64_t M, int64_t K, float *y, int64_t N, int nt) {
@@ -63,7 +65,7 @@ int tandem_decode_step(const tandem_layer *layers, int n, const tandem_shape *s,
         if ((rc = project(&L->qkv, x, B, E, qkv, qkv_n, num_threads))) break;
         rc = tandem_decode_attention(qkv, qkv + H * D, qkv + (H + KVH) * D, qkv_n, qkv_n, cos, sin, L->kv_cache,
                                      s->num_blocks, s->block_size, slot_blocks, slot_offsets, block_tables, nb, lens,
-                                     B, H, KVH, D, s->scale, 0, att, num_threads);
+                                     B, H, KVH, D, s->scale, 0, s->kv_fmt, att, num_threads);
         if (rc || (rc = project(&L->o, att, B, H * D, tmp, E, num_threads))) break;
         /* h += o; x = RMSNorm(h) (the add written back into h) */
         tandem_add_rms_norm(tmp, E, h, E, h, L->post_norm, B, E, s->eps, x, 0, num_threads);

@@ -2,7 +2,8 @@
  *
  *   tandem_silu_mul: out = silu(gate) * up          (the SwiGLU MLP's activation)
  *   tandem_rope:     out = x * cos + rot(x) * sin    (RoPE, "rotate half", for every head of a row)
- *   tandem_write_kv: the new tokens' K and V into their cache slots
+ *   tandem_write_kv: the new tokens' K and V into their cache slots (tandem_write_kv_quant: quantized,
+ *                    kvquant.h)
  *   tandem_add_rms_norm: the residual add and the RMSNorm after it
  *
  * In the tensors' dtype as torch computes them: silu(gate) rounded, then the product rounded (bf16);
@@ -14,6 +15,7 @@
 #include <stdint.h>
 #include <omp.h>
 
+#include "kvquant.h"
 #include "vec.h"
 
 /* for (t = 0; t < T; t++) BODY, over nt threads; on the calling thread alone when nt is 1 (an OpenMP
@@ -97,6 +99,30 @@ int tandem_write_kv(const void *k, int64_t ks, const void *v, int64_t vs, int64_
             size_t slot = kv_row(slot_blocks[t], KVH, h, bs, slot_offsets[t], D, es);
             memcpy(kc + slot, (const char *)k + (t * ks + h * D) * es, row);
             memcpy(vc + slot, (const char *)v + (t * vs + h * D) * es, row);
+        }
+    });
+    return 0;
+}
+
+/* tandem_write_kv into a quantized cache (kv_fmt KV_INT8 or KV_FP8): k, v fp32 or bf16 (`bf16`), each
+ * (token, head) row quantized into its slot, D codes and the scale (kvquant.h: bit for bit torch's). */
+int tandem_write_kv_quant(const void *k, int64_t ks, const void *v, int64_t vs, int64_t T, int64_t KVH, int64_t D,
+                          void *cache, int64_t num_blocks, int64_t bs, const int64_t *slot_blocks,
+                          const int64_t *slot_offsets, int bf16, int kv_fmt, int num_threads) {
+    if (D % 16 || D > MAX_D || (kv_fmt != KV_INT8 && kv_fmt != KV_FP8)) return -2;
+    const size_t es = bf16 ? 2 : 4;
+    const int64_t rb = D + KV_SCALE_BYTES;
+    uint8_t *kc = (uint8_t *)cache, *vc = (uint8_t *)cache + (size_t)num_blocks * KVH * bs * rb;
+    int nt = T * KVH * D < 16384 ? 1 : num_threads;
+    FOR_ROWS(nt, t, T, {
+        for (int64_t h = 0; h < KVH; h++) {
+            size_t slot = kv_row(slot_blocks[t], KVH, h, bs, slot_offsets[t], rb, 1);
+            v16f x[MAX_D / 16];
+            const char *kr = (const char *)k + (t * ks + h * D) * es, *vr = (const char *)v + (t * vs + h * D) * es;
+            for (int64_t j = 0; j < D / 16; j++) x[j] = load16(kr + j * 16 * es, bf16);
+            kv_quantize_row((const float *)x, D, kv_fmt, kc + slot);
+            for (int64_t j = 0; j < D / 16; j++) x[j] = load16(vr + j * 16 * es, bf16);
+            kv_quantize_row((const float *)x, D, kv_fmt, vc + slot);
         }
     });
     return 0;

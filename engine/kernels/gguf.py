@@ -10,6 +10,7 @@ import torch
 
 from engine.kernels import (
     _X86_LEVELS,
+    KV_FORMATS,
     _check_contiguous,
     _check_dtype,
     _check_shape,
@@ -18,6 +19,7 @@ from engine.kernels import (
     isa_levels,
     load,
 )
+from engine.kv_quant import cache_format
 
 # ggml's type numbers of the formats engine/kernels/gguf_linear.c multiplies
 GGUF_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
@@ -130,7 +132,8 @@ class _Layer(ctypes.Structure):  # tandem_layer
 
 class _Shape(ctypes.Structure):  # tandem_shape
     _fields_ = [(f, ctypes.c_int64) for f in ("hidden", "inter", "heads", "kv_heads", "head_dim", "num_blocks",
-                                               "block_size")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                                               "block_size")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                                                                 ("kv_fmt", ctypes.c_int32)]
 
 
 class DecodeStep:
@@ -158,8 +161,9 @@ class DecodeStep:
     def plan(self, layers: list[dict], kv_caches: list, hidden: int, inter: int, heads: int, kv_heads: int,
              head_dim: int, eps: float, scale: float):
         """layers: per layer {input_norm, post_norm: fp32 [hidden] tensors; qkv, o, gate_up, down: GGUFWeights
-        of at most MAX_SEGMENTS runs}; kv_caches: fp32 [2, blocks, KVH, bs, D] each. The tensors must stay
-        where they are while the plan is used (weights and caches are allocated once)."""
+        of at most MAX_SEGMENTS runs}; kv_caches: fp32 [2, blocks, KVH, bs, D] each, or all quantized alike
+        (engine/kv_quant.py: rows of D + 4 bytes). The tensors must stay where they are while the plan is used
+        (weights and caches are allocated once)."""
         arr = (_Layer * len(layers))()
         for i, (desc, cache) in enumerate(zip(layers, kv_caches)):
             arr[i].input_norm, arr[i].post_norm = desc["input_norm"].data_ptr(), desc["post_norm"].data_ptr()
@@ -167,7 +171,8 @@ class DecodeStep:
                 setattr(arr[i], name, self._weight(desc[name]))
             arr[i].kv_cache = cache.data_ptr()
         _, num_blocks, _, bs, _ = kv_caches[0].shape
-        shape = _Shape(hidden, inter, heads, kv_heads, head_dim, num_blocks, bs, eps, scale)
+        shape = _Shape(hidden, inter, heads, kv_heads, head_dim, num_blocks, bs, eps, scale,
+                       KV_FORMATS[cache_format(kv_caches[0])])
         return arr, shape, (layers, kv_caches)  # the last keeps what the pointers point at alive
 
     def __call__(self, plan, h, cos, sin, slot_blocks, slot_offsets, block_tables, lens, num_threads: int):

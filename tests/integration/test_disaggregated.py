@@ -195,6 +195,30 @@ def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
     assert st["free_blocks"] == st["num_blocks"]
 
 
+def test_an_int8_kv_cache_disaggregated_equals_one_process_and_a_float_decode_is_refused(cluster, tiny_llama):
+    """--kv-cache-dtype int8 on both sides: pages ship as the cache holds them (codes and scales) and the
+    tokens equal the single-process int8 engine's. A decode worker with a float cache is refused, by name
+    (its ready line, as a placement hands it over: the prefill worker refuses before it reserves anything)."""
+    d = cluster("decode", "--kv-cache-dtype", "int8", wait=False)
+    p = cluster("prefill", "--kv-cache-dtype", "int8", wait=False)
+    fp32 = dict(d.info, layout={**d.info["layout"], "kv_cache_dtype": "auto"})
+    ps = prompts(2, seed=5)
+    client = WorkerClient()
+    client.submit(p.info, "int8", ps[0], SamplingSpec(max_tokens=12, **GREEDY), decode=d.info)
+    client.submit(p.info, "mixed", ps[1], SamplingSpec(max_tokens=12, **GREEDY), decode=fp32)
+    client.collect(timeout=60)
+    eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20,
+                                                                     kv_cache_dtype="int8")))
+    want = eng.generate(ps[:1], SamplingParams(max_tokens=12, **GREEDY))[0]["outputs"][0]["token_ids"]
+    s = client.streams["int8"]
+    assert s.error == "" and s.token_ids == want and set(s.workers[1:]) == {"decode-0"}
+    bad = client.streams["mixed"]
+    assert "KV cache dtypes differ: prefill stores 'int8'" in bad.error and "decode stores 'float32'" in bad.error
+    for w in (d, p):
+        st = w.stop()
+        assert st["free_blocks"] == st["num_blocks"]
+
+
 @pytest.mark.slow
 def test_smollm2_disaggregated_equals_one_process(spawn, smollm2_dir):
     d = spawn(smollm2_dir, "decode", "--kv-cache-memory", "32MiB", wait=False)  # they load while the

@@ -13,10 +13,12 @@ pytestmark = pytest.mark.integration
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def engine(model_dir, num_blocks=256, block_size=4, budget=2048, caching=True, dtype="float32", max_seqs=64):
+def engine(model_dir, num_blocks=256, block_size=4, budget=2048, caching=True, dtype="float32", max_seqs=64,
+           kv="auto"):
     return LLMEngine(EngineConfig(
         str(model_dir),
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching,
+                          kv_cache_dtype=kv),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
         device=__import__("engine").DeviceConfig(dtype=dtype)))
 
@@ -97,6 +99,27 @@ def test_chunked_prefill_and_preemption_give_the_same_tokens(model_dir, referenc
     for i, (r, ref) in enumerate(zip(res, refs)):
         assert_greedy_equal(r, ref, f"prompt {i} (chunked + preempted)")
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8_e4m3"])
+def test_a_quantized_kv_cache_gives_the_same_tokens_however_the_kv_came_about(model_dir, reference, kv, monkeypatch):
+    """--kv-cache-dtype: every attention reads K and V as the cache holds them (a fresh prefill too), so a
+    prefix hit, chunked prefill with preemption (recompute) and the torch-only path give the tokens of the
+    plain run with the same KV dtype."""
+    ps, _ = reference
+    greedy = SamplingParams(max_tokens=16, **GREEDY)
+    eng = engine(model_dir, kv=kv)
+    assert eng.runner.kv_caches[0].shape[-1] == eng.model_config.head_dim + 4
+    plain = tokens_of(eng.generate(ps, greedy))
+    before = eng.block_manager.stats.hits
+    assert tokens_of(eng.generate(ps, greedy)) == plain
+    assert eng.block_manager.stats.hits > before
+    chunked = engine(model_dir, num_blocks=24, budget=7, caching=False, kv=kv)
+    assert tokens_of(chunked.generate(ps, greedy)) == plain
+    assert chunked.scheduler.num_preemptions > 0
+    monkeypatch.setattr("engine.model.fused_decode_kernel", lambda *a: None)
+    monkeypatch.setattr("engine.attention.elementwise", lambda: None)
+    assert tokens_of(engine(model_dir, kv=kv).generate(ps, greedy)) == plain
 
 
 def test_n_samples_and_seeds(model_dir):

@@ -105,10 +105,14 @@ def check_bit_identical(pair, spec_model, prefill, decode):
     return n
 
 
-@pytest.mark.parametrize("transport", ["zmq", "tcp", "gloo"])
-def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, transport):
-    pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES, common={"transport": transport})
+# a quantized cache (--kv-cache-dtype): pages carry their scales, heads split at any TP; one transport (the CPU
+# default) for CI's time: page bytes are bytes to all of them (zmq and gloo were run by hand)
+@pytest.mark.parametrize("transport,kv", [("zmq", "auto"), ("tcp", "auto"), ("gloo", "auto"), ("tcp", "int8")])
+def test_round_trip_every_tp_pp_pair_is_bit_identical(tmp_path, tiny_llama, transport, kv):
+    pair = Pair(tmp_path, tiny_llama, SHAPES, SHAPES, common={"transport": transport, "kv_cache_dtype": kv})
     report, sent = pair.run()
+    if kv == "int8":
+        assert pair.tensors("send")["p1x1-d1x1"].dtype == torch.int8  # rows of codes and scales
     assert all(a["ok"] for a in sent["acks"].values()) and len(sent["acks"]) == 16, [(k, a) for k, a in sent["acks"].items() if not a["ok"]]
     # 4 prefill shapes x (1 + 2 + 2 + 4) decode ranks, each compared with the sender's pages
     assert check_bit_identical(pair, model_spec(tiny_llama), SHAPES, SHAPES) == 4 * 9

@@ -106,6 +106,22 @@ def test_gguf_with_bf16_activations_answers(smollm2_dir):
     assert "Paris" in out["text"]
 
 
+def test_an_int8_kv_cache_still_answers(smollm2_dir):
+    """--kv-cache-dtype int8 on the default model (its decode steps through decode_step.c's quantized path;
+    fp8_e4m3 there: tests/integration/test_gguf_models.py; the quality cost: docs/benchmarks.md)."""
+    from engine import kernels
+
+    e = LLMEngine(EngineConfig(str(smollm2_dir), cache=CacheConfig(kv_cache_memory=16 * 2**20,
+                                                                   kv_cache_dtype="int8")))
+    assert e.runner.kv_caches[0].shape[-1] == 64 + 4
+    tok = e.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = e.generate([tok.encode(prompt, add_special_tokens=False)],
+                     SamplingParams(max_tokens=32, temperature=0))[0]["outputs"][0]
+    assert "Paris" in out["text"]
+    assert kernels.decode_step() is None or e.runner.model._decode_step[1] is not None  # the fused step took it
+
+
 def _run(eng, rid, prompt, params, **kw):
     eng.add_request(rid, prompt, params, **kw)
     text, reason = "", None

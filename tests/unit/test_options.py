@@ -81,7 +81,7 @@ def test_the_flags_users_know_keep_their_names():
     flags = {o.flag for o in engine_options()}
     assert {"--dtype", "--device", "--threads", "--no-packed-linear", "--kv-cache-memory", "--block-size",
             "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--no-prefix-caching", "--quantization",
-            "--tp", "--pp", "--kv-transport", "--int8-activations"} == flags
+            "--tp", "--pp", "--kv-transport", "--int8-activations", "--kv-cache-dtype"} == flags
     assert {"tp", "pp", "device", "threads", "block_size", "kv_cache_memory", "kv_transport"} <= \
         set(Pool.__struct_fields__)
 

@@ -66,3 +66,31 @@ def test_incompatible_layouts_are_refused_with_the_field(field, value):
 def test_impossible_tp_is_refused():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         layout(4, 1, kv_heads=3)
+
+
+@pytest.mark.parametrize("src,dst", [("int8", "auto"), ("auto", "fp8_e4m3"), ("int8", "fp8_e4m3")])
+def test_a_quantized_kv_cache_pairs_only_with_the_same_kv_cache_dtype(src, dst):
+    """--kv-cache-dtype: a quantized page (codes and scales) is refused by any other cache, with both sides named."""
+    a, b = (msgspec.structs.replace(layout(1, 1), kv_cache_dtype=kv) for kv in (src, dst))
+    stored = {"auto": "float32", "int8": "int8", "fp8_e4m3": "fp8_e4m3"}
+    with pytest.raises(IncompatibleLayouts, match=f"KV cache dtypes differ: prefill stores '{stored[src]}' .*"
+                                                  f"decode stores '{stored[dst]}'"):
+        plan_transfer(a, b)
+    same = msgspec.structs.replace(layout(2, 1), kv_cache_dtype=src if src != "auto" else dst)
+    assert plan_transfer(same, msgspec.structs.replace(layout(1, 2), kv_cache_dtype=same.kv_cache_dtype))
+    with pytest.raises(ValueError, match="kv_cache_dtype = 'int4'"):
+        msgspec.structs.replace(a, kv_cache_dtype="int4")
+
+
+def test_quantized_pages_are_checked_in_one_byte_elements():
+    from kvtransfer.protocol import VERSION, MessageError, Pages, decode, encode
+
+    row = 16 + 4  # head_dim codes and the fp32 scale
+    ok = Pages(VERSION, "r", 0, 0, 0, (0, 2), [3, 4], "int8", [2, 2, 2, 4, row], 2 * 2 * 2 * 4 * row)
+    assert decode(encode(ok)) == ok
+    with pytest.raises(MessageError, match="header says"):
+        decode(encode(msgspec.structs.replace(ok, nbytes=4 * ok.nbytes)))
+    with pytest.raises(MessageError, match="unknown dtype 'int4'"):
+        decode(encode(msgspec.structs.replace(ok, dtype="int4")))
+    lay = msgspec.structs.replace(layout(1, 1), kv_cache_dtype="fp8_e4m3")
+    assert (lay.page_dtype, lay.row_width) == ("fp8_e4m3", lay.head_dim + 4)
