@@ -47,7 +47,7 @@ def test_every_instruction_set_computes_the_same(isa, tmp_path, monkeypatch):
 
     if isa not in kernels.isa_levels():
         pytest.skip(f"this CPU does not run the {isa} level")
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    # the shared kernel cache: a level's build is keyed by source, compiler, flags and CPU, so each is built once a run
     lib = kernels.Int8Linear(ctypes.CDLL(str(kernels._build("int8_linear", kernels._HERE / "int8_linear.c", isa))))
     torch.manual_seed(1)
     for M, K, N in [(1, 576, 100), (3, 77, 9), (16, 64, 96)]:

@@ -128,7 +128,7 @@ def test_every_instruction_set_writes_the_same_cache(isa, tmp_path, monkeypatch)
 
     if isa not in kernels.isa_levels():
         pytest.skip(f"this CPU does not run the {isa} level")
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    # the shared kernel cache: a level's build is keyed by source, compiler, flags and CPU, so each is built once a run
     lib = ctypes.CDLL(str(kernels._build("decode_attention", kernels._HERE / "decode_attention.c", isa)))
     narrow = kernels.DecodeAttention(lib)
     ew = kernels.Elementwise(ctypes.CDLL(str(kernels._build("elementwise", kernels._HERE / "elementwise.c", isa))))

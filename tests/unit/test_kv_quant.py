@@ -167,7 +167,7 @@ def test_every_instruction_set_reads_a_quantized_cache_alike(isa, tmp_path, monk
     (attend_quant_avx2) and the vector-extension one (attend_quant: plain x86-64 here, AVX-512 elsewhere)."""
     if isa not in kernels.isa_levels():
         pytest.skip(f"this CPU does not run the {isa} level")
-    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    # the shared kernel cache: a level's build is keyed by source, compiler, flags and CPU, so each is built once a run
     attn = kernels.DecodeAttention(ctypes.CDLL(str(kernels._build("decode_attention",
                                                                   kernels._HERE / "decode_attention.c", isa))))
     ew = kernels.Elementwise(ctypes.CDLL(str(kernels._build("elementwise", kernels._HERE / "elementwise.c", isa))))
