@@ -52,73 +52,32 @@ static float softmax_row(float *ph, int64_t L, float m) {
     return hsum(sum);
 }
 
-/* query heads [h0, h0 + nh) of one sequence (all in KV group h0 / G) against its first L tokens */
-static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
-                   const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
-                   int64_t KVH, int64_t G, int64_t D, float scale, int bf16, char *out, int64_t H, float *p,
-                   int64_t lp) {
-    const size_t es = bf16 ? 2 : 4;
-    const int64_t nv = D / 16, g = h0 / G, nblocks = (L + bs - 1) / bs;
-    v16f qv[MAX_G][MAX_D / 16], o[MAX_G][MAX_D / 16], kv[MAX_D / 16];
-    float m[MAX_G];
-    for (int hh = 0; hh < nh; hh++) {
-        rope((const char *)q + (b * q_stride + (h0 + hh) * D) * es, (const char *)cos + b * D * es,
-             (const char *)sin + b * D * es, D, bf16, qv[hh]);
-        m[hh] = -INFINITY;
+/* One cached row (a token's K or V for one KV head) as nv vectors of 16 floats; returns the factor its
+ * products take: 1 for a float cache (fmt < 0: fp32 or bf16 elements), the row's scale for a quantized
+ * one (D codes and a scale, kvquant.h). */
+static inline __attribute__((always_inline)) float load_row(const char *row, int64_t D, int64_t nv, int bf16,
+                                                            int fmt, v16f *kv) {
+    if (fmt < 0) {
+        const size_t es = bf16 ? 2 : 4;
+        for (int64_t j = 0; j < nv; j++) kv[j] = load16(row + j * 16 * es, bf16);
+        return 1.f;
     }
-    /* scores, block by block (a block's tokens are D elements apart) */
-    const int64_t block_bytes = bs * D * es;
-    prefetch_block(kc + kv_row(bt[0], KVH, g, bs, 0, D, es), block_bytes);
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const char *kb = kc + kv_row(bt[blk], KVH, g, bs, 0, D, es);
-        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
-        /* blocks lie wherever the pool put them: fetch the next one while this one is worked on */
-        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, D, es)
-                                         : vc + kv_row(bt[0], KVH, g, bs, 0, D, es), block_bytes);
-        for (int64_t i = 0; i < n; i++) {
-            for (int64_t j = 0; j < nv; j++) kv[j] = load16(kb + (i * D + j * 16) * es, bf16);
-            int64_t t = blk * bs + i;
-            for (int hh = 0; hh < nh; hh++) {
-                v16f acc = qv[hh][0] * kv[0];
-                for (int64_t j = 1; j < nv; j++) acc += qv[hh][j] * kv[j];
-                float s = hsum(acc) * scale;
-                p[hh * lp + t] = s;
-                if (s > m[hh]) m[hh] = s;
-            }
-        }
-    }
-    float total[MAX_G];
-    for (int hh = 0; hh < nh; hh++) {
-        total[hh] = softmax_row(p + hh * lp, L, m[hh]);
-        for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
-    }
-    /* the weighted sum of V, each V row read once for the group */
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const char *vb = vc + kv_row(bt[blk], KVH, g, bs, 0, D, es);
-        int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
-        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, D, es), block_bytes);
-        for (int64_t i = 0; i < n; i++) {
-            for (int64_t j = 0; j < nv; j++) kv[j] = load16(vb + (i * D + j * 16) * es, bf16);
-            int64_t t = blk * bs + i;
-            for (int hh = 0; hh < nh; hh++) {
-                v16f w = (v16f){0} + p[hh * lp + t];
-                for (int64_t j = 0; j < nv; j++) o[hh][j] += w * kv[j];
-            }
-        }
-    }
-    for (int hh = 0; hh < nh; hh++) {
-        char *op = out + (b * H + h0 + hh) * D * es;
-        for (int64_t j = 0; j < nv; j++) store16(op + j * 16 * es, o[hh][j] / total[hh], bf16);
-    }
+    for (int64_t j = 0; j < nv; j++) kv[j] = kv_codes16((const uint8_t *)row + j * 16, fmt);
+    return kv_row_scale((const uint8_t *)row, D);
 }
 
-/* `attend` for a quantized cache: rows of D codes and a scale (kvquant.h), the activations fp32 or bf16 */
-static void attend_quant(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
-                         const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
-                         int64_t KVH, int64_t G, int64_t D, float scale, int bf16, int fmt, char *out, int64_t H,
-                         float *p, int64_t lp) {
+/* query heads [h0, h0 + nh) of one sequence (all in KV group h0 / G) against its first L tokens, the
+ * cache's rows as `fmt` says (a constant after inlining: float, or a quantized format); the activations
+ * (q, out) fp32 or bf16 */
+static inline __attribute__((always_inline)) void attend_rows(
+    int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos, const void *sin, const char *kc,
+    const char *vc, int64_t bs, const int64_t *bt, int64_t L, int64_t KVH, int64_t G, int64_t D, float scale, int bf16,
+    int fmt, char *out, int64_t H, float *p, int64_t lp) {
     const size_t es = bf16 ? 2 : 4;
-    const int64_t nv = D / 16, g = h0 / G, nblocks = (L + bs - 1) / bs, rb = D + KV_SCALE_BYTES;
+    /* a row: D elements of es bytes, or D codes and a scale */
+    const int64_t nv = D / 16, g = h0 / G, nblocks = (L + bs - 1) / bs;
+    const int64_t rw = fmt < 0 ? D : D + KV_SCALE_BYTES;
+    const size_t res = fmt < 0 ? es : 1;
     v16f qv[MAX_G][MAX_D / 16], o[MAX_G][MAX_D / 16], kv[MAX_D / 16];
     float m[MAX_G];
     for (int hh = 0; hh < nh; hh++) {
@@ -126,16 +85,17 @@ static void attend_quant(int64_t b, int64_t h0, int nh, const void *q, int64_t q
              (const char *)sin + b * D * es, D, bf16, qv[hh]);
         m[hh] = -INFINITY;
     }
-    const int64_t block_bytes = bs * rb;
+    /* scores, block by block (a block's tokens are a row apart) */
+    const int64_t block_bytes = bs * rw * res;
+    prefetch_block(kc + kv_row(bt[0], KVH, g, bs, 0, rw, res), block_bytes);
     for (int64_t blk = 0; blk < nblocks; blk++) {
-        const uint8_t *kb = (const uint8_t *)kc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        const char *kb = kc + kv_row(bt[blk], KVH, g, bs, 0, rw, res);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
-        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1)
-                                         : vc + kv_row(bt[0], KVH, g, bs, 0, rb, 1), block_bytes);
+        /* blocks lie wherever the pool put them: fetch the next one while this one is worked on */
+        prefetch_block(blk + 1 < nblocks ? kc + kv_row(bt[blk + 1], KVH, g, bs, 0, rw, res)
+                                         : vc + kv_row(bt[0], KVH, g, bs, 0, rw, res), block_bytes);
         for (int64_t i = 0; i < n; i++) {
-            const uint8_t *row = kb + i * rb;
-            for (int64_t j = 0; j < nv; j++) kv[j] = kv_codes16(row + j * 16, fmt);
-            const float ks = kv_row_scale(row, D) * scale;
+            const float ks = load_row(kb + i * rw * res, D, nv, bf16, fmt, kv) * scale;
             int64_t t = blk * bs + i;
             for (int hh = 0; hh < nh; hh++) {
                 v16f acc = qv[hh][0] * kv[0];
@@ -151,14 +111,13 @@ static void attend_quant(int64_t b, int64_t h0, int nh, const void *q, int64_t q
         total[hh] = softmax_row(p + hh * lp, L, m[hh]);
         for (int64_t j = 0; j < nv; j++) o[hh][j] = (v16f){0};
     }
+    /* the weighted sum of V, each V row read once for the group */
     for (int64_t blk = 0; blk < nblocks; blk++) {
-        const uint8_t *vb = (const uint8_t *)vc + kv_row(bt[blk], KVH, g, bs, 0, rb, 1);
+        const char *vb = vc + kv_row(bt[blk], KVH, g, bs, 0, rw, res);
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
-        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, rb, 1), block_bytes);
+        if (blk + 1 < nblocks) prefetch_block(vc + kv_row(bt[blk + 1], KVH, g, bs, 0, rw, res), block_bytes);
         for (int64_t i = 0; i < n; i++) {
-            const uint8_t *row = vb + i * rb;
-            for (int64_t j = 0; j < nv; j++) kv[j] = kv_codes16(row + j * 16, fmt);
-            const float vs = kv_row_scale(row, D);
+            const float vs = load_row(vb + i * rw * res, D, nv, bf16, fmt, kv);
             int64_t t = blk * bs + i;
             for (int hh = 0; hh < nh; hh++) {
                 v16f w = (v16f){0} + p[hh * lp + t] * vs;
@@ -170,6 +129,21 @@ static void attend_quant(int64_t b, int64_t h0, int nh, const void *q, int64_t q
         char *op = out + (b * H + h0 + hh) * D * es;
         for (int64_t j = 0; j < nv; j++) store16(op + j * 16 * es, o[hh][j] / total[hh], bf16);
     }
+}
+
+static void attend(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                   const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
+                   int64_t KVH, int64_t G, int64_t D, float scale, int bf16, char *out, int64_t H, float *p,
+                   int64_t lp) {
+    attend_rows(b, h0, nh, q, q_stride, cos, sin, kc, vc, bs, bt, L, KVH, G, D, scale, bf16, -1, out, H, p, lp);
+}
+
+/* `attend` for a quantized cache (kvquant.h's formats) */
+static void attend_quant(int64_t b, int64_t h0, int nh, const void *q, int64_t q_stride, const void *cos,
+                         const void *sin, const char *kc, const char *vc, int64_t bs, const int64_t *bt, int64_t L,
+                         int64_t KVH, int64_t G, int64_t D, float scale, int bf16, int fmt, char *out, int64_t H,
+                         float *p, int64_t lp) {
+    attend_rows(b, h0, nh, q, q_stride, cos, sin, kc, vc, bs, bt, L, KVH, G, D, scale, bf16, fmt, out, H, p, lp);
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
