@@ -356,7 +356,7 @@ static void chunk_sums(const float *x, int64_t K, float *xs) {
         float out[MT];                                                                                    \
         if (M == 1 && T != F16 && T != BF16) { /* no scales to factor out of those */                     \
             float xs[K / 32 + 1];                                                                         \
-            chunk_sums(x, K, xs);                                                                         \
+            if (has_offset(T)) chunk_sums(x, K, xs); /* only offsets read them */                         \
             for (int64_t n = n0; n < n1; n++) y[n] = row_dot1(T, w + n * rb, K, x, xs);                   \
             return;                                                                                       \
         }                                                                                                 \
