@@ -34,8 +34,9 @@ static inline v16f silu16(v16f g) { /* g * sigmoid(g), with exp of -|g| only (no
     v16f a = (v16f)((v16i)g & 0x7fffffff); /* |g| */
     v16f e = vexp((v16f){0} - a);           /* exp(-|g|) in (0, 1] */
     v16f r = 1.0f / (1.0f + e);             /* one division (the costly part) for both signs */
-    v16i m = g >= 0;                        /* g >= 0: g / (1 + exp(-g)); g < 0: g exp(g) / (1 + exp(g)) */
-    return g * (v16f)((m & (v16i)r) | (~m & (v16i)(e * r)));
+    v16i neg = (v16i)g >> 31; /* the sign bit (not g < 0: vec.h's to_bf16 says why); -0 gives -0 either way */
+    /* g >= 0: g / (1 + exp(-g)); g < 0: g exp(g) / (1 + exp(g)) */
+    return g * (v16f)((~neg & (v16i)r) | (neg & (v16i)(e * r)));
 }
 
 static inline __attribute__((always_inline)) void silu_mul_row(const char *g, const char *u, char *o, int64_t I,

@@ -46,7 +46,9 @@ static inline v16h to_bf16(v16f f) { /* one instruction: round to nearest even (
 static inline v16h to_bf16(v16f f) { /* to the nearest bf16, ties to even, NaN stays NaN (as torch) */
     v16u u;
     memcpy(&u, &f, sizeof u);
-    v16u nan = (u & 0x7fffffffu) > 0x7f800000u;
+    /* |u| > inf's bits, as a mask from the sign of the difference: GCC 12 turns a compare of 64-byte
+     * vectors into 16 scalar ones where the target's vectors are narrower (AVX2), a shift it does not */
+    v16u nan = (v16u)((v16i)(0x7f800000u - (u & 0x7fffffffu)) >> 31);
     v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (nan & ((u >> 16) | 0x40u)) | (~nan & r);
     return __builtin_convertvector(r, v16h);
@@ -86,10 +88,13 @@ static inline float hsum(v16f v) { /* a tree of halves: 3 vector adds and 3 scal
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp) */
+/* exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp), subnormal
+ * results included (scaled by 2^(n + 25), a normal float, then by 2^-25: one rounding); 0 below -104,
+ * where exp is under half the smallest subnormal */
 static inline v16f vexp(v16f x) {
-    const v16f lo = (v16f){0} - 87.3f;
-    x = (v16f)((v16i)(x < lo) & (v16i)lo) + (v16f)((v16i)(x >= lo) & (v16i)x);
+    const v16f lo = (v16f){0} - 104.0f;
+    const v16i below = (v16i)(x - lo) >> 31; /* x < lo (the sign of x - lo; see to_bf16 for why not <) */
+    x = (v16f)((below & (v16i)lo) | (~below & (v16i)x));
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     v16f t = x * 1.44269504088896341f + magic;
     v16f n = t - magic;
@@ -102,10 +107,10 @@ static inline v16f vexp(v16f x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16i e = (__builtin_convertvector(n, v16i) + 127 + 25) << 23;
     v16f scale;
     memcpy(&scale, &e, sizeof scale);
-    return p * scale;
+    return (v16f)(~below & (v16i)(p * scale * 0x1p-25f));
 }
 
 /* x rotated (HF "rotate half"): out = x * cos + cat(-x2, x1) * sin, in the dtype's arithmetic */

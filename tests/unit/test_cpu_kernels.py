@@ -192,13 +192,14 @@ def test_fused_elementwise_ops_equal_torch(dtype):
     rotary = RotaryEmbedding(64, 1024, 10000.0, RopeScaling(), dtype)
     cos, sin = rotary.lookup(torch.randint(0, 1024, (37,)))
     assert torch.equal(ew.rope(x, cos.view(37, 64), sin.view(37, 64), 2), rotary((cos, sin), x.clone()))
-    gu = torch.cat([torch.randn(37, 96) * 8, torch.tensor([[-200.0, 200.0, 0.0, -0.0] * 24] * 37)], 1).to(dtype)
-    g, u = gu[:, :96], torch.randn(37, 96).to(dtype)
+    special = [-200.0, 200.0, 0.0, -0.0, -87.0, -88.0, -1e30, float("nan")]
+    gu = torch.cat([torch.randn(37, 96) * 8, torch.tensor([special * 12] * 37)], 1).to(dtype)
+    g, u = gu[:, 48:144], torch.randn(37, 96).to(dtype)  # half random, half the special values
     got, want = ew.silu_mul(g, u, 2), F.silu(g) * u
     if dtype == torch.bfloat16:
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     else:
-        torch.testing.assert_close(got, want, rtol=5e-7, atol=1e-30)  # a few ulps
+        torch.testing.assert_close(got, want, rtol=5e-7, atol=1e-30, equal_nan=True)  # a few ulps
 
 
 @needs_elementwise
