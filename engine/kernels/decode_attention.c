@@ -178,8 +178,31 @@ static void attend_f32_avx2(int64_t b, int64_t h0, int nh, const void *q, int64_
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const float *kb = (const float *)(kc + kv_row(bt[blk], KVH, g, bs, 0, D, 4));
         int64_t n = L - blk * bs < bs ? L - blk * bs : bs;
+        /* the next K block, and this block's V (the V pass below then reads L2, not memory) */
         if (blk + 1 < nblocks) prefetch_block(kc + kv_row(bt[blk + 1], KVH, g, bs, 0, D, 4), bs * D * 4);
-        for (int64_t i = 0; i < n; i++) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) { /* 8 tokens a head at once: 8 sums reduced together, not one by one */
+            const float *k = kb + i * D;
+            for (int hh = 0; hh < nh; hh++) {
+                __m256 a[8];
+                for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < D; j += 8) {
+                    const __m256 qj = _mm256_load_ps(qf[hh] + j);
+                    for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k + t * D + j), a[t]);
+                }
+                /* r[t] = sum of a[t]'s lanes: pairs, then quads, then the two halves */
+                const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+                const __m256 r = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                             _mm256_permute2f128_ps(u0, u1, 0x31)),
+                                               _mm256_set1_ps(scale));
+                float *ph = p + hh * lp + blk * bs + i;
+                _mm256_storeu_ps(ph, r);
+                for (int t = 0; t < 8; t++)
+                    if (ph[t] > m[hh]) m[hh] = ph[t];
+            }
+        }
+        for (; i < n; i++) {
             const float *k = kb + i * D;
             for (int hh = 0; hh < nh; hh++) {
                 __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
