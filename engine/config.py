@@ -287,6 +287,38 @@ class DeviceConfig:
 
 
 QUANTIZATIONS = ("none", "int8", "q8_0", "q4_0")
+SPECULATIVE = ("none", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec_decode.py)."""
+
+    method: str = option("none", "speculative decoding: ngram = guess the next tokens from an earlier occurrence of "
+                         "the last few (prompt lookup); exact: the output is the one without it",
+                         name="speculative", choices=SPECULATIVE)
+    num_tokens: int = option(4, "tokens a speculating sequence guesses per step", name="num_speculative_tokens")
+    ngram_min: int = 2  # the shortest suffix the n-gram lookup matches
+    ngram_max: int = 4  # ... and the longest (tried first)
+    # speculation costs every guess a position of compute: steps with more decoding sequences than this
+    # do not speculate (decode is memory-bound only in small batches)
+    max_batch: int = option(8, "decoding sequences above which a step does not speculate",
+                            name="speculative_max_batch")
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE:
+            raise ValueError(f"speculative = {self.method!r} must be one of {SPECULATIVE}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens = {self.num_tokens!r} must be in [1, 16]")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram sizes must satisfy 1 <= ngram_min ({self.ngram_min}) <= ngram_max "
+                             f"({self.ngram_max})")
+        if self.max_batch < 0:
+            raise ValueError(f"speculative_max_batch = {self.max_batch!r} must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
 
 
 @dataclass(frozen=True)
@@ -360,6 +392,7 @@ class EngineConfig:
                                choices=QUANTIZATIONS)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

@@ -55,6 +55,7 @@ class SeqStep(msgspec.Struct, array_like=True):
     # with prompt_logprobs, the token after the step's when the step ends inside the prompt: the score
     # of its last position
     next_token: int = -1
+    draft: list[int] = []  # ScheduledSeq.draft: guessed tokens computed after `tokens` (speculation)
 
 
 class StepMsg(msgspec.Struct, array_like=True):
@@ -72,8 +73,8 @@ class PromptLogprobsMsg(msgspec.Struct, array_like=True):
 
 class StepResult(msgspec.Struct, array_like=True):
     seq_ids: list[int]
-    tokens: list[int]
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    tokens: list[list[int]]  # StepOutput.sampled: one each, or more with speculation
+    logprobs: list[list[tuple[float, list[tuple[int, float]]]] | None]
     prompt_logprobs: list[PromptLogprobsMsg] = []
 
 
@@ -149,7 +150,8 @@ class RankRuntime:
         scheduled = []
         for s in msg.seqs:
             seq = driver_seqs[s.seq_id] if driver_seqs is not None else self._mirror(s)
-            scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens), s.sample, s.prompt_logprobs))
+            scheduled.append(ScheduledSeq(seq, s.start, len(s.tokens) + len(s.draft), s.sample, s.prompt_logprobs,
+                                          s.draft))
         sampled, lps, plps = {}, {}, {}
         k = 1
         if self.pp > 1:  # only big steps are worth cutting: a micro-batch costs a send/recv round
@@ -164,7 +166,7 @@ class RankRuntime:
             return None
         ids_ = list(sampled)
         return StepResult(ids_, [sampled[i] for i in ids_],
-                          [(lps[i].logprob, lps[i].top) if i in lps else None for i in ids_],
+                          [[(lp.logprob, lp.top) for lp in lps[i]] if i in lps else None for i in ids_],
                           [PromptLogprobsMsg(i, p.start, [(lp.logprob, lp.top) for lp in p.logprobs])
                            for i, p in plps.items()])
 
@@ -367,7 +369,8 @@ class ParallelExecutor:
         if result is None:
             return StepOutput()
         sampled = dict(zip(result.seq_ids, result.tokens))
-        lps = {sid: _token_logprobs(lp) for sid, lp in zip(result.seq_ids, result.logprobs) if lp is not None}
+        lps = {sid: [_token_logprobs(x) for x in lp] for sid, lp in zip(result.seq_ids, result.logprobs)
+               if lp is not None}
         plps = {p.seq_id: PromptLogprobs(p.start, [_token_logprobs(lp) for lp in p.logprobs])
                 for p in result.prompt_logprobs}
         return StepOutput(sampled, lps, plps)
@@ -379,12 +382,12 @@ class ParallelExecutor:
             new = seq.seq_id not in self._known
             self._known.add(seq.seq_id)
             driver_seqs[seq.seq_id] = seq
-            end = s.start + s.num_new_tokens
+            end = s.start + s.num_new_tokens - len(s.draft)
             seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:end],
                                 seq.token_ids[:s.start] if new else [], list(seq.block_ids), s.sample,
                                 seq.num_prompt_tokens, _params_dict(seq.params) if new else None,
                                 s.prompt_logprobs,
-                                seq.token_ids[end] if s.prompt_logprobs and end < seq.num_tokens else -1))
+                                seq.token_ids[end] if s.prompt_logprobs and end < seq.num_tokens else -1, s.draft))
         msg = StepMsg(seqs, self._finished, kv_plan=kv_plan)
         self._finished = []
         sends = _Sends()

@@ -41,6 +41,7 @@ from engine.platform import resolve_device, setup_process
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode import NgramProposer
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,11 @@ class LLMEngine:
                                           config.cache.enable_prefix_caching, hash_seed=hash_seed)
         eos = tuple(self.runner.sampler.eos_token_ids)
         self.eos_token_ids = eos
+        spec = config.speculative
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens, self.max_model_len, eos)
+                                   config.scheduler.max_num_batched_tokens, self.max_model_len, eos,
+                                   proposer=NgramProposer(spec.ngram_min, spec.ngram_max) if spec.enabled else None,
+                                   num_speculative_tokens=spec.num_tokens, speculative_max_batch=spec.max_batch)
         self._requests: dict[str, _Request] = {}  # unfinished, as the core sees them
         self._seqs: dict[int, Sequence] = {}  # their unfinished sequences
         self.outputs = OutputProcessor(self.tokenizer)  # step() runs it; a worker's output thread may instead
@@ -272,7 +276,7 @@ class LLMEngine:
         for seq in live:
             sid = seq.seq_id
             fin = seq.status.value if seq.is_finished else None
-            core.updates.append(SeqUpdate(sid, seq.request_id, sampled.get(sid), logprobs.get(sid),
+            core.updates.append(SeqUpdate(sid, seq.request_id, sampled.get(sid, []), logprobs.get(sid),
                                           result.prompt_logprobs.get(sid), fin, seq.stop_reason if fin else None,
                                           seq.num_cached_tokens))
             if fin is not None:

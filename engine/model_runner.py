@@ -20,6 +20,7 @@ from engine.platform import resolve_dtype
 from engine.sampler import PromptLogprobs, Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
+from engine.spec_decode import accepted_prefix
 from engine.tokenizer import eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ PROMPT_LOGPROBS_ROWS = 64
 @dataclass
 class StepOutput:
     """What a step gives back, by seq_id."""
-    sampled: dict[int, int] = field(default_factory=dict)  # the next token
-    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # of that token, where asked for
+    # the tokens appended: the next one, or with speculation the guesses that held and the one after them
+    sampled: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # of those tokens, where asked for
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # of the prompt tokens scored
 
 
@@ -47,9 +49,15 @@ class PromptRows:
     count: int
 
 
+def is_decode(s: ScheduledSeq) -> bool:
+    """A decode: one new token, or one and the guesses after it (speculation), each row of which is
+    computed as a decode of its own (its context ends at its position)."""
+    return s.num_new_tokens == 1 or bool(s.draft)
+
+
 def step_order(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
     """The order of a step's rows: decodes first, then prefills, each sequence's new tokens together."""
-    return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens > 1]
+    return [s for s in scheduled if is_decode(s)] + [s for s in scheduled if not is_decode(s)]
 
 
 def prompt_rows(scheduled: list[ScheduledSeq]) -> list[PromptRows]:
@@ -106,7 +114,7 @@ class ModelRunner:
         """Token ids, positions and attention metadata for a step (decodes first, then prefills)."""
         bs = self.block_size
         order = step_order(scheduled)
-        decodes = [s for s in order if s.num_new_tokens == 1]
+        decodes = [s for s in order if is_decode(s)]
         prefills = order[len(decodes):]
         ids: list[int] = []
         pos: list[int] = []
@@ -115,7 +123,8 @@ class ModelRunner:
         for s in order:
             seq = s.seq
             end = s.start + s.num_new_tokens
-            ids.extend(seq.token_ids[s.start:end])
+            ids.extend(seq.token_ids[s.start:end - len(s.draft)])
+            ids.extend(s.draft)
             rng = range(s.start, end)
             pos.extend(rng)
             bt = seq.block_ids
@@ -125,14 +134,16 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_b, dtype=torch.long, device=dev),
             slot_offsets=torch.tensor(slot_o, dtype=torch.long, device=dev),
-            num_decode=len(decodes))
+            num_decode=sum(s.num_new_tokens for s in decodes))
         if decodes:
-            lens = [s.start + 1 for s in decodes]
+            # a row per new token: a speculating sequence's rows attend to one more position each (all
+            # of this step's K/V are in the cache before any row attends)
+            lens = [s.start + 1 + j for s in decodes for j in range(s.num_new_tokens)]
             max_len = max(lens)
             nb = -(-max_len // bs)
+            tables = [s.seq.block_ids[:nb] + [0] * (nb - len(s.seq.block_ids[:nb])) for s in decodes]
             meta.decode_block_tables = torch.tensor(
-                [s.seq.block_ids[:nb] + [0] * (nb - len(s.seq.block_ids[:nb])) for s in decodes],
-                dtype=torch.long, device=dev)
+                [t for s, t in zip(decodes, tables) for _ in range(s.num_new_tokens)], dtype=torch.long, device=dev)
             meta.decode_lens = lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
             if min(lens) != nb * bs:  # some sequences end before the last slot: mask the rest
                 lens_t = lens_t.view(-1, 1, 1, 1, 1)
@@ -150,12 +161,13 @@ class ModelRunner:
             meta.prefills.append(PrefillSpan(row, s.num_new_tokens, s.start, bt))
             row += s.num_new_tokens
         meta.prefill_groups = list(groups.items())
-        # rows whose hidden state gives the next-token logits: each sampled sequence's last token
+        # rows whose hidden state gives the next-token logits: each sampled sequence's last token, and
+        # with speculation its guesses (a row each: the draws verify them)
         sample_rows, r = [], 0
         for s in order:
             r += s.num_new_tokens
             if s.sample:
-                sample_rows.append((s, r - 1))
+                sample_rows.extend((s, row) for row in range(r - 1 - len(s.draft), r))
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions, meta, sample_rows
@@ -223,12 +235,39 @@ class ModelRunner:
         return self.guided().begin([s.seq for s in seqs])
 
     def sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq], masks=None):
-        rows = [SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, self._generator(s.seq))
-                for s in seqs]
+        """Draws a token for each row of `logits` (`seqs`: the row's sequence; a speculating sequence
+        has 1 + len(draft) rows in a row, each with the history its guesses before it make) and keeps,
+        per sequence, the draws up to the first guess that misses (engine/spec_decode.py).
+        Returns ({seq_id: [token ids]}, {seq_id: [TokenLogprobs]} where logprobs were asked for)."""
+        rows, spans, rewind = [], [], {}
+        for s in seqs:
+            seq = s.seq
+            if spans and spans[-1][0] is s:
+                j = len(rows) - spans[-1][1]  # the row's place among the sequence's
+                spans[-1][2] += 1
+            else:
+                j = 0
+                spans.append([s, len(rows), 1])
+                gen = self._generator(seq)
+                if s.draft and gen is not None and not seq.params.greedy:
+                    rewind[seq.seq_id] = gen.get_state()
+            history = seq.token_ids + s.draft[:j] if j else seq.token_ids
+            rows.append(SamplingRow(seq.params, history, seq.num_prompt_tokens, self._generator(seq)))
         mask = None if masks is None else (lambda lg: self._guided.apply(masks, lg))
         tokens, lps = self.sampler(logits, rows, mask)
-        sampled = {s.seq.seq_id: t for s, t in zip(seqs, tokens)}
-        logprobs: dict[int, TokenLogprobs] = {s.seq.seq_id: lp for s, lp in zip(seqs, lps) if lp is not None}
+        sampled: dict[int, list[int]] = {}
+        logprobs: dict[int, list[TokenLogprobs]] = {}
+        for s, first, count in spans:
+            sid = s.seq.seq_id
+            got = accepted_prefix(s.draft, tokens[first:first + count]) if s.draft else [tokens[first]]
+            sampled[sid] = got
+            if lps[first] is not None:
+                logprobs[sid] = lps[first:first + len(got)]
+            if sid in rewind:  # the noise of the draws kept, as if only those had been made
+                gen = self.generators[sid]
+                gen.set_state(rewind[sid])
+                for _ in got:
+                    torch.empty(logits.shape[1], device=self.device).exponential_(generator=gen)
         return sampled, logprobs
 
     def _generator(self, seq) -> torch.Generator | None:

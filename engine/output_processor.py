@@ -76,8 +76,9 @@ class SeqUpdate:
     """One scheduled sequence's part of a step."""
     seq_id: int
     request_id: str
-    token_id: int | None  # sampled in this step (None: a prompt chunk that samples nothing)
-    logprobs: TokenLogprobs | None = None
+    # drawn in this step: one, more with speculation, none for a prompt chunk that samples nothing
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None  # of each of them
     prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None  # the scheduler's: "stop" (eos, stop token) | "length"
     stop_reason: int | None = None  # the eos or stop token id
@@ -159,7 +160,7 @@ class OutputProcessor:
             else:
                 self.abort(ev.request_id)
         stops: list[StopHit] = []
-        touched: dict[str, list[tuple[_Seq, int]]] = {}
+        touched: dict[str, list[tuple[_Seq, list[int]]]] = {}
         for u in step.updates:
             entry = self._seqs.get(u.seq_id)
             if entry is None:  # aborted, or finished (a token computed after its stop string: dropped)
@@ -169,18 +170,22 @@ class OutputProcessor:
             plp = u.prompt_logprobs
             if plp is not None and st.prompt_logprobs is not None:
                 st.prompt_logprobs[plp.start:plp.start + len(plp.logprobs)] = plp.logprobs
-            if u.token_id is None:
+            if not u.token_ids:
                 continue
-            if u.logprobs is not None:
-                st.logprobs.append(u.logprobs)
-            if u.finish_reason is not None:
-                st.finish_reason, st.stop_reason = u.finish_reason, u.stop_reason
-            hit = self._detokenize(req.params, st, u.token_id)
-            if hit is not None:
-                stops.append(StopHit(u.seq_id, hit))
+            tokens = []
+            for n, token in enumerate(u.token_ids):
+                tokens.append(token)
+                if u.logprobs is not None:
+                    st.logprobs.append(u.logprobs[n])
+                if n == len(u.token_ids) - 1 and u.finish_reason is not None:
+                    st.finish_reason, st.stop_reason = u.finish_reason, u.stop_reason
+                hit = self._detokenize(req.params, st, token)
+                if hit is not None:  # the tokens after it in this step are dropped
+                    stops.append(StopHit(u.seq_id, hit))
+                    break
             if st.finish_reason is not None:
                 del self._seqs[u.seq_id]
-            touched.setdefault(u.request_id, []).append((st, u.token_id))
+            touched.setdefault(u.request_id, []).append((st, tokens))
         return [self._output(rid, sts) for rid, sts in touched.items()], stops
 
     def _detokenize(self, params: SamplingParams, st: _Seq, token: int) -> str | None:
@@ -204,12 +209,12 @@ class OutputProcessor:
         st.finish_reason, st.stop_reason = "stop", s
         return s
 
-    def _output(self, request_id: str, touched: list[tuple[_Seq, int]]) -> RequestOutput:
+    def _output(self, request_id: str, touched: list[tuple[_Seq, list[int]]]) -> RequestOutput:
         req = self._requests[request_id]
         params = req.params
         outs = []
         prompt_lps = None
-        for st, token in touched:
+        for st, tokens in touched:
             if st.prompt_logprobs is not None and st.emitted_tokens == 0:  # its first token goes out now
                 prompt_lps, st.prompt_logprobs = st.prompt_logprobs, None
             done = st.finish_reason is not None
@@ -218,11 +223,11 @@ class OutputProcessor:
             upto = max(st.emitted_chars, len(st.text) - hold)
             text = st.text[st.emitted_chars:upto]
             st.emitted_chars = upto
-            st.emitted_tokens += 1
+            st.emitted_tokens += len(tokens)
             lps = None
             if params.logprobs is not None:
                 lps, st.logprobs = st.logprobs, []
-            outs.append(CompletionOutput(st.index, text, [token], lps, st.finish_reason, st.stop_reason))
+            outs.append(CompletionOutput(st.index, text, tokens, lps, st.finish_reason, st.stop_reason))
         finished = all(st.finish_reason is not None for st in req.seqs)
         if finished:
             del self._requests[request_id]

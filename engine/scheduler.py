@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode import Proposer
 
 
 @dataclass
@@ -24,6 +25,9 @@ class ScheduledSeq:
     num_new_tokens: int
     sample: bool  # this step reaches the end of the sequence's tokens: sample the next one
     prompt_logprobs: bool = False  # report the logprobs of the prompt tokens after these positions
+    # speculation (engine/spec_decode.py): guessed tokens after the last one, computed in this step too
+    # (num_new_tokens counts them); a token is drawn at each of the 1 + len(draft) positions
+    draft: list[int] = field(default_factory=list)
 
     @property
     def has_output(self) -> bool:
@@ -44,8 +48,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: tuple[int, ...] = ()):
+                 max_model_len: int, eos_token_ids: tuple[int, ...] = (), proposer: Proposer | None = None,
+                 num_speculative_tokens: int = 0, speculative_max_batch: int = 0):
         self.bm = block_manager
+        self.proposer = proposer
+        self.spec_k = num_speculative_tokens if proposer is not None else 0
+        self.spec_max_batch = speculative_max_batch
+        self.num_proposed = 0  # guessed tokens computed, and those accepted (for metrics)
+        self.num_accepted = 0
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -87,11 +97,20 @@ class Scheduler:
         scheduled_ids: set[int] = set()
         cap = max_seqs if max_seqs is not None else self.max_num_seqs
 
+        speculate = self.spec_k > 0 and 0 < sum(
+            1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1) <= self.spec_max_batch
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0 or seq.seq_id in busy:  # nothing to do, or its last step is still in flight
+                i += 1
+                continue
+            if speculate and num_new == 1 and (draft := self._propose(seq, budget - 1)) \
+                    and self.bm.allocate_slots(seq, 1 + len(draft)):
+                self._emit(out, seq, 1 + len(draft), draft)
+                scheduled_ids.add(seq.seq_id)
+                budget -= 1 + len(draft)
                 i += 1
                 continue
             while not self.bm.allocate_slots(seq, num_new):
@@ -133,8 +152,10 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance counters after a step; append sampled tokens (seq_id -> token id).
+    def update(self, out: SchedulerOutput, sampled: dict[int, list[int]]) -> list[Sequence]:
+        """Advance counters after a step; append the tokens it drew (seq_id -> token ids: one, or with
+        speculation the accepted guesses and the token after them). A stop (eos, stop token, length) at
+        one of them drops those after it: `sampled` is trimmed to what was appended.
 
         Returns the sequences that finished in this step (eos, stop token, length).
         """
@@ -143,23 +164,45 @@ class Scheduler:
             seq = s.seq
             if seq.is_finished or seq.status != SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
-            seq.num_computed_tokens = s.start + s.num_new_tokens
-            self.bm.cache_full_blocks(seq)
             if not s.sample:
+                seq.num_computed_tokens = s.start + s.num_new_tokens
+                self.bm.cache_full_blocks(seq)
                 continue
-            token = sampled[seq.seq_id]
-            seq.token_ids.append(token)
-            status = self._check_stop(seq, token)
+            tokens = sampled[seq.seq_id]
+            # the KV of the last token and of the guesses that held (the tokens drawn after them)
+            seq.num_computed_tokens = s.start + s.num_new_tokens - len(s.draft) + len(tokens) - 1
+            if s.draft:
+                self.num_proposed += len(s.draft)
+                self.num_accepted += len(tokens) - 1
+            status = None
+            for n, token in enumerate(tokens, 1):
+                seq.token_ids.append(token)
+                if (status := self._check_stop(seq, token)) is not None:
+                    del tokens[n:]
+                    break
+            self.bm.cache_full_blocks(seq)
             if status is not None:
                 self.finish(seq, status)
                 finished.append(seq)
         return finished
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+    def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int, draft: list[int] | None = None) -> None:
         start = seq.num_computed_tokens
-        out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new == seq.num_tokens,
-                                          seq.computes_prompt_logprobs))
+        out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new - len(draft or ()) == seq.num_tokens,
+                                          seq.computes_prompt_logprobs, draft or []))
+
+    def _propose(self, seq: Sequence, room: int) -> list[int]:
+        """The proposer's guesses after `seq`'s last token: at most spec_k and `room` (budget), none that
+        max_tokens or the context limit would cut off (the token drawn after them must fit too); none
+        for guided sequences (their grammar would have to advance through the guesses)."""
+        p = seq.params
+        k = min(self.spec_k, room, self.max_model_len - seq.num_tokens - 1)
+        if p.max_tokens is not None:
+            k = min(k, p.max_tokens - seq.num_output_tokens - 1)
+        if k <= 0 or p.guided:
+            return []
+        return self.proposer.propose(seq, k)[:k]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -26,6 +26,8 @@ NOT_OPTIONS = {
     ("parallel", "pipeline_steps"): "tuning, set in code",
     ("parallel", "pipeline_min_seqs"): "tuning, set in code",
     ("kv_transfer", "timeout_s"): "tuning, set in code",
+    ("speculative", "ngram_min"): "tuning, set in code",
+    ("speculative", "ngram_max"): "tuning, set in code",
 }
 
 
@@ -81,7 +83,8 @@ def test_the_flags_users_know_keep_their_names():
     flags = {o.flag for o in engine_options()}
     assert {"--dtype", "--device", "--threads", "--no-packed-linear", "--kv-cache-memory", "--block-size",
             "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--no-prefix-caching", "--quantization",
-            "--tp", "--pp", "--kv-transport", "--int8-activations", "--kv-cache-dtype"} == flags
+            "--tp", "--pp", "--kv-transport", "--int8-activations", "--kv-cache-dtype", "--speculative",
+            "--num-speculative-tokens", "--speculative-max-batch"} == flags
     assert {"tp", "pp", "device", "threads", "block_size", "kv_cache_memory", "kv_transport"} <= \
         set(Pool.__struct_fields__)
 

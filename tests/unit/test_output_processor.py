@@ -27,11 +27,11 @@ def run(params, stream, prompt=(1,), held_text="", first_token=None):
     events = [RequestAdded("r", list(prompt), params, [7], held_text=held_text, first_token=first_token)]
     outs, hits = [], []
     for t in stream:
-        o, h = proc.process(CoreStep(events, [SeqUpdate(7, "r", t)]))
+        o, h = proc.process(CoreStep(events, [SeqUpdate(7, "r", [t])]))
         events = []
         outs += o
         hits += h
-    o, h = proc.process(CoreStep([], [SeqUpdate(7, "r", 0, finish_reason="length")]))
+    o, h = proc.process(CoreStep([], [SeqUpdate(7, "r", [0], finish_reason="length")]))
     assert proc.num_requests == 0
     return outs + o, hits + h
 
@@ -84,11 +84,11 @@ def test_n_samples_finish_separately_and_the_request_once():
     p = SamplingParams(n=2, stop=["ld"])
     add = RequestAdded("r", [1], p, [10, 11])
     a, b = tokens("Hel", "ld"), tokens("ab", "c")
-    o1, _ = proc.process(CoreStep([add], [SeqUpdate(10, "r", a[0]), SeqUpdate(11, "r", b[0])]))
-    o2, h2 = proc.process(CoreStep([], [SeqUpdate(10, "r", a[1]), SeqUpdate(11, "r", b[1])]))
+    o1, _ = proc.process(CoreStep([add], [SeqUpdate(10, "r", [a[0]]), SeqUpdate(11, "r", [b[0]])]))
+    o2, h2 = proc.process(CoreStep([], [SeqUpdate(10, "r", [a[1]]), SeqUpdate(11, "r", [b[1]])]))
     assert h2 == [StopHit(10, "ld")] and not o2[0].finished
     assert [(co.index, co.finish_reason) for co in o2[0].outputs] == [(0, "stop"), (1, None)]
-    o3, _ = proc.process(CoreStep([], [SeqUpdate(10, "r", a[1]), SeqUpdate(11, "r", tokens("x")[0],
+    o3, _ = proc.process(CoreStep([], [SeqUpdate(10, "r", [a[1]]), SeqUpdate(11, "r", [tokens("x")[0]],
                                                                             finish_reason="length")]))
     assert [co.index for co in o3[0].outputs] == [1] and o3[0].finished  # sample 0's late token dropped
     assert joined(o1 + o2 + o3, 0)[0] == "Hel" and joined(o1 + o2 + o3, 1)[0] == "abcx"
@@ -101,10 +101,10 @@ def test_logprobs_and_prompt_logprobs_go_out_with_their_tokens():
     lp = [TokenLogprobs(-0.5 * i, [(i, -0.5 * i)]) for i in range(4)]
     plp = PromptLogprobs(1, [lp[0], lp[1]])
     add = RequestAdded("r", [1, 2, 3], p, [5])
-    o1, _ = proc.process(CoreStep([add], [SeqUpdate(5, "r", None, prompt_logprobs=PromptLogprobs(1, [lp[0]]))]))
+    o1, _ = proc.process(CoreStep([add], [SeqUpdate(5, "r", [], prompt_logprobs=PromptLogprobs(1, [lp[0]]))]))
     assert o1 == []  # a prompt chunk that samples nothing: no output yet
-    o2, _ = proc.process(CoreStep([], [SeqUpdate(5, "r", 4, lp[2], plp, num_cached_tokens=2)]))
-    o3, _ = proc.process(CoreStep([], [SeqUpdate(5, "r", 5, lp[3], None, "length")]))
+    o2, _ = proc.process(CoreStep([], [SeqUpdate(5, "r", [4], [lp[2]], plp, num_cached_tokens=2)]))
+    o3, _ = proc.process(CoreStep([], [SeqUpdate(5, "r", [5], [lp[3]], None, "length")]))
     assert o2[0].prompt_logprobs == [None, lp[0], lp[1]] and o3[0].prompt_logprobs is None
     assert o2[0].outputs[0].logprobs == [lp[2]] and o3[0].outputs[0].logprobs == [lp[3]]
     assert o2[0].num_cached_tokens == 2
@@ -113,9 +113,9 @@ def test_logprobs_and_prompt_logprobs_go_out_with_their_tokens():
 def test_an_abort_drops_the_request_and_a_new_one_of_that_id_starts_clean():
     proc = OutputProcessor(PieceTokenizer())
     p = SamplingParams()
-    proc.process(CoreStep([RequestAdded("r", [1], p, [1])], [SeqUpdate(1, "r", 2)]))
+    proc.process(CoreStep([RequestAdded("r", [1], p, [1])], [SeqUpdate(1, "r", [2])]))
     out, _ = proc.process(CoreStep([RequestAborted("r"), RequestAdded("r", [1], p, [2])],
-                                   [SeqUpdate(1, "r", 3), SeqUpdate(2, "r", 4, finish_reason="length")]))
+                                   [SeqUpdate(1, "r", [3]), SeqUpdate(2, "r", [4], finish_reason="length")]))
     assert [(ro.outputs[0].token_ids, ro.finished) for ro in out] == [([4], True)]
     assert proc.num_requests == 0
 

@@ -31,7 +31,7 @@ def add(s, n_prompt, max_tokens=5, rid="r", n=1, base=10, **kw):
 
 def step(s, token=7):
     out = s.schedule()
-    sampled = {x.seq.seq_id: token for x in out.scheduled if x.sample}
+    sampled = {x.seq.seq_id: [token] for x in out.scheduled if x.sample}
     return out, s.update(out, sampled)
 
 
@@ -67,7 +67,7 @@ def test_finishes_on_max_tokens_eos_and_context_limit():
     c = Sequence("c", 0, [1, 2, 3], 3, SamplingParams(max_tokens=50))
     s.add(c)
     out = s.schedule()
-    s.update(out, {x.seq.seq_id: (EOS if x.seq is c else 7) for x in out.scheduled})
+    s.update(out, {x.seq.seq_id: [EOS if x.seq is c else 7] for x in out.scheduled})
     assert c.status == SequenceStatus.FINISHED_STOPPED and c.stop_reason == EOS
     for _ in range(20):
         step(s)
@@ -150,13 +150,13 @@ def test_no_block_leaks_under_random_add_abort_finish(ops, seed, caching):
             s.finish(q, SequenceStatus.FINISHED_ABORTED)
         else:
             out = s.schedule()
-            s.update(out, {x.seq.seq_id: rng.choice([EOS, 5, 6, 7, 8]) for x in out.scheduled if x.sample})
+            s.update(out, {x.seq.seq_id: [rng.choice([EOS, 5, 6, 7, 8])] for x in out.scheduled if x.sample})
         _check_invariants(s, bm, live)
     for _ in range(2000):  # drain
         if not s.num_unfinished:
             break
         out = s.schedule()
-        s.update(out, {x.seq.seq_id: rng.choice([EOS, 5, 6]) for x in out.scheduled if x.sample})
+        s.update(out, {x.seq.seq_id: [rng.choice([EOS, 5, 6])] for x in out.scheduled if x.sample})
         _check_invariants(s, bm, live)
     assert s.num_unfinished == 0
     assert bm.num_free_blocks == bm.num_blocks
@@ -182,7 +182,7 @@ def test_steps_in_flight_share_the_batch_and_are_never_preempted():
     first = s.schedule(max_seqs=2)
     second = s.schedule(busy={x.seq.seq_id for x in first.scheduled}, max_seqs=2)
     assert [x.seq for x in first.scheduled] == seqs[:2] and [x.seq for x in second.scheduled] == seqs[2:]
-    s.update(first, {x.seq.seq_id: 7 for x in first.scheduled})
+    s.update(first, {x.seq.seq_id: [7] for x in first.scheduled})
     in_flight = {x.seq.seq_id for x in second.scheduled}
     preempted = []
     for _ in range(40):  # the first two decode while the second pair stays in flight: 7 blocks run out
@@ -191,7 +191,7 @@ def test_steps_in_flight_share_the_batch_and_are_never_preempted():
         preempted += out.preempted
         if not out.scheduled:
             break
-        s.update(out, {x.seq.seq_id: 7 for x in out.scheduled})
+        s.update(out, {x.seq.seq_id: [7] for x in out.scheduled})
     assert preempted and not in_flight & {q.seq_id for q in preempted}
     assert all(q.status == SequenceStatus.RUNNING for q in seqs[2:])
 
@@ -203,7 +203,7 @@ def test_only_the_first_sample_scores_the_prompt_and_only_before_its_first_token
     while parent.num_output_tokens == 0:
         out = s.schedule()
         flags += [(x.seq.index, x.start, x.num_new_tokens, x.prompt_logprobs) for x in out.scheduled]
-        s.update(out, {x.seq.seq_id: 5 for x in out.scheduled if x.sample})
+        s.update(out, {x.seq.seq_id: [5] for x in out.scheduled if x.sample})
     assert flags == [(0, 0, 8, True), (0, 8, 4, True)]  # chunks of 8; the child waits for the prompt
     out = s.schedule()
     assert [(x.seq.index, x.prompt_logprobs) for x in out.scheduled] == [(0, False), (1, False)]
