@@ -46,7 +46,9 @@ class SeqStep(msgspec.Struct, array_like=True):
     index: int
     start: int
     tokens: list[int]  # token_ids[start:start + num_new]
-    prefix: list[int]  # token_ids[:start], only the first time a rank sees the sequence
+    # token_ids[held:start]: what the ranks' mirror lacks before start (held: the tokens it holds; 0 the
+    # first time a rank sees the sequence, then the end of its last step's, where accepted guesses follow)
+    prefix: list[int]
     block_ids: list[int]
     sample: bool
     num_prompt_tokens: int = 0
@@ -200,6 +202,9 @@ class RankRuntime:
             params = SamplingParams(**s.params) if s.params is not None else SamplingParams()
             seq = Sequence("", s.index, list(s.prefix), s.num_prompt_tokens, params, seq_id=s.seq_id)
             self.mirror[s.seq_id] = seq
+        if s.prefix:  # the tokens it lacks before start (the mirror holds those before them)
+            del seq.token_ids[s.start - len(s.prefix):]
+            seq.token_ids.extend(s.prefix)
         del seq.token_ids[s.start:]
         seq.token_ids.extend(s.tokens)
         if s.next_token >= 0:
@@ -299,7 +304,7 @@ class ParallelExecutor:
         self.num_blocks = runtime.num_blocks
         self.runner = runtime.runner
         self.followers = list(followers)  # subprocess.Popen of the other ranks
-        self._known: set[int] = set()
+        self._known: dict[int, int] = {}  # seq_id -> how many of its tokens the other ranks' mirrors hold
         self._finished: list[int] = []
         self.broken = False  # a rank died: every later step fails; the worker must exit
         self.world = runtime.tp * runtime.pp
@@ -380,11 +385,14 @@ class ParallelExecutor:
         for s in out.scheduled:
             seq = s.seq
             new = seq.seq_id not in self._known
-            self._known.add(seq.seq_id)
+            held = self._known.get(seq.seq_id, 0)
             driver_seqs[seq.seq_id] = seq
             end = s.start + s.num_new_tokens - len(s.draft)
+            self._known[seq.seq_id] = end
+            # the tokens before `start` the mirrors lack: the whole prefix at first; after a step that
+            # accepted guesses (speculation), those
             seqs.append(SeqStep(seq.seq_id, seq.index, s.start, seq.token_ids[s.start:end],
-                                seq.token_ids[:s.start] if new else [], list(seq.block_ids), s.sample,
+                                seq.token_ids[held:s.start], list(seq.block_ids), s.sample,
                                 seq.num_prompt_tokens, _params_dict(seq.params) if new else None,
                                 s.prompt_logprobs,
                                 seq.token_ids[end] if s.prompt_logprobs and end < seq.num_tokens else -1, s.draft))
@@ -399,7 +407,7 @@ class ParallelExecutor:
         with self._lock:
             self.runner.release(seq_id)
             if seq_id in self._known:
-                self._known.discard(seq_id)
+                del self._known[seq_id]
                 self._finished.append(seq_id)
 
     def exchange(self, mine: str) -> list[str]:

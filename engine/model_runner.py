@@ -149,7 +149,7 @@ class ModelRunner:
                 lens_t = lens_t.view(-1, 1, 1, 1, 1)
                 slots = torch.arange(nb * bs, device=dev).view(1, nb, 1, 1, bs)
                 meta.decode_mask = slots < lens_t
-        row = len(decodes)
+        row = meta.num_decode  # rows, not sequences: a speculating decode has several
         groups: dict[int, list[int]] = {}
         for s in prefills:
             bt = None

@@ -1,0 +1,129 @@
+"""Speculative decoding's pieces: the n-gram lookup, acceptance, and the scheduler's bookkeeping."""
+
+import pytest
+
+from engine import grammar
+from engine.block_manager import BlockManager
+from engine.config import SpeculativeConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.spec_decode import NgramProposer, accepted_prefix, ngram_lookup
+
+EOS = 2
+
+
+@pytest.mark.parametrize("tokens,k,want", [
+    ([1, 2, 3, 4, 5, 1, 2, 3], 3, [4, 5, 1]),  # the longest suffix (1 2 3) and what followed it
+    ([1, 2, 3, 4, 5, 9], 3, []),  # no earlier occurrence of any suffix of 2+ tokens
+    ([7, 1, 2, 7, 1, 3, 7, 1], 2, [3, 7]),  # the latest occurrence wins
+    ([5, 6, 5, 6], 4, [5, 6]),  # a continuation cut at the end of the tokens
+    ([4, 4, 4], 2, [4]),  # overlapping occurrences
+    ([1, 2], 3, []),  # too short for a suffix of 2 to occur before
+    ([1, 2, 1, 2], 0, []),
+])
+def test_ngram_lookup(tokens, k, want):
+    assert ngram_lookup(tokens, k, 2, 4) == want
+
+
+def test_ngram_lookup_prefers_longer_matches_and_respects_min():
+    toks = [9, 1, 2, 8, 3, 1, 2, 7, 5, 3, 1, 2]
+    assert ngram_lookup(toks, 2, 2, 4) == [7, 5]  # "1 2" last at 5, but "3 1 2" occurred at 4
+    assert ngram_lookup([1, 5, 6, 1], 2, 1, 4) == [5, 6]  # a 1-gram where allowed
+    assert ngram_lookup([1, 5, 6, 1], 2, 2, 4) == []
+    with pytest.raises(ValueError):
+        NgramProposer(3, 2)
+
+
+def test_accepted_prefix():
+    assert accepted_prefix([4, 5, 6], [4, 5, 7, 8]) == [4, 5, 7]  # up to and including the first miss
+    assert accepted_prefix([4, 5], [4, 5, 9]) == [4, 5, 9]  # all held: the draw after them too
+    assert accepted_prefix([4], [3, 4]) == [3]
+    assert accepted_prefix([], [3]) == [3]
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="speculative = 'eagle'"):
+        SpeculativeConfig(method="eagle")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig(method="ngram", num_tokens=0)
+
+
+class Fixed:
+    def __init__(self, guess):
+        self.guess = guess
+
+    def propose(self, seq, k):
+        return self.guess[:k]
+
+
+def make(guess, k=4, budget=64, max_batch=8, max_len=256):
+    bm = BlockManager(64, 4, True)
+    return Scheduler(bm, 8, budget, max_len, (EOS,), proposer=Fixed(guess), num_speculative_tokens=k,
+                     speculative_max_batch=max_batch), bm
+
+
+def decoding(s, n_prompt=6, **kw):
+    """A sequence past its prefill step (its first token drawn)."""
+    seq = Sequence("r", 0, list(range(10, 10 + n_prompt)), n_prompt, SamplingParams(ignore_eos=True, **kw))
+    s.add(seq)
+    out = s.schedule()
+    assert out.scheduled[0].num_new_tokens == n_prompt and not out.scheduled[0].draft  # prefills never guess
+    s.update(out, {seq.seq_id: [99]})
+    return seq
+
+
+def test_guesses_are_scheduled_with_the_last_token_and_partly_accepted():
+    s, bm = make([50, 51, 52, 53, 54])
+    seq = decoding(s, max_tokens=20)
+    out = s.schedule()
+    (x,) = out.scheduled
+    assert (x.start, x.num_new_tokens, x.draft, x.sample) == (6, 5, [50, 51, 52, 53], True)
+    assert out.num_batched_tokens == 5
+    assert len(seq.block_ids) == 3  # slots for every guess: positions 6..10
+    drawn = [50, 51, 77]  # two guesses held, the third missed
+    s.update(out, {seq.seq_id: drawn})
+    assert seq.token_ids[6:] == [99, 50, 51, 77]
+    assert seq.num_computed_tokens == 9  # the KV of 99, 50, 51; 77 is next
+    assert (s.num_proposed, s.num_accepted) == (4, 2)
+
+
+def test_guesses_stop_short_of_max_tokens_the_context_limit_and_the_budget():
+    s, _ = make(list(range(50, 60)), k=8)
+    seq = decoding(s, max_tokens=4)  # 1 drawn: 3 to go, the last drawn after the guesses
+    assert s.schedule().scheduled[0].draft == [50, 51]
+    s, _ = make(list(range(50, 60)), k=8, max_len=10)
+    decoding(s, max_tokens=100)  # 7 tokens, room for 3 more
+    assert s.schedule().scheduled[0].draft == [50, 51]
+    s, _ = make(list(range(50, 60)), k=8, budget=8)
+    decoding(s, max_tokens=100)
+    assert s.schedule().scheduled[0].draft == list(range(50, 57))  # 1 + 7 = the budget
+    assert seq.num_tokens == 7
+
+
+def test_a_stop_inside_the_accepted_run_drops_what_follows():
+    s, bm = make([50, 51, 52])
+    seq = decoding(s, max_tokens=20, stop_token_ids=[51])
+    out = s.schedule()
+    drawn = [50, 51, 52, 60]
+    finished = s.update(out, {seq.seq_id: drawn})
+    assert finished == [seq] and seq.stop_reason == 51
+    assert drawn == [50, 51]  # trimmed to what was appended
+    assert seq.token_ids[6:] == [99, 50, 51]
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_no_guesses_for_guided_sequences_large_batches_or_without_a_guess():
+    s, _ = make([50, 51])
+    decoding(s, max_tokens=20, guided=grammar.check(grammar.regex("[a-z]+", "guided_regex")))
+    assert s.schedule().scheduled[0].draft == []
+    s, _ = make([50, 51], max_batch=1)
+    seqs = [Sequence("r", 0, [10, 11, 12], 3, SamplingParams(ignore_eos=True, max_tokens=20)) for _ in range(2)]
+    for q in seqs:
+        s.add(q)
+    out = s.schedule()
+    s.update(out, {q.seq_id: [99] for q in seqs})
+    assert all(not x.draft and x.num_new_tokens == 1 for x in s.schedule().scheduled)  # 2 decoding > 1
+    s, _ = make([])
+    decoding(s, max_tokens=20)
+    assert s.schedule().scheduled[0].num_new_tokens == 1
