@@ -86,14 +86,15 @@ def status(args) -> int:
     print(f"cluster {view['cluster']}: gateway {st['url']}, leader {(view.get('leader') or {}).get('coordinator_id')}, "
           f"policy {view['policy']}")
     print(f"{'WORKER':<12} {'ROLE':<9} {'SHAPE':<8} {'STATE':<9} {'RUN':>4} {'WAIT':>5} {'KV USED':>8} {'STEP ms':>8} "
-          f"{'HITS':>5}  SLO MET (last minute)")
+          f"{'HITS':>5} {'SPEC':>5}  SLO MET (last minute)")
     for w in view["workers"]:
         load = w.get("load") or {}
         used = 1 - load.get("free_blocks", 0) / max(load.get("num_blocks", 1), 1)
         shape = f"tp{w['tp']}pp{w['pp']}"
         print(f"{w['worker_id']:<12} {w['role']:<9} {shape:<8} {w['state']:<9} "
               f"{load.get('num_running', 0):>4} {load.get('num_waiting', 0):>5} {used:>7.0%} "
-              f"{load.get('step_ms', 0):>8.1f} {_pct(w.get('prefix_cache_hit_rate')):>5}  "
+              f"{load.get('step_ms', 0):>8.1f} {_pct(w.get('prefix_cache_hit_rate')):>5} "
+              f"{_pct(w.get('spec_acceptance_rate')):>5}  "
               f"{_slo_cell(w.get('slo_attainment') or {})}")
     for g in view.get("gateways", []):
         print(f"gateway {g['gateway_id']}: {g['url']} ({g['model']}, pid {g['pid']})")

@@ -66,7 +66,8 @@ class Heartbeat:
                     st["num_blocks"], 1e3 * self._step_s / self._steps if self._steps else 0.0, self._steps,
                     pending_transfers, st["num_queued_tokens"], self._tokens, self._seqs,
                     *slo["ttft"], *slo["tpot"], st.get("prompt_tokens_total", 0), st.get("prefix_hit_tokens_total", 0),
-                    self.kv_sent_bytes, self.kv_received_bytes)
+                    self.kv_sent_bytes, self.kv_received_bytes, st.get("spec_proposed_tokens_total", 0),
+                    st.get("spec_accepted_tokens_total", 0))
         self._steps, self._step_s = 0, 0.0
         self._tokens = self._seqs = 0
         self.registry.heartbeat(load)

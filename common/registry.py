@@ -58,6 +58,9 @@ class Load(msgspec.Struct, frozen=True):
     prefix_hit_tokens_total: int = 0
     kv_sent_bytes_total: int = 0
     kv_received_bytes_total: int = 0
+    # speculative decoding (counters): guessed tokens verified, and of those accepted
+    spec_proposed_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
 
 
 class Registry:

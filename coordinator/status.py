@@ -48,6 +48,7 @@ def cluster_status(coord: Coordinator) -> dict:
             "dtype": i.layout.dtype,  # what `--dtype auto` resolved to on the worker's host
             "slo_attainment": _attainment(v.load),
             "prefix_cache_hit_rate": _hit_rate(v.load),
+            "spec_acceptance_rate": _acceptance(v.load),
         })
     c = coord.config
     return {
@@ -65,6 +66,13 @@ def cluster_status(coord: Coordinator) -> dict:
 def _slo_counts(load, kind: str) -> tuple[int, int]:
     """(met, total) of the worker's requests over the last minute with a `kind` ("ttft" | "tpot") SLO."""
     return (getattr(load, f"{kind}_met"), getattr(load, f"{kind}_total")) if load else (0, 0)
+
+
+def _acceptance(load) -> float | None:
+    """Speculative decoding: the share of a worker's guesses that held; None before it made any."""
+    if load is None or not load.spec_proposed_tokens_total:
+        return None
+    return round(load.spec_accepted_tokens_total / load.spec_proposed_tokens_total, 4)
 
 
 def _hit_rate(load) -> float | None:
@@ -134,4 +142,7 @@ _WORKER_COUNTERS = (
     ("prefix_cache_hit_tokens", "prefix_hit_tokens_total", "of those, tokens whose KV the worker's prefix cache "
      "already held"),
     ("kv_received_bytes", "kv_received_bytes_total", "KV page bytes a worker received over the network"),
-    ("kv_sent_bytes", "kv_sent_bytes_total", "KV page bytes a worker sent over the network"))
+    ("kv_sent_bytes", "kv_sent_bytes_total", "KV page bytes a worker sent over the network"),
+    ("spec_proposed_tokens", "spec_proposed_tokens_total", "speculative decoding: guessed tokens a worker verified"),
+    ("spec_accepted_tokens", "spec_accepted_tokens_total", "of those, guesses that held (the acceptance rate is "
+     "their ratio)"))

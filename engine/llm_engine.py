@@ -349,6 +349,8 @@ class LLMEngine:
             "prompt_tokens_total": self.block_manager.stats.queries,  # looked up at admission or reservation
             "prefix_hit_tokens_total": self.block_manager.stats.hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "spec_proposed_tokens_total": self.scheduler.num_proposed,
+            "spec_accepted_tokens_total": self.scheduler.num_accepted,
             "num_queued_tokens": self.num_queued_tokens(),
         }
 

@@ -364,6 +364,28 @@ def test_seeded_sampling_is_the_same_disaggregated(cluster, tiny_llama):
     assert [client.streams[f"r{i}"].token_ids for i in range(3)] == want
 
 
+def test_a_speculating_decode_worker_changes_no_token(cluster, tiny_llama):
+    """--speculative ngram on the decode worker: its proposer starts from the handed-off tokens; greedy
+    and seeded output equal one process without speculation, and the worker counts what it guessed."""
+    d = cluster("decode", "--speculative", "ngram", "--num-speculative-tokens", "4", "--speculative-max-batch", "64")
+    p = cluster("prefill")
+    ps = [[7, 8] * 10 + [9], [40, 41, 42, 43, 44] * 6, *prompts(2, seed=5)]
+    greedy = {"max_tokens": 24, **GREEDY}
+    seeded = {"max_tokens": 24, "temperature": 0.8, "seed": 3, "ignore_eos": True}
+    client = WorkerClient()
+    for i, prompt in enumerate(ps):
+        client.submit(p.info, f"g{i}", prompt, SamplingSpec(**greedy), decode=d.info)
+        client.submit(p.info, f"s{i}", prompt, SamplingSpec(**seeded), decode=d.info)
+    client.collect(timeout=60)
+    eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
+    for tag, params in (("g", greedy), ("s", seeded)):
+        want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
+        assert [client.streams[f"{tag}{i}"].token_ids for i in range(len(ps))] == want, tag
+    ds = d.stop()
+    assert ds["spec_accepted_tokens_total"] > 0 and ds["spec_proposed_tokens_total"] > 0, ds
+    assert ds["free_blocks"] == ds["num_blocks"]
+
+
 def mixed_reference(model_dir, ps, max_tokens, prefill_dtype, decode_dtype):
     """What a `prefill_dtype` prefill worker and a `decode_dtype` decode worker compute, in one process: each
     prompt's KV and first token from an engine in the one dtype, the KV cast into the other engine's cache

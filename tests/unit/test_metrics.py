@@ -34,7 +34,8 @@ def worker(role, load=None, draining=False):
 
 def test_worker_series_follow_the_live_view():
     load = SimpleNamespace(ttft_met=3, ttft_total=4, tpot_met=0, tpot_total=0, prompt_tokens_total=1000,
-                           prefix_hit_tokens_total=800, kv_sent_bytes_total=4096, kv_received_bytes_total=0)
+                           prefix_hit_tokens_total=800, kv_sent_bytes_total=4096, kv_received_bytes_total=0,
+                           spec_proposed_tokens_total=40, spec_accepted_tokens_total=25)
     coord = SimpleNamespace(view=SimpleNamespace(workers={"p0": worker("prefill", load), "d0": worker("decode")}),
                             state=SimpleNamespace(suspect=set()))
     m = Metrics()
@@ -48,6 +49,8 @@ def test_worker_series_follow_the_live_view():
     assert got[("tandem_worker_prompt_tokens_total", (("worker", "p0"),))] == 1000
     assert got[("tandem_worker_prefix_cache_hit_tokens_total", (("worker", "p0"),))] == 800
     assert got[("tandem_worker_kv_sent_bytes_total", (("worker", "p0"),))] == 4096
+    assert got[("tandem_worker_spec_proposed_tokens_total", (("worker", "p0"),))] == 40
+    assert got[("tandem_worker_spec_accepted_tokens_total", (("worker", "p0"),))] == 25
     assert got[("tandem_worker_kv_received_bytes_total", (("worker", "p0"),))] == 0
     assert not any(dict(labels).get("worker") == "d0" for _, labels in got)  # no load heard yet: no series
 
