@@ -300,10 +300,10 @@ class SpeculativeConfig:
     num_tokens: int = option(4, "tokens a speculating sequence guesses per step", name="num_speculative_tokens")
     ngram_min: int = 2  # the shortest suffix the n-gram lookup matches
     ngram_max: int = 4  # ... and the longest (tried first)
-    # speculation costs every guess a position of compute: steps with more decoding sequences than this
-    # do not speculate (decode is memory-bound only in small batches)
-    max_batch: int = option(8, "decoding sequences above which a step does not speculate",
-                            name="speculative_max_batch")
+    # below this, each step speculates when the engine's measured step times say it pays
+    # (engine/spec_decode.py SpeculationPolicy)
+    max_batch: int = option(64, "decoding sequences above which a step never speculates (below, the engine's "
+                            "measured step times decide)", name="speculative_max_batch")
 
     def __post_init__(self):
         if self.method not in SPECULATIVE:

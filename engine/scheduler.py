@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
-from engine.spec_decode import Proposer
+from engine.spec_decode import Proposer, SpeculationPolicy
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Scheduler:
         self.bm = block_manager
         self.proposer = proposer
         self.spec_k = num_speculative_tokens if proposer is not None else 0
-        self.spec_max_batch = speculative_max_batch
+        self.spec_policy = SpeculationPolicy(speculative_max_batch)
         self.num_proposed = 0  # guessed tokens computed, and those accepted (for metrics)
         self.num_accepted = 0
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -97,8 +97,8 @@ class Scheduler:
         scheduled_ids: set[int] = set()
         cap = max_seqs if max_seqs is not None else self.max_num_seqs
 
-        speculate = self.spec_k > 0 and 0 < sum(
-            1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1) <= self.spec_max_batch
+        speculate = self.spec_k > 0 and self.spec_policy.decide(
+            sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1))
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
@@ -160,6 +160,12 @@ class Scheduler:
         Returns the sequences that finished in this step (eos, stop token, length).
         """
         finished: list[Sequence] = []
+        if any(s.draft for s in out.scheduled):  # what speculating earned (engine/spec_decode.py)
+            dec = [s for s in out.scheduled if s.sample and s.num_new_tokens - len(s.draft) == 1
+                   and s.seq.seq_id in sampled]
+            if dec:
+                self.spec_policy.observe_gain(len(dec), sum(len(sampled[s.seq.seq_id]) for s in dec),
+                                              sum(s.num_new_tokens for s in dec))
         for s in out.scheduled:
             seq = s.seq
             if seq.is_finished or seq.status != SequenceStatus.RUNNING:

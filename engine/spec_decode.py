@@ -85,3 +85,53 @@ def accepted_prefix(draft: list[int], drawn: list[int]) -> list[int]:
         if j >= len(draft) or draft[j] != t:
             break
     return out
+
+
+class SpeculationPolicy:
+    """Whether a step speculates, from the engine's own measurements: the step time of decode steps by
+    their row count (an average per power-of-two bucket), the tokens a decoding sequence appended in
+    steps that speculated (`gain`) and the rows it took in them. A step of n decoding sequences
+    speculates when n * gain tokens in T(n * rows) beat n tokens in T(n) by 5%: decode is memory-bound
+    while the batch is small (guesses ride along almost free) and compute-bound once it is large (each
+    guess costs a token's compute). Until both times and the gain are measured, it speculates up to
+    `max_batch` sequences; and every `explore` steps it does once anyway, so the gain stays current.
+    `max_batch` also caps it."""
+
+    def __init__(self, max_batch: int, explore: int = 50, margin: float = 1.05):
+        self.max_batch, self.explore, self.margin = max_batch, explore, margin
+        self.times: dict[int, float] = {}  # row-count bucket -> seconds a decode step takes
+        self.gain: float | None = None  # tokens a decoding sequence appends in a speculating step
+        self.rows: float | None = None  # rows it takes there
+        self._since = 0
+
+    @staticmethod
+    def bucket(rows: float) -> int:
+        return max(1, int(rows)).bit_length()
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """A decode-only step's (or a speculating one's) wall time."""
+        b = self.bucket(rows)
+        old = self.times.get(b)
+        self.times[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def observe_gain(self, seqs: int, tokens: int, rows: int) -> None:
+        """A speculating step: its decoding sequences appended `tokens` in `rows` rows."""
+        g, r = tokens / seqs, rows / seqs
+        self.gain = g if self.gain is None else 0.9 * self.gain + 0.1 * g
+        self.rows = r if self.rows is None else 0.9 * self.rows + 0.1 * r
+
+    def decide(self, n: int) -> bool:
+        if n <= 0 or n > self.max_batch:
+            return False
+        t_plain = self.times.get(self.bucket(n))
+        t_spec = self.times.get(self.bucket(n * self.rows)) if self.rows is not None else None
+        if self.gain is None or t_plain is None or t_spec is None:
+            return True
+        if self.gain * t_plain >= self.margin * t_spec:
+            self._since = 0
+            return True
+        self._since += 1
+        if self._since >= self.explore:
+            self._since = 0
+            return True
+        return False

@@ -127,3 +127,23 @@ def test_no_guesses_for_guided_sequences_large_batches_or_without_a_guess():
     s, _ = make([])
     decoding(s, max_tokens=20)
     assert s.schedule().scheduled[0].num_new_tokens == 1
+
+
+def test_the_policy_speculates_while_the_measured_step_times_say_it_pays():
+    from engine.spec_decode import SpeculationPolicy
+
+    p = SpeculationPolicy(max_batch=64, explore=10)
+    assert p.decide(4) and not p.decide(65) and not p.decide(0)  # unmeasured: up to max_batch
+    # memory-bound small steps: 5 rows a sequence cost about one
+    p.observe_step(1, 0.010)
+    p.observe_step(5, 0.011)
+    p.observe_gain(seqs=1, tokens=3, rows=5)
+    assert p.decide(1)
+    # compute-bound large ones: 32 sequences x 5 rows cost ~4x 32 rows, for 3x the tokens
+    p.observe_step(32, 0.050)
+    p.observe_step(160, 0.200)
+    decisions = [p.decide(32) for _ in range(20)]
+    assert decisions.count(True) == 2  # only the exploring steps, every 10th
+    for _ in range(15):  # guesses that always hold: 5 tokens for 4x the time pays
+        p.observe_gain(seqs=32, tokens=32 * 5, rows=32 * 5)
+    assert p.gain > 4.2 and p.decide(32)
