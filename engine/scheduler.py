@@ -82,6 +82,7 @@ class Scheduler:
                 pass
         seq.status = status
         self.bm.free(seq)
+        self.spec_policy.forget(seq.seq_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -180,6 +181,7 @@ class Scheduler:
             if s.draft:
                 self.num_proposed += len(s.draft)
                 self.num_accepted += len(tokens) - 1
+                self.spec_policy.observe_seq(seq.seq_id, len(s.draft), len(tokens) - 1)
             status = None
             for n, token in enumerate(tokens, 1):
                 seq.token_ids.append(token)
@@ -204,6 +206,8 @@ class Scheduler:
         for guided sequences (their grammar would have to advance through the guesses)."""
         p = seq.params
         k = min(self.spec_k, room, self.max_model_len - seq.num_tokens - 1)
+        if k > 0 and not p.guided:
+            k = self.spec_policy.guesses(seq.seq_id, k)  # what its acceptance rate makes worth it
         if p.max_tokens is not None:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         if k <= 0 or p.guided:

@@ -88,20 +88,28 @@ def accepted_prefix(draft: list[int], drawn: list[int]) -> list[int]:
 
 
 class SpeculationPolicy:
-    """Whether a step speculates, from the engine's own measurements: the step time of decode steps by
-    their row count (an average per power-of-two bucket), the tokens a decoding sequence appended in
-    steps that speculated (`gain`) and the rows it took in them. A step of n decoding sequences
-    speculates when n * gain tokens in T(n * rows) beat n tokens in T(n) by 5%: decode is memory-bound
-    while the batch is small (guesses ride along almost free) and compute-bound once it is large (each
-    guess costs a token's compute). Until both times and the gain are measured, it speculates up to
-    `max_batch` sequences; and every `explore` steps it does once anyway, so the gain stays current.
-    `max_batch` also caps it."""
+    """How much to speculate, from the engine's own measurements (engine/llm_engine.py feeds them): the
+    time of decode steps by their row count (an average per power-of-two bucket), what speculating steps
+    earned (tokens and rows per decoding sequence), and each sequence's acceptance rate.
 
-    def __init__(self, max_batch: int, explore: int = 50, margin: float = 1.05):
-        self.max_batch, self.explore, self.margin = max_batch, explore, margin
-        self.times: dict[int, float] = {}  # row-count bucket -> seconds a decode step takes
+    - A step of n decoding sequences speculates when n * gain tokens in T(n * rows) beat n in T(n) by
+      5%: decode is memory-bound while the batch is small (guesses ride along cheaply) and
+      compute-bound once it is large (each guess costs a token's compute). Until both times and the gain
+      are measured it speculates (up to `max_batch` sequences, which also caps it), and every `explore`
+      steps it does once anyway, so the gain stays current.
+    - A sequence guesses the k that maximizes the tokens a step gives over what it costs: (1 + a + ... +
+      a^k) / (1 + c k), a its acceptance rate (guesses held over guesses tried; the first guess is
+      tried, each next one only after the one before held), c what a row adds to a one-row step
+      (measured; 0.25 until then). None where no k gains 5%, except a single one every `explore_seq`
+      steps, so a sequence that turns repetitive is noticed."""
+
+    def __init__(self, max_batch: int, explore: int = 50, margin: float = 1.05, explore_seq: int = 16):
+        self.max_batch, self.explore, self.margin, self.explore_seq = max_batch, explore, margin, explore_seq
+        self.times: dict[int, tuple[float, float]] = {}  # row-count bucket -> (seconds, rows) of decode steps
         self.gain: float | None = None  # tokens a decoding sequence appends in a speculating step
         self.rows: float | None = None  # rows it takes there
+        self.held, self.tried = 0.0, 0.0  # every sequence's guesses (decayed): the prior of a new one
+        self.seqs: dict[int, list[float]] = {}  # seq_id -> [held, tried, steps without guessing]
         self._since = 0
 
     @staticmethod
@@ -112,13 +120,31 @@ class SpeculationPolicy:
         """A decode-only step's (or a speculating one's) wall time."""
         b = self.bucket(rows)
         old = self.times.get(b)
-        self.times[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.times[b] = (seconds, rows) if old is None else (0.8 * old[0] + 0.2 * seconds, 0.8 * old[1] + 0.2 * rows)
 
     def observe_gain(self, seqs: int, tokens: int, rows: int) -> None:
         """A speculating step: its decoding sequences appended `tokens` in `rows` rows."""
         g, r = tokens / seqs, rows / seqs
         self.gain = g if self.gain is None else 0.9 * self.gain + 0.1 * g
         self.rows = r if self.rows is None else 0.9 * self.rows + 0.1 * r
+
+    def observe_seq(self, seq_id: int, guessed: int, held: int) -> None:
+        tried = held + 1 if held < guessed else guessed
+        st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0])
+        st[0], st[1] = 0.8 * st[0] + held, 0.8 * st[1] + tried
+        self.held, self.tried = 0.95 * self.held + held, 0.95 * self.tried + tried
+
+    def forget(self, seq_id: int) -> None:
+        self.seqs.pop(seq_id, None)
+
+    def row_cost(self) -> float:
+        """What a row adds to a one-row decode step, as a share of it (measured: the largest bucket of
+        up to 15 rows against one row's)."""
+        one = self.times.get(1)
+        for b in (4, 3, 2):
+            if one is not None and (m := self.times.get(b)) is not None and m[1] > 1.5:
+                return max(0.0, (m[0] / one[0] - 1) / (m[1] - 1))
+        return 0.25
 
     def decide(self, n: int) -> bool:
         if n <= 0 or n > self.max_batch:
@@ -127,7 +153,7 @@ class SpeculationPolicy:
         t_spec = self.times.get(self.bucket(n * self.rows)) if self.rows is not None else None
         if self.gain is None or t_plain is None or t_spec is None:
             return True
-        if self.gain * t_plain >= self.margin * t_spec:
+        if self.gain * t_plain[0] >= self.margin * t_spec[0]:
             self._since = 0
             return True
         self._since += 1
@@ -135,3 +161,23 @@ class SpeculationPolicy:
             self._since = 0
             return True
         return False
+
+    def guesses(self, seq_id: int, kmax: int) -> int:
+        """How many guesses sequence `seq_id` should make this step (at most kmax)."""
+        st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0])
+        held, tried = (st[0], st[1]) if st[1] >= 1 else (self.held, self.tried)
+        a = held / tried if tried >= 1 else 0.5
+        c = self.row_cost()
+        best_k, best = 0, self.margin
+        total, p = 1.0, 1.0
+        for k in range(1, kmax + 1):
+            p *= a
+            total += p
+            if total / (1 + c * k) > best:
+                best_k, best = k, total / (1 + c * k)
+        if best_k == 0 and kmax > 0:
+            st[2] += 1
+            if st[2] >= self.explore_seq:
+                st[2] = 0
+                return 1
+        return best_k

@@ -38,13 +38,15 @@ class Oracle:
 
 
 def engine(model_dir, spec="none", k=4, tp=1, pp=1, seed=0, num_blocks=256):
-    """(With speculation, every step speculates: step times do not decide it here.)"""
+    """(With speculation, every step speculates, as many guesses as allowed: step times and acceptance
+    rates do not decide it here.)"""
     eng = LLMEngine(EngineConfig(
         str(model_dir), cache=CacheConfig(block_size=4, num_blocks=num_blocks),
         device=DeviceConfig(dtype="float32", seed=seed),
         parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1),
         speculative=SpeculativeConfig(method=spec, num_tokens=k, max_batch=1000)))
     eng.scheduler.spec_policy.decide = lambda n: n > 0
+    eng.scheduler.spec_policy.guesses = lambda seq_id, k: k
     return eng
 
 

@@ -59,8 +59,10 @@ class Fixed:
 
 def make(guess, k=4, budget=64, max_batch=8, max_len=256):
     bm = BlockManager(64, 4, True)
-    return Scheduler(bm, 8, budget, max_len, (EOS,), proposer=Fixed(guess), num_speculative_tokens=k,
-                     speculative_max_batch=max_batch), bm
+    s = Scheduler(bm, 8, budget, max_len, (EOS,), proposer=Fixed(guess), num_speculative_tokens=k,
+                  speculative_max_batch=max_batch)
+    s.spec_policy.guesses = lambda seq_id, k: k  # the bookkeeping here, not the policy's choice
+    return s, bm
 
 
 def decoding(s, n_prompt=6, **kw):
@@ -134,6 +136,7 @@ def test_the_policy_speculates_while_the_measured_step_times_say_it_pays():
 
     p = SpeculationPolicy(max_batch=64, explore=10)
     assert p.decide(4) and not p.decide(65) and not p.decide(0)  # unmeasured: up to max_batch
+    assert p.guesses(1, 4) == 1  # no acceptance known yet (a = 0.5) and rows at 0.25 of a step: 1 guess
     # memory-bound small steps: 5 rows a sequence cost about one
     p.observe_step(1, 0.010)
     p.observe_step(5, 0.011)
@@ -147,3 +150,21 @@ def test_the_policy_speculates_while_the_measured_step_times_say_it_pays():
     for _ in range(15):  # guesses that always hold: 5 tokens for 4x the time pays
         p.observe_gain(seqs=32, tokens=32 * 5, rows=32 * 5)
     assert p.gain > 4.2 and p.decide(32)
+
+
+def test_a_sequence_guesses_as_many_tokens_as_its_acceptance_rate_pays_for():
+    from engine.spec_decode import SpeculationPolicy
+
+    p = SpeculationPolicy(max_batch=64, explore_seq=4)
+    p.observe_step(1, 0.010)
+    p.observe_step(5, 0.014)  # a row adds 10% of a one-row step
+    assert p.row_cost() == pytest.approx(0.1)
+    for _ in range(5):
+        p.observe_seq(1, guessed=8, held=8)  # copying: every guess holds
+        p.observe_seq(2, guessed=2, held=0)  # free text: none do
+    assert p.guesses(1, 8) == 8
+    assert [p.guesses(2, 8) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]  # a try every 4th step
+    p.observe_seq(3, guessed=4, held=2)  # a = 2/3: a few
+    assert 2 <= p.guesses(3, 8) <= 6
+    p.forget(1)
+    assert 1 not in p.seqs
