@@ -90,8 +90,18 @@ def run(engine, prompts, max_tokens: int, one_at_a_time: bool):
     r = {"tokens": n, "seconds": round(wall, 3), "tok_s": round(n / wall, 2),
          "proposed": s.num_proposed - p0, "accepted": s.num_accepted - a0}
     if one_at_a_time:
-        r["decode_tok_s"] = round(decode_n / decode_s, 2)
+        r.update(decode_tok_s=round(decode_n / decode_s, 2), decode_tokens=decode_n, decode_seconds=decode_s)
     return r, list(outs.values())
+
+
+def combine(runs):
+    (r, o), = runs
+    return dict(r), list(o)
+
+
+def merge(into: dict, r: dict) -> None:
+    for key in ("tokens", "seconds", "proposed", "accepted", "decode_tokens", "decode_seconds"):
+        into[key] += r[key]
 
 
 def main():
@@ -122,8 +132,20 @@ def main():
         for name, prompts in workloads(max(c, args.c1_prompts)).items():
             prompts = prompts[:args.c1_prompts if c == 1 else c]
             texts = [engines["none"].tokenizer.apply_chat_template(m) for m in prompts]
-            off, want = run(engines["none"], texts, args.max_tokens, one_at_a_time=c == 1)
-            on, got = run(engines["ngram"], texts, args.max_tokens, one_at_a_time=c == 1)
+            if c == 1:  # prompt by prompt, off then on: both see the machine as it is at that moment
+                off, want = combine([run(engines["none"], [t], args.max_tokens, True) for t in texts[:1]])
+                on, got = combine([run(engines["ngram"], [t], args.max_tokens, True) for t in texts[:1]])
+                for t in texts[1:]:
+                    for res, outs, eng in ((off, want, "none"), (on, got, "ngram")):
+                        r, o = run(engines[eng], [t], args.max_tokens, True)
+                        merge(res, r)
+                        outs += o
+                for res in (off, on):
+                    res["tok_s"] = round(res["tokens"] / res["seconds"], 2)
+                    res["decode_tok_s"] = round(res["decode_tokens"] / res["decode_seconds"], 2)
+            else:
+                off, want = run(engines["none"], texts, args.max_tokens, one_at_a_time=False)
+                on, got = run(engines["ngram"], texts, args.max_tokens, one_at_a_time=False)
             rate = "decode_tok_s" if c == 1 else "tok_s"  # C=1: the decode rate; else all output over the wall time
             r = {"workload": name, "concurrency": c, "k": args.k, "threads": args.threads, "off": off, "on": on,
                  "rate": rate, "speedup": round(on[rate] / off[rate], 3),
