@@ -47,7 +47,7 @@ from cluster.options import add_flags, by_name, engine_options
 
 LOCAL = "local"
 # engine options that are one per cluster, keys of [model]; every other one is a key of each [[pool]]
-MODEL_WIDE = ("dtype", "quantization", "kv_cache_dtype", "speculative", "num_speculative_tokens")
+MODEL_WIDE = ("dtype", "quantization", "kv_cache_dtype", "speculative", "num_speculative_tokens", "draft_quantization")
 
 
 class ConfigError(ValueError):

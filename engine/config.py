@@ -295,9 +295,12 @@ class SpeculativeConfig:
     """Speculative decoding (engine/spec_decode.py)."""
 
     method: str = option("none", "speculative decoding: ngram = guess the next tokens from an earlier occurrence of "
-                         "the last few (prompt lookup); exact: the output is the one without it",
-                         name="speculative", choices=SPECULATIVE)
+                         "the last few (prompt lookup); draft:PATH = a draft model with the target's tokenizer "
+                         "guesses them (greedy, its own KV cache); exact: the output is the one without it",
+                         name="speculative")
     num_tokens: int = option(4, "tokens a speculating sequence guesses per step", name="num_speculative_tokens")
+    draft_quantization: str = option("none", "the draft model's weight quantization at load (as --quantization; a "
+                                     "draft's rounding changes only which guesses hold)", choices=QUANTIZATIONS)
     ngram_min: int = 2  # the shortest suffix the n-gram lookup matches
     ngram_max: int = 4  # ... and the longest (tried first)
     # below this, each step speculates when the engine's measured step times say it pays
@@ -306,19 +309,26 @@ class SpeculativeConfig:
                             "measured step times decide)", name="speculative_max_batch")
 
     def __post_init__(self):
-        if self.method not in SPECULATIVE:
-            raise ValueError(f"speculative = {self.method!r} must be one of {SPECULATIVE}")
+        if self.method not in SPECULATIVE and not (self.method.startswith("draft:") and self.method[6:]):
+            raise ValueError(f"speculative = {self.method!r} must be one of {SPECULATIVE} or draft:PATH")
         if not 1 <= self.num_tokens <= 16:
             raise ValueError(f"num_speculative_tokens = {self.num_tokens!r} must be in [1, 16]")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram sizes must satisfy 1 <= ngram_min ({self.ngram_min}) <= ngram_max "
                              f"({self.ngram_max})")
+        if self.draft_quantization not in QUANTIZATIONS:
+            raise ValueError(f"draft_quantization = {self.draft_quantization!r} must be one of {QUANTIZATIONS}")
         if self.max_batch < 0:
             raise ValueError(f"speculative_max_batch = {self.max_batch!r} must be >= 0")
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def draft(self) -> str | None:
+        """The draft model's path (`draft:PATH`), or None."""
+        return self.method[6:] if self.method.startswith("draft:") else None
 
 
 @dataclass(frozen=True)

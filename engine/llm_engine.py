@@ -99,7 +99,7 @@ class LLMEngine:
         spec = config.speculative
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, self.max_model_len, eos,
-                                   proposer=NgramProposer(spec.ngram_min, spec.ngram_max) if spec.enabled else None,
+                                   proposer=self._proposer(config),
                                    num_speculative_tokens=spec.num_tokens, speculative_max_batch=spec.max_batch)
         self._requests: dict[str, _Request] = {}  # unfinished, as the core sees them
         self._seqs: dict[int, Sequence] = {}  # their unfinished sequences
@@ -165,6 +165,20 @@ class LLMEngine:
         self._requests[request_id] = _Request(seqs, arrival_time or time.monotonic())
         self._events.append(RequestAdded(request_id, ids, params, [s.seq_id for s in seqs], held_tokens, held_text))
         return ids
+
+    def _proposer(self, config: EngineConfig):
+        """Speculative decoding's proposer (engine/spec_decode.py), or None."""
+        spec = config.speculative
+        if not spec.enabled:
+            return None
+        if spec.draft is None:
+            return NgramProposer(spec.ngram_min, spec.ngram_max)
+        from engine.draft_proposer import DraftProposer
+
+        # the draft's cache: a quarter of the target's budget where one is set, else 256 MiB
+        memory = config.cache.kv_cache_memory // 4 if config.cache.kv_cache_memory else 256 * 2**20
+        return DraftProposer(spec.draft, self.model_config, config.device, memory, config.cache.block_size,
+                             spec.draft_quantization)
 
     def _check_vocab(self, params: SamplingParams) -> None:
         """Token ids in the parameters must exist in this model (the sampler indexes the logits by them)."""

@@ -83,6 +83,8 @@ class Scheduler:
         seq.status = status
         self.bm.free(seq)
         self.spec_policy.forget(seq.seq_id)
+        if (forget := getattr(self.proposer, "forget", None)) is not None:
+            forget(seq.seq_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -100,6 +102,7 @@ class Scheduler:
 
         speculate = self.spec_k > 0 and self.spec_policy.decide(
             sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1))
+        guesses = self._propose_all(busy) if speculate else {}
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
@@ -107,7 +110,7 @@ class Scheduler:
             if num_new <= 0 or seq.seq_id in busy:  # nothing to do, or its last step is still in flight
                 i += 1
                 continue
-            if speculate and num_new == 1 and (draft := self._propose(seq, budget - 1)) \
+            if num_new == 1 and (draft := guesses.get(seq.seq_id, [])[:budget - 1]) \
                     and self.bm.allocate_slots(seq, 1 + len(draft)):
                 self._emit(out, seq, 1 + len(draft), draft)
                 scheduled_ids.add(seq.seq_id)
@@ -200,19 +203,28 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new - len(draft or ()) == seq.num_tokens,
                                           seq.computes_prompt_logprobs, draft or []))
 
-    def _propose(self, seq: Sequence, room: int) -> list[int]:
-        """The proposer's guesses after `seq`'s last token: at most spec_k and `room` (budget), none that
-        max_tokens or the context limit would cut off (the token drawn after them must fit too); none
-        for guided sequences (their grammar would have to advance through the guesses)."""
+    def _propose_all(self, busy) -> dict[int, list[int]]:
+        """The proposer's guesses for the decoding sequences (a batch where the proposer takes one: a
+        draft model), by seq_id; see _guess_limit for how many."""
+        items = [(seq, k) for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
+                 and seq.seq_id not in busy and (k := self._guess_limit(seq)) > 0]
+        if not items:
+            return {}
+        batch = getattr(self.proposer, "propose_batch", None)
+        got = batch(items) if batch is not None else [self.proposer.propose(seq, k) for seq, k in items]
+        return {seq.seq_id: g[:k] for (seq, k), g in zip(items, got) if g}
+
+    def _guess_limit(self, seq: Sequence) -> int:
+        """How many guesses `seq` may make: what its acceptance rate pays for (the policy), at most
+        spec_k, none that max_tokens or the context limit would cut off (the token drawn after them
+        must fit too); none for guided sequences (their grammar would have to advance through them)."""
         p = seq.params
-        k = min(self.spec_k, room, self.max_model_len - seq.num_tokens - 1)
-        if k > 0 and not p.guided:
-            k = self.spec_policy.guesses(seq.seq_id, k)  # what its acceptance rate makes worth it
+        k = min(self.spec_k, self.max_model_len - seq.num_tokens - 1)
         if p.max_tokens is not None:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         if k <= 0 or p.guided:
-            return []
-        return self.proposer.propose(seq, k)[:k]
+            return 0
+        return self.spec_policy.guesses(seq.seq_id, k)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -195,3 +195,47 @@ def test_tensor_and_pipeline_parallel(tiny_llama, model, tp, pp):
         assert eng.scheduler.num_accepted > 0
     finally:
         eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_draft(tmp_path_factory):
+    """A 2-layer random model with the tiny models' tokenizer: a draft whose guesses rarely hold."""
+    from helpers import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("draft"), "llama", seed=1, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("draft", ["self", "small"])
+def test_a_draft_model_proposer(tiny_llama, small_draft, draft):
+    """--speculative draft:PATH: the target as its own draft (every greedy guess holds) and a small
+    foreign one (few do); greedy and seeded output equal speculation off either way; the draft's blocks
+    are freed with the sequences."""
+    path = tiny_llama if draft == "self" else small_draft
+    eng = engine(tiny_llama, f"draft:{path}", k=4)
+    try:
+        prop = eng.scheduler.proposer
+        for name in ("greedy", "seeded"):
+            off = engine(tiny_llama)
+            want = outputs(off, PARAMS[name])
+            off.shutdown()
+            p0, a0 = eng.scheduler.num_proposed, eng.scheduler.num_accepted
+            got = outputs(eng, PARAMS[name])
+            assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want], name
+            proposed, accepted = eng.scheduler.num_proposed - p0, eng.scheduler.num_accepted - a0
+            assert proposed > 0
+            if draft == "self" and name == "greedy":
+                assert accepted == proposed  # the same model, greedy: every guess is the target's token
+        assert not prop.seqs and prop.bm.num_free_blocks == prop.bm.num_blocks
+    finally:
+        eng.shutdown()
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny_llama, tmp_path):
+    from helpers import make_tiny_model
+
+    from engine.errors import ModelConfigError
+
+    other = make_tiny_model(tmp_path / "wide", "llama", vocab_size=400)
+    with pytest.raises(ModelConfigError, match="vocab_size 400 differs"):
+        engine(tiny_llama, f"draft:{other}")
+    with pytest.raises(ValueError, match="draft:PATH"):
+        SpeculativeConfig(method="draft:")

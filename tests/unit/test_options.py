@@ -57,6 +57,8 @@ def other_value(o):
     if o.type is int:
         return 2 * (o.default or 1), 2 * (o.default or 1)
     assert o.type is str, o
+    if o.name == "speculative":
+        return "draft:/models/d", "draft:/models/d"
     return "cuda:1", "cuda:1"
 
 
@@ -84,7 +86,7 @@ def test_the_flags_users_know_keep_their_names():
     assert {"--dtype", "--device", "--threads", "--no-packed-linear", "--kv-cache-memory", "--block-size",
             "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--no-prefix-caching", "--quantization",
             "--tp", "--pp", "--kv-transport", "--int8-activations", "--kv-cache-dtype", "--speculative",
-            "--num-speculative-tokens", "--speculative-max-batch"} == flags
+            "--num-speculative-tokens", "--speculative-max-batch", "--draft-quantization"} == flags
     assert {"tp", "pp", "device", "threads", "block_size", "kv_cache_memory", "kv_transport"} <= \
         set(Pool.__struct_fields__)
 
