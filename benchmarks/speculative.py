@@ -1,7 +1,7 @@
 """Speculative decoding (n-gram prompt lookup) against none, on SmolLM2 as served (its Q4_1 GGUF), in one run.
 
     python benchmarks/speculative.py [--concurrency 1 32] [--threads 2] [--k 4] [--max-tokens 128]
-                                     [--out bench_results/speculative.json]
+                                     [--draft-layers N] [--out bench_results/speculative.json]
 
 Workloads (chat prompts, greedy, each output capped at --max-tokens):
   - grounded: copy a given text (slices of benchmarks/data/declaration_of_independence.txt), summarize it,
@@ -12,7 +12,8 @@ with speculation off and on: at C=1 the decode rate (tokens after the first over
 first), at C=32 output tokens/s (wall time, prefills included); the speedup, the share of guesses that
 held, and whether the outputs are the same tokens (they must be: greedy). Speculation decides per step whether
 it pays (engine/spec_decode.py SpeculationPolicy), so at C=32 it may run few speculating steps.
-The machine's CPU model and flags are printed with the figures.
+`--draft-layers N` adds a draft-model proposer: SmolLM2 cut to its first N layers (made once from its fp32
+copy), quantized to q4_0 at load. The machine's CPU model and flags are printed with the figures.
 """
 
 from __future__ import annotations
@@ -51,6 +52,33 @@ def workloads(n: int) -> dict[str, list[list[dict]]]:
     free = [[{"role": "user", "content": (f"Write a short story about {t}." if i % 2 == 0 else f"Explain {t}.")}]
             for i, t in ((i, TOPICS[i % len(TOPICS)]) for i in range(n))]
     return {"grounded": grounded, "free-form": free}
+
+
+def truncated_draft(layers: int) -> Path:
+    """SmolLM2 cut to its first `layers` decoder layers (the fp32 copy's tensors of those, the final norm
+    and the embedding): a draft with the target's tokenizer, made once under the cache directory."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.model_store import cache_dir, hf_copy
+
+    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-first{layers}"
+    if (out / "model.safetensors").exists():
+        return out
+    src = hf_copy()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix in (".json", ".txt", ".jinja") and f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    tensors = {}
+    for f in src.glob("*.safetensors"):
+        for name, t in load_file(str(f)).items():
+            if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers:
+                tensors[name] = t
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
 
 
 def cpu_info() -> dict:
@@ -94,11 +122,6 @@ def run(engine, prompts, max_tokens: int, one_at_a_time: bool):
     return r, list(outs.values())
 
 
-def combine(runs):
-    (r, o), = runs
-    return dict(r), list(o)
-
-
 def merge(into: dict, r: dict) -> None:
     for key in ("tokens", "seconds", "proposed", "accepted", "decode_tokens", "decode_seconds"):
         into[key] += r[key]
@@ -111,6 +134,8 @@ def main():
     ap.add_argument("--k", type=int, default=4, help="--num-speculative-tokens")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--c1-prompts", type=int, default=6, help="prompts of each workload at C=1, one at a time")
+    ap.add_argument("--draft-layers", type=int, default=0,
+                    help="also a draft model: SmolLM2's first N layers, q4_0 at load (0: none)")
     ap.add_argument("--out", default="bench_results/speculative.json")
     args = ap.parse_args()
 
@@ -121,10 +146,12 @@ def main():
     model = pull_default()
     machine = cpu_info()
     print(f"machine: {machine}", flush=True)
+    methods = ["none", "ngram"] + ([f"draft:{truncated_draft(args.draft_layers)}"] if args.draft_layers else [])
     engines = {m: LLMEngine(EngineConfig(str(model), cache=CacheConfig(kv_cache_memory=1 << 30),
                                          device=DeviceConfig(num_threads=args.threads),
-                                         speculative=SpeculativeConfig(method=m, num_tokens=args.k)))
-               for m in ("none", "ngram")}
+                                         speculative=SpeculativeConfig(method=m, num_tokens=args.k,
+                                                                       draft_quantization="q4_0")))
+               for m in methods}
     for e in engines.values():  # warm-up
         e.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))
     results = []
@@ -132,36 +159,44 @@ def main():
         for name, prompts in workloads(max(c, args.c1_prompts)).items():
             prompts = prompts[:args.c1_prompts if c == 1 else c]
             texts = [engines["none"].tokenizer.apply_chat_template(m) for m in prompts]
-            if c == 1:  # prompt by prompt, off then on: both see the machine as it is at that moment
-                off, want = combine([run(engines["none"], [t], args.max_tokens, True) for t in texts[:1]])
-                on, got = combine([run(engines["ngram"], [t], args.max_tokens, True) for t in texts[:1]])
-                for t in texts[1:]:
-                    for res, outs, eng in ((off, want, "none"), (on, got, "ngram")):
-                        r, o = run(engines[eng], [t], args.max_tokens, True)
-                        merge(res, r)
-                        outs += o
-                for res in (off, on):
-                    res["tok_s"] = round(res["tokens"] / res["seconds"], 2)
-                    res["decode_tok_s"] = round(res["decode_tokens"] / res["decode_seconds"], 2)
+            res: dict[str, dict] = {}
+            outs: dict[str, list] = {m: [] for m in methods}
+            if c == 1:  # prompt by prompt, each method in turn: all see the machine as it is at that moment
+                for t in texts:
+                    for m in methods:
+                        r, o = run(engines[m], [t], args.max_tokens, True)
+                        if m in res:
+                            merge(res[m], r)
+                        else:
+                            res[m] = dict(r)
+                        outs[m] += o
+                for r in res.values():
+                    r["tok_s"] = round(r["tokens"] / r["seconds"], 2)
+                    r["decode_tok_s"] = round(r["decode_tokens"] / r["decode_seconds"], 2)
             else:
-                off, want = run(engines["none"], texts, args.max_tokens, one_at_a_time=False)
-                on, got = run(engines["ngram"], texts, args.max_tokens, one_at_a_time=False)
+                for m in methods:
+                    res[m], outs[m] = run(engines[m], texts, args.max_tokens, one_at_a_time=False)
             rate = "decode_tok_s" if c == 1 else "tok_s"  # C=1: the decode rate; else all output over the wall time
-            r = {"workload": name, "concurrency": c, "k": args.k, "threads": args.threads, "off": off, "on": on,
-                 "rate": rate, "speedup": round(on[rate] / off[rate], 3),
-                 "acceptance": round(on["accepted"] / on["proposed"], 3) if on["proposed"] else None,
-                 "same_tokens": got == want}
-            results.append(r)
-            print(json.dumps(r), flush=True)
+            off = res["none"]
+            for m in methods[1:]:
+                on = res[m]
+                r = {"workload": name, "concurrency": c, "method": m.split(":")[0], "k": args.k,
+                     "threads": args.threads, "off": off, "on": on, "rate": rate,
+                     "speedup": round(on[rate] / off[rate], 3),
+                     "acceptance": round(on["accepted"] / on["proposed"], 3) if on["proposed"] else None,
+                     "same_tokens": outs[m] == outs["none"]}
+                results.append(r)
+                print(json.dumps(r), flush=True)
     for e in engines.values():
         e.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
-    print(f"\n{'workload':<10} {'C':>3} {'rate':<13} {'off':>7} {'on':>7} {'speedup':>8} {'accept':>7} same")
+    print(f"\n{'workload':<10} {'C':>3} {'method':<6} {'rate':<13} {'off':>7} {'on':>7} {'speedup':>8} {'accept':>7} "
+          "same")
     for r in results:
         acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
-        print(f"{r['workload']:<10} {r['concurrency']:>3} {r['rate']:<13} {r['off'][r['rate']]:>7} "
+        print(f"{r['workload']:<10} {r['concurrency']:>3} {r['method']:<6} {r['rate']:<13} {r['off'][r['rate']]:>7} "
               f"{r['on'][r['rate']]:>7} {r['speedup']:>7}x {acc:>7} {r['same_tokens']}")
 
 

@@ -242,13 +242,14 @@ class LLMEngine:
         if self.pipeline_depth > 1:
             core = self._pipelined_step(plan_kv)
         else:
+            t0 = time.perf_counter()
             out = self.scheduler.schedule()
             self.last_step = (out.num_batched_tokens, len(out.scheduled))  # for load reports
             kv_plan = plan_kv(out) if plan_kv is not None else b""
-            t0 = time.perf_counter()
             result = self.executor.execute(out, kv_plan) if not out.empty else StepOutput()
             if out.scheduled and all(s.sample and s.num_new_tokens - len(s.draft) == 1 for s in out.scheduled):
-                # decodes only: the step times speculation is weighed with (engine/spec_decode.py)
+                # decodes only: the step times speculation is weighed with (engine/spec_decode.py), the
+                # proposer's time (a draft model's steps) included
                 self.scheduler.spec_policy.observe_step(out.num_batched_tokens, time.perf_counter() - t0)
             core = self._update(out, result)
         core.finished[:0] = finished
