@@ -111,6 +111,7 @@ class SpeculationPolicy:
         self.held, self.tried = 0.0, 0.0  # every sequence's guesses (decayed): the prior of a new one
         self.seqs: dict[int, list[float]] = {}  # seq_id -> [held, tried, steps without guessing]
         self._since = 0
+        self.exploring = False  # the step decide() let speculate does so to measure
 
     @staticmethod
     def bucket(rows: float) -> int:
@@ -147,11 +148,14 @@ class SpeculationPolicy:
         return 0.25
 
     def decide(self, n: int) -> bool:
+        """Whether a step of n decoding sequences speculates (`exploring`: only to measure it)."""
+        self.exploring = False
         if n <= 0 or n > self.max_batch:
             return False
         t_plain = self.times.get(self.bucket(n))
         t_spec = self.times.get(self.bucket(n * self.rows)) if self.rows is not None else None
         if self.gain is None or t_plain is None or t_spec is None:
+            self.exploring = True
             return True
         if self.gain * t_plain[0] >= self.margin * t_spec[0]:
             self._since = 0
@@ -159,6 +163,7 @@ class SpeculationPolicy:
         self._since += 1
         if self._since >= self.explore:
             self._since = 0
+            self.exploring = True
             return True
         return False
 
@@ -177,7 +182,7 @@ class SpeculationPolicy:
                 best_k, best = k, total / (1 + c * k)
         if best_k == 0 and kmax > 0:
             st[2] += 1
-            if st[2] >= self.explore_seq:
+            if st[2] >= self.explore_seq or self.exploring:  # a step that explores tries one guess each
                 st[2] = 0
                 return 1
         return best_k
