@@ -259,6 +259,8 @@ def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
     w.add_eos_token_id(tokens.index("<|im_end|>"))
+    if arch == "phi3":
+        w.add_pad_token_id(0)  # transformers' Phi3Config would take 32000, past this vocabulary
     w.add_chat_template(CHAT_TEMPLATE)
 
     def permute(rows, n_head):  # llama.cpp's convert-time permutation of Q/K rows

@@ -21,6 +21,11 @@ def test_tensor_names():
     assert _hf_name("blk.7.attn_k.weight") == "model.layers.7.self_attn.k_proj.weight"
     assert _hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
     assert _hf_name("blk.0.mystery.weight") is None
+    assert _hf_name("blk.2.attn_q_norm.weight", "qwen3") == "model.layers.2.self_attn.q_norm.weight"
+    assert _hf_name("blk.2.attn_q_norm.weight") is None  # not a llama tensor
+    assert _hf_name("blk.1.attn_qkv.weight", "phi3") == "model.layers.1.self_attn.qkv_proj.weight"
+    assert _hf_name("blk.1.ffn_up.weight", "phi3") == "model.layers.1.mlp.gate_up_proj.weight"  # gate, then up
+    assert _hf_name("blk.1.ffn_up.weight", "qwen3") == "model.layers.1.mlp.up_proj.weight"
 
 
 def test_tensor_index_reads_what_gguf_reader_reads(tmp_path):
