@@ -8,8 +8,9 @@ silently ignored.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu",)
 DTYPES = ("float32", "bfloat16", "float16")
 # what a user may ask for: a dtype, or `auto` (engine/platform.py: resolve_dtype, on the worker's own host)
@@ -35,6 +38,17 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3; `su` in older configs): a divisor per frequency for contexts up to
+    # original_max_position_embeddings (short) and one for longer ones (long), and a factor on cos and sin
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    # NOTE: Hugging Face picks short or long per forward pass, by the longest sequence in it (and its
+    # generate() recomputes the KV cache when a sequence crosses over). A paged cache shared between
+    # sequences, prefixes and workers needs one choice for all: the long factors iff the context limit
+    # exceeds original_max_position_embeddings (vLLM's and llama.cpp's choice). `ModelConfig.with_context_limit`
+    # sets it from the engine's max_model_len.
+    use_long_factor: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     attention_bias: bool = False  # bias on q/k/v (Qwen2) -- o_proj never has one in Qwen2
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     o_proj_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
@@ -70,6 +85,15 @@ class ModelConfig:
         if self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+    def with_context_limit(self, max_model_len: int | None) -> ModelConfig:
+        """This config for an engine whose context ends at `max_model_len` (None: the model's own): with
+        longrope, the factor set that context takes (see RopeScaling.use_long_factor)."""
+        rope = self.rope_scaling
+        if rope.rope_type != "longrope":
+            return self
+        limit = min(max_model_len or self.max_model_len, self.max_model_len)
+        return replace(self, rope_scaling=replace(rope, use_long_factor=limit > rope.original_max_position_embeddings))
 
     def identity(self) -> str:
         """Every field but the path, as canonical JSON: the same checkpoint gives the same string on any
@@ -129,17 +153,21 @@ class ModelConfig:
         if not isinstance(kv_heads, int) or heads % kv_heads:
             raise ModelConfigError(f"{source}: field 'num_key_value_heads' = {kv_heads!r} must divide "
                                    f"num_attention_heads = {heads}")
-        head_dim = raw.get("head_dim") or hidden // heads
-        if head_dim % 2:
-            raise ModelConfigError(f"{source}: field 'head_dim' = {head_dim!r} must be even for RoPE")
-        rope = _parse_rope(raw, source)
+        # Qwen3's config class defaults head_dim to 128, not hidden_size // num_attention_heads
+        head_dim = raw.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else hidden // heads)
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+            raise ModelConfigError(f"{source}: field 'head_dim' = {head_dim!r} must be a positive even integer "
+                                   "(RoPE rotates pairs)")
+        max_pos = raw.get("max_position_embeddings") or 2048
+        rope = _parse_rope(raw, source, arch, head_dim, max_pos)
         if raw.get("partial_rotary_factor", 1.0) != 1.0:
             raise ModelConfigError(f"{source}: field 'partial_rotary_factor' = "
                                    f"{raw['partial_rotary_factor']!r} is not supported (only 1.0)")
         sliding = None
-        if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window")):
+        windowed_layers = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")  # use_sliding_window, max_window_layers
+        if arch in ("MistralForCausalLM", "Phi3ForCausalLM") or (windowed_layers and raw.get("use_sliding_window")):
             sliding = raw.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window") and \
+        if windowed_layers and raw.get("use_sliding_window") and \
                 raw.get("max_window_layers", 0) < raw.get("num_hidden_layers", 0):
             raise ModelConfigError(f"{source}: field 'use_sliding_window' = true with max_window_layers "
                                    "below num_hidden_layers is not supported")
@@ -147,7 +175,7 @@ class ModelConfig:
         eos = generation.get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         attn_bias = bool(raw.get("attention_bias", False)) or arch == "Qwen2ForCausalLM"
-        return cls(
+        model = cls(
             architecture=arch,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
@@ -156,11 +184,12 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=raw.get("max_position_embeddings") or 2048,
+            max_position_embeddings=max_pos,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
             rope_scaling=rope,
             attention_bias=attn_bias,
+            qk_norm=arch == "Qwen3ForCausalLM",
             o_proj_bias=bool(raw.get("attention_bias", False)) and arch != "Qwen2ForCausalLM",
             mlp_bias=bool(raw.get("mlp_bias", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -170,26 +199,55 @@ class ModelConfig:
             weights=str(raw.get("tandem_weights", "")),
             path=path,
         )
+        return model.with_context_limit(None)
 
 
-def _parse_rope(raw: dict, source: str) -> RopeScaling:
-    rs = raw.get("rope_scaling")
-    if rs is None:
-        # transformers 5 moved rope settings to `rope_parameters`
-        rs = raw.get("rope_parameters")
+def _parse_rope(raw: dict, source: str, arch: str, head_dim: int, max_pos: int) -> RopeScaling:
+    key = "rope_scaling" if raw.get("rope_scaling") is not None else "rope_parameters"  # transformers 5's name
+    rs = raw.get(key)
     if not rs:
         return RopeScaling()
     rtype = rs.get("rope_type", rs.get("type", "default"))
+    if rtype == "su":  # longrope's first name (early Phi-3 configs)
+        rtype = "longrope"
     if rtype not in SUPPORTED_ROPE_TYPES:
-        raise ModelConfigError(f"{source}: field 'rope_scaling.rope_type' = {rtype!r} is not supported "
+        raise ModelConfigError(f"{source}: field '{key}.rope_type' = {rtype!r} is not supported "
                                f"(supported: {SUPPORTED_ROPE_TYPES})")
-    return RopeScaling(
-        rope_type=rtype,
-        factor=float(rs.get("factor", 1.0)),
-        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
-    )
+    if rs.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelConfigError(f"{source}: field '{key}.partial_rotary_factor' = "
+                               f"{rs['partial_rotary_factor']!r} is not supported (only 1.0)")
+    if rtype != "longrope":
+        return RopeScaling(
+            rope_type=rtype,
+            factor=float(rs.get("factor", 1.0)),
+            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+        )
+    # transformers' _compute_longrope_parameters, with Phi3Config's rule that a top-level
+    # original_max_position_embeddings (default 4096) wins over the one inside the rope settings
+    if arch == "Phi3ForCausalLM":
+        original = raw.get("original_max_position_embeddings", 4096)
+    else:
+        original = rs.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_pos))
+    if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+        raise ModelConfigError(f"{source}: field 'original_max_position_embeddings' = {original!r} must be a "
+                               "positive integer")
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        f = rs.get(name)
+        if not isinstance(f, list) or len(f) != head_dim // 2 or \
+                not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in f):
+            raise ModelConfigError(f"{source}: field '{key}.{name}' = {f!r:.80} must be a list of "
+                                   f"{head_dim // 2} positive numbers (one per pair of the head's {head_dim} dims)")
+        factors[name] = tuple(float(x) for x in f)
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        factor = rs.get("factor") or max_pos / original
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(rope_type="longrope", factor=float(rs.get("factor") or max_pos / original),
+                       original_max_position_embeddings=original, attention_factor=float(attention_factor),
+                       **factors)
 
 
 def option(default: Any, help: str, *, name: str | None = None, choices: tuple[str, ...] | None = None,

@@ -1,4 +1,5 @@
-"""llama.cpp GGUF files (Llama architecture, byte-level BPE tokenizer): served as they are, or converted.
+"""llama.cpp GGUF files (architectures llama, qwen3 and phi3; byte-level BPE tokenizers): served as they
+are, or converted.
 
 A GGUF file is a model directory's worth in one file: `metadata_dir` writes what its metadata holds
 (config.json, generation_config.json, tokenizer.json, tokenizer_config.json with the chat template)
@@ -11,9 +12,11 @@ gateway reads models through it.
 `convert_gguf` writes a plain Hugging Face checkpoint instead, dequantized to fp32 with
 `gguf.quants.dequantize`: the same numbers, for transformers and other peers.
 
-llama.cpp stores the rows of the Q and K projections permuted for its RoPE kernel (interleaved pairs
-instead of HF's two halves); both paths undo that permutation (on whole rows, so quantized rows move
-as they are). The tokenizer is rebuilt from the GGUF vocabulary and merges as a `tokenizers`
+llama.cpp stores the rows of a llama file's Q and K projections permuted for its RoPE kernel
+(interleaved pairs instead of HF's two halves); both paths undo that permutation (on whole rows, so
+quantized rows move as they are). qwen3 and phi3 files keep HF's order (llama.cpp's NEOX RoPE). phi3
+files keep Phi-3's fused projections (`attn_qkv`; `ffn_up` holds gate then up), named as Phi-3's HF
+checkpoints name them, and its LongRoPE factors as two tensors, read into the config. The tokenizer is rebuilt from the GGUF vocabulary and merges as a `tokenizers`
 byte-level BPE. transformers is not needed.
 """
 
@@ -39,8 +42,17 @@ _BLOCK = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# general.architecture -> (HF architecture, model_type, tensor kinds named otherwise than in _BLOCK)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", {}),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
+    "phi3": ("Phi3ForCausalLM", "phi3", {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}),
+}
+_ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 # llama.cpp pre-tokenizer names we can rebuild
-_PRE_TOKENIZERS = ("smollm", "gpt2", "default")
+_PRE_TOKENIZERS = ("smollm", "gpt2", "default", "qwen2")
+# Qwen2's (and Qwen3's) split, as transformers' Qwen2Tokenizer has it: single digits, case-blind contractions
+_QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -160,23 +172,47 @@ def open_gguf(gguf_path: Path, metadata: bool = True):
     except Exception as e:
         raise ModelFetchError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelFetchError(f"{gguf_path}: field 'general.architecture' = {arch!r}: only 'llama' loads")
+    if arch not in ARCHITECTURES:
+        raise ModelFetchError(f"{gguf_path}: field 'general.architecture' = {arch!r}: only "
+                              f"{', '.join(repr(a) for a in ARCHITECTURES)} load")
     return reader
 
 
+def _arch(reader) -> str:
+    return _field(reader, "general.architecture")
+
+
 def _heads(reader) -> tuple[int, int]:
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    return n_head, int(_field(reader, "llama.attention.head_count_kv", n_head))
+    arch = _arch(reader)
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    return n_head, int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
 
 
 def _config(reader, torch_dtype: str) -> dict:
-    g = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    arch = _arch(reader)
+    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_head, n_kv = _heads(reader)
     names = {t.name for t in reader.tensors}
+    hf_arch, model_type, _ = ARCHITECTURES[arch]
+    extra: dict = {}
+    if _field(reader, "tokenizer.ggml.padding_token_id") is not None:  # transformers' Phi3Config: 32000 if unset
+        extra["pad_token_id"] = int(_field(reader, "tokenizer.ggml.padding_token_id"))
+    if g("attention.key_length") is not None:
+        extra["head_dim"] = int(g("attention.key_length"))
+    if arch == "phi3":
+        if g("attention.sliding_window"):  # 0: none (Phi-4)
+            extra["sliding_window"] = int(g("attention.sliding_window"))
+        extra["original_max_position_embeddings"] = int(g("rope.scaling.original_context_length",
+                                                         g("context_length", 4096)))
+        factors = {key: [float(x) for x in np.asarray(t.data).reshape(-1)]
+                   for t in reader.tensors if (key := _ROPE_FACTORS.get(t.name))}
+        if factors:
+            extra["rope_scaling"] = {"rope_type": "longrope", **factors}
+            if g("rope.scaling.attn_factor") is not None:
+                extra["rope_scaling"]["attention_factor"] = float(g("rope.scaling.attn_factor"))
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_arch],
+        "model_type": model_type,
         "hidden_size": int(g("embedding_length")),
         "intermediate_size": int(g("feed_forward_length")),
         "num_hidden_layers": int(g("block_count")),
@@ -191,6 +227,7 @@ def _config(reader, torch_dtype: str) -> dict:
         "torch_dtype": torch_dtype,
         "attention_bias": False,
         "mlp_bias": False,
+        **extra,
     }
 
 
@@ -248,19 +285,22 @@ def gguf_file(model_dir: str | Path) -> Path | None:
 
 def tensors(reader):
     """(Hugging Face name, ggml type name, [rows, row bytes] raw data or dense array, [out, in] shape) of
-    each tensor, Q and K rows unpermuted."""
+    each weight tensor, a llama file's Q and K rows unpermuted (phi3's RoPE factors: in the config)."""
     n_head, n_kv = _heads(reader)
+    arch = _arch(reader)
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        if arch == "phi3" and t.name in _ROPE_FACTORS:
+            continue
+        name = _hf_name(t.name, arch)
         if name is None:
-            raise ModelFetchError(f"tensor {t.name!r} has no Hugging Face name")
+            raise ModelFetchError(f"tensor {t.name!r} has no Hugging Face name ({arch})")
         shape = [int(x) for x in reversed(t.shape)]  # ggml lists dims innermost first
         data = t.data
         if len(shape) == 2:
             data = data.reshape(shape[0], -1)
-            if name.endswith("q_proj.weight"):
+            if arch == "llama" and name.endswith("q_proj.weight"):
                 data = unpermute_rope_rows(data, n_head)
-            elif name.endswith("k_proj.weight"):
+            elif arch == "llama" and name.endswith("k_proj.weight"):
                 data = unpermute_rope_rows(data, n_kv)
         yield name, t.tensor_type, data, shape
 
@@ -284,17 +324,18 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     return _write_dir(reader, gguf_path, out_dir, "float32", weights)
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _NAMES:
         return _NAMES[name]
     m = _BLK.match(name)
-    if m and m.group(2) in _BLOCK:
-        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
+    kinds = {**_BLOCK, **ARCHITECTURES[arch][2]}
+    if m and m.group(2) in kinds:
+        return f"model.layers.{m.group(1)}.{kinds[m.group(2)]}.{m.group(3)}"
     return None
 
 
 def _tokenizer_files(reader, gguf_path: Path):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     kind = _field(reader, "tokenizer.ggml.model")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
@@ -307,8 +348,15 @@ def _tokenizer_files(reader, gguf_path: Path):
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
-        if pre == "smollm" else byte_level
+    if pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     CONTROL, USER_DEFINED = 3, 4
@@ -332,7 +380,7 @@ def _tokenizer_files(reader, gguf_path: Path):
         "bos_token": tokens[bos] if bos is not None else None,
         "eos_token": tokens[eos_ids[0]] if eos_ids else None,
         "add_bos_token": False,  # byte-level BPE models (GPT-2 family) add no BOS in Hugging Face
-        "model_max_length": int(_field(reader, "llama.context_length", 2048)),
+        "model_max_length": int(_field(reader, f"{_arch(reader)}.context_length", 2048)),
     }
     template = _field(reader, "tokenizer.chat_template")
     if template:

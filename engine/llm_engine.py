@@ -69,7 +69,8 @@ class LLMEngine:
         if device is not config.device:
             config = replace(config, device=device)
         self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
+        # the context limit picks LongRoPE's factor set (engine/config.py: RopeScaling), on every rank alike
+        self.model_config = ModelConfig.from_dir(config.model).with_context_limit(config.scheduler.max_model_len)
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_model_len,
                                  self.model_config.max_model_len)

@@ -5,6 +5,11 @@ Safetensors files are memory-mapped (`safe_open`); each parameter's `weight_load
 rank's slice through a lazy slice, so a TP rank never materialises the whole tensor and a PP stage
 skips the layers it does not hold. GGUF weights keep their block formats (`place_gguf`: this rank's
 rows, or its columns where they are whole blocks).
+
+Checkpoints store q, k, v (and gate, up) either apart (Llama, Qwen) or fused in one tensor (Phi-3's
+`qkv_proj`, `gate_up_proj`; GGUF's `attn_qkv`, and phi3's `ffn_up`). A fused tensor is cut into its
+sections by rows (`split_fused`), and each section then loads as the separate tensor would: every TP
+rank takes its own heads of q, of k and of v, its own rows of gate and of up.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from safetensors import safe_open
 
 from engine.errors import ModelConfigError
 from engine.gguf import gguf_file, open_gguf, tensors
-from engine.layers.linear import materialize
+from engine.layers.linear import RowSection, materialize
 from engine.layers.quantization import finish_gguf, gguf_placeable, place_gguf
 from engine.model import LlamaForCausalLM
 
@@ -30,6 +35,9 @@ _STACKED = {
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
 }
+# checkpoint name suffix -> our parameter suffix, for tensors that hold all the shards (shard id FUSED)
+_FUSED_NAMES = ("self_attn.qkv_proj", "mlp.gate_up_proj")
+FUSED = "fused"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.)")
 
@@ -57,6 +65,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     if (gguf := gguf_file(model_dir)) is not None:
         return load_gguf_weights(model, gguf)
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     loaded: set[str] = set()
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
@@ -66,13 +75,31 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
                 if (target := _place(model, params, file, name)) is None:
                     continue  # another pipeline stage's tensor
                 pname, shard, param = target
+                whole = f.get_slice(name)
                 try:
                     loader = getattr(param, "weight_loader", default_weight_loader)
-                    loader(param, f.get_slice(name), shard)
+                    for sub, start, rows in split_fused(modules[pname.rsplit(".", 1)[0]], shard,
+                                                        whole.get_shape()[0]):
+                        loader(param, whole if sub == shard else RowSection(whole, start, rows), sub)
+                        loaded.add(f"{pname}:{sub}")
                 except ValueError as e:
                     raise ModelConfigError(f"{file}: tensor {name!r}: {e}") from None
-                loaded.add(f"{pname}:{shard}")
     check_all_loaded(model, loaded, model_dir)
+
+
+def split_fused(owner, shard, rows: int) -> list[tuple]:
+    """(shard id, first row, rows) of each section of a checkpoint tensor of `rows` rows for module `owner`:
+    the sections of a fused tensor (shard FUSED), or the one tensor as it is."""
+    if shard != FUSED:
+        return [(shard, 0, rows)]
+    sections = owner.checkpoint_sections()
+    if sum(n for _, n in sections) != rows:
+        raise ValueError(f"{rows} rows, not the {' + '.join(str(n) for _, n in sections)} of its fused projections")
+    out, start = [], 0
+    for sub, n in sections:
+        out.append((sub, start, n))
+        start += n
+    return out
 
 
 def load_gguf_weights(model, gguf_path: str | Path) -> None:
@@ -93,15 +120,19 @@ def load_gguf_weights(model, gguf_path: str | Path) -> None:
         pname, shard, param = target
         owner = modules[pname.rsplit(".", 1)[0]]
         try:
-            if len(shape) == 2 and gguf_placeable(owner, param, shard, qtype.name, shape[1]):
-                raw = np.array(data).view(np.uint8).reshape(shape[0], -1)  # F16 / BF16 rows as bytes too
-                place_gguf(owner, shard, qtype.name, torch.from_numpy(raw), shape)
-            else:
-                dense = dequantize(data, qtype).astype(np.float32).reshape(shape)
-                getattr(param, "weight_loader", default_weight_loader)(param, torch.from_numpy(dense), shard)
+            dense = None
+            for sub, start, rows in split_fused(owner, shard, shape[0]):
+                if len(shape) == 2 and gguf_placeable(owner, param, sub, qtype.name, shape[1]):
+                    raw = np.array(data[start:start + rows]).view(np.uint8).reshape(rows, -1)  # F16 / BF16 too
+                    place_gguf(owner, sub, qtype.name, torch.from_numpy(raw), [rows, shape[1]])
+                else:
+                    if dense is None:
+                        dense = torch.from_numpy(dequantize(data, qtype).astype(np.float32).reshape(shape))
+                    getattr(param, "weight_loader", default_weight_loader)(
+                        param, dense if sub == shard else RowSection(dense, start, rows), sub)
+                loaded.add(f"{pname}:{sub}")
         except ValueError as e:
             raise ModelConfigError(f"{gguf_path}: tensor {name!r}: {e}") from None
-        loaded.add(f"{pname}:{shard}")
     check_all_loaded(model, loaded, gguf_path)
     finish_gguf(model)
 
@@ -169,6 +200,9 @@ def map_name(model: LlamaForCausalLM, name: str):
     for src, (dst, shard) in _STACKED.items():
         if rest.startswith(src + "."):
             return f"layers.{local}.{dst}{rest[len(src):]}", shard
+    for fused in _FUSED_NAMES:
+        if rest.startswith(fused + "."):
+            return f"layers.{local}.{rest}", FUSED
     return f"layers.{local}.{rest}", None
 
 

@@ -1,4 +1,6 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), tensor- and pipeline-parallel aware.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2), tensor- and pipeline-parallel
+aware. Qwen3 adds an RMSNorm over each head of q and k before RoPE; Phi-3 differs only in its checkpoint
+(fused projections, engine/loader.py) and its RoPE (engine/layers/rotary.py).
 
 A pipeline stage holds layers [layer_start, layer_end); the first stage embeds, the last one
 normalises and owns the LM head. The forward takes flattened ragged tokens and returns hidden states;
@@ -36,6 +38,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         self.rotary = rotary
+        # Qwen3: one weight [head_dim] each, shared by every head (so whole on every TP rank)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
 
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
@@ -47,6 +52,10 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
             q, k, v = qkv[:, :nq * d], qkv[:, nq * d:(nq + nkv) * d], qkv[:, (nq + nkv) * d:]
             qk = qkv[:, :(nq + nkv) * d]
+        if self.q_norm is not None:  # over each head's d values: rows of [T * heads, d]
+            q = self.q_norm(q.reshape(T * nq, d))
+            k = self.k_norm(k.reshape(T * nkv, d))
+            v, qk = v.contiguous(), None  # the fused decode attention takes k and v with the same strides
         v = v.view(T, nkv, d)
         if meta.num_decode == T and meta.decode_lens is not None \
                 and (kernel := fused_decode_kernel(x.dtype, x.device, d, kv_cache)) is not None:
@@ -145,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _decode_plan(self, h: torch.Tensor, kv_caches: list[torch.Tensor]):
         """(kernel, plan) of the fused decode step where it takes this model and these caches: CPU, fp32,
-        one TP rank, GGUF weights without biases in every layer, a head size it takes, fp32 or quantized
-        caches (all alike). Else None. Bound once per set of caches."""
+        one TP rank, GGUF weights without biases in every layer, no q/k norm (Qwen3: the kernel has
+        none), a head size it takes, fp32 or quantized caches (all alike). Else None. Bound once per set
+        of caches."""
         key = kv_caches[0].data_ptr() if kv_caches else None
         cached = getattr(self, "_decode_step", (None, None))
         if cached[0] == key:
@@ -154,7 +164,8 @@ class LlamaForCausalLM(nn.Module):
         plan = None
         layers = list(self.layers)
         projections = [(L.self_attn.qkv_proj, L.self_attn.o_proj, L.mlp.gate_up_proj, L.mlp.down_proj) for L in layers]
-        if layers and h.device.type == "cpu" and h.dtype == torch.float32 and self.ctx.tp_size == 1 \
+        if layers and not self.cfg.qk_norm and h.device.type == "cpu" and h.dtype == torch.float32 \
+                and self.ctx.tp_size == 1 \
                 and all(p.bias is None and getattr(p, "gguf", None) is not None
                         and len(p.gguf.segments) <= 4 for ps in projections for p in ps) \
                 and all(c.dtype == kv_caches[0].dtype and c.is_contiguous() for c in kv_caches) \

@@ -22,7 +22,8 @@ def main(connector=None, on_ready=None) -> int:
 
     config = config_from_json(cfg_json)
     setup_process(config.device.device, config.device.num_threads, config.device.tune_malloc)
-    rt = init_rank(config, rank, init, ModelConfig.from_dir(config.model), connector=connector)
+    model_cfg = ModelConfig.from_dir(config.model).with_context_limit(config.scheduler.max_model_len)  # as the driver's
+    rt = init_rank(config, rank, init, model_cfg, connector=connector)
     parent = os.getppid()
     try:
         if on_ready is not None:

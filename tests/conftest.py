@@ -35,6 +35,18 @@ def tiny_qwen2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    from helpers import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory):
+    from helpers import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), "phi3", seed=6)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """The default model as it is served: its GGUF, fetched once (cached under TANDEM_CACHE_DIR)."""
     from engine.model_store import pull_default

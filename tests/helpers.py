@@ -38,10 +38,20 @@ def write_byte_tokenizer(out: Path, num_merges: int = 40) -> int:
     return len(vocab)
 
 
+def longrope_factors(head_dim: int, original: int) -> dict:
+    """Phi-3 style LongRoPE settings for a tiny model: short factors near 1, long ones growing with the
+    wavelength (as Phi-3's do), `original` the pretraining context."""
+    n = head_dim // 2
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(n)],
+            "long_factor": [1.0 + 1.5 * i for i in range(n)], "original_max_position_embeddings": original}
+
+
 def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Random-weight Llama or Qwen2 with GQA, saved as a Hugging Face directory."""
+    """Random-weight Llama, Qwen2, Qwen3 or Phi-3 with GQA, saved as a Hugging Face directory. Qwen3 gets a
+    head_dim (32) other than hidden_size / heads (16) and random q/k norm weights; Phi-3 gets LongRoPE
+    factors with original_max_position_embeddings 64 (of 512) unless `overrides` say otherwise."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers as tf
 
     vocab = write_byte_tokenizer(out)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -51,15 +61,25 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) 
     common["vocab_size"] = max(common["vocab_size"], vocab)
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif arch == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**{"head_dim": 32, **common}))
+    elif arch == "phi3":
+        original = common.pop("original_max_position_embeddings", 64)
+        head_dim = common["hidden_size"] // common["num_attention_heads"]
+        common.setdefault("rope_parameters", {**longrope_factors(head_dim, original), "rope_theta": 10000.0})
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(original_max_position_embeddings=original, pad_token_id=0, **common))
     else:
         raise ValueError(arch)
     # NOTE: default init (std 0.02) gives near-uniform logits, i.e. a numerical tie at every step;
     # larger weights give a peaked distribution whose greedy path is well defined.
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)  # Qwen3's per-head norms: weights that tell one dimension from another
+                continue
             if "norm" in name:
                 continue  # RMSNorm weights stay 1
             p.normal_(0.0, 0.15 if p.dim() > 1 else 0.1)
@@ -189,10 +209,16 @@ def random_gguf_rows(qtype: str, n: int, k: int, rng, std: float = 0.15):
 
 
 def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int = 256, intermediate: int = 512,
-                   layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = False) -> Path:
-    """A random-weight Llama as a llama.cpp GGUF file, with the byte tokenizer; `types` maps GGUF tensor
-    kinds (`attn_q`, `attn_k`, `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`, `token_embd`,
-    `output`) to ggml types (default Q8_0). Q and K rows are permuted as llama.cpp's converter does."""
+                   layers: int = 2, heads: int = 4, kv_heads: int = 2, tie: bool = False, arch: str = "llama",
+                   head_dim: int | None = None, original_context: int = 64) -> Path:
+    """A random-weight model as a llama.cpp GGUF file, with the byte tokenizer; `types` maps GGUF tensor
+    kinds (`attn_q`, `attn_k`, `attn_v`, `attn_qkv`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`,
+    `token_embd`, `output`) to ggml types (default Q8_0). `arch`: llama (Q and K rows permuted as llama.cpp's
+    converter does), qwen3 (q/k norms; head_dim, default 128 as transformers' Qwen3Config, stored as
+    key_length) or phi3 (fused attn_qkv, ffn_up = gate then up, LongRoPE factor tensors with
+    `original_context` of 512 positions)."""
+    import math
+
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
     from tokenizers import Tokenizer
@@ -206,7 +232,8 @@ def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int
     tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     assert len(tokens) == len(Tokenizer.from_file(str(tdir / "tokenizer.json")).get_vocab())
     rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "llama")
+    head_dim = head_dim or (128 if arch == "qwen3" else hidden // heads)
+    w = GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(512)
     w.add_embedding_length(hidden)
@@ -215,14 +242,26 @@ def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
+    if arch == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "phi3":  # as llama.cpp's converter writes Phi-3's LongRoPE
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_scaling_orig_ctx_len(original_context)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(512 / original_context) / math.log(original_context)))
+        w.add_sliding_window(0)
+        factors = longrope_factors(head_dim, original_context)
+        w.add_tensor("rope_factors_long.weight", np.array(factors["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(factors["short_factor"], dtype=np.float32))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
     w.add_eos_token_id(tokens.index("<|im_end|>"))
+    if arch == "phi3":
+        w.add_pad_token_id(0)  # transformers' Phi3Config would take 32000, past this vocabulary
     w.add_chat_template(CHAT_TEMPLATE)
-    head_dim = hidden // heads
 
     def permute(rows, n_head):  # llama.cpp's convert-time permutation of Q/K rows
         return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, -1).swapaxes(1, 2).reshape(rows.shape)
@@ -230,9 +269,9 @@ def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int
     def tensor(name, kind, n, k):
         qtype = types.get(kind, "Q8_0")
         rows = random_gguf_rows(qtype, n, k, rng)
-        if kind == "attn_q":
+        if kind == "attn_q" and arch == "llama":
             rows = permute(rows, heads)
-        elif kind == "attn_k":
+        elif kind == "attn_k" and arch == "llama":
             rows = permute(rows, kv_heads)
         w.add_tensor(name, np.ascontiguousarray(rows), raw_dtype=GGMLQuantizationType[qtype])
 
@@ -240,12 +279,21 @@ def make_tiny_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int
     for i in range(layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", rng.uniform(0.8, 1.2, hidden).astype(np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", rng.uniform(0.8, 1.2, hidden).astype(np.float32))
-        tensor(f"blk.{i}.attn_q.weight", "attn_q", heads * head_dim, hidden)
-        tensor(f"blk.{i}.attn_k.weight", "attn_k", kv_heads * head_dim, hidden)
-        tensor(f"blk.{i}.attn_v.weight", "attn_v", kv_heads * head_dim, hidden)
+        if arch == "phi3":
+            tensor(f"blk.{i}.attn_qkv.weight", "attn_qkv", (heads + 2 * kv_heads) * head_dim, hidden)
+        else:
+            tensor(f"blk.{i}.attn_q.weight", "attn_q", heads * head_dim, hidden)
+            tensor(f"blk.{i}.attn_k.weight", "attn_k", kv_heads * head_dim, hidden)
+            tensor(f"blk.{i}.attn_v.weight", "attn_v", kv_heads * head_dim, hidden)
+        if arch == "qwen3":
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", rng.uniform(0.5, 1.5, head_dim).astype(np.float32))
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", rng.uniform(0.5, 1.5, head_dim).astype(np.float32))
         tensor(f"blk.{i}.attn_output.weight", "attn_output", hidden, heads * head_dim)
-        tensor(f"blk.{i}.ffn_gate.weight", "ffn_gate", intermediate, hidden)
-        tensor(f"blk.{i}.ffn_up.weight", "ffn_up", intermediate, hidden)
+        if arch == "phi3":
+            tensor(f"blk.{i}.ffn_up.weight", "ffn_up", 2 * intermediate, hidden)
+        else:
+            tensor(f"blk.{i}.ffn_gate.weight", "ffn_gate", intermediate, hidden)
+            tensor(f"blk.{i}.ffn_up.weight", "ffn_up", intermediate, hidden)
         tensor(f"blk.{i}.ffn_down.weight", "ffn_down", hidden, intermediate)
     w.add_tensor("output_norm.weight", rng.uniform(0.8, 1.2, hidden).astype(np.float32))
     if not tie:

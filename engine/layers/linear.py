@@ -29,6 +29,22 @@ def narrow(loaded, dim: int, start: int, size: int) -> torch.Tensor:
     return loaded[index]
 
 
+class RowSection:
+    """Rows [start, start + size) of a tensor or a safetensors lazy slice, read lazily too: one projection's
+    part of a fused checkpoint tensor (Phi-3's qkv_proj, gate_up_proj), of which a TP rank reads only its
+    own rows."""
+
+    def __init__(self, loaded, start: int, size: int):
+        self.loaded, self.start, self.size = loaded, start, size
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        lo, hi, step = index[0].indices(self.size)
+        if step != 1:
+            raise ValueError("a RowSection is read by contiguous rows only")
+        return self.loaded[(slice(self.start + lo, self.start + hi), *index[1:])]
+
+
 def materialize(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
@@ -122,6 +138,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return outs
         return list(self(x).split(self.local_sizes, dim=-1))
 
+    def checkpoint_sections(self) -> list[tuple[int | str, int]]:
+        """(shard id, rows) of each output in a checkpoint tensor that holds them all, in order (fused)."""
+        return list(enumerate(self.output_sizes))
+
     def placement(self, shard_id: int = 0) -> tuple[int, int, int, int]:
         tp = self.ctx.tp_size
         size = self.output_sizes[shard_id] // tp
@@ -141,6 +161,12 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.total_kv_heads = num_kv_heads
         q, kv = self.num_heads * head_dim * tp, self.num_kv_heads * head_dim * tp
         super().__init__(hidden_size, [q, kv, kv], bias, ctx, dtype)
+
+    def checkpoint_sections(self) -> list[tuple[int | str, int]]:
+        # the checkpoint's KV heads, not this layer's (which are replicated when tp > num_kv_heads)
+        hd = self.head_dim
+        return [("q", self.num_heads * self.ctx.tp_size * hd), ("k", self.total_kv_heads * hd),
+                ("v", self.total_kv_heads * hd)]
 
     def kv_head_start(self) -> int:
         """First global KV head held by this rank (replicas share it when tp > num_kv_heads)."""

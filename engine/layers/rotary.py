@@ -1,4 +1,5 @@
-"""Rotary position embedding (the Hugging Face "rotate half" layout), with Llama-3 and linear scaling."""
+"""Rotary position embedding (the Hugging Face "rotate half" layout), with Llama-3, linear and LongRoPE
+(Phi-3) scaling."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from engine.kernels import elementwise
 
 
 def inv_frequencies(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if scaling.rope_type == "longrope":  # the operations in transformers' order: the same float32 values
+        ext = torch.tensor(scaling.long_factor if scaling.use_long_factor else scaling.short_factor,
+                           dtype=torch.float32)
+        return 1.0 / (ext * base ** exponents)
+    inv_freq = 1.0 / (base ** exponents)
     if scaling.rope_type == "linear":
         inv_freq = inv_freq / scaling.factor
     elif scaling.rope_type == "llama3":
@@ -36,8 +42,10 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [max_pos, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, D]
-        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        # LongRoPE's attention factor scales cos and sin (1.0 elsewhere: no rounding changes)
+        scale = scaling.attention_factor if scaling.rope_type == "longrope" else 1.0
+        self.register_buffer("cos", (emb.cos() * scale).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scale).to(dtype), persistent=False)
         self.half = head_dim // 2
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams, grammar
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig, grammar
 from engine.config import ParallelConfig
 
 pytestmark = pytest.mark.integration
@@ -15,11 +15,11 @@ pytestmark = pytest.mark.integration
 PROMPTS = [[5, 17, 42, 99, 123, 7, 8], [200, 31, 64] * 9, list(range(3, 40)), [9, 9, 9, 10]]
 
 
-def engine(model_dir, tp=1, pp=1, num_blocks=64):
+def engine(model_dir, tp=1, pp=1, num_blocks=64, max_len=None):
     # pipeline_min_seqs=1: this test's few sequences are shared among steps in flight too; fp32, where TP's
     # split sums change no sampled token (in bf16 they could, on a CPU where `auto` means it)
     return LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, num_blocks=num_blocks),
-                                  device=DeviceConfig(dtype="float32"),
+                                  device=DeviceConfig(dtype="float32"), scheduler=SchedulerConfig(max_model_len=max_len),
                                   parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1)))
 
 
@@ -123,3 +123,18 @@ def test_a_dead_rank_takes_the_whole_worker_down(tiny_llama):
         eng.shutdown()
     for p in procs:  # the surviving ranks exit too: no half-alive worker
         assert p.wait(30) is not None
+
+
+def test_phi3_context_limit_reaches_every_rank(tiny_phi3):
+    """LongRoPE's factor set follows the engine's context limit on the follower ranks too (they build
+    their config themselves): TP 2 x PP 2 gives the single process's tokens with the short factors."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    single = engine(tiny_phi3, max_len=64)
+    want = run(single, params)
+    single.shutdown()
+    eng = engine(tiny_phi3, 2, 2, max_len=64)
+    try:
+        assert not eng.model_config.rope_scaling.use_long_factor
+        assert run(eng, params) == want
+    finally:
+        eng.shutdown()

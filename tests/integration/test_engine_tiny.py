@@ -1,4 +1,5 @@
-"""The engine against Hugging Face transformers on tiny random-weight Llama and Qwen2 (GQA) models."""
+"""The engine against Hugging Face transformers on tiny random-weight Llama and Qwen2 (GQA) models, and,
+in fewer tests, Qwen3 and Phi-3."""
 
 import random
 
@@ -14,12 +15,12 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def engine(model_dir, num_blocks=256, block_size=4, budget=2048, caching=True, dtype="float32", max_seqs=64,
-           kv="auto"):
+           kv="auto", max_len=None):
     return LLMEngine(EngineConfig(
         str(model_dir),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching,
                           kv_cache_dtype=kv),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=max_len),
         device=__import__("engine").DeviceConfig(dtype=dtype)))
 
 
@@ -246,3 +247,37 @@ def test_llama3_rope_scaling_and_bfloat16(tmp_path):
     out = engine(d, dtype="bfloat16").generate(ps, SamplingParams(max_tokens=8, logprobs=1, **GREEDY))
     lps = [lp.logprob for r in out for lp in r["outputs"][0]["logprobs"]]
     assert len(lps) == 24 and all(lp <= 0.0 and lp == lp for lp in lps)
+
+
+@pytest.mark.parametrize("arch,max_len,lo,hi", [
+    ("qwen3", None, 3, 40),
+    # LongRoPE (original_max_position_embeddings 64 of 512): transformers takes the short factors while a
+    # sequence fits in 64 positions, the long ones past that; the engine takes one set by its context limit
+    ("phi3", 64, 3, 40),  # limit 64: short factors, sequences of at most 56 tokens
+    ("phi3", None, 65, 90),  # limit 512: long factors, prompts already past 64
+])
+def test_qwen3_and_phi3_greedy_equal_transformers(arch, max_len, lo, hi, tiny_qwen3, tiny_phi3, monkeypatch):
+    """Qwen3's q/k norm (head_dim 32, not 64 / 4) and Phi-3's fused projections and LongRoPE, token for token
+    against transformers: with the CPU kernels, chunked and preempted, and torch only."""
+    d = tiny_qwen3 if arch == "qwen3" else tiny_phi3
+    ps = prompts(4, seed=21, lo=lo, hi=hi)
+    m = hf(d)
+    refs = [hf_greedy(m, p, 16) for p in ps]
+    greedy = SamplingParams(max_tokens=16, logprobs=0, **GREEDY)
+    eng = engine(d, max_len=max_len)
+    assert eng.model_config.rope_scaling.use_long_factor == (arch == "phi3" and max_len is None)
+    res = eng.generate(ps, greedy)
+    for i, (r, ref) in enumerate(zip(res, refs)):
+        tie = assert_greedy_equal(r["outputs"][0]["token_ids"], ref, f"{arch} prompt {i}")
+        n = len(ref.tokens) if tie is None else tie
+        ours = [lp.logprob for lp in r["outputs"][0]["logprobs"]][:n]
+        assert max(abs(a - b) for a, b in zip(ours, ref.logprobs[:n])) < 1e-4
+    # room for the longest sequence and a little more: the four together preempt
+    chunked = engine(d, num_blocks=(hi + 16) // 4 + 2, budget=7, caching=False, max_len=max_len)
+    assert tokens_of(chunked.generate(ps, greedy)) == tokens_of(res)
+    assert chunked.scheduler.num_preemptions > 0
+    monkeypatch.setattr("engine.model.fused_decode_kernel", lambda *a: None)
+    monkeypatch.setattr("engine.model.fused_elementwise", lambda *a: None)
+    monkeypatch.setattr("engine.layers.rotary.fused_elementwise", lambda *a: None)
+    monkeypatch.setattr("engine.layers.norm._fused_norm", lambda *a: None)
+    assert tokens_of(engine(d, max_len=max_len).generate(ps, greedy)) == tokens_of(res)

@@ -1,6 +1,7 @@
 """GGUF files served as they are stored: a random Llama whose tensors mix every K-quant and legacy
-format equals transformers on its dequantized conversion, in one process and over TP x PP ranks;
-HF checkpoints quantized at load into q8_0 / q4_0 equal transformers on the same rounded weights."""
+format equals transformers on its dequantized conversion, in one process and over TP x PP ranks, and so
+do a random qwen3 and phi3 file; HF checkpoints quantized at load into q8_0 / q4_0 equal transformers on
+the same rounded weights."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_greedy_equal, check_cpu_kernel, hf_greedy, make_tiny_gguf
 
-from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams
+from engine import CacheConfig, DeviceConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from engine.config import ParallelConfig
 from engine.errors import ModelFetchError
 from engine.gguf import convert_gguf, metadata_dir
@@ -30,10 +31,10 @@ def gguf_model(tmp_path_factory):
     return path, resolve_model(str(path)), convert_gguf(path, root / "tiny-mix-f32", progress=False)
 
 
-def engine(model_dir, tp=1, pp=1, kv="auto", **kw):
+def engine(model_dir, tp=1, pp=1, kv="auto", max_len=None, **kw):
     # fp32, as the transformers reference computes (`auto` would be bf16 on a CPU with AMX)
     return LLMEngine(EngineConfig(str(model_dir), cache=CacheConfig(block_size=4, num_blocks=96, kv_cache_dtype=kv),
-                                  device=DeviceConfig(dtype="float32"),
+                                  device=DeviceConfig(dtype="float32"), scheduler=SchedulerConfig(max_model_len=max_len),
                                   parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1), **kw))
 
 
@@ -187,3 +188,50 @@ def test_the_fused_decode_step_equals_the_layer_by_layer_path(gguf_model, single
     for a, b in zip(fused, layered):
         assert a["token_ids"] == b["token_ids"]
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a["logprobs"], b["logprobs"])) < tol
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_qwen3_and_phi3_ggufs_equal_transformers(tmp_path, arch, monkeypatch):
+    """qwen3 (q/k norms, head_dim 128 beside 256 / 4) and phi3 (fused attn_qkv and ffn_up, LongRoPE factors
+    as tensors) files: our conversion is transformers' own GGUF reading tensor for tensor, the weights stay
+    in their formats, and greedy decoding equals transformers on the conversion (context limit 64:
+    LongRoPE's short factors, as transformers takes for these short sequences), phi3 over TP 2 too. The
+    fused C decode step takes phi3 (its RoPE comes in as cos/sin) and refuses qwen3 (no q/k norm in it)."""
+    check_cpu_kernel("gguf_linear")
+    from engine import kernels
+
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_qkv": "Q4_K", "attn_output": "Q5_K",
+             "ffn_gate": "Q4_0", "ffn_up": "Q4_1", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output": "F16"}
+    path = make_tiny_gguf(tmp_path / f"tiny-{arch}.gguf", types, arch=arch)
+    model_dir, converted = resolve_model(str(path)), convert_gguf(path, tmp_path / "f32", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
+    try:
+        import accelerate  # noqa: F401  transformers needs it to read GGUF
+        theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        sd_theirs = theirs.state_dict()
+        assert hf.state_dict().keys() == sd_theirs.keys()
+        for name, t in hf.state_dict().items():
+            assert torch.equal(t, sd_theirs[name]), name
+    except ImportError:
+        pass
+    calls = []
+    real = kernels.DecodeStep.__call__
+    monkeypatch.setattr(kernels.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    eng = engine(model_dir, max_len=64)
+    try:
+        attn = eng.executor.runner.model.layers[0].self_attn
+        assert attn.qkv_proj.gguf.types == (["Q4_K", "Q6_K"] if arch == "qwen3" else ["Q4_K"])
+        outs = greedy(eng)
+    finally:
+        eng.shutdown()
+    assert (len(calls) > 0) == (arch == "phi3" and kernels.decode_step() is not None)
+    for i, (p, out) in enumerate(zip(PROMPTS, outs)):
+        assert_greedy_equal(out["token_ids"], hf_greedy(hf, p, 16), f"{arch} prompt {i}")
+    if arch == "phi3":  # each rank's rows of q, k, v and of gate, up, cut out of the fused blocks
+        eng = engine(model_dir, tp=2, max_len=64)
+        try:
+            assert [o["token_ids"] for o in greedy(eng)] == [o["token_ids"] for o in outs]
+        finally:
+            eng.shutdown()

@@ -63,3 +63,56 @@ def test_qwen2_biases_and_tied_embeddings_shard(tmp_path):
     got = run_replica(d, 2, 2, tmp_path / "out")
     assert got["tokens"].tolist() == ref["tokens"].tolist()
     assert torch.allclose(got["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_qwen3_and_phi3_shard(tmp_path, arch):
+    """Qwen3's q/k norms (whole on each rank) and Phi-3's fused projections, cut per rank, over TP 2 x PP 2."""
+    d = make_tiny_model(tmp_path / "m", arch, seed=4)
+    ref = run_replica(d, 1, 1, tmp_path / "ref")
+    got = run_replica(d, 2, 2, tmp_path / "out")
+    assert got["tokens"].tolist() == ref["tokens"].tolist()
+    assert torch.allclose(got["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fused_checkpoint_tensors_load_as_the_separate_ones(tmp_path, tp):
+    """Each TP rank's weights from Phi-3's fused qkv_proj / gate_up_proj equal those from the same numbers
+    stored apart (q_proj, k_proj, v_proj, gate_proj, up_proj), KV heads replicated at tp 4 > 2 included."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.config import ModelConfig
+    from engine.loader import build_model
+    from engine.parallel import ParallelContext
+
+    fused = make_tiny_model(tmp_path / "fused", "phi3", seed=7)
+    cfg = ModelConfig.from_dir(fused)
+    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    apart = tmp_path / "apart"
+    shutil.copytree(fused, apart)
+    tensors = {}
+    for name, t in load_file(str(fused / "model.safetensors")).items():
+        if name.endswith("qkv_proj.weight"):
+            stem = name[:-len("qkv_proj.weight")]
+            for part, rows in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
+                tensors[f"{stem}{part}.weight"] = rows.clone()
+        elif name.endswith("gate_up_proj.weight"):
+            stem = name[:-len("gate_up_proj.weight")]
+            for part, rows in zip(("gate_proj", "up_proj"), t.split([inter, inter])):
+                tensors[f"{stem}{part}.weight"] = rows.clone()
+        else:
+            tensors[name] = t
+    save_file(tensors, str(apart / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((apart / "config.json").read_text())
+    (apart / "config.json").write_text(json.dumps({**raw, "architectures": ["LlamaForCausalLM"]}))
+    for rank in range(tp):
+        ctx = ParallelContext(tp_rank=rank, tp_size=tp)
+        a = build_model(cfg, fused, ctx).state_dict()
+        b = build_model(ModelConfig.from_dir(apart), apart, ctx).state_dict()
+        assert a.keys() == b.keys()
+        for name, t in a.items():
+            assert torch.equal(t, b[name]), (rank, name)

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -37,6 +38,47 @@ def test_reads_a_llama_config(tmp_path):
 ])
 def test_bad_fields_are_named_with_the_file(tmp_path, changes, needle):
     d = write(tmp_path, **changes)
+    with pytest.raises(ModelConfigError) as e:
+        ModelConfig.from_dir(d)
+    assert needle in str(e.value) and "config.json" in str(e.value)
+
+
+PHI3 = {"architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 512, "original_max_position_embeddings": 64,
+        "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+
+
+def test_reads_qwen3_and_phi3_configs(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "p").mkdir()
+    q = ModelConfig.from_dir(write(tmp_path / "q", architectures=["Qwen3ForCausalLM"], head_dim=32))
+    assert q.qk_norm and q.head_dim == 32 and not q.attention_bias and not q.o_proj_bias
+    assert ModelConfig.from_dict({**BASE, "architectures": ["Qwen3ForCausalLM"]}).head_dim == 128  # Qwen3Config's
+    p = ModelConfig.from_dir(write(tmp_path / "p", **PHI3))
+    rope = p.rope_scaling
+    assert rope.rope_type == "longrope" and rope.original_max_position_embeddings == 64  # 'su' is longrope
+    assert rope.short_factor == (1.0,) * 8 and rope.long_factor == (2.0,) * 8
+    assert rope.attention_factor == pytest.approx((1 + math.log(8) / math.log(64)) ** 0.5)  # transformers' default
+    # the context limit picks the factor set: long past the original context, short within it
+    assert rope.use_long_factor and not p.with_context_limit(64).rope_scaling.use_long_factor
+    assert p.with_context_limit(65).rope_scaling.use_long_factor
+    assert p.identity() != p.with_context_limit(64).identity()  # other KV: other prefix hashes
+    assert not p.qk_norm and p.with_context_limit(64).max_model_len == 512
+    windowed = ModelConfig.from_dict({**BASE, **PHI3, "sliding_window": 48})
+    assert windowed.max_model_len == 48 and not windowed.rope_scaling.use_long_factor  # the window caps the context
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"rope_scaling": {**PHI3["rope_scaling"], "short_factor": [1.0] * 7}}, "rope_scaling.short_factor"),
+    ({"rope_scaling": {**PHI3["rope_scaling"], "long_factor": None}}, "rope_scaling.long_factor"),
+    ({"rope_scaling": {**PHI3["rope_scaling"], "long_factor": [0.0] * 8}}, "rope_scaling.long_factor"),
+    ({"rope_scaling": None, "rope_parameters": {**PHI3["rope_scaling"], "partial_rotary_factor": 0.75}},
+     "rope_parameters.partial_rotary_factor"),
+    ({"rope_scaling": {**PHI3["rope_scaling"], "type": "yarn"}}, "rope_scaling.rope_type"),
+    ({"original_max_position_embeddings": 0}, "original_max_position_embeddings"),
+    ({"head_dim": 15}, "head_dim"),
+])
+def test_bad_phi3_and_qwen3_fields_are_named_with_the_file(tmp_path, changes, needle):
+    d = write(tmp_path, **{**PHI3, **changes})
     with pytest.raises(ModelConfigError) as e:
         ModelConfig.from_dir(d)
     assert needle in str(e.value) and "config.json" in str(e.value)

@@ -21,6 +21,11 @@ def test_tensor_names():
     assert _hf_name("blk.7.attn_k.weight") == "model.layers.7.self_attn.k_proj.weight"
     assert _hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
     assert _hf_name("blk.0.mystery.weight") is None
+    assert _hf_name("blk.2.attn_q_norm.weight", "qwen3") == "model.layers.2.self_attn.q_norm.weight"
+    assert _hf_name("blk.2.attn_q_norm.weight") is None  # not a llama tensor
+    assert _hf_name("blk.1.attn_qkv.weight", "phi3") == "model.layers.1.self_attn.qkv_proj.weight"
+    assert _hf_name("blk.1.ffn_up.weight", "phi3") == "model.layers.1.mlp.gate_up_proj.weight"  # gate, then up
+    assert _hf_name("blk.1.ffn_up.weight", "qwen3") == "model.layers.1.mlp.up_proj.weight"
 
 
 def test_tensor_index_reads_what_gguf_reader_reads(tmp_path):
@@ -57,3 +62,44 @@ def test_tensor_index_reads_what_gguf_reader_reads(tmp_path):
     idx = TensorIndex(tmp_path / "a.gguf")
     assert idx.scalars["some.f64"] == 0.25 and "some.ints" not in idx.scalars
     assert np.array_equal(idx.tensors[0].data, np.arange(10)) and np.array_equal(idx.tensors[1].data, np.arange(7))
+
+
+def test_qwen2_pre_tokenizer_splits_as_transformers_qwen2_tokenizer(tmp_path):
+    """A qwen3 GGUF's tokenizer (pre-tokenizer `qwen2`) against transformers' Qwen2Tokenizer (Qwen3's) on
+    one vocabulary whose merges cross the places where Qwen2's split and GPT-2's differ (digit runs,
+    punctuation before letters, upper-case contractions, newlines), so that a wrong split shows."""
+    from gguf import GGUFReader, GGUFWriter
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    from engine.gguf import _tokenizer_files
+
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = [("1", "2"), ("Ġ", "1"), ("=", "t"), ("'", "L"), ("'L", "L"), ("Ċ", "Ċ"), ("ĉ", "t"), ("h", "e"),
+              ("Ġ", "t"), ("Ġt", "he"), ("Ã", "©")]
+    tokens = ["<|endoftext|>", *alphabet, *(a + b for a, b in merges)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+
+    def encoder(pre):
+        path = tmp_path / f"{pre}.gguf"
+        w = GGUFWriter(str(path), "qwen3")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3] + [1] * (len(tokens) - 1))
+        w.add_token_merges([f"{a} {b}" for a, b in merges])
+        w.add_eos_token_id(0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        from tokenizers import Tokenizer
+        return Tokenizer.from_str(_tokenizer_files(GGUFReader(str(path)), path)[0])
+
+    ours, gpt2 = encoder("qwen2"), encoder("default")
+    theirs = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    texts = ["The theater in 2024: 12 123 tokens!", "I'LL see x=the\n\n\tthe", "cafe\u0301 naïve — ok?",
+             "  leading spaces and trailing  ", "x=1;y=122\r\nz"]
+    for text in texts:
+        assert ours.encode(text).ids == theirs.encode(text, add_special_tokens=False), text
+    assert any(gpt2.encode(t).ids != ours.encode(t).ids for t in texts)  # the splits do differ here
