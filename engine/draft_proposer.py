@@ -44,6 +44,8 @@ class DraftProposer:
         self.bm = BlockManager(self.runner.num_blocks, block_size, False)
         self.max_len = self.config.max_model_len
         self.seqs: dict[int, Sequence] = {}  # target seq_id -> the draft's copy
+        self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync (tokens only grow)
+        self.catch_up_tokens = 2048  # a call's catch-up computes at most this many (a prompt over steps)
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
         return self.propose_batch([(seq, k)])[0]
@@ -52,24 +54,40 @@ class DraftProposer:
         """Up to k greedy guesses for each (sequence, k); [] where the draft has no room for it."""
         out: list[list[int]] = [[] for _ in items]
         live: list[tuple[int, Sequence, int]] = []  # (index in items, draft copy, k)
+        room = self.catch_up_tokens
         for i, (seq, k) in enumerate(items):
             d = self._sync(seq)
-            if k > 0 and d is not None and seq.num_tokens + k <= self.max_len:
-                live.append((i, d, k))
+            if k <= 0 or d is None or seq.num_tokens + k > self.max_len:
+                continue
+            lag = d.num_tokens - d.num_computed_tokens
+            if lag > 1 and lag > room:  # a long catch-up: part of it now, guesses from a later step
+                if room > 0 and self.bm.allocate_slots(d, room):
+                    self._compute([(d, room)], sample=False)
+                    room = 0
+                continue
+            room -= lag
+            live.append((i, d, k))
         step = [(i, d, d.num_tokens - d.num_computed_tokens) for i, d, _ in live]
         for _ in range(max((k for _, _, k in live), default=0)):
             todo = [(i, d, m) for i, d, m in step if len(out[i]) < items[i][1] and self.bm.allocate_slots(d, m)]
             if not todo:
                 break
-            sched = [ScheduledSeq(d, d.num_computed_tokens, m, True) for _, d, m in todo]
-            result = self.runner.execute(SchedulerOutput(sched, [], sum(m for *_, m in todo)))
-            for (i, d, m), s in zip(todo, sched):
-                d.num_computed_tokens = s.start + m
-                token = result.sampled[d.seq_id][0]
+            sampled = self._compute([(d, m) for _, d, m in todo], sample=True)
+            for i, d, _ in todo:
+                token = sampled[d.seq_id][0]
                 d.token_ids.append(token)
                 out[i].append(token)
             step = [(i, d, 1) for i, d, _ in todo]
         return out
+
+    def _compute(self, work: list[tuple[Sequence, int]], sample: bool) -> dict[int, list[int]]:
+        """One draft step: m more tokens of each copy (slots allocated), the next token drawn where
+        `sample`."""
+        sched = [ScheduledSeq(d, d.num_computed_tokens, m, sample) for d, m in work]
+        result = self.runner.execute(SchedulerOutput(sched, [], sum(m for _, m in work)))
+        for d, m in work:
+            d.num_computed_tokens += m
+        return result.sampled
 
     def _sync(self, seq: Sequence) -> Sequence | None:
         """The draft's copy of `seq`, trimmed to the tokens it shares with it and given the rest (its KV
@@ -78,7 +96,10 @@ class DraftProposer:
         if d is None:
             d = Sequence(seq.request_id, 0, [], seq.num_prompt_tokens, GREEDY)
             self.seqs[seq.seq_id] = d
-        n = _common_prefix(d.token_ids, seq.token_ids)
+        # the copy is the target's tokens up to its last sync, then guesses: compare from there
+        held = min(self.synced.get(seq.seq_id, 0), d.num_tokens)
+        n = held + _common_prefix(d.token_ids[held:], seq.token_ids[held:])
+        self.synced[seq.seq_id] = seq.num_tokens
         if n < d.num_tokens:
             del d.token_ids[n:]
         d.num_computed_tokens = min(d.num_computed_tokens, n, len(seq.token_ids) - 1)
@@ -90,6 +111,7 @@ class DraftProposer:
 
     def forget(self, seq_id: int) -> None:
         d = self.seqs.pop(seq_id, None)
+        self.synced.pop(seq_id, None)
         if d is not None:
             self.bm.free(d)
 

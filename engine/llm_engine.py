@@ -110,6 +110,8 @@ class LLMEngine:
         self.last_step = (0, 0)  # (tokens, sequences) of the last step
         # pipeline parallelism: up to pp steps in flight, each on its own share of the running batch
         self.pipeline_depth = par.pp if par.pp > 1 and par.pipeline_steps else 1
+        # steps in flight side by side are not timed one by one: speculation is weighed without exploring
+        self.scheduler.spec_policy.timed = self.pipeline_depth == 1
         self._in_flight: deque = deque()  # (SchedulerOutput, launched) in launch order
         self._busy: set[int] = set()  # ids of the sequences in those steps
         self._finish_later: list[Sequence] = []  # aborted while in flight: freed when their step is back

@@ -101,7 +101,7 @@ class Scheduler:
         cap = max_seqs if max_seqs is not None else self.max_num_seqs
 
         speculate = self.spec_k > 0 and self.spec_policy.decide(
-            sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1))
+            sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and s.seq_id not in busy))
         guesses = self._propose_all(busy) if speculate else {}
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
@@ -111,7 +111,7 @@ class Scheduler:
                 i += 1
                 continue
             if num_new == 1 and (draft := guesses.get(seq.seq_id, [])[:budget - 1]) \
-                    and self.bm.allocate_slots(seq, 1 + len(draft)):
+                    and self._spare_for(seq, 1 + len(draft), i) and self.bm.allocate_slots(seq, 1 + len(draft)):
                 self._emit(out, seq, 1 + len(draft), draft)
                 scheduled_ids.add(seq.seq_id)
                 budget -= 1 + len(draft)
@@ -179,8 +179,6 @@ class Scheduler:
                 self.bm.cache_full_blocks(seq)
                 continue
             tokens = sampled[seq.seq_id]
-            # the KV of the last token and of the guesses that held (the tokens drawn after them)
-            seq.num_computed_tokens = s.start + s.num_new_tokens - len(s.draft) + len(tokens) - 1
             if s.draft:
                 self.num_proposed += len(s.draft)
                 self.num_accepted += len(tokens) - 1
@@ -191,6 +189,9 @@ class Scheduler:
                 if (status := self._check_stop(seq, token)) is not None:
                     del tokens[n:]
                     break
+            # the KV of the last token and of the guesses that held (the tokens drawn after them), up to
+            # a stop among them
+            seq.num_computed_tokens = s.start + s.num_new_tokens - len(s.draft) + len(tokens) - 1
             self.bm.cache_full_blocks(seq)
             if status is not None:
                 self.finish(seq, status)
@@ -203,18 +204,26 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, start, num_new, start + num_new - len(draft or ()) == seq.num_tokens,
                                           seq.computes_prompt_logprobs, draft or []))
 
+    def _spare_for(self, seq: Sequence, num_new: int, i: int) -> bool:
+        """Whether `seq`'s guesses (num_new tokens with its last) fit in blocks the running sequences after
+        it would not need for their next token: guesses, likely some rejected, never cost another
+        sequence its place (a preemption)."""
+        extra = self.bm.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_ids)
+        return extra <= self.bm.num_free_blocks - (len(self.running) - i - 1)
+
     def _propose_all(self, busy) -> dict[int, list[int]]:
         """The proposer's guesses for the decoding sequences (a batch where the proposer takes one: a
         draft model), by seq_id; see _guess_limit for how many."""
-        items = [(seq, k) for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
-                 and seq.seq_id not in busy and (k := self._guess_limit(seq)) > 0]
+        decoding = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
+                    and seq.seq_id not in busy]
+        items = [(seq, k) for seq in decoding if (k := self._guess_limit(seq, len(decoding))) > 0]
         if not items:
             return {}
         batch = getattr(self.proposer, "propose_batch", None)
         got = batch(items) if batch is not None else [self.proposer.propose(seq, k) for seq, k in items]
         return {seq.seq_id: g[:k] for (seq, k), g in zip(items, got) if g}
 
-    def _guess_limit(self, seq: Sequence) -> int:
+    def _guess_limit(self, seq: Sequence, n: int = 1) -> int:
         """How many guesses `seq` may make: what its acceptance rate pays for (the policy), at most
         spec_k, none that max_tokens or the context limit would cut off (the token drawn after them
         must fit too); none for guided sequences (their grammar would have to advance through them)."""
@@ -224,7 +233,7 @@ class Scheduler:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         if k <= 0 or p.guided:
             return 0
-        return self.spec_policy.guesses(seq.seq_id, k)
+        return self.spec_policy.guesses(seq.seq_id, k, n)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -112,6 +112,7 @@ class SpeculationPolicy:
         self.seqs: dict[int, list[float]] = {}  # seq_id -> [held, tried, steps without guessing]
         self._since = 0
         self.exploring = False  # the step decide() let speculate does so to measure
+        self.timed = True  # the engine times its steps (not under pipelined PP): else no exploring
 
     @staticmethod
     def bucket(rows: float) -> int:
@@ -138,41 +139,57 @@ class SpeculationPolicy:
     def forget(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
 
-    def row_cost(self) -> float:
-        """What a row adds to a one-row decode step, as a share of it (measured: the largest bucket of
-        up to 15 rows against one row's)."""
-        one = self.times.get(1)
-        for b in (4, 3, 2):
-            if one is not None and (m := self.times.get(b)) is not None and m[1] > 1.5:
-                return max(0.0, (m[0] / one[0] - 1) / (m[1] - 1))
-        return 0.25
+    def row_cost(self, n: int = 1) -> float:
+        """What a row adds to a step of n decoding sequences, as a share of that step's time per sequence
+        (measured: T(n + 4) - T(n) over 4, against T(n) / n); 0.25 before it can be told."""
+        t_n, t_more = self.step_time(n), self.step_time(n + 4)
+        if t_n is None or t_more is None or t_n <= 0 or len(self.times) < 2:
+            return 0.25
+        return max(0.0, (t_more - t_n) / 4 / (t_n / n))
+
+    def step_time(self, rows: float) -> float | None:
+        """A decode step's time at `rows` rows: between the measured buckets' (mean rows, seconds),
+        linearly, and past them along the last two; None before two are measured (one where rows fall
+        in its bucket)."""
+        pts = sorted((r, t) for t, r in self.times.values())
+        if len(pts) == 1:
+            return pts[0][1] if self.bucket(rows) in self.times else None
+        if not pts:
+            return None
+        for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
+            if rows <= r1 or (r1, t1) == pts[-1]:
+                if r1 == r0:
+                    return t1
+                return max(t0 + (t1 - t0) * (rows - r0) / (r1 - r0), 0.0)
+        return pts[-1][1]
 
     def decide(self, n: int) -> bool:
         """Whether a step of n decoding sequences speculates (`exploring`: only to measure it)."""
         self.exploring = False
         if n <= 0 or n > self.max_batch:
             return False
-        t_plain = self.times.get(self.bucket(n))
-        t_spec = self.times.get(self.bucket(n * self.rows)) if self.rows is not None else None
+        t_plain = self.step_time(n)
+        t_spec = self.step_time(n * self.rows) if self.rows is not None else None
         if self.gain is None or t_plain is None or t_spec is None:
-            self.exploring = True
+            self.exploring = self.timed
             return True
-        if self.gain * t_plain[0] >= self.margin * t_spec[0]:
+        if self.gain * t_plain >= self.margin * t_spec:
             self._since = 0
             return True
         self._since += 1
         if self._since >= self.explore:
             self._since = 0
-            self.exploring = True
+            self.exploring = self.timed
             return True
         return False
 
-    def guesses(self, seq_id: int, kmax: int) -> int:
-        """How many guesses sequence `seq_id` should make this step (at most kmax)."""
+    def guesses(self, seq_id: int, kmax: int, n: int = 1) -> int:
+        """How many guesses sequence `seq_id` should make this step (at most kmax), in a step of n
+        decoding sequences."""
         st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0])
         held, tried = (st[0], st[1]) if st[1] >= 1 else (self.held, self.tried)
         a = held / tried if tried >= 1 else 0.5
-        c = self.row_cost()
+        c = self.row_cost(n)
         best_k, best = 0, self.margin
         total, p = 1.0, 1.0
         for k in range(1, kmax + 1):

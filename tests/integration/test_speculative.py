@@ -46,7 +46,7 @@ def engine(model_dir, spec="none", k=4, tp=1, pp=1, seed=0, num_blocks=256):
         parallel=ParallelConfig(tp=tp, pp=pp, timeout_s=30, pipeline_min_seqs=1),
         speculative=SpeculativeConfig(method=spec, num_tokens=k, max_batch=1000)))
     eng.scheduler.spec_policy.decide = lambda n: n > 0
-    eng.scheduler.spec_policy.guesses = lambda seq_id, k: k
+    eng.scheduler.spec_policy.guesses = lambda seq_id, k, n=1: k
     return eng
 
 
@@ -213,6 +213,7 @@ def test_a_draft_model_proposer(tiny_llama, small_draft, draft):
     eng = engine(tiny_llama, f"draft:{path}", k=4)
     try:
         prop = eng.scheduler.proposer
+        prop.catch_up_tokens = 8  # prompts of up to 30 tokens: the draft catches up over several steps
         for name in ("greedy", "seeded"):
             off = engine(tiny_llama)
             want = outputs(off, PARAMS[name])

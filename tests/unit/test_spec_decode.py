@@ -57,11 +57,11 @@ class Fixed:
         return self.guess[:k]
 
 
-def make(guess, k=4, budget=64, max_batch=8, max_len=256):
-    bm = BlockManager(64, 4, True)
+def make(guess, k=4, budget=64, max_batch=8, max_len=256, num_blocks=64):
+    bm = BlockManager(num_blocks, 4, True)
     s = Scheduler(bm, 8, budget, max_len, (EOS,), proposer=Fixed(guess), num_speculative_tokens=k,
                   speculative_max_batch=max_batch)
-    s.spec_policy.guesses = lambda seq_id, k: k  # the bookkeeping here, not the policy's choice
+    s.spec_policy.guesses = lambda seq_id, k, n=1: k  # the bookkeeping here, not the policy's choice
     return s, bm
 
 
@@ -168,3 +168,19 @@ def test_a_sequence_guesses_as_many_tokens_as_its_acceptance_rate_pays_for():
     assert 2 <= p.guesses(3, 8) <= 6
     p.forget(1)
     assert 1 not in p.seqs
+
+
+def test_guesses_take_only_blocks_no_other_sequence_needs():
+    """Two decoding sequences of 9 tokens (8 computed: 2 full blocks each), each next token needing a
+    3rd block:
+    with 2 blocks free, guesses would cost the other sequence its place (a preemption), so none are
+    made; with blocks to spare they are."""
+    for num_blocks, want in ((6, [[], []]), (10, [[50, 51, 52, 53], [50, 51, 52, 53]])):
+        s, bm = make([50, 51, 52, 53], num_blocks=num_blocks)
+        seqs = [Sequence("r", 0, list(range(10, 18)), 8, SamplingParams(ignore_eos=True, max_tokens=20))
+                for _ in range(2)]
+        for q in seqs:
+            s.add(q)
+        s.update(s.schedule(), {q.seq_id: [99] for q in seqs})
+        out = s.schedule()
+        assert [x.draft for x in out.scheduled] == want and not out.preempted
