@@ -96,12 +96,13 @@ class SpeculationPolicy:
       5%: decode is memory-bound while the batch is small (guesses ride along cheaply) and
       compute-bound once it is large (each guess costs a token's compute). Until both times and the gain
       are measured it speculates (up to `max_batch` sequences, which also caps it), and every `explore`
-      steps it does once anyway, so the gain stays current.
+      steps it does once anyway, so the gain stays current (the interval doubling, up to 16x, while
+      those steps find no gain: each costs a draft model its catch-up).
     - A sequence guesses the k that maximizes the tokens a step gives over what it costs: (1 + a + ... +
       a^k) / (1 + c k), a its acceptance rate (guesses held over guesses tried; the first guess is
       tried, each next one only after the one before held), c what a row adds to a one-row step
       (measured; 0.25 until then). None where no k gains 5%, except a single one every `explore_seq`
-      steps, so a sequence that turns repetitive is noticed."""
+      steps (doubling, up to 16x, while they fail), so a sequence that turns repetitive is noticed."""
 
     def __init__(self, max_batch: int, explore: int = 50, margin: float = 1.05, explore_seq: int = 16):
         self.max_batch, self.explore, self.margin, self.explore_seq = max_batch, explore, margin, explore_seq
@@ -109,8 +110,9 @@ class SpeculationPolicy:
         self.gain: float | None = None  # tokens a decoding sequence appends in a speculating step
         self.rows: float | None = None  # rows it takes there
         self.held, self.tried = 0.0, 0.0  # every sequence's guesses (decayed): the prior of a new one
-        self.seqs: dict[int, list[float]] = {}  # seq_id -> [held, tried, steps without guessing]
+        self.seqs: dict[int, list[float]] = {}  # seq_id -> [held, tried, steps without guessing, interval]
         self._since = 0
+        self._interval = explore  # steps between exploring ones (doubling while they find no gain)
         self.exploring = False  # the step decide() let speculate does so to measure
         self.timed = True  # the engine times its steps (not under pipelined PP): else no exploring
 
@@ -132,7 +134,7 @@ class SpeculationPolicy:
 
     def observe_seq(self, seq_id: int, guessed: int, held: int) -> None:
         tried = held + 1 if held < guessed else guessed
-        st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0])
+        st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0, self.explore_seq])
         st[0], st[1] = 0.8 * st[0] + held, 0.8 * st[1] + tried
         self.held, self.tried = 0.95 * self.held + held, 0.95 * self.tried + tried
 
@@ -175,10 +177,12 @@ class SpeculationPolicy:
             return True
         if self.gain * t_plain >= self.margin * t_spec:
             self._since = 0
+            self._interval = self.explore
             return True
         self._since += 1
-        if self._since >= self.explore:
+        if self._since >= self._interval:  # the interval doubles while exploring finds no gain
             self._since = 0
+            self._interval = min(2 * self._interval, 16 * self.explore)
             self.exploring = self.timed
             return True
         return False
@@ -186,7 +190,7 @@ class SpeculationPolicy:
     def guesses(self, seq_id: int, kmax: int, n: int = 1) -> int:
         """How many guesses sequence `seq_id` should make this step (at most kmax), in a step of n
         decoding sequences."""
-        st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0])
+        st = self.seqs.setdefault(seq_id, [0.0, 0.0, 0, self.explore_seq])
         held, tried = (st[0], st[1]) if st[1] >= 1 else (self.held, self.tried)
         a = held / tried if tried >= 1 else 0.5
         c = self.row_cost(n)
@@ -199,7 +203,10 @@ class SpeculationPolicy:
                 best_k, best = k, total / (1 + c * k)
         if best_k == 0 and kmax > 0:
             st[2] += 1
-            if st[2] >= self.explore_seq or self.exploring:  # a step that explores tries one guess each
+            if st[2] >= st[3] or self.exploring:  # a step that explores tries one guess each
                 st[2] = 0
+                st[3] = min(2 * st[3], 16 * self.explore_seq)  # less often while tries fail
                 return 1
+        elif best_k:
+            st[3] = self.explore_seq
         return best_k
