@@ -84,6 +84,18 @@ def prompts(n, seed=0):
     return [[rng.randrange(3, 250) for _ in range(rng.randint(3, 60))] for _ in range(n)]
 
 
+def run_all(prefill, ps, spec, decode=None, tag="r", timeout=60, client=None) -> WorkerClient:
+    """Every prompt of `ps` as request `tag`0, `tag`1, ... through `prefill` (a worker, or a list of them
+    taken in turn) and `decode` (None: the prefill worker serves it colocated), collected."""
+    client = client or WorkerClient()
+    workers = prefill if isinstance(prefill, list) else [prefill]
+    for i, prompt in enumerate(ps):
+        client.submit(workers[i % len(workers)].info, f"{tag}{i}", prompt, spec,
+                      decode=decode.info if decode is not None else None)
+    client.collect(timeout=timeout)
+    return client
+
+
 def reference(model_dir, ps, max_tokens, dtype="auto"):
     return [list(t) for t in _reference(str(model_dir), tuple(tuple(p) for p in ps), max_tokens, dtype)]
 
@@ -139,11 +151,7 @@ def test_many_concurrent_requests_through_prefill_and_decode(cluster, tiny_llama
     d = cluster("decode", "--worker-id", "decode-0")
     ps_workers = [cluster("prefill", "--worker-id", f"prefill-{i}") for i in range(num_prefill)]
     ps = prompts(12, seed=2)
-    client = WorkerClient()
-    for i, prompt in enumerate(ps):
-        client.submit(ps_workers[i % num_prefill].info, f"r{i}", prompt, SamplingSpec(max_tokens=20, **GREEDY),
-                      decode=d.info)
-    client.collect(timeout=120)
+    client = run_all(ps_workers, ps, SamplingSpec(max_tokens=20, **GREEDY), d, timeout=120)
     want = reference(tiny_llama, ps, 20)
     for i in range(len(ps)):
         s = client.streams[f"r{i}"]
@@ -184,11 +192,8 @@ def test_abort_mid_decode_frees_both_sides(cluster, tiny_llama):
 
 def test_colocated_worker_serves_requests_alone(cluster, tiny_llama):
     c = cluster("colocated")
-    client = WorkerClient()
     ps = prompts(3, seed=4)
-    for i, prompt in enumerate(ps):
-        client.submit(c.info, f"c{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY))
-    client.collect(timeout=60)
+    client = run_all(c, ps, SamplingSpec(max_tokens=12, **GREEDY), tag="c")
     want = reference(tiny_llama, ps, 12)
     assert [client.streams[f"c{i}"].token_ids for i in range(3)] == want
     st = c.stop()
@@ -253,10 +258,7 @@ def test_heterogeneous_prefill_and_decode_parallelism(cluster, tiny_llama, p_sha
     ps = prompts(4, seed=6)
     want = reference(tiny_llama, ps, 12)
     assert len(d.info["kv_endpoints"]) == d_shape[0] * d_shape[1]
-    client = WorkerClient()
-    for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY), decode=d.info)
-    client.collect(timeout=120)
+    client = run_all(p, ps, SamplingSpec(max_tokens=12, **GREEDY), d, timeout=120)
     for i in range(len(ps)):
         s = client.streams[f"r{i}"]
         assert s.error == "" and s.token_ids == want[i], (i, s.error, d.stderr(), p.stderr())
@@ -355,10 +357,7 @@ def test_seeded_sampling_is_the_same_disaggregated(cluster, tiny_llama):
     p = cluster("prefill")
     ps = prompts(3, seed=7)
     params = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 11, "ignore_eos": True}
-    client = WorkerClient()
-    for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, SamplingSpec(**params), decode=d.info)
-    client.collect(timeout=60)
+    client = run_all(p, ps, SamplingSpec(**params), d)
     eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
     want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
     assert [client.streams[f"r{i}"].token_ids for i in range(3)] == want
@@ -372,11 +371,8 @@ def test_a_speculating_decode_worker_changes_no_token(cluster, tiny_llama):
     ps = [[7, 8] * 10 + [9], [40, 41, 42, 43, 44] * 6, *prompts(2, seed=5)]
     greedy = {"max_tokens": 24, **GREEDY}
     seeded = {"max_tokens": 24, "temperature": 0.8, "seed": 3, "ignore_eos": True}
-    client = WorkerClient()
-    for i, prompt in enumerate(ps):
-        client.submit(p.info, f"g{i}", prompt, SamplingSpec(**greedy), decode=d.info)
-        client.submit(p.info, f"s{i}", prompt, SamplingSpec(**seeded), decode=d.info)
-    client.collect(timeout=60)
+    client = run_all(p, ps, SamplingSpec(**greedy), d, tag="g")
+    run_all(p, ps, SamplingSpec(**seeded), d, tag="s", client=client)
     eng = LLMEngine(EngineConfig(str(tiny_llama), cache=CacheConfig(block_size=4, kv_cache_memory=2 * 2**20)))
     for tag, params in (("g", greedy), ("s", seeded)):
         want = [r["outputs"][0]["token_ids"] for r in eng.generate(ps, SamplingParams(**params))]
@@ -432,10 +428,7 @@ def test_a_bf16_prefill_worker_ships_to_an_fp32_decode_worker(cluster, tiny_llam
     ps = prompts(3, seed=12)
     want = mixed_reference(tiny_llama, ps, 12, "bfloat16", "float32")
     assert (p.info["layout"]["dtype"], d.info["layout"]["dtype"]) == ("bfloat16", "float32")
-    client = WorkerClient()
-    for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=12, **GREEDY), decode=d.info)
-    client.collect(timeout=60)
+    client = run_all(p, ps, SamplingSpec(max_tokens=12, **GREEDY), d)
     for i in range(len(ps)):
         s = client.streams[f"r{i}"]
         assert s.error == "" and s.token_ids == want[i] and set(s.workers[1:]) == {"decode-0"}, (i, s.error)
@@ -452,11 +445,8 @@ def test_kv_over_torch_distributed_pair_groups(cluster, tiny_llama, p_shape, d_s
     d = cluster("decode", "--tp", str(d_shape[0]), "--pp", str(d_shape[1]), "--kv-transport", d_transport)
     p = cluster("prefill", "--tp", str(p_shape[0]), "--pp", str(p_shape[1]), "--kv-transport", "gloo")
     ps = prompts(4, seed=7)
-    client = WorkerClient()
     t0 = time.monotonic()
-    for i, prompt in enumerate(ps):
-        client.submit(p.info, f"r{i}", prompt, SamplingSpec(max_tokens=10, **GREEDY), decode=d.info)
-    client.collect(timeout=120)
+    client = run_all(p, ps, SamplingSpec(max_tokens=10, **GREEDY), d, timeout=120)
     want = reference(tiny_llama, ps, 10)
     for i in range(len(ps)):
         s = client.streams[f"r{i}"]
