@@ -45,6 +45,8 @@ class DraftProposer:
         self.max_len = self.config.max_model_len
         self.seqs: dict[int, Sequence] = {}  # target seq_id -> the draft's copy
         self.synced: dict[int, int] = {}  # target seq_id -> its length at the last sync (tokens only grow)
+        self._used: dict[int, int] = {}  # target seq_id -> the call that last asked for its guesses
+        self._calls = 0
         self.catch_up_tokens = 2048  # a call's catch-up computes at most this many (a prompt over steps)
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
@@ -55,10 +57,17 @@ class DraftProposer:
         out: list[list[int]] = [[] for _ in items]
         live: list[tuple[int, Sequence, int]] = []  # (index in items, draft copy, k)
         room = self.catch_up_tokens
+        self._calls += 1
+        asked = {seq.seq_id for seq, _ in items}
         for i, (seq, k) in enumerate(items):
-            d = self._sync(seq)
-            if k <= 0 or d is None or seq.num_tokens + k > self.max_len:
+            if seq.num_tokens + k > self.max_len:  # past the draft's context: its copy is of no more use
+                self.forget(seq.seq_id)
                 continue
+            d = self._sync(seq)
+            if k <= 0 or d is None:
+                continue
+            self._used[seq.seq_id] = self._calls
+            self._make_room(d, d.num_tokens - d.num_computed_tokens + k, asked)
             lag = d.num_tokens - d.num_computed_tokens
             if lag > 1 and lag > room:  # a long catch-up: part of it now, guesses from a later step
                 if room > 0 and self.bm.allocate_slots(d, room):
@@ -109,9 +118,20 @@ class DraftProposer:
             return None
         return d
 
+    def _make_room(self, d: Sequence, tokens: int, keep: set[int]) -> None:
+        """Frees the copies asked for least recently (none of `keep`) until `tokens` more of `d` fit:
+        sequences the policy stopped asking about, or preempted in the target, keep no blocks from those
+        it asks about now."""
+        need = self.bm.blocks_needed(d.num_computed_tokens + tokens) - len(d.block_ids)
+        for seq_id in sorted((s for s in self.seqs if s not in keep), key=lambda s: self._used.get(s, 0)):
+            if need <= self.bm.num_free_blocks:
+                return
+            self.forget(seq_id)
+
     def forget(self, seq_id: int) -> None:
         d = self.seqs.pop(seq_id, None)
         self.synced.pop(seq_id, None)
+        self._used.pop(seq_id, None)
         if d is not None:
             self.bm.free(d)
 

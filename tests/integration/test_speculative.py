@@ -240,3 +240,28 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny_llama, tmp_path):
         engine(tiny_llama, f"draft:{other}")
     with pytest.raises(ValueError, match="draft:PATH"):
         SpeculativeConfig(method="draft:")
+
+
+def test_the_draft_frees_the_copies_asked_about_least_recently_for_those_asked_now(tiny_llama):
+    """A draft cache of 12 blocks of 4 tokens: a 30-token sequence's copy takes 9; another's, asked
+    about next, gets room by freeing it (not guesses refused), and guesses the same as when alone."""
+    from engine.block_manager import BlockManager
+    from engine.config import DeviceConfig as Dev
+    from engine.draft_proposer import DraftProposer
+    from engine.sequence import Sequence
+
+    eng = engine(tiny_llama)
+    try:
+        prop = DraftProposer(str(tiny_llama), eng.model_config, Dev(dtype="float32"), None, 4)
+        prop.bm = BlockManager(12, 4, False)
+        a = Sequence("a", 0, list(range(40, 70)), 30, SamplingParams(max_tokens=8))
+        b = Sequence("b", 0, list(range(90, 120)), 30, SamplingParams(max_tokens=8))
+        (ga,) = prop.propose_batch([(a, 3)])
+        assert len(ga) == 3 and set(prop.seqs) == {a.seq_id}
+        (gb,) = prop.propose_batch([(b, 3)])
+        assert len(gb) == 3 and set(prop.seqs) == {b.seq_id}  # a's copy made way
+        prop.forget(b.seq_id)
+        assert prop.bm.num_free_blocks == 12
+        assert prop.propose_batch([(b, 3)]) == [gb]  # the same guesses with the cache to itself
+    finally:
+        eng.shutdown()
