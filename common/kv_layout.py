@@ -19,6 +19,9 @@ class KVLayoutSpec(msgspec.Struct, frozen=True):
     # what the cache stores (--kv-cache-dtype): "auto" = `dtype`; "int8" | "fp8_e4m3" = quantized rows of
     # head_dim one-byte codes and an fp32 scale (engine/kv_quant.py)
     kv_cache_dtype: str = "auto"
+    # a digest of the model's config (engine ModelConfig.identity: every field but the path, LongRoPE's
+    # factor set included): KV of one model is no use to another; "" = not told (an older worker)
+    model_id: str = ""
 
     @property
     def page_dtype(self) -> str:

@@ -13,6 +13,7 @@ on several source ranks (tp > num_kv_heads), the copies are spread over the dest
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from common.kv_layout import QUANTIZED_KV, KVLayoutSpec
@@ -51,7 +52,7 @@ class KVLayout(KVLayoutSpec, frozen=True):
         par = config.parallel
         return cls(model_cfg.num_hidden_layers, model_cfg.num_key_value_heads, model_cfg.head_dim,
                    config.cache.block_size, config.device.dtype, par.tp, par.pp,
-                   kv_cache_dtype=config.cache.kv_cache_dtype)
+                   kv_cache_dtype=config.cache.kv_cache_dtype, model_id=model_digest(model_cfg))
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
@@ -88,7 +89,17 @@ class TransferItem:
     heads: tuple[int, int]  # [start, end) global KV head ids
 
 
+def model_digest(model_cfg) -> str:
+    """KVLayoutSpec.model_id of a model: 16 hex digits of its identity."""
+    return hashlib.blake2b(model_cfg.identity().encode(), digest_size=8).hexdigest()
+
+
 def check_compatible(src: KVLayout, dst: KVLayout) -> None:
+    if src.model_id and dst.model_id and src.model_id != dst.model_id:
+        raise IncompatibleLayouts(f"KV of different models: prefill serves model {src.model_id}, decode serves "
+                                  f"{dst.model_id} (the digest of each one's config: its weights' shapes, RoPE and "
+                                  "its LongRoPE factor set; pair workers of one model, with one --max-model-len "
+                                  "for LongRoPE models)")
     # a quantized page is codes and scales: only a cache of the same format can take it, and a float cache's
     # pages cannot land in a quantized one (nothing here quantizes or dequantizes pages in flight)
     if src.kv_cache_dtype != dst.kv_cache_dtype:

@@ -9,7 +9,7 @@ from engine.partition import kv_head_range
 from kvtransfer.connector import DataPath, decode_plan
 from kvtransfer.outgoing import OutgoingTransfer
 from kvtransfer.pages import RankCaches
-from kvtransfer.plan import KVLayout, plan_transfer
+from kvtransfer.plan import KVLayout, model_digest, plan_transfer
 from kvtransfer.transport import KVTransport
 from kvtransfer.zmq_transport import KVClient
 
@@ -18,7 +18,7 @@ def src_layout(runner) -> KVLayout:
     cfg, ctx = runner.model_cfg, runner.model.ctx
     return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, runner.block_size,
                     str(runner.dtype).removeprefix("torch."), ctx.tp_size, ctx.pp_size,
-                    kv_cache_dtype=runner.kv_spec.kv_cache_dtype)
+                    kv_cache_dtype=runner.kv_spec.kv_cache_dtype, model_id=model_digest(cfg))
 
 
 def make_client(rank: int, path: DataPath) -> KVClient:

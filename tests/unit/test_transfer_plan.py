@@ -94,3 +94,31 @@ def test_quantized_pages_are_checked_in_one_byte_elements():
         decode(encode(msgspec.structs.replace(ok, dtype="int4")))
     lay = msgspec.structs.replace(layout(1, 1), kv_cache_dtype="fp8_e4m3")
     assert (lay.page_dtype, lay.row_width) == ("fp8_e4m3", lay.head_dim + 4)
+
+
+def test_kv_of_another_model_is_refused():
+    """Layouts alike but for the models' digests (ModelConfig.identity: a LongRoPE model served with another
+    --max-model-len counts as another model); an older worker's empty digest is not held against it."""
+    from kvtransfer.plan import IncompatibleLayouts, KVLayout, check_compatible
+
+    a = KVLayout(4, 2, 16, 4, "float32", model_id="0123456789abcdef")
+    b = KVLayout(4, 2, 16, 4, "float32", model_id="fedcba9876543210")
+    with pytest.raises(IncompatibleLayouts, match="KV of different models: prefill serves model 0123456789abcdef"):
+        check_compatible(a, b)
+    check_compatible(a, KVLayout(4, 2, 16, 4, "float32", model_id="0123456789abcdef"))
+    check_compatible(a, KVLayout(4, 2, 16, 4, "float32"))
+
+
+def test_a_longrope_model_served_with_another_context_limit_is_another_model(tmp_path):
+    """Phi-3's factor set follows --max-model-len (engine/config.py with_context_limit): two workers that
+    chose differently compute different KV, and their layouts say so."""
+    from helpers import make_tiny_model
+
+    from engine.config import ModelConfig
+    from kvtransfer.plan import model_digest
+
+    cfg = ModelConfig.from_dir(make_tiny_model(tmp_path / "phi3", "phi3"))
+    short, long_ = cfg.with_context_limit(32), cfg.with_context_limit(None)
+    assert short.rope_scaling.use_long_factor != long_.rope_scaling.use_long_factor
+    assert model_digest(short) != model_digest(long_)
+    assert model_digest(short) == model_digest(cfg.with_context_limit(16))
