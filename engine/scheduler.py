@@ -100,9 +100,9 @@ class Scheduler:
         scheduled_ids: set[int] = set()
         cap = max_seqs if max_seqs is not None else self.max_num_seqs
 
-        speculate = self.spec_k > 0 and self.spec_policy.decide(
-            sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and s.seq_id not in busy))
-        guesses = self._propose_all(busy) if speculate else {}
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1
+                    and s.seq_id not in busy] if self.spec_k > 0 else []
+        guesses = self._propose_all(decoding) if decoding and self.spec_policy.decide(len(decoding)) else {}
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
@@ -211,11 +211,9 @@ class Scheduler:
         extra = self.bm.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_ids)
         return extra <= self.bm.num_free_blocks - (len(self.running) - i - 1)
 
-    def _propose_all(self, busy) -> dict[int, list[int]]:
+    def _propose_all(self, decoding: list[Sequence]) -> dict[int, list[int]]:
         """The proposer's guesses for the decoding sequences (a batch where the proposer takes one: a
         draft model), by seq_id; see _guess_limit for how many."""
-        decoding = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
-                    and seq.seq_id not in busy]
         items = [(seq, k) for seq in decoding if (k := self._guess_limit(seq, len(decoding))) > 0]
         if not items:
             return {}
