@@ -13,8 +13,6 @@ copy of the sequence to what it shares with the target's and recomputes from the
 
 from __future__ import annotations
 
-import logging
-
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, DeviceConfig, ModelConfig
 from engine.errors import ModelConfigError
@@ -22,8 +20,6 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
-
-log = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0, ignore_eos=True)
 

@@ -252,7 +252,7 @@ class ModelRunner:
                 if s.draft and gen is not None and not seq.params.greedy:
                     rewind[seq.seq_id] = gen.get_state()
             history = seq.token_ids + s.draft[:j] if j else seq.token_ids
-            rows.append(SamplingRow(seq.params, history, seq.num_prompt_tokens, self._generator(seq)))
+            rows.append(SamplingRow(seq.params, history, seq.num_prompt_tokens, gen))
         mask = None if masks is None else (lambda lg: self._guided.apply(masks, lg))
         tokens, lps = self.sampler(logits, rows, mask)
         sampled: dict[int, list[int]] = {}

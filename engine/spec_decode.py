@@ -13,26 +13,19 @@ distribution otherwise.
 This is rejection sampling for proposers that propose one token with certainty (n-gram lookup; a
 greedy draft model): accepting a guess x with probability p(x), and otherwise sampling from p without
 x, renormalised, is the same as drawing from p and comparing. A proposer with a distribution of its own
-(a sampled draft, EAGLE, Medusa) would need the general min(1, p/q) test; `Proposal.probs` leaves room
-for it.
+(a sampled draft, EAGLE, Medusa) would need the general min(1, p/q) test, and `Proposer` to return
+that distribution with its tokens.
 
 KV written at rejected positions lies past the sequence's computed tokens: the next step writes over it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from engine.sequence import Sequence
-
-
-@dataclass
-class Proposal:
-    tokens: list[int]
-    probs: None = None  # a proposer's own distributions (none of today's have one)
 
 
 class Proposer(Protocol):
@@ -154,16 +147,11 @@ class SpeculationPolicy:
         linearly, and past them along the last two; None before two are measured (one where rows fall
         in its bucket)."""
         pts = sorted((r, t) for t, r in self.times.values())
-        if len(pts) == 1:
-            return pts[0][1] if self.bucket(rows) in self.times else None
-        if not pts:
-            return None
-        for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
-            if rows <= r1 or (r1, t1) == pts[-1]:
-                if r1 == r0:
-                    return t1
-                return max(t0 + (t1 - t0) * (rows - r0) / (r1 - r0), 0.0)
-        return pts[-1][1]
+        if len(pts) < 2:
+            return pts[0][1] if pts and self.bucket(rows) in self.times else None
+        # the segment around `rows`, or the last one past them
+        (r0, t0), (r1, t1) = next((p for p in zip(pts, pts[1:]) if rows <= p[1][0]), pts[-2:])
+        return t1 if r1 == r0 else max(t0 + (t1 - t0) * (rows - r0) / (r1 - r0), 0.0)
 
     def decide(self, n: int) -> bool:
         """Whether a step of n decoding sequences speculates (`exploring`: only to measure it)."""
